@@ -1,0 +1,39 @@
+# `make run` and `make test` work on a fresh machine: each sets up .venv from requirements.txt first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SAMPLE ?= digits
+PORT ?= 8501
+
+.PHONY: setup run test bench browser sample-runs clean
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The end-to-end test drives Debian's Chromium through Playwright; Playwright's own browser download cannot work offline.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$(command -v sudo >/dev/null 2>&1 && [ "$$(id -u)" != 0 ] && echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null \
+	  || { echo "could not install chromium; the browser test will be skipped"; [ "$$CI" != true ]; }; }
+
+sample-runs: setup
+	$(PY) -m analyzers run --model sample:$(SAMPLE) --data sample:$(SAMPLE) --out runs/sample-$(SAMPLE)
+
+run: sample-runs
+	$(PY) -m streamlit run dashboard/app.py --server.port $(PORT) -- --runs-dir runs --run runs/sample-$(SAMPLE)
+
+test: setup browser
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) benchmarks/run_benchmarks.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,103 @@
+"""Command line: `python -m analyzers run|compare|explain ...`. Bad input exits 1 with one line on stderr."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import AnalyzerError
+
+
+def _shape(text: str) -> tuple:
+    try:
+        return tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 3,32,32, got {text!r}") from exc
+
+
+def _floats(text: str) -> list:
+    try:
+        return [float(p) for p in text.split(",") if p.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,0.5,0.5, got {text!r}") from exc
+
+
+def _names(text: str) -> list:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m analyzers", description="Analyse where and why a model is wrong.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="analyse a model on a dataset and store the run directory")
+    run.add_argument("--model", required=True, help="sample:NAME, PATH.pt2, or a state dict (.safetensors/.pt)")
+    run.add_argument("--data", required=True, help="sample:NAME, .npz, .csv, .parquet or image-folder .zip")
+    run.add_argument("--out", required=True, help="run directory to write")
+    run.add_argument("--arch", help="architecture for a state dict: a sample name or package.module:callable")
+    run.add_argument("--input-shape", type=_shape, help="shape of one sample, e.g. 3,32,32 (import-path archs)")
+    run.add_argument("--batch-size", type=int, default=256)
+    run.add_argument("--label-column", default="label")
+    run.add_argument("--id-column")
+    run.add_argument("--features", type=_names, help="comma-separated feature columns, in the model's order")
+    run.add_argument("--image-size", type=_shape, help="H,W for image zips")
+    run.add_argument("--mean", type=_floats, help="per-channel mean subtracted after scaling pixels to [0, 1]")
+    run.add_argument("--std", type=_floats, help="per-channel std divided by after subtracting the mean")
+    run.add_argument("--layer", help="layer whose input is stored as the embedding (default: the final classifier)")
+    run.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    run.add_argument("--analyses", type=_names, help="comma-separated stages (default: all cheap ones)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--overwrite", action="store_true", help="replace a different run at --out once the new is done")
+
+    compare = sub.add_parser("compare", help="compare two runs on the same dataset")
+    compare.add_argument("run_a")
+    compare.add_argument("run_b")
+    compare.add_argument("--out", help="directory for the comparison tables (default: print a summary only)")
+
+    explain = sub.add_parser("explain", help="attributions and faithfulness scores for chosen samples of a run")
+    explain.add_argument("run_dir")
+    explain.add_argument("--ids", required=True, type=_names, help="comma-separated sample ids")
+    explain.add_argument("--method", default="saliency", type=_names, help="comma-separated methods")
+    explain.add_argument("--target", default="pred", help="pred, label, or a class index")
+    explain.add_argument("--layer", help="Grad-CAM layer")
+    explain.add_argument("--batch-size", type=int, default=64)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "compare":
+            from .comparison import compare_command
+
+            return compare_command(args)
+        if args.command == "explain":
+            from .explain_run import explain_command
+
+            return explain_command(args)
+    except AnalyzerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written to the run directory", file=sys.stderr)
+        return 130
+    return 2
+
+
+def _run(args) -> int:
+    from .pipeline import run_analysis
+    from .runs import open_run
+
+    out = run_analysis(args.model, args.data, args.out, arch=args.arch, batch_size=args.batch_size,
+                       label_column=args.label_column, id_column=args.id_column, features=args.features,
+                       layer=args.layer, device=args.device, overwrite=args.overwrite, image_size=args.image_size,
+                       mean=args.mean, std=args.std, input_shape=args.input_shape, seed=args.seed,
+                       analyses=args.analyses, allow_import=True, progress=sys.stderr.isatty())
+    run = open_run(out)
+    print(f"{run.info['num_samples']} samples, accuracy {run.info['accuracy']:.4f}, run stored at {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""Loading datasets (`sample:NAME`, `.npz`, `.csv`, `.parquet`, image-folder `.zip`) and checking them against a model."""
+from __future__ import annotations
+
+import hashlib
+import io
+import posixpath
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import AnalyzerError, first_line
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# A zip bomb is refused before it is inflated (declared size) and while it is read (actual size).
+MAX_UNCOMPRESSED_BYTES = 2 << 30
+MAX_COMPRESSION_RATIO = 200
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Inputs, labels and per-sample information, row i of every array belonging to sample i."""
+
+    x: np.ndarray  # float32, (N, *sample_shape)
+    y: np.ndarray  # int64 labels
+    ids: np.ndarray  # the dataset's ids, else 0..N-1
+    spec: str
+    sha256: str
+    class_names: tuple | None = None
+    metadata: pd.DataFrame = field(default_factory=pd.DataFrame)
+    feature_names: tuple | None = None
+    preprocessing: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)  # per-sample arrays that do not fit a table, e.g. ground-truth masks
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def sample_shape(self) -> tuple:
+        return tuple(self.x.shape[1:])
+
+    @property
+    def modality(self) -> str:
+        return {1: "tabular", 2: "sequence", 3: "image"}.get(self.x.ndim - 1, "other")
+
+
+def load_dataset(spec: str, *, model=None, label_column: str = "label", id_column: str | None = None,
+                 features: list | None = None, image_size: tuple | None = None, mean: list | None = None,
+                 std: list | None = None) -> Dataset:
+    """Load `sample:NAME` (its test split) or a file. `model` (a LoadedModel) supplies image size, channels and names."""
+    if not isinstance(spec, str) or not spec:
+        raise AnalyzerError("no dataset given: pass sample:NAME or a .npz, .csv, .parquet or image-folder .zip file")
+    if spec.startswith("sample:"):
+        return _load_sample(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise AnalyzerError(f"dataset file {spec!r} does not exist: check the path")
+    return load_dataset_bytes(path.read_bytes(), name=path.name, spec=spec, model=model, label_column=label_column,
+                              id_column=id_column, features=features, image_size=image_size, mean=mean, std=std)
+
+
+def load_dataset_bytes(data: bytes, *, name: str, spec: str | None = None, model=None, label_column: str = "label",
+                       id_column: str | None = None, features: list | None = None, image_size: tuple | None = None,
+                       mean: list | None = None, std: list | None = None) -> Dataset:
+    """Load a dataset from the bytes of a file called `name` (an upload); see `load_dataset`."""
+    spec = spec or name
+    if not data:
+        raise AnalyzerError(f"dataset file {name!r} is empty: upload the file again")
+    digest = hashlib.sha256(data).hexdigest()
+    suffix = Path(name).suffix.lower()
+    if suffix == ".npz":
+        return _load_npz(data, name, spec, digest)
+    if suffix in (".csv", ".parquet"):
+        table = _read_table(data, name, suffix)
+        return _from_table(table, name, spec, digest, model=model, label_column=label_column, id_column=id_column,
+                           features=features)
+    if suffix == ".zip":
+        return _load_image_zip(data, name, spec, digest, model=model, image_size=image_size, mean=mean, std=std)
+    raise AnalyzerError(f"{name!r} is not a supported dataset file: use .npz (arrays x and y), .csv or .parquet "
+                        f"(a label column), or a .zip of image folders (one folder per class)")
+
+
+def _load_sample(spec: str) -> Dataset:
+    from sample_models import SAMPLE_NAMES, get_sample
+
+    name = spec.split(":", 1)[1]
+    if name not in SAMPLE_NAMES:
+        raise AnalyzerError(f"unknown sample dataset {name!r}: choose one of {', '.join(SAMPLE_NAMES)}")
+    sample = get_sample(name)
+    data = sample.load_data("test")
+    x = np.ascontiguousarray(data.x, dtype=np.float32)
+    y = np.asarray(data.y, dtype=np.int64)
+    digest = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()
+    ids = np.asarray(data.ids) if data.ids is not None else np.arange(len(y))
+    return Dataset(x=x, y=y, ids=ids, spec=spec, sha256=digest, class_names=sample.class_names,
+                   metadata=pd.DataFrame({k: np.asarray(v) for k, v in data.metadata.items()}),
+                   feature_names=data.feature_names, extras=dict(data.extras))
+
+
+def _load_npz(data: bytes, name: str, spec: str, digest: str) -> Dataset:
+    try:
+        archive = np.load(io.BytesIO(data), allow_pickle=False)
+        arrays = {key: archive[key] for key in archive.files}
+    except ValueError as exc:
+        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+            raise AnalyzerError(f"{name!r} holds Python objects, which are never unpickled: save plain numeric "
+                                f"and string arrays with np.savez") from exc
+        raise AnalyzerError(f"{name!r} is not a readable .npz file ({first_line(exc)}): save it with "
+                            f"np.savez(path, x=..., y=...)") from exc
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError, TypeError, RuntimeError) as exc:
+        raise AnalyzerError(f"{name!r} is not a readable .npz file ({first_line(exc)}): save it with "
+                            f"np.savez(path, x=..., y=...)") from exc
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        raise AnalyzerError(f"{name!r} has no array {' or '.join(missing)} (found: {', '.join(arrays) or 'none'}): "
+                            f"save inputs as x and integer labels as y")
+    x, y = arrays.pop("x"), arrays.pop("y")
+    if x.ndim < 2:
+        raise AnalyzerError(f"x in {name!r} has shape {x.shape}; expected (N, features) or (N, C, ...) ")
+    n = len(x)
+    if y.shape != (n,):
+        raise AnalyzerError(f"y in {name!r} has shape {y.shape} but x has {n} samples: y must be one label per sample")
+    x = _numeric_inputs(x, name)
+    y = _integer_labels(y, name, class_names=None)
+    class_names = tuple(str(c) for c in arrays.pop("class_names")) if "class_names" in arrays else None
+    ids = arrays.pop("ids") if "ids" in arrays else np.arange(n)
+    if ids.shape != (n,):
+        raise AnalyzerError(f"ids in {name!r} has shape {ids.shape}; expected one id per sample ({n})")
+    metadata, extras = {}, {}
+    for key, value in arrays.items():
+        if value.ndim == 1 and len(value) == n:
+            metadata[key] = value
+        elif value.ndim > 1 and len(value) == n:
+            extras[key] = value
+    return _finish(x, y, ids, spec=spec, digest=digest, class_names=class_names, metadata=pd.DataFrame(metadata),
+                   extras=extras, name=name)
+
+
+def _read_table(data: bytes, name: str, suffix: str) -> pd.DataFrame:
+    try:
+        if suffix == ".csv":
+            return pd.read_csv(io.BytesIO(data))
+        return pd.read_parquet(io.BytesIO(data))
+    except Exception as exc:  # pandas and pyarrow raise many types for a damaged file; all mean the same here
+        kind = "CSV" if suffix == ".csv" else "Parquet"
+        raise AnalyzerError(f"{name!r} is not a readable {kind} file ({first_line(exc)}): check the file") from exc
+
+
+def _from_table(table: pd.DataFrame, name: str, spec: str, digest: str, *, model, label_column: str,
+                id_column: str | None, features: list | None) -> Dataset:
+    if table.empty:
+        raise AnalyzerError(f"{name!r} has no rows: a dataset needs at least one sample")
+    if label_column not in table.columns:
+        raise AnalyzerError(f"{name!r} has no label column {label_column!r} (columns: "
+                            f"{', '.join(map(str, table.columns[:12]))}): pass --label-column")
+    if id_column is not None and id_column not in table.columns:
+        raise AnalyzerError(f"{name!r} has no id column {id_column!r}: pass an existing column to --id-column")
+    reserved = {label_column, id_column}
+    if features:
+        absent = [f for f in features if f not in table.columns]
+        if absent:
+            raise AnalyzerError(f"feature columns {', '.join(absent)} are not in {name!r}: check --features")
+        feature_columns = list(features)
+    else:
+        feature_columns = [c for c in table.columns
+                           if c not in reserved and pd.api.types.is_numeric_dtype(table[c])
+                           and not pd.api.types.is_bool_dtype(table[c])]
+    if not feature_columns:
+        raise AnalyzerError(f"{name!r} has no numeric feature columns besides the label: check the file")
+    if model is not None and len(model.input_shape) == 1 and len(feature_columns) != model.input_shape[0]:
+        raise AnalyzerError(f"{name!r} has {len(feature_columns)} numeric feature columns but the model takes "
+                            f"{model.input_shape[0]}: pass --features with the model's columns in order")
+    x = _numeric_inputs(table[feature_columns].to_numpy(), name)
+    class_names = model.class_names if model is not None else None
+    y = _integer_labels(table[label_column].to_numpy(), name, class_names=class_names)
+    ids = table[id_column].to_numpy() if id_column else np.arange(len(table))
+    meta_columns = [c for c in table.columns if c not in reserved and c not in feature_columns]
+    return _finish(x, y, ids, spec=spec, digest=digest, class_names=None,
+                   metadata=table[meta_columns].reset_index(drop=True), feature_names=tuple(map(str, feature_columns)),
+                   name=name)
+
+
+def _load_image_zip(data: bytes, name: str, spec: str, digest: str, *, model, image_size, mean, std) -> Dataset:
+    from PIL import Image
+
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise AnalyzerError(f"{name!r} is not a readable zip file: zip a folder with one subfolder per class") from exc
+    declared = sum(i.file_size for i in infos)
+    compressed = max(1, sum(i.compress_size for i in infos))
+    if declared > MAX_UNCOMPRESSED_BYTES or declared / compressed > MAX_COMPRESSION_RATIO:
+        raise AnalyzerError(f"{name!r} would inflate to {declared} bytes (ratio {declared / compressed:.0f}): "
+                            f"refused as a possible zip bomb; zip the images without extreme compression")
+    members = []
+    for info in infos:
+        path = info.filename
+        if path.startswith(("/", "\\")) or ".." in path.replace("\\", "/").split("/") or ":" in path.split("/")[0]:
+            raise AnalyzerError(f"{name!r} contains the unsafe path {path!r}: zip with relative paths only")
+        if info.is_dir() or posixpath.basename(path).startswith(".") or "__MACOSX" in path:
+            continue
+        if not path.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        parts = [p for p in path.split("/") if p]
+        if len(parts) < 2:
+            raise AnalyzerError(f"{path!r} in {name!r} is not inside a class folder: use one subfolder per class")
+        members.append((parts[-2], info))
+    if not members:
+        raise AnalyzerError(f"{name!r} holds no PNG or JPEG images in class folders")
+    folders = sorted({folder for folder, _ in members})
+    if model is not None and set(folders) <= set(model.class_names):
+        class_names = tuple(model.class_names)
+    else:
+        class_names = tuple(folders)
+    channels, size = _image_geometry(model, image_size, name)
+    mean_arr = _per_channel(mean, channels, 0.0, "mean")
+    std_arr = _per_channel(std, channels, 1.0, "std")
+    if np.any(std_arr <= 0):
+        raise AnalyzerError("every --std value must be positive")
+    images, labels, ids = [], [], []
+    budget = MAX_UNCOMPRESSED_BYTES
+    for folder, info in sorted(members, key=lambda m: m[1].filename):
+        with archive.open(info) as fh:
+            raw = fh.read(budget + 1)
+        budget -= len(raw)
+        if budget < 0:
+            raise AnalyzerError(f"{name!r} inflates past {MAX_UNCOMPRESSED_BYTES} bytes: refused as a zip bomb")
+        try:
+            with Image.open(io.BytesIO(raw)) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise AnalyzerError(f"image {info.filename!r} in {name!r} is {img.width}x{img.height}, too large")
+                img = img.convert("L" if channels == 1 else "RGB")
+                if size is not None:
+                    img = img.resize((size[1], size[0]), Image.BILINEAR)
+                pixels = np.asarray(img, dtype=np.float32) / 255.0
+        except AnalyzerError:
+            raise
+        except Exception as exc:  # PIL raises many types for an undecodable image
+            raise AnalyzerError(f"image {info.filename!r} in {name!r} could not be decoded ({first_line(exc)}): "
+                                f"remove or re-save it") from exc
+        pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        images.append((pixels - mean_arr[:, None, None]) / std_arr[:, None, None])
+        labels.append(class_names.index(folder) if folder in class_names else -1)
+        ids.append(info.filename)
+    shapes = {img.shape for img in images}
+    if len(shapes) > 1:
+        raise AnalyzerError(f"images in {name!r} have different sizes {sorted(shapes)[:3]}: pass --image-size H,W")
+    x = np.stack(images).astype(np.float32)
+    preprocessing = {"image_size": list(x.shape[2:]), "channels": channels, "mean": mean_arr.tolist(),
+                     "std": std_arr.tolist(), "scale": "pixels / 255"}
+    metadata = pd.DataFrame({"folder": [f for f, _ in sorted(members, key=lambda m: m[1].filename)]})
+    return _finish(x, np.asarray(labels, dtype=np.int64), np.asarray(ids), spec=spec, digest=digest,
+                   class_names=class_names, metadata=metadata, preprocessing=preprocessing, name=name)
+
+
+def _image_geometry(model, image_size, name: str) -> tuple[int, tuple | None]:
+    if model is not None and len(model.input_shape) == 3:
+        channels, height, width = model.input_shape
+        if image_size is not None and tuple(image_size) != (height, width):
+            raise AnalyzerError(f"--image-size {tuple(image_size)} differs from the model's input {height}x{width}")
+        return int(channels), (int(height), int(width))
+    if model is not None:
+        raise AnalyzerError(f"the model takes inputs of shape {model.input_shape}, not images: {name!r} is an image zip")
+    return 3, tuple(image_size) if image_size is not None else None
+
+
+def _per_channel(values, channels: int, default: float, label: str) -> np.ndarray:
+    if values is None:
+        return np.full(channels, default, dtype=np.float32)
+    arr = np.asarray(values, dtype=np.float32).reshape(-1)
+    if len(arr) == 1:
+        return np.repeat(arr, channels)
+    if len(arr) != channels:
+        raise AnalyzerError(f"--{label} has {len(arr)} values but the images have {channels} channels")
+    return arr
+
+
+def _numeric_inputs(x: np.ndarray, name: str) -> np.ndarray:
+    if x.dtype.kind not in "biuf":
+        raise AnalyzerError(f"inputs in {name!r} are {x.dtype}, not numbers: convert them to floats")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _integer_labels(y: np.ndarray, name: str, *, class_names) -> np.ndarray:
+    if y.dtype.kind in "OUS":
+        if class_names is None:
+            raise AnalyzerError(f"labels in {name!r} are text but the model names no classes: use integer labels "
+                                f"0..K-1")
+        lookup = {c: i for i, c in enumerate(class_names)}
+        unknown = sorted({str(v) for v in y} - set(lookup))
+        if unknown:
+            raise AnalyzerError(f"labels {', '.join(unknown[:5])} in {name!r} are not among the model's classes "
+                                f"({', '.join(class_names)})")
+        return np.asarray([lookup[str(v)] for v in y], dtype=np.int64)
+    if y.dtype.kind == "b":
+        return y.astype(np.int64)
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise AnalyzerError(f"labels in {name!r} are not integers: use class indices 0..K-1")
+    elif y.dtype.kind not in "iu":
+        raise AnalyzerError(f"labels in {name!r} have type {y.dtype}: use integer class indices 0..K-1")
+    return y.astype(np.int64)
+
+
+def _finish(x, y, ids, *, spec, digest, class_names, metadata, name, feature_names=None, extras=None,
+            preprocessing=None) -> Dataset:
+    if len(y) == 0:
+        raise AnalyzerError(f"{name!r} has no samples: a dataset needs at least one")
+    ids = np.asarray(ids)
+    if ids.dtype.kind == "O":
+        ids = ids.astype(str)
+    if len(pd.unique(ids)) != len(ids):
+        dupes = pd.Series(ids)[pd.Series(ids).duplicated()].astype(str).unique()[:5]
+        raise AnalyzerError(f"ids in {name!r} are not unique ({', '.join(dupes)} repeat): give every sample its own id")
+    return Dataset(x=x, y=y, ids=ids, spec=spec, sha256=digest, class_names=class_names,
+                   metadata=metadata.reset_index(drop=True), feature_names=feature_names,
+                   preprocessing=preprocessing or {}, extras=extras or {})
+
+
+def check_dataset(dataset: Dataset, model) -> None:
+    """Every check before analysis: sample shape, labels within the model's classes, finite inputs, N > 0."""
+    if len(dataset) == 0:
+        raise AnalyzerError("the dataset has no samples")
+    if dataset.sample_shape != tuple(model.input_shape):
+        raise AnalyzerError(f"samples have shape {dataset.sample_shape} but the model takes {tuple(model.input_shape)}:"
+                            f" reshape the data or choose the matching model")
+    low, high = int(dataset.y.min()), int(dataset.y.max())
+    if low < 0 or high >= model.num_classes:
+        raise AnalyzerError(f"labels range over {low}..{high} but the model has {model.num_classes} classes "
+                            f"(0..{model.num_classes - 1}): check the labels or the model")
+    if dataset.class_names is not None and len(dataset.class_names) > model.num_classes:
+        raise AnalyzerError(f"the dataset names {len(dataset.class_names)} classes but the model has "
+                            f"{model.num_classes} outputs")
+    bad = ~np.isfinite(dataset.x.reshape(len(dataset), -1)).all(axis=1)
+    if bad.any():
+        raise AnalyzerError(f"{int(bad.sum())} samples hold NaN or inf (first id {dataset.ids[bad][0]}): "
+                            f"clean or drop them")
+

@@ -1,0 +1,159 @@
+"""Batched, no-grad inference: class probabilities, per-sample loss and a chosen layer's activations in one pass."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import AnalyzerError, first_line
+from .guard import analysis_mode, unwrap
+
+OUTPUT_KINDS = ("logits", "probabilities", "binary_logit", "binary_probability")
+
+
+@dataclass(frozen=True)
+class Predictions:
+    probs: np.ndarray  # (N, K) float32
+    loss: np.ndarray | None  # (N,) float32 per-sample cross-entropy, when labels were given
+    embeddings: np.ndarray | None  # (N, D) float32 activations of `embedding_layer`, flattened per sample
+    embedding_layer: str | None
+
+    @property
+    def pred(self) -> np.ndarray:
+        return self.probs.argmax(axis=1)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probs.max(axis=1)
+
+
+def class_log_probs(outputs: torch.Tensor, output_kind: str) -> torch.Tensor:
+    """Log class probabilities (N, K) from what the model returns; differentiable, so explanations share it."""
+    if output_kind == "logits":
+        return F.log_softmax(outputs, dim=1)
+    if output_kind == "probabilities":
+        return torch.log(outputs.clamp_min(1e-12))
+    if output_kind == "binary_logit":
+        return F.log_softmax(torch.cat([torch.zeros_like(outputs), outputs], dim=1), dim=1)
+    if output_kind == "binary_probability":
+        p = outputs.clamp(1e-12, 1 - 1e-7)
+        return torch.log(torch.cat([1 - p, p], dim=1))
+    raise AnalyzerError(f"unknown output kind {output_kind!r}: expected one of {', '.join(OUTPUT_KINDS)}")
+
+
+class ClassLogits(nn.Module):
+    """Wraps a model so it returns (N, K) scores whose softmax is the class probabilities, whatever its output is."""
+
+    def __init__(self, module: nn.Module, output_kind: str):
+        super().__init__()
+        self.model = module
+        self.output_kind = output_kind
+
+    def forward(self, x):
+        out = self.model(x)
+        return out if self.output_kind == "logits" else class_log_probs(out, self.output_kind)
+
+
+def default_embedding_layer(model) -> str | None:
+    """The final classifier layer (its input is the embedding): the last linear layer that the model runs."""
+    kinds = getattr(model, "layer_kinds", {})
+    linear = [name for name in getattr(model, "layers", ()) if kinds.get(name) == "linear"]
+    return linear[-1] if linear else None
+
+
+@contextlib.contextmanager
+def on_device(module: nn.Module, device: str):
+    """Move the module to `device` for the analysis and back to where it was afterwards."""
+    first = next(iter(module.parameters()), None)
+    home = first.device if first is not None else torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AnalyzerError("--device cuda was asked for but no CUDA device is available: use --device cpu")
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
+def resolve_layer(module: nn.Module, name: str) -> nn.Module:
+    modules = dict(module.named_modules())
+    if name not in modules or not name:
+        raise AnalyzerError(f"the model has no layer {name!r}: choose one of {', '.join(list(modules)[1:12])}")
+    return modules[name]
+
+
+def predict(model, x, y=None, *, batch_size: int = 256, layer: str | None = None, capture: str = "input",
+            device: str = "cpu", progress: bool = False, on_batch=None) -> Predictions:
+    """Probabilities, per-sample loss (when `y` is given) and the activations of `layer`, batch by batch.
+
+    `model` is a LoadedModel (its output kind is used) or a module returning logits. With `layer`, `capture="input"`
+    stores what enters that layer (the embedding, for a final classifier) and `capture="output"` what leaves it.
+    `on_batch(done, total)` reports progress to a UI; `progress=True` shows a tqdm bar.
+    """
+    if batch_size < 1:
+        raise AnalyzerError(f"batch_size must be at least 1, got {batch_size}")
+    if capture not in ("input", "output"):
+        raise AnalyzerError(f"capture must be 'input' or 'output', got {capture!r}")
+    module = unwrap(model)
+    output_kind = getattr(model, "output_kind", "logits")
+    n = len(x)
+    labels = None if y is None else torch.as_tensor(np.asarray(y), dtype=torch.long)
+    probs_out, loss_out, emb_out = [], [], []
+    captured = []
+    handle = None
+    if layer is not None:
+        target = resolve_layer(module, layer)
+        if capture == "input":
+            handle = target.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+        else:
+            handle = target.register_forward_hook(lambda _m, _a, out: captured.append(out.detach()))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc="inference", unit="sample", leave=False)
+    try:
+        with analysis_mode(module), torch.inference_mode(), on_device(module, device):
+            for start in range(0, n, batch_size):
+                batch = torch.as_tensor(np.asarray(x[start:start + batch_size]), dtype=torch.float32).to(device)
+                try:
+                    out = module(batch)
+                except Exception as exc:
+                    raise AnalyzerError(f"the model's forward failed on samples {start}..{start + len(batch) - 1} "
+                                        f"({first_line(exc)}): check the inputs match what it expects") from exc
+                if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != len(batch):
+                    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                    raise AnalyzerError(f"the model returned {shape} for a batch of {len(batch)}; expected (N, classes)")
+                if not torch.isfinite(out).all():
+                    raise AnalyzerError(f"the model returned NaN or inf on samples {start}..{start + len(batch) - 1}: "
+                                        f"check the inputs and weights")
+                log_p = class_log_probs(out.float(), output_kind)
+                probs_out.append(log_p.exp().cpu().numpy())
+                if labels is not None:
+                    loss_out.append(F.nll_loss(log_p, labels[start:start + len(batch)].to(device),
+                                               reduction="none").cpu().numpy())
+                if captured:
+                    emb_out.append(captured.pop().flatten(1).float().cpu().numpy())
+                    captured.clear()
+                if bar is not None:
+                    bar.update(len(batch))
+                if on_batch is not None:
+                    on_batch(min(start + batch_size, n), n)
+    finally:
+        if handle is not None:
+            handle.remove()
+        if bar is not None:
+            bar.close()
+    if layer is not None and len(emb_out) != len(probs_out):
+        raise AnalyzerError(f"layer {layer!r} did not run during the forward pass: choose a layer the model calls")
+    empty_k = getattr(model, "num_classes", 0)
+    return Predictions(
+        probs=np.concatenate(probs_out).astype(np.float32) if probs_out else np.zeros((0, empty_k), np.float32),
+        loss=np.concatenate(loss_out).astype(np.float32) if loss_out else None,
+        embeddings=np.concatenate(emb_out) if emb_out else None,
+        embedding_layer=layer,
+    )

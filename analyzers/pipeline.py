@@ -1,0 +1,219 @@
+"""`run_analysis`: load, check, infer, then every analysis stage, written atomically as one run directory.
+
+A stage is a function `stage(ctx: RunContext) -> dict | None` that writes its files into `ctx.stage_dir` and may
+return a summary recorded under `analyses` in `run.json`. Stages are listed in `STAGES` by import path so that heavy
+modules load only when a run needs them.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .datasets import Dataset, check_dataset, load_dataset
+from .errors import AnalyzerError
+from .inference import Predictions, default_embedding_layer, predict
+from .models import LoadedModel, load_model
+from .runs import PROBS, RUN_FORMAT_VERSION, RUN_INFO, SAMPLES, open_run, staged_run, write_json, write_npy
+
+# (name, "module:function", on by default). Later stages may read files that earlier ones wrote.
+STAGES = (
+    ("evaluation", "analyzers.evaluation:evaluation_stage", True),
+    ("projections", "analyzers.projections:projection_stage", True),
+    ("gradients", "analyzers.gradients:gradient_stage", True),
+)
+CORE_COLUMNS = ("id", "label", "pred", "confidence", "loss", "correct")
+PACKAGES = ("torch", "numpy", "pandas", "pyarrow", "scikit-learn", "captum", "shap", "streamlit", "umap-learn",
+            "openTSNE", "plotly", "safetensors")
+
+
+@dataclass
+class RunContext:
+    """What a stage sees: the loaded model and data, the predictions, and where to write."""
+
+    model: LoadedModel
+    dataset: Dataset
+    predictions: Predictions
+    samples: pd.DataFrame
+    stage_dir: Path
+    params: dict
+    progress: bool = False
+    report: Callable[[str, float], None] | None = None
+    timings: dict = field(default_factory=dict)
+
+    def path(self, relpath: str) -> Path:
+        target = self.stage_dir / relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+
+def build_samples_table(dataset: Dataset, predictions: Predictions) -> pd.DataFrame:
+    """One row per sample in dataset order: the core columns, then tabular features and metadata."""
+    pred = predictions.pred
+    table = pd.DataFrame({
+        "id": dataset.ids,
+        "label": dataset.y,
+        "pred": pred.astype(np.int64),
+        "confidence": predictions.confidence.astype(np.float32),
+        "loss": predictions.loss,
+        "correct": pred == dataset.y,
+    })
+    extra = {}
+    if dataset.modality == "tabular" and dataset.feature_names:
+        for j, name in enumerate(dataset.feature_names):
+            extra[name] = dataset.x[:, j]
+    for column in dataset.metadata.columns:
+        extra[str(column)] = dataset.metadata[column].to_numpy()
+    renamed = {}
+    for name, values in extra.items():
+        key = name if name not in CORE_COLUMNS and name not in renamed else f"meta_{name}"
+        renamed[key] = values
+    if renamed:
+        table = pd.concat([table, pd.DataFrame(renamed)], axis=1)
+    return table
+
+
+def _package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _resolve_stages(analyses) -> list:
+    known = {name: (target, default) for name, target, default in STAGES}
+    if analyses is None:
+        return [(name, target) for name, (target, default) in known.items() if default]
+    unknown = [a for a in analyses if a not in known]
+    if unknown:
+        raise AnalyzerError(f"unknown analyses {', '.join(unknown)}: choose from {', '.join(known)}")
+    return [(name, known[name][0]) for name in known if name in analyses]
+
+
+def _load_stage(target: str):
+    module_name, _, func = target.partition(":")
+    return getattr(importlib.import_module(module_name), func)
+
+
+def run_analysis(model_spec: str, data_spec: str, out: str | Path, *, arch: str | None = None,
+                 batch_size: int = 256, label_column: str = "label", id_column: str | None = None,
+                 features: list | None = None, layer: str | None = None, device: str = "cpu",
+                 overwrite: bool = False, image_size: tuple | None = None, mean: list | None = None,
+                 std: list | None = None, input_shape: tuple | None = None, seed: int = 0,
+                 analyses: list | None = None, allow_import: bool = False, progress: bool = False,
+                 report: Callable[[str, float], None] | None = None, stage_options: dict | None = None) -> Path:
+    """Analyse a model on a dataset and store the run at `out`; returns `out`.
+
+    If `out` already holds a complete run of the same model, data and parameters it is reused as it is. A different
+    run there is refused unless `overwrite`, and even then replaced only once the new run is complete.
+    `report(stage, fraction)` is called as work progresses (the dashboard's progress bars).
+    """
+    out = Path(out)
+    if batch_size < 1:
+        raise AnalyzerError(f"--batch-size must be at least 1, got {batch_size}")
+    stages = _resolve_stages(analyses)
+    report = report or (lambda stage, fraction: None)
+    report("load", 0.0)
+    model = load_model(model_spec, arch=arch, input_shape=input_shape, allow_import=allow_import)
+    dataset = load_dataset(data_spec, model=model, label_column=label_column, id_column=id_column,
+                           features=features, image_size=image_size, mean=mean, std=std)
+    check_dataset(dataset, model)
+    params = {"batch_size": batch_size, "layer": layer or default_embedding_layer(model), "seed": seed,
+              "label_column": label_column, "id_column": id_column, "features": features, "arch": arch,
+              "analyses": [name for name, _ in stages], "stage_options": stage_options or {}}
+    existing = out / RUN_INFO
+    if existing.exists():
+        try:
+            info = json.loads(existing.read_text())
+        except (OSError, ValueError):
+            info = {}
+        same = (info.get("model", {}).get("sha256") == model.sha256
+                and info.get("dataset", {}).get("sha256") == dataset.sha256 and info.get("parameters") == params)
+        if same:
+            open_run(out)  # reuse only if it opens cleanly
+            report("done", 1.0)
+            return out
+        if not overwrite:
+            raise AnalyzerError(f"{out} holds a different run (another model, dataset or parameters): pass --overwrite "
+                                f"to replace it, or choose another --out")
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise AnalyzerError(f"{out} exists and is not a run: choose another --out or pass --overwrite")
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    timings = {}
+    started = time.perf_counter()
+    report("inference", 0.0)
+    predictions = predict(model, dataset.x, dataset.y, batch_size=batch_size, layer=params["layer"], device=device,
+                          progress=progress, on_batch=lambda done, total: report("inference", done / total))
+    timings["inference"] = time.perf_counter() - started
+    samples = build_samples_table(dataset, predictions)
+    summaries = {}
+    with staged_run(out, replace=True) as stage_dir:
+        ctx = RunContext(model=model, dataset=dataset, predictions=predictions, samples=samples,
+                         stage_dir=stage_dir, params=params, progress=progress, report=report, timings=timings)
+        samples.to_parquet(stage_dir / SAMPLES, index=False)
+        np.save(stage_dir / PROBS, predictions.probs)
+        if predictions.embeddings is not None:
+            np.save(ctx.path(f"embeddings/{params['layer']}.npy"), predictions.embeddings.astype(np.float32))
+        for name, target in stages:
+            report(name, 0.0)
+            t0 = time.perf_counter()
+            summaries[name] = _load_stage(target)(ctx) or {}
+            timings[name] = time.perf_counter() - t0
+            report(name, 1.0)
+        info = {
+            "format_version": RUN_FORMAT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": {"spec": model_spec, "sha256": model.sha256, "source": model.source, "arch": arch,
+                      "input_shape": list(model.input_shape), "output_kind": model.output_kind,
+                      "layers": list(model.layers), "layer_kinds": model.layer_kinds},
+            "dataset": {"spec": data_spec, "sha256": dataset.sha256, "modality": dataset.modality,
+                        "feature_names": list(dataset.feature_names) if dataset.feature_names else None,
+                        "metadata_columns": [str(c) for c in dataset.metadata.columns]},
+            "num_samples": len(dataset),
+            "class_names": list(dataset.class_names if dataset.class_names
+                                and len(dataset.class_names) == model.num_classes else model.class_names),
+            "task": "classification",
+            "preprocessing": dataset.preprocessing,
+            "parameters": params,
+            "embedding_layer": params["layer"] if predictions.embeddings is not None else None,
+            "seeds": {"torch": seed, "numpy": seed},
+            "packages": _package_versions(),
+            "analyses": summaries,
+            "timings_s": {k: round(v, 4) for k, v in timings.items()},
+            "accuracy": float(samples["correct"].mean()),
+        }
+        write_json(stage_dir / RUN_INFO, info)
+    report("done", 1.0)
+    return out
+
+
+def load_run_inputs(run) -> tuple[LoadedModel, Dataset]:
+    """Reload the model and dataset a run was made from, checking they are the same files (hashes in run.json)."""
+    info = run.info
+    params = info.get("parameters", {})
+    model = load_model(info["model"]["spec"], arch=info["model"].get("arch"),
+                       input_shape=tuple(info["model"]["input_shape"]))
+    if model.sha256 != info["model"]["sha256"]:
+        raise AnalyzerError(f"the model file {info['model']['spec']} changed since the run was made: run it again")
+    pre = info.get("preprocessing") or {}
+    dataset = load_dataset(info["dataset"]["spec"], model=model, label_column=params.get("label_column", "label"),
+                           id_column=params.get("id_column"), features=params.get("features"),
+                           image_size=pre.get("image_size"), mean=pre.get("mean"), std=pre.get("std"))
+    if dataset.sha256 != info["dataset"]["sha256"]:
+        raise AnalyzerError(f"the dataset {info['dataset']['spec']} changed since the run was made: run it again")
+    return model, dataset

@@ -1,0 +1,187 @@
+"""The run directory: written atomically, opened with checks that say what is wrong with a damaged one.
+
+A run is complete exactly when `run.json` exists: it is written last, inside a hidden temporary directory that is
+renamed into place only when everything else is there. Files added to a run later are written to a temporary name
+and renamed, so a reader never sees half a file.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from .errors import AnalyzerError
+
+RUN_FORMAT_VERSION = 1
+RUN_INFO = "run.json"
+SAMPLES = "samples.parquet"
+PROBS = "probs.npy"
+
+
+def _temp_sibling(path: Path, tag: str) -> Path:
+    return path.with_name(f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}")
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_path)`, then rename the result over `path`; on failure nothing at `path` changes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path, "tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=_json_default)))
+
+
+def write_parquet(path: str | Path, table: pd.DataFrame) -> Path:
+    return write_atomic(path, lambda tmp: table.to_parquet(tmp, index=False))
+
+
+def write_npy(path: str | Path, array: np.ndarray) -> Path:
+    def _save(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+
+    return write_atomic(path, _save)
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+@contextlib.contextmanager
+def staged_run(out: str | Path, *, replace: bool):
+    """A temporary directory beside `out` to write a run into; renamed to `out` only if the block completes.
+
+    With `replace`, an existing run at `out` is swapped out only after the new one is complete.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = _temp_sibling(out, "tmp")
+    stage.mkdir()
+    try:
+        yield stage
+        if not (stage / RUN_INFO).exists():
+            raise AnalyzerError("internal error: a run was staged without run.json")
+        if out.exists():
+            if not replace:
+                raise AnalyzerError(f"{out} already exists: pass --overwrite to replace it")
+            old = _temp_sibling(out, "old")
+            os.replace(out, old)
+            os.replace(stage, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, out)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Run:
+    """An opened, complete run directory. Tables are read on first use and kept."""
+
+    path: Path
+    info: dict
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def class_names(self) -> list:
+        return list(self.info["class_names"])
+
+    @property
+    def samples(self) -> pd.DataFrame:
+        if "samples" not in self._cache:
+            self._cache["samples"] = _read_checked(self.path / SAMPLES, pd.read_parquet)
+        return self._cache["samples"]
+
+    @property
+    def probs(self) -> np.ndarray:
+        if "probs" not in self._cache:
+            self._cache["probs"] = _read_checked(self.path / PROBS, lambda p: np.load(p, mmap_mode="r"))
+        return self._cache["probs"]
+
+    def has(self, relpath: str) -> bool:
+        return (self.path / relpath).exists()
+
+    def read_json(self, relpath: str):
+        return _read_checked(self.path / relpath, lambda p: json.loads(p.read_text()))
+
+    def read_parquet(self, relpath: str) -> pd.DataFrame:
+        return _read_checked(self.path / relpath, pd.read_parquet)
+
+    def read_npy(self, relpath: str, mmap: bool = True) -> np.ndarray:
+        return _read_checked(self.path / relpath, lambda p: np.load(p, mmap_mode="r" if mmap else None))
+
+    def file(self, relpath: str) -> Path:
+        return self.path / relpath
+
+
+def _read_checked(path: Path, reader):
+    if not path.exists():
+        raise AnalyzerError(f"the run at {path.parent} has no {path.name}: this analysis was not run or the run is "
+                            f"damaged; run python -m analyzers run again")
+    try:
+        return reader(path)
+    except AnalyzerError:
+        raise
+    except Exception as exc:  # a damaged file fails in many ways; each means the same to the person
+        raise AnalyzerError(f"{path.name} in the run at {path.parent} is damaged ({str(exc).splitlines()[0][:120]}): "
+                            f"run python -m analyzers run --overwrite to rebuild it") from exc
+
+
+def open_run(path: str | Path) -> Run:
+    """Open a complete run, or say why the directory is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AnalyzerError(f"{path} is not a run directory: check the path or create one with python -m analyzers run")
+    if not (path / RUN_INFO).exists():
+        raise AnalyzerError(f"{path} holds no run.json, so it is not a complete run (an interrupted run leaves none): "
+                            f"run python -m analyzers run again")
+    info = _read_checked(path / RUN_INFO, lambda p: json.loads(p.read_text()))
+    if not isinstance(info, dict) or info.get("format_version") != RUN_FORMAT_VERSION:
+        raise AnalyzerError(f"{path}/run.json is not a run of format version {RUN_FORMAT_VERSION}: run the analysis again")
+    missing = [name for name in (SAMPLES, PROBS) if not (path / name).exists()]
+    if missing:
+        raise AnalyzerError(f"the run at {path} is damaged: {', '.join(missing)} missing; run it again with --overwrite")
+    return Run(path=path, info=info)
+
+
+def list_runs(root: str | Path) -> list[Path]:
+    """Complete runs directly under `root`, newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    runs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / RUN_INFO).exists()]
+    return sorted(runs, key=lambda p: (p / RUN_INFO).stat().st_mtime, reverse=True)
+
+
+def delete_run(path: str | Path) -> None:
+    """Remove a run: first made incomplete (run.json renamed away), then deleted."""
+    path = Path(path)
+    if not (path / RUN_INFO).exists():
+        raise AnalyzerError(f"{path} is not a complete run; nothing deleted")
+    trash = _temp_sibling(path, "deleted")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,66 @@
+"""Built-in sample models: small real models with their training code, shipped weights and training logs.
+
+Each sample is a module `sample_models.<name>` that defines:
+- `CLASS_NAMES` (tuple of str) and `INPUT_SHAPE` (shape of one sample, without the batch dimension);
+- `build_model() -> torch.nn.Module` (the architecture, freshly initialised);
+- `load_data(split) -> SampleData` for split "train" or "test", generated or from scikit-learn's bundled data;
+- `train(out_dir) -> dict` writing `<name>.safetensors` and `<name>.log.jsonl` (see `sample_models.training`).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_NAMES = ("digits", "tabular", "dna", "shapes")
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass(frozen=True)
+class SampleData:
+    """One split of a sample's data. `metadata` and `extras` arrays have one row per sample."""
+
+    x: np.ndarray
+    y: np.ndarray
+    ids: np.ndarray | None = None
+    metadata: dict = field(default_factory=dict)
+    feature_names: tuple | None = None
+    extras: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    module: object
+
+    @property
+    def class_names(self) -> tuple:
+        return tuple(self.module.CLASS_NAMES)
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(self.module.INPUT_SHAPE)
+
+    @property
+    def weights_path(self) -> Path:
+        return WEIGHTS_DIR / f"{self.name}.safetensors"
+
+    @property
+    def log_path(self) -> Path:
+        return WEIGHTS_DIR / f"{self.name}.log.jsonl"
+
+    def build_model(self):
+        return self.module.build_model()
+
+    def load_data(self, split: str = "test") -> SampleData:
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        return self.module.load_data(split)
+
+
+def get_sample(name: str) -> Sample:
+    if name not in SAMPLE_NAMES:
+        raise KeyError(name)
+    return Sample(name=name, module=importlib.import_module(f"sample_models.{name}"))

@@ -1,0 +1,67 @@
+"""The one training loop every sample uses: deterministic, logged with `analyzers.TrainingRecorder`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from analyzers.recorder import TrainingRecorder
+
+
+def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of `model` on arrays."""
+    model.eval()
+    losses, hits = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            xb = torch.as_tensor(x[start:start + batch_size], dtype=torch.float32)
+            yb = torch.as_tensor(y[start:start + batch_size], dtype=torch.long)
+            out = model(xb)
+            losses += float(F.cross_entropy(out, yb, reduction="sum"))
+            hits += int((out.argmax(1) == yb).sum())
+    return losses / len(x), hits / len(x)
+
+
+def fit(name: str, model, train, test, *, out_dir: str | Path, epochs: int, lr: float = 1e-3,
+        batch_size: int = 64, weight_decay: float = 0.0, seed: int = 0, log_every: int = 1) -> dict:
+    """Train `model` on `train` (a SampleData), log every step, save weights and a summary; returns the summary.
+
+    Writes `<name>.safetensors`, `<name>.log.jsonl` and `<name>.json` (test accuracy, seed, epochs) into `out_dir`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    x = np.asarray(train.x, dtype=np.float32)
+    y = np.asarray(train.y, dtype=np.int64)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = int(np.ceil(len(x) / batch_size))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    step = 0
+    with TrainingRecorder(out_dir / f"{name}.log.jsonl", model, every=log_every) as recorder:
+        for _ in range(epochs):
+            model.train()
+            order = rng.permutation(len(x))
+            for start in range(0, len(x), batch_size):
+                idx = order[start:start + batch_size]
+                xb, yb = torch.as_tensor(x[idx]), torch.as_tensor(y[idx])
+                loss = F.cross_entropy(model(xb), yb)
+                optimizer.zero_grad()
+                loss.backward()
+                recorder.log_step(step, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
+                optimizer.step()
+                scheduler.step()
+                step += 1
+            val_loss, val_acc = evaluate(model, test.x, test.y)
+            recorder.log_validation(step, val_loss=val_loss, val_accuracy=val_acc)
+    model.eval()
+    _, test_accuracy = evaluate(model, test.x, test.y)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / f"{name}.safetensors"))
+    summary = {"name": name, "test_accuracy": test_accuracy, "epochs": epochs, "seed": seed, "lr": lr,
+               "batch_size": batch_size, "train_size": len(x), "test_size": len(test.y)}
+    (out_dir / f"{name}.json").write_text(json.dumps(summary, indent=2))
+    return summary
