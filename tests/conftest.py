@@ -1,0 +1,65 @@
+"""Shared fixtures: small models defined here (never loaded from the samples) and stored sample runs."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+class TinyCNN(nn.Module):
+    """A model defined only in the tests: conv -> relu -> pool -> linear, 3 classes on 1x8x8 inputs."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.relu(self.conv(x))).flatten(1))
+
+
+@pytest.fixture
+def tiny_cnn():
+    torch.manual_seed(0)
+    return TinyCNN().eval()
+
+
+@pytest.fixture
+def tiny_data():
+    rng = np.random.default_rng(0)
+    return rng.random((40, 1, 8, 8), dtype=np.float32), rng.integers(0, 3, 40)
+
+
+def export_model(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_run_dir(tmp_path_factory):
+    """Complete runs of the sample models, made once per test session: sample_run_dir(name) -> Path."""
+    from analyzers.pipeline import run_analysis
+
+    made = {}
+    root = tmp_path_factory.mktemp("sample-runs")
+
+    def _get(name: str) -> Path:
+        if name not in made:
+            made[name] = run_analysis(f"sample:{name}", f"sample:{name}", root / name)
+        return made[name]
+
+    return _get
