@@ -404,11 +404,11 @@ def probe_outputs(module: nn.Module, input_shape: tuple, *, name: str) -> tuple[
     if first.ndim != 2 or first.shape[0] != probe.shape[0]:
         raise AnalyzerError(f"the model returns shape {tuple(first.shape)} for a batch of {probe.shape[0]}; expected "
                             f"(N, classes): regression and multi-label outputs are not supported yet")
+    if not torch.isfinite(first).all():
+        raise AnalyzerError("the model returns NaN or inf on a random input: check its weights")
     if not torch.equal(first, second):
         raise AnalyzerError(f"{name!r} gives different outputs for the same input (exported or left in train mode, "
                             f"so dropout is active): call model.eval() before torch.export.export and export again")
-    if not torch.isfinite(first).all():
-        raise AnalyzerError("the model returns NaN or inf on a random input: check its weights")
     if first.shape[1] == 1:
         in_unit = bool(((first >= 0) & (first <= 1)).all())
         return ("binary_probability" if in_unit and not _looks_like_logits(module, input_shape) else "binary_logit"), 2
