@@ -5,6 +5,7 @@ import hashlib
 import io
 import posixpath
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_UNCOMPRESSED_BYTES = 2 << 30
 MAX_COMPRESSION_RATIO = 200
 MAX_IMAGE_PIXELS = 64_000_000
+# What zipfile raises for a damaged archive, member by member.
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError, RuntimeError)
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,7 @@ def _load_image_zip(data: bytes, name: str, spec: str, digest: str, *, model, im
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         infos = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except _ZIP_ERRORS as exc:
         raise AnalyzerError(f"{name!r} is not a readable zip file: zip a folder with one subfolder per class") from exc
     declared = sum(i.file_size for i in infos)
     compressed = max(1, sum(i.compress_size for i in infos))
@@ -224,8 +227,12 @@ def _load_image_zip(data: bytes, name: str, spec: str, digest: str, *, model, im
     images, labels, ids = [], [], []
     budget = MAX_UNCOMPRESSED_BYTES
     for folder, info in sorted(members, key=lambda m: m[1].filename):
-        with archive.open(info) as fh:
-            raw = fh.read(budget + 1)
+        try:
+            with archive.open(info) as fh:
+                raw = fh.read(budget + 1)
+        except _ZIP_ERRORS as exc:
+            raise AnalyzerError(f"{info.filename!r} in {name!r} cannot be read ({first_line(exc)}): the zip is damaged; "
+                                f"create it again") from exc
         budget -= len(raw)
         if budget < 0:
             raise AnalyzerError(f"{name!r} inflates past {MAX_UNCOMPRESSED_BYTES} bytes: refused as a zip bomb")
