@@ -1,0 +1,366 @@
+"""Is an attribution map worth looking at? Scores computed next to every map.
+
+- `deletion_insertion`: remove (or add) the most-attributed features first and watch the target probability; the
+  area under each curve (deletion low and insertion high means the map found what the model uses).
+- `randomisation_check` (Adebayo et al., 2018): re-initialise the layers of a copy from the top down and measure the
+  rank correlation between the original map and the map of the randomised model; a map that barely changes does not
+  reflect the model and is flagged.
+- `ig_completeness`: Integrated Gradients sum to f(x) - f(baseline); the relative gap, with n_steps raised until small.
+- `ground_truth_scores`: fraction of attribution mass inside a planted ground truth and the pointing-game hit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import AnalyzerError
+from .explain import _as_batch, _scores_module, _targets, baseline_for, explain, model_fingerprint
+from .guard import analysis_mode, unwrap
+from .inference import class_log_probs
+
+SANITY_THRESHOLD = 0.5  # mean |rank correlation| with the fully randomised model's map above this: flagged
+
+
+# --- deletion / insertion ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DeletionInsertion:
+    fractions: np.ndarray  # (S+1,) fraction of features removed / inserted
+    deletion: np.ndarray  # (N, S+1) target probability as the most-attributed features are replaced by the baseline
+    insertion: np.ndarray  # (N, S+1) target probability as they are put back into the baseline
+    deletion_auc: np.ndarray  # (N,) lower is better
+    insertion_auc: np.ndarray  # (N,) higher is better
+
+
+def _importance(attr: np.ndarray) -> np.ndarray:
+    """Per position importance (N, P): attribution summed over channels, so a pixel or base is removed whole."""
+    attr = np.asarray(attr, dtype=np.float32)
+    return attr.reshape(len(attr), -1) if attr.ndim == 2 else attr.sum(axis=1).reshape(len(attr), -1)
+
+
+def deletion_insertion(model, inputs, attributions, target=None, *, steps: int = 20, baseline="zeros",
+                       background=None, batch_size: int = 64) -> DeletionInsertion:
+    """Deletion and insertion curves of the target probability (target None: the predicted class).
+
+    Positions (pixels, sequence positions, features) are ranked by their attribution summed over channels, highest
+    first; a removed position takes the baseline's values ("zeros", "blur", "mean" of `background`, or an array).
+    """
+    x, _ = _as_batch(model, inputs)
+    attr = np.asarray(attributions, dtype=np.float32).reshape(x.shape) if np.size(attributions) == x.size else None
+    if attr is None:
+        raise AnalyzerError(f"attributions of shape {np.shape(attributions)} do not match inputs {x.shape}")
+    if steps < 1:
+        raise AnalyzerError(f"steps must be at least 1, got {steps}")
+    base = baseline_for(x, baseline, background)
+    module = unwrap(model)
+    output_kind = getattr(model, "output_kind", "logits")
+    order = np.argsort(-_importance(attr), axis=1, kind="stable")
+    positions = order.shape[1]
+    fractions = np.linspace(0.0, 1.0, steps + 1)
+    counts = np.round(fractions * positions).astype(int)
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(positions)[None].repeat(len(x), 0), axis=1)
+    spatial = x.shape[2:] if x.ndim > 2 else x.shape[1:]
+    deletion = np.zeros((len(x), steps + 1), np.float32)
+    insertion = np.zeros_like(deletion)
+    per_chunk = max(1, batch_size // (2 * (steps + 1)))
+    with analysis_mode(module), torch.no_grad():
+        device = next(iter(module.parameters()), torch.empty(0)).device
+        targets = _targets(_scores_module(model), x, target, batch_size, device)
+        for start in range(0, len(x), per_chunk):
+            stop = min(start + per_chunk, len(x))
+            # removed[i, k, p]: position p is among the counts[k] most-attributed of sample i
+            removed = ranks[start:stop, None, :] < counts[None, :, None]
+            removed = removed.reshape(stop - start, steps + 1, *([1] if x.ndim > 2 else []), *spatial)
+            xs, bs = x[start:stop, None], base[start:stop, None]
+            batch = np.concatenate([np.where(removed, bs, xs), np.where(removed, xs, bs)], axis=1)
+            flat = torch.as_tensor(batch.reshape(-1, *x.shape[1:]), device=device)
+            probs = []
+            for s in range(0, len(flat), batch_size):
+                probs.append(class_log_probs(module(flat[s:s + batch_size]).float(), output_kind).exp().cpu())
+            probs = torch.cat(probs).numpy().reshape(stop - start, 2 * (steps + 1), -1)
+            t = targets[start:stop]
+            picked = np.take_along_axis(probs, t[:, None, None].repeat(2 * (steps + 1), 1), axis=2)[..., 0]
+            deletion[start:stop], insertion[start:stop] = picked[:, :steps + 1], picked[:, steps + 1:]
+    return DeletionInsertion(fractions=fractions, deletion=deletion, insertion=insertion,
+                             deletion_auc=np.trapezoid(deletion, fractions, axis=1).astype(np.float32),
+                             insertion_auc=np.trapezoid(insertion, fractions, axis=1).astype(np.float32))
+
+
+# --- randomisation sanity check ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SanityCheck:
+    layers: tuple  # layers re-initialised, top (output) first; step k has layers[:k+1] randomised
+    rank_corr: np.ndarray  # (len(layers), N) Spearman correlation of |map| with the original map's |map|
+    threshold: float
+
+    @property
+    def final_corr(self) -> np.ndarray:
+        """Per sample: correlation with the map of the fully randomised model."""
+        return self.rank_corr[-1]
+
+    @property
+    def mean_final_corr(self) -> float:
+        return float(np.mean(self.final_corr))
+
+    @property
+    def flagged(self) -> bool:
+        """The map barely changes when the model is destroyed: it does not reflect what the model learned."""
+        return self.mean_final_corr > self.threshold
+
+
+def _rank_rows(a: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(a, axis=1).astype(np.float64)
+
+
+def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each row of `a` with the same row of `b`; a constant row against a varying one is 0,
+    two identical constant rows are 1."""
+    a = np.asarray(a, dtype=np.float64).reshape(len(a), -1)
+    b = np.asarray(b, dtype=np.float64).reshape(len(b), -1)
+    ra, rb = _rank_rows(a), _rank_rows(b)
+    ra -= ra.mean(1, keepdims=True)
+    rb -= rb.mean(1, keepdims=True)
+    denom = np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = (ra * rb).sum(1) / denom
+    constant = denom == 0
+    corr[constant] = np.where(np.all(a[constant] == b[constant], axis=1), 1.0, 0.0)
+    return corr
+
+
+def _parameter_layers(module: nn.Module, x: torch.Tensor) -> list:
+    """Names of the modules owning parameters, in the order they run (leaves first to finish first)."""
+    owners = {name: sub for name, sub in module.named_modules() if any(True for _ in sub.parameters(recurse=False))}
+    order, handles = [], []
+    for name, sub in owners.items():
+        handles.append(sub.register_forward_hook(lambda _m, _a, _o, name=name: order.append(name)))
+    try:
+        with torch.no_grad():
+            module(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    ran = list(dict.fromkeys(order))
+    # owners that never ran (e.g. parameters used functionally by a parent) go last, in definition order
+    return ran + [n for n in owners if n not in ran]
+
+
+def reinitialise(sub: nn.Module, generator: torch.Generator) -> None:
+    """Fresh random parameters for one module: its own reset_parameters, or PyTorch's default scheme applied
+    directly (unflattened .pt2 submodules are InterpreterModules, which have no reset_parameters)."""
+    params = dict(sub.named_parameters(recurse=False))
+    if hasattr(sub, "reset_parameters") and type(sub).__module__.startswith("torch.nn.modules"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator)))
+            sub.reset_parameters()
+        return
+    weights = [p for p in params.values() if p.ndim >= 2]
+    fan_in = int(np.prod(weights[0].shape[1:])) if weights else 0
+    with torch.no_grad():
+        for p in params.values():
+            if p.ndim >= 2:
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5), generator=generator)
+            else:
+                bound = 1.0 / math.sqrt(fan_in or p.numel())
+                p.uniform_(-bound, bound, generator=generator)
+
+
+def _model_like(model, module: nn.Module):
+    """`model` with its module replaced (a LoadedModel keeps its output kind and layer kinds)."""
+    if dataclasses.is_dataclass(model) and hasattr(model, "module"):
+        return dataclasses.replace(model, module=module)
+    return module
+
+
+def _copy_module(model) -> nn.Module:
+    if hasattr(model, "copy_module"):
+        return model.copy_module()
+    import copy
+
+    try:
+        return copy.deepcopy(unwrap(model))
+    except Exception as exc:
+        raise AnalyzerError(f"the model could not be copied for the randomisation check ({exc}): load it with "
+                            f"analyzers.load_model so .pt2 copies are made by reloading its bytes") from exc
+
+
+def _cache_path(cache_dir, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return Path(cache_dir) / f"sanity-{digest}.npz"
+
+
+def randomisation_check(model, inputs, method: str | Callable = "saliency", target=None, *, batch_size: int = 64,
+                        threshold: float = SANITY_THRESHOLD, seed: int = 0, max_layers: int | None = None,
+                        cache_dir=None, sample_ids=None, **options) -> SanityCheck:
+    """Cascading randomisation: re-initialise the model's layers from the output down, one more at each step, on a
+    copy, and correlate each map with the original (Spearman on |map| summed over channels).
+
+    `method` is a method name of `explain` (with `options`) or a function (model, inputs, targets) -> array. Targets
+    are fixed from the original model (None: its predicted class). With `cache_dir` and `sample_ids` the result is
+    stored per (model, method, options, samples) and reused. `max_layers` limits the cascade to the top layers.
+    """
+    from .explain import _device_of
+
+    x, _ = _as_batch(model, inputs)
+    module = unwrap(model)
+    with analysis_mode(module):
+        targets = _targets(_scores_module(model), x, target, batch_size, _device_of(module))
+    name = method if isinstance(method, str) else getattr(method, "__name__", "custom")
+    key = None
+    if cache_dir is not None and sample_ids is not None and isinstance(method, str):
+        key = {"model": model_fingerprint(model), "method": name, "options": options, "seed": seed,
+               "ids": [str(i) for i in sample_ids], "targets": targets.tolist(), "threshold": threshold,
+               "max_layers": max_layers}
+        path = _cache_path(cache_dir, key)
+        if path.exists():
+            with np.load(path, allow_pickle=False) as cached:
+                return SanityCheck(layers=tuple(str(s) for s in cached["layers"]), rank_corr=cached["rank_corr"],
+                                   threshold=threshold)
+
+    def attribute(m):
+        if callable(method):
+            return np.asarray(method(m, x, targets), dtype=np.float32)
+        return explain(m, x, targets, method, batch_size=batch_size, seed=seed, **options)
+
+    def score_map(a):
+        return np.abs(np.asarray(a, dtype=np.float32)).reshape(len(x), -1) if x.ndim == 2 else \
+            np.abs(np.asarray(a, dtype=np.float32)).sum(axis=1).reshape(len(x), -1)
+
+    original = score_map(attribute(model))
+    copy = _copy_module(model)
+    copy.eval()
+    layers = _parameter_layers(copy, torch.as_tensor(x[:1], device=_device_of(copy)))[::-1]
+    if max_layers is not None:
+        layers = layers[:max_layers]
+    if not layers:
+        raise AnalyzerError("the model has no parameters to randomise: the sanity check needs a trained model")
+    generator = torch.Generator().manual_seed(seed)
+    subs = dict(copy.named_modules())
+    randomised = _model_like(model, copy)
+    corr = np.zeros((len(layers), len(x)))
+    for step, layer in enumerate(layers):
+        reinitialise(subs[layer], generator)
+        corr[step] = spearman_rows(original, score_map(attribute(randomised)))
+    result = SanityCheck(layers=tuple(layers), rank_corr=corr, threshold=threshold)
+    if key is not None:
+        from .runs import write_atomic
+
+        def _save(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, layers=np.asarray(layers, dtype=str), rank_corr=corr)
+
+        write_atomic(_cache_path(cache_dir, key), _save)
+    return result
+
+
+# --- Integrated Gradients completeness ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Completeness:
+    attributions: np.ndarray  # the Integrated Gradients at the n_steps each sample needed
+    gap: np.ndarray  # (N,) |sum(attr) - (f(x) - f(baseline))| / |f(x) - f(baseline)|; NaN where skipped
+    n_steps: np.ndarray  # (N,) steps used
+    difference: np.ndarray  # (N,) f(x) - f(baseline) on the class score
+
+    @property
+    def skipped(self) -> np.ndarray:
+        return np.isnan(self.gap)
+
+
+def ig_completeness(model, inputs, target=None, *, baseline="zeros", background=None, n_steps: int = 50,
+                    max_steps: int = 1600, tolerance: float = 0.01, min_difference: float = 1e-3,
+                    batch_size: int = 64, internal_batch_size: int | None = None) -> Completeness:
+    """Integrated Gradients with their completeness gap, doubling n_steps for samples whose gap exceeds
+    `tolerance` (up to `max_steps`). Samples with |f(x) - f(baseline)| < `min_difference` are skipped (gap NaN)."""
+    from .explain import _device_of
+
+    x, _ = _as_batch(model, inputs)
+    base = baseline_for(x, baseline, background)
+    module = unwrap(model)
+    scores = _scores_module(model)
+    with analysis_mode(module), torch.no_grad():
+        device = _device_of(module)
+        targets = _targets(scores, x, target, batch_size, device)
+        f_x, f_b = [], []
+        for start in range(0, len(x), batch_size):
+            sl = slice(start, start + batch_size)
+            t = torch.as_tensor(targets[sl], device=device)[:, None]
+            f_x.append(scores(torch.as_tensor(x[sl], device=device)).gather(1, t)[:, 0].cpu())
+            f_b.append(scores(torch.as_tensor(base[sl], device=device)).gather(1, t)[:, 0].cpu())
+    difference = (torch.cat(f_x) - torch.cat(f_b)).numpy().astype(np.float64)
+    attributions = np.zeros_like(x)
+    gap = np.full(len(x), np.nan)
+    steps_used = np.zeros(len(x), dtype=np.int64)
+    todo = np.arange(len(x))
+    steps = int(n_steps)
+    while len(todo):
+        attr = explain(model, x[todo], targets[todo], "integrated_gradients", baseline=base[todo], n_steps=steps,
+                       batch_size=batch_size, internal_batch_size=internal_batch_size)
+        attributions[todo] = attr
+        steps_used[todo] = steps
+        total = attr.reshape(len(todo), -1).sum(1, dtype=np.float64)
+        diff = difference[todo]
+        ok = np.abs(diff) >= min_difference
+        gap[todo] = np.where(ok, np.abs(total - diff) / np.where(ok, np.abs(diff), 1.0), np.nan)
+        if steps * 2 > max_steps:
+            break
+        todo = todo[ok & (gap[todo] > tolerance)]
+        steps *= 2
+    return Completeness(attributions=attributions, gap=gap, n_steps=steps_used, difference=difference)
+
+
+# --- planted ground truth ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GroundTruthScores:
+    mass_inside: np.ndarray  # (N,) fraction of |attribution| inside the ground truth (NaN for an all-zero map)
+    pointing_hit: np.ndarray  # (N,) bool: the most-attributed position lies inside it
+
+    @property
+    def pointing_rate(self) -> float:
+        return float(np.mean(self.pointing_hit))
+
+    @property
+    def mean_mass_inside(self) -> float:
+        return float(np.nanmean(self.mass_inside)) if np.isfinite(self.mass_inside).any() else float("nan")
+
+
+def interval_mask(starts, ends, length: int) -> np.ndarray:
+    """(N, length) bool masks of the half-open intervals [start, end) (e.g. a planted motif in a sequence)."""
+    positions = np.arange(length)[None]
+    return (positions >= np.asarray(starts)[:, None]) & (positions < np.asarray(ends)[:, None])
+
+
+def ground_truth_scores(attributions, mask) -> GroundTruthScores:
+    """Mass inside and pointing game of `attributions` (N, C, ...) or (N, F) against a boolean `mask` shaped like one
+    channel (N, H, W) / (N, L) / (N, F), or like the attributions (then any channel counts)."""
+    attr = np.asarray(attributions, dtype=np.float64)
+    mask = np.asarray(mask).astype(bool)
+    if attr.ndim > 2:
+        importance = np.abs(attr).sum(axis=1)
+        if mask.shape == attr.shape:
+            mask = mask.any(axis=1)
+    else:
+        importance = np.abs(attr)
+    if mask.shape != importance.shape:
+        raise AnalyzerError(f"ground-truth mask of shape {mask.shape} does not match attributions {attr.shape}")
+    importance = importance.reshape(len(attr), -1)
+    mask = mask.reshape(len(attr), -1)
+    total = importance.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mass = np.where(total > 0, (importance * mask).sum(1) / total, np.nan)
+    hit = np.take_along_axis(mask, importance.argmax(1)[:, None], axis=1)[:, 0] & (total > 0)
+    return GroundTruthScores(mass_inside=mass, pointing_hit=hit)
