@@ -25,13 +25,18 @@ from torch import nn
 from .errors import AnalyzerError
 
 
+def layer_of_parameter(name: str) -> str:
+    """The module a parameter belongs to: `features.0.weight` -> `features.0` (a top-level parameter names itself)."""
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
 def layer_grad_norms(model: nn.Module) -> dict:
     """L2 norm of the gradient of each module's own parameters, keyed by module name."""
     squares: dict = {}
     for name, param in model.named_parameters():
         if param.grad is None:
             continue
-        layer = name.rsplit(".", 1)[0] if "." in name else name
+        layer = layer_of_parameter(name)
         squares[layer] = squares.get(layer, 0.0) + float(param.grad.detach().double().pow(2).sum())
     return {layer: math.sqrt(total) for layer, total in squares.items()}
 

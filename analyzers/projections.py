@@ -1,0 +1,341 @@
+"""Embedding projections: PCA (always, in the run), t-SNE (openTSNE) and UMAP (umap-learn) on demand.
+
+t-SNE and UMAP cost seconds per thousand points, so they are fitted on a random sample (at most `fit_sample` points,
+after PCA to 50 dimensions) and the remaining points are placed into the fitted map with the library's `transform`.
+What was sampled is recorded in `Projection.params` and in the `fitted` column of the stored table.
+
+Run files: `projections/<LAYER>-<METHOD>-<D>d.parquet` (columns id, x, y[, z][, fitted]) keyed by sample id, so any
+colouring is a join with `samples.parquet`, and `projections/<LAYER>-<METHOD>-<D>d.json` with the parameters and timings.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import AnalyzerError
+
+METHODS = ("pca", "tsne", "umap")
+DEFAULT_FIT_SAMPLE = 10_000
+PCA_DIMS_BEFORE_NEIGHBOURS = 50  # t-SNE and UMAP see the top principal components, not the raw activations
+NUMBA_CACHE_DIR = Path(__file__).resolve().parents[1] / ".numba_cache"
+AXES = ("x", "y", "z")
+KNN_PLACEMENT_K = 10
+
+
+@dataclass(frozen=True)
+class Projection:
+    coords: np.ndarray  # (N, dims) float32, row i belongs to embedding row i
+    method: str
+    dims: int
+    fitted: np.ndarray  # (N,) bool: True for the points the method was fitted on, False for points placed afterwards
+    params: dict  # everything needed to reproduce it, including how many points were fitted and how they were chosen
+    timings: dict  # seconds per step
+
+
+def _as_matrix(embeddings) -> np.ndarray:
+    x = np.asarray(embeddings)
+    if x.ndim == 1 or x.ndim == 0:
+        raise AnalyzerError(f"embeddings must have one row per sample, got shape {x.shape}: pass an (N, D) array")
+    x = x.reshape(len(x), -1)
+    if not np.issubdtype(x.dtype, np.number):
+        raise AnalyzerError(f"embeddings must be numeric, got {x.dtype}")
+    x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x).all(axis=1)).sum())
+        raise AnalyzerError(f"{bad} embedding rows hold NaN or inf: the layer's activations overflowed; check the model")
+    return x
+
+
+def pca(x: np.ndarray, n_components: int, *, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """Top principal components of `x` (float32) and what the fit found; sklearn picks the fast solver for the shape."""
+    from sklearn.decomposition import PCA
+
+    estimator = PCA(n_components=n_components, svd_solver="auto", random_state=seed)
+    coords = estimator.fit_transform(x).astype(np.float32, copy=False)
+    info = {"svd_solver": estimator._fit_svd_solver,
+            "explained_variance_ratio": [round(float(v), 6) for v in estimator.explained_variance_ratio_]}
+    return coords, info
+
+
+def _configure_numba_cache() -> str:
+    """Compiled UMAP kernels are cached on disk (the first compile takes about a minute); keeps a cache dir the user set."""
+    cache = os.environ.setdefault("NUMBA_CACHE_DIR", str(NUMBA_CACHE_DIR))
+    if "numba" in sys.modules:  # imported earlier (shap imports it) before the variable was set: tell it directly
+        import numba
+
+        if not numba.config.CACHE_DIR:
+            numba.config.CACHE_DIR = cache
+    return cache
+
+
+def project(embeddings, *, method: str = "pca", dims: int = 2, fit_sample: int = DEFAULT_FIT_SAMPLE, seed: int = 0,
+            perplexity: float = 30.0, n_neighbors: int = 15, min_dist: float = 0.1, n_epochs: int | None = None,
+            placement: str = "knn", n_jobs: int | None = None,
+            pca_dims: int = PCA_DIMS_BEFORE_NEIGHBOURS) -> Projection:
+    """Project (N, D) activations to `dims` (2 or 3) coordinates with PCA, t-SNE or UMAP.
+
+    PCA is fitted on every point. t-SNE and UMAP first reduce to `pca_dims` principal components, are fitted on a
+    random sample of `fit_sample` points (all of them when N is smaller) and place the rest: `placement="knn"` puts
+    each at the coordinate-wise median of its nearest fitted points (seconds for 100k points), `"transform"` uses the
+    library's own `transform` (optimises every new point; about 3 s per 1000 points on 2 cores).
+    """
+    if method not in METHODS:
+        raise AnalyzerError(f"unknown projection method {method!r}: choose one of {', '.join(METHODS)}")
+    if dims not in (2, 3):
+        raise AnalyzerError(f"dims must be 2 or 3, got {dims!r}")
+    if placement not in ("knn", "transform"):
+        raise AnalyzerError(f"placement must be 'knn' or 'transform', got {placement!r}")
+    if fit_sample < 10:
+        raise AnalyzerError(f"fit_sample must be at least 10, got {fit_sample}")
+    x = _as_matrix(embeddings)
+    n, d = x.shape
+    if n < max(dims + 1, 5 if method == "pca" else 10):
+        raise AnalyzerError(f"{n} samples are too few to project with {method}: use at least "
+                            f"{max(dims + 1, 5 if method == 'pca' else 10)}")
+    if d < dims:
+        raise AnalyzerError(f"the embeddings have {d} feature(s), fewer than the {dims} dimensions asked for: "
+                            f"pick a wider layer or dims={d}" if d >= 2 else
+                            f"the embeddings have {d} feature: pick a wider layer")
+    n_jobs = int(n_jobs or os.cpu_count() or 1)
+    timings: dict = {}
+    params: dict = {"method": method, "dims": dims, "n_points": n, "n_features": d, "seed": seed}
+
+    if method == "pca":
+        t0 = time.perf_counter()
+        coords, info = pca(x, dims, seed=seed)
+        timings["pca"] = time.perf_counter() - t0
+        params.update(info, n_fitted=n, sampled=False)
+        return Projection(coords=coords, method=method, dims=dims, fitted=np.ones(n, bool), params=params,
+                          timings=_rounded(timings))
+
+    t0 = time.perf_counter()
+    if d > pca_dims:
+        reduced, info = pca(x, pca_dims, seed=seed)
+        params["pca_before"] = {"n_components": pca_dims, "svd_solver": info["svd_solver"],
+                                "explained_variance": round(float(sum(info["explained_variance_ratio"])), 6)}
+    else:
+        reduced = x
+        params["pca_before"] = None
+    timings["pca_before"] = time.perf_counter() - t0
+
+    rng = np.random.default_rng(seed)
+    if n > fit_sample:
+        fit_idx = np.sort(rng.choice(n, size=fit_sample, replace=False))
+    else:
+        fit_idx = np.arange(n)
+    fitted = np.zeros(n, bool)
+    fitted[fit_idx] = True
+    rest_idx = np.flatnonzero(~fitted)
+    params.update(n_fitted=int(len(fit_idx)), sampled=bool(len(rest_idx)), fit_sample=int(fit_sample),
+                  sampling=f"uniform random without replacement, numpy default_rng({seed})",
+                  placement=placement if len(rest_idx) else None, n_jobs=n_jobs)
+
+    fit_fn = _fit_tsne if method == "tsne" else _fit_umap
+    coords = np.empty((n, dims), np.float32)
+    transform_rest = reduced[rest_idx] if len(rest_idx) and placement == "transform" else None
+    fit_coords, rest_coords = fit_fn(reduced[fit_idx], transform_rest, dims=dims, seed=seed, n_jobs=n_jobs,
+                                     params=params, timings=timings, perplexity=perplexity, n_neighbors=n_neighbors,
+                                     min_dist=min_dist, n_epochs=n_epochs)
+    coords[fit_idx] = fit_coords
+    if len(rest_idx) and placement == "knn":
+        t0 = time.perf_counter()
+        rest_coords = place_by_neighbours(reduced[fit_idx], fit_coords, reduced[rest_idx], k=KNN_PLACEMENT_K,
+                                          n_jobs=n_jobs)
+        timings["placement"] = time.perf_counter() - t0
+        params["knn_placement_k"] = KNN_PLACEMENT_K
+    if len(rest_idx):
+        coords[rest_idx] = rest_coords
+    return Projection(coords=coords, method=method, dims=dims, fitted=fitted, params=params, timings=_rounded(timings))
+
+
+def place_by_neighbours(fit_x: np.ndarray, fit_coords: np.ndarray, new_x: np.ndarray, *, k: int = KNN_PLACEMENT_K,
+                        n_jobs: int = 1) -> np.ndarray:
+    """Coordinates for new points: the coordinate-wise median of the map positions of their k nearest fitted points.
+
+    The median (not the mean) keeps a point whose neighbours straddle two clusters inside one of them; openTSNE
+    initialises new points the same way before optimising them.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    k = int(min(k, len(fit_x)))
+    _, neighbours = NearestNeighbors(n_neighbors=k, n_jobs=n_jobs).fit(fit_x).kneighbors(new_x)
+    return np.median(fit_coords[neighbours], axis=1).astype(np.float32)
+
+
+def _fit_tsne(fit_x, rest_x, *, dims, seed, n_jobs, params, timings, perplexity, n_epochs, **_):
+    from openTSNE import TSNE
+
+    # openTSNE needs at least 3 * perplexity neighbours per point
+    used_perplexity = float(min(perplexity, max(2.0, (len(fit_x) - 1) / 3.0)))
+    # The FFT gradient is the fast one but exists only up to 2-D; 3-D uses Barnes-Hut.
+    gradient = "fft" if dims <= 2 else "bh"
+    extra = {} if n_epochs is None else {"n_iter": int(n_epochs)}
+    estimator = TSNE(n_components=dims, perplexity=used_perplexity, metric="euclidean", initialization="pca",
+                     negative_gradient_method=gradient, n_jobs=n_jobs, random_state=seed, verbose=False, **extra)
+    params["tsne"] = {"library": "openTSNE", "perplexity": used_perplexity, "metric": "euclidean",
+                      "initialization": "pca", "negative_gradient_method": gradient,
+                      "early_exaggeration_iter": estimator.early_exaggeration_iter, "n_iter": estimator.n_iter,
+                      "learning_rate": "auto", "neighbors": estimator.neighbors}
+    t0 = time.perf_counter()
+    embedding = estimator.fit(fit_x)
+    timings["fit"] = time.perf_counter() - t0
+    rest = None
+    if rest_x is not None:
+        t0 = time.perf_counter()
+        rest = np.asarray(embedding.transform(rest_x, perplexity=min(5.0, used_perplexity)))
+        timings["transform"] = time.perf_counter() - t0
+        params["tsne"]["transform_perplexity"] = min(5.0, used_perplexity)
+    return np.asarray(embedding, dtype=np.float32), rest
+
+
+def _fit_umap(fit_x, rest_x, *, dims, seed, n_jobs, params, timings, n_neighbors, min_dist, n_epochs, **_):
+    params["numba_cache_dir"] = _configure_numba_cache()
+    t0 = time.perf_counter()
+    import umap
+
+    timings["import"] = time.perf_counter() - t0
+    used_neighbors = int(min(n_neighbors, len(fit_x) - 1))
+    # umap-learn runs 500 epochs below 10k points and 200 above; 200 gives the same clusters at 10k in half the time
+    used_epochs = int(n_epochs or 200)
+    estimator = umap.UMAP(n_components=dims, n_neighbors=used_neighbors, min_dist=min_dist, metric="euclidean",
+                          n_epochs=used_epochs, random_state=seed, transform_seed=seed)
+    params["umap"] = {"library": "umap-learn", "n_neighbors": used_neighbors, "min_dist": min_dist,
+                      "metric": "euclidean", "init": "spectral", "n_epochs": used_epochs, "random_state": seed}
+    with warnings.catch_warnings():
+        # a fixed seed makes umap-learn single-threaded and it warns about it; reproducible maps are worth it here
+        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+        t0 = time.perf_counter()
+        fit_coords = estimator.fit_transform(fit_x)
+        timings["fit"] = time.perf_counter() - t0
+        rest = None
+        if rest_x is not None:
+            t0 = time.perf_counter()
+            rest = estimator.transform(rest_x)
+            timings["transform"] = time.perf_counter() - t0
+    return np.asarray(fit_coords, dtype=np.float32), rest
+
+
+def _rounded(timings: dict) -> dict:
+    return {k: round(float(v), 4) for k, v in timings.items()}
+
+
+def projection_table(ids, projection: Projection) -> pd.DataFrame:
+    """The stored form: one row per sample id, coordinates as x, y[, z]; `fitted` when the method was fitted on a sample."""
+    table = pd.DataFrame({"id": np.asarray(ids)})
+    for axis in range(projection.dims):
+        table[AXES[axis]] = projection.coords[:, axis]
+    if projection.method != "pca":
+        table["fitted"] = projection.fitted
+    return table
+
+
+def projection_relpath(layer: str, method: str, dims: int) -> str:
+    _check_layer_name(layer)
+    return f"projections/{layer}-{method}-{dims}d.parquet"
+
+
+def embeddings_relpath(layer: str) -> str:
+    _check_layer_name(layer)
+    return f"embeddings/{layer}.npy"
+
+
+def _check_layer_name(layer: str) -> None:
+    if not isinstance(layer, str) or not layer or "/" in layer or "\\" in layer or layer.startswith("."):
+        raise AnalyzerError(f"{layer!r} is not a layer name: use a name from the model's named_modules()")
+
+
+def _record(projection: Projection) -> dict:
+    return {"method": projection.method, "dims": projection.dims, "params": projection.params,
+            "timings_s": projection.timings}
+
+
+def projection_stage(ctx) -> dict:
+    """Pipeline stage: PCA of the run's embeddings in 2-D and 3-D. t-SNE and UMAP are made on demand (`ensure_projection`)."""
+    from .runs import write_json
+
+    embeddings = ctx.predictions.embeddings
+    layer = ctx.params.get("layer")
+    if embeddings is None or layer is None:
+        return {"skipped": "no embedding layer: the model has no linear layer to take the classifier's input from; "
+                           "pass --layer"}
+    x = _as_matrix(embeddings)
+    written = {}
+    for dims in (2, 3):
+        if x.shape[1] < dims or len(x) <= dims:
+            written[f"{dims}d"] = f"skipped: the embeddings have {x.shape[1]} feature(s) and {len(x)} samples"
+            continue
+        projection = project(x, method="pca", dims=dims, seed=ctx.params.get("seed", 0))
+        relpath = projection_relpath(layer, "pca", dims)
+        projection_table(ctx.samples["id"].to_numpy(), projection).to_parquet(ctx.path(relpath), index=False)
+        write_json(ctx.path(relpath.replace(".parquet", ".json")), _record(projection))
+        written[f"{dims}d"] = {"file": relpath, "seconds": projection.timings["pca"],
+                               "explained_variance_ratio": projection.params["explained_variance_ratio"]}
+    return {"layer": layer, "embedding_shape": list(x.shape), "pca": written}
+
+
+def _open(run):
+    from .runs import Run, open_run
+
+    return run if isinstance(run, Run) else open_run(run)
+
+
+def collect_embeddings(model, x, layer: str, batch_size: int = 256, *, run=None, device: str = "cpu") -> np.ndarray:
+    """Activations leaving `layer` for inputs `x`, (N, D) float32; with `run`, cached as `embeddings/<LAYER>.npy` there.
+
+    The run's own embedding layer (run.json `embedding_layer`) stores what *enters* that layer; it is returned as is.
+    Activations are copied as the layer returns them, so an in-place activation after the layer does not alter them.
+    """
+    from .inference import predict
+    from .runs import write_npy
+
+    relpath = embeddings_relpath(layer)
+    if run is not None:
+        run = _open(run)
+        if run.has(relpath):
+            return np.asarray(run.read_npy(relpath, mmap=False), dtype=np.float32)
+    predictions = predict(model, x, batch_size=batch_size, layer=layer, capture="output", device=device)
+    embeddings = predictions.embeddings.astype(np.float32, copy=False)
+    if run is not None:
+        if len(embeddings) != len(run.samples):
+            raise AnalyzerError(f"{len(embeddings)} inputs given but the run has {len(run.samples)} samples: pass the "
+                                f"run's dataset (analyzers.load_run_inputs)")
+        write_npy(run.file(relpath), embeddings)
+    return embeddings
+
+
+def ensure_projection(run, layer: str | None = None, method: str = "pca", dims: int = 2, **options) -> pd.DataFrame:
+    """The stored projection table of `layer` (default: the run's embedding layer), computing and caching it if absent.
+
+    `options` go to `project` (fit_sample, perplexity, n_neighbors, ...); a cached table made with other options is
+    recomputed. Written atomically, so a reader in another session never sees half a file.
+    """
+    from .runs import write_json, write_parquet
+
+    run = _open(run)
+    layer = layer or run.info.get("embedding_layer")
+    if not layer:
+        raise AnalyzerError("this run stored no embeddings: run it again with --layer, or collect_embeddings(...)")
+    if method not in METHODS:
+        raise AnalyzerError(f"unknown projection method {method!r}: choose one of {', '.join(METHODS)}")
+    relpath = projection_relpath(layer, method, dims)
+    record_path = relpath.replace(".parquet", ".json")
+    options.setdefault("seed", run.info.get("parameters", {}).get("seed", 0))
+    if run.has(relpath) and run.has(record_path):
+        if run.read_json(record_path).get("options", options) == options:
+            return run.read_parquet(relpath)
+    emb_path = embeddings_relpath(layer)
+    if not run.has(emb_path):
+        raise AnalyzerError(f"the run has no embeddings of layer {layer!r}: collect them first with "
+                            f"analyzers.projections.collect_embeddings(model, x, {layer!r}, run=run)")
+    projection = project(run.read_npy(emb_path), method=method, dims=dims, **options)
+    table = projection_table(run.samples["id"].to_numpy(), projection)
+    write_parquet(run.file(relpath), table)
+    write_json(run.file(record_path), {**_record(projection), "options": options})
+    return table
