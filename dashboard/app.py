@@ -1,0 +1,64 @@
+"""Entry point: `streamlit run dashboard/app.py -- --runs-dir runs --run runs/sample-digits`.
+
+Pages live in `dashboard/pages/`; the page is the URL path and the run, sample and selection are query parameters.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+from dashboard import components, data, state  # noqa: E402
+
+PAGES = (
+    # (name, file, title, icon)
+    ("load", "pages/load.py", "Load", ":material/upload_file:"),
+    ("overview", "pages/overview.py", "Overview", ":material/dashboard:"),
+    ("confusion", "pages/confusion.py", "Confusion matrix", ":material/grid_on:"),
+    ("errors", "pages/errors.py", "Errors & slices", ":material/troubleshoot:"),
+    ("explain", "pages/explain.py", "Explain a sample", ":material/visibility:"),
+    ("embeddings", "pages/embeddings.py", "Embeddings", ":material/scatter_plot:"),
+    ("training", "pages/training.py", "Training & gradients", ":material/show_chart:"),
+    ("compare", "pages/compare.py", "Compare runs", ":material/compare_arrows:"),
+)
+
+st.set_page_config(page_title="Model debugger", page_icon=":material/bug_report:", layout="wide")
+state.load_from_url()
+
+pages = {}
+for name, file, title, icon in PAGES:
+    pages[name] = st.Page(str(Path(__file__).parent / file), title=title, icon=icon, url_path=name,
+                          default=name == "overview")
+components.PAGES.clear()
+components.PAGES.update(pages)
+
+navigation = st.navigation({"Data": [pages["load"]],
+                            "Analysis": [pages[n] for n in ("overview", "confusion", "errors", "explain",
+                                                             "embeddings", "training", "compare")]})
+state.write_to_url()
+
+with st.sidebar:
+    runs = data.known_runs()
+    if runs:
+        names = list(runs)
+        current = state.get("run")
+        default = data.settings().run
+        if current not in runs:
+            current = default.name if default is not None and default.name in runs else names[0]
+            state.put("run", current)
+        chosen = st.selectbox("Run", names, index=names.index(current), key="sidebar-run",
+                              help="Runs stored under the runs directory; manage them on the Load page.")
+        if chosen != current:
+            state.put("run", chosen)
+            state.put("sample", None)
+            state.set_selection(None)
+            st.rerun()
+    else:
+        st.caption("No runs yet: create one on the Load page.")
+
+navigation.run()

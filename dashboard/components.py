@@ -1,0 +1,214 @@
+"""Pieces every page shares: the open run, the sample gallery, input previews, links between pages."""
+from __future__ import annotations
+
+import html
+import math
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from analyzers.errors import AnalyzerError
+from analyzers.runs import Run
+
+from . import data, figures, state
+from .selection import id_positions
+
+PAGES: dict = {}  # name -> st.Page, filled by app.py on every rerun
+BASE_COLOURS = {"A": "#009E73", "C": "#0072B2", "G": "#E69F00", "T": "#D55E00"}  # Okabe-Ito
+ALPHABETS = {4: "ACGT", 20: "ACDEFGHIKLMNPQRSTVWY"}
+GALLERY_PAGE = 24
+
+
+def go_to(name: str, **params) -> None:
+    """Switch to page `name`, keeping the run and the given URL values."""
+    for key, value in params.items():
+        state.put(key, value)
+    st.switch_page(PAGES[name])
+
+
+def page_link(name: str, label: str) -> None:
+    if name in PAGES:
+        st.page_link(PAGES[name], label=label)
+
+
+# --------------------------------------------------------------------------------------------------------- the run
+
+def current_run() -> Run | None:
+    """The run named in the URL, else the one given on the command line, else the newest; None if there is none."""
+    runs = data.known_runs()
+    name = state.get("run")
+    if name and name not in runs:
+        st.warning(f"There is no run called {name!r} in {data.settings().runs_dir}: showing another one.")
+        name = None
+    if not name:
+        default = data.settings().run
+        name = default.name if default is not None and default.name in runs else next(iter(runs), None)
+        if name is None:
+            return None
+        state.put("run", name)
+    try:
+        return data.load_run(runs[name])
+    except AnalyzerError as exc:
+        st.error(str(exc))
+        return None
+
+
+def require_run() -> Run:
+    """The open run, or a pointer to the Load page and stop."""
+    run = current_run()
+    if run is None:
+        st.info("No run is open. Analyse a model on the **Load** page, or open an existing run there.")
+        page_link("load", "Go to Load")
+        st.stop()
+    return run
+
+
+def run_caption(run: Run) -> str:
+    info = run.info
+    return (f"**{run.path.name}** · model `{info['model']['spec'].rsplit('/', 1)[-1]}` · data "
+            f"`{info['dataset']['spec'].rsplit('/', 1)[-1]}` · {info['num_samples']:,} {info['dataset']['modality']} "
+            f"samples · {len(run.class_names)} classes")
+
+
+def header(title: str, run: Run | None, help_text: str | None = None) -> None:
+    st.title(title)
+    if run is not None:
+        st.caption(run_caption(run))
+    if help_text:
+        st.caption(help_text)
+
+
+def not_in_run(what: str, how: str) -> None:
+    st.info(f"{what} is not in this run. {how}")
+
+
+def class_name(run: Run, index) -> str:
+    names = run.class_names
+    try:
+        return str(names[int(index)])
+    except (IndexError, ValueError, TypeError):
+        return str(index)
+
+
+def readable_samples(run: Run, table: pd.DataFrame) -> pd.DataFrame:
+    """The core columns with class names instead of indices, for tables a person reads."""
+    names = np.asarray(run.class_names, dtype=object)
+    out = pd.DataFrame({"id": table["id"].astype(str).to_numpy(),
+                        "label": names[table["label"].to_numpy()], "predicted": names[table["pred"].to_numpy()],
+                        "confidence": table["confidence"].to_numpy(), "loss": table["loss"].to_numpy(),
+                        "correct": table["correct"].to_numpy()})
+    return out
+
+
+SAMPLE_COLUMNS = {
+    "confidence": st.column_config.ProgressColumn("confidence", min_value=0.0, max_value=1.0, format="%.3f"),
+    "loss": st.column_config.NumberColumn("loss", format="%.3f"),
+    "correct": st.column_config.CheckboxColumn("correct"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------- input previews
+
+def sequence_letters(x: np.ndarray) -> str:
+    """A (C, L) one-hot-like sequence as letters (ACGT for 4 channels, amino acids for 20), else channel numbers."""
+    alphabet = ALPHABETS.get(x.shape[0])
+    codes = np.asarray(x).argmax(0)
+    if alphabet:
+        return "".join(alphabet[i] for i in codes)
+    return " ".join(str(i) for i in codes)
+
+
+def sequence_html(letters: str) -> str:
+    spans = "".join(f'<span style="color:{BASE_COLOURS.get(ch, "#333")}">{html.escape(ch)}</span>' for ch in letters)
+    return (f'<div style="font-family:monospace;font-size:14px;letter-spacing:1px;word-break:break-all;'
+            f'line-height:1.5">{spans}</div>')
+
+
+def display_image(run: Run, x: np.ndarray) -> np.ndarray:
+    pre = run.info.get("preprocessing") or {}
+    return figures.to_display_image(x, mean=pre.get("mean"), std=pre.get("std"))
+
+
+def thumbnail(run: Run, x: np.ndarray, size: int = 96) -> np.ndarray:
+    """An image sample enlarged without smoothing, so an 8x8 digit stays readable."""
+    image = display_image(run, x)
+    scale = max(1, size // max(image.shape[:2]))
+    return np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------------- gallery
+
+def open_explanation(sample_id, gallery: list | None = None) -> None:
+    if gallery is not None:
+        state.set_gallery(gallery)
+    go_to("explain", sample=sample_id)
+
+
+def gallery(run: Run, ids, *, key: str, title: str | None = None) -> None:
+    """The samples `ids` as the run's modality shows best, with their confidence; a click opens an explanation."""
+    ids = list(ids)
+    rows = id_positions(run.samples["id"].to_numpy(), ids)
+    if title:
+        st.subheader(title)
+    if len(rows) == 0:
+        st.info("No samples here.")
+        return
+    table = run.samples.iloc[rows]
+    ordered_ids = table["id"].tolist()
+    modality = run.info["dataset"]["modality"]
+    pages = max(1, math.ceil(len(rows) / GALLERY_PAGE))
+    top = st.columns([3, 1])
+    top[0].caption(f"{len(rows):,} samples · {table['correct'].mean():.1%} correct · mean confidence "
+                   f"{table['confidence'].mean():.3f}")
+    page = 1
+    if pages > 1 and modality != "tabular":
+        page = top[1].number_input(f"page (of {pages})", 1, pages, 1, key=f"{key}-page")
+    shown = table.iloc[(page - 1) * GALLERY_PAGE: page * GALLERY_PAGE]
+    try:
+        inputs = data.sample_inputs(run, shown.index.to_numpy()) if modality != "tabular" else None
+    except AnalyzerError as exc:
+        st.warning(f"The inputs cannot be shown: {exc}")
+        inputs = None
+    if modality == "image" and inputs is not None:
+        per_row = 6
+        for start in range(0, len(shown), per_row):
+            cols = st.columns(per_row)
+            for col, (_, row), x in zip(cols, shown.iloc[start:start + per_row].iterrows(),
+                                        inputs[start:start + per_row]):
+                with col:
+                    st.image(thumbnail(run, x), width=96)
+                    mark = "✓" if row["correct"] else "✗"
+                    st.caption(f"{mark} id {row['id']} · true {class_name(run, row['label'])} · pred "
+                               f"{class_name(run, row['pred'])} · {row['confidence']:.2f}")
+                    if st.button("Explain", key=f"{key}-explain-{row['id']}"):
+                        open_explanation(row["id"], ordered_ids)
+    elif modality == "sequence" and inputs is not None:
+        for (_, row), x in zip(shown.iterrows(), inputs):
+            left, right = st.columns([6, 1])
+            with left:
+                mark = "✓" if row["correct"] else "✗"
+                st.markdown(f"{mark} **id {row['id']}** · true {class_name(run, row['label'])} · predicted "
+                            f"{class_name(run, row['pred'])} · confidence {row['confidence']:.3f}")
+                st.html(sequence_html(sequence_letters(x)))
+            if right.button("Explain", key=f"{key}-explain-{row['id']}"):
+                open_explanation(row["id"], ordered_ids)
+    else:
+        readable = readable_samples(run, table)
+        extra = [c for c in table.columns if c not in ("id", "label", "pred", "confidence", "loss", "correct")]
+        full = pd.concat([readable.reset_index(drop=True), table[extra].reset_index(drop=True)], axis=1)
+        event = st.dataframe(full, hide_index=True, column_config=SAMPLE_COLUMNS, on_select="rerun",
+                             selection_mode="single-row", key=f"{key}-table", height=min(420, 36 * len(full) + 40))
+        picked = event.selection.rows if event is not None else []
+        if picked:
+            open_explanation(full["id"].iloc[picked[0]], ordered_ids)
+    with st.container(horizontal=True, vertical_alignment="bottom"):
+        choice = st.selectbox("Explain a sample of this selection", [str(i) for i in ordered_ids],
+                              key=f"{key}-pick")
+        if st.button("Open explanation", key=f"{key}-open", type="primary"):
+            open_explanation(choice, ordered_ids)
+
+
+def download(table: pd.DataFrame, name: str, label: str = "Download CSV", key: str | None = None) -> None:
+    st.download_button(label, table.to_csv(index=False).encode(), file_name=name, mime="text/csv",
+                       key=key or f"dl-{name}")

@@ -1,0 +1,219 @@
+"""Cached access to runs, models and analyses. Nothing is computed here that `analyzers` does not compute.
+
+Runs and models are `st.cache_resource` (one shared, read-only object per file: models keyed by their file hash);
+tables derived from a run are `st.cache_data`, keyed by the run's path and the time its run.json was written, so a
+rerun after a click reads memory, and a run replaced on disk is read afresh.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from analyzers.errors import AnalyzerError
+from analyzers.runs import RUN_INFO, Run, list_runs, open_run
+
+from .settings import Settings, parse_settings
+
+TRAINING_LOG = "training/log.jsonl"
+
+
+@st.cache_resource
+def settings() -> Settings:
+    return parse_settings(sys.argv[1:])
+
+
+def _stamp(path: Path) -> float:
+    try:
+        return (Path(path) / RUN_INFO).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def run_hash(run: Run) -> str:
+    return f"{Path(run.path).resolve()}|{_stamp(run.path)}"
+
+
+HASH = {Run: run_hash}
+
+
+def known_runs() -> dict[str, Path]:
+    """Runs a URL may name: the complete runs under the runs directory, and the run given on the command line."""
+    s = settings()
+    runs = {p.name: p for p in list_runs(s.runs_dir)}
+    if s.run is not None and (s.run / RUN_INFO).exists() and s.run.name not in runs:
+        runs[s.run.name] = s.run
+    return runs
+
+
+@st.cache_resource(max_entries=32, show_spinner=False)
+def _open_run(path: str, stamp: float) -> Run:
+    return open_run(path)
+
+
+def load_run(path: str | Path) -> Run:
+    return _open_run(str(Path(path).resolve()), _stamp(Path(path)))
+
+
+def forget_runs() -> None:
+    """After a run was added or deleted: drop cached runs and tables."""
+    _open_run.clear()
+    st.cache_data.clear()
+
+
+def analysis_available(module: str) -> bool:
+    """Whether `analyzers.<module>` exists in this installation (analyses land one by one)."""
+    return importlib.util.find_spec(f"analyzers.{module}") is not None
+
+
+def available_stages() -> list[str]:
+    from analyzers.pipeline import STAGES
+
+    return [name for name, target, default in STAGES if default and analysis_available(target.split(":")[0].split(".")[-1])]
+
+
+# ----------------------------------------------------------------------------------------------- evaluation tables
+
+@st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)
+def metrics(run: Run) -> dict:
+    """Headline metrics and the per-class report: metrics.json if the run has it, else analyzers.metrics on the run."""
+    from analyzers import metrics as m
+
+    if run.has("metrics.json"):
+        stored = run.read_json("metrics.json")
+        if "classification_report" in stored or "per_class" in stored:
+            stored.setdefault("classification_report", stored.get("per_class"))
+            return stored
+    labels = run.samples["label"].to_numpy()
+    result = m.classification_metrics(labels, run.probs, class_names=run.class_names)
+    result["ece"] = m.expected_calibration_error(labels, run.probs)
+    return result
+
+
+@st.cache_resource(hash_funcs=HASH, show_spinner=False, max_entries=16)
+def confusion(run: Run):
+    """analyzers.metrics.Confusion of the run (read-only; shared)."""
+    from analyzers import metrics as m
+
+    samples = run.samples
+    return m.confusion(samples["label"].to_numpy(), samples["pred"].to_numpy(), num_classes=len(run.class_names),
+                       ids=samples["id"].to_numpy(), class_names=run.class_names)
+
+
+@st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)
+def reliability(run: Run, strategy: str = "uniform", n_bins: int = 10) -> dict:
+    from analyzers import metrics as m
+
+    return m.top_label_bins(run.samples["label"].to_numpy(), run.probs, n_bins=n_bins, strategy=strategy).to_dict()
+
+
+@st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=64)
+def ranking(run: Run, by: str, limit: int = 200) -> pd.DataFrame:
+    from analyzers.metrics import rank_errors
+
+    return rank_errors(run.samples, run.probs, by=by, limit=limit)
+
+
+@st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=64)
+def group_table(run: Run, column: str, bins: int = 5) -> pd.DataFrame:
+    from analyzers.metrics import group_metrics
+
+    return group_metrics(run.samples, run.probs, column, bins=bins)
+
+
+def optional_table(run: Run, relpath: str) -> pd.DataFrame | None:
+    """A parquet table of the run, or None when this run does not have that analysis."""
+    return _optional_table(run, relpath) if run.has(relpath) else None
+
+
+@st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=64)
+def _optional_table(run: Run, relpath: str) -> pd.DataFrame:
+    return run.read_parquet(relpath)
+
+
+def optional_json(run: Run, relpath: str):
+    return _optional_json(run, relpath) if run.has(relpath) else None
+
+
+@st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=64)
+def _optional_json(run: Run, relpath: str):
+    return run.read_json(relpath)
+
+
+@st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=64)
+def subset_metrics(run: Run, rows: tuple) -> dict:
+    """Metrics of the samples at `rows` and calibration inside vs outside them (analyzers.metrics)."""
+    from analyzers import metrics as m
+
+    rows = np.asarray(rows, dtype=np.int64)
+    labels = run.samples["label"].to_numpy()
+    probs = np.asarray(run.probs)
+    member = np.zeros(len(labels), dtype=bool)
+    member[rows] = True
+    result = m.classification_metrics(labels[rows], probs[rows], class_names=run.class_names)
+    inside, outside = m.subset_calibration(labels, probs, member)
+    result.update(ece_inside=inside, ece_outside=outside,
+                  mean_confidence=float(run.samples["confidence"].to_numpy()[rows].mean()),
+                  bins_inside=m.top_label_bins(labels[rows], probs[rows]).to_dict(),
+                  bins_outside=(m.top_label_bins(labels[~member], probs[~member]).to_dict()
+                                if (~member).any() else None))
+    return result
+
+
+# ------------------------------------------------------------------------------------------- model and input data
+
+@st.cache_resource(show_spinner="Loading the model and data…", max_entries=4)
+def _inputs(model_sha: str, dataset_sha: str, preprocessing: str, _run: Run):
+    from analyzers.pipeline import load_run_inputs
+
+    return load_run_inputs(_run)
+
+
+def run_inputs(run: Run):
+    """(LoadedModel, Dataset) of a run, loaded once and shared by every session (models keyed by file hash)."""
+    info = run.info
+    return _inputs(info["model"]["sha256"], info["dataset"]["sha256"],
+                   json.dumps(info.get("preprocessing") or {}, sort_keys=True), run)
+
+
+def sample_inputs(run: Run, rows) -> np.ndarray:
+    """The model inputs of the samples at `rows` (positions in samples.parquet, which follows the dataset's order)."""
+    _, dataset = run_inputs(run)
+    return dataset.x[np.asarray(rows, dtype=np.int64)]
+
+
+def training_log(run: Run):
+    """(steps, validation, grad_norms) from the run's training log or, for a sample model, the log it shipped with."""
+    from analyzers.recorder import read_training_log
+
+    path = run.file(TRAINING_LOG)
+    if not path.exists():
+        spec = run.info["model"]["spec"]
+        if not spec.startswith("sample:"):
+            return None
+        from sample_models import get_sample
+
+        path = get_sample(spec.split(":", 1)[1]).log_path
+        if not path.exists():
+            return None
+    return _training_log(str(path), path.stat().st_mtime)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _training_log(path: str, mtime: float):
+    from analyzers.recorder import read_training_log
+
+    return read_training_log(path)
+
+
+def error_message(exc: Exception) -> str:
+    """What a person reads when something fails: the AnalyzerError's own line, or the exception's first line."""
+    if isinstance(exc, AnalyzerError):
+        return str(exc)
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"{type(exc).__name__}: {text}"

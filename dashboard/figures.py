@@ -1,0 +1,335 @@
+"""Plotly figure builders: arrays and tables in, `plotly.graph_objects.Figure` out. No Streamlit, so reports reuse them.
+
+Colours are colour-blind safe: Okabe-Ito for categories (plotly's "Safe" beyond eight), Cividis for magnitudes, and a
+diverging red-blue scale centred on zero for signed attributions (blue against the class, red for it).
+Figures that can be clicked carry what a click means in `customdata`: sample ids, or (true, pred, count) for the
+confusion matrix's cells.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
+SAFE = ("#88CCEE", "#CC6677", "#DDCC77", "#117733", "#332288", "#AA4499", "#44AA99", "#999933", "#882255",
+        "#661100", "#6699CC", "#888888")
+SEQUENTIAL = "Cividis"
+DIVERGING = "RdBu_r"
+RIGHT, WRONG = "#0072B2", "#D55E00"
+MAX_SCATTER_POINTS = 30_000
+FONT = dict(size=13)
+
+
+def palette(n: int) -> list:
+    """`n` distinguishable colour-blind-safe colours (cycling beyond the palette)."""
+    base = OKABE_ITO if n <= len(OKABE_ITO) else SAFE
+    return [base[i % len(base)] for i in range(n)]
+
+
+def _layout(fig: go.Figure, *, title: str | None = None, height: int = 380, **kwargs) -> go.Figure:
+    fig.update_layout(title=title, height=height, margin=dict(l=10, r=10, t=50 if title else 20, b=10),
+                      font=FONT, template="plotly_white", **kwargs)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------- confusion matrix
+
+def confusion_figure(counts, class_names, *, values=None, value_label: str = "count") -> go.Figure:
+    """The confusion matrix as square scatter markers, one per cell, so a click selects the cell.
+
+    `values` (default the counts) sets each marker's colour and label, e.g. the counts normalised per true class.
+    customdata of every marker: (true index, predicted index, count).
+    """
+    counts = np.asarray(counts)
+    k = len(counts)
+    values = counts if values is None else np.asarray(values, dtype=float)
+    true, pred = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+    true, pred = true.ravel(), pred.ravel()
+    names = [str(n) for n in class_names]
+    shown = values.ravel()
+    is_count = np.issubdtype(np.asarray(shown).dtype, np.integer)
+    text = [f"{int(v)}" if is_count else f"{v:.2f}" for v in shown]
+    size = int(max(14, min(64, 560 / max(k, 1))))
+    diagonal = true == pred
+    fig = go.Figure(go.Scatter(
+        x=[names[p] for p in pred], y=[names[t] for t in true], mode="markers+text" if k <= 15 else "markers",
+        marker=dict(symbol="square", size=size, color=shown, colorscale=SEQUENTIAL, showscale=True,
+                    colorbar=dict(title=value_label, thickness=12),
+                    line=dict(width=np.where(diagonal, 2, 0.5), color=np.where(diagonal, "#222", "#bbb"))),
+        text=text, textfont=dict(color=["white" if v < 0.55 * (shown.max() or 1) else "black" for v in shown]),
+        customdata=np.column_stack([true, pred, counts.ravel()]),
+        hovertemplate="true %{y}<br>predicted %{x}<br>" + value_label + " %{text}<br>samples %{customdata[2]}"
+                      "<extra>click to see these samples</extra>",
+        name="cells"))
+    side = max(360, min(760, 60 * k + 160))
+    fig.update_xaxes(title="predicted class", type="category", categoryorder="array", categoryarray=names,
+                     side="top", showgrid=False)
+    fig.update_yaxes(title="true class", type="category", categoryorder="array", categoryarray=names[::-1],
+                     showgrid=False)
+    return _layout(fig, height=side, clickmode="event+select", dragmode=False)
+
+
+# ----------------------------------------------------------------------------------------------- metrics and data
+
+def reliability_figure(bins: dict, *, label: str = "model", other: dict | None = None,
+                       other_label: str = "rest") -> go.Figure:
+    """Reliability diagram from `CalibrationBins.to_dict()`: observed accuracy against mean confidence per bin, the
+    diagonal of perfect calibration, and the share of samples per bin below. `other` adds a second curve."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.75, 0.25], vertical_spacing=0.06)
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="#888"),
+                             name="perfectly calibrated", hoverinfo="skip"), row=1, col=1)
+    for curve, name, colour in ((bins, label, OKABE_ITO[0]), (other, other_label, OKABE_ITO[1])):
+        if not curve:
+            continue
+        mean = np.array([np.nan if v is None else v for v in curve["mean_predicted"]], dtype=float)
+        obs = np.array([np.nan if v is None else v for v in curve["observed"]], dtype=float)
+        count = np.asarray(curve["count"])
+        keep = count > 0
+        ece = curve.get("ece")
+        tag = f"{name} (ECE {ece:.3f})" if ece is not None and np.isfinite(ece) else name
+        fig.add_trace(go.Scatter(x=mean[keep], y=obs[keep], mode="lines+markers", name=tag,
+                                 line=dict(color=colour), customdata=count[keep],
+                                 hovertemplate="confidence %{x:.2f}<br>accuracy %{y:.2f}<br>%{customdata} samples"
+                                               "<extra></extra>"), row=1, col=1)
+        edges = np.asarray(curve["edges"], dtype=float)
+        centres = (edges[:-1] + edges[1:]) / 2
+        share = count / max(count.sum(), 1)
+        fig.add_trace(go.Bar(x=centres, y=share, width=np.diff(edges) * 0.9, marker_color=colour, opacity=0.6,
+                             name=f"{name}: share of samples", showlegend=False,
+                             hovertemplate="%{y:.1%} of samples<extra></extra>"), row=2, col=1)
+    fig.update_xaxes(range=[0, 1], row=2, col=1, title="confidence (top class probability)")
+    fig.update_xaxes(range=[0, 1], row=1, col=1)
+    fig.update_yaxes(range=[0, 1.02], title="accuracy", row=1, col=1)
+    fig.update_yaxes(title="share", tickformat=".0%", row=2, col=1)
+    return _layout(fig, height=430, legend=dict(orientation="h", y=-0.25), barmode="overlay")
+
+
+def class_balance_figure(labels, pred, class_names) -> go.Figure:
+    """How many samples each class has, and how many the model assigns to it."""
+    k = len(class_names)
+    names = [str(n) for n in class_names]
+    true_counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=k)
+    pred_counts = np.bincount(np.asarray(pred, dtype=np.int64), minlength=k)
+    fig = go.Figure([go.Bar(x=names, y=true_counts, name="labelled", marker_color=OKABE_ITO[0]),
+                     go.Bar(x=names, y=pred_counts, name="predicted", marker_color=OKABE_ITO[1])])
+    fig.update_xaxes(title="class", type="category")
+    fig.update_yaxes(title="samples")
+    return _layout(fig, barmode="group", height=340, legend=dict(orientation="h", y=1.12))
+
+
+def per_class_figure(report: dict, class_names) -> go.Figure:
+    """Precision, recall and F1 per class from a `classification_report(output_dict=True)`."""
+    names = [str(n) for n in class_names if str(n) in report]
+    fig = go.Figure()
+    for metric, colour in zip(("precision", "recall", "f1-score"), OKABE_ITO):
+        fig.add_trace(go.Bar(x=names, y=[report[n][metric] for n in names], name=metric, marker_color=colour,
+                             hovertemplate="%{x}: %{y:.3f}<extra>" + metric + "</extra>"))
+    fig.update_yaxes(range=[0, 1.02])
+    fig.update_xaxes(type="category", title="class")
+    return _layout(fig, barmode="group", height=340, legend=dict(orientation="h", y=1.12))
+
+
+def probabilities_figure(probs, class_names, *, label: int | None = None, pred: int | None = None) -> go.Figure:
+    """The probability of every class for one sample; the true class and the prediction are marked."""
+    probs = np.asarray(probs, dtype=float)
+    names = [str(n) for n in class_names]
+    colours = [RIGHT if i == label else (WRONG if i == pred else "#9aa5b1") for i in range(len(names))]
+    tags = [" (true)" if i == label else (" (predicted)" if i == pred else "") for i in range(len(names))]
+    order = np.argsort(probs)[-25:]  # at most 25 classes, the likeliest
+    fig = go.Figure(go.Bar(x=probs[order], y=[names[i] + tags[i] for i in order], orientation="h",
+                           marker_color=[colours[i] for i in order], text=[f"{probs[i]:.3f}" for i in order],
+                           textposition="outside", hovertemplate="%{y}: %{x:.4f}<extra></extra>"))
+    fig.update_xaxes(range=[0, 1.12], title="probability")
+    fig.update_yaxes(type="category")
+    return _layout(fig, height=max(200, 26 * len(order) + 70))
+
+
+def group_figure(groups: pd.DataFrame, column: str) -> go.Figure:
+    """Accuracy per group of a metadata column (from analyzers.metrics.group_metrics), with group sizes."""
+    fig = go.Figure(go.Bar(x=groups["group"].astype(str), y=groups["accuracy"], marker_color=OKABE_ITO[0],
+                           customdata=groups["size"], text=[f"{a:.2f}" for a in groups["accuracy"]],
+                           hovertemplate="%{x}<br>accuracy %{y:.3f}<br>%{customdata} samples<extra></extra>"))
+    fig.update_yaxes(range=[0, 1.05], title="accuracy")
+    fig.update_xaxes(title=column, type="category")
+    return _layout(fig, height=320)
+
+
+# ------------------------------------------------------------------------------------------------------- attributions
+
+def to_display_image(x, *, mean=None, std=None) -> np.ndarray:
+    """One model input (C, H, W) as an (H, W) or (H, W, 3) float image in [0, 1]: normalisation undone, else scaled."""
+    x = np.asarray(x, dtype=np.float32)
+    if std is not None and mean is not None:
+        c = x.shape[0]
+        x = x * np.resize(np.asarray(std, np.float32), c)[:, None, None] + np.resize(np.asarray(mean, np.float32), c)[:, None, None]
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        x = (x - lo) / (hi - lo or 1.0)
+    x = np.clip(x, 0, 1)
+    if x.shape[0] == 1:
+        return x[0]
+    if x.shape[0] == 3:
+        return x.transpose(1, 2, 0)
+    return x.mean(0)
+
+
+def _symmetric_range(values: np.ndarray) -> float:
+    m = float(np.nanmax(np.abs(values))) if values.size else 0.0
+    return m or 1.0
+
+
+def image_attribution_figure(image, attribution, *, signed: bool, title: str | None = None,
+                             opacity: float = 0.6) -> go.Figure:
+    """A heat map over the image: `image` (H, W) or (H, W, 3) in [0, 1], `attribution` (H, W)."""
+    image = np.asarray(image, dtype=float)
+    attribution = np.asarray(attribution, dtype=float)
+    rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
+    fig = go.Figure(go.Image(z=(rgb * 255).astype(np.uint8), hoverinfo="skip"))
+    bound = _symmetric_range(attribution)
+    fig.add_trace(go.Heatmap(z=attribution, colorscale=DIVERGING if signed else SEQUENTIAL,
+                             zmin=-bound if signed else 0.0, zmax=bound, zmid=0 if signed else None, opacity=opacity,
+                             colorbar=dict(thickness=10, len=0.8),
+                             hovertemplate="row %{y}, column %{x}<br>attribution %{z:.3g}<extra></extra>"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x")
+    return _layout(fig, title=title, height=320)
+
+
+def image_figure(image, *, title: str | None = None, height: int = 320) -> go.Figure:
+    image = np.asarray(image, dtype=float)
+    rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
+    fig = go.Figure(go.Image(z=(rgb * 255).astype(np.uint8)))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, scaleanchor="x")
+    return _layout(fig, title=title, height=height)
+
+
+def sequence_attribution_figure(letters: str, scores, *, signed: bool, title: str | None = None) -> go.Figure:
+    """One coloured cell per position with its letter: a sequence's attribution, read left to right."""
+    scores = np.asarray(scores, dtype=float)
+    bound = _symmetric_range(scores)
+    fig = go.Figure(go.Heatmap(z=scores[None, :], x=list(range(len(scores))), y=[""], text=[list(letters)],
+                               texttemplate="%{text}" if len(scores) <= 120 else None,
+                               colorscale=DIVERGING if signed else SEQUENTIAL, zmin=-bound if signed else 0.0,
+                               zmax=bound, zmid=0 if signed else None, colorbar=dict(thickness=10),
+                               hovertemplate="position %{x}: %{text}<br>attribution %{z:.3g}<extra></extra>"))
+    fig.update_xaxes(title="position", showgrid=False)
+    fig.update_yaxes(visible=False)
+    return _layout(fig, title=title, height=180)
+
+
+def feature_attribution_figure(feature_names, values, *, title: str | None = None, top: int = 15) -> go.Figure:
+    """Horizontal bars of the `top` features by absolute attribution, red for the class and blue against it."""
+    values = np.asarray(values, dtype=float)
+    names = [str(n) for n in feature_names]
+    order = np.argsort(np.abs(values))[-top:]
+    colours = [WRONG if values[i] > 0 else RIGHT for i in order]
+    fig = go.Figure(go.Bar(x=values[order], y=[names[i] for i in order], orientation="h", marker_color=colours,
+                           hovertemplate="%{y}: %{x:.4g}<extra></extra>"))
+    fig.update_xaxes(title="attribution", zeroline=True, zerolinecolor="#444")
+    fig.update_yaxes(type="category")
+    return _layout(fig, title=title, height=max(240, 22 * len(order) + 80))
+
+
+# --------------------------------------------------------------------------------------------------------- embeddings
+
+def downsample_rows(n: int, max_points: int = MAX_SCATTER_POINTS, *, keep=None, seed: int = 0) -> np.ndarray:
+    """Row positions to draw: all rows up to `max_points`, else a fixed random sample (plus the rows in `keep`)."""
+    if n <= max_points:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(n, size=max_points, replace=False)
+    if keep is not None and len(keep):
+        rows = np.union1d(rows, np.asarray(keep, dtype=np.int64))
+    return np.sort(rows)
+
+
+def embedding_figure(table: pd.DataFrame, *, colour: str, categorical: bool, title: str | None = None,
+                     max_points: int = MAX_SCATTER_POINTS, category_order=None) -> go.Figure:
+    """A WebGL scatter of a projection table (columns x, y, id and `colour`), each point's id in customdata.
+
+    Categories get one trace each; a number is drawn on the Cividis scale. Tables larger than `max_points` are drawn
+    as a fixed random sample (the title says so); a box or lasso selection still selects by region on every point.
+    """
+    rows = downsample_rows(len(table), max_points)
+    shown = table.iloc[rows]
+    fig = go.Figure()
+    hover = "id %{customdata}<br>" + colour + " %{meta}<extra></extra>"
+    if categorical:
+        values = shown[colour].astype(str)
+        cats = [str(c) for c in (category_order if category_order is not None else sorted(values.unique()))]
+        for cat, col in zip(cats, palette(len(cats))):
+            part = shown[values.to_numpy() == cat]
+            if part.empty:
+                continue
+            fig.add_trace(go.Scattergl(x=part["x"], y=part["y"], mode="markers", name=cat,
+                                       marker=dict(size=6, color=col, opacity=0.8), customdata=part["id"],
+                                       hovertemplate="id %{customdata}<br>" + f"{colour} {cat}<extra></extra>"))
+    else:
+        values = pd.to_numeric(shown[colour], errors="coerce")
+        fig.add_trace(go.Scattergl(x=shown["x"], y=shown["y"], mode="markers", name=colour,
+                                   marker=dict(size=6, color=values, colorscale=SEQUENTIAL, showscale=True,
+                                               colorbar=dict(title=colour, thickness=12), opacity=0.85),
+                                   customdata=shown["id"], meta=None,
+                                   hovertemplate="id %{customdata}<br>" + colour + " %{marker.color:.3g}<extra></extra>"))
+    if len(rows) < len(table):
+        title = f"{title or ''} — {len(rows):,} of {len(table):,} points drawn".strip(" —")
+    fig.update_xaxes(title="component 1", showgrid=False, zeroline=False)
+    fig.update_yaxes(title="component 2", showgrid=False, zeroline=False)
+    return _layout(fig, title=title, height=560, dragmode="lasso", legend=dict(itemsizing="constant"))
+
+
+# ------------------------------------------------------------------------------------------- training and gradients
+
+def training_curves_figure(steps: pd.DataFrame, validation: pd.DataFrame) -> go.Figure:
+    """Training loss per step, validation loss, the gap between them, and the learning rate (right axis)."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    if not steps.empty and "loss" in steps:
+        fig.add_trace(go.Scatter(x=steps["step"], y=steps["loss"], name="training loss", mode="lines",
+                                 line=dict(color=OKABE_ITO[0], width=1.5)))
+    if not validation.empty and "val_loss" in validation:
+        fig.add_trace(go.Scatter(x=validation["step"], y=validation["val_loss"], name="validation loss",
+                                 mode="lines+markers", line=dict(color=OKABE_ITO[1], width=2)))
+        if not steps.empty and "loss" in steps:
+            train_at = np.interp(validation["step"], steps["step"], steps["loss"])
+            fig.add_trace(go.Scatter(x=validation["step"], y=validation["val_loss"] - train_at,
+                                     name="gap (validation − training)", mode="lines",
+                                     line=dict(color=OKABE_ITO[3], dash="dash")))
+    if not steps.empty and "lr" in steps:
+        fig.add_trace(go.Scatter(x=steps["step"], y=steps["lr"], name="learning rate", mode="lines",
+                                 line=dict(color="#777", dash="dot")), secondary_y=True)
+        fig.update_yaxes(title="learning rate", secondary_y=True, showgrid=False)
+    fig.update_xaxes(title="step")
+    fig.update_yaxes(title="loss", secondary_y=False)
+    return _layout(fig, height=380, legend=dict(orientation="h", y=1.15))
+
+
+def grad_norm_figure(table: pd.DataFrame, *, x: str = "step", flags: dict | None = None,
+                     title: str | None = None) -> go.Figure:
+    """Per-layer gradient norms (one column per layer, log scale); layers flagged vanishing or exploding are drawn
+    dashed and named with their flag. `flags` maps layer -> "vanishing" | "exploding"."""
+    flags = flags or {}
+    layers = [c for c in table.columns if c != x]
+    fig = go.Figure()
+    for layer, colour in zip(layers, palette(len(layers))):
+        flag = flags.get(layer)
+        fig.add_trace(go.Scatter(x=table[x], y=table[layer], mode="lines", name=f"{layer} ⚠ {flag}" if flag else layer,
+                                 line=dict(color=colour, dash="dash" if flag else "solid", width=3 if flag else 1.5),
+                                 hovertemplate=layer + ": %{y:.3g}<extra></extra>"))
+    fig.update_yaxes(type="log", title="gradient norm")
+    fig.update_xaxes(title=x)
+    return _layout(fig, title=title, height=380)
+
+
+def bar_figure(labels, values, *, x_title: str, y_title: str, highlight=None, percent: bool = False,
+               title: str | None = None) -> go.Figure:
+    """Simple vertical bars; `highlight` (a boolean per bar) draws flagged bars in the warning colour."""
+    highlight = np.zeros(len(values), dtype=bool) if highlight is None else np.asarray(highlight, dtype=bool)
+    fig = go.Figure(go.Bar(x=[str(v) for v in labels], y=values,
+                           marker_color=[WRONG if h else OKABE_ITO[0] for h in highlight],
+                           hovertemplate="%{x}: %{y:" + (".1%" if percent else ".3g") + "}<extra></extra>"))
+    fig.update_xaxes(title=x_title, type="category")
+    fig.update_yaxes(title=y_title, tickformat=".0%" if percent else None)
+    return _layout(fig, title=title, height=320)

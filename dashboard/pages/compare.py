@@ -1,0 +1,8 @@
+"""compare page."""
+import streamlit as st
+
+from dashboard import components
+
+run = components.require_run()
+components.header("compare", run)
+st.info("This page is being built.")

@@ -1,0 +1,8 @@
+"""confusion page."""
+import streamlit as st
+
+from dashboard import components
+
+run = components.require_run()
+components.header("confusion", run)
+st.info("This page is being built.")

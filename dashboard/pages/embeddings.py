@@ -1,0 +1,8 @@
+"""embeddings page."""
+import streamlit as st
+
+from dashboard import components
+
+run = components.require_run()
+components.header("embeddings", run)
+st.info("This page is being built.")

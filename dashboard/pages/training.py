@@ -1,0 +1,8 @@
+"""training page."""
+import streamlit as st
+
+from dashboard import components
+
+run = components.require_run()
+components.header("training", run)
+st.info("This page is being built.")

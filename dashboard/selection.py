@@ -1,0 +1,152 @@
+"""Plotly selection events -> samples, and the compact selection strings kept in the URL. No Streamlit here.
+
+`st.plotly_chart(..., on_select="rerun")` returns `{"selection": {"points": [...], "box": [...], "lasso": [...]}}`;
+point indices count within each trace, so every figure that can be selected carries sample ids (or the confusion cell)
+in `customdata`, and these functions read only that. A selection is kept as a short string, `kind:value`:
+`cell:TRUE-PRED`, `slice:INDEX`, `rank:NAME`, `ids:ID,ID,...` (box / lasso / table picks), so a link reproduces it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+KINDS = ("cell", "slice", "rank", "ids", "suspects")
+MAX_URL_IDS = 500  # a selection of more ids stays in the session but is not written into the link
+
+
+def _get(obj, key, default=None):
+    if obj is None:
+        return default
+    if isinstance(obj, dict):
+        return obj.get(key, default)
+    try:
+        return obj[key]
+    except (KeyError, TypeError, IndexError):
+        return getattr(obj, key, default)
+
+
+def event_points(event) -> list:
+    """The selected points of a plotly selection event (empty for no event or an empty selection)."""
+    points = _get(_get(event, "selection"), "points") or []
+    return list(points)
+
+
+def _first(value):
+    if isinstance(value, (list, tuple)):
+        return value[0] if value else None
+    return value
+
+
+def selected_ids(event) -> list:
+    """Sample ids of the selected points, in selection order without repeats (first customdata entry per point)."""
+    seen, out = set(), []
+    for point in event_points(event):
+        value = _first(_get(point, "customdata"))
+        if value is None:
+            continue
+        key = str(value)
+        if key not in seen:
+            seen.add(key)
+            out.append(value)
+    return out
+
+
+def selected_cell(event) -> tuple[int, int] | None:
+    """(true class, predicted class) of the clicked confusion-matrix marker, whose customdata is (true, pred, ...)."""
+    for point in event_points(event):
+        data = _get(point, "customdata")
+        if isinstance(data, (list, tuple)) and len(data) >= 2:
+            try:
+                return int(data[0]), int(data[1])
+            except (TypeError, ValueError):
+                continue
+    return None
+
+
+@dataclass(frozen=True)
+class Selection:
+    kind: str
+    value: object  # (true, pred) for cell, int for slice, str for rank, list of id strings for ids
+
+    def encode(self) -> str:
+        if self.kind == "cell":
+            return f"cell:{self.value[0]}-{self.value[1]}"
+        if self.kind == "ids":
+            return "ids:" + ",".join(str(v) for v in self.value)
+        return f"{self.kind}:{self.value}"
+
+    def fits_url(self) -> bool:
+        return self.kind != "ids" or len(self.value) <= MAX_URL_IDS
+
+
+def decode_selection(text: str | None) -> Selection | None:
+    """The Selection a URL string describes, or None for an empty or malformed one (a hand-edited link)."""
+    if not text or ":" not in text:
+        return None
+    kind, _, value = text.partition(":")
+    try:
+        if kind == "cell":
+            true, pred = value.split("-")
+            return Selection("cell", (int(true), int(pred)))
+        if kind == "slice":
+            return Selection("slice", int(value))
+        if kind in ("rank", "suspects"):
+            return Selection(kind, value) if value else None
+        if kind == "ids":
+            ids = [v for v in value.split(",") if v]
+            return Selection("ids", ids) if ids else None
+    except ValueError:
+        return None
+    return None
+
+
+def id_positions(all_ids, wanted) -> np.ndarray:
+    """Row positions in `all_ids` of the ids in `wanted`, in the order of `wanted`; ids are compared as strings
+    (a URL or a browser hands them back as text or JSON numbers). Unknown ids are dropped."""
+    index = pd.Index(pd.Series(np.asarray(all_ids)).astype(str))
+    codes = index.get_indexer(pd.Series(list(wanted), dtype=object).astype(str))
+    return codes[codes >= 0]
+
+
+def ids_in_box(coords: np.ndarray, box: dict) -> np.ndarray:
+    """Boolean mask of the rows of (N, 2) `coords` inside a plotly selection box {"x": [x0, x1], "y": [y0, y1]}."""
+    xs, ys = sorted(map(float, _get(box, "x"))), sorted(map(float, _get(box, "y")))
+    return ((coords[:, 0] >= xs[0]) & (coords[:, 0] <= xs[1]) & (coords[:, 1] >= ys[0]) & (coords[:, 1] <= ys[1]))
+
+
+def ids_in_lasso(coords: np.ndarray, lasso: dict) -> np.ndarray:
+    """Boolean mask of the rows of (N, 2) `coords` inside a plotly lasso polygon {"x": [...], "y": [...]}."""
+    from matplotlib.path import Path
+
+    polygon = np.column_stack([np.asarray(_get(lasso, "x"), float), np.asarray(_get(lasso, "y"), float)])
+    if len(polygon) < 3:
+        return np.zeros(len(coords), dtype=bool)
+    return Path(polygon).contains_points(coords)
+
+
+def region_mask(event, coords: np.ndarray) -> np.ndarray | None:
+    """Rows of the full (N, 2) `coords` inside the event's boxes and lassos, or None if it has no region.
+
+    A big scatter is drawn downsampled, so its selected *points* miss the hidden ones; the region selects them all.
+    """
+    selection = _get(event, "selection")
+    boxes, lassos = _get(selection, "box") or [], _get(selection, "lasso") or []
+    if not boxes and not lassos:
+        return None
+    mask = np.zeros(len(coords), dtype=bool)
+    for box in boxes:
+        mask |= ids_in_box(coords, box)
+    for lasso in lassos:
+        mask |= ids_in_lasso(coords, lasso)
+    return mask
+
+
+def neighbours(ids: list, current) -> tuple:
+    """(previous id, next id) of `current` in the gallery `ids` (None at either end or when it is not there)."""
+    keys = [str(i) for i in ids]
+    if str(current) not in keys:
+        return None, None
+    i = keys.index(str(current))
+    return (ids[i - 1] if i > 0 else None), (ids[i + 1] if i + 1 < len(ids) else None)
