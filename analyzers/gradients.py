@@ -188,7 +188,8 @@ def gradient_norm_traces(model, x, y, *, batch_size: int = 64, num_batches: int 
                     act_norm = _norm(act_norms[name])
                     rows.append({"batch": number, "layer": name, "kind": "activations", "grad_norm": grad_norm,
                                  "weight_norm": math.nan, "activation_norm": act_norm,
-                                 "ratio": grad_norm / act_norm if act_norm > 0 else math.nan, "loss": float(loss.detach())})
+                                 "ratio": grad_norm / act_norm if act_norm > 0 else math.nan,
+                                 "loss": float(loss.detach())})
             outputs_seen.clear()
         finally:
             for handle in handles:
@@ -274,7 +275,7 @@ def overfit_one_batch(model, x, y, *, steps: int = 200, lr: float = 3e-3, batch_
     optimizer = torch.optim.Adam(trainable, lr=lr) if trainable else None
     for step in range(steps + 1):
         loss = _loss(copy(inputs), labels, output_kind)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             break
         if step == steps:
