@@ -1,0 +1,194 @@
+"""Projections: PCA against scikit-learn, t-SNE/UMAP recover planted clusters, fit-on-sample is recorded, run files."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from analyzers.errors import AnalyzerError
+from analyzers.projections import (collect_embeddings, ensure_projection, place_by_neighbours, project,
+                                   projection_relpath)
+
+
+def _blobs(n=300, features=20, seed=0):
+    from sklearn.datasets import make_blobs
+
+    x, y = make_blobs(n, n_features=features, centers=3, cluster_std=1.0, center_box=(-20, 20), random_state=seed)
+    return x.astype(np.float32), y
+
+
+def _knn_recovery(coords, labels) -> float:
+    from sklearn.model_selection import cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    return float(cross_val_score(KNeighborsClassifier(5), coords, labels, cv=5).mean())
+
+
+def test_pca_equals_scikit_learn_up_to_sign():
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(400, 12)) * np.linspace(5, 0.5, 12)).astype(np.float32)
+    for dims in (2, 3):
+        got = project(x, method="pca", dims=dims)
+        want = PCA(dims, svd_solver="full").fit_transform(x.astype(np.float64))
+        signs = np.sign((got.coords * want).sum(axis=0))
+        np.testing.assert_allclose(got.coords * signs, want, atol=1e-3, rtol=1e-3)
+        assert got.coords.dtype == np.float32 and got.coords.shape == (400, dims)
+        assert got.fitted.all() and got.params["sampled"] is False
+        assert len(got.params["explained_variance_ratio"]) == dims
+
+
+def test_pca_of_many_wide_embeddings_uses_a_fast_solver():
+    x = np.random.default_rng(0).normal(size=(5000, 600)).astype(np.float32)
+    got = project(x, method="pca", dims=2)
+    assert got.params["svd_solver"] in ("randomized", "covariance_eigh", "arpack")
+
+
+def test_tsne_recovers_blobs_when_fitted_on_a_sample():
+    x, y = _blobs()
+    got = project(x, method="tsne", dims=2, fit_sample=200, n_jobs=1)
+    assert got.coords.shape == (300, 2) and np.isfinite(got.coords).all()
+    assert _knn_recovery(got.coords, y) >= 0.95
+    # what was sampled is said, and marked per point
+    assert got.params["n_fitted"] == 200 and got.params["sampled"] is True and got.params["placement"] == "knn"
+    assert got.fitted.sum() == 200 and got.params["tsne"]["perplexity"] == 30.0
+    assert got.params["pca_before"] is None  # 20 features are fewer than the 50 PCA dimensions
+    assert {"fit", "placement"} <= set(got.timings)
+
+
+def test_tsne_transform_placement_and_3d():
+    x, y = _blobs(200, features=60)
+    got = project(x, method="tsne", dims=3, fit_sample=150, placement="transform", n_jobs=1)
+    assert got.coords.shape == (200, 3)
+    assert got.params["pca_before"]["n_components"] == 50 and got.params["tsne"]["negative_gradient_method"] == "bh"
+    assert _knn_recovery(got.coords, y) >= 0.95
+
+
+def test_knn_placement_puts_new_points_in_their_cluster():
+    fit_x = np.array([[0, 0], [0, 1], [1, 0], [10, 10], [10, 11], [11, 10]], np.float32)
+    fit_coords = np.array([[-5, -5]] * 3 + [[5, 5]] * 3, np.float32)
+    placed = place_by_neighbours(fit_x, fit_coords, np.array([[0.5, 0.5], [10.5, 10.2]], np.float32), k=3)
+    np.testing.assert_array_equal(placed, [[-5, -5], [5, 5]])
+
+
+@pytest.mark.benchmark
+def test_umap_recovers_blobs_when_fitted_on_a_sample():
+    # cold, umap-learn compiles for about a minute; with .numba_cache warm this takes seconds
+    x, y = _blobs()
+    got = project(x, method="umap", dims=2, fit_sample=200)
+    assert _knn_recovery(got.coords, y) >= 0.95
+    assert got.params["n_fitted"] == 200 and got.fitted.sum() == 200
+    assert got.params["umap"]["n_neighbors"] == 15
+
+
+def test_umap_configuration_without_fitting(monkeypatch):
+    from analyzers import projections
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    assert projections._configure_numba_cache() == str(projections.NUMBA_CACHE_DIR)
+    assert os.environ["NUMBA_CACHE_DIR"].endswith(".numba_cache")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", "/somewhere/else")
+    assert projections._configure_numba_cache() == "/somewhere/else"  # a directory the user chose is kept
+    with pytest.raises(AnalyzerError, match="dims must be 2 or 3"):
+        project(np.zeros((50, 4)), method="umap", dims=4)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(method="lle"), "unknown projection method"),
+    (dict(placement="nearest"), "placement must be"),
+    (dict(fit_sample=3), "fit_sample must be at least"),
+])
+def test_bad_options_are_refused(bad, message):
+    with pytest.raises(AnalyzerError, match=message):
+        project(np.zeros((50, 4), np.float32), **bad)
+
+
+def test_bad_embeddings_are_refused():
+    with pytest.raises(AnalyzerError, match="NaN or inf"):
+        project(np.full((20, 4), np.nan))
+    with pytest.raises(AnalyzerError, match="fewer than the 3 dimensions"):
+        project(np.ones((20, 2)), dims=3)
+    with pytest.raises(AnalyzerError, match="too few"):
+        project(np.ones((3, 8)))
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    from analyzers.pipeline import run_analysis
+
+    return run_analysis("sample:digits", "sample:digits", tmp_path_factory.mktemp("proj") / "run",
+                        analyses=["projections", "gradients"])
+
+
+def test_run_stores_embeddings_pca_and_gradient_traces(digits_run):
+    from analyzers.runs import open_run
+
+    run = open_run(digits_run)
+    layer = run.info["embedding_layer"]
+    assert layer == "fc2"
+    embeddings = run.read_npy(f"embeddings/{layer}.npy")
+    assert embeddings.shape == (len(run.samples), 64)
+    for dims, axes in ((2, ["x", "y"]), (3, ["x", "y", "z"])):
+        table = run.read_parquet(projection_relpath(layer, "pca", dims))
+        assert list(table.columns) == ["id", *axes]
+        # keyed by id: the join with samples.parquet gives every sample its coordinates
+        joined = run.samples.merge(table, on="id", validate="one_to_one")
+        assert len(joined) == len(run.samples)
+        from sklearn.decomposition import PCA
+
+        want = PCA(dims, svd_solver="full").fit_transform(np.asarray(embeddings, np.float64))
+        got = table[axes].to_numpy()
+        np.testing.assert_allclose(np.abs(got), np.abs(want), atol=1e-2, rtol=1e-3)
+    assert run.info["analyses"]["projections"]["pca"]["2d"]["file"] == "projections/fc2-pca-2d.parquet"
+    traces = run.read_parquet("gradients/traces.parquet")
+    assert {"batch", "layer", "kind", "grad_norm", "weight_norm", "ratio"} <= set(traces.columns)
+    assert set(traces["layer"]) == {"conv1", "conv2", "fc1", "fc2"} and traces["batch"].nunique() == 8
+    assert set(run.read_parquet("gradients/dead_units.parquet")["layer"]) == {"relu1", "relu2", "relu3"}
+    assert run.read_json("gradients/flags.json")["inplace_activations"] == []
+    from analyzers.recorder import read_training_log
+
+    steps, validation, norms = read_training_log(run.file("training/log.jsonl"))
+    assert len(steps) > 0 and "loss" in steps and "fc2" in norms
+    assert "gradients" in run.info["timings_s"] and "inference" in run.info["timings_s"]
+
+
+def test_ensure_projection_computes_once_and_caches(digits_run):
+    from analyzers.runs import open_run
+
+    run = open_run(digits_run)
+    table = ensure_projection(run, method="tsne", dims=2, fit_sample=300, n_jobs=1)
+    path = run.file("projections/fc2-tsne-2d.parquet")
+    assert path.exists() and list(table.columns) == ["id", "x", "y", "fitted"]
+    assert table["fitted"].sum() == 300
+    pd.testing.assert_series_equal(table["id"], run.samples["id"], check_names=False)
+    # the learned map separates the digit classes (independent check: kNN accuracy on the 2-D map)
+    assert _knn_recovery(table[["x", "y"]].to_numpy(), run.samples["label"].to_numpy()) >= 0.8
+    record = run.read_json("projections/fc2-tsne-2d.json")
+    assert record["params"]["n_fitted"] == 300 and record["options"]["fit_sample"] == 300
+    stamp = path.stat().st_mtime_ns
+    again = ensure_projection(digits_run, "fc2", "tsne", 2, fit_sample=300, n_jobs=1)
+    assert path.stat().st_mtime_ns == stamp
+    pd.testing.assert_frame_equal(again, table)
+
+
+def test_collect_embeddings_of_another_layer_is_cached_in_the_run(digits_run):
+    from analyzers.pipeline import load_run_inputs
+    from analyzers.runs import open_run
+
+    run = open_run(digits_run)
+    with pytest.raises(AnalyzerError, match="no embeddings of layer 'fc1'"):
+        ensure_projection(run, "fc1", "pca", 2)
+    model, dataset = load_run_inputs(run)
+    got = collect_embeddings(model, dataset.x, "fc1", batch_size=100, run=run)
+    with torch.no_grad():
+        want = model.module[:7](torch.as_tensor(dataset.x)).numpy()  # conv1 .. fc1 of the Sequential
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert run.has("embeddings/fc1.npy")
+    table = ensure_projection(run, "fc1", "pca", 3)
+    assert list(table.columns) == ["id", "x", "y", "z"]
+    with pytest.raises(AnalyzerError, match="not a layer name"):
+        collect_embeddings(model, dataset.x, "../x", run=run)
