@@ -119,25 +119,29 @@ class SanityCheck:
         return self.mean_final_corr > self.threshold
 
 
-def _rank_rows(a: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
-
-    return rankdata(a, axis=1).astype(np.float64)
-
-
 def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman correlation of each row of `a` with the same row of `b`; a constant row against a varying one is 0,
-    two identical constant rows are 1."""
+    """Spearman correlation of each row of `a` with the same row of `b`.
+
+    Positions where both maps are exactly zero are left out: there the method is zero by construction (an input
+    equal to the baseline, for Integrated Gradients, input x gradient or occlusion), whatever the model, and their
+    ties would make any two maps of the same input look alike. A constant row against a varying one counts 0, two
+    identical rows 1.
+    """
+    from scipy.stats import pearsonr, rankdata
+
     a = np.asarray(a, dtype=np.float64).reshape(len(a), -1)
     b = np.asarray(b, dtype=np.float64).reshape(len(b), -1)
-    ra, rb = _rank_rows(a), _rank_rows(b)
-    ra -= ra.mean(1, keepdims=True)
-    rb -= rb.mean(1, keepdims=True)
-    denom = np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        corr = (ra * rb).sum(1) / denom
-    constant = denom == 0
-    corr[constant] = np.where(np.all(a[constant] == b[constant], axis=1), 1.0, 0.0)
+    corr = np.zeros(len(a))
+    for i, (ra, rb) in enumerate(zip(a, b)):
+        keep = (ra != 0) | (rb != 0)
+        if keep.sum() >= 3:
+            ra, rb = ra[keep], rb[keep]
+        if np.array_equal(ra, rb):
+            corr[i] = 1.0
+        elif np.ptp(ra) == 0 or np.ptp(rb) == 0:
+            corr[i] = 0.0
+        else:
+            corr[i] = pearsonr(rankdata(ra), rankdata(rb)).statistic
     return corr
 
 
@@ -197,8 +201,16 @@ def _copy_module(model) -> nn.Module:
                             f"analyzers.load_model so .pt2 copies are made by reloading its bytes") from exc
 
 
+def _key_text(value) -> str:
+    # arrays (a background sample, a baseline) enter the cache key by content, not by their truncated repr
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        data = np.ascontiguousarray(value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value)
+        return f"array{data.shape}:{hashlib.sha256(data.tobytes()).hexdigest()}"
+    return str(value)
+
+
 def _cache_path(cache_dir, key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=_key_text).encode()).hexdigest()[:24]
     return Path(cache_dir) / f"sanity-{digest}.npz"
 
 

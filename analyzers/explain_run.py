@@ -1,0 +1,279 @@
+"""Attributions and faithfulness scores for chosen samples of a stored run (`python -m analyzers explain`), and one
+sample at a time for the dashboard, cached on disk inside the run.
+
+Files written into the run directory (each atomically; new entries merged with what is there):
+- `explanations/<method>/<target>.npz`: `ids`, `targets` (class explained), `attributions` (one row per id);
+  `<target>` is `pred`, `label` or `class-K`.
+- `explanations/faithfulness.parquet`: one row per (id, method, target) with deletion/insertion AUC, completeness gap,
+  sanity-check rank correlation and flag, and ground-truth scores where the dataset plants them.
+- `explanations/cache/`: randomisation checks and single-sample explanations, keyed by model hash, method, options
+  and sample id.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import AnalyzerError
+from .explain import METHODS, explain, modality_of, reduce_for_display
+from .faithfulness import (deletion_insertion, ground_truth_scores, ig_completeness, interval_mask,
+                           randomisation_check)
+from .runs import write_atomic, write_parquet
+
+EXPLANATIONS = "explanations"
+FAITHFULNESS = f"{EXPLANATIONS}/faithfulness.parquet"
+CACHE = f"{EXPLANATIONS}/cache"
+BACKGROUND_SIZE = 64
+KEY_COLUMNS = ("id", "method", "target")
+
+
+def target_key(target) -> str:
+    """"pred", "label" or "class-K": how a target choice is named in files."""
+    if target in ("pred", "label"):
+        return target
+    try:
+        return f"class-{int(target)}"
+    except (TypeError, ValueError):
+        raise AnalyzerError(f"--target must be pred, label or a class index, got {target!r}") from None
+
+
+def resolve_rows(dataset, ids) -> np.ndarray:
+    """Row indices of the dataset's samples with these ids (compared as text, as typed on a command line)."""
+    index = {str(i): row for row, i in enumerate(dataset.ids)}
+    missing = [str(i) for i in ids if str(i) not in index]
+    if missing:
+        shown = ", ".join(missing[:5])
+        raise AnalyzerError(f"no sample with id {shown} in this run (ids look like "
+                            f"{', '.join(map(str, list(index)[:3]))}): check --ids")
+    if not ids:
+        raise AnalyzerError("no sample ids given: pass --ids 1,2,3")
+    return np.asarray([index[str(i)] for i in ids], dtype=np.int64)
+
+
+def resolve_targets(run, dataset, rows: np.ndarray, target, num_classes: int) -> np.ndarray:
+    key = target_key(target)
+    if key == "pred":
+        samples = run.samples
+        by_id = dict(zip(samples["id"].astype(str), samples["pred"].astype(np.int64)))
+        return np.asarray([by_id[str(dataset.ids[r])] for r in rows], dtype=np.int64)
+    if key == "label":
+        return dataset.y[rows].astype(np.int64)
+    k = int(target)
+    if not 0 <= k < num_classes:
+        raise AnalyzerError(f"--target {k} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+    return np.full(len(rows), k, dtype=np.int64)
+
+
+def ground_truth_mask(dataset, rows: np.ndarray) -> np.ndarray | None:
+    """The planted ground truth of these samples, if the dataset has one: an image mask (extras["mask"]) or a
+    sequence interval (metadata motif_start/motif_end)."""
+    if "mask" in dataset.extras:
+        return np.asarray(dataset.extras["mask"])[rows].astype(bool)
+    meta = dataset.metadata
+    if dataset.modality == "sequence" and {"motif_start", "motif_end"} <= set(meta.columns):
+        return interval_mask(meta["motif_start"].to_numpy()[rows], meta["motif_end"].to_numpy()[rows],
+                             dataset.x.shape[-1])
+    return None
+
+
+def background_sample(dataset, seed: int = 0, size: int = BACKGROUND_SIZE) -> np.ndarray:
+    """A fixed random sample of the dataset: shap's background and the 'mean' baseline."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(dataset), size=min(size, len(dataset)), replace=False))
+    return dataset.x[rows]
+
+
+def method_options(method: str, layer=None, options: dict | None = None) -> dict:
+    opts = dict(options or {})
+    if layer and method == "gradcam":
+        opts.setdefault("layer", layer)
+    unknown = set(opts) - set(METHODS[method].options) - {"seed"}
+    if unknown:
+        raise AnalyzerError(f"{method} takes no option {', '.join(sorted(unknown))}: its options are "
+                            f"{', '.join(METHODS[method].options) or 'none'}")
+    return opts
+
+
+def score_samples(model, x: np.ndarray, targets: np.ndarray, method: str, *, options: dict, background: np.ndarray,
+                  mask: np.ndarray | None, batch_size: int, sanity: bool, cache_dir, sample_ids, seed: int = 0
+                  ) -> tuple[np.ndarray, pd.DataFrame]:
+    """Attributions of `method` for `x` and their faithfulness scores, one row per sample."""
+    base_choice = options.get("baseline", "zeros")
+    gap = np.full(len(x), np.nan)
+    steps = np.full(len(x), -1, dtype=np.int64)
+    if method == "integrated_gradients":
+        result = ig_completeness(model, x, targets, baseline=base_choice, background=background,
+                                 n_steps=options.get("n_steps", 50), batch_size=batch_size,
+                                 internal_batch_size=options.get("internal_batch_size"))
+        attr, gap, steps = result.attributions, result.gap, result.n_steps
+    else:
+        attr = explain(model, x, targets, method, batch_size=batch_size, background=background, seed=seed, **options)
+    curves = deletion_insertion(model, x, attr, targets, baseline=base_choice if isinstance(base_choice, str)
+                                else "zeros", background=background, batch_size=batch_size)
+    table = pd.DataFrame({
+        "deletion_auc": curves.deletion_auc, "insertion_auc": curves.insertion_auc,
+        "completeness_gap": gap.astype(np.float32), "ig_n_steps": steps,
+    })
+    if sanity:
+        check = randomisation_check(model, x, method, targets, batch_size=batch_size, seed=seed, cache_dir=cache_dir,
+                                    sample_ids=sample_ids, background=background, **options)
+        table["sanity_rank_corr"] = check.final_corr.astype(np.float32)
+        table["sanity_mean_corr"] = np.float32(check.mean_final_corr)
+        table["sanity_flag"] = bool(check.flagged)
+    else:
+        table["sanity_rank_corr"] = np.float32(np.nan)
+        table["sanity_mean_corr"] = np.float32(np.nan)
+        table["sanity_flag"] = pd.NA
+    if mask is not None:
+        truth = ground_truth_scores(attr, mask)
+        table["mass_inside"] = truth.mass_inside.astype(np.float32)
+        table["pointing_hit"] = truth.pointing_hit
+    return attr, table
+
+
+def _merge_npz(path: Path, ids: list, targets: np.ndarray, attr: np.ndarray) -> None:
+    ids = np.asarray([str(i) for i in ids])
+    if path.exists():
+        with np.load(path, allow_pickle=False) as old:
+            keep = ~np.isin(old["ids"], ids)
+            if old["attributions"].shape[1:] == attr.shape[1:]:
+                ids = np.concatenate([old["ids"][keep], ids])
+                targets = np.concatenate([old["targets"][keep], targets])
+                attr = np.concatenate([old["attributions"][keep], attr])
+
+    def _save(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, ids=ids, targets=targets, attributions=attr.astype(np.float32))
+
+    write_atomic(path, _save)
+
+
+def _merge_table(path: Path, new: pd.DataFrame) -> pd.DataFrame:
+    if path.exists():
+        old = pd.read_parquet(path)
+        keys = set(map(tuple, new[list(KEY_COLUMNS)].astype(str).to_numpy()))
+        stale = old[list(KEY_COLUMNS)].astype(str).apply(tuple, axis=1).isin(keys)
+        new = pd.concat([old[~stale], new], ignore_index=True)
+    write_parquet(path, new)
+    return new
+
+
+def explain_run(run_dir, ids, methods, *, target="pred", layer=None, batch_size: int = 64, sanity: bool = True,
+                seed: int = 0, model=None, dataset=None, options: dict | None = None) -> pd.DataFrame:
+    """Explain samples `ids` of a stored run with each of `methods`, write the files into the run, and return the
+    faithfulness rows written. `model`/`dataset` (already loaded) skip reloading them."""
+    from .pipeline import load_run_inputs
+    from .runs import open_run
+
+    run = open_run(run_dir)
+    if model is None or dataset is None:
+        model, dataset = load_run_inputs(run)
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise AnalyzerError(f"unknown method {', '.join(bad)}: choose from {', '.join(METHODS)}")
+    rows = resolve_rows(dataset, ids)
+    targets = resolve_targets(run, dataset, rows, target, model.num_classes)
+    key = target_key(target)
+    x = dataset.x[rows]
+    sample_ids = [str(dataset.ids[r]) for r in rows]
+    background = background_sample(dataset, seed)
+    mask = ground_truth_mask(dataset, rows)
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    tables = []
+    for method in methods:
+        opts = method_options(method, layer, (options or {}).get(method))
+        attr, table = score_samples(model, x, targets, method, options=opts, background=background, mask=mask,
+                                    batch_size=batch_size, sanity=sanity, cache_dir=run.file(CACHE),
+                                    sample_ids=sample_ids, seed=seed)
+        _merge_npz(run.file(f"{EXPLANATIONS}/{method}/{key}.npz"), sample_ids, targets, attr)
+        table.insert(0, "id", sample_ids)
+        table.insert(1, "method", method)
+        table.insert(2, "target", key)
+        table.insert(3, "target_class", targets)
+        table["options"] = json.dumps(opts, sort_keys=True, default=str)
+        table["created"] = created
+        tables.append(table)
+    written = pd.concat(tables, ignore_index=True)
+    _merge_table(run.file(FAITHFULNESS), written)
+    return written
+
+
+def explain_command(args) -> int:
+    """`python -m analyzers explain RUN_DIR --ids ... --method ... [--target] [--layer] [--batch-size]`."""
+    if args.batch_size < 1:
+        raise AnalyzerError(f"--batch-size must be at least 1, got {args.batch_size}")
+    written = explain_run(args.run_dir, args.ids, args.method, target=args.target, layer=args.layer,
+                          batch_size=args.batch_size)
+    summary = written.groupby("method").agg(samples=("id", "size"), deletion_auc=("deletion_auc", "mean"),
+                                            insertion_auc=("insertion_auc", "mean"),
+                                            completeness_gap=("completeness_gap", "max"),
+                                            sanity_corr=("sanity_mean_corr", "first"),
+                                            sanity_flag=("sanity_flag", "first"))
+    print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
+    flagged = [m for m, f in summary["sanity_flag"].items() if f is True]
+    if flagged:
+        print(f"warning: {', '.join(flagged)} barely change(s) when the model is randomised: those maps do not "
+              f"reflect what the model learned", file=sys.stderr)
+    print(f"written to {Path(args.run_dir) / EXPLANATIONS}")
+    return 0
+
+
+# --- one sample, for the dashboard -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SampleExplanation:
+    id: str
+    method: str
+    target_class: int
+    attribution: np.ndarray  # one sample's shape
+    display: np.ndarray  # heat map (H, W), per-position (L,) or per-feature (F,) scores
+    scores: dict  # deletion_auc, insertion_auc, completeness_gap, sanity_rank_corr, sanity_flag, mass_inside, ...
+
+
+def explain_sample(run, sample_id, method: str, *, target="pred", model=None, dataset=None, batch_size: int = 64,
+                   sanity: bool = True, seed: int = 0, **options) -> SampleExplanation:
+    """One sample's map and faithfulness scores, cached under the run's explanations/cache by (model hash, method,
+    options, sample id, target). `run` is an opened Run or its path; pass the dashboard's loaded model and dataset."""
+    from .pipeline import load_run_inputs
+    from .runs import Run, open_run
+
+    run = run if isinstance(run, Run) else open_run(run)
+    if method not in METHODS:
+        raise AnalyzerError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+    if model is None or dataset is None:
+        model, dataset = load_run_inputs(run)
+    rows = resolve_rows(dataset, [sample_id])
+    targets = resolve_targets(run, dataset, rows, target, model.num_classes)
+    opts = method_options(method, None, options)
+    key = json.dumps({"model": model.sha256, "method": method, "options": opts, "id": str(sample_id),
+                      "target": int(targets[0]), "sanity": sanity, "seed": seed}, sort_keys=True, default=str)
+    path = run.file(f"{CACHE}/sample-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz")
+    modality = modality_of(dataset.x[:1])
+    if path.exists():
+        with np.load(path, allow_pickle=False) as cached:
+            attr = cached["attribution"]
+            scores = json.loads(str(cached["scores"]))
+    else:
+        x = dataset.x[rows]
+        attr, table = score_samples(model, x, targets, method, options=opts, background=background_sample(dataset, seed),
+                                    mask=ground_truth_mask(dataset, rows), batch_size=batch_size, sanity=sanity,
+                                    cache_dir=run.file(CACHE), sample_ids=[str(sample_id)], seed=seed)
+        attr = attr[0]
+        scores = {k: (None if pd.isna(v) else (bool(v) if isinstance(v, (bool, np.bool_)) else float(v)))
+                  for k, v in table.iloc[0].items()}
+
+        def _save(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, attribution=attr, scores=np.asarray(json.dumps(scores)))
+
+        write_atomic(path, _save)
+    return SampleExplanation(id=str(sample_id), method=method, target_class=int(targets[0]), attribution=attr,
+                             display=reduce_for_display(attr[None], modality)[0], scores=scores)
