@@ -1,0 +1,142 @@
+"""The evaluation stage of a run, and CSV exports of its tables.
+
+Writes into the run directory:
+- `metrics.json`: accuracy, balanced_accuracy, log_loss, roc_auc_ovr (macro), top_k_accuracy {k: value}, ece (top label,
+  equal-width bins), ece_quantile (equal-mass bins), classification_report (scikit-learn's dict: per class, "macro
+  avg", "weighted avg"), calibration {uniform|quantile: {top_label, per_class: {name: bins}}};
+- `confusion.json`: counts, normalized {true, pred, all}, cells [{true, pred, count, ids}], most_confused (directed
+  cells) and most_confused_pairs (either way);
+- `slices.parquet`: see `analyzers.slices.find_slices` (source, description, size, errors, error_rate, lift, score,
+  ids, conditions, cluster, ece, ece_rest), best first;
+- `label_noise.parquet`: see `analyzers.label_noise.find_label_issues` (id, label, suggested_label, score, ...).
+Error rankings are views of `samples.parquet`: `analyzers.metrics.rank_errors(samples, probs, by=...)`.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import AnalyzerError
+from .runs import write_json, write_parquet
+
+METRICS = "metrics.json"
+CONFUSION = "confusion.json"
+SLICES = "slices.parquet"
+LABEL_NOISE = "label_noise.parquet"
+# stage_options["evaluation"] keys and what they go to
+OPTIONS = {"n_bins": "calibration bins", "min_size": "smallest slice", "max_depth": "depth of the slice tree",
+           "n_clusters": "embedding clusters", "alpha": "slice score weight of error rate against size",
+           "max_slices": "slices kept per source", "top_confused": "confused pairs listed"}
+
+
+def run_class_names(dataset, model) -> list:
+    """The class names a run records (the dataset's when they fit the model, else the model's)."""
+    names = dataset.class_names
+    return list(names) if names and len(names) == model.num_classes else list(model.class_names)
+
+
+def evaluate(samples: pd.DataFrame, probs, *, class_names=None, embeddings=None, layer: str | None = None,
+             seed: int = 0, n_bins: int = 10, min_size: int | None = None, max_depth: int = 3,
+             n_clusters: int | None = None, alpha: float = 0.95, max_slices: int = 20) -> dict:
+    """Everything the stage writes, as objects: {"metrics": dict, "confusion": Confusion, "slices": DataFrame,
+    "label_noise": LabelNoise, "timings": dict}. Pure: usable on any subset of a run's samples."""
+    from .label_noise import find_label_issues
+    from .metrics import calibration_report, classification_metrics, confusion, expected_calibration_error
+    from .slices import find_slices
+
+    timings = {}
+    t0 = time.perf_counter()
+    labels = samples["label"].to_numpy()
+    ids = samples["id"].to_numpy()
+    metrics = classification_metrics(labels, probs, class_names=class_names)
+    metrics["ece"] = expected_calibration_error(labels, probs, n_bins=n_bins, strategy="uniform")
+    metrics["ece_quantile"] = expected_calibration_error(labels, probs, n_bins=n_bins, strategy="quantile")
+    metrics["calibration"] = calibration_report(labels, probs, class_names=class_names, n_bins=n_bins)
+    timings["metrics"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    probs = np.asarray(probs)
+    conf = confusion(labels, probs.argmax(1), num_classes=probs.shape[1], ids=ids, class_names=class_names)
+    timings["confusion"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    slices = find_slices(samples, embeddings=embeddings, probs=probs, class_names=class_names, layer=layer,
+                         min_size=min_size, max_depth=max_depth, n_clusters=n_clusters, alpha=alpha,
+                         max_slices=max_slices, seed=seed)
+    timings["slices"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    noise = find_label_issues(labels, probs, ids=ids)
+    timings["label_noise"] = time.perf_counter() - t0
+    return {"metrics": metrics, "confusion": conf, "slices": slices, "label_noise": noise, "timings": timings}
+
+
+def evaluation_stage(ctx) -> dict:
+    """Pipeline stage: writes metrics.json, confusion.json, slices.parquet and label_noise.parquet into the run."""
+    options = dict((ctx.params.get("stage_options") or {}).get("evaluation") or {})
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise AnalyzerError(f"unknown evaluation options {', '.join(unknown)}: choose from {', '.join(OPTIONS)}")
+    top_confused = options.pop("top_confused", 10)
+    names = run_class_names(ctx.dataset, ctx.model)
+    result = evaluate(ctx.samples, ctx.predictions.probs, class_names=names, embeddings=ctx.predictions.embeddings,
+                      layer=ctx.predictions.embedding_layer, seed=ctx.params.get("seed", 0), **options)
+    write_json(ctx.path(METRICS), result["metrics"])
+    write_json(ctx.path(CONFUSION), result["confusion"].to_dict(top=top_confused))
+    write_parquet(ctx.path(SLICES), result["slices"])
+    write_parquet(ctx.path(LABEL_NOISE), result["label_noise"].table)
+    slices = result["slices"]
+    return {
+        "accuracy": result["metrics"]["accuracy"],
+        "balanced_accuracy": result["metrics"]["balanced_accuracy"],
+        "ece": result["metrics"]["ece"],
+        "num_slices": int(len(slices)),
+        "top_slice": slices["description"].iloc[0] if len(slices) else None,
+        "num_label_suspects": int(len(result["label_noise"].table)),
+        "estimated_label_issues": result["label_noise"].estimated_issues,
+        "timings_s": {k: round(v, 4) for k, v in result["timings"].items()},
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------ export
+
+def _names_column(codes, class_names):
+    if class_names is None:
+        return codes
+    return np.asarray([str(c) for c in class_names], dtype=object)[np.asarray(codes, dtype=np.int64)]
+
+
+def _write_csv(table: pd.DataFrame, path) -> str:
+    text = table.to_csv(index=False)
+    if path is not None:
+        Path(path).write_text(text)
+    return text
+
+
+def slices_csv(slices: pd.DataFrame, path: str | Path | None = None) -> str:
+    """slices.parquet as CSV (member ids space-separated in one cell); written to `path` if given, returned."""
+    if "ids" not in slices.columns:
+        raise AnalyzerError("not a slices table: expected an ids column (read slices.parquet from a run)")
+    table = slices.assign(ids=[" ".join(map(str, ids)) for ids in slices["ids"]])
+    return _write_csv(table, path)
+
+
+def errors_csv(samples: pd.DataFrame, probs=None, path: str | Path | None = None, *, by: str = "confident_wrong",
+               class_names=None, limit: int | None = None) -> str:
+    """An error ranking (see `analyzers.metrics.RANKINGS`) as CSV, with class names beside label and prediction."""
+    from .metrics import rank_errors
+
+    table = rank_errors(samples, probs, by=by, limit=limit)
+    table = table.assign(label_name=_names_column(table["label"], class_names),
+                         pred_name=_names_column(table["pred"], class_names))
+    return _write_csv(table, path)
+
+
+def suspects_csv(label_noise: pd.DataFrame, path: str | Path | None = None, *, class_names=None) -> str:
+    """label_noise.parquet as CSV, with class names beside the given and suggested labels."""
+    missing = [c for c in ("id", "label", "suggested_label", "score") if c not in label_noise.columns]
+    if missing:
+        raise AnalyzerError(f"not a label-noise table: {', '.join(missing)} missing (read label_noise.parquet)")
+    table = label_noise.assign(label_name=_names_column(label_noise["label"], class_names),
+                               suggested_name=_names_column(label_noise["suggested_label"], class_names))
+    return _write_csv(table, path)

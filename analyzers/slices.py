@@ -1,0 +1,421 @@
+"""Error slices: groups of samples where the model fails far more than on average, described in words.
+
+Two sources:
+- `features`: a shallow decision tree fitted to predict errors from features, metadata, the label and the prediction;
+  every node of the tree is a candidate slice, its path turned into a rule (`label == "circle" and background ==
+  "green"`), with bounds on one column merged (`0.3 < x <= 0.5`).
+- `embeddings`: k-means clusters of a layer's activations (after PCA), so data without metadata also gets slices.
+
+Slices are ranked by SliceLine's score (Sagadeeva and Boehm, 2021), which weighs the error rate against the size:
+`alpha * (error_rate / overall_error_rate - 1) - (1 - alpha) * (N / size - 1)`. Samples are sorted by id before any
+fitting, so the slices do not depend on the order of the rows.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from .errors import AnalyzerError
+
+SOURCES = ("features", "embeddings")
+# Columns that describe the model's output on a sample rather than the sample: never used in a rule.
+OUTCOME_COLUMNS = ("id", "correct", "confidence", "loss", "margin")
+MAX_CATEGORIES = 30  # one-hot the most frequent values of a categorical column; rarer ones are left out
+MAX_DISTINCT = 200  # a text column with more distinct values (file names, free text) is not a category
+SPLIT_P_VALUE = 0.01  # a tree node is a slice only if its errors exceed its sibling's at this significance
+MAX_FIT_ROWS = 10_000  # PCA and k-means are fitted on at most this many samples, then applied to all
+SLICE_COLUMNS = ("source", "description", "size", "errors", "error_rate", "lift", "score", "ids", "conditions")
+
+
+def default_min_size(n: int) -> int:
+    """The smallest slice worth reporting: the larger of 20 samples and 1% of the data."""
+    return max(20, int(np.ceil(0.01 * n)))
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+        raise AnalyzerError(f"{name} must be an integer of at least {low}, got {value!r}")
+
+
+def _check_samples(samples: pd.DataFrame) -> None:
+    if not isinstance(samples, pd.DataFrame):
+        raise AnalyzerError(f"samples must be a DataFrame (a run's samples.parquet), got {type(samples).__name__}")
+    missing = [c for c in ("id", "label", "pred", "correct") if c not in samples.columns]
+    if missing:
+        raise AnalyzerError(f"the samples table lacks {', '.join(missing)}: pass a run's samples.parquet")
+    if len(samples) == 0:
+        raise AnalyzerError("no samples to slice: select at least one sample")
+
+
+def _id_order(ids: np.ndarray) -> np.ndarray:
+    try:
+        return np.argsort(ids, kind="stable")
+    except TypeError:  # mixed id types: order by their text
+        return np.argsort(ids.astype(str), kind="stable")
+
+
+def slice_score(error_rate, size, *, overall_error: float, n: int, alpha: float = 0.95):
+    """SliceLine's score: positive when a slice's error rate is far enough above the overall rate for its size."""
+    error_rate = np.asarray(error_rate, dtype=np.float64)
+    size = np.asarray(size, dtype=np.float64)
+    if overall_error <= 0:
+        return np.full(error_rate.shape, np.nan)
+    return alpha * (error_rate / overall_error - 1) - (1 - alpha) * (n / size - 1)
+
+
+# ------------------------------------------------------------------------------------------------ feature encoding
+
+def _fmt(value: float) -> str:
+    return format(float(value), ".4g")
+
+
+def _quote(value) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    return json.dumps(str(value))
+
+
+def rule_columns(samples: pd.DataFrame) -> list:
+    """Columns a rule may use: features, metadata, label and prediction (not the id nor the model's scores)."""
+    return [c for c in samples.columns if c not in OUTCOME_COLUMNS]
+
+
+def _encode(samples: pd.DataFrame, columns: list, class_names: list):
+    """A float matrix for the tree and, per matrix column, what it means: ("num", col), ("cat", col, value,
+    the column's other value if it has exactly two) or ("missing", col)."""
+    blocks, specs = [], []
+    for col in columns:
+        series = samples[col]
+        if col in ("label", "pred"):
+            codes = series.to_numpy()
+            for k, name in enumerate(class_names):
+                blocks.append(codes == k)
+                specs.append(("cat", col, name))
+            continue
+        values = series.to_numpy()
+        if series.dtype.kind in "fiu":
+            values = values.astype(np.float64)
+            missing = ~np.isfinite(values)
+            if missing.all() or np.nanmin(values[~missing]) == np.nanmax(values[~missing]):
+                continue
+            if missing.any():
+                blocks.append(missing)
+                specs.append(("missing", col))
+                values = np.where(missing, np.nanmedian(values[~missing]), values)
+            blocks.append(values)
+            specs.append(("num", col))
+            continue
+        text = series.astype("object").where(series.notna(), None)
+        counts = text.value_counts()
+        if len(counts) < 2 or (series.dtype.kind in "OSU" and len(counts) > MAX_DISTINCT):
+            continue
+        # With two values, "!= a" reads better as "== b": the spec carries the other value when there is one.
+        for value in counts.index[:MAX_CATEGORIES]:
+            blocks.append((text == value).to_numpy())
+            other = counts.index[1 - list(counts.index).index(value)] if len(counts) == 2 and text.notna().all() \
+                else None
+            specs.append(("cat", col, value, other))
+        if text.isna().any():
+            blocks.append(text.isna().to_numpy())
+            specs.append(("missing", col))
+    if not blocks:
+        return np.zeros((len(samples), 0), dtype=np.float32), specs
+    return np.column_stack(blocks).astype(np.float32), specs
+
+
+def _rule(path: list, specs: list) -> tuple[str, list]:
+    """Merge a tree path [(matrix column, goes_right, threshold)] into conditions per data column and words."""
+    merged = {}  # data column -> condition dict, in order of first use
+    for feature, right, threshold in path:
+        spec = specs[feature]
+        col = spec[1]
+        cond = merged.setdefault(col, {"column": col})
+        if spec[0] == "num":
+            if right:
+                cond["low"] = max(threshold, cond.get("low", -np.inf))
+            else:
+                cond["high"] = min(threshold, cond.get("high", np.inf))
+        elif spec[0] == "missing":
+            cond["missing"] = bool(right)
+        elif right:
+            cond["equals"] = spec[2]
+        elif len(spec) > 3 and spec[3] is not None:
+            cond["equals"] = spec[3]
+        else:
+            cond.setdefault("excludes", []).append(spec[2])
+    words, conditions = [], []
+    for col, cond in merged.items():
+        if cond.get("missing") is True:
+            cond = {"column": col, "missing": True}
+            words.append(f"{col} is missing")
+        elif "equals" in cond:
+            cond = {"column": col, "equals": cond["equals"]}
+            words.append(f"{col} == {_quote(cond['equals'])}")
+        else:
+            if "excludes" in cond:
+                ex = cond["excludes"]
+                words.append(f"{col} != {_quote(ex[0])}" if len(ex) == 1
+                             else f"{col} not in ({', '.join(_quote(v) for v in ex)})")
+            low, high = cond.get("low"), cond.get("high")
+            if low is not None and high is not None:
+                words.append(f"{_fmt(low)} < {col} <= {_fmt(high)}")
+            elif low is not None:
+                words.append(f"{col} > {_fmt(low)}")
+            elif high is not None:
+                words.append(f"{col} <= {_fmt(high)}")
+            if cond.get("missing") is False and "low" not in cond and "high" not in cond:
+                words.append(f"{col} is not missing")
+        conditions.append({k: (v.item() if isinstance(v, np.generic) else v) for k, v in cond.items()})
+    return " and ".join(words), conditions
+
+
+# --------------------------------------------------------------------------------------------------- feature slices
+
+def feature_slices(samples: pd.DataFrame, *, class_names=None, columns=None, min_size: int | None = None,
+                   max_depth: int = 3, alpha: float = 0.95, max_slices: int = 20, max_overlap: float = 0.9,
+                   seed: int = 0) -> pd.DataFrame:
+    """Slices from a decision tree fitted to predict errors; each tree node (but the root) is a candidate.
+
+    Kept: nodes with at least `min_size` samples, an error rate above the overall one and significantly above their
+    sibling's (so no condition in a rule follows noise), best score first, leaving out a slice whose members overlap
+    a better one's by more than `max_overlap` (Jaccard).
+    """
+    from sklearn.tree import DecisionTreeClassifier
+
+    _check_samples(samples)
+    _check_int("max_depth", max_depth, 1)
+    _check_int("max_slices", max_slices, 1)
+    if not 0 < alpha < 1:
+        raise AnalyzerError(f"alpha must lie strictly between 0 and 1, got {alpha!r}")
+    n = len(samples)
+    min_size = default_min_size(n) if min_size is None else min_size
+    _check_int("min_size", min_size, 1)
+    names = _class_names(samples, class_names)
+    if columns is None:
+        columns = rule_columns(samples)
+    else:
+        unknown = [c for c in columns if c not in samples.columns]
+        if unknown:
+            raise AnalyzerError(f"no column {', '.join(map(str, unknown))} in the samples table: choose from "
+                                f"{', '.join(map(str, rule_columns(samples)))}")
+    table = samples.iloc[_id_order(samples["id"].to_numpy())].reset_index(drop=True)
+    errors = ~table["correct"].to_numpy(dtype=bool)
+    overall = errors.mean()
+    x, specs = _encode(table, list(columns), names)
+    if x.shape[1] == 0 or errors.all() or not errors.any() or n < 2 * min_size:
+        return _empty()
+    tree = DecisionTreeClassifier(max_depth=max_depth, min_samples_leaf=min_size, random_state=seed)
+    tree.fit(x, errors)
+    paths = tree.decision_path(x).tocsc()
+    size = np.diff(paths.indptr)
+    err = np.asarray(paths.T @ errors.astype(np.float64)).ravel()
+    t = tree.tree_
+    parent = np.full(t.node_count, -1)
+    went_right = np.zeros(t.node_count, dtype=bool)
+    for node in range(t.node_count):
+        for child, right in ((t.children_left[node], False), (t.children_right[node], True)):
+            if child >= 0:
+                parent[child] = node
+                went_right[child] = right
+    sibling = np.full(t.node_count, -1)
+    for node in range(t.node_count):
+        left, right = t.children_left[node], t.children_right[node]
+        if left >= 0:
+            sibling[left], sibling[right] = right, left
+    candidates = [j for j in range(1, t.node_count) if size[j] >= min_size and err[j] / size[j] > overall
+                  and _worse_than(err[j], size[j], err[sibling[j]], size[sibling[j]], tests=x.shape[1])]
+    ids = table["id"].to_numpy()
+    rows = []
+    for j in candidates:
+        path, node = [], j
+        while parent[node] >= 0:
+            p = parent[node]
+            path.append((int(t.feature[p]), bool(went_right[node]), float(t.threshold[p])))
+            node = p
+        description, conditions = _rule(path[::-1], specs)
+        members = paths.indices[paths.indptr[j]:paths.indptr[j + 1]]
+        rows.append({"description": description, "conditions": json.dumps(conditions), "members": members,
+                     "size": int(size[j]), "errors": int(err[j])})
+    return _finish(rows, ids, overall, n, alpha, "features", max_slices, max_overlap)
+
+
+def _worse_than(errors: float, size: float, other_errors: float, other_size: float, *, tests: int) -> bool:
+    """Whether a node's error rate is significantly above its sibling's (one-sided Fisher exact test, Bonferroni over
+    the `tests` columns the tree chose the split from): a split that only follows noise would add a condition that
+    means nothing to the rule."""
+    from scipy.stats import fisher_exact
+
+    table = [[int(errors), int(size - errors)], [int(other_errors), int(other_size - other_errors)]]
+    return fisher_exact(table, alternative="greater").pvalue < SPLIT_P_VALUE / max(tests, 1)
+
+
+def _class_names(samples: pd.DataFrame, class_names) -> list:
+    k = int(max(samples["label"].max(), samples["pred"].max())) + 1
+    if class_names is None:
+        return [str(i) for i in range(k)]
+    names = [str(c) for c in class_names]
+    if len(names) < k:
+        raise AnalyzerError(f"{len(names)} class names but labels or predictions reach class {k - 1}: "
+                            f"give one name per class")
+    return names
+
+
+def _empty() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=object if c in ("source", "description", "ids", "conditions")
+                                      else np.float64) for c in SLICE_COLUMNS})
+
+
+def _finish(rows: list, ids: np.ndarray, overall: float, n: int, alpha: float, source: str, max_slices: int,
+            max_overlap: float) -> pd.DataFrame:
+    if not rows:
+        return _empty()
+    size = np.array([r["size"] for r in rows], dtype=np.float64)
+    errs = np.array([r["errors"] for r in rows], dtype=np.float64)
+    rate = errs / size
+    score = slice_score(rate, size, overall_error=overall, n=n, alpha=alpha)
+    order = np.lexsort((np.arange(len(rows)), -size, -np.nan_to_num(score, nan=-np.inf)))
+    kept, kept_sets = [], []
+    for i in order:
+        members = set(rows[i]["members"].tolist())
+        if any(len(members & other) / len(members | other) > max_overlap for other in kept_sets):
+            continue
+        kept.append(i)
+        kept_sets.append(members)
+        if len(kept) == max_slices:
+            break
+    out = pd.DataFrame({
+        "source": source,
+        "description": [rows[i]["description"] for i in kept],
+        "size": size[kept].astype(np.int64),
+        "errors": errs[kept].astype(np.int64),
+        "error_rate": rate[kept],
+        "lift": rate[kept] / overall if overall > 0 else np.nan,
+        "score": score[kept],
+        "ids": [np.sort(ids[rows[i]["members"]]).tolist() for i in kept],
+        "conditions": [rows[i].get("conditions", "[]") for i in kept],
+    })
+    extra = [k for k in rows[0] if k not in ("description", "conditions", "members", "size", "errors")]
+    for key in extra:
+        out[key] = [rows[i][key] for i in kept]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- embedding slices
+
+def embedding_slices(samples: pd.DataFrame, embeddings, *, class_names=None, layer: str | None = None,
+                     n_clusters: int | None = None, n_components: int = 20, min_size: int | None = None,
+                     alpha: float = 0.95, max_slices: int = 20, seed: int = 0) -> pd.DataFrame:
+    """Clusters of activations (k-means on a PCA projection) with their error rates, best score first.
+
+    `embeddings` is (N, D), rows aligned with `samples`. Default `n_clusters`: N // (3 * min_size), between 2 and 30.
+    Each cluster is described by its commonest label and prediction; its `cluster` column is the k-means index.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+    from threadpoolctl import threadpool_limits
+
+    _check_samples(samples)
+    emb = np.asarray(embeddings)
+    n = len(samples)
+    if emb.ndim != 2 or len(emb) != n:
+        raise AnalyzerError(f"embeddings must be (samples, dims) with one row per sample ({n}), got {emb.shape}")
+    if not np.isfinite(emb).all():
+        raise AnalyzerError("embeddings hold NaN or inf: recompute them, or choose another layer")
+    if not 0 < alpha < 1:
+        raise AnalyzerError(f"alpha must lie strictly between 0 and 1, got {alpha!r}")
+    _check_int("n_components", n_components, 1)
+    _check_int("max_slices", max_slices, 1)
+    min_size = default_min_size(n) if min_size is None else min_size
+    _check_int("min_size", min_size, 1)
+    if n_clusters is None:
+        n_clusters = int(np.clip(n // (3 * min_size), 2, 30))
+    _check_int("n_clusters", n_clusters, 2)
+    if n < n_clusters:
+        return _empty()
+    names = _class_names(samples, class_names)
+    order = _id_order(samples["id"].to_numpy())
+    table = samples.iloc[order].reset_index(drop=True)
+    emb = emb[order].astype(np.float64)
+    k = min(n_components, emb.shape[1], n)
+    # Fit on a fixed random subset (drawn after sorting by id) and assign every sample: linear in N. One BLAS
+    # thread: on a shared machine, threads spinning for cores cost PCA and k-means ten times more than they save.
+    fit_rows = np.sort(np.random.default_rng(seed).permutation(n)[:MAX_FIT_ROWS])
+    with threadpool_limits(1):
+        if k < emb.shape[1]:
+            reduced = PCA(n_components=k, random_state=seed).fit(emb[fit_rows]).transform(emb)
+        else:
+            reduced = emb - emb.mean(0)
+        kmeans = KMeans(n_clusters=n_clusters, n_init=1, random_state=seed).fit(reduced[fit_rows])
+        assign = kmeans.predict(reduced)
+    errors = ~table["correct"].to_numpy(dtype=bool)
+    overall = errors.mean()
+    labels = table["label"].to_numpy().astype(np.int64)
+    preds = table["pred"].to_numpy().astype(np.int64)
+    size = np.bincount(assign, minlength=n_clusters)
+    err = np.bincount(assign, weights=errors, minlength=n_clusters)
+    nk = len(names)
+    label_counts = np.bincount(assign * nk + labels, minlength=n_clusters * nk).reshape(n_clusters, nk)
+    pred_counts = np.bincount(assign * nk + preds, minlength=n_clusters * nk).reshape(n_clusters, nk)
+    by_cluster = np.argsort(assign, kind="stable")
+    cuts = np.searchsorted(assign[by_cluster], np.arange(n_clusters + 1))
+    where = f" of {layer}" if layer else ""
+    rows = []
+    for c in range(n_clusters):
+        if size[c] < min_size or (overall > 0 and err[c] / size[c] <= overall):
+            continue
+        top_label, top_pred = label_counts[c].argmax(), pred_counts[c].argmax()
+        description = (f"embedding cluster {c}{where}: label {_quote(names[top_label])} "
+                       f"({label_counts[c, top_label] / size[c]:.0%}), predicted {_quote(names[top_pred])} "
+                       f"({pred_counts[c, top_pred] / size[c]:.0%})")
+        rows.append({"description": description, "conditions": json.dumps([{"cluster": c, "layer": layer}]),
+                     "members": by_cluster[cuts[c]:cuts[c + 1]], "size": int(size[c]), "errors": int(err[c]),
+                     "cluster": c})
+    return _finish(rows, table["id"].to_numpy(), overall, n, alpha, "embeddings", max_slices, max_overlap=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------- all together
+
+def find_slices(samples: pd.DataFrame, *, embeddings=None, probs=None, class_names=None, layer: str | None = None,
+                columns=None, min_size: int | None = None, max_depth: int = 3, n_clusters: int | None = None,
+                alpha: float = 0.95, max_slices: int = 20, seed: int = 0) -> pd.DataFrame:
+    """Feature slices and (when `embeddings` are given) embedding slices, ranked together by score.
+
+    With `probs` (rows aligned with `samples`), adds each slice's calibration: `ece` inside it and `ece_rest` outside.
+    """
+    from .metrics import subset_calibration
+
+    parts = [feature_slices(samples, class_names=class_names, columns=columns, min_size=min_size,
+                            max_depth=max_depth, alpha=alpha, max_slices=max_slices, seed=seed)]
+    if embeddings is not None:
+        parts.append(embedding_slices(samples, embeddings, class_names=class_names, layer=layer,
+                                      n_clusters=n_clusters, min_size=min_size, alpha=alpha,
+                                      max_slices=max_slices, seed=seed))
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        table = _empty()
+    else:
+        table = pd.concat(parts, ignore_index=True)
+        table = table.iloc[np.lexsort((table["source"].map(SOURCES.index).to_numpy(), -table["size"].to_numpy(),
+                                       -table["score"].fillna(-np.inf).to_numpy()))].reset_index(drop=True)
+    if "cluster" in table.columns:
+        table["cluster"] = table["cluster"].fillna(-1).astype(np.int64)
+    if probs is not None:
+        ids = samples["id"].to_numpy()
+        position = pd.Series(np.arange(len(ids)), index=ids)
+        ece_in, ece_out = [], []
+        for members in table["ids"]:
+            mask = np.zeros(len(ids), dtype=bool)
+            mask[position.loc[members].to_numpy()] = True
+            a, b = subset_calibration(samples["label"].to_numpy(), probs, mask)
+            ece_in.append(a)
+            ece_out.append(b)
+        table["ece"] = np.array(ece_in, dtype=np.float64)
+        table["ece_rest"] = np.array(ece_out, dtype=np.float64)
+    return table
+
+
+def slice_mask(samples: pd.DataFrame, ids) -> np.ndarray:
+    """Boolean mask over `samples` rows for the given member ids (e.g. a row of slices.parquet)."""
+    return np.isin(samples["id"].to_numpy(), np.asarray(list(ids)))
