@@ -108,9 +108,10 @@ def predict(model, x, y=None, *, batch_size: int = 256, layer: str | None = None
     if layer is not None:
         target = resolve_layer(module, layer)
         if capture == "input":
-            handle = target.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+            # copies: an in-place activation running after the hook (ReLU(inplace=True)) would rewrite a view
+            handle = target.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().clone()))
         else:
-            handle = target.register_forward_hook(lambda _m, _a, out: captured.append(out.detach()))
+            handle = target.register_forward_hook(lambda _m, _a, out: captured.append(out.detach().clone()))
     bar = None
     if progress:
         from tqdm import tqdm

@@ -192,3 +192,18 @@ def test_collect_embeddings_of_another_layer_is_cached_in_the_run(digits_run):
     assert list(table.columns) == ["id", "x", "y", "z"]
     with pytest.raises(AnalyzerError, match="not a layer name"):
         collect_embeddings(model, dataset.x, "../x", run=run)
+
+
+def test_collected_activations_are_the_layers_own_even_before_an_inplace_relu():
+    from analyzers.models import wrap_module
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(inplace=True), torch.nn.Linear(5, 2)).eval()
+    loaded = wrap_module(module, (6,))
+    assert loaded.inplace_activations == ("1",)
+    x = np.random.default_rng(0).normal(size=(30, 6)).astype(np.float32)
+    got = collect_embeddings(loaded, x, "0", batch_size=7)
+    with torch.no_grad():
+        want = module[0](torch.as_tensor(x)).numpy()
+    assert (want < 0).any()  # post-ReLU values would have no negatives
+    np.testing.assert_allclose(got, want, atol=1e-6)
