@@ -33,7 +33,8 @@ TRAINING_LOG = "training/log.jsonl"
 
 @dataclass(frozen=True)
 class GradientTraces:
-    traces: pd.DataFrame  # batch, layer, kind ("parameters"|"activations"), grad_norm, weight_norm, activation_norm, ratio
+    # batch, layer, kind ("parameters"|"activations"), grad_norm, weight_norm, activation_norm, ratio, loss
+    traces: pd.DataFrame
     dead_units: pd.DataFrame  # layer, units, dead_units, dead_fraction, samples
     flags: dict  # vanishing/exploding/dead layer lists, in-place activations, thresholds
     params: dict

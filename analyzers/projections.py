@@ -4,11 +4,13 @@ t-SNE and UMAP cost seconds per thousand points, so they are fitted on a random 
 after PCA to 50 dimensions) and the remaining points are placed into the fitted map with the library's `transform`.
 What was sampled is recorded in `Projection.params` and in the `fitted` column of the stored table.
 
-Run files: `projections/<LAYER>-<METHOD>-<D>d.parquet` (columns id, x, y[, z][, fitted]) keyed by sample id, so any
-colouring is a join with `samples.parquet`, and `projections/<LAYER>-<METHOD>-<D>d.json` with the parameters and timings.
+Run files: `projections/<LAYER>-<METHOD>-<D>d.parquet` (columns id, x, y[, z][, fitted]) keyed by sample id, so
+any colouring is a join with `samples.parquet`, and `projections/<LAYER>-<METHOD>-<D>d.json` with the parameters
+and timings.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import time
@@ -49,7 +51,8 @@ def _as_matrix(embeddings) -> np.ndarray:
     x = x.astype(np.float32, copy=False)
     if not np.isfinite(x).all():
         bad = int((~np.isfinite(x).all(axis=1)).sum())
-        raise AnalyzerError(f"{bad} embedding rows hold NaN or inf: the layer's activations overflowed; check the model")
+        raise AnalyzerError(f"{bad} embedding rows hold NaN or inf: the layer's activations overflowed; "
+                            f"check the model")
     return x
 
 
@@ -65,7 +68,7 @@ def pca(x: np.ndarray, n_components: int, *, seed: int = 0) -> tuple[np.ndarray,
 
 
 def _configure_numba_cache() -> str:
-    """Compiled UMAP kernels are cached on disk (the first compile takes about a minute); keeps a cache dir the user set."""
+    """Cache umap-learn's compiled kernels on disk (the first compile takes about a minute); keep a dir the user set."""
     cache = os.environ.setdefault("NUMBA_CACHE_DIR", str(NUMBA_CACHE_DIR))
     if "numba" in sys.modules:  # imported earlier (shap imports it) before the variable was set: tell it directly
         import numba
@@ -108,22 +111,18 @@ def project(embeddings, *, method: str = "pca", dims: int = 2, fit_sample: int =
     params: dict = {"method": method, "dims": dims, "n_points": n, "n_features": d, "seed": seed}
 
     if method == "pca":
-        t0 = time.perf_counter()
-        coords, info = pca(x, dims, seed=seed)
-        timings["pca"] = time.perf_counter() - t0
+        coords, info = _timed(timings, "pca", lambda: pca(x, dims, seed=seed))
         params.update(info, n_fitted=n, sampled=False)
         return Projection(coords=coords, method=method, dims=dims, fitted=np.ones(n, bool), params=params,
                           timings=_rounded(timings))
 
-    t0 = time.perf_counter()
     if d > pca_dims:
-        reduced, info = pca(x, pca_dims, seed=seed)
+        reduced, info = _timed(timings, "pca_before", lambda: pca(x, pca_dims, seed=seed))
         params["pca_before"] = {"n_components": pca_dims, "svd_solver": info["svd_solver"],
                                 "explained_variance": round(float(sum(info["explained_variance_ratio"])), 6)}
     else:
         reduced = x
         params["pca_before"] = None
-    timings["pca_before"] = time.perf_counter() - t0
 
     rng = np.random.default_rng(seed)
     if n > fit_sample:
@@ -145,10 +144,8 @@ def project(embeddings, *, method: str = "pca", dims: int = 2, fit_sample: int =
                                      min_dist=min_dist, n_epochs=n_epochs)
     coords[fit_idx] = fit_coords
     if len(rest_idx) and placement == "knn":
-        t0 = time.perf_counter()
-        rest_coords = place_by_neighbours(reduced[fit_idx], fit_coords, reduced[rest_idx], k=KNN_PLACEMENT_K,
-                                          n_jobs=n_jobs)
-        timings["placement"] = time.perf_counter() - t0
+        rest_coords = _timed(timings, "placement", lambda: place_by_neighbours(
+            reduced[fit_idx], fit_coords, reduced[rest_idx], k=KNN_PLACEMENT_K, n_jobs=n_jobs))
         params["knn_placement_k"] = KNN_PLACEMENT_K
     if len(rest_idx):
         coords[rest_idx] = rest_coords
@@ -183,26 +180,19 @@ def _fit_tsne(fit_x, rest_x, *, dims, seed, n_jobs, params, timings, perplexity,
                       "initialization": "pca", "negative_gradient_method": gradient,
                       "early_exaggeration_iter": estimator.early_exaggeration_iter, "n_iter": estimator.n_iter,
                       "learning_rate": "auto", "neighbors": estimator.neighbors}
-    t0 = time.perf_counter()
-    embedding = estimator.fit(fit_x)
-    timings["fit"] = time.perf_counter() - t0
+    embedding = _timed(timings, "fit", lambda: estimator.fit(fit_x))
     rest = None
     if rest_x is not None:
-        t0 = time.perf_counter()
-        rest = np.asarray(embedding.transform(rest_x, perplexity=min(5.0, used_perplexity)))
-        timings["transform"] = time.perf_counter() - t0
-        params["tsne"]["transform_perplexity"] = min(5.0, used_perplexity)
+        params["tsne"]["transform_perplexity"] = min(5.0, used_perplexity)  # openTSNE's default for new points
+        rest = _timed(timings, "transform", lambda: embedding.transform(rest_x, perplexity=min(5.0, used_perplexity)))
     return np.asarray(embedding, dtype=np.float32), rest
 
 
 def _fit_umap(fit_x, rest_x, *, dims, seed, n_jobs, params, timings, n_neighbors, min_dist, n_epochs, **_):
     params["numba_cache_dir"] = _configure_numba_cache()
-    t0 = time.perf_counter()
-    import umap
-
-    timings["import"] = time.perf_counter() - t0
+    umap = _timed(timings, "import", lambda: importlib.import_module("umap"))
     used_neighbors = int(min(n_neighbors, len(fit_x) - 1))
-    # umap-learn runs 500 epochs below 10k points and 200 above; 200 gives the same clusters at 10k in half the time
+    # umap-learn's own choice above 10k points; below, it runs 500 epochs, which is 2.5 times the cost at 10k
     used_epochs = int(n_epochs or 200)
     estimator = umap.UMAP(n_components=dims, n_neighbors=used_neighbors, min_dist=min_dist, metric="euclidean",
                           n_epochs=used_epochs, random_state=seed, transform_seed=seed)
@@ -211,15 +201,17 @@ def _fit_umap(fit_x, rest_x, *, dims, seed, n_jobs, params, timings, n_neighbors
     with warnings.catch_warnings():
         # a fixed seed makes umap-learn single-threaded and it warns about it; reproducible maps are worth it here
         warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
-        t0 = time.perf_counter()
-        fit_coords = estimator.fit_transform(fit_x)
-        timings["fit"] = time.perf_counter() - t0
-        rest = None
-        if rest_x is not None:
-            t0 = time.perf_counter()
-            rest = estimator.transform(rest_x)
-            timings["transform"] = time.perf_counter() - t0
+        fit_coords = _timed(timings, "fit", lambda: estimator.fit_transform(fit_x))
+        rest = None if rest_x is None else _timed(timings, "transform", lambda: estimator.transform(rest_x))
     return np.asarray(fit_coords, dtype=np.float32), rest
+
+
+def _timed(timings: dict, step: str, compute):
+    """compute(), with its wall time recorded as timings[step]."""
+    t0 = time.perf_counter()
+    result = compute()
+    timings[step] = time.perf_counter() - t0
+    return result
 
 
 def _rounded(timings: dict) -> dict:
@@ -227,7 +219,7 @@ def _rounded(timings: dict) -> dict:
 
 
 def projection_table(ids, projection: Projection) -> pd.DataFrame:
-    """The stored form: one row per sample id, coordinates as x, y[, z]; `fitted` when the method was fitted on a sample."""
+    """The stored form: a row per sample id, coordinates x, y[, z]; `fitted` when the method was fitted on a sample."""
     table = pd.DataFrame({"id": np.asarray(ids)})
     for axis in range(projection.dims):
         table[AXES[axis]] = projection.coords[:, axis]
@@ -257,7 +249,8 @@ def _record(projection: Projection) -> dict:
 
 
 def projection_stage(ctx) -> dict:
-    """Pipeline stage: PCA of the run's embeddings in 2-D and 3-D. t-SNE and UMAP are made on demand (`ensure_projection`)."""
+    """Pipeline stage: PCA of the run's embeddings in 2-D and 3-D; t-SNE and UMAP are made on demand by
+    `ensure_projection`, since they take seconds to minutes."""
     from .runs import write_json
 
     embeddings = ctx.predictions.embeddings
