@@ -57,6 +57,7 @@ def train(out_dir) -> dict:
     from .training import fit
 
     train_data = load_data("train")
+    torch.manual_seed(0)  # the initial weights too, whatever ran before in this process
     model = build_model()
     # Statistics from the training split only, so the test split stays unseen.
     model.standardize.mean.copy_(torch.as_tensor(train_data.x.mean(0)))
