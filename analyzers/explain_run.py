@@ -47,6 +47,7 @@ def target_key(target) -> str:
 def resolve_rows(dataset, ids) -> np.ndarray:
     """Row indices of the dataset's samples with these ids (compared as text, as typed on a command line)."""
     index = {str(i): row for row, i in enumerate(dataset.ids)}
+    ids = list(dict.fromkeys(str(i) for i in ids))  # each sample once, in the order given
     missing = [str(i) for i in ids if str(i) not in index]
     if missing:
         shown = ", ".join(missing[:5])
@@ -180,8 +181,8 @@ def explain_run(run_dir, ids, methods, *, target="pred", layer=None, batch_size:
     if bad:
         raise AnalyzerError(f"unknown method {', '.join(bad)}: choose from {', '.join(METHODS)}")
     rows = resolve_rows(dataset, ids)
-    targets = resolve_targets(run, dataset, rows, target, model.num_classes)
     key = target_key(target)
+    targets = resolve_targets(run, dataset, rows, target, model.num_classes)
     x = dataset.x[rows]
     sample_ids = [str(dataset.ids[r]) for r in rows]
     background = background_sample(dataset, seed)

@@ -356,9 +356,11 @@ def interval_mask(starts, ends, length: int) -> np.ndarray:
     return (positions >= np.asarray(starts)[:, None]) & (positions < np.asarray(ends)[:, None])
 
 
-def ground_truth_scores(attributions, mask) -> GroundTruthScores:
+def ground_truth_scores(attributions, mask, *, tolerance: int = 0) -> GroundTruthScores:
     """Mass inside and pointing game of `attributions` (N, C, ...) or (N, F) against a boolean `mask` shaped like one
-    channel (N, H, W) / (N, L) / (N, F), or like the attributions (then any channel counts)."""
+    channel (N, H, W) / (N, L) / (N, F), or like the attributions (then any channel counts). Importance is |attr|
+    summed over channels. `tolerance` (positions) widens the mask for the pointing game only, as in Zhang et al.
+    (2018), so a peak on an object's edge counts."""
     attr = np.asarray(attributions, dtype=np.float64)
     mask = np.asarray(mask).astype(bool)
     if attr.ndim > 2:
@@ -369,10 +371,17 @@ def ground_truth_scores(attributions, mask) -> GroundTruthScores:
         importance = np.abs(attr)
     if mask.shape != importance.shape:
         raise AnalyzerError(f"ground-truth mask of shape {mask.shape} does not match attributions {attr.shape}")
+    pointing_mask = mask
+    if tolerance > 0:
+        from scipy.ndimage import binary_dilation
+
+        structure = np.ones((1, *([2 * tolerance + 1] * (mask.ndim - 1))), dtype=bool)
+        pointing_mask = binary_dilation(mask, structure=structure)
     importance = importance.reshape(len(attr), -1)
     mask = mask.reshape(len(attr), -1)
     total = importance.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         mass = np.where(total > 0, (importance * mask).sum(1) / total, np.nan)
-    hit = np.take_along_axis(mask, importance.argmax(1)[:, None], axis=1)[:, 0] & (total > 0)
+    hit = np.take_along_axis(pointing_mask.reshape(len(attr), -1), importance.argmax(1)[:, None], axis=1)[:, 0]
+    hit &= total > 0
     return GroundTruthScores(mass_inside=mass, pointing_hit=hit)
