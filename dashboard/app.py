@@ -1,6 +1,6 @@
 """Entry point: `streamlit run dashboard/app.py -- --runs-dir runs --run runs/sample-digits`.
 
-Pages live in `dashboard/pages/`; the page is the URL path and the run, sample and selection are query parameters.
+Pages live in `dashboard/views/` (not `pages/`, which Streamlit would also serve as pages of its own); the page is the URL path and the run, sample and selection are query parameters.
 """
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ from dashboard import components, data, state  # noqa: E402
 
 PAGES = (
     # (name, file, title, icon)
-    ("load", "pages/load.py", "Load", ":material/upload_file:"),
-    ("overview", "pages/overview.py", "Overview", ":material/dashboard:"),
-    ("confusion", "pages/confusion.py", "Confusion matrix", ":material/grid_on:"),
-    ("errors", "pages/errors.py", "Errors & slices", ":material/troubleshoot:"),
-    ("explain", "pages/explain.py", "Explain a sample", ":material/visibility:"),
-    ("embeddings", "pages/embeddings.py", "Embeddings", ":material/scatter_plot:"),
-    ("training", "pages/training.py", "Training & gradients", ":material/show_chart:"),
-    ("compare", "pages/compare.py", "Compare runs", ":material/compare_arrows:"),
+    ("load", "views/load.py", "Load", ":material/upload_file:"),
+    ("overview", "views/overview.py", "Overview", ":material/dashboard:"),
+    ("confusion", "views/confusion.py", "Confusion matrix", ":material/grid_on:"),
+    ("errors", "views/errors.py", "Errors & slices", ":material/troubleshoot:"),
+    ("explain", "views/explain.py", "Explain a sample", ":material/visibility:"),
+    ("embeddings", "views/embeddings.py", "Embeddings", ":material/scatter_plot:"),
+    ("training", "views/training.py", "Training & gradients", ":material/show_chart:"),
+    ("compare", "views/compare.py", "Compare runs", ":material/compare_arrows:"),
 )
 
 st.set_page_config(page_title="Model debugger", page_icon=":material/bug_report:", layout="wide")

@@ -32,6 +32,16 @@ def page_link(name: str, label: str) -> None:
         st.page_link(PAGES[name], label=label)
 
 
+def fresh(key: str, value) -> bool:
+    """Whether a widget's value changed since the last rerun: a chart keeps its selection across reruns, and an old
+    click must not override a selection made since (or one that came from the URL)."""
+    last_key = f"_last_{key}"
+    if st.session_state.get(last_key, None) == value:
+        return False
+    st.session_state[last_key] = value
+    return value is not None
+
+
 # --------------------------------------------------------------------------------------------------------- the run
 
 def current_run() -> Run | None:

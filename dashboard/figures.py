@@ -16,6 +16,8 @@ OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "
 SAFE = ("#88CCEE", "#CC6677", "#DDCC77", "#117733", "#332288", "#AA4499", "#44AA99", "#999933", "#882255",
         "#661100", "#6699CC", "#888888")
 SEQUENTIAL = "Cividis"
+# Confusion cells: white for none, then single-hue blues (ColorBrewer), any non-empty cell visibly tinted.
+CELLS = [[0.0, "#ffffff"], [1e-9, "#deebf7"], [0.25, "#9ecae1"], [0.5, "#4292c6"], [1.0, "#08306b"]]
 DIVERGING = "RdBu_r"
 RIGHT, WRONG = "#0072B2", "#D55E00"
 MAX_SCATTER_POINTS = 30_000
@@ -37,38 +39,39 @@ def _layout(fig: go.Figure, *, title: str | None = None, height: int = 380, **kw
 # ------------------------------------------------------------------------------------------------- confusion matrix
 
 def confusion_figure(counts, class_names, *, values=None, value_label: str = "count") -> go.Figure:
-    """The confusion matrix as square scatter markers, one per cell, so a click selects the cell.
+    """The confusion matrix: a heat map to look at, and over it one transparent scatter marker per cell to click.
 
-    `values` (default the counts) sets each marker's colour and label, e.g. the counts normalised per true class.
-    customdata of every marker: (true index, predicted index, count).
+    A heat map cell click gives Streamlit no selection; a scatter marker does. `values` (default the counts) sets the
+    colours and labels, e.g. the counts normalised per true class. customdata of every marker: (true, pred, count).
     """
     counts = np.asarray(counts)
     k = len(counts)
     values = counts if values is None else np.asarray(values, dtype=float)
+    names = [str(n) for n in class_names]
+    is_count = np.issubdtype(values.dtype, np.integer)
+    text = [[f"{int(v)}" if is_count else f"{v:.2f}" for v in row] for row in values]
+    fig = go.Figure(go.Heatmap(z=values, x=names, y=names, text=text, texttemplate="%{text}" if k <= 20 else None,
+                               colorscale=CELLS, zmin=0, colorbar=dict(title=value_label, thickness=12),
+                               hoverinfo="skip", xgap=1, ygap=1))
     true, pred = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
     true, pred = true.ravel(), pred.ravel()
-    names = [str(n) for n in class_names]
-    shown = values.ravel()
-    is_count = np.issubdtype(np.asarray(shown).dtype, np.integer)
-    text = [f"{int(v)}" if is_count else f"{v:.2f}" for v in shown]
-    size = int(max(14, min(64, 560 / max(k, 1))))
-    diagonal = true == pred
-    fig = go.Figure(go.Scatter(
-        x=[names[p] for p in pred], y=[names[t] for t in true], mode="markers+text" if k <= 15 else "markers",
-        marker=dict(symbol="square", size=size, color=shown, colorscale=SEQUENTIAL, showscale=True,
-                    colorbar=dict(title=value_label, thickness=12),
-                    line=dict(width=np.where(diagonal, 2, 0.5), color=np.where(diagonal, "#222", "#bbb"))),
-        text=text, textfont=dict(color=["white" if v < 0.55 * (shown.max() or 1) else "black" for v in shown]),
-        customdata=np.column_stack([true, pred, counts.ravel()]),
-        hovertemplate="true %{y}<br>predicted %{x}<br>" + value_label + " %{text}<br>samples %{customdata[2]}"
-                      "<extra>click to see these samples</extra>",
-        name="cells"))
-    side = max(360, min(760, 60 * k + 160))
+    plot = int(max(260, min(640, 56 * k)))  # height of the square plotting area, in pixels
+    fig.add_trace(go.Scatter(
+        x=[names[p] for p in pred], y=[names[t] for t in true], mode="markers",
+        marker=dict(symbol="square", size=max(6, int(0.9 * plot / k)), color="rgba(0,0,0,0)",
+                    line=dict(width=0)),
+        selected=dict(marker=dict(opacity=1)), unselected=dict(marker=dict(opacity=1)),
+        customdata=np.column_stack([true, pred, counts.ravel()]), text=np.asarray(text).ravel(),
+        hovertemplate="true %{y}<br>predicted %{x}<br>" + value_label + " %{text}<br>%{customdata[2]} samples"
+                      "<extra>click to see them</extra>",
+        name="cells", showlegend=False))
     fig.update_xaxes(title="predicted class", type="category", categoryorder="array", categoryarray=names,
-                     side="top", showgrid=False)
-    fig.update_yaxes(title="true class", type="category", categoryorder="array", categoryarray=names[::-1],
-                     showgrid=False)
-    return _layout(fig, height=side, clickmode="event+select", dragmode=False)
+                     side="top", showgrid=False, zeroline=False)
+    fig.update_yaxes(title="true class", type="category", categoryorder="array", categoryarray=names,
+                     autorange="reversed", showgrid=False, zeroline=False, scaleanchor="x", constrain="domain")
+    fig.update_layout(height=plot + 110, margin=dict(l=10, r=10, t=90, b=10), font=FONT, template="plotly_white",
+                      hovermode="closest", hoverlabel=dict(bgcolor="white"))
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------- metrics and data

@@ -33,10 +33,24 @@ def event_points(event) -> list:
     return list(points)
 
 
-def _first(value):
+def customdata_values(value) -> list | None:
+    """A point's customdata as a list. Streamlit hands back a row of a 2-D customdata array as a dict keyed by
+    position ({"0": 3, "1": 5}, checked in Chromium with streamlit 1.67), a 1-D entry as a scalar."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        try:
+            return [value[k] for k in sorted(value, key=int)]
+        except (TypeError, ValueError):
+            return list(value.values())
     if isinstance(value, (list, tuple)):
-        return value[0] if value else None
-    return value
+        return list(value)
+    return [value]
+
+
+def _first(value):
+    values = customdata_values(value)
+    return values[0] if values else None
 
 
 def selected_ids(event) -> list:
@@ -56,8 +70,8 @@ def selected_ids(event) -> list:
 def selected_cell(event) -> tuple[int, int] | None:
     """(true class, predicted class) of the clicked confusion-matrix marker, whose customdata is (true, pred, ...)."""
     for point in event_points(event):
-        data = _get(point, "customdata")
-        if isinstance(data, (list, tuple)) and len(data) >= 2:
+        data = customdata_values(_get(point, "customdata"))
+        if data is not None and len(data) >= 2:
             try:
                 return int(data[0]), int(data[1])
             except (TypeError, ValueError):

@@ -1,8 +1,0 @@
-"""confusion page."""
-import streamlit as st
-
-from dashboard import components
-
-run = components.require_run()
-components.header("confusion", run)
-st.info("This page is being built.")

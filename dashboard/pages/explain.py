@@ -1,8 +1,0 @@
-"""explain page."""
-import streamlit as st
-
-from dashboard import components
-
-run = components.require_run()
-components.header("explain", run)
-st.info("This page is being built.")

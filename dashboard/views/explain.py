@@ -1,0 +1,160 @@
+"""Explain a sample: its input, every class probability, and attribution maps with their faithfulness scores."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from analyzers.errors import AnalyzerError
+from dashboard import components, data, figures, state
+from dashboard.selection import id_positions, neighbours
+
+run = components.require_run()
+components.header("Explain a sample", run)
+samples = run.samples
+modality = run.info["dataset"]["modality"]
+
+# ------------------------------------------------------------------------------------------------- which sample
+gallery = state.gallery_ids()
+current = state.get("sample")
+if current is None or len(id_positions(samples["id"].to_numpy(), [current])) == 0:
+    if current is not None:
+        st.warning(f"This run has no sample with id {current!r}.")
+    current = str((gallery or data.ranking(run, "confident_wrong", 1)["id"].tolist() or samples["id"].tolist())[0])
+    state.put("sample", current)
+row = int(id_positions(samples["id"].to_numpy(), [current])[0])
+sample = samples.iloc[row]
+
+nav = st.columns([1, 1, 3, 2], vertical_alignment="bottom")
+prev_id, next_id = neighbours(gallery, current)
+if nav[0].button("◀ Previous", disabled=prev_id is None, key="explain-prev", use_container_width=True):
+    state.put("sample", prev_id)
+    st.rerun()
+if nav[1].button("Next ▶", disabled=next_id is None, key="explain-next", use_container_width=True):
+    state.put("sample", next_id)
+    st.rerun()
+if gallery and str(current) in [str(i) for i in gallery]:
+    nav[2].caption(f"Sample {[str(i) for i in gallery].index(str(current)) + 1} of {len(gallery)} in the current "
+                   f"selection")
+typed = nav[3].text_input("Go to sample id", value="", key="explain-goto", placeholder="id")
+if typed:
+    if len(id_positions(samples["id"].to_numpy(), [typed])):
+        state.put("sample", typed)
+        st.session_state.pop("explain-goto", None)
+        st.rerun()
+    else:
+        nav[3].error(f"No sample {typed!r} in this run.")
+
+label, pred = int(sample["label"]), int(sample["pred"])
+verdict = "✓ correct" if sample["correct"] else "✗ wrong"
+st.subheader(f"Sample {sample['id']} — true {components.class_name(run, label)}, predicted "
+             f"{components.class_name(run, pred)} ({verdict}, confidence {sample['confidence']:.3f})")
+
+try:
+    model, dataset = data.run_inputs(run)
+except AnalyzerError as exc:
+    st.error(f"The model or data of this run cannot be loaded: {exc}")
+    st.stop()
+x = dataset.x[row]
+
+left, right = st.columns([3, 2], gap="large")
+with left:
+    st.markdown("**Input**")
+    if modality == "image":
+        st.plotly_chart(figures.image_figure(components.display_image(run, x), height=300), key="explain-input",
+                        config={"displayModeBar": False})
+    elif modality == "sequence":
+        st.html(components.sequence_html(components.sequence_letters(x)))
+    else:
+        names = run.info["dataset"].get("feature_names") or [f"feature {i}" for i in range(len(x))]
+        st.dataframe(pd.DataFrame({"feature": names, "value": x}), hide_index=True, height=300)
+    extra = [c for c in samples.columns if c not in ("id", "label", "pred", "confidence", "loss", "correct")
+             and c not in (run.info["dataset"].get("feature_names") or [])]
+    if extra:
+        st.caption("Metadata: " + " · ".join(f"{c} = {sample[c]}" for c in extra))
+with right:
+    st.markdown("**Probability of every class**")
+    st.plotly_chart(figures.probabilities_figure(run.probs[row], run.class_names, label=label, pred=pred),
+                    key="explain-probs", config={"displayModeBar": False})
+
+# ----------------------------------------------------------------------------------------------------- attributions
+from analyzers.explain import METHODS, list_methods  # noqa: E402
+
+available = [m.name for m in list_methods(modality)]
+conv_layers = [n for n, k in (run.info["model"].get("layer_kinds") or {}).items() if k.startswith("conv")]
+if not conv_layers:
+    available = [m for m in available if m != "gradcam"]
+defaults = [m for m in ("integrated_gradients", "gradcam" if conv_layers else "saliency") if m in available]
+controls = st.columns([3, 2, 1], vertical_alignment="bottom")
+methods = controls[0].multiselect("Methods", available, default=defaults, key="explain-methods",
+                                  format_func=lambda m: METHODS[m].label)
+layer = None
+if "gradcam" in methods and conv_layers:
+    layer = controls[1].selectbox("Grad-CAM layer", conv_layers, index=len(conv_layers) - 1, key="explain-layer")
+sanity = controls[2].toggle("Sanity check", value=True, key="explain-sanity",
+                            help="Re-initialise the model's layers and measure how much the map changes "
+                                 "(Adebayo et al., 2018). Costs one map per layer; cached in the run.")
+targets = [("pred", f"predicted class: {components.class_name(run, pred)}")]
+if label != pred:
+    targets.append(("label", f"true class: {components.class_name(run, label)}"))
+
+
+def _scores_text(scores: dict, method: str) -> str:
+    parts = []
+    if scores.get("deletion_auc") is not None:
+        parts.append(f"deletion AUC **{scores['deletion_auc']:.3f}** (lower is better)")
+    if scores.get("insertion_auc") is not None:
+        parts.append(f"insertion AUC **{scores['insertion_auc']:.3f}** (higher is better)")
+    if method == "integrated_gradients" and scores.get("completeness_gap") is not None:
+        parts.append(f"completeness gap **{scores['completeness_gap']:.2%}**")
+    if scores.get("mass_inside") is not None:
+        parts.append(f"attribution inside the planted ground truth **{scores['mass_inside']:.0%}**")
+    return " · ".join(parts)
+
+
+def _sanity_badge(scores: dict) -> None:
+    flag = scores.get("sanity_flag")
+    corr = scores.get("sanity_rank_corr")
+    if flag is None or corr is None:
+        return
+    if flag:
+        st.warning(f"Sanity check failed: the map barely changes when the model is randomised (rank correlation "
+                   f"{corr:.2f}); it does not reflect what the model learned.", icon=":material/warning:")
+    else:
+        st.success(f"Sanity check passed: randomising the model changes the map (rank correlation {corr:.2f}).",
+                   icon=":material/check_circle:")
+
+
+def _draw(explanation, method: str, title: str, key: str) -> None:
+    signed = METHODS[method].signed
+    if modality == "image":
+        fig = figures.image_attribution_figure(components.display_image(run, x), explanation.display, signed=signed,
+                                               title=title)
+    elif modality == "sequence":
+        fig = figures.sequence_attribution_figure(components.sequence_letters(x), explanation.display, signed=signed,
+                                                  title=title)
+    else:
+        names = run.info["dataset"].get("feature_names") or [f"feature {i}" for i in range(len(x))]
+        fig = figures.feature_attribution_figure(names, explanation.display, title=title)
+    st.plotly_chart(fig, key=key, config={"displayModeBar": False})
+
+
+from analyzers.explain_run import explain_sample  # noqa: E402
+
+for method in methods:
+    st.markdown(f"#### {METHODS[method].label}")
+    st.caption(METHODS[method].description)
+    cols = st.columns(len(targets))
+    for col, (target, target_title) in zip(cols, targets):
+        with col:
+            options = {"layer": layer} if method == "gradcam" and layer else {}
+            try:
+                with st.spinner(f"{METHODS[method].label} for the {target_title}…"):
+                    explanation = explain_sample(run, sample["id"], method, target=target, model=model,
+                                                 dataset=dataset, sanity=sanity, **options)
+            except AnalyzerError as exc:
+                st.error(str(exc))
+                continue
+            _draw(explanation, method, target_title, key=f"map-{method}-{target}")
+            st.markdown(_scores_text(explanation.scores, method))
+            _sanity_badge(explanation.scores)

@@ -1,0 +1,123 @@
+"""End to end in a real browser: `streamlit run` on 127.0.0.1, driven by Playwright through Debian's Chromium.
+
+Loads the app on a sample run, clicks a confusion-matrix cell and sees its gallery, then opens a sample's explanation.
+In CI (CI=true) a missing Chromium is a failure, not a skip: `make browser` installs it.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.e2e
+
+if not Path(CHROMIUM).exists() and os.environ.get("CI") != "true":
+    pytest.skip(f"{CHROMIUM} is missing (install it with `make browser`); the browser test runs in CI",
+                allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(sample_run_dir, tmp_path_factory):
+    run = Path(sample_run_dir("digits"))
+    port = _free_port()
+    log = tmp_path_factory.mktemp("streamlit") / "server.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"), "--server.headless", "true",
+             "--server.port", str(port), "--server.address", "127.0.0.1", "--server.fileWatcherType", "none",
+             "--browser.gatherUsageStats", "false", "--", "--runs-dir", str(run.parent), "--run", str(run)],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                pytest.fail(f"streamlit did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def _no_exception(page) -> None:
+    assert page.locator('[data-testid="stException"]').count() == 0, page.locator(
+        '[data-testid="stException"]').first.inner_text()
+
+
+def test_click_confusion_cell_then_explain(app_url, browser, sample_run_dir):
+    from analyzers.runs import open_run
+
+    run = open_run(sample_run_dir("digits"))
+    samples = run.samples
+    wrong = samples[~samples["correct"]]
+    # the most populated off-diagonal cell, else a diagonal one
+    cell = (wrong.groupby(["label", "pred"]).size().idxmax() if len(wrong)
+            else (int(samples["label"].iloc[0]), int(samples["label"].iloc[0])))
+    true, pred = int(cell[0]), int(cell[1])
+    k = len(run.class_names)
+    expected = samples[(samples["label"] == true) & (samples["pred"] == pred)]
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(f"{app_url}/confusion")
+    page.get_by_role("heading", name="Confusion matrix").wait_for(timeout=60_000)
+    markers = page.locator(".js-plotly-plot .scatterlayer .trace.scatter .points path")
+    markers.nth(k * k - 1).wait_for(state="attached", timeout=30_000)
+    assert markers.count() == k * k
+    marker = markers.nth(true * k + pred)  # markers are laid out row by row (true class), then by prediction
+    box = marker.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    names = run.class_names
+    heading = page.get_by_role("heading", name=f"True {names[true]}, predicted {names[pred]}")
+    heading.wait_for(timeout=30_000)
+    assert f"{len(expected)} samples" in page.locator("body").inner_text()
+    assert f"cell:{true}-{pred}" in page.url.replace("%3A", ":")
+    _no_exception(page)
+
+    first_id = str(expected.sort_values("id")["id"].iloc[0])
+    page.get_by_role("button", name="Explain").first.click()
+    page.get_by_role("heading", name="Explain a sample").wait_for(timeout=60_000)
+    page.get_by_text(f"Sample {first_id} — true {names[true]}").wait_for(timeout=60_000)
+    assert f"sample={first_id}" in page.url
+    # an attribution map with its faithfulness scores appears
+    page.get_by_text("deletion AUC").first.wait_for(timeout=120_000)
+    _no_exception(page)
+    page.close()
