@@ -107,6 +107,8 @@ def _encode(samples: pd.DataFrame, columns: list, class_names: list):
             blocks.append(values)
             specs.append(("num", col))
             continue
+        if series.dtype.kind == "O" and not all(np.isscalar(v) or v is None for v in series.head(100)):
+            continue  # arrays or lists per sample (e.g. masks) are no category
         text = series.astype("object").where(series.notna(), None)
         counts = text.value_counts()
         if len(counts) < 2 or (series.dtype.kind in "OSU" and len(counts) > MAX_DISTINCT):
