@@ -1,0 +1,1011 @@
+#!/usr/bin/env python
+"""Benchmarks against the physical floor: `make bench` (this script) writes `benchmarks/results/latest.json` and `.md`.
+
+Every figure is a ratio against a reference measured on the same machine in the same run, because absolute times vary
+from machine to machine: a plain no-grad forward pass over all N at the same batch size (the *forward floor*) and one
+forward+backward for input gradients over all N (the *gradient floor*). Heavy parts run in their own worker process
+(this script with `--worker NAME`), which measures its floor right before the measured call, so each ratio compares
+two timings taken in one process a few seconds apart; the orchestrator also reads each worker's peak RSS from
+`os.wait4`.
+
+The data are generated here: shapes-like 3x32x32 images (the `shapes` sample's task: a shape on a coloured background
+whose colour is a spurious cue) at every size in `--sizes`, and a 100,000-row version of the `tabular` sample's
+table. Only the real code paths are timed: `analyzers.run_analysis`, `analyzers.explain`,
+`analyzers.projections.ensure_projection`, `analyzers.metrics` / `analyzers.slices`, and the dashboard through
+`streamlit.testing.v1.AppTest`. A section whose module does not exist yet is skipped with the reason recorded.
+
+    .venv/bin/python benchmarks/run_benchmarks.py                       # full run (make bench)
+    .venv/bin/python benchmarks/run_benchmarks.py --quick --out /tmp/b  # a small smoke run
+    .venv/bin/python benchmarks/run_benchmarks.py --sizes 10000 --skip projections,dashboard
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SECTIONS = ("run", "explain_all", "interactive", "projections", "peer", "tabular", "startup", "dashboard")
+DEFAULT_SIZES = (10_000, 100_000)
+QUICK_SIZES = (300, 600)
+TABULAR_ROWS = 100_000
+QUICK_TABULAR_ROWS = 2_000
+BATCH_SIZE = 256
+WORKER_TIMEOUT_S = 1200
+MIB = 1 << 20
+# Interactive explanations: repetitions per method (full, quick). SHAP is the slow one.
+INTERACTIVE_REPS = {"gradcam": (30, 3), "saliency": (30, 3), "integrated_gradients": (20, 3), "shap": (8, 1)}
+INTERACTIVE_TARGET_S = {"gradcam": 0.05, "saliency": 0.05, "integrated_gradients": 0.5, "shap": 2.0}
+HEAVY_MODULES = ("captum", "shap", "umap", "numba", "openTSNE", "pynndescent", "sklearn.ensemble", "sklearn.manifold",
+                 "sklearn.tree", "sklearn.cluster", "scipy.optimize", "streamlit", "plotly")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Memory of this process, from /proc (Linux); peak resettable so a worker can measure one stage.
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_bytes() -> int | None:
+    kib = _proc_status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def peak_rss_bytes() -> int | None:
+    kib = _proc_status_kib("VmHWM")
+    if kib is None:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return kib * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs); False where that is not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data, generated here.
+
+def _shapes_constants() -> dict:
+    """The `shapes` sample's generator constants where it exists, else the same values written out."""
+    try:
+        from sample_models import shapes
+
+        return {"class_names": tuple(shapes.CLASS_NAMES), "backgrounds": tuple(shapes.BACKGROUNDS),
+                "background_rgb": shapes.BACKGROUND_RGB, "radius": tuple(shapes.RADIUS_RANGE),
+                "noise": float(shapes.NOISE_STD), "size": int(shapes.IMAGE_SIZE), "cue_rate": float(shapes.TEST_CUE_RATE)}
+    except ImportError:
+        import numpy as np
+
+        return {"class_names": ("circle", "square", "triangle"), "backgrounds": ("red", "green", "blue"),
+                "background_rgb": np.array([[0.8, 0.15, 0.15], [0.15, 0.7, 0.2], [0.15, 0.25, 0.8]], np.float32),
+                "radius": (4.0, 10.0), "noise": 0.05, "size": 32, "cue_rate": 0.5}
+
+
+def make_shapes_images(n: int, seed: int, *, chunk: int = 5000, progress: bool = True) -> dict:
+    """Arrays for an .npz like the `shapes` sample's test split (vectorised, so 100k images take seconds)."""
+    import numpy as np
+    from tqdm import tqdm
+
+    c = _shapes_constants()
+    size, k = c["size"], len(c["class_names"])
+    rng = np.random.default_rng(seed)
+    x = np.empty((n, 3, size, size), np.float32)
+    y = rng.integers(0, k, n)
+    cue = rng.random(n) < c["cue_rate"]
+    background = np.where(cue, y, (y + rng.integers(1, k, n)) % k)
+    radius = rng.uniform(*c["radius"], n).astype(np.float32)
+    grid = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    for start in tqdm(range(0, n, chunk), desc=f"images n={n}", unit="chunk", disable=not progress, leave=False):
+        stop = min(start + chunk, n)
+        m = stop - start
+        r = radius[start:stop, None, None]
+        cx = rng.uniform(r[:, 0, 0], size - r[:, 0, 0])[:, None, None]
+        cy = rng.uniform(r[:, 0, 0], size - r[:, 0, 0])[:, None, None]
+        dy, dx = grid[0][None] - cy, grid[1][None] - cx
+        masks = np.stack([dx ** 2 + dy ** 2 <= r ** 2,
+                          (np.abs(dx) <= r) & (np.abs(dy) <= r),
+                          (np.abs(dy) <= r) & (np.abs(dx) <= (dy + r) / 2)])
+        mask = masks[y[start:stop] % 3, np.arange(m)]
+        back = np.clip(c["background_rgb"][background[start:stop]] + rng.uniform(-0.1, 0.1, (m, 3)), 0, 1)
+        colour = rng.uniform(0, 1, (m, 3))
+        for _ in range(50):  # redraw shape colours too close to the background, as the sample does
+            close = np.linalg.norm(colour - back, axis=1) < 0.5
+            if not close.any():
+                break
+            colour[close] = rng.uniform(0, 1, (int(close.sum()), 3))
+        image = np.where(mask[:, None], colour[:, :, None, None], back[:, :, None, None]).astype(np.float32)
+        image += rng.normal(0, c["noise"], image.shape).astype(np.float32)
+        x[start:stop] = np.clip(image, 0, 1)
+    return {"x": x, "y": y.astype(np.int64), "ids": np.arange(n, dtype=np.int64),
+            "class_names": np.array(c["class_names"]),
+            "background": np.array(c["backgrounds"])[background], "size": (2 * radius / size).astype(np.float32),
+            "cue_consistent": cue}
+
+
+def make_tabular_table(n: int, seed: int):
+    """`n` rows like the `tabular` sample (breast-cancer features resampled with noise) plus a `site` column; at site
+    "D" with a large first feature a third of the labels are flipped, so errors gather in a slice a tree can name."""
+    import numpy as np
+    import pandas as pd
+    from sample_models import get_sample
+
+    sample = get_sample("tabular")
+    parts = [sample.load_data("train"), sample.load_data("test")]
+    base_x = np.concatenate([p.x for p in parts]).astype(np.float32)
+    base_y = np.concatenate([p.y for p in parts])
+    names = list(parts[0].feature_names)
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, len(base_x), n)
+    x = base_x[rows] * (1 + rng.normal(0, 0.03, (n, base_x.shape[1])).astype(np.float32))
+    y = base_y[rows].copy()
+    site = np.array(list("ABCDE"))[rng.integers(0, 5, n)]
+    planted = (site == "D") & (x[:, 0] > np.median(x[:, 0])) & (rng.random(n) < 1 / 3)
+    y[planted] = 1 - y[planted]
+    table = pd.DataFrame(x, columns=names)
+    table["site"] = site
+    table["label"] = y
+    return table
+
+
+def image_model(workdir: Path) -> dict:
+    """The `shapes` sample model; until its weights ship, its architecture with fixed random weights (same cost)."""
+    import torch
+
+    if importlib.util.find_spec("sample_models.shapes") is not None:
+        weights = ROOT / "sample_models" / "weights" / "shapes.safetensors"
+        if weights.exists():
+            return {"spec": "sample:shapes", "arch": None, "note": "trained shapes sample"}
+        from safetensors.torch import save_file
+        from sample_models import get_sample
+
+        torch.manual_seed(0)
+        path = workdir / "shapes-random.safetensors"
+        save_file({k: v.contiguous() for k, v in get_sample("shapes").build_model().state_dict().items()}, str(path))
+        return {"spec": str(path), "arch": "shapes",
+                "note": "shapes architecture with random weights (the trained weights were not shipped yet)"}
+    from torch import nn
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1),
+                           nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 3)).eval()
+    path = workdir / "shapes-like.pt2"
+    program = torch.export.export(module, (torch.zeros(2, 3, 32, 32),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(path))
+    return {"spec": str(path), "arch": None, "note": "a CNN shaped like the shapes sample (sample_models.shapes missing)"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Floors: what the model itself costs, written as plainly as possible.
+
+def warm_up(module, x, batch_size: int) -> None:
+    """One batch forward and backward, so one-time set-up (kernel selection, allocator growth) is in no floor."""
+    forward_floor(module, x[:batch_size], batch_size)
+    gradient_floor(module, x[:batch_size], batch_size)
+
+
+def forward_floor(module, x, batch_size: int) -> float:
+    import torch
+
+    module.eval()
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        for start in range(0, len(x), batch_size):
+            module(torch.from_numpy(x[start:start + batch_size]))
+        return time.perf_counter() - t0
+
+
+def gradient_floor(module, x, batch_size: int) -> float:
+    """Forward + backward to the input for the predicted class's score, every sample once."""
+    import torch
+
+    module.eval()
+    t0 = time.perf_counter()
+    for start in range(0, len(x), batch_size):
+        xb = torch.from_numpy(x[start:start + batch_size]).requires_grad_(True)
+        out = module(xb)
+        score = out.gather(1, out.detach().argmax(1, keepdim=True)).sum()
+        torch.autograd.grad(score, xb)
+    return time.perf_counter() - t0
+
+
+def missing_modules(*names: str) -> list:
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
+def available_stages() -> tuple[list, dict]:
+    """Pipeline stages whose module exists (run) and the reason for each that does not (skipped)."""
+    from analyzers.pipeline import STAGES
+
+    ready, skipped = [], {}
+    for name, target, _default in STAGES:
+        module = target.partition(":")[0]
+        if importlib.util.find_spec(module) is None:
+            skipped[name] = f"{module} does not exist yet"
+        else:
+            ready.append(name)
+    return ready, skipped
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Workers: each runs in its own process and returns a dict (written as JSON to --result).
+
+def worker_run(spec: dict) -> dict:
+    """Forward floor, then `analyzers.run_analysis` on the same data, with memory measured around the run."""
+    import numpy as np
+    import torch
+
+    import analyzers
+    from analyzers.pipeline import STAGES
+
+    model = analyzers.load_model(spec["model"], arch=spec.get("arch"))
+    x = _load_inputs(spec)
+    dataset_bytes = int(x.nbytes) + 8 * len(x)  # inputs as float32 plus int64 labels
+    warm_up(model.module, x, spec["batch_size"])
+    floor = forward_floor(model.module, x, spec["batch_size"])
+    del x, model
+    gc.collect()
+    for name, target, _ in STAGES:  # stage modules' import is start-up cost, measured apart
+        if name in spec["analyses"]:
+            importlib.import_module(target.partition(":")[0])
+    baseline = rss_bytes()
+    peak_reset = reset_peak_rss()
+    t0 = time.perf_counter()
+    analyzers.run_analysis(spec["model"], spec["data"], spec["out"], arch=spec.get("arch"),
+                           batch_size=spec["batch_size"], analyses=spec["analyses"], overwrite=True)
+    seconds = time.perf_counter() - t0
+    peak = peak_rss_bytes()
+    info = json.loads((Path(spec["out"]) / "run.json").read_text())
+    return {"floor_forward_s": floor, "run_s": seconds, "timings_s": info.get("timings_s", {}),
+            "analyses": list(info.get("analyses", {})), "accuracy": info.get("accuracy"),
+            "rss_baseline_bytes": baseline, "rss_peak_bytes": peak, "peak_reset": peak_reset,
+            "dataset_bytes": dataset_bytes, "torch_threads": torch.get_num_threads(),
+            "run_files_bytes": sum(p.stat().st_size for p in Path(spec["out"]).rglob("*") if p.is_file()),
+            "n": int(info.get("num_samples", 0))}
+
+
+def _load_inputs(spec: dict):
+    """The benchmark's own copy of the inputs, as float32 (an .npz's x, or the feature columns of a table)."""
+    import numpy as np
+
+    path = Path(spec["data"])
+    if path.suffix == ".npz":
+        with np.load(path) as archive:
+            return np.ascontiguousarray(archive["x"], dtype=np.float32)
+    import pandas as pd
+
+    table = pd.read_parquet(path)
+    return np.ascontiguousarray(table.drop(columns=spec["non_features"]).to_numpy(), dtype=np.float32)
+
+
+def worker_explain_all(spec: dict) -> dict:
+    """Gradient floor, then Grad-CAM and saliency for every sample through `analyzers.explain`."""
+    import numpy as np
+    import pandas as pd
+
+    import analyzers
+
+    model = analyzers.load_model(spec["model"], arch=spec.get("arch"))
+    x = _load_inputs(spec)
+    samples = Path(spec["run"]) / "samples.parquet"
+    # Targets as the dashboard has them: the run's predicted classes (explain would otherwise run one more forward).
+    targets = (pd.read_parquet(samples, columns=["pred"])["pred"].to_numpy() if samples.exists()
+               else np.load(spec["data"])["y"])
+    warm_up(model.module, x, spec["batch_size"])
+    result = {"floor_gradient_s": gradient_floor(model.module, x, spec["batch_size"]), "methods": {}}
+    for method in ("gradcam", "saliency"):
+        t0 = time.perf_counter()
+        attr = analyzers.explain(model, x, targets, method, batch_size=spec["batch_size"])
+        result["methods"][method] = time.perf_counter() - t0
+        assert attr.shape == x.shape
+        del attr
+    if spec.get("also_untargeted"):
+        t0 = time.perf_counter()
+        analyzers.explain(model, x, None, "saliency", batch_size=spec["batch_size"])
+        result["saliency_target_none_s"] = time.perf_counter() - t0
+    result["rss_peak_bytes"] = peak_rss_bytes()
+    return result
+
+
+def worker_interactive(spec: dict) -> dict:
+    """One sample at a time, as a click in the dashboard asks: median and p95 seconds per method."""
+    import numpy as np
+    import torch
+
+    import analyzers
+
+    model = analyzers.load_model(spec["model"], arch=spec.get("arch"))
+    with np.load(spec["data"]) as archive:
+        x = np.ascontiguousarray(archive["x"][:400], dtype=np.float32)
+    background = x[:100]
+    pool = x[100:]
+    warm_up(model.module, pool, 1)
+    floor_times = []
+    for i in range(30):
+        floor_times.append(gradient_floor(model.module, pool[i:i + 1], 1))
+    fwd_times = [forward_floor(model.module, pool[i:i + 1], 1) for i in range(30)]
+    result = {"floor_gradient_1_s": statistics.median(floor_times), "floor_forward_1_s": statistics.median(fwd_times),
+              "methods": {}}
+    for method, reps in spec["reps"].items():
+        options = {"background": background} if method == "shap" else {}
+        t0 = time.perf_counter()
+        analyzers.explain(model, pool[:1], None, method, **options)  # first call: lazy imports, Captum/shap set-up
+        first = time.perf_counter() - t0
+        times = []
+        for i in range(1, reps + 1):
+            t0 = time.perf_counter()
+            attr = analyzers.explain(model, pool[i:i + 1], None, method, **options)
+            times.append(time.perf_counter() - t0)
+            assert attr.shape == pool[i:i + 1].shape
+        result["methods"][method] = {"first_call_s": first, "median_s": statistics.median(times),
+                                     "p95_s": _percentile(times, 95), "reps": reps}
+    return result
+
+
+def _percentile(values, q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def worker_projections(spec: dict) -> dict:
+    """t-SNE and UMAP through `ensure_projection` on a stored run (fit on a sample above 10k points)."""
+    import numpy as np
+
+    from analyzers.projections import ensure_projection, project
+    from analyzers.runs import open_run
+
+    result = {}
+    if "umap" in spec["methods"]:
+        # numba's compile (or loading it from NUMBA_CACHE_DIR) and `import umap`, reported apart from the fit
+        t0 = time.perf_counter()
+        project(np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32), method="umap", dims=2)
+        result["umap_warmup_s"] = time.perf_counter() - t0
+    for method in spec["methods"]:
+        run = open_run(spec["run"])
+        t0 = time.perf_counter()
+        table = ensure_projection(run, method=method, dims=2)
+        seconds = time.perf_counter() - t0
+        layer = run.info.get("embedding_layer")
+        record = run.read_json(f"projections/{layer}-{method}-2d.json")
+        params = record.get("params", {})
+        result[method] = {"seconds": seconds, "rows": len(table), "n_fitted": params.get("n_fitted"),
+                          "sampled": params.get("sampled"), "placement": params.get("placement"),
+                          "timings_s": record.get("timings_s", {})}
+    return result
+
+
+def worker_peer(spec: dict) -> dict:
+    """Confusion matrix with per-cell ids plus error slices: ours (analyzers) against the straightforward way."""
+    import numpy as np
+    import pandas as pd
+
+    from analyzers import metrics, slices
+    from analyzers.runs import open_run
+
+    path = Path(spec["run"])
+
+    def ours():
+        run = open_run(path)
+        samples, probs = run.samples, run.probs
+        class_names = run.info.get("class_names")
+        cm = metrics.confusion(samples["label"].to_numpy(), samples["pred"].to_numpy(), num_classes=probs.shape[1],
+                               ids=samples["id"].to_numpy(), class_names=class_names)
+        found = slices.find_slices(samples, probs=probs, class_names=class_names)
+        return cm, found
+
+    def ours_stored():
+        # what the dashboard does on a click: read what the run already computed
+        run = open_run(path)
+        stored = [p for p in ("slices.parquet", "confusion.json", "metrics.json") if run.has(p)]
+        for name in stored:
+            run.read_parquet(name) if name.endswith(".parquet") else run.read_json(name)
+        return stored
+
+    def straightforward():
+        from sklearn.metrics import confusion_matrix
+        from sklearn.tree import DecisionTreeClassifier
+
+        table = pd.read_parquet(path / "samples.parquet")
+        labels, pred = table["label"].to_numpy(), table["pred"].to_numpy()
+        k = int(max(labels.max(), pred.max())) + 1
+        cm = confusion_matrix(labels, pred, labels=list(range(k)))
+        cells = table.groupby(["label", "pred"])["id"].apply(list)
+        # Error Analysis style: a shallow tree on every column predicting the error, its leaves ranked by error rate
+        columns = [c for c in table.columns if c not in ("id", "correct", "confidence", "loss")]
+        features = pd.get_dummies(table[columns], columns=[c for c in columns if not
+                                                           pd.api.types.is_numeric_dtype(table[c])
+                                                           or c in ("label", "pred")])
+        error = ~table["correct"].to_numpy()
+        tree = DecisionTreeClassifier(max_depth=4, max_leaf_nodes=31, min_samples_leaf=max(20, len(table) // 100),
+                                      random_state=0).fit(features.to_numpy(np.float32), error)
+        leaves = tree.apply(features.to_numpy(np.float32))
+        table["_leaf"] = leaves
+        table["_error"] = error
+        ranked = table.groupby("_leaf").agg(size=("_error", "size"), error_rate=("_error", "mean"),
+                                            ids=("id", list)).sort_values("error_rate", ascending=False)
+        return cm, cells, ranked
+
+    result = {}
+    for name, fn in (("ours", ours), ("ours_stored", ours_stored), ("straightforward", straightforward)):
+        fn()  # once untimed: module imports are start-up cost, not analysis
+        times = []
+        for _ in range(spec["reps"]):
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+        result[f"{name}_s"] = statistics.median(times)
+        if name == "ours":
+            result["ours_slices"] = int(len(out[1]))
+        if name == "ours_stored":
+            result["stored_files"] = out
+    result["n"] = int(len(pd.read_parquet(path / "samples.parquet", columns=["id"])))
+    return result
+
+
+def worker_dashboard(spec: dict) -> dict:
+    """The dashboard through AppTest on a stored run: the first page, every page, and a changed selection."""
+    os.environ["DASHBOARD_RUNS_DIR"] = spec["runs_dir"]
+    os.environ["DASHBOARD_RUN"] = spec["run"]
+    t0 = time.perf_counter()
+    from streamlit.testing.v1 import AppTest
+
+    result = {"import_apptest_s": time.perf_counter() - t0, "pages": {}}
+    app = str(ROOT / "dashboard" / "app.py")
+    at = AppTest.from_file(app, default_timeout=spec["timeout"])
+    t0 = time.perf_counter()
+    at.run()
+    result["first_page_s"] = time.perf_counter() - t0
+    _raise_app_exception(at, "first page")
+    t0 = time.perf_counter()
+    at.run()
+    result["first_page_rerun_s"] = time.perf_counter() - t0
+    pages = sorted((ROOT / "dashboard" / "pages").glob("*.py"))
+    for page in pages:
+        rel = str(page.relative_to(ROOT / "dashboard"))
+        t0 = time.perf_counter()
+        try:
+            at.switch_page(rel).run()
+        except Exception as exc:  # noqa: BLE001 - a page that cannot be reached is recorded, not fatal to the others
+            result["pages"][rel] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+            continue
+        seconds = time.perf_counter() - t0
+        errors = [str(e.value).splitlines()[0] for e in at.exception]
+        entry = {"first_s": seconds}
+        if errors:
+            entry["error"] = errors[0]
+        else:
+            change = _change_a_selection(at)
+            if change is not None:
+                entry["selection_change_s"], entry["selection_widget"] = change
+        result["pages"][rel] = entry
+    return result
+
+
+def _raise_app_exception(at, where: str) -> None:
+    if at.exception:
+        raise RuntimeError(f"the dashboard raised on the {where}: {str(at.exception[0].value).splitlines()[0]}")
+
+
+def _change_a_selection(at):
+    """Change the first select box / radio that offers another option; seconds of the rerun it causes."""
+    for kind in ("selectbox", "radio"):
+        for widget in getattr(at, kind):
+            options = list(getattr(widget, "options", []) or [])
+            if len(options) < 2:
+                continue
+            other = next((o for o in options if o != widget.value), None)
+            if other is None:
+                continue
+            widget.set_value(other)
+            t0 = time.perf_counter()
+            at.run()
+            seconds = time.perf_counter() - t0
+            if at.exception:
+                return None
+            return seconds, f"{kind} {widget.label!r} -> {other!r}"
+    return None
+
+
+WORKERS = {"run": worker_run, "explain_all": worker_explain_all, "interactive": worker_interactive,
+           "projections": worker_projections, "peer": worker_peer, "dashboard": worker_dashboard}
+
+
+def worker_main(name: str, spec: dict, result_path: Path) -> int:
+    try:
+        result = {"ok": True, **WORKERS[name](spec)}
+    except Exception as exc:  # recorded in the result file and printed; the orchestrator reports it as an error
+        traceback.print_exc()
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+    result_path.write_text(json.dumps(result, default=float))
+    return 0 if result["ok"] else 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The orchestrator.
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.rows: list[dict] = []
+        self.skipped: dict[str, str] = {}
+        self.errors: dict[str, str] = {}
+        self.details: dict = {}
+        self.floors: dict = {}
+        self.started = time.perf_counter()
+        self.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.env = dict(os.environ)
+        self.env["PYTHONPATH"] = str(ROOT) + os.pathsep + self.env.get("PYTHONPATH", "")
+        self.env.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache"))
+
+    # -- plumbing
+    def log(self, text: str) -> None:
+        print(f"[bench {time.perf_counter() - self.started:7.1f}s] {text}", flush=True)
+
+    def wanted(self, section: str) -> bool:
+        if section in self.args.skip:
+            self.skipped.setdefault(section, "skipped by --skip")
+            return False
+        return True
+
+    def worker(self, name: str, spec: dict, *, label: str) -> dict | None:
+        """Run a worker process; its result dict plus wall time and peak RSS (from wait4), or None on failure."""
+        result_path = self.workdir / f"result-{label}.json"
+        result_path.unlink(missing_ok=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--spec", json.dumps(spec),
+               "--result", str(result_path)]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env)
+        timer = threading.Timer(WORKER_TIMEOUT_S, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t0
+        if not result_path.exists():
+            self.errors[label] = f"worker {name} exited with {proc.returncode} and no result (killed or crashed)"
+            self.log(f"ERROR {label}: {self.errors[label]}")
+            return None
+        result = json.loads(result_path.read_text())
+        if not result.get("ok"):
+            self.errors[label] = result.get("error", "unknown error")
+            self.log(f"ERROR {label}: {self.errors[label]}")
+            return None
+        result["worker_wall_s"] = wall
+        result["worker_maxrss_bytes"] = usage.ru_maxrss * 1024
+        return result
+
+    def add(self, section: str, what: str, n: int | None, seconds: float | None, *, floor: str | None = None,
+            floor_seconds: float | None = None, target: float | None = None, target_kind: str = "ratio",
+            value: float | None = None, unit: str = "s", note: str = "") -> dict:
+        """One line of the result table. `target_kind` says what `target` bounds: the ratio, seconds, or MiB."""
+        ratio = seconds / floor_seconds if seconds is not None and floor_seconds else None
+        measured = value if value is not None else (ratio if target_kind == "ratio" else seconds)
+        met = None if target is None or measured is None else bool(measured <= target)
+        row = {"section": section, "what": what, "n": n, "seconds": _round(seconds), "floor": floor,
+               "floor_seconds": _round(floor_seconds), "ratio": _round(ratio), "value": _round(value), "unit": unit,
+               "target": target, "target_kind": target_kind if target is not None else None, "met": met, "note": note}
+        self.rows.append(row)
+        status = {True: "met", False: "MISSED", None: ""}[met]
+        shown = f"{seconds:.3f} s" if seconds is not None else f"{value} {unit}"
+        self.log(f"  {what} (n={n}): {shown}" + (f", {ratio:.2f}x {floor}" if ratio else "")
+                 + (f"  target {target} {target_kind}: {status}" if target is not None else ""))
+        return row
+
+    # -- sections
+    def prepare(self) -> None:
+        import numpy as np
+
+        self.log(f"work directory {self.workdir}")
+        self.model = image_model(self.workdir)
+        self.log(f"image model: {self.model['spec']} ({self.model['note']})")
+        self.data = {}
+        for n in self.args.sizes:
+            path = self.workdir / f"shapes-{n}.npz"
+            if not path.exists():
+                arrays = make_shapes_images(n, seed=n)
+                np.savez(path, **arrays)
+                del arrays
+            self.data[n] = path
+        self.runs_dir = self.workdir / "runs"
+        self.stages, missing = available_stages()
+        for stage, reason in missing.items():
+            self.skipped[f"run stage {stage}"] = reason
+        self.log(f"pipeline stages available: {', '.join(self.stages) or 'none'}")
+
+    def run_section(self) -> None:
+        for n in self.args.sizes:
+            self.log(f"run: analyzers.run_analysis on {n} images")
+            out = self.runs_dir / f"shapes-{n}"
+            spec = {"model": self.model["spec"], "arch": self.model["arch"], "data": str(self.data[n]),
+                    "out": str(out), "batch_size": self.args.batch_size, "analyses": self.stages}
+            result = self.worker("run", spec, label=f"run-{n}")
+            if result is None:
+                continue
+            self.details[f"run-{n}"] = result
+            floor = result["floor_forward_s"]
+            self.floors.setdefault(str(n), {})["forward_s"] = _round(floor)
+            timings = result["timings_s"]
+            gradients = float(timings.get("gradients", 0.0))
+            self.add("run", "analyzers run (all stages but gradient traces)", n, result["run_s"] - gradients,
+                     floor="forward", floor_seconds=floor, target=1.5,
+                     note=f"stages: {', '.join(result['analyses']) or 'none'}; includes loading and hashing the "
+                          f"data and writing the run; " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+            if "gradients" in timings:
+                self.add("run", "gradient-norm traces (fixed batches, reported apart)", n, gradients,
+                         floor="forward", floor_seconds=floor)
+            beyond = result["rss_peak_bytes"] - result["rss_baseline_bytes"] - result["dataset_bytes"]
+            self.add("memory", "run peak RSS beyond the dataset", n, None, target=1536, target_kind="MiB",
+                     value=round(beyond / MIB, 1), unit="MiB",
+                     note=f"peak {result['rss_peak_bytes'] / MIB:.0f} MiB, after imports "
+                          f"{result['rss_baseline_bytes'] / MIB:.0f} MiB, dataset {result['dataset_bytes'] / MIB:.0f} "
+                          f"MiB; worker max RSS (wait4) {result['worker_maxrss_bytes'] / MIB:.0f} MiB"
+                          + ("" if result["peak_reset"] else "; peak could not be reset, includes the floor"))
+        sizes = [n for n in self.args.sizes if f"run-{n}" in self.details]
+        if len(sizes) >= 2:
+            small, large = self.details[f"run-{sizes[0]}"], self.details[f"run-{sizes[-1]}"]
+
+            def beyond(r):
+                return (r["rss_peak_bytes"] - r["rss_baseline_bytes"] - r["dataset_bytes"]) / MIB
+
+            growth = beyond(large) / max(beyond(small), 1.0)
+            self.add("memory", f"RSS beyond dataset, {sizes[-1]} vs {sizes[0]}", sizes[-1], None, value=round(growth, 2),
+                     unit="x", note=f"{beyond(small):.0f} MiB at {sizes[0]}, {beyond(large):.0f} MiB at {sizes[-1]} "
+                                    f"({sizes[-1] // sizes[0]}x the samples)")
+
+    def explain_all_section(self) -> None:
+        if missing_modules("analyzers.explain"):
+            self.skipped["explain_all"] = "analyzers.explain does not exist yet"
+            return
+        for n in self.args.sizes:
+            self.log(f"explain_all: Grad-CAM and saliency for all {n} images")
+            spec = {"model": self.model["spec"], "arch": self.model["arch"], "data": str(self.data[n]),
+                    "run": str(self.runs_dir / f"shapes-{n}"), "batch_size": self.args.batch_size,
+                    "also_untargeted": n == min(self.args.sizes)}
+            result = self.worker("explain_all", spec, label=f"explain-{n}")
+            if result is None:
+                continue
+            self.details[f"explain-{n}"] = result
+            floor = result["floor_gradient_s"]
+            self.floors.setdefault(str(n), {})["forward_backward_s"] = _round(floor)
+            for method, seconds in result["methods"].items():
+                self.add("explain_all", f"{method} for every sample", n, seconds, floor="forward+backward",
+                         floor_seconds=floor, target=1.3, note="target = the run's predicted class")
+            if "saliency_target_none_s" in result:
+                self.add("explain_all", "saliency for every sample, target=None", n, result["saliency_target_none_s"],
+                         floor="forward+backward", floor_seconds=floor,
+                         note="explain() runs one more forward pass to find the predicted class")
+
+    def interactive_section(self) -> None:
+        if missing_modules("analyzers.explain"):
+            self.skipped["interactive"] = "analyzers.explain does not exist yet"
+            return
+        n = min(self.args.sizes)
+        reps = {m: r[1 if self.args.quick else 0] for m, r in INTERACTIVE_REPS.items()}
+        self.log(f"interactive: one sample at a time ({', '.join(f'{m} x{r}' for m, r in reps.items())})")
+        spec = {"model": self.model["spec"], "arch": self.model["arch"], "data": str(self.data[n]), "reps": reps}
+        result = self.worker("interactive", spec, label="interactive")
+        if result is None:
+            return
+        self.details["interactive"] = result
+        floor = result["floor_gradient_1_s"]
+        self.floors["1"] = {"forward_s": _round(result["floor_forward_1_s"]), "forward_backward_s": _round(floor)}
+        for method, m in result["methods"].items():
+            note = f"p95 {m['p95_s'] * 1000:.1f} ms, first call {m['first_call_s']:.2f} s, {m['reps']} samples"
+            self.add("interactive", f"{method}, one sample (median)", 1, m["median_s"], floor="forward+backward (1)",
+                     floor_seconds=floor, target=INTERACTIVE_TARGET_S[method], target_kind="seconds", note=note)
+            self.add("interactive", f"{method}, one sample (p95)", 1, m["p95_s"], floor="forward+backward (1)",
+                     floor_seconds=floor, target=INTERACTIVE_TARGET_S[method], target_kind="seconds")
+
+    def projections_section(self) -> None:
+        if missing_modules("analyzers.projections"):
+            self.skipped["projections"] = "analyzers.projections does not exist yet"
+            return
+        for n in self.args.sizes:
+            run = self.runs_dir / f"shapes-{n}"
+            if not (run / "run.json").exists():
+                self.skipped[f"projections {n}"] = "no stored run of this size (the run section failed or was skipped)"
+                continue
+            self.log(f"projections: t-SNE and UMAP of {n} embeddings")
+            result = self.worker("projections", {"run": str(run), "methods": ["tsne", "umap"]}, label=f"proj-{n}")
+            if result is None:
+                continue
+            self.details[f"proj-{n}"] = result
+            floor = self.floors.get(str(n), {}).get("forward_s")
+            if "umap_warmup_s" in result:
+                self.add("projections", "UMAP warm-up (import umap, numba compile or cache load)", n,
+                         result["umap_warmup_s"], note="reported apart, not part of the fit")
+            target = 30.0 if n <= 10_000 else 60.0
+            for method in ("tsne", "umap"):
+                r = result[method]
+                how = (f"fitted on {r['n_fitted']} of {r['rows']}, rest placed by {r['placement']}" if r["sampled"]
+                       else f"fitted on all {r['rows']}")
+                self.add("projections", f"{method} 2-D", n, r["seconds"], floor="forward", floor_seconds=floor,
+                         target=target, target_kind="seconds",
+                         note=how + "; " + ", ".join(f"{k} {v:.1f}s" for k, v in r["timings_s"].items()))
+
+    def peer_section(self, run: Path, label: str) -> None:
+        if missing_modules("analyzers.metrics", "analyzers.slices"):
+            self.skipped[f"peer {label}"] = "analyzers.metrics or analyzers.slices does not exist yet"
+            return
+        if not (run / "run.json").exists():
+            self.skipped[f"peer {label}"] = "no stored run (its run section failed or was skipped)"
+            return
+        self.log(f"peer: confusion + slices on the {label} run, ours vs straightforward pandas/scikit-learn")
+        result = self.worker("peer", {"run": str(run), "reps": 1 if self.args.quick else 3}, label=f"peer-{label}")
+        if result is None:
+            return
+        self.details[f"peer-{label}"] = result
+        n = result["n"]
+        base = result["straightforward_s"]
+        self.add("peer", f"{label}: straightforward confusion + tree slices (pandas/sklearn)", n, base)
+        self.add("peer", f"{label}: ours, computed (analyzers.metrics.confusion + slices.find_slices)", n,
+                 result["ours_s"], floor="straightforward", floor_seconds=base,
+                 note=f"{result['ours_slices']} slices found")
+        self.add("peer", f"{label}: ours, stored in the run (a dashboard click)", n, result["ours_stored_s"],
+                 floor="straightforward", floor_seconds=base,
+                 note="reads " + (", ".join(result["stored_files"]) or "nothing stored yet"))
+
+    def tabular_section(self) -> None:
+        if missing_modules("sample_models.tabular"):
+            self.skipped["tabular"] = "sample_models.tabular does not exist"
+            return
+        n = QUICK_TABULAR_ROWS if self.args.quick else TABULAR_ROWS
+        path = self.workdir / f"tabular-{n}.parquet"
+        if not path.exists():
+            self.log(f"tabular: generating {n} rows")
+            make_tabular_table(n, seed=7).to_parquet(path, index=False)
+        out = self.runs_dir / f"tabular-{n}"
+        spec = {"model": "sample:tabular", "arch": None, "data": str(path), "out": str(out),
+                "batch_size": self.args.batch_size, "analyses": self.stages, "non_features": ["site", "label"]}
+        self.log(f"tabular: analyzers.run_analysis on {n} rows")
+        result = self.worker("run", spec, label=f"tabular-{n}")
+        if result is not None:
+            self.details[f"tabular-{n}"] = result
+            floor = result["floor_forward_s"]
+            self.floors.setdefault(f"tabular-{n}", {})["forward_s"] = _round(floor)
+            timings = result["timings_s"]
+            self.add("tabular", "analyzers run on the table", n, result["run_s"] - float(timings.get("gradients", 0)),
+                     floor="forward", floor_seconds=floor,
+                     note="the MLP's forward pass is milliseconds, so fixed costs dominate the ratio; "
+                          + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+            beyond = result["rss_peak_bytes"] - result["rss_baseline_bytes"] - result["dataset_bytes"]
+            self.add("memory", "tabular run peak RSS beyond the dataset", n, None, target=1536, target_kind="MiB",
+                     value=round(beyond / MIB, 1), unit="MiB")
+        self.peer_section(out, "tabular")
+
+    def startup_section(self) -> None:
+        self.log("startup: import torch, then import analyzers, in fresh processes")
+        code = ("import json, sys, time\n"
+                "t0 = time.perf_counter(); import torch; t1 = time.perf_counter()\n"
+                "import analyzers; t2 = time.perf_counter()\n"
+                "from analyzers import load_model, load_dataset, predict, run_analysis, open_run, explain\n"
+                "t3 = time.perf_counter()\n"
+                f"heavy = [m for m in {HEAVY_MODULES!r} if m in sys.modules]\n"
+                "print(json.dumps({'torch': t1 - t0, 'analyzers': t2 - t1, 'public_api': t3 - t1, 'heavy': heavy}))\n")
+        samples = []
+        for _ in range(1 if self.args.quick else 5):
+            proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=self.env, capture_output=True, text=True,
+                                  timeout=300)
+            if proc.returncode != 0:
+                self.errors["startup"] = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                return
+            samples.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        torch_s = statistics.median(s["torch"] for s in samples)
+        heavy = sorted({m for s in samples for m in s["heavy"]})
+        self.details["startup"] = samples
+        self.floors["import_torch_s"] = _round(torch_s)
+        self.add("startup", "import analyzers, beyond import torch", None,
+                 statistics.median(s["analyzers"] for s in samples), floor="import torch", floor_seconds=torch_s,
+                 target=1.0, target_kind="seconds")
+        self.add("startup", "import the public API (load_model ... explain), beyond import torch", None,
+                 statistics.median(s["public_api"] for s in samples), floor="import torch", floor_seconds=torch_s,
+                 target=1.0, target_kind="seconds",
+                 note="heavy modules imported: " + (", ".join(heavy) if heavy else "none"))
+
+    def dashboard_section(self) -> None:
+        if not (ROOT / "dashboard" / "app.py").exists():
+            self.skipped["dashboard"] = "dashboard/app.py does not exist yet"
+            return
+        n = max(self.args.sizes)
+        run = self.runs_dir / f"shapes-{n}"
+        if not (run / "run.json").exists():
+            self.skipped["dashboard"] = f"no stored run of {n} samples (the run section failed or was skipped)"
+            return
+        self.log(f"dashboard: AppTest on the stored {n}-sample run")
+        result = self.worker("dashboard", {"runs_dir": str(self.runs_dir), "run": str(run), "timeout": 300},
+                             label="dashboard")
+        if result is None:
+            return
+        self.details["dashboard"] = result
+        self.add("dashboard", "first page on a stored run (AppTest, fresh process)", n, result["first_page_s"],
+                 target=5.0, target_kind="seconds",
+                 note=f"importing streamlit.testing took {result['import_apptest_s']:.1f} s before; rerun "
+                      f"{result['first_page_rerun_s']:.2f} s")
+        changes = []
+        for page, entry in result["pages"].items():
+            if "error" in entry:
+                self.errors[f"dashboard {page}"] = entry["error"]
+                continue
+            self.add("dashboard", f"open page {page}", n, entry["first_s"], target=5.0, target_kind="seconds")
+            if "selection_change_s" in entry:
+                changes.append((entry["selection_change_s"], page, entry["selection_widget"]))
+        for seconds, page, widget in changes:
+            self.add("dashboard", f"selection change on {page}", n, seconds, target=0.5, target_kind="seconds",
+                     note=widget)
+        if not changes:
+            self.skipped["dashboard selection change"] = "no page offered a select box or radio with a second option"
+
+    # -- output
+    def write(self) -> Path:
+        import torch
+
+        out = Path(self.args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = "quick" if self.args.quick else "latest"
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+        meta = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
+                "command": " ".join([Path(sys.executable).name, *sys.argv]), "quick": self.args.quick,
+                "sizes": list(self.args.sizes), "batch_size": self.args.batch_size,
+                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                "load_average": list(os.getloadavg()), "platform": platform.platform(),
+                "python": platform.python_version(), "torch": torch.__version__,
+                "image_model": self.model.get("note") if hasattr(self, "model") else None,
+                "total_seconds": round(time.perf_counter() - self.started, 1)}
+        document = {"meta": meta, "floors": self.floors, "results": self.rows, "skipped": self.skipped,
+                    "errors": self.errors, "details": self.details}
+        json_path = out / f"{stem}.json"
+        tmp = json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(document, indent=2, default=float))
+        os.replace(tmp, json_path)
+        md_path = out / f"{stem}.md"
+        md_tmp = md_path.with_suffix(".md.tmp")
+        md_tmp.write_text(render_markdown(document))
+        os.replace(md_tmp, md_path)
+        return json_path
+
+    def run(self) -> int:
+        self.prepare()
+        steps = [("run", self.run_section), ("explain_all", self.explain_all_section),
+                 ("interactive", self.interactive_section), ("projections", self.projections_section),
+                 ("peer", lambda: self.peer_section(self.runs_dir / f"shapes-{max(self.args.sizes)}", "images")),
+                 ("tabular", self.tabular_section), ("startup", self.startup_section),
+                 ("dashboard", self.dashboard_section)]
+        for name, step in steps:
+            if self.wanted(name):
+                t0 = time.perf_counter()
+                step()
+                self.details.setdefault("section_seconds", {})[name] = round(time.perf_counter() - t0, 1)
+        path = self.write()
+        self.log(f"wrote {path} and {path.with_suffix('.md')}")
+        if not self.args.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.errors:
+            self.log(f"{len(self.errors)} section(s) failed: {', '.join(self.errors)}")
+            return 1
+        return 0
+
+
+def _round(value):
+    return None if value is None else round(float(value), 4)
+
+
+def render_markdown(document: dict) -> str:
+    meta = document["meta"]
+    lines = ["# Benchmark results", "",
+             f"{meta['created']}, commit {meta['git_commit']}, {meta['cpu_count']} CPU cores, torch "
+             f"{meta['torch']} with {meta['torch_threads']} threads, load average at the end "
+             f"{', '.join(f'{v:.1f}' for v in meta['load_average'])}; total {meta['total_seconds']:.0f} s. "
+             f"Image model: {meta['image_model']}. Command: `{meta['command']}`.", "",
+             "Ratios are against a floor measured in the same process just before: *forward* = a plain no-grad "
+             "forward pass over all N at the same batch size, *forward+backward* = input gradients over all N.", "",
+             "| Section | What | N | Measured | Floor | Ratio | Target | Met |",
+             "|---|---|---:|---:|---:|---:|---:|:---:|"]
+    for r in document["results"]:
+        measured = f"{r['seconds']:.3f} s" if r["seconds"] is not None else f"{r['value']} {r['unit']}"
+        floor = f"{r['floor_seconds']:.3f} s ({r['floor']})" if r["floor_seconds"] else ""
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else ""
+        if r["target"] is None:
+            target = ""
+        elif r["target_kind"] == "ratio":
+            target = f"<= {r['target']}x"
+        elif r["target_kind"] == "seconds":
+            target = f"<= {r['target']} s"
+        else:
+            target = f"<= {r['target']} {r['target_kind']}"
+        met = {True: "yes", False: "**no**", None: ""}[r["met"]]
+        lines.append(f"| {r['section']} | {r['what']} | {r['n'] if r['n'] is not None else ''} | {measured} | "
+                     f"{floor} | {ratio} | {target} | {met} |")
+    notes = [f"- {r['section']} / {r['what']} (n={r['n']}): {r['note']}" for r in document["results"] if r["note"]]
+    if notes:
+        lines += ["", "Notes:", *notes]
+    if document["skipped"]:
+        lines += ["", "Skipped:", *(f"- {k}: {v}" for k, v in document["skipped"].items())]
+    if document["errors"]:
+        lines += ["", "Errors:", *(f"- {k}: {v}" for k, v in document["errors"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def _sizes(text: str) -> tuple:
+    try:
+        sizes = tuple(sorted({int(p.replace("_", "")) for p in text.split(",") if p.strip()}))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sample counts such as 10000,100000, got {text!r}") \
+            from exc
+    if not sizes or min(sizes) < 200:
+        raise argparse.ArgumentTypeError("every size must be at least 200 (the interactive section takes 400 rows)")
+    return sizes
+
+
+def _sections(text: str) -> tuple:
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small sizes ({', '.join(map(str, QUICK_SIZES))}) and few repetitions: a smoke run; "
+                             f"writes quick.json instead of latest.json")
+    parser.add_argument("--sizes", type=_sizes, help="comma-separated image counts (default 10000,100000)")
+    parser.add_argument("--skip", type=_sections, default=(), help=f"sections to skip: {', '.join(SECTIONS)}")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for the result files")
+    parser.add_argument("--workdir", help="where data and runs are written (default: a temporary directory)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (data and runs) afterwards")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker, json.loads(args.spec), Path(args.result))
+    if args.sizes is None:
+        args.sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES
+    return Bench(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Smoke run of `benchmarks/run_benchmarks.py --quick`: it runs the real code paths on a few hundred samples and writes a
+result file whose rows carry the ratios the full benchmark reports. The slow sections (projections, dashboard) and the
+ones that only repeat code paths checked here are skipped to keep this test fast."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "run_benchmarks.py"
+SKIPPED = "projections,dashboard,interactive,tabular"
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--sizes", "200,400", "--skip", SKIPPED,
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "quick.json").read_text())
+
+
+def _rows(document, section):
+    return [r for r in document["results"] if r["section"] == section]
+
+
+def test_writes_json_and_markdown_with_the_expected_keys(quick_result):
+    out, document = quick_result
+    assert {"meta", "floors", "results", "skipped", "errors", "details"} <= set(document)
+    assert document["errors"] == {}
+    assert document["meta"]["quick"] is True and document["meta"]["sizes"] == [200, 400]
+    for section in SKIPPED.split(","):
+        assert document["skipped"][section] == "skipped by --skip"
+    for row in document["results"]:
+        assert {"section", "what", "n", "seconds", "floor", "floor_seconds", "ratio", "target", "met"} <= set(row)
+    markdown = (out / "quick.md").read_text()
+    assert markdown.startswith("# Benchmark results") and "| Section | What | N |" in markdown
+    assert len([line for line in markdown.splitlines() if line.startswith("| ")]) == len(document["results"]) + 1
+
+
+def test_run_rows_are_ratios_to_the_forward_floor_of_each_size(quick_result):
+    _, document = quick_result
+    rows = [r for r in _rows(document, "run") if r["target"] == 1.5]
+    assert [r["n"] for r in rows] == [200, 400]
+    for row in rows:
+        floor = document["floors"][str(row["n"])]["forward_s"]
+        assert row["floor"] == "forward" and row["floor_seconds"] == pytest.approx(floor, abs=1e-3)
+        assert row["ratio"] == pytest.approx(row["seconds"] / row["floor_seconds"], rel=1e-2)
+        assert row["met"] == (row["ratio"] <= 1.5)
+    memory = [r for r in _rows(document, "memory") if r["unit"] == "MiB"]
+    assert [r["n"] for r in memory] == [200, 400]
+    assert all(math.isfinite(r["value"]) and r["met"] == (r["value"] <= 1536) for r in memory)
+
+
+def test_explanations_every_sample_are_ratios_to_the_gradient_floor(quick_result):
+    _, document = quick_result
+    if "explain_all" in document["skipped"]:
+        pytest.skip(document["skipped"]["explain_all"])
+    rows = [r for r in _rows(document, "explain_all") if r["target"] == 1.3]
+    assert sorted((r["what"].split()[0], r["n"]) for r in rows) == [("gradcam", 200), ("gradcam", 400),
+                                                                    ("saliency", 200), ("saliency", 400)]
+    for row in rows:
+        assert row["floor"] == "forward+backward" and row["ratio"] > 0
+        assert row["floor_seconds"] == pytest.approx(document["floors"][str(row["n"])]["forward_backward_s"], abs=1e-3)
+
+
+def test_startup_and_peer_rows(quick_result):
+    _, document = quick_result
+    startup = _rows(document, "startup")
+    assert len(startup) == 2 and all(r["floor"] == "import torch" and r["target"] == 1.0 for r in startup)
+    assert document["floors"]["import_torch_s"] > 0
+    if "peer images" in document["skipped"]:
+        pytest.skip(document["skipped"]["peer images"])
+    peer = _rows(document, "peer")
+    base = [r for r in peer if r["floor"] is None]
+    assert len(base) == 1 and base[0]["seconds"] > 0
+    assert all(r["floor_seconds"] == base[0]["seconds"] and r["ratio"] > 0 for r in peer if r["floor"])
+
+
+def test_bad_arguments_exit_with_a_message():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--skip", "nonsense"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown section(s) nonsense" in proc.stderr
