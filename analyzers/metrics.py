@@ -211,15 +211,22 @@ def calibration_report(labels, probs, *, class_names=None, n_bins: int = DEFAULT
 
 
 def subset_calibration(labels, probs, member, *, n_bins: int = DEFAULT_BINS, strategy: str = "uniform") -> tuple:
-    """(ECE inside the subset, ECE outside it) for a boolean `member` mask; NaN for an empty side."""
+    """(ECE inside the subset, ECE outside it) for a boolean `member` mask (N,); NaN for an empty side.
+
+    With masks of shape (S, N), one per subset, returns two arrays of S values (checks the inputs once).
+    """
     labels, probs = check_predictions(labels, probs)
     member = np.asarray(member, dtype=bool)
-    if member.shape != labels.shape:
+    if member.shape[-1:] != labels.shape or member.ndim > 2:
         raise AnalyzerError(f"the member mask must have one entry per sample ({len(labels)}), got {member.shape}")
     correct = probs.argmax(1) == labels
     confidence = probs.max(1)
-    inside = calibration_bins(correct[member], confidence[member], n_bins=n_bins, strategy=strategy).ece
-    outside = calibration_bins(correct[~member], confidence[~member], n_bins=n_bins, strategy=strategy).ece
+    pairs = [(calibration_bins(correct[m], confidence[m], n_bins=n_bins, strategy=strategy).ece,
+              calibration_bins(correct[~m], confidence[~m], n_bins=n_bins, strategy=strategy).ece)
+             for m in np.atleast_2d(member)]
+    if member.ndim == 1:
+        return pairs[0]
+    inside, outside = np.array(pairs, dtype=np.float64).reshape(-1, 2).T
     return inside, outside
 
 

@@ -404,17 +404,10 @@ def find_slices(samples: pd.DataFrame, *, embeddings=None, probs=None, class_nam
     if "cluster" in table.columns:
         table["cluster"] = table["cluster"].fillna(-1).astype(np.int64)
     if probs is not None:
-        ids = samples["id"].to_numpy()
-        position = pd.Series(np.arange(len(ids)), index=ids)
-        ece_in, ece_out = [], []
-        for members in table["ids"]:
-            mask = np.zeros(len(ids), dtype=bool)
-            mask[position.loc[members].to_numpy()] = True
-            a, b = subset_calibration(samples["label"].to_numpy(), probs, mask)
-            ece_in.append(a)
-            ece_out.append(b)
-        table["ece"] = np.array(ece_in, dtype=np.float64)
-        table["ece_rest"] = np.array(ece_out, dtype=np.float64)
+        masks = np.zeros((len(table), len(samples)), dtype=bool)
+        for row, members in enumerate(table["ids"]):
+            masks[row] = slice_mask(samples, members)
+        table["ece"], table["ece_rest"] = subset_calibration(samples["label"].to_numpy(), probs, masks)
     return table
 
 

@@ -148,3 +148,27 @@ def test_shapes_sample_top_slice_names_the_spurious_background(sample_run_dir):
     assert top["source"] == "features"
     assert "background ==" in top["description"] or "background !=" in top["description"]
     assert top["lift"] > 2
+
+
+@pytest.mark.benchmark
+def test_evaluation_scales_to_100k_samples():
+    import time
+
+    from analyzers.evaluation import evaluate
+
+    rng = np.random.default_rng(0)
+    n, k = 100_000, 10
+    labels = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k))
+    logits[np.arange(n), labels] += 2
+    probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+    pred = probs.argmax(1)
+    samples = pd.DataFrame({"id": np.arange(n), "label": labels, "pred": pred, "confidence": probs.max(1),
+                            "loss": -np.log(probs[np.arange(n), labels]), "correct": pred == labels,
+                            **{f"f{j}": rng.normal(size=n) for j in range(10)}, "colour": rng.choice(["a", "b"], n)})
+    evaluate(samples.head(1000), probs[:1000], embeddings=rng.normal(size=(1000, 64)))  # imports
+    started = time.perf_counter()
+    result = evaluate(samples, probs, embeddings=rng.normal(size=(n, 64)).astype(np.float32))
+    elapsed = time.perf_counter() - started
+    print(f"evaluate on {n} samples: {elapsed:.2f} s {result['timings']}")
+    assert elapsed < 10
