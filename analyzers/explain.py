@@ -8,6 +8,7 @@ get the same maps. `METHODS` describes every method and its options for the dash
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -313,11 +314,21 @@ def _shap_attribute(scores: nn.Module, x: np.ndarray, targets: np.ndarray, backg
     return out
 
 
+_RNG_LOCK = threading.Lock()  # the global generators are shared by every model: one seeded user at a time
+RANDOM_METHODS = ("smoothgrad", "shap")
+
+
 @contextlib.contextmanager
-def _private_rng(seed: int):
-    """Seeded torch and numpy randomness (SmoothGrad noise, shap's draws) without disturbing the caller's streams."""
-    state = np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
+def _private_rng(seed: int, needed: bool = True):
+    """Seeded torch and numpy randomness (SmoothGrad noise, shap's draws) without disturbing the caller's streams.
+
+    Captum and shap draw from the global generators, so two threads explaining different models (different model
+    locks) would interleave their draws; the lock keeps each explanation's draws its own."""
+    if not needed:
+        yield
+        return
+    with _RNG_LOCK, torch.random.fork_rng(devices=[]):
+        state = np.random.get_state()
         torch.manual_seed(seed)
         np.random.seed(seed)
         try:
@@ -386,7 +397,7 @@ def explain(model, inputs, target=None, method: str = "saliency", *, batch_size:
             _check_gradcam_layer(module, scores, opts["layer"], torch.as_tensor(x[:1], device=device))
         out, raws = np.zeros_like(x), []
         try:
-            with _private_rng(seed):
+            with _private_rng(seed, needed=method in RANDOM_METHODS):
                 if method == "shap":
                     out = _shap_attribute(scores, x, targets, background, nsamples=int(nsamples),
                                           batch_size=batch_size, seed=seed, device=device)

@@ -280,3 +280,32 @@ def test_method_registry_describes_options_for_the_dashboard():
     assert METHODS["shap"].needs_background and METHODS["gradcam"].needs_conv_layer
     with pytest.raises(AnalyzerError, match="not a batch"):
         reduce_for_display(np.zeros((2, 1, 2, 3, 4)))
+
+
+def test_random_methods_are_seeded_per_call_even_across_models_and_leave_the_callers_rng_alone(tiny_cnn, tiny_data):
+    import copy
+
+    x = tiny_data[0][:4]
+    other = copy.deepcopy(tiny_cnn)  # another model: another lock, so only the seeding keeps the draws apart
+    expected = explain(tiny_cnn, x, None, "smoothgrad", nt_samples=8)
+    assert not np.array_equal(expected, explain(tiny_cnn, x, None, "smoothgrad", nt_samples=8, seed=1))
+    results = []
+
+    def work(model):
+        for _ in range(5):
+            results.append(explain(model, x, None, "smoothgrad", nt_samples=8))
+
+    threads = [threading.Thread(target=work, args=(m,)) for m in (tiny_cnn, other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 10 and all(np.array_equal(r, expected) for r in results)
+    torch.manual_seed(123)
+    np.random.seed(123)
+    explain(tiny_cnn, x, None, "smoothgrad", nt_samples=8)
+    explain(tiny_cnn, x, None, "shap", background=x, nsamples=8)
+    after = torch.rand(3), np.random.rand(3)
+    torch.manual_seed(123)
+    np.random.seed(123)
+    assert torch.equal(after[0], torch.rand(3)) and np.array_equal(after[1], np.random.rand(3))
