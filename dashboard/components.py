@@ -27,9 +27,11 @@ def go_to(name: str, **params) -> None:
     st.switch_page(PAGES[name])
 
 
-def page_link(name: str, label: str) -> None:
+def page_link(name: str, label: str, **params) -> None:
+    """A link to page `name` that keeps the run and sets the given URL values (e.g. `sel="slice:0"`)."""
     if name in PAGES:
-        st.page_link(PAGES[name], label=label)
+        query = {k: v for k, v in {"run": state.get("run"), **params}.items() if v is not None}
+        st.page_link(PAGES[name], label=label, query_params=query, icon=":material/arrow_forward:")
 
 
 def fresh(key: str, value) -> bool:

@@ -188,19 +188,10 @@ def sample_inputs(run: Run, rows) -> np.ndarray:
 
 
 def training_log(run: Run):
-    """(steps, validation, grad_norms) from the run's training log or, for a sample model, the log it shipped with."""
-    from analyzers.recorder import read_training_log
-
+    """(steps, validation, grad_norms) from the run's training/log.jsonl (a TrainingRecorder file), or None."""
     path = run.file(TRAINING_LOG)
     if not path.exists():
-        spec = run.info["model"]["spec"]
-        if not spec.startswith("sample:"):
-            return None
-        from sample_models import get_sample
-
-        path = get_sample(spec.split(":", 1)[1]).log_path
-        if not path.exists():
-            return None
+        return None
     return _training_log(str(path), path.stat().st_mtime)
 
 
@@ -217,3 +208,79 @@ def error_message(exc: Exception) -> str:
         return str(exc)
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return f"{type(exc).__name__}: {text}"
+
+
+# ------------------------------------------------------------------------------------------------------- embeddings
+
+def embedding_layers(run: Run) -> list[str]:
+    """Layers whose activations the run holds (embeddings/<LAYER>.npy), the run's embedding layer first."""
+    folder = run.file("embeddings")
+    found = sorted(p.stem for p in folder.glob("*.npy")) if folder.is_dir() else []
+    first = run.info.get("embedding_layer")
+    return sorted(found, key=lambda name: name != first)
+
+
+def projection(run: Run, layer: str, method: str, *, compute: bool) -> pd.DataFrame | None:
+    """The stored 2-D projection table (id, x, y); PCA is made when missing, t-SNE / UMAP only when `compute`."""
+    from analyzers.projections import ensure_projection, projection_relpath
+
+    relpath = projection_relpath(layer, method, 2)
+    if not run.has(relpath):
+        if method != "pca" and not compute:
+            return None
+        ensure_projection(run, layer, method, 2)
+    return _projection_table(str(run.file(relpath)), run.file(relpath).stat().st_mtime)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _projection_table(path: str, mtime: float) -> pd.DataFrame:
+    return pd.read_parquet(path)
+
+
+def collect_layer(run: Run, layer: str) -> None:
+    """Store `layer`'s activations in the run (analyzers.projections.collect_embeddings)."""
+    from analyzers.projections import collect_embeddings
+
+    model, dataset = run_inputs(run)
+    collect_embeddings(model, dataset.x, layer, run=run)
+
+
+@st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)
+def slice_membership(run: Run, top: int = 8) -> pd.Series:
+    """Per sample (in samples.parquet order), the best-ranked of the top slices holding it, or "no slice"."""
+    from analyzers.slices import slice_mask
+
+    slices = optional_table(run, "slices.parquet")
+    out = pd.Series(["no slice"] * len(run.samples), dtype=object)
+    if slices is None:
+        return out
+    for number, (_, s) in reversed(list(enumerate(slices.head(top).iterrows()))):
+        text = s["description"] if len(s["description"]) <= 48 else s["description"][:47] + "…"
+        out[slice_mask(run.samples, s["ids"])] = f"{number + 1}: {text}"
+    return out
+
+
+@st.cache_resource(hash_funcs=HASH, show_spinner=False, max_entries=16)
+def overfit(run: Run, steps: int, batch_size: int, lr: float):
+    """analyzers.gradients.overfit_one_batch on the run's model and data (trains a copy; cached per settings)."""
+    from analyzers.gradients import overfit_one_batch
+
+    model, dataset = run_inputs(run)
+    return overfit_one_batch(model, dataset.x, dataset.y, steps=steps, batch_size=batch_size, lr=lr)
+
+
+@st.cache_resource(hash_funcs=HASH, show_spinner="Comparing the runs…", max_entries=8)
+def comparison(run_a: Run, run_b: Run):
+    """analyzers.comparison.compare_runs (read-only; shared)."""
+    from analyzers.comparison import compare_runs
+
+    return compare_runs(run_a, run_b)
+
+
+@st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=32)
+def _id_strings(run: Run) -> frozenset:
+    return frozenset(run.samples["id"].astype(str))
+
+
+def run_has_sample(run: Run, sample_id: str) -> bool:
+    return str(sample_id) in _id_strings(run)

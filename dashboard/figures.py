@@ -303,7 +303,7 @@ def training_curves_figure(steps: pd.DataFrame, validation: pd.DataFrame) -> go.
     if not steps.empty and "lr" in steps:
         fig.add_trace(go.Scatter(x=steps["step"], y=steps["lr"], name="learning rate", mode="lines",
                                  line=dict(color="#777", dash="dot")), secondary_y=True)
-        fig.update_yaxes(title="learning rate", secondary_y=True, showgrid=False)
+        fig.update_yaxes(title="learning rate", secondary_y=True, showgrid=False, tickformat=".1e", rangemode="tozero")
     fig.update_xaxes(title="step")
     fig.update_yaxes(title="loss", secondary_y=False)
     return _layout(fig, height=380, legend=dict(orientation="h", y=1.15))

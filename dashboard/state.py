@@ -16,9 +16,9 @@ _LOADED = "url_loaded"
 
 
 def load_from_url() -> None:
-    """On a session's first run, take the values from the URL."""
-    if st.session_state.get(_LOADED):
-        return
+    """Take the values the URL holds: on a session's first run, and after a link that carries them (the session's
+    own values are always mirrored into the URL, so a value there that differs came from outside). A value missing
+    from the URL was dropped by a page change, so the session's value stays."""
     for key in KEYS:
         if key in st.query_params:
             st.session_state[_PREFIX + key] = st.query_params[key]

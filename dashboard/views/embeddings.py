@@ -1,8 +1,105 @@
-"""embeddings page."""
+"""Embeddings: a layer's activations projected to 2-D, coloured by anything; box or lasso to select samples."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
 import streamlit as st
 
-from dashboard import components
+from analyzers.errors import AnalyzerError
+from dashboard import components, data, figures, state
+from dashboard.selection import Selection, id_positions, region_mask, selected_ids
 
 run = components.require_run()
-components.header("embeddings", run)
-st.info("This page is being built.")
+components.header("Embeddings", run, "Each point is a sample, placed by a projection of a layer's activations. "
+                                     "Draw a box or a lasso to select samples.")
+samples = run.samples
+names = run.class_names
+
+layers = data.embedding_layers(run)
+if not layers:
+    components.not_in_run("No layer's activations are", "Run the analysis with --layer, or collect a layer below.")
+METHOD_LABELS = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
+controls = st.columns([2, 1, 2])
+layer = controls[0].selectbox("Layer", layers, key="emb-layer",
+                              help="Activations entering the run's embedding layer, or leaving a collected layer.")
+method = controls[1].segmented_control("Projection", list(METHOD_LABELS), default="pca",
+                                       format_func=METHOD_LABELS.get, key="emb-method") or "pca"
+colour_options = ["label", "prediction", "correct", "confidence", "loss", "slice"]
+colour_options += [c for c in (run.info["dataset"].get("metadata_columns") or []) if c in samples.columns]
+colour = controls[2].selectbox("Colour by", colour_options, key="emb-colour")
+
+with st.expander("Collect another layer"):
+    model_layers = [n for n in run.info["model"].get("layers", []) if n not in layers]
+    other = st.selectbox("Layer to collect", model_layers, key="emb-collect-layer")
+    if st.button("Collect its activations", key="emb-collect", disabled=not model_layers):
+        try:
+            with st.spinner(f"Running the model to collect {other}…"):
+                data.collect_layer(run, other)
+            st.rerun()
+        except AnalyzerError as exc:
+            st.error(str(exc))
+
+if not layer:
+    st.stop()
+projection = data.projection(run, layer, method, compute=False)
+if projection is None:
+    st.info(f"The {METHOD_LABELS[method]} projection of {layer} is not in this run yet. t-SNE and UMAP are fitted "
+            f"on at most 10,000 samples (after PCA to 50 dimensions) and the rest placed into the fitted map; the "
+            f"result is stored in the run.")
+    if st.button(f"Compute {METHOD_LABELS[method]}", type="primary", key="emb-compute"):
+        try:
+            with st.spinner(f"Computing {METHOD_LABELS[method]} of {layer}… (about a minute for 10,000 samples)"):
+                projection = data.projection(run, layer, method, compute=True)
+        except AnalyzerError as exc:
+            st.error(str(exc))
+    if projection is None:
+        st.stop()
+
+
+def _colour_column(table: pd.DataFrame) -> tuple[pd.Series, bool, list | None]:
+    rows = id_positions(samples["id"].to_numpy(), table["id"].to_numpy())
+    s = samples.iloc[rows]
+    if colour == "label":
+        return pd.Series(np.asarray(names, object)[s["label"]]), True, list(names)
+    if colour == "prediction":
+        return pd.Series(np.asarray(names, object)[s["pred"]]), True, list(names)
+    if colour == "correct":
+        return pd.Series(np.where(s["correct"], "right", "wrong")), True, ["right", "wrong"]
+    if colour == "slice":
+        membership = data.slice_membership(run)
+        values = membership.iloc[rows].reset_index(drop=True)
+        return values, True, sorted(values.unique(), key=lambda v: (v == "no slice", v))
+    values = s[colour].reset_index(drop=True)
+    categorical = not pd.api.types.is_numeric_dtype(values) or values.nunique() <= 12
+    return values, categorical, None
+
+
+values, categorical, order = _colour_column(projection)
+table = projection[["id", "x", "y"]].reset_index(drop=True).assign(**{colour: values.to_numpy()})
+fig = figures.embedding_figure(table, colour=colour, categorical=categorical, category_order=order,
+                               title=f"{METHOD_LABELS[method]} of {layer}")
+event = st.plotly_chart(fig, on_select="rerun", selection_mode=("box", "lasso"), key=f"emb-chart-{layer}-{method}",
+                        config={"displayModeBar": True, "modeBarButtonsToRemove": ["toImage"]})
+
+mask = region_mask(event, table[["x", "y"]].to_numpy())
+ids = table["id"][mask].tolist() if mask is not None else selected_ids(event)
+if components.fresh(f"emb-sel-{layer}-{method}", tuple(map(str, ids)) or None):
+    state.set_selection(Selection("ids", [str(i) for i in ids]), ids)
+sel = state.selection()
+if sel is not None and sel.kind == "ids":
+    rows = id_positions(samples["id"].to_numpy(), sel.value)
+    if len(rows):
+        chosen = samples["id"].to_numpy()[rows].tolist()
+        state.set_gallery(chosen)
+        st.subheader(f"{len(rows):,} selected samples")
+        sub = data.subset_metrics(run, tuple(int(r) for r in rows))
+        cols = st.columns(4)
+        cols[0].metric("Accuracy", f"{sub['accuracy']:.3f}")
+        cols[1].metric("Mean confidence", f"{sub['mean_confidence']:.3f}")
+        cols[2].metric("ECE of the selection", f"{sub['ece_inside']:.3f}")
+        labels = samples["label"].to_numpy()[rows]
+        top = np.bincount(labels, minlength=len(names)).argmax()
+        cols[3].metric("Most common label", str(names[top]))
+        components.gallery(run, chosen, key="emb-gallery")
+else:
+    st.caption("No selection yet: use the box or lasso tool above the chart.")

@@ -1,8 +1,159 @@
-"""errors page."""
+"""Errors and slices: ranked errors, automatically found slices, label-noise suspects, group metrics; CSV of each."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
 import streamlit as st
 
-from dashboard import components
+from analyzers.errors import AnalyzerError
+from dashboard import components, data, figures, state
+from dashboard.selection import Selection, id_positions
 
 run = components.require_run()
-components.header("errors", run)
-st.info("This page is being built.")
+components.header("Errors & slices", run)
+samples = run.samples
+names = run.class_names
+sel = state.selection()
+
+SECTIONS = {"rank": "Error rankings", "slice": "Slices", "suspects": "Label-noise suspects", "groups": "Groups"}
+default = SECTIONS.get(sel.kind if sel else "rank", SECTIONS["rank"])
+section = st.segmented_control("View", list(SECTIONS.values()), default=default, key="errors-section") or default
+
+
+def _metrics_block(rows: np.ndarray, label: str) -> None:
+    """Metrics of a subset and its calibration against the rest of the samples."""
+    if len(rows) == 0:
+        return
+    sub = data.subset_metrics(run, tuple(int(r) for r in rows))
+    cols = st.columns(4)
+    cols[0].metric("Samples", f"{len(rows):,}")
+    cols[1].metric("Accuracy", f"{sub['accuracy']:.3f}", delta=f"{sub['accuracy'] - data.metrics(run)['accuracy']:+.3f}"
+                   " vs all")
+    cols[2].metric(f"ECE in {label}", f"{sub['ece_inside']:.3f}")
+    rest = sub["ece_outside"]
+    cols[3].metric("ECE of the rest", "—" if rest != rest else f"{rest:.3f}")
+    st.plotly_chart(figures.reliability_figure(sub["bins_inside"], label=label, other=sub["bins_outside"],
+                                               other_label="rest"), key=f"rel-{label}",
+                    config={"displayModeBar": False})
+
+
+# --------------------------------------------------------------------------------------------------- rankings
+if section == SECTIONS["rank"]:
+    from analyzers.metrics import RANKINGS
+
+    current = sel.value if sel is not None and sel.kind == "rank" and sel.value in RANKINGS else "confident_wrong"
+    by = st.selectbox("Ranking", list(RANKINGS), index=list(RANKINGS).index(current),
+                      format_func=lambda r: RANKINGS[r][0].capitalize(), key="errors-ranking")
+    if by != current or sel is None or sel.kind != "rank":
+        state.set_selection(Selection("rank", by))
+    ranked = data.ranking(run, by, 200)
+    table = components.readable_samples(run, ranked)
+    if "margin" in ranked:
+        table["margin"] = ranked["margin"].to_numpy()
+    st.caption(f"Top {len(table)} of this ranking.")
+    st.dataframe(table, hide_index=True, column_config=components.SAMPLE_COLUMNS, height=300)
+    from analyzers.evaluation import errors_csv
+
+    st.download_button("Download CSV (whole ranking)", errors_csv(samples, run.probs, by=by, class_names=names),
+                       file_name=f"{run.path.name}-{by}.csv", mime="text/csv", key="dl-ranking")
+    ids = ranked["id"].tolist()[:48]
+    state.set_gallery(ids)
+    components.gallery(run, ids, key="rank-gallery", title="The first samples of this ranking")
+
+# ----------------------------------------------------------------------------------------------------- slices
+elif section == SECTIONS["slice"]:
+    slices = data.optional_table(run, "slices.parquet")
+    if slices is None:
+        components.not_in_run("Slice discovery", "Run the evaluation analysis (python -m analyzers run) to find them.")
+    elif slices.empty:
+        st.success("No slice of the data fails clearly more often than the rest.")
+    else:
+        st.caption("Groups of samples where the model fails more than on average, found from metadata and features "
+                   "(a shallow decision tree) and from clusters of the embeddings. Lift is the slice's error rate "
+                   "over the overall error rate. Pick a row to see the slice.")
+        shown = pd.DataFrame({"source": slices["source"], "description": slices["description"],
+                              "size": slices["size"], "error rate": slices["error_rate"], "lift": slices["lift"]})
+        for column in ("ece", "ece_rest"):
+            if column in slices:
+                shown[column.replace("_", " of the ")] = slices[column]
+        picked = st.dataframe(shown, hide_index=True, on_select="rerun", selection_mode="single-row",
+                              key="slices-table", height=min(400, 36 * len(shown) + 40),
+                              column_config={"error rate": st.column_config.NumberColumn(format="percent"),
+                                             "lift": st.column_config.NumberColumn(format="%.2f×"),
+                                             "description": st.column_config.TextColumn(width="large")})
+        rows_picked = tuple(picked.selection.rows)
+        if components.fresh("slices-pick", rows_picked or None):
+            state.set_selection(Selection("slice", rows_picked[0]))
+            sel = state.selection()
+        from analyzers.evaluation import slices_csv
+
+        st.download_button("Download CSV", slices_csv(slices), file_name=f"{run.path.name}-slices.csv",
+                           mime="text/csv", key="dl-slices")
+        index = sel.value if sel is not None and sel.kind == "slice" and 0 <= sel.value < len(slices) else None
+        if index is not None:
+            chosen = slices.iloc[index]
+            ids = list(chosen["ids"])
+            state.set_gallery(ids)
+            st.subheader(f"Slice {index + 1}: {chosen['description']}")
+            rows = id_positions(samples["id"].to_numpy(), ids)
+            _metrics_block(rows, "slice")
+            components.gallery(run, ids, key="slice-gallery")
+
+# ---------------------------------------------------------------------------------------------- label noise
+elif section == SECTIONS["suspects"]:
+    noise = data.optional_table(run, "label_noise.parquet")
+    if noise is None:
+        components.not_in_run("Label-noise detection", "Run the evaluation analysis to score the labels.")
+    else:
+        suspects = noise[noise["score"] > 0.5]
+        st.caption("Samples whose given label the model contradicts: score above 0.5 means another class is more "
+                   "typical for the sample than its own label (per-class thresholds, as in confident learning).")
+        if suspects.empty:
+            st.success("No label-noise suspects: the model agrees with every label more than with any other class.")
+        else:
+            state.set_selection(Selection("suspects", "top"))
+            table = pd.DataFrame({"id": suspects["id"].astype(str), "label": np.asarray(names, object)[suspects["label"]],
+                                  "suggested label": np.asarray(names, object)[suspects["suggested_label"]],
+                                  "score": suspects["score"]})
+            st.dataframe(table, hide_index=True, height=min(400, 36 * len(table) + 40),
+                         column_config={"score": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0,
+                                                                                 format="%.3f")})
+            from analyzers.evaluation import suspects_csv
+
+            st.download_button("Download CSV", suspects_csv(suspects, class_names=names),
+                               file_name=f"{run.path.name}-label-suspects.csv", mime="text/csv", key="dl-suspects")
+            ids = suspects["id"].tolist()[:48]
+            state.set_gallery(ids)
+            components.gallery(run, ids, key="suspect-gallery", title="Suspects, strongest first")
+
+# ---------------------------------------------------------------------------------------------------- groups
+else:
+    info = run.info["dataset"]
+    columns = [c for c in (info.get("metadata_columns") or []) + (info.get("feature_names") or [])
+               if c in samples.columns]
+    if not columns:
+        components.not_in_run("A metadata column to group by", "Datasets with metadata or feature columns get "
+                                                              "per-group metrics here.")
+    else:
+        pick = st.columns([2, 1])
+        column = pick[0].selectbox("Group by", columns, key="groups-column")
+        bins = pick[1].number_input("Bins for numeric columns", 2, 20, 5, key="groups-bins")
+        try:
+            groups = data.group_table(run, column, int(bins))
+        except AnalyzerError as exc:
+            st.error(str(exc))
+            st.stop()
+        from analyzers.metrics import largest_gap
+
+        try:
+            gap = largest_gap(groups, metric="accuracy", min_size=max(1, int(0.01 * len(samples))))
+            st.markdown(f"Largest accuracy gap: **{gap.gap:.3f}** between **{gap.best_group}** "
+                        f"({gap.best_value:.3f}) and **{gap.worst_group}** ({gap.worst_value:.3f}).")
+        except AnalyzerError as exc:
+            st.info(str(exc))
+        left, right = st.columns([1, 1], gap="large")
+        right.plotly_chart(figures.group_figure(groups, column), key="groups-figure",
+                           config={"displayModeBar": False})
+        left.dataframe(groups, hide_index=True, column_config={
+            c: st.column_config.NumberColumn(format="%.3f") for c in groups.columns if c not in ("group", "size")})
+        components.download(groups, f"{run.path.name}-groups-{column}.csv")

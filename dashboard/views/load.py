@@ -1,8 +1,189 @@
-"""load page."""
+"""Load: analyse a built-in sample or uploaded files (progress per stage), and browse, search and delete runs."""
+from __future__ import annotations
+
+import logging
+import re
+from datetime import datetime
+
+import pandas as pd
 import streamlit as st
 
-from dashboard import components
+from analyzers.errors import AnalyzerError
+from dashboard import components, data, state
 
-run = components.require_run()
-components.header("load", run)
-st.info("This page is being built.")
+LOG = logging.getLogger(__name__)
+MODEL_TYPES = ["pt2", "safetensors", "pt", "pth", "ckpt"]
+DATA_TYPES = ["npz", "csv", "parquet", "zip"]
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+STAGE_LABELS = {"load": "Loading the model and data", "inference": "Running the model",
+                "evaluation": "Metrics, slices and label noise", "projections": "Embedding projections",
+                "gradients": "Gradient traces"}
+
+settings = data.settings()
+st.title("Load")
+st.caption(f"Runs are stored in `{settings.runs_dir}`; uploads in `{settings.workspace}`.")
+analyse_tab, runs_tab = st.tabs(["Analyse a model", "Stored runs"])
+
+
+def _numbers(text: str, kind, label: str):
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        return [kind(part) for part in re.split(r"[,x ]+", text) if part]
+    except ValueError:
+        raise AnalyzerError(f"{label} must be numbers separated by commas, such as 0.5,0.5,0.5; got {text!r}")
+
+
+def _run_analysis(model_spec: str, data_spec: str, name: str, *, arch=None, overwrite=False, **options) -> None:
+    """run_analysis with one progress bar per stage; the run is opened when it is done."""
+    from analyzers.pipeline import run_analysis
+
+    stages = ["load", "inference", *data.available_stages()]
+    bars = {stage: st.progress(0.0, text=STAGE_LABELS.get(stage, stage)) for stage in stages}
+
+    def report(stage: str, fraction: float) -> None:
+        if stage == "done":
+            for other, bar in bars.items():
+                bar.progress(1.0, text=f"{STAGE_LABELS.get(other, other)} — done")
+            return
+        bar = bars.get(stage)
+        if bar is not None:
+            bar.progress(min(max(float(fraction), 0.0), 1.0), text=STAGE_LABELS.get(stage, stage))
+        for earlier in stages[:stages.index(stage)] if stage in stages else []:
+            bars[earlier].progress(1.0, text=f"{STAGE_LABELS.get(earlier, earlier)} — done")
+
+    out = settings.runs_dir / name
+    run_analysis(model_spec, data_spec, out, arch=arch, overwrite=overwrite, analyses=data.available_stages(),
+                 report=report, **options)
+    data.forget_runs()
+    state.put("run", name)
+    state.put("sample", None)
+    state.set_selection(None)
+    st.success(f"Run **{name}** is ready.")
+    components.page_link("overview", "Open its overview")
+
+
+def _guarded(action) -> None:
+    """Run `action`, turning any failure into one readable line (never a traceback on the page)."""
+    try:
+        action()
+    except AnalyzerError as exc:
+        st.error(str(exc))
+    except Exception as exc:  # a failure we did not foresee: say what it was, keep the app alive, log the details
+        LOG.exception("analysis failed")
+        st.error(f"The analysis failed: {data.error_message(exc)}")
+
+
+with analyse_tab:
+    from sample_models import SAMPLE_NAMES, get_sample
+
+    source = st.segmented_control("Model and data", ["Built-in sample", "Upload files"], default="Built-in sample",
+                                  key="load-source") or "Built-in sample"
+    if source == "Built-in sample":
+        ready = [n for n in SAMPLE_NAMES if get_sample(n).weights_path.exists()]
+        cols = st.columns(2)
+        sample = cols[0].selectbox("Sample", ready, key="load-sample",
+                                   help="Small trained models with their own data: digits (8×8 images), tabular "
+                                        "(breast cancer), dna (sequences with planted motifs), shapes (images with "
+                                        "a spurious colour cue).")
+        name = cols[1].text_input("Run name", value=f"sample-{sample}", key="load-sample-name")
+        if st.button("Run", type="primary", key="load-run-sample"):
+            if not RUN_NAME.match(name or ""):
+                st.error("The run name may hold letters, digits, '.', '_' and '-' (at most 80), starting with a "
+                         "letter or digit.")
+            else:
+                _guarded(lambda: _run_analysis(f"sample:{sample}", f"sample:{sample}", name, overwrite=True))
+    else:
+        left, right = st.columns(2, gap="large")
+        with left:
+            model_file = st.file_uploader("Model", type=MODEL_TYPES, key="load-model-file",
+                                          help="A torch.export program (.pt2), or a state dict (.safetensors, or "
+                                               ".pt/.pth read without unpickling code) with a sample architecture.")
+            arch = st.selectbox("Architecture (state dicts only)", ["—", *SAMPLE_NAMES], key="load-arch")
+        with right:
+            data_file = st.file_uploader("Dataset", type=DATA_TYPES, key="load-data-file",
+                                         help=".npz with arrays x and y (and optionally ids), .csv/.parquet with a "
+                                              "label column, or a .zip of image folders (one folder per class).")
+            label_column = st.text_input("Label column (tables)", value="label", key="load-label")
+        with st.expander("Image preprocessing (image-folder zips)"):
+            cols = st.columns(3)
+            size_text = cols[0].text_input("Image size H,W", placeholder="from the model", key="load-size")
+            mean_text = cols[1].text_input("Mean per channel", placeholder="0.5,0.5,0.5", key="load-mean")
+            std_text = cols[2].text_input("Std per channel", placeholder="0.25,0.25,0.25", key="load-std")
+            st.caption("Pixels are scaled to [0, 1], resized, then (x − mean) / std per channel.")
+        cols = st.columns([2, 1], vertical_alignment="bottom")
+        default_name = f"upload-{datetime.now():%Y%m%d-%H%M%S}"
+        name = cols[0].text_input("Run name", value=st.session_state.get("load-upload-default", default_name),
+                                  key="load-upload-name")
+        overwrite = cols[1].checkbox("Replace a run of this name", key="load-overwrite")
+        if st.button("Run", type="primary", key="load-run-upload"):
+            def _upload() -> None:
+                if model_file is None or data_file is None:
+                    raise AnalyzerError("choose both a model file and a dataset file, then press Run")
+                if not RUN_NAME.match(name or ""):
+                    raise AnalyzerError("the run name may hold letters, digits, '.', '_' and '-' (at most 80), "
+                                        "starting with a letter or digit")
+                size = _numbers(size_text, int, "Image size")
+                if size is not None and len(size) != 2:
+                    raise AnalyzerError(f"image size must be two numbers H,W, got {size_text!r}")
+                options = dict(image_size=tuple(size) if size else None, mean=_numbers(mean_text, float, "Mean"),
+                               std=_numbers(std_text, float, "Std"), label_column=label_column or "label")
+                from analyzers.workspace import Workspace
+
+                workspace = Workspace(settings.workspace, max_bytes=settings.max_upload_bytes)
+                model_path = workspace.store(model_file.name, model_file.getvalue())
+                data_path = workspace.store(data_file.name, data_file.getvalue())
+                _run_analysis(str(model_path), str(data_path), name, arch=None if arch == "—" else arch,
+                              overwrite=overwrite, **options)
+
+            _guarded(_upload)
+
+with runs_tab:
+    runs = data.known_runs()
+    if not runs:
+        st.info("No stored runs yet.")
+    else:
+        rows = []
+        for run_name, path in runs.items():
+            try:
+                info = data.load_run(path).info
+            except AnalyzerError as exc:
+                rows.append({"run": run_name, "created": "", "model": "", "data": "", "samples": None,
+                             "accuracy": None, "problem": str(exc)})
+                continue
+            rows.append({"run": run_name, "created": info.get("created", "").replace("T", " ")[:16],
+                         "model": info["model"]["spec"].rsplit("/", 1)[-1], "data": info["dataset"]["spec"].rsplit("/", 1)[-1],
+                         "samples": info.get("num_samples"), "accuracy": info.get("accuracy"), "problem": ""})
+        table = pd.DataFrame(rows)
+        picked = st.dataframe(table, hide_index=True, on_select="rerun", selection_mode="single-row", key="runs-table",
+                              column_config={"accuracy": st.column_config.NumberColumn(format="%.3f")})
+        chosen = table["run"].iloc[picked.selection.rows[0]] if picked.selection.rows else None
+        if chosen:
+            cols = st.columns([1, 1, 3], vertical_alignment="center")
+            if cols[0].button(f"Open {chosen}", type="primary", key="runs-open"):
+                state.put("run", chosen)
+                state.put("sample", None)
+                state.set_selection(None)
+                components.go_to("overview")
+            confirm = cols[2].checkbox(f"Yes, delete {chosen} and its files", key=f"runs-confirm-{chosen}")
+            if cols[1].button("Delete", key="runs-delete", disabled=not confirm):
+                from analyzers.runs import delete_run
+
+                try:
+                    delete_run(runs[chosen])
+                    data.forget_runs()
+                    if state.get("run") == chosen:
+                        state.put("run", None)
+                    st.success(f"Deleted {chosen}.")
+                    st.rerun()
+                except AnalyzerError as exc:
+                    st.error(str(exc))
+        st.divider()
+        query = st.text_input("Find a sample id in the stored runs", key="runs-search", placeholder="sample id")
+        if query:
+            hits = [n for n, p in runs.items() if data.run_has_sample(data.load_run(p), query.strip())]
+            if not hits:
+                st.info(f"No stored run holds a sample with id {query!r}.")
+            for hit in hits:
+                components.page_link("explain", f"Sample {query} in {hit}", run=hit, sample=query.strip())
