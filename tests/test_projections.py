@@ -143,7 +143,7 @@ def test_run_stores_embeddings_pca_and_gradient_traces(digits_run):
         want = PCA(dims, svd_solver="full").fit_transform(np.asarray(embeddings, np.float64))
         got = table[axes].to_numpy()
         np.testing.assert_allclose(np.abs(got), np.abs(want), atol=1e-2, rtol=1e-3)
-    assert run.info["analyses"]["projections"]["pca"]["2d"]["file"] == "projections/fc2-pca-2d.parquet"
+    assert run.info["analyses"]["projections"]["projections"]["pca-2d"]["file"] == "projections/fc2-pca-2d.parquet"
     traces = run.read_parquet("gradients/traces.parquet")
     assert {"batch", "layer", "kind", "grad_norm", "weight_norm", "ratio"} <= set(traces.columns)
     assert set(traces["layer"]) == {"conv1", "conv2", "fc1", "fc2"} and traces["batch"].nunique() == 8
@@ -207,3 +207,21 @@ def test_collected_activations_are_the_layers_own_even_before_an_inplace_relu():
         want = module[0](torch.as_tensor(x)).numpy()
     assert (want < 0).any()  # post-ReLU values would have no negatives
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_stage_options_make_tsne_in_the_run(tmp_path):
+    from analyzers.pipeline import run_analysis
+    from analyzers.runs import open_run
+
+    with pytest.raises(AnalyzerError, match="unknown projection method"):
+        run_analysis("sample:digits", "sample:digits", tmp_path / "bad", analyses=["projections"],
+                     stage_options={"projections": {"methods": ["mds"]}})
+    run = open_run(run_analysis("sample:digits", "sample:digits", tmp_path / "run", analyses=["projections"],
+                                stage_options={"projections": {"methods": ["tsne"], "dims": [2]}}))
+    table = run.read_parquet("projections/fc2-tsne-2d.parquet")
+    assert list(table.columns) == ["id", "x", "y", "fitted"] and table["fitted"].all()
+    assert not run.has("projections/fc2-tsne-3d.parquet") and not run.has("projections/fc2-pca-2d.parquet")
+    # ensure_projection finds the stage's table instead of computing it again
+    stamp = run.file("projections/fc2-tsne-2d.parquet").stat().st_mtime_ns
+    pd.testing.assert_frame_equal(ensure_projection(run, method="tsne"), table)
+    assert run.file("projections/fc2-tsne-2d.parquet").stat().st_mtime_ns == stamp
