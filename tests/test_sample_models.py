@@ -1,0 +1,178 @@
+"""The built-in samples: shipped weights reach their stated accuracy, retraining reproduces it, planted ground truth holds."""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score
+
+from analyzers.inference import predict
+from analyzers.models import load_model
+from analyzers.recorder import read_training_log
+from sample_models import SAMPLE_NAMES, WEIGHTS_DIR, get_sample
+
+TRAINED_HERE = ("tabular", "dna", "shapes")  # digits has its own owner; its train() does not seed the initial weights
+
+
+def shipped_summary(name: str) -> dict:
+    return json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
+
+
+@lru_cache(maxsize=None)
+def cached_test_split(name: str):
+    """The test split, generated once per session (shapes takes about a second); tests only read it."""
+    return get_sample(name).load_data("test")
+
+
+def shipped_predictions(name: str):
+    data = cached_test_split(name)
+    return data, predict(load_model(f"sample:{name}"), data.x, data.y, batch_size=256).probs.argmax(1)
+
+
+# shapes trains for about 25 s on 2 idle cores (minutes when they are busy): it runs with the benchmarks.
+@pytest.mark.parametrize("name", ["tabular", "dna", pytest.param("shapes", marks=pytest.mark.benchmark)])
+def test_retraining_reproduces_shipped_accuracy(name, tmp_path):
+    sample = get_sample(name)
+    summary = sample.module.train(tmp_path)
+    assert summary["test_accuracy"] == pytest.approx(shipped_summary(name)["test_accuracy"], abs=0.02)
+    steps, validation, _ = read_training_log(tmp_path / f"{name}.log.jsonl")
+    assert len(validation) == summary["epochs"]
+    assert len(steps) == summary["epochs"] * int(np.ceil(summary["train_size"] / summary["batch_size"]))
+    # The saved weights are the model the summary measured.
+    model = sample.build_model()
+    from safetensors.torch import load_file
+    model.load_state_dict(load_file(str(tmp_path / f"{name}.safetensors")))
+    data = cached_test_split(name)
+    with torch.no_grad():
+        pred = model.eval()(torch.as_tensor(data.x)).argmax(1).numpy()
+    assert accuracy_score(data.y, pred) == pytest.approx(summary["test_accuracy"])
+
+
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+def test_shipped_files_are_small_and_complete(name):
+    assert (WEIGHTS_DIR / f"{name}.safetensors").stat().st_size < 1_000_000
+    assert (WEIGHTS_DIR / f"{name}.log.jsonl").is_file()
+    assert shipped_summary(name)["name"] == name
+
+
+@pytest.mark.parametrize("name", ["digits", "tabular"])
+def test_shipped_weights_reach_95_percent(name):
+    data, pred = shipped_predictions(name)
+    accuracy = accuracy_score(data.y, pred)
+    assert accuracy >= 0.95
+    assert accuracy == pytest.approx(shipped_summary(name)["test_accuracy"])
+
+
+@pytest.mark.parametrize("name", TRAINED_HERE)
+def test_load_data_is_deterministic_and_ids_are_unique(name):
+    sample = get_sample(name)
+    ids = {}
+    for split in ("train", "test"):
+        first, second = sample.load_data(split), sample.load_data(split)
+        np.testing.assert_array_equal(first.x, second.x)
+        np.testing.assert_array_equal(first.y, second.y)
+        np.testing.assert_array_equal(first.ids, second.ids)
+        for key in first.metadata:
+            np.testing.assert_array_equal(first.metadata[key], second.metadata[key])
+        for key in first.extras:
+            np.testing.assert_array_equal(first.extras[key], second.extras[key])
+        assert first.x.shape[1:] == sample.input_shape
+        assert first.x.dtype == np.float32 and first.y.dtype == np.int64
+        assert set(np.unique(first.y)) == set(range(len(sample.class_names)))
+        ids[split] = first.ids
+    assert len(np.intersect1d(ids["train"], ids["test"])) == 0
+
+
+def test_tabular_standardises_raw_features_inside_the_model():
+    from sklearn.datasets import load_breast_cancer
+
+    train = get_sample("tabular").load_data("train")
+    assert train.feature_names == tuple(load_breast_cancer().feature_names)
+    model = load_model("sample:tabular")
+    np.testing.assert_allclose(model.module.standardize.mean.numpy(), train.x.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(model.module.standardize.std.numpy(), train.x.std(0) + 1e-6, rtol=1e-5)
+    assert model.class_names == ("malignant", "benign") and model.num_classes == 2
+
+
+def test_dna_flipped_labels_are_exactly_the_marked_ones():
+    dna = get_sample("dna").module
+    for split in ("train", "test"):
+        data = dna.load_data(split)
+        flipped, true_label = data.metadata["label_flipped"], data.metadata["true_label"]
+        np.testing.assert_array_equal(data.y != true_label, flipped)
+        assert flipped.sum() == round(dna.FLIP_RATE * len(data.y))
+
+
+def test_dna_motif_positions_spell_the_true_class_motif():
+    dna = get_sample("dna").module
+    data = cached_test_split("dna")
+    for i in range(len(data.y)):
+        sequence = dna.decode(data.x[i])
+        start, end = data.metadata["motif_start"][i], data.metadata["motif_end"][i]
+        assert sequence[start:end] == dna.MOTIFS[data.metadata["true_label"][i]]
+        others = [m for k, m in enumerate(dna.MOTIFS) if k != data.metadata["true_label"][i]]
+        assert not any(m in sequence for m in others)
+    np.testing.assert_array_equal(data.x.sum(1), 1.0)  # one-hot: exactly one base per position
+
+
+def test_dna_model_learns_the_true_labels_not_the_flips():
+    data, pred = shipped_predictions("dna")
+    true_label, flipped = data.metadata["true_label"], data.metadata["label_flipped"]
+    assert accuracy_score(true_label, pred) >= 0.97
+    # The flipped samples are the ones it "gets wrong" against the given labels.
+    assert accuracy_score(data.y[flipped], pred[flipped]) <= 0.05
+    assert accuracy_score(data.y, pred) == pytest.approx(1 - flipped.mean(), abs=0.02)
+
+
+def test_shapes_cue_holds_in_train_and_breaks_in_test():
+    shapes = get_sample("shapes").module
+    for split, rate in (("train", shapes.TRAIN_CUE_RATE), ("test", shapes.TEST_CUE_RATE)):
+        data = shapes.load_data(split)
+        cue_colour = np.array(shapes.BACKGROUNDS)[data.y]
+        np.testing.assert_array_equal(data.metadata["background"] == cue_colour, data.metadata["cue_consistent"])
+        assert data.metadata["cue_consistent"].mean() == pytest.approx(rate, abs=0.04)
+
+
+def test_shapes_errors_gather_where_the_cue_breaks():
+    data, pred = shipped_predictions("shapes")
+    wrong = pred != data.y
+    consistent = data.metadata["cue_consistent"]
+    assert wrong[~consistent].mean() > wrong[consistent].mean() + 0.1
+    assert 0.7 <= 1 - wrong.mean() <= 0.95
+
+
+def test_shapes_masks_cover_the_drawn_shape():
+    shapes = get_sample("shapes").module
+    data = cached_test_split("shapes")
+    masks = data.extras["mask"]
+    assert masks.shape == (len(data.y), 32, 32) and masks.dtype == bool
+    areas = masks.sum((1, 2))
+    assert areas.min() > 0 and areas.max() < 32 * 32
+    # Inside the mask the pixels have the shape's colour, outside the background's: the colours differ by design.
+    inside = (data.x * masks[:, None]).sum((2, 3)) / areas[:, None]
+    outside = (data.x * ~masks[:, None]).sum((2, 3)) / (32 * 32 - areas)[:, None]
+    assert np.linalg.norm(inside - outside, axis=1).min() > 0.3
+    # `size` is the shape's width over the image's: a square's mask area is (size * 32) ** 2 up to pixel rounding.
+    squares = data.y == shapes.CLASS_NAMES.index("square")
+    expected = (data.metadata["size"][squares] * 32) ** 2
+    assert np.abs(areas[squares] - expected).max() <= 4 * data.metadata["size"][squares].max() * 32 + 4
+
+
+@pytest.mark.parametrize("name", TRAINED_HERE)
+def test_sample_runs_end_to_end(name, tmp_path):
+    from analyzers.pipeline import run_analysis
+    from analyzers.runs import open_run
+
+    data = cached_test_split(name)
+    run = open_run(run_analysis(f"sample:{name}", f"sample:{name}", tmp_path / "run", analyses=[]))
+    assert len(run.samples) == len(data.y)
+    assert set(data.metadata) <= set(run.samples.columns)
+    assert run.samples["correct"].mean() == pytest.approx(shipped_summary(name)["test_accuracy"])
+
+
+def test_conv_layers_have_readable_names():
+    assert {"conv1", "conv2"} <= set(load_model("sample:shapes").conv_layers)
+    assert {"conv1", "conv2"} <= set(load_model("sample:dna").conv_layers)
