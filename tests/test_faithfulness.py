@@ -202,31 +202,38 @@ def test_ground_truth_scores_by_hand():
         ground_truth_scores(attr, mask[:, :3])
 
 
-# Floors well below what the trained samples reach (dna: mass 0.49-0.57, pointing 0.99-1.0 on 200 test samples;
-# shapes: IG mass 0.51, pointing 0.69) and well above chance (the mask covers 8% of a dna sequence, 27% of a shape
-# image).
-DNA_FLOORS = {"saliency": (0.35, 0.9), "input_x_gradient": (0.35, 0.9), "integrated_gradients": (0.35, 0.9),
-              "gradcam": (0.2, 0.9)}
-SHAPES_FLOORS = {"input_x_gradient": (0.4, 0.5), "integrated_gradients": (0.4, 0.5)}
+# Floors below what the trained samples reach on 200 test samples and well above chance. dna (the motif covers 8% of
+# a sequence): mass inside 0.47-0.53, pointing 0.94-0.99 for gradient methods; Grad-CAM 0.48 / 0.98. shapes (the
+# shape covers 26% of an image): mass 0.41-0.47, pointing within one pixel of the shape 0.92-0.94. Grad-CAM on shapes'
+# last convolution (8x8) stays at chance (0.26), so it has no floor there: the model decides on a few max-pooled
+# local features and partly on the background colour it was trained to rely on.
+GROUND_TRUTH_FLOORS = {
+    "dna": {"saliency": (0.35, 0.85), "input_x_gradient": (0.35, 0.85), "integrated_gradients": (0.35, 0.85),
+            "gradcam": (0.3, 0.85)},
+    "shapes": {"saliency": (0.33, 0.8), "input_x_gradient": (0.35, 0.8), "integrated_gradients": (0.35, 0.8)},
+}
 
 
-@pytest.mark.parametrize("name,floors", [("dna", DNA_FLOORS), ("shapes", SHAPES_FLOORS)])
-def test_gradient_methods_find_the_planted_ground_truth(name, floors):
+@pytest.mark.parametrize("name", list(GROUND_TRUTH_FLOORS))
+def test_gradient_methods_find_the_planted_ground_truth(name):
     from analyzers.explain_run import ground_truth_mask
 
+    floors = GROUND_TRUTH_FLOORS[name]
     model, data = _sample(name)
     rows = np.arange(100)
     mask = ground_truth_mask(data, rows)
     assert mask is not None and mask.shape == (100, *data.x.shape[2:])
+    tolerance = 1 if data.modality == "image" else 0  # a peak on the shape's edge counts for images
     true_class = data.metadata["true_label"].to_numpy()[rows] if "true_label" in data.metadata else data.y[rows]
     for method, (mass_floor, pointing_floor) in floors.items():
-        scores = ground_truth_scores(explain(model, data.x[rows], true_class, method), mask)
+        scores = ground_truth_scores(explain(model, data.x[rows], true_class, method), mask, tolerance=tolerance)
         assert scores.mean_mass_inside >= mass_floor, (method, scores.mean_mass_inside)
         assert scores.pointing_rate >= pointing_floor, (method, scores.pointing_rate)
     # a map that ignores the sample does no better than the mask's area
     rng = np.random.default_rng(0)
-    chance = ground_truth_scores(rng.random(data.x[rows].shape), mask)
-    assert chance.mean_mass_inside < min(f for f, _ in floors.values())
+    chance = ground_truth_scores(rng.random(data.x[rows].shape), mask, tolerance=tolerance)
+    assert chance.mean_mass_inside < min(f for f, _ in floors.values()) - 0.05
+    assert chance.pointing_rate < min(p for _, p in floors.values())
 
 
 # --- the explain command -----------------------------------------------------------------------------------------------
