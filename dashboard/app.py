@@ -49,6 +49,8 @@ with st.sidebar:
         current = state.get("run")
         default = data.settings().run
         if current not in runs:
+            if current:
+                st.warning(f"There is no run called {current!r} in {data.settings().runs_dir}: showing another one.")
             current = default.name if default is not None and default.name in runs else names[0]
             state.put("run", current)
         chosen = st.selectbox("Run", names, index=names.index(current), key="sidebar-run",

@@ -23,8 +23,8 @@ from .settings import Settings, parse_settings
 TRAINING_LOG = "training/log.jsonl"
 
 
-@st.cache_resource
 def settings() -> Settings:
+    """Parsed on every call (cheap): a cached value would outlive a test that changes the environment."""
     return parse_settings(sys.argv[1:])
 
 

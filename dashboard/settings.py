@@ -22,7 +22,7 @@ def parse_settings(argv: list[str], environ: dict | None = None) -> Settings:
     """`--runs-dir DIR --run RUN --workspace DIR` from `argv` (unknown arguments are ignored, so the arguments of a
     test runner do no harm); DASHBOARD_RUNS_DIR, DASHBOARD_RUN and DASHBOARD_WORKSPACE fill what argv does not say."""
     environ = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--runs-dir", default=environ.get("DASHBOARD_RUNS_DIR", DEFAULT_RUNS_DIR))
     parser.add_argument("--run", default=environ.get("DASHBOARD_RUN"))
     parser.add_argument("--workspace", default=environ.get("DASHBOARD_WORKSPACE"))

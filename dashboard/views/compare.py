@@ -11,9 +11,19 @@ from dashboard.selection import Selection
 
 run = components.require_run()
 components.header("Compare runs", run)
-others = {name: path for name, path in data.known_runs().items() if name != run.path.name}
+dataset_sha = run.info["dataset"]["sha256"]
+others = {}
+for name, path in data.known_runs().items():
+    if name == run.path.name:
+        continue
+    try:
+        if data.load_run(path).info["dataset"]["sha256"] == dataset_sha:
+            others[name] = path
+    except AnalyzerError:
+        continue
 if not others:
-    st.info("Only one run is stored. Analyse a second model on the same dataset on the Load page to compare them.")
+    st.info("No other stored run was made on this run's dataset. Analyse a second model on the same dataset on the "
+            "Load page to compare the two.")
     components.page_link("load", "Go to Load")
     st.stop()
 other_name = st.selectbox(f"Compare {run.path.name} (a) with (b)", list(others), key="compare-other")

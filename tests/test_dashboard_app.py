@@ -1,0 +1,172 @@
+"""Every dashboard page, run headless with streamlit's AppTest on each sample's run, and the upload flow."""
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sample_models import SAMPLE_NAMES, get_sample
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "dashboard" / "app.py")
+PAGES = {"views/overview.py": "Overview", "views/confusion.py": "Confusion matrix", "views/errors.py": "Errors & slices",
+         "views/explain.py": "Explain a sample", "views/embeddings.py": "Embeddings",
+         "views/training.py": "Training & gradients", "views/compare.py": "Compare runs", "views/load.py": "Load"}
+
+
+def _app(monkeypatch, runs_dir: Path, default_run: Path | None = None, **query):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("DASHBOARD_RUNS_DIR", str(runs_dir))
+    monkeypatch.setenv("DASHBOARD_WORKSPACE", str(runs_dir.parent / "workspace"))
+    if default_run is not None:
+        monkeypatch.setenv("DASHBOARD_RUN", str(default_run))
+    else:
+        monkeypatch.delenv("DASHBOARD_RUN", raising=False)
+    at = AppTest.from_file(APP, default_timeout=180)
+    for key, value in query.items():
+        at.query_params[key] = value
+    return at
+
+
+def _ok(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def _text(at) -> str:
+    parts = [m.value for m in at.markdown] + [m.value for m in at.caption] + [h.value for h in at.subheader]
+    parts += [e.value for e in at.error] + [e.value for e in at.info] + [e.value for e in at.success]
+    return "\n".join(str(p) for p in parts)
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory, sample_run_dir):
+    """A runs directory holding a copy of every sample's run (copies: pages may add files to a run)."""
+    root = tmp_path_factory.mktemp("dash") / "runs"
+    root.mkdir()
+    for name in SAMPLE_NAMES:
+        if get_sample(name).weights_path.exists():
+            shutil.copytree(sample_run_dir(name), root / f"sample-{name}")
+    return root
+
+
+@pytest.mark.parametrize("sample", SAMPLE_NAMES)
+def test_every_page_runs_on_each_sample(sample, runs_dir, monkeypatch):
+    run = runs_dir / f"sample-{sample}"
+    if not run.exists():
+        pytest.skip(f"the {sample} sample has no trained weights in this checkout")
+    from analyzers.runs import open_run
+
+    stored = open_run(run)
+    samples = stored.samples
+    wrong = samples[~samples["correct"]]
+    cell = (int(wrong["label"].iloc[0]), int(wrong["pred"].iloc[0])) if len(wrong) else (0, 0)
+    at = _app(monkeypatch, runs_dir, run, sel=f"cell:{cell[0]}-{cell[1]}").run()
+    _ok(at)
+    assert at.title[0].value == "Overview"
+    assert at.metric[0].value == f"{stored.info['accuracy']:.3f}"  # the same accuracy as the run
+    # the confusion page shows exactly the cell's samples (the selection came from the URL)
+    at.switch_page("views/confusion.py").run()
+    _ok(at)
+    expected = int(((samples["label"] == cell[0]) & (samples["pred"] == cell[1])).sum())
+    assert f"{expected} samples" in _text(at)
+    for page, title in PAGES.items():
+        at.switch_page(page).run()
+        _ok(at)
+        assert at.title[0].value == title
+        assert not at.error, (page, [e.value for e in at.error])
+    # each view of the errors page
+    at.switch_page("views/errors.py").run()
+    for view in ("Slices", "Label-noise suspects", "Groups", "Error rankings"):
+        at.segmented_control(key="errors-section").set_value(view).run()
+        _ok(at)
+
+
+def test_explain_page_shows_maps_and_scores(runs_dir, monkeypatch):
+    run = runs_dir / "sample-digits"
+    from analyzers.runs import open_run
+
+    sample_id = str(open_run(run).samples["id"].iloc[0])
+    at = _app(monkeypatch, runs_dir, run, sample=sample_id).run()
+    at.switch_page("views/explain.py").run()
+    _ok(at)
+    text = _text(at)
+    assert f"Sample {sample_id}" in text
+    assert "deletion AUC" in text and "insertion AUC" in text
+    assert "Sanity check" in text
+    assert len(at.get("plotly_chart")) >= 4  # input, probabilities, two maps
+
+
+def test_training_page_overfit_check(runs_dir, monkeypatch):
+    at = _app(monkeypatch, runs_dir, runs_dir / "sample-digits").run()
+    at.switch_page("views/training.py").run()
+    at.number_input(key="overfit-steps").set_value(60)
+    at.button(key="overfit-run").click().run()
+    _ok(at)
+    assert any(m.value.startswith(("Passed", "Failed")) for m in list(at.success) + list(at.error))
+
+
+def test_no_run_points_to_load(tmp_path, monkeypatch):
+    at = _app(monkeypatch, tmp_path / "empty-runs").run()
+    _ok(at)
+    assert "No run is open" in _text(at)
+
+
+def test_unknown_run_in_url_is_a_warning(runs_dir, monkeypatch):
+    at = _app(monkeypatch, runs_dir, runs_dir / "sample-digits", run="../../etc").run()
+    _ok(at)
+    assert any("no run called" in w.value for w in at.warning)
+
+
+class _UploadCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.relu = torch.nn.ReLU()
+        self.pool = torch.nn.AdaptiveAvgPool2d(2)
+        self.fc = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.relu(self.conv(x))).flatten(1))
+
+
+def test_upload_pt2_and_npz_goes_through_the_flow(tmp_path, monkeypatch):
+    from conftest import export_model
+
+    torch.manual_seed(0)
+    model_path = export_model(_UploadCNN(), torch.zeros(2, 1, 8, 8), tmp_path / "model.pt2")
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    np.savez(buffer, x=rng.random((60, 1, 8, 8), dtype=np.float32), y=rng.integers(0, 3, 60))
+    runs = tmp_path / "runs"
+    at = _app(monkeypatch, runs).run()
+    at.switch_page("views/load.py").run()
+    at.segmented_control(key="load-source").set_value("Upload files").run()
+    at.file_uploader(key="load-model-file").upload("model.pt2", model_path.read_bytes()).run()
+    at.file_uploader(key="load-data-file").upload("data.npz", buffer.getvalue()).run()
+    at.text_input(key="load-upload-name").set_value("uploaded").run()
+    at.button(key="load-run-upload").click().run()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    assert (runs / "uploaded" / "run.json").exists()
+    assert list((tmp_path / "workspace" / "uploads").iterdir())  # stored through the workspace
+    for page in list(PAGES)[:-1]:
+        at.switch_page(page).run()
+        _ok(at)
+
+
+def test_bad_upload_is_one_error_line(tmp_path, monkeypatch):
+    at = _app(monkeypatch, tmp_path / "runs").run()
+    at.switch_page("views/load.py").run()
+    at.segmented_control(key="load-source").set_value("Upload files").run()
+    at.file_uploader(key="load-model-file").upload("model.pt2", b"this is not a torch export").run()
+    at.file_uploader(key="load-data-file").upload("data.npz", b"nor is this an npz").run()
+    at.button(key="load-run-upload").click().run()
+    _ok(at)
+    assert len(at.error) == 1
+    assert "Traceback" not in at.error[0].value
+    assert "model.pt2" in at.error[0].value
