@@ -259,7 +259,6 @@ def embedding_figure(table: pd.DataFrame, *, colour: str, categorical: bool, tit
     rows = downsample_rows(len(table), max_points)
     shown = table.iloc[rows]
     fig = go.Figure()
-    hover = "id %{customdata}<br>" + colour + " %{meta}<extra></extra>"
     if categorical:
         values = shown[colour].astype(str)
         cats = [str(c) for c in (category_order if category_order is not None else sorted(values.unique()))]
@@ -275,7 +274,7 @@ def embedding_figure(table: pd.DataFrame, *, colour: str, categorical: bool, tit
         fig.add_trace(go.Scattergl(x=shown["x"], y=shown["y"], mode="markers", name=colour,
                                    marker=dict(size=6, color=values, colorscale=SEQUENTIAL, showscale=True,
                                                colorbar=dict(title=colour, thickness=12), opacity=0.85),
-                                   customdata=shown["id"], meta=None,
+                                   customdata=shown["id"],
                                    hovertemplate="id %{customdata}<br>" + colour + " %{marker.color:.3g}<extra></extra>"))
     if len(rows) < len(table):
         title = f"{title or ''} — {len(rows):,} of {len(table):,} points drawn".strip(" —")

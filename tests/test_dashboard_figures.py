@@ -1,0 +1,118 @@
+"""Figure builders: what each figure draws, checked against the numbers it was given."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analyzers.metrics import confusion, top_label_bins
+from dashboard import figures
+
+
+def _scatter(fig):
+    return [t for t in fig.data if t.type in ("scatter", "scattergl")]
+
+
+def test_confusion_has_one_clickable_marker_per_cell_carrying_the_cell():
+    rng = np.random.default_rng(0)
+    labels, pred = rng.integers(0, 4, 200), rng.integers(0, 4, 200)
+    conf = confusion(labels, pred, num_classes=4, class_names=["a", "b", "c", "d"])
+    fig = figures.confusion_figure(conf.counts, conf.class_names)
+    (cells,) = _scatter(fig)
+    data = np.asarray(cells.customdata)
+    assert len(cells.x) == 16 and data.shape == (16, 3)
+    assert sorted(map(tuple, data[:, :2].tolist())) == [(t, p) for t in range(4) for p in range(4)]
+    for t, p, count in data:
+        assert count == ((labels == t) & (pred == p)).sum()  # each marker's count is its cell's
+        assert cells.x[list(map(tuple, data[:, :2])).index((t, p))] == "abcd"[p]
+    assert data[:, 2].sum() == 200
+    heat = [t for t in fig.data if t.type == "heatmap"][0]
+    assert np.array_equal(np.asarray(heat.z), conf.counts)
+
+
+def test_confusion_normalised_values_are_shown_but_customdata_keeps_counts():
+    counts = np.array([[3, 1], [0, 4]])
+    shares = counts / counts.sum(1, keepdims=True)
+    fig = figures.confusion_figure(counts, ["x", "y"], values=shares, value_label="share")
+    heat = [t for t in fig.data if t.type == "heatmap"][0]
+    assert np.allclose(np.asarray(heat.z), shares)
+    assert np.asarray(_scatter(fig)[0].customdata)[:, 2].tolist() == [3, 1, 0, 4]
+
+
+def test_reliability_figure_plots_the_non_empty_bins():
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(3), 300)
+    labels = rng.integers(0, 3, 300)
+    bins = top_label_bins(labels, probs).to_dict()
+    fig = figures.reliability_figure(bins)
+    curve = [t for t in fig.data if t.name and t.name.startswith("model")][0]
+    filled = np.asarray(bins["count"]) > 0
+    assert np.allclose(curve.x, np.asarray(bins["mean_predicted"], dtype=float)[filled])
+    assert np.allclose(curve.y, np.asarray(bins["observed"], dtype=float)[filled])
+    assert f"ECE {bins['ece']:.3f}" in curve.name
+
+
+def test_class_balance_counts():
+    fig = figures.class_balance_figure([0, 0, 1, 2], [0, 1, 1, 1], ["a", "b", "c"])
+    assert list(fig.data[0].y) == [2, 1, 1] and list(fig.data[1].y) == [1, 3, 0]
+
+
+def test_signed_attributions_use_a_diverging_scale_centred_on_zero():
+    image = np.random.default_rng(2).random((8, 8))
+    attr = np.linspace(-2, 1, 64).reshape(8, 8)
+    heat = [t for t in figures.image_attribution_figure(image, attr, signed=True).data if t.type == "heatmap"][0]
+    assert heat.zmin == -2 and heat.zmax == 2 and heat.zmid == 0
+    assert heat.colorscale[0][1] != heat.colorscale[-1][1]
+    unsigned = figures.image_attribution_figure(image, np.abs(attr), signed=False).data[1]
+    assert unsigned.zmin == 0
+
+
+def test_sequence_and_feature_attributions():
+    fig = figures.sequence_attribution_figure("ACGT", [0.1, -0.3, 0.0, 0.2], signed=True)
+    assert np.asarray(fig.data[0].z).shape == (1, 4) and list(fig.data[0].text[0]) == list("ACGT")
+    bars = figures.feature_attribution_figure(["a", "b", "c"], [0.5, -2.0, 0.1], top=2).data[0]
+    assert list(bars.y) == ["a", "b"] and list(bars.x) == [0.5, -2.0]  # the two largest by magnitude
+
+
+def test_embedding_scatter_carries_ids_and_downsamples_big_tables():
+    n = 50
+    table = pd.DataFrame({"id": np.arange(100, 100 + n), "x": np.arange(n), "y": np.zeros(n),
+                          "label": np.where(np.arange(n) % 2, "odd", "even")})
+    fig = figures.embedding_figure(table, colour="label", categorical=True)
+    assert all(t.type == "scattergl" for t in fig.data)
+    drawn = np.concatenate([np.asarray(t.customdata) for t in fig.data])
+    assert sorted(drawn.tolist()) == table["id"].tolist()
+    for trace in fig.data:  # each point's id sits on its own coordinates
+        assert np.array_equal(np.asarray(trace.customdata) - 100, np.asarray(trace.x))
+    small = figures.embedding_figure(table, colour="x", categorical=False, max_points=20)
+    assert len(small.data[0].x) == 20 and "20 of 50" in small.layout.title.text
+
+
+def test_downsample_is_fixed_and_keeps_requested_rows():
+    rows = figures.downsample_rows(1000, 100, keep=[999, 3])
+    assert np.array_equal(rows, figures.downsample_rows(1000, 100, keep=[999, 3]))
+    assert {3, 999} <= set(rows.tolist()) and len(rows) <= 102
+    assert np.array_equal(figures.downsample_rows(5, 100), np.arange(5))
+
+
+def test_grad_norm_lines_name_their_flags():
+    table = pd.DataFrame({"batch": [0, 1], "conv": [1e-9, 2e-9], "fc": [0.1, 0.2]})
+    fig = figures.grad_norm_figure(table, x="batch", flags={"conv": "vanishing"})
+    names = [t.name for t in fig.data]
+    assert names == ["conv ⚠ vanishing", "fc"]
+    assert fig.layout.yaxis.type == "log"
+
+
+def test_palette_is_colour_blind_safe_and_sized():
+    assert figures.palette(3) == list(figures.OKABE_ITO[:3])
+    assert len(set(figures.palette(11))) == 11
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 5, 5)])
+def test_display_image_undoes_normalisation(shape):
+    rng = np.random.default_rng(3)
+    raw = rng.random(shape).astype(np.float32)
+    mean, std = [0.5] * shape[0], [0.25] * shape[0]
+    shown = figures.to_display_image((raw - 0.5) / 0.25, mean=mean, std=std)
+    expected = raw[0] if shape[0] == 1 else raw.transpose(1, 2, 0)
+    assert np.allclose(shown, expected, atol=1e-6)
