@@ -124,6 +124,7 @@ def gradient_norm_traces(model, x, y, *, batch_size: int = 64, num_batches: int 
     units: dict = {}
     outputs_seen: dict = {}
     relu_seen: dict = {}
+    unused: set = set()
 
     def capture_output(name):
         def hook(_module, _args, out):
@@ -174,6 +175,9 @@ def gradient_norm_traces(model, x, y, *, batch_size: int = 64, num_batches: int 
                 timings["forward_backward"] += time.perf_counter() - t0
                 param_grads = dict(zip((id(p) for p in param_list), grads[:len(param_list)]))
                 for name, params in layers.items():
+                    if all(param_grads[id(p)] is None for _, p in params):
+                        unused.add(name)  # the loss does not reach it (an unused head): no gradient, not a small one
+                        continue
                     grad_norm = _norm(param_grads[id(p)] for _, p in params)
                     rows.append({"batch": number, "layer": name, "kind": "parameters", "grad_norm": grad_norm,
                                  "weight_norm": weight_norms[name], "activation_norm": math.nan,
@@ -208,6 +212,7 @@ def gradient_norm_traces(model, x, y, *, batch_size: int = 64, num_batches: int 
     flags["activation_capture"] = ("each parameterised layer's own output (copied before any in-place activation "
                                    "runs)" if inplace else "each parameterised layer's own output")
     flags["unhooked_layers"] = [name for name in layers if name not in named]
+    flags["unused_layers"] = [name for name in layers if name in unused]
     params = {"batch_size": batch_size, "num_batches": len(batches), "seed": seed, "mode": "eval",
               "samples": int(sum(len(b) for b in batches)), "sample_rows": np.concatenate(batches).tolist(),
               "vanishing_ratio": vanishing_ratio, "exploding_ratio": exploding_ratio}

@@ -215,3 +215,17 @@ def test_overfit_one_batch_trains_a_copy_of_a_loaded_model():
     y = np.random.default_rng(1).integers(0, 3, 40)
     assert overfit_one_batch(loaded, x, y, steps=150, batch_size=8).passed
     _assert_same_state(loaded.module, before)
+
+
+class WithUnusedHead(MLP):
+    def __init__(self):
+        super().__init__()
+        self.aux = nn.Linear(8, 2)  # defined but never called
+
+
+def test_a_layer_the_loss_never_reaches_is_reported_unused_not_vanishing():
+    x = np.random.default_rng(0).normal(size=(20, 5)).astype(np.float32)
+    y = np.random.default_rng(0).integers(0, 3, 20)
+    got = gradient_norm_traces(WithUnusedHead(), x, y, num_batches=1)
+    assert got.flags["unused_layers"] == ["aux"] and "aux" not in got.flags["vanishing"]
+    assert "aux" not in set(got.traces["layer"])
