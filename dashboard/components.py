@@ -95,6 +95,13 @@ def not_in_run(what: str, how: str) -> None:
     st.info(f"{what} is not in this run. {how}")
 
 
+def short(value) -> str:
+    """A metadata value as a person reads it: floats to four significant digits."""
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4g}"
+    return str(value)
+
+
 def class_name(run: Run, index) -> str:
     names = run.class_names
     try:

@@ -55,7 +55,7 @@ def confusion_figure(counts, class_names, *, values=None, value_label: str = "co
                                hoverinfo="skip", xgap=1, ygap=1))
     true, pred = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
     true, pred = true.ravel(), pred.ravel()
-    plot = int(max(260, min(640, 56 * k)))  # height of the square plotting area, in pixels
+    plot = int(max(330, min(640, 56 * k)))  # height of the square plotting area, in pixels
     fig.add_trace(go.Scatter(
         x=[names[p] for p in pred], y=[names[t] for t in true], mode="markers",
         marker=dict(symbol="square", size=max(6, int(0.9 * plot / k)), color="rgba(0,0,0,0)",
@@ -144,7 +144,7 @@ def probabilities_figure(probs, class_names, *, label: int | None = None, pred: 
     fig = go.Figure(go.Bar(x=probs[order], y=[names[i] + tags[i] for i in order], orientation="h",
                            marker_color=[colours[i] for i in order], text=[f"{probs[i]:.3f}" for i in order],
                            textposition="outside", hovertemplate="%{y}: %{x:.4f}<extra></extra>"))
-    fig.update_xaxes(range=[0, 1.12], title="probability")
+    fig.update_xaxes(range=[0, 1.22], title="probability")
     fig.update_yaxes(type="category")
     return _layout(fig, height=max(200, 26 * len(order) + 70))
 
@@ -209,18 +209,28 @@ def image_figure(image, *, title: str | None = None, height: int = 320) -> go.Fi
     return _layout(fig, title=title, height=height)
 
 
-def sequence_attribution_figure(letters: str, scores, *, signed: bool, title: str | None = None) -> go.Figure:
-    """One coloured cell per position with its letter: a sequence's attribution, read left to right."""
+def sequence_attribution_figure(letters: str, scores, *, signed: bool, title: str | None = None,
+                                width: int = 50) -> go.Figure:
+    """One coloured cell per position with its letter, wrapped into rows of `width` positions, read left to right."""
     scores = np.asarray(scores, dtype=float)
+    n = len(scores)
+    rows = max(1, -(-n // width))
+    z = np.full((rows, min(width, n)), np.nan)
+    text = np.full(z.shape, "", dtype=object)
+    position = np.full(z.shape, -1)
+    for i in range(n):
+        z[i // width, i % width] = scores[i]
+        text[i // width, i % width] = letters[i] if i < len(letters) else ""
+        position[i // width, i % width] = i
     bound = _symmetric_range(scores)
-    fig = go.Figure(go.Heatmap(z=scores[None, :], x=list(range(len(scores))), y=[""], text=[list(letters)],
-                               texttemplate="%{text}" if len(scores) <= 120 else None,
+    labels = [f"{r * width}–{min(n, (r + 1) * width) - 1}" for r in range(rows)]
+    fig = go.Figure(go.Heatmap(z=z, y=labels, text=text, customdata=position, texttemplate="%{text}",
                                colorscale=DIVERGING if signed else SEQUENTIAL, zmin=-bound if signed else 0.0,
-                               zmax=bound, zmid=0 if signed else None, colorbar=dict(thickness=10),
-                               hovertemplate="position %{x}: %{text}<br>attribution %{z:.3g}<extra></extra>"))
-    fig.update_xaxes(title="position", showgrid=False)
-    fig.update_yaxes(visible=False)
-    return _layout(fig, title=title, height=180)
+                               zmax=bound, zmid=0 if signed else None, colorbar=dict(thickness=10), xgap=1, ygap=3,
+                               hovertemplate="position %{customdata}: %{text}<br>attribution %{z:.3g}<extra></extra>"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(autorange="reversed", title="positions", type="category")
+    return _layout(fig, title=title, height=90 + 42 * rows)
 
 
 def feature_attribution_figure(feature_names, values, *, title: str | None = None, top: int = 15) -> go.Figure:

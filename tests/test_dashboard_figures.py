@@ -70,6 +70,10 @@ def test_signed_attributions_use_a_diverging_scale_centred_on_zero():
 def test_sequence_and_feature_attributions():
     fig = figures.sequence_attribution_figure("ACGT", [0.1, -0.3, 0.0, 0.2], signed=True)
     assert np.asarray(fig.data[0].z).shape == (1, 4) and list(fig.data[0].text[0]) == list("ACGT")
+    wrapped = figures.sequence_attribution_figure("ACGTA", [1, 2, 3, 4, 5], signed=False, width=2).data[0]
+    z = np.asarray(wrapped.z, dtype=float)
+    assert z.shape == (3, 2) and z[2, 0] == 5 and np.isnan(z[2, 1])  # rows of two positions, read left to right
+    assert np.asarray(wrapped.customdata)[1].tolist() == [2, 3]
     bars = figures.feature_attribution_figure(["a", "b", "c"], [0.5, -2.0, 0.1], top=2).data[0]
     assert list(bars.y) == ["a", "b"] and list(bars.x) == [0.5, -2.0]  # the two largest by magnitude
 

@@ -71,7 +71,7 @@ with left:
     extra = [c for c in samples.columns if c not in ("id", "label", "pred", "confidence", "loss", "correct")
              and c not in (run.info["dataset"].get("feature_names") or [])]
     if extra:
-        st.caption("Metadata: " + " · ".join(f"{c} = {sample[c]}" for c in extra))
+        st.caption("Metadata: " + " · ".join(f"{c} = {components.short(sample[c])}" for c in extra))
 with right:
     st.markdown("**Probability of every class**")
     st.plotly_chart(figures.probabilities_figure(run.probs[row], run.class_names, label=label, pred=pred),
@@ -144,7 +144,8 @@ from analyzers.explain_run import explain_sample  # noqa: E402
 for method in methods:
     st.markdown(f"#### {METHODS[method].label}")
     st.caption(METHODS[method].description)
-    cols = st.columns(len(targets))
+    # sequences are read along a line: one full-width map per target; images and bars side by side
+    cols = [st.container() for _ in targets] if modality == "sequence" else st.columns(len(targets))
     for col, (target, target_title) in zip(cols, targets):
         with col:
             options = {"layer": layer} if method == "gradcam" and layer else {}
