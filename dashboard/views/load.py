@@ -156,6 +156,8 @@ with runs_tab:
                          "model": info["model"]["spec"].rsplit("/", 1)[-1], "data": info["dataset"]["spec"].rsplit("/", 1)[-1],
                          "samples": info.get("num_samples"), "accuracy": info.get("accuracy"), "problem": ""})
         table = pd.DataFrame(rows)
+        if not table["problem"].astype(bool).any():
+            table = table.drop(columns=["problem"])
         picked = st.dataframe(table, hide_index=True, on_select="rerun", selection_mode="single-row", key="runs-table",
                               column_config={"accuracy": st.column_config.NumberColumn(format="%.3f")})
         chosen = table["run"].iloc[picked.selection.rows[0]] if picked.selection.rows else None
