@@ -62,7 +62,7 @@ def pca(x: np.ndarray, n_components: int, *, seed: int = 0) -> tuple[np.ndarray,
 
     estimator = PCA(n_components=n_components, svd_solver="auto", random_state=seed)
     coords = estimator.fit_transform(x).astype(np.float32, copy=False)
-    info = {"svd_solver": estimator._fit_svd_solver,
+    info = {"svd_solver": getattr(estimator, "_fit_svd_solver", "auto"),
             "explained_variance_ratio": [round(float(v), 6) for v in estimator.explained_variance_ratio_]}
     return coords, info
 
@@ -338,8 +338,10 @@ def ensure_projection(run, layer: str | None = None, method: str = "pca", dims: 
     relpath = projection_relpath(layer, method, dims)
     record_path = relpath.replace(".parquet", ".json")
     options.setdefault("seed", run.info.get("parameters", {}).get("seed", 0))
+    same = {k: v for k, v in options.items() if k != "n_jobs"}  # threads do not change the result
     if run.has(relpath) and run.has(record_path):
-        if run.read_json(record_path).get("options", options) == options:
+        stored = run.read_json(record_path).get("options", same)
+        if {k: v for k, v in stored.items() if k != "n_jobs"} == same:
             return run.read_parquet(relpath)
     emb_path = embeddings_relpath(layer)
     if not run.has(emb_path):
