@@ -118,15 +118,21 @@ def test_bad_embeddings_are_refused():
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    from analyzers.pipeline import run_analysis
+    """A run made through the command line, `python -m analyzers run`, with the two stages of this issue."""
+    from analyzers.__main__ import main
 
-    return run_analysis("sample:digits", "sample:digits", tmp_path_factory.mktemp("proj") / "run",
-                        analyses=["projections", "gradients"])
+    out = tmp_path_factory.mktemp("proj") / "run"
+    assert main(["run", "--model", "sample:digits", "--data", "sample:digits", "--out", str(out),
+                 "--analyses", "projections,gradients"]) == 0
+    return out
 
 
 def test_run_stores_embeddings_pca_and_gradient_traces(digits_run):
     from analyzers.runs import open_run
 
+    from analyzers.pipeline import STAGES
+
+    assert {"projections", "gradients"} <= {name for name, _, on in STAGES if on}  # a plain run includes both
     run = open_run(digits_run)
     layer = run.info["embedding_layer"]
     assert layer == "fc2"
@@ -225,3 +231,4 @@ def test_stage_options_make_tsne_in_the_run(tmp_path):
     stamp = run.file("projections/fc2-tsne-2d.parquet").stat().st_mtime_ns
     pd.testing.assert_frame_equal(ensure_projection(run, method="tsne"), table)
     assert run.file("projections/fc2-tsne-2d.parquet").stat().st_mtime_ns == stamp
+
