@@ -17,6 +17,8 @@ sel = state.selection()
 
 SECTIONS = {"rank": "Error rankings", "slice": "Slices", "suspects": "Label-noise suspects", "groups": "Groups"}
 default = SECTIONS.get(sel.kind if sel else "rank", SECTIONS["rank"])
+if components.fresh("errors-url-sel", state.get("sel")) and sel is not None and sel.kind in SECTIONS:
+    st.session_state["errors-section"] = default  # a link to a slice or the suspects opens that view
 section = st.segmented_control("View", list(SECTIONS.values()), default=default, key="errors-section") or default
 
 

@@ -27,10 +27,10 @@ sample = samples.iloc[row]
 
 nav = st.columns([1, 1, 3, 2], vertical_alignment="bottom")
 prev_id, next_id = neighbours(gallery, current)
-if nav[0].button("◀ Previous", disabled=prev_id is None, key="explain-prev", use_container_width=True):
+if nav[0].button("◀ Previous", disabled=prev_id is None, key="explain-prev", width="stretch"):
     state.put("sample", prev_id)
     st.rerun()
-if nav[1].button("Next ▶", disabled=next_id is None, key="explain-next", use_container_width=True):
+if nav[1].button("Next ▶", disabled=next_id is None, key="explain-next", width="stretch"):
     state.put("sample", next_id)
     st.rerun()
 if gallery and str(current) in [str(i) for i in gallery]:
