@@ -40,4 +40,4 @@ def load_data(split: str) -> SampleData:
 def train(out_dir) -> dict:
     from .training import fit
 
-    return fit("digits", build_model(), load_data("train"), load_data("test"), out_dir=out_dir, epochs=30, lr=3e-3)
+    return fit("digits", build_model, load_data("train"), load_data("test"), out_dir=out_dir, epochs=30, lr=3e-3)

@@ -57,10 +57,13 @@ def train(out_dir) -> dict:
     from .training import fit
 
     train_data = load_data("train")
-    torch.manual_seed(0)  # the initial weights too, whatever ran before in this process
-    model = build_model()
-    # Statistics from the training split only, so the test split stays unseen.
-    model.standardize.mean.copy_(torch.as_tensor(train_data.x.mean(0)))
-    model.standardize.std.copy_(torch.as_tensor(train_data.x.std(0) + 1e-6))
-    return fit("tabular", model, train_data, load_data("test"), out_dir=out_dir, epochs=40, lr=1e-3,
+
+    def build_standardised() -> nn.Module:
+        model = build_model()
+        # Statistics from the training split only, so the test split stays unseen.
+        model.standardize.mean.copy_(torch.as_tensor(train_data.x.mean(0)))
+        model.standardize.std.copy_(torch.as_tensor(train_data.x.std(0) + 1e-6))
+        return model
+
+    return fit("tabular", build_standardised, train_data, load_data("test"), out_dir=out_dir, epochs=40, lr=1e-3,
                batch_size=32, weight_decay=1e-2)

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch import nn
 
 from analyzers.recorder import TrainingRecorder
 
@@ -26,15 +28,18 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> tupl
     return losses / len(x), hits / len(x)
 
 
-def fit(name: str, model, train, test, *, out_dir: str | Path, epochs: int, lr: float = 1e-3,
-        batch_size: int = 64, weight_decay: float = 0.0, seed: int = 0, log_every: int = 1) -> dict:
-    """Train `model` on `train` (a SampleData), log every step, save weights and a summary; returns the summary.
+def fit(name: str, build_model: Callable[[], nn.Module], train, test, *, out_dir: str | Path, epochs: int,
+        lr: float = 1e-3, batch_size: int = 64, weight_decay: float = 0.0, seed: int = 0, log_every: int = 1) -> dict:
+    """Build a model (seeded, so its initial weights do not depend on what ran before), train it on `train` (a
+    SampleData), log every step, save weights and a summary; returns the summary.
 
     Writes `<name>.safetensors`, `<name>.log.jsonl` and `<name>.json` (test accuracy, seed, epochs) into `out_dir`.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
+    model = build_model()
+    torch.manual_seed(seed)  # dropout and the rest of training draw the same numbers whatever the architecture drew
     rng = np.random.default_rng(seed)
     x = np.asarray(train.x, dtype=np.float32)
     y = np.asarray(train.y, dtype=np.int64)

@@ -14,9 +14,6 @@ from analyzers.models import load_model
 from analyzers.recorder import read_training_log
 from sample_models import SAMPLE_NAMES, WEIGHTS_DIR, get_sample
 
-TRAINED_HERE = ("tabular", "dna", "shapes")  # digits has its own owner; its train() does not seed the initial weights
-
-
 def shipped_summary(name: str) -> dict:
     return json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
 
@@ -33,7 +30,7 @@ def shipped_predictions(name: str):
 
 
 # shapes trains for about 25 s on 2 idle cores (minutes when they are busy): it runs with the benchmarks.
-@pytest.mark.parametrize("name", ["tabular", "dna", pytest.param("shapes", marks=pytest.mark.benchmark)])
+@pytest.mark.parametrize("name", ["digits", "tabular", "dna", pytest.param("shapes", marks=pytest.mark.benchmark)])
 def test_retraining_reproduces_shipped_accuracy(name, tmp_path):
     sample = get_sample(name)
     summary = sample.module.train(tmp_path)
@@ -66,7 +63,7 @@ def test_shipped_weights_reach_95_percent(name):
     assert accuracy == pytest.approx(shipped_summary(name)["test_accuracy"])
 
 
-@pytest.mark.parametrize("name", TRAINED_HERE)
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
 def test_load_data_is_deterministic_and_ids_are_unique(name):
     sample = get_sample(name)
     ids = {}
@@ -161,7 +158,7 @@ def test_shapes_masks_cover_the_drawn_shape():
     assert np.abs(areas[squares] - expected).max() <= 4 * data.metadata["size"][squares].max() * 32 + 4
 
 
-@pytest.mark.parametrize("name", TRAINED_HERE)
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
 def test_sample_runs_end_to_end(name, tmp_path):
     from analyzers.pipeline import run_analysis
     from analyzers.runs import open_run
