@@ -42,6 +42,19 @@ def test_pca_equals_scikit_learn_up_to_sign():
         assert len(got.params["explained_variance_ratio"]) == dims
 
 
+def test_pca_of_many_points_is_fitted_on_a_sample_and_says_so():
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(25_000, 8)) * np.array([6, 3, 1, 1, 1, 1, 1, 1])).astype(np.float32)
+    got = project(x, method="pca", dims=2)
+    assert got.params["sampled"] is True and got.params["n_fitted"] == 20_000 and got.fitted.sum() == 20_000
+    want = PCA(2, svd_solver="full").fit_transform(x.astype(np.float64))
+    signs = np.sign((got.coords * want).sum(axis=0))
+    # axes from 20k of 25k rows: the same up to sampling noise, relative to each component's spread
+    assert np.abs(got.coords * signs - want).max(axis=0).max() < 0.05 * want.std(axis=0).min()
+
+
 def test_pca_of_many_wide_embeddings_uses_a_fast_solver():
     x = np.random.default_rng(0).normal(size=(5000, 600)).astype(np.float32)
     got = project(x, method="pca", dims=2)
@@ -85,14 +98,18 @@ def test_umap_recovers_blobs_when_fitted_on_a_sample():
     assert got.params["umap"]["n_neighbors"] == 15
 
 
-def test_umap_configuration_without_fitting(monkeypatch):
+def test_umap_configuration_without_fitting(monkeypatch, tmp_path):
+    import sys
+
     from analyzers import projections
 
+    if "numba" in sys.modules:  # keep numba's own setting as it was for the rest of the session
+        monkeypatch.setattr(sys.modules["numba"].config, "CACHE_DIR", sys.modules["numba"].config.CACHE_DIR)
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     assert projections._configure_numba_cache() == str(projections.NUMBA_CACHE_DIR)
     assert os.environ["NUMBA_CACHE_DIR"].endswith(".numba_cache")
-    monkeypatch.setenv("NUMBA_CACHE_DIR", "/somewhere/else")
-    assert projections._configure_numba_cache() == "/somewhere/else"  # a directory the user chose is kept
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    assert projections._configure_numba_cache() == str(tmp_path)  # a directory the user chose is kept
     with pytest.raises(AnalyzerError, match="dims must be 2 or 3"):
         project(np.zeros((50, 4)), method="umap", dims=4)
 
