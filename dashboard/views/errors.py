@@ -17,9 +17,10 @@ sel = state.selection()
 
 SECTIONS = {"rank": "Error rankings", "slice": "Slices", "suspects": "Label-noise suspects", "groups": "Groups"}
 default = SECTIONS.get(sel.kind if sel else "rank", SECTIONS["rank"])
-if components.fresh("errors-url-sel", state.get("sel")) and sel is not None and sel.kind in SECTIONS:
+if (components.fresh("errors-url-sel", state.get("sel")) and sel is not None and sel.kind in SECTIONS) \
+        or st.session_state.get("errors-section") is None:
     st.session_state["errors-section"] = default  # a link to a slice or the suspects opens that view
-section = st.segmented_control("View", list(SECTIONS.values()), default=default, key="errors-section") or default
+section = st.segmented_control("View", list(SECTIONS.values()), key="errors-section") or default
 
 
 def _metrics_block(rows: np.ndarray, label: str) -> None:
