@@ -37,6 +37,8 @@ class Dataset:
     feature_names: tuple | None = None
     preprocessing: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)  # per-sample arrays that do not fit a table, e.g. ground-truth masks
+    # metadata columns holding planted answers (a sample's flipped labels): shown, never used to find explanations
+    ground_truth_columns: tuple = ()
 
     def __len__(self) -> int:
         return len(self.y)
@@ -100,7 +102,8 @@ def _load_sample(spec: str) -> Dataset:
     ids = np.asarray(data.ids) if data.ids is not None else np.arange(len(y))
     return Dataset(x=x, y=y, ids=ids, spec=spec, sha256=digest, class_names=sample.class_names,
                    metadata=pd.DataFrame({k: np.asarray(v) for k, v in data.metadata.items()}),
-                   feature_names=data.feature_names, extras=dict(data.extras))
+                   feature_names=data.feature_names, extras=dict(data.extras),
+                   ground_truth_columns=tuple(data.ground_truth))
 
 
 def _load_npz(data: bytes, name: str, spec: str, digest: str) -> Dataset:

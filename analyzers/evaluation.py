@@ -32,20 +32,14 @@ OPTIONS = {"n_bins": "calibration bins", "min_size": "smallest slice", "max_dept
            "max_slices": "slices kept per source", "top_confused": "confused pairs listed"}
 
 
-def run_class_names(dataset, model) -> list:
-    """The class names a run records (the dataset's when they fit the model, else the model's)."""
-    names = dataset.class_names
-    return list(names) if names and len(names) == model.num_classes else list(model.class_names)
-
-
 def evaluate(samples: pd.DataFrame, probs, *, class_names=None, embeddings=None, layer: str | None = None,
-             seed: int = 0, n_bins: int = 10, min_size: int | None = None, max_depth: int = 3,
+             exclude_columns=(), seed: int = 0, n_bins: int = 10, min_size: int | None = None, max_depth: int = 3,
              n_clusters: int | None = None, alpha: float = 0.95, max_slices: int = 20) -> dict:
     """Everything the stage writes, as objects: {"metrics": dict, "confusion": Confusion, "slices": DataFrame,
     "label_noise": LabelNoise, "timings": dict}. Pure: usable on any subset of a run's samples."""
     from .label_noise import find_label_issues
     from .metrics import calibration_report, classification_metrics, confusion, expected_calibration_error
-    from .slices import find_slices
+    from .slices import find_slices, rule_columns
 
     timings = {}
     t0 = time.perf_counter()
@@ -61,8 +55,9 @@ def evaluate(samples: pd.DataFrame, probs, *, class_names=None, embeddings=None,
     conf = confusion(labels, probs.argmax(1), num_classes=probs.shape[1], ids=ids, class_names=class_names)
     timings["confusion"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    columns = [c for c in rule_columns(samples) if c not in set(exclude_columns)]
     slices = find_slices(samples, embeddings=embeddings, probs=probs, class_names=class_names, layer=layer,
-                         min_size=min_size, max_depth=max_depth, n_clusters=n_clusters, alpha=alpha,
+                         columns=columns, min_size=min_size, max_depth=max_depth, n_clusters=n_clusters, alpha=alpha,
                          max_slices=max_slices, seed=seed)
     timings["slices"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -78,9 +73,9 @@ def evaluation_stage(ctx) -> dict:
     if unknown:
         raise AnalyzerError(f"unknown evaluation options {', '.join(unknown)}: choose from {', '.join(OPTIONS)}")
     top_confused = options.pop("top_confused", 10)
-    names = run_class_names(ctx.dataset, ctx.model)
-    result = evaluate(ctx.samples, ctx.predictions.probs, class_names=names, embeddings=ctx.predictions.embeddings,
-                      layer=ctx.predictions.embedding_layer, seed=ctx.params.get("seed", 0), **options)
+    result = evaluate(ctx.samples, ctx.predictions.probs, class_names=ctx.class_names,
+                      embeddings=ctx.predictions.embeddings, layer=ctx.predictions.embedding_layer,
+                      exclude_columns=ctx.dataset.ground_truth_columns, seed=ctx.params.get("seed", 0), **options)
     write_json(ctx.path(METRICS), result["metrics"])
     write_json(ctx.path(CONFUSION), result["confusion"].to_dict(top=top_confused))
     write_parquet(ctx.path(SLICES), result["slices"])

@@ -51,6 +51,12 @@ class RunContext:
     report: Callable[[str, float], None] | None = None
     timings: dict = field(default_factory=dict)
 
+    @property
+    def class_names(self) -> list:
+        """The dataset's class names when they fit the model, else the model's."""
+        names = self.dataset.class_names
+        return list(names) if names and len(names) == self.model.num_classes else list(self.model.class_names)
+
     def path(self, relpath: str) -> Path:
         target = self.stage_dir / relpath
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -183,10 +189,10 @@ def run_analysis(model_spec: str, data_spec: str, out: str | Path, *, arch: str 
                       "layers": list(model.layers), "layer_kinds": model.layer_kinds},
             "dataset": {"spec": data_spec, "sha256": dataset.sha256, "modality": dataset.modality,
                         "feature_names": list(dataset.feature_names) if dataset.feature_names else None,
-                        "metadata_columns": [str(c) for c in dataset.metadata.columns]},
+                        "metadata_columns": [str(c) for c in dataset.metadata.columns],
+                        "ground_truth_columns": list(dataset.ground_truth_columns)},
             "num_samples": len(dataset),
-            "class_names": list(dataset.class_names if dataset.class_names
-                                and len(dataset.class_names) == model.num_classes else model.class_names),
+            "class_names": ctx.class_names,
             "task": "classification",
             "preprocessing": dataset.preprocessing,
             "parameters": params,

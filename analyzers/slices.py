@@ -237,6 +237,8 @@ def feature_slices(samples: pd.DataFrame, *, class_names=None, columns=None, min
             path.append((int(t.feature[p]), bool(went_right[node]), float(t.threshold[p])))
             node = p
         description, conditions = _rule(path[::-1], specs)
+        if {"label", "pred"} <= {c["column"] for c in conditions}:
+            continue  # a rule on both label and prediction is a confusion cell, wrong by definition, not a finding
         members = paths.indices[paths.indptr[j]:paths.indptr[j + 1]]
         rows.append({"description": description, "conditions": json.dumps(conditions), "members": members,
                      "size": int(size[j]), "errors": int(err[j])})

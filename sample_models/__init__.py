@@ -20,7 +20,11 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 @dataclass(frozen=True)
 class SampleData:
-    """One split of a sample's data. `metadata` and `extras` arrays have one row per sample."""
+    """One split of a sample's data. `metadata` and `extras` arrays have one row per sample.
+
+    `ground_truth` names the metadata columns that hold planted answers (flipped labels, motif positions): a person
+    can look at them, but analyses that search for explanations must not use them.
+    """
 
     x: np.ndarray
     y: np.ndarray
@@ -28,6 +32,7 @@ class SampleData:
     metadata: dict = field(default_factory=dict)
     feature_names: tuple | None = None
     extras: dict = field(default_factory=dict)
+    ground_truth: tuple = ()
 
 
 @dataclass(frozen=True)

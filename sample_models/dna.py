@@ -99,7 +99,8 @@ def load_data(split: str) -> SampleData:
         x=one_hot(sequences), y=label.astype(np.int64), ids=np.arange(len(label)) + offset,
         metadata={"motif_start": starts, "motif_end": starts + len(MOTIFS[0]), "decoy_start": decoy_starts,
                   "label_flipped": flipped, "true_label": true_label.astype(np.int64),
-                  "gc_content": gc.astype(np.float32)})
+                  "gc_content": gc.astype(np.float32)},
+        ground_truth=("motif_start", "motif_end", "decoy_start", "label_flipped", "true_label"))
 
 
 def train(out_dir) -> dict:

@@ -86,7 +86,7 @@ def load_data(split: str) -> SampleData:
         x=images, y=labels.astype(np.int64), ids=np.arange(len(labels)) + offset,
         metadata={"background": np.array(BACKGROUNDS)[backgrounds], "size": sizes.astype(np.float32),
                   "cue_consistent": cue},
-        extras={"mask": masks})
+        extras={"mask": masks}, ground_truth=("cue_consistent",))
 
 
 def train(out_dir) -> dict:

@@ -137,17 +137,27 @@ def test_options_are_checked():
 
 
 def test_shapes_sample_top_slice_names_the_spurious_background(sample_run_dir):
-    from sample_models import get_sample
-
-    if not get_sample("shapes").weights_path.exists():
-        pytest.skip("the shapes sample has no trained weights yet")
     from analyzers.runs import open_run
 
     slices = open_run(sample_run_dir("shapes")).read_parquet("slices.parquet")
     top = slices.iloc[0]
     assert top["source"] == "features"
-    assert "background ==" in top["description"] or "background !=" in top["description"]
+    # Green backgrounds belong to squares in training: other shapes on green are the failure to find.
+    assert 'background == "green"' in top["description"]
     assert top["lift"] > 2
+    # The planted answer column is for people to check against, never part of a rule.
+    assert not slices["description"].str.contains("cue_consistent").any()
+
+
+def test_rules_never_combine_label_and_prediction():
+    rng = np.random.default_rng(3)
+    n = 1500
+    label = rng.integers(0, 3, n)
+    pred = np.where(rng.random(n) < 0.8, label, rng.integers(0, 3, n))
+    samples = _table(n, 3, pred != label, label=label, background=rng.choice(["red", "green"], n))
+    samples["pred"] = pred
+    for conditions in find_slices(samples)["conditions"].dropna():
+        assert not {"label", "pred"} <= {c["column"] for c in json.loads(conditions)}
 
 
 @pytest.mark.benchmark
