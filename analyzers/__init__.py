@@ -17,8 +17,11 @@ _EXPORTS = {
     "run_analysis": "pipeline", "load_run_inputs": "pipeline",
     "open_run": "runs", "list_runs": "runs", "delete_run": "runs", "Run": "runs",
     "analysis_mode": "guard",
-    "explain": "explain",
-    "TrainingRecorder": "recorder",
+    "explain": "explain", "explain_sample": "explain_run",
+    "evaluate": "evaluation", "find_slices": "slices", "find_label_issues": "label_noise", "compare_runs": "comparison",
+    "project": "projections", "ensure_projection": "projections",
+    "gradient_norm_traces": "gradients", "overfit_one_batch": "gradients",
+    "TrainingRecorder": "recorder", "read_training_log": "recorder",
 }
 
 __all__ = ["AnalyzerError", *_EXPORTS]
