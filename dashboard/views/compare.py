@@ -37,7 +37,7 @@ s = comparison.summary
 cols = st.columns(5)
 cols[0].metric(f"Accuracy (a) {run.path.name}", f"{s['accuracy_a']:.3f}")
 cols[1].metric(f"Accuracy (b) {other_name}", f"{s['accuracy_b']:.3f}", delta=f"{s['accuracy_delta']:+.3f}")
-cols[2].metric("ECE (a) → (b)", f"{s['ece_a']:.3f} → {s['ece_b']:.3f}")
+cols[2].metric("ECE (b)", f"{s['ece_b']:.3f}", delta=f"{s['ece_b'] - s['ece_a']:+.3f} vs (a)", delta_color="inverse")
 cols[3].metric("Disagree on", f"{s['disagree']:,} samples")
 cols[4].metric("McNemar p-value", f"{s['mcnemar_p']:.3g}",
                help="Exact test that the samples only one run gets right are split evenly between the runs.")
@@ -45,7 +45,7 @@ st.markdown(f"Both right on **{s['both_right']:,}**, only (a) right on **{s['onl
             f"**{s['only_b_right']:,}**, both wrong on **{s['both_wrong']:,}** "
             f"({s['both_wrong_differently']:,} of them with different answers).")
 
-left, right = st.columns(2, gap="large")
+left, right = st.columns([2, 3], gap="large")
 with left:
     st.subheader("Per class")
     per_class = comparison.per_class
@@ -53,18 +53,23 @@ with left:
                                        y_title="recall (b) − recall (a)",
                                        highlight=per_class["recall_delta"].to_numpy() < 0),
                     key="compare-per-class", config={"displayModeBar": False})
-    st.dataframe(per_class.drop(columns=["class"]), hide_index=True, column_config={
-        c: st.column_config.NumberColumn(format="%.3f") for c in per_class.columns if c not in ("class", "name",
-                                                                                              "support")})
+    with st.expander("Precision, recall and F1 of both runs"):
+        st.dataframe(per_class.drop(columns=["class"]), hide_index=True, column_config={
+            c: st.column_config.NumberColumn(format="%.3f") for c in per_class.columns
+            if c not in ("class", "name", "support")})
 with right:
     st.subheader("Per slice")
     per_slice = comparison.per_slice
     if per_slice.empty:
         st.info("Neither run has slices to compare.")
     else:
-        st.dataframe(per_slice.drop(columns=["ids"]), hide_index=True, column_config={
-            c: st.column_config.NumberColumn(format="percent") for c in ("error_rate_a", "error_rate_b",
-                                                                          "error_rate_delta")})
+        st.caption("Error rate of both runs on every slice either run found; largest change first.")
+        shown = per_slice[["description", "size", "error_rate_a", "error_rate_b", "error_rate_delta", "run"]]
+        st.dataframe(shown.rename(columns={"run": "found in", "error_rate_a": "error (a)", "error_rate_b": "error (b)",
+                                           "error_rate_delta": "change"}), hide_index=True,
+                     column_config={"description": st.column_config.TextColumn(width="medium"),
+                                    **{c: st.column_config.NumberColumn(format="percent")
+                                       for c in ("error (a)", "error (b)", "change")}})
 
 st.subheader("Where they disagree")
 dis = comparison.disagreements
