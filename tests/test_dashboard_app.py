@@ -170,3 +170,42 @@ def test_bad_upload_is_one_error_line(tmp_path, monkeypatch):
     assert len(at.error) == 1
     assert "Traceback" not in at.error[0].value
     assert "model.pt2" in at.error[0].value
+
+
+def test_embedding_selection_shows_its_samples_and_metrics(runs_dir, monkeypatch):
+    from analyzers.runs import open_run
+
+    run_name = "sample-shapes" if (runs_dir / "sample-shapes").exists() else "sample-digits"
+    samples = open_run(runs_dir / run_name).samples
+    chosen = samples.iloc[::7].head(40)  # right and wrong samples mixed
+    at = _app(monkeypatch, runs_dir, runs_dir / run_name, sel="ids:" + ",".join(map(str, chosen["id"])))
+    at.run()
+    at.switch_page("views/embeddings.py").run()
+    _ok(at)
+    assert f"{len(chosen)} selected samples" in _text(at)
+    accuracy = next(m for m in at.metric if m.label == "Accuracy")
+    assert accuracy.value == f"{chosen['correct'].mean():.3f}"
+    for colour in ("slice", "confidence", "correct"):
+        at.selectbox(key="emb-colour").set_value(colour).run()
+        _ok(at)
+
+
+def test_explain_previous_next_walk_the_confusion_cell(runs_dir, monkeypatch):
+    from analyzers.runs import open_run
+
+    samples = open_run(runs_dir / "sample-digits").samples
+    label = int(samples["label"].iloc[0])
+    cell_ids = sorted(samples[(samples["label"] == label) & (samples["pred"] == label)]["id"].tolist())
+    at = _app(monkeypatch, runs_dir, runs_dir / "sample-digits", sel=f"cell:{label}-{label}").run()
+    at.switch_page("views/confusion.py").run()  # the cell's samples become the gallery
+    at.switch_page("views/explain.py").run()
+    at.session_state["url_sample"] = str(cell_ids[0])
+    at.multiselect(key="explain-methods").set_value(["saliency"]).run()
+    _ok(at)
+    assert at.button(key="explain-prev").disabled
+    at.button(key="explain-next").click().run()
+    _ok(at)
+    assert at.session_state["url_sample"] == str(cell_ids[1])
+    assert f"Sample {cell_ids[1]}" in _text(at)
+    at.button(key="explain-prev").click().run()
+    assert at.session_state["url_sample"] == str(cell_ids[0])
