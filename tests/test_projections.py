@@ -249,3 +249,9 @@ def test_stage_options_make_tsne_in_the_run(tmp_path):
     pd.testing.assert_frame_equal(ensure_projection(run, method="tsne"), table)
     assert run.file("projections/fc2-tsne-2d.parquet").stat().st_mtime_ns == stamp
 
+
+
+def test_default_samples_are_10k_and_5k_for_3d_tsne():
+    x, _ = _blobs(40, features=5)
+    assert project(x, method="tsne", dims=3).params["fit_sample"] == 5_000
+    assert project(x, method="tsne", dims=2).params["fit_sample"] == 10_000
