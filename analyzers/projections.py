@@ -102,9 +102,10 @@ def project(embeddings, *, method: str = "pca", dims: int = 2, fit_sample: int |
 
     PCA's axes are fitted on at most 20k points (`PCA_FIT_SAMPLE`) and every point is projected onto them. t-SNE and
     UMAP first reduce to `pca_dims` principal components, are fitted on a random sample of `fit_sample` points
-    (default 10k, 5k for 3-D t-SNE; all of them when N is smaller) and place the rest: `placement="knn"` puts each at the coordinate-wise median of its
-    nearest fitted points (seconds for 100k points), `"transform"` uses the library's own `transform` (optimises
-    every new point: umap-learn took 69 s for 20k points on a busy 2-core machine).
+    (default 10k, 5k for 3-D t-SNE; all of them when N is smaller) and place the rest: `placement="knn"` puts each
+    at the coordinate-wise median of its nearest fitted points (seconds for 100k points), `"transform"` uses the
+    library's own `transform` (optimises every new point: umap-learn took 69 s for 20k points on a busy 2-core
+    machine).
     """
     if method not in METHODS:
         raise AnalyzerError(f"unknown projection method {method!r}: choose one of {', '.join(METHODS)}")
