@@ -245,17 +245,25 @@ def forward_floor(module, x, batch_size: int) -> float:
 
 
 def gradient_floor(module, x, batch_size: int) -> float:
-    """Forward + backward to the input for the predicted class's score, every sample once."""
+    """Forward + backward to the input for the predicted class's score, every sample once. Parameters are frozen
+    meanwhile, so no weight gradient is computed: the least work an input gradient needs."""
     import torch
 
     module.eval()
-    t0 = time.perf_counter()
-    for start in range(0, len(x), batch_size):
-        xb = torch.from_numpy(x[start:start + batch_size]).requires_grad_(True)
-        out = module(xb)
-        score = out.gather(1, out.detach().argmax(1, keepdim=True)).sum()
-        torch.autograd.grad(score, xb)
-    return time.perf_counter() - t0
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        t0 = time.perf_counter()
+        for start in range(0, len(x), batch_size):
+            xb = torch.from_numpy(x[start:start + batch_size]).requires_grad_(True)
+            out = module(xb)
+            score = out.gather(1, out.detach().argmax(1, keepdim=True)).sum()
+            torch.autograd.grad(score, xb)
+        return time.perf_counter() - t0
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def missing_modules(*names: str) -> list:
@@ -298,6 +306,13 @@ def worker_run(spec: dict) -> dict:
     for name, target, _ in STAGES:  # stage modules' import is start-up cost, measured apart
         if name in spec["analyses"]:
             importlib.import_module(target.partition(":")[0])
+    # the dataset loader alone, so the report can say how much of the run's peak is loading
+    reset_peak_rss()
+    with Clock() as load:
+        dataset = analyzers.load_dataset(spec["data"], model=analyzers.load_model(spec["model"], arch=spec.get("arch")))
+    load_peak = peak_rss_bytes()
+    del dataset
+    gc.collect()
     baseline = rss_bytes()
     peak_reset = reset_peak_rss()
     with Clock() as run:
@@ -310,6 +325,7 @@ def worker_run(spec: dict) -> dict:
             "stage_timings_s": {name: summary.get("timings_s") for name, summary in info.get("analyses", {}).items()
                                 if isinstance(summary, dict) and summary.get("timings_s")},
             "rss_baseline_bytes": baseline, "rss_peak_bytes": peak, "peak_reset": peak_reset,
+            "load_dataset": {**load.pair(), "rss_peak_bytes": load_peak},
             "dataset_bytes": dataset_bytes, "torch_threads": torch.get_num_threads(),
             "run_files_bytes": sum(p.stat().st_size for p in Path(spec["out"]).rglob("*") if p.is_file()),
             "n": int(info.get("num_samples", 0))}
@@ -535,7 +551,9 @@ def worker_dashboard(spec: dict) -> dict:
             at.run()
             seconds = time.perf_counter() - t0
             error = str(at.exception[0].value).splitlines()[0] if at.exception else None
-            result["selections"][f"{page} {selection}"] = {"seconds": seconds, "error": error}
+            shown = selection if len(selection) < 40 else f"{selection[:20]}... ({selection.count(',') + 1} ids)"
+            result["selections"][f"{page} {shown}"] = {"seconds": seconds, "error": error,
+                                                       "elements": _count_elements(at)}
         if page in spec.get("widget_pages", ()):
             change = _change_a_widget(at)
             if change is not None:
@@ -719,9 +737,11 @@ class Bench:
                 self.add("run", "gradient-norm traces (fixed batches, reported apart)", n, gradients,
                          floor="forward", floor_seconds=floor["wall_s"])
             beyond = result["rss_peak_bytes"] - result["rss_baseline_bytes"] - result["dataset_bytes"]
+            loading = result["load_dataset"]["rss_peak_bytes"] - result["rss_baseline_bytes"] - result["dataset_bytes"]
             self.add("memory", "run peak RSS beyond the dataset", n, None, target=1536, target_kind="MiB",
                      value=round(beyond / MIB, 1), unit="MiB",
-                     note=f"peak {result['rss_peak_bytes'] / MIB:.0f} MiB, after imports "
+                     note=f"load_dataset alone peaks {loading / MIB:.0f} MiB beyond the dataset "
+                          f"({result['load_dataset']['wall_s']:.1f} s); peak {result['rss_peak_bytes'] / MIB:.0f} MiB, after imports "
                           f"{result['rss_baseline_bytes'] / MIB:.0f} MiB, dataset {result['dataset_bytes'] / MIB:.0f} "
                           f"MiB; worker max RSS (wait4) {result['worker_maxrss_bytes'] / MIB:.0f} MiB"
                           + ("" if result["peak_reset"] else "; peak could not be reset, includes the floor"))
@@ -904,8 +924,10 @@ class Bench:
             return
         pages = [f"views/{name}.py" for name in ("overview", "confusion", "errors", "explain", "embeddings",
                                                  "training") if (ROOT / "dashboard" / "views" / f"{name}.py").exists()]
-        wanted = {"views/confusion.py": ["cell:0-1", "cell:1-2"], "views/errors.py": ["slice:0", "slice:1"],
-                  "views/embeddings.py": ["cell:0-1"]}
+        lasso = "ids:" + ",".join(str(i) for i in range(0, min(n, 3000), 7))  # ~430 ids, as a lasso gives
+        wanted = {"views/confusion.py": ["cell:0-1", "cell:1-2", "cell:2-0"],
+                  "views/errors.py": ["rank:loss", "rank:margin", "slice:0", "slice:1"],
+                  "views/embeddings.py": [lasso, "ids:" + ",".join(str(i) for i in range(1, min(n, 3000), 5))]}
         # only the selections a page acts on (its source builds a Selection of that kind), else it times a no-op
         selections = {page: [sel for sel in sels if f'Selection("{sel.partition(":")[0]}"'
                              in (ROOT / "dashboard" / page).read_text()]
@@ -929,7 +951,8 @@ class Bench:
         for what, entry in result["selections"].items():
             if entry.get("error"):
                 self.errors[f"dashboard {what}"] = entry["error"]
-            self.add("dashboard", f"selection change: {what}", n, entry["seconds"], target=0.5, target_kind="seconds")
+            self.add("dashboard", f"selection change: {what}", n, entry["seconds"], target=0.5, target_kind="seconds",
+                     note=f"{entry.get('elements', '?')} elements after")
 
     # -- output
     def write(self) -> Path:
