@@ -42,6 +42,12 @@ navigation = st.navigation({"Data": [pages["load"]],
                                                              "embeddings", "training", "compare")]})
 state.write_to_url()
 
+def _run_changed() -> None:
+    state.put("run", st.session_state["sidebar-run"])
+    state.put("sample", None)
+    state.set_selection(None)
+
+
 with st.sidebar:
     runs = data.known_runs()
     if runs:
@@ -53,13 +59,9 @@ with st.sidebar:
                 st.warning(f"There is no run called {current!r} in {data.settings().runs_dir}: showing another one.")
             current = default.name if default is not None and default.name in runs else names[0]
             state.put("run", current)
-        chosen = st.selectbox("Run", names, index=names.index(current), key="sidebar-run",
-                              help="Runs stored under the runs directory; manage them on the Load page.")
-        if chosen != current:
-            state.put("run", chosen)
-            state.put("sample", None)
-            state.set_selection(None)
-            st.rerun()
+        st.session_state["sidebar-run"] = current  # follows the URL and the Load page
+        st.selectbox("Run", names, key="sidebar-run", on_change=_run_changed,
+                     help="Runs stored under the runs directory; manage them on the Load page.")
     else:
         st.caption("No runs yet: create one on the Load page.")
 

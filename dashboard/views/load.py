@@ -134,8 +134,14 @@ with analyse_tab:
                 workspace = Workspace(settings.workspace, max_bytes=settings.max_upload_bytes)
                 model_path = workspace.store(model_file.name, model_file.getvalue())
                 data_path = workspace.store(data_file.name, data_file.getvalue())
-                _run_analysis(str(model_path), str(data_path), name, arch=None if arch == "—" else arch,
-                              overwrite=overwrite, **options)
+                try:
+                    _run_analysis(str(model_path), str(data_path), name, arch=None if arch == "—" else arch,
+                                  overwrite=overwrite, **options)
+                except AnalyzerError as exc:  # name the files as the person called them, not as stored
+                    raise AnalyzerError(str(exc).replace(str(model_path), model_file.name)
+                                        .replace(model_path.name, model_file.name)
+                                        .replace(str(data_path), data_file.name)
+                                        .replace(data_path.name, data_file.name)) from exc
 
             _guarded(_upload)
 
