@@ -5,8 +5,9 @@ eval mode, so batch-norm statistics stay as they are. Activations are read from 
 parameters; each hook hands the rest of the network a copy of the layer's output, so an in-place activation that
 follows (`nn.ReLU(inplace=True)`) rewrites the copy and the captured activation stays the layer's own output.
 
-Run files: `gradients/traces.parquet`, `gradients/dead_units.parquet`, `gradients/flags.json`, and for the sample
-models `training/log.jsonl` (their TrainingRecorder log).
+Run files: `gradients/traces.parquet`, `gradients/dead_units.parquet`, `gradients/flags.json`, for the sample
+models `training/log.jsonl` (their TrainingRecorder log), and `gradients/overfit.json` once the overfit-one-batch
+check has been asked for (`ensure_overfit_check`).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from .recorder import layer_of_parameter
 VANISHING_RATIO = 1e-6  # gradient norm / weight norm below this: a step of any sane learning rate changes nothing
 EXPLODING_RATIO = 10.0  # above this: one step at learning rate 0.1 would change the weights by more than themselves
 TRAINING_LOG = "training/log.jsonl"
+OVERFIT_CHECK = "gradients/overfit.json"
 
 
 @dataclass(frozen=True)
@@ -306,6 +308,26 @@ def overfit_one_batch(model, x, y, *, steps: int = 200, lr: float = 3e-3, batch_
                                       f"check the labels, the loss, frozen layers or the learning rate"))
     return OverfitResult(losses=np.asarray(losses, np.float32), initial_loss=initial, final_loss=final,
                          passed=bool(passed), message=message, params=params, seconds=seconds)
+
+
+def ensure_overfit_check(run, **options) -> dict:
+    """`overfit_one_batch` on a stored run's model and data, cached as `gradients/overfit.json` in the run."""
+    from .pipeline import load_run_inputs
+    from .runs import Run, open_run, write_json
+
+    run = run if isinstance(run, Run) else open_run(run)
+    if run.has(OVERFIT_CHECK):
+        stored = run.read_json(OVERFIT_CHECK)
+        if stored.get("options") == options:
+            return stored
+    model, dataset = load_run_inputs(run)
+    result = overfit_one_batch(model, dataset.x, dataset.y, **options)
+    record = {"passed": result.passed, "message": result.message, "initial_loss": result.initial_loss,
+              "final_loss": result.final_loss, "losses": result.losses.tolist(), "seconds": round(result.seconds, 4),
+              "params": {**result.params, "sample_ids": np.asarray(dataset.ids)[result.params["sample_rows"]].tolist()},
+              "options": options}
+    write_json(run.file(OVERFIT_CHECK), record)
+    return record
 
 
 def gradient_stage(ctx) -> dict:

@@ -354,6 +354,17 @@ def collect_embeddings(model, x, layer: str, batch_size: int = 256, *, run=None,
     return embeddings
 
 
+def ensure_embeddings(run, layer: str, batch_size: int = 256) -> np.ndarray:
+    """`embeddings/<LAYER>.npy` of a stored run, collected from the run's own model and data if it is not there yet."""
+    run = _open(run)
+    if run.has(embeddings_relpath(layer)):
+        return np.asarray(run.read_npy(embeddings_relpath(layer), mmap=False), dtype=np.float32)
+    from .pipeline import load_run_inputs
+
+    model, dataset = load_run_inputs(run)
+    return collect_embeddings(model, dataset.x, layer, batch_size, run=run)
+
+
 def ensure_projection(run, layer: str | None = None, method: str = "pca", dims: int = 2, **options) -> pd.DataFrame:
     """The stored projection table of `layer` (default: the run's embedding layer), computing and caching it if absent.
 

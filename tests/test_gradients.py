@@ -229,3 +229,18 @@ def test_a_layer_the_loss_never_reaches_is_reported_unused_not_vanishing():
     got = gradient_norm_traces(WithUnusedHead(), x, y, num_batches=1)
     assert got.flags["unused_layers"] == ["aux"] and "aux" not in got.flags["vanishing"]
     assert "aux" not in set(got.traces["layer"])
+
+
+def test_overfit_check_of_a_stored_run_is_cached(tmp_path):
+    from analyzers.gradients import ensure_overfit_check
+    from analyzers.pipeline import run_analysis
+    from analyzers.runs import open_run
+
+    run = open_run(run_analysis("sample:digits", "sample:digits", tmp_path / "run", analyses=[]))
+    record = ensure_overfit_check(run, steps=40, batch_size=16)
+    assert record["passed"] and len(record["losses"]) == 41 and len(record["params"]["sample_ids"]) == 16
+    assert set(record["params"]["sample_ids"]) <= set(run.samples["id"])
+    path = run.file("gradients/overfit.json")
+    stamp = path.stat().st_mtime_ns
+    assert ensure_overfit_check(run, steps=40, batch_size=16) == record and path.stat().st_mtime_ns == stamp
+    assert ensure_overfit_check(run, steps=5, batch_size=16)["params"]["steps"] == 5  # other options: computed again

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from analyzers.errors import AnalyzerError
-from analyzers.projections import (collect_embeddings, ensure_projection, place_by_neighbours, project,
-                                   projection_relpath)
+from analyzers.projections import (collect_embeddings, ensure_embeddings, ensure_projection, place_by_neighbours,
+                                   project, projection_relpath)
 
 
 def _blobs(n=300, features=20, seed=0):
@@ -211,6 +211,10 @@ def test_collect_embeddings_of_another_layer_is_cached_in_the_run(digits_run):
         want = model.module[:7](torch.as_tensor(dataset.x)).numpy()  # conv1 .. fc1 of the Sequential
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert run.has("embeddings/fc1.npy")
+    conv2 = ensure_embeddings(digits_run, "conv2", batch_size=64)  # loads the run's own model and data
+    with torch.no_grad():
+        np.testing.assert_allclose(conv2, model.module[:3](torch.as_tensor(dataset.x)).flatten(1).numpy(), atol=1e-5)
+    assert run.has("embeddings/conv2.npy") and ensure_embeddings(run, "conv2").shape == (len(dataset.x), 32 * 8 * 8)
     table = ensure_projection(run, "fc1", "pca", 3)
     assert list(table.columns) == ["id", "x", "y", "z"]
     with pytest.raises(AnalyzerError, match="not a layer name"):
