@@ -153,6 +153,8 @@ def test_upload_pt2_and_npz_goes_through_the_flow(tmp_path, monkeypatch):
     _ok(at)
     assert not at.error, [e.value for e in at.error]
     assert (runs / "uploaded" / "run.json").exists()
+    assert any("uploaded" in m.value and "ready" in m.value for m in at.success)
+    assert at.selectbox(key="sidebar-run").value == "uploaded"
     assert list((tmp_path / "workspace" / "uploads").iterdir())  # stored through the workspace
     for page in list(PAGES)[:-1]:
         at.switch_page(page).run()

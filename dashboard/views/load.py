@@ -22,6 +22,10 @@ STAGE_LABELS = {"load": "Loading the model and data", "inference": "Running the 
 settings = data.settings()
 st.title("Load")
 st.caption(f"Runs are stored in `{settings.runs_dir}`; uploads in `{settings.workspace}`.")
+ready_run = st.session_state.pop("load-ready", None)
+if ready_run:
+    st.success(f"Run **{ready_run}** is ready.")
+    components.page_link("overview", "Open its overview", run=ready_run)
 analyse_tab, runs_tab = st.tabs(["Analyse a model", "Stored runs"])
 
 
@@ -60,8 +64,8 @@ def _run_analysis(model_spec: str, data_spec: str, name: str, *, arch=None, over
     state.put("run", name)
     state.put("sample", None)
     state.set_selection(None)
-    st.success(f"Run **{name}** is ready.")
-    components.page_link("overview", "Open its overview")
+    st.session_state["load-ready"] = name
+    st.rerun()  # so the sidebar's run picker shows the new run
 
 
 def _guarded(action) -> None:
