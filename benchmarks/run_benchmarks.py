@@ -546,7 +546,7 @@ def worker_dashboard(spec: dict) -> dict:
             entry["error"] = str(at.exception[0].value).splitlines()[0]
         result["pages"][page] = entry
         for selection in spec["selections"].get(page, []):
-            at.session_state["url_sel"] = selection
+            _select(at, selection)
             t0 = time.perf_counter()
             at.run()
             seconds = time.perf_counter() - t0
@@ -557,8 +557,21 @@ def worker_dashboard(spec: dict) -> dict:
         if page in spec.get("widget_pages", ()):
             change = _change_a_widget(at)
             if change is not None:
-                result["selections"][f"{page} {change[1]}"] = {"seconds": change[0], "error": change[2]}
+                result["selections"][f"{page} {change[1]}"] = {"seconds": change[0], "error": change[2],
+                                                              "elements": change[3]}
     return result
+
+
+def _select(at, selection: str) -> None:
+    """Store a selection as a chart click does (`dashboard.state.set_selection`): in the session, and in the URL
+    when it fits there; the URL's value wins over the session's on the next run."""
+    from dashboard.selection import decode_selection
+
+    at.session_state["url_sel"] = selection
+    if decode_selection(selection).fits_url():
+        at.query_params["sel"] = selection
+    else:
+        at.query_params.pop("sel", None)
 
 
 def _count_elements(at) -> int:
@@ -592,7 +605,7 @@ def _change_a_widget(at):
             at.run()
             seconds = time.perf_counter() - t0
             error = str(at.exception[0].value).splitlines()[0] if at.exception else None
-            return seconds, f"{kind} {widget.label!r} -> {other!r}", error
+            return seconds, f"{kind} {widget.label!r} -> {other!r}", error, _count_elements(at)
     return None
 
 
@@ -684,7 +697,7 @@ class Bench:
                "target": target, "target_kind": target_kind if target is not None else None, "met": met, "note": note}
         self.rows.append(row)
         status = {True: "met", False: "MISSED", None: ""}[met]
-        shown = f"{seconds:.3f} s" if seconds is not None else f"{value} {unit}"
+        shown = _duration(seconds) if seconds is not None else f"{value} {unit}"
         self.log(f"  {what} (n={n}): {shown}" + (f", {ratio:.2f}x {floor}" if ratio else "")
                  + (f" (CPU {cpu_ratio:.2f}x)" if cpu_ratio else "")
                  + (f"  target {target} {target_kind}: {status}" if target is not None else ""))
@@ -892,7 +905,12 @@ class Bench:
                 "from analyzers import load_model, load_dataset, predict, run_analysis, open_run, explain\n"
                 "t3 = time.perf_counter()\n"
                 f"heavy = [m for m in {HEAVY_MODULES!r} if m in sys.modules]\n"
-                "print(json.dumps({'torch': t1 - t0, 'analyzers': t2 - t1, 'public_api': t3 - t1, 'heavy': heavy}))\n")
+                "import sklearn.metrics, sklearn.tree, sklearn.cluster, sklearn.decomposition, sklearn.neighbors\n"
+                "t4 = time.perf_counter()\n"
+                "import captum.attr\n"
+                "t5 = time.perf_counter()\n"
+                "print(json.dumps({'torch': t1 - t0, 'analyzers': t2 - t1, 'public_api': t3 - t1, 'heavy': heavy,\n"
+                "                  'sklearn': t4 - t3, 'captum': t5 - t4}))\n")
         samples = []
         for _ in range(1 if self.args.quick else 5):
             proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=self.env, capture_output=True, text=True,
@@ -912,6 +930,10 @@ class Bench:
                  statistics.median(s["public_api"] for s in samples), floor="import torch", floor_seconds=torch_s,
                  target=1.0, target_kind="seconds",
                  note="heavy modules imported: " + (", ".join(heavy) if heavy else "none"))
+        self.add("startup", "lazy: scikit-learn parts a run imports on first use (in the run's time)", None,
+                 statistics.median(s["sklearn"] for s in samples), floor="import torch", floor_seconds=torch_s)
+        self.add("startup", "lazy: captum.attr, imported by the first explanation", None,
+                 statistics.median(s["captum"] for s in samples), floor="import torch", floor_seconds=torch_s)
 
     def dashboard_section(self) -> None:
         if not (ROOT / "dashboard" / "app.py").exists():
@@ -948,11 +970,13 @@ class Bench:
                 self.errors[f"dashboard {page}"] = entry["error"]
             self.add("dashboard", f"open {page}", n, entry["first_s"], target=5.0, target_kind="seconds",
                      note=f"{entry['elements']} elements; rerun without a change {entry['rerun_s']:.2f} s")
-        for what, entry in result["selections"].items():
+        for i, (what, entry) in enumerate(result["selections"].items()):
             if entry.get("error"):
                 self.errors[f"dashboard {what}"] = entry["error"]
+            first = ("; the session's first gallery: it loads the model and the inputs (st.cache_resource) to draw "
+                     "thumbnails" if i == 0 else "")
             self.add("dashboard", f"selection change: {what}", n, entry["seconds"], target=0.5, target_kind="seconds",
-                     note=f"{entry.get('elements', '?')} elements after")
+                     note=f"{entry.get('elements', '?')} elements after{first}")
 
     # -- output
     def write(self) -> Path:
@@ -1006,7 +1030,12 @@ class Bench:
 
 
 def _round(value):
-    return None if value is None else round(float(value), 4)
+    """Four significant digits: enough for a per-sample floor of a fraction of a millisecond."""
+    return None if value is None else float(f"{float(value):.4g}")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1000:.3g} ms" if seconds < 0.1 else f"{seconds:.3f} s" if seconds < 100 else f"{seconds:.1f} s"
 
 
 def render_markdown(document: dict) -> str:
@@ -1023,8 +1052,8 @@ def render_markdown(document: dict) -> str:
              "| Section | What | N | Measured | Floor | Ratio | CPU ratio | Target | Met |",
              "|---|---|---:|---:|---:|---:|---:|---:|:---:|"]
     for r in document["results"]:
-        measured = f"{r['seconds']:.3f} s" if r["seconds"] is not None else f"{r['value']} {r['unit']}"
-        floor = f"{r['floor_seconds']:.3f} s ({r['floor']})" if r["floor_seconds"] else ""
+        measured = _duration(r["seconds"]) if r["seconds"] is not None else f"{r['value']} {r['unit']}"
+        floor = f"{_duration(r['floor_seconds'])} ({r['floor']})" if r["floor_seconds"] else ""
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else ""
         cpu_ratio = f"{r['cpu_ratio']:.2f}x" if r.get("cpu_ratio") is not None else ""
         if r["target"] is None:
