@@ -290,7 +290,8 @@ def embedding_figure(table: pd.DataFrame, *, colour: str, categorical: bool, tit
         title = f"{title or ''} — {len(rows):,} of {len(table):,} points drawn".strip(" —")
     fig.update_xaxes(title="component 1", showgrid=False, zeroline=False)
     fig.update_yaxes(title="component 2", showgrid=False, zeroline=False)
-    return _layout(fig, title=title, height=560, dragmode="lasso", legend=dict(itemsizing="constant"))
+    # dragging draws a selection box at once (checked in Chromium: Streamlit otherwise starts in pan mode)
+    return _layout(fig, title=title, height=560, legend=dict(itemsizing="constant"), dragmode="select")
 
 
 # ------------------------------------------------------------------------------------------- training and gradients

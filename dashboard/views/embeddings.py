@@ -11,7 +11,7 @@ from dashboard.selection import Selection, id_positions, region_mask, selected_i
 
 run = components.require_run()
 components.header("Embeddings", run, "Each point is a sample, placed by a projection of a layer's activations. "
-                                     "Draw a box or a lasso to select samples.")
+                                     "Drag a box (or pick the lasso in the chart toolbar) to select samples.")
 samples = run.samples
 names = run.class_names
 
@@ -78,7 +78,7 @@ values, categorical, order = _colour_column(projection)
 table = projection[["id", "x", "y"]].reset_index(drop=True).assign(**{colour: values.to_numpy()})
 fig = figures.embedding_figure(table, colour=colour, categorical=categorical, category_order=order,
                                title=f"{METHOD_LABELS[method]} of {layer}")
-event = st.plotly_chart(fig, on_select="rerun", selection_mode=("box", "lasso"), key=f"emb-chart-{layer}-{method}",
+event = st.plotly_chart(fig, on_select="rerun", selection_mode=("points", "box", "lasso"), key=f"emb-chart-{layer}-{method}",
                         config={"displayModeBar": True, "modeBarButtonsToRemove": ["toImage"]})
 
 mask = region_mask(event, table[["x", "y"]].to_numpy())
