@@ -6,6 +6,7 @@ In CI (CI=true) a missing Chromium is a failure, not a skip: `make browser` inst
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -119,5 +120,27 @@ def test_click_confusion_cell_then_explain(app_url, browser, sample_run_dir):
     assert f"sample={first_id}" in page.url
     # an attribution map with its faithfulness scores appears
     page.get_by_text("deletion AUC").first.wait_for(timeout=120_000)
+    _no_exception(page)
+    page.close()
+
+
+def test_box_selection_on_the_embedding_shows_the_samples(app_url, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1300})
+    page.goto(f"{app_url}/embeddings")
+    plot = page.locator(".js-plotly-plot").first
+    plot.wait_for(timeout=60_000)
+    area = page.locator(".js-plotly-plot .nsewdrag").first
+    area.wait_for(timeout=30_000)
+    box = area.bounding_box()
+    # a box over the left half of the plot: some samples fall inside
+    x0, y0 = box["x"] + 2, box["y"] + 2
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(x0 + box["width"] * 0.25, y0 + box["height"] * 0.5, steps=5)
+    page.mouse.move(x0 + box["width"] * 0.5, y0 + box["height"] - 4, steps=5)
+    page.mouse.up()
+    heading = page.get_by_role("heading", name=re.compile(r"^\d[\d,]* selected samples$"))
+    heading.wait_for(timeout=30_000)
+    assert "sel=ids" in page.evaluate("window.location.href")
     _no_exception(page)
     page.close()
