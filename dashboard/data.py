@@ -169,16 +169,24 @@ def subset_metrics(run: Run, rows: tuple) -> dict:
 
 @st.cache_resource(show_spinner="Loading the model and data…", max_entries=4)
 def _inputs(model_sha: str, dataset_sha: str, preprocessing: str, _run: Run):
+    """((LoadedModel, Dataset), None), or (None, the reason they cannot be loaded): a failure is kept too, so a
+    run whose model file changed is not re-read on every click."""
     from analyzers.pipeline import load_run_inputs
 
-    return load_run_inputs(_run)
+    try:
+        return load_run_inputs(_run), None
+    except AnalyzerError as exc:
+        return None, str(exc)
 
 
 def run_inputs(run: Run):
     """(LoadedModel, Dataset) of a run, loaded once and shared by every session (models keyed by file hash)."""
     info = run.info
-    return _inputs(info["model"]["sha256"], info["dataset"]["sha256"],
-                   json.dumps(info.get("preprocessing") or {}, sort_keys=True), run)
+    loaded, problem = _inputs(info["model"]["sha256"], info["dataset"]["sha256"],
+                              json.dumps(info.get("preprocessing") or {}, sort_keys=True), run)
+    if problem is not None:
+        raise AnalyzerError(problem)
+    return loaded
 
 
 def sample_inputs(run: Run, rows) -> np.ndarray:
