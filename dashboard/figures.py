@@ -184,8 +184,9 @@ def _symmetric_range(values: np.ndarray) -> float:
 
 
 def image_attribution_figure(image, attribution, *, signed: bool, title: str | None = None,
-                             opacity: float = 0.6) -> go.Figure:
-    """A heat map over the image: `image` (H, W) or (H, W, 3) in [0, 1], `attribution` (H, W)."""
+                             opacity: float = 0.6, truth=None) -> go.Figure:
+    """A heat map over the image: `image` (H, W) or (H, W, 3) in [0, 1], `attribution` (H, W); `truth`, an (H, W)
+    mask of where the evidence really is (a planted ground truth), is outlined."""
     image = np.asarray(image, dtype=float)
     attribution = np.asarray(attribution, dtype=float)
     rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
@@ -195,6 +196,12 @@ def image_attribution_figure(image, attribution, *, signed: bool, title: str | N
                              zmin=-bound if signed else 0.0, zmax=bound, zmid=0 if signed else None, opacity=opacity,
                              colorbar=dict(thickness=10, len=0.8),
                              hovertemplate="row %{y}, column %{x}<br>attribution %{z:.3g}<extra></extra>"))
+    if truth is not None:
+        fig.add_trace(go.Contour(z=np.asarray(truth, dtype=float), contours=dict(start=0.5, end=0.5, size=1,
+                                                                                coloring="lines"),
+                                 line=dict(width=2, dash="dot"), colorscale=[[0, "black"], [1, "black"]],
+                                 showscale=False, hoverinfo="skip",
+                                 name="planted ground truth"))
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x")
     return _layout(fig, title=title, height=320)
@@ -210,8 +217,9 @@ def image_figure(image, *, title: str | None = None, height: int = 320) -> go.Fi
 
 
 def sequence_attribution_figure(letters: str, scores, *, signed: bool, title: str | None = None,
-                                width: int = 50) -> go.Figure:
-    """One coloured cell per position with its letter, wrapped into rows of `width` positions, read left to right."""
+                                width: int = 50, truth=None) -> go.Figure:
+    """One coloured cell per position with its letter, wrapped into rows of `width` positions, read left to right;
+    positions in `truth` (a boolean per position: a planted ground truth) are written in bold and framed."""
     scores = np.asarray(scores, dtype=float)
     n = len(scores)
     rows = max(1, -(-n // width))
@@ -220,14 +228,23 @@ def sequence_attribution_figure(letters: str, scores, *, signed: bool, title: st
     position = np.full(z.shape, -1)
     for i in range(n):
         z[i // width, i % width] = scores[i]
-        text[i // width, i % width] = letters[i] if i < len(letters) else ""
+        letter = letters[i] if i < len(letters) else ""
+        text[i // width, i % width] = f"<b>{letter}</b>" if truth is not None and truth[i] else letter
         position[i // width, i % width] = i
     bound = _symmetric_range(scores)
     labels = [f"{r * width}–{min(n, (r + 1) * width) - 1}" for r in range(rows)]
     fig = go.Figure(go.Heatmap(z=z, y=labels, text=text, customdata=position, texttemplate="%{text}",
+                               textfont=dict(size=12),
                                colorscale=DIVERGING if signed else SEQUENTIAL, zmin=-bound if signed else 0.0,
                                zmax=bound, zmid=0 if signed else None, colorbar=dict(thickness=10), xgap=1, ygap=3,
                                hovertemplate="position %{customdata}: %{text}<br>attribution %{z:.3g}<extra></extra>"))
+    if truth is not None:
+        marked = np.flatnonzero(np.asarray(truth, dtype=bool))
+        for r in range(rows):
+            cols = marked[(marked // width) == r] % width
+            if len(cols):
+                fig.add_shape(type="rect", x0=cols.min() - 0.5, x1=cols.max() + 0.5, y0=r - 0.5, y1=r + 0.5,
+                              line=dict(color="black", width=2, dash="dot"))
     fig.update_xaxes(visible=False)
     fig.update_yaxes(autorange="reversed", title="positions", type="category")
     return _layout(fig, title=title, height=90 + 42 * rows)

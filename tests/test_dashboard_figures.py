@@ -65,6 +65,11 @@ def test_signed_attributions_use_a_diverging_scale_centred_on_zero():
     assert heat.colorscale[0][1] != heat.colorscale[-1][1]
     unsigned = figures.image_attribution_figure(image, np.abs(attr), signed=False).data[1]
     assert unsigned.zmin == 0
+    mask = np.zeros((8, 8), bool)
+    mask[2:5, 2:5] = True
+    outlined = figures.image_attribution_figure(image, attr, signed=True, truth=mask)
+    contour = [t for t in outlined.data if t.type == "contour"][0]
+    assert np.array_equal(np.asarray(contour.z), mask.astype(float))
 
 
 def test_sequence_and_feature_attributions():
@@ -74,6 +79,10 @@ def test_sequence_and_feature_attributions():
     z = np.asarray(wrapped.z, dtype=float)
     assert z.shape == (3, 2) and z[2, 0] == 5 and np.isnan(z[2, 1])  # rows of two positions, read left to right
     assert np.asarray(wrapped.customdata)[1].tolist() == [2, 3]
+    marked = figures.sequence_attribution_figure("ACG", [1, 2, 3], signed=False, truth=[False, True, False])
+    assert list(marked.data[0].text[0]) == ["A", "<b>C</b>", "G"]
+    (frame,) = marked.layout.shapes
+    assert (frame.x0, frame.x1) == (0.5, 1.5)  # around position 1 only
     bars = figures.feature_attribution_figure(["a", "b", "c"], [0.5, -2.0, 0.1], top=2).data[0]
     assert list(bars.y) == ["a", "b"] and list(bars.x) == [0.5, -2.0]  # the two largest by magnitude
 

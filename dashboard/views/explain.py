@@ -56,6 +56,10 @@ except AnalyzerError as exc:
     st.error(f"The model or data of this run cannot be loaded: {exc}")
     st.stop()
 x = dataset.x[row]
+from analyzers.explain_run import ground_truth_mask  # noqa: E402
+
+truth = ground_truth_mask(dataset, np.array([row]))
+truth = None if truth is None else truth[0]
 
 left, right = st.columns([3, 2], gap="large")
 with left:
@@ -129,10 +133,10 @@ def _draw(explanation, method: str, title: str, key: str) -> None:
     signed = METHODS[method].signed
     if modality == "image":
         fig = figures.image_attribution_figure(components.display_image(run, x), explanation.display, signed=signed,
-                                               title=title)
+                                               title=title, truth=truth)
     elif modality == "sequence":
         fig = figures.sequence_attribution_figure(components.sequence_letters(x), explanation.display, signed=signed,
-                                                  title=title)
+                                                  title=title, truth=truth)
     else:
         names = run.info["dataset"].get("feature_names") or [f"feature {i}" for i in range(len(x))]
         fig = figures.feature_attribution_figure(names, explanation.display, title=title)
@@ -141,6 +145,9 @@ def _draw(explanation, method: str, title: str, key: str) -> None:
 
 from analyzers.explain_run import explain_sample  # noqa: E402
 
+if truth is not None and modality in ("image", "sequence"):
+    st.caption("This dataset plants the evidence for its class: it is outlined (dotted) on the maps of images and "
+               "framed (dotted) in bold letters on sequences. A faithful map concentrates there.")
 for method in methods:
     st.markdown(f"#### {METHODS[method].label}")
     st.caption(METHODS[method].description)
