@@ -223,3 +223,25 @@ def test_sidebar_switches_the_run_and_clears_the_selection(runs_dir, monkeypatch
     assert at.session_state["url_run"] == others[0]
     assert at.session_state["url_sel"] is None
     assert f"**{others[0]}**" in at.caption[0].value
+
+
+def test_a_run_without_analyses_says_what_is_missing(tmp_path, monkeypatch):
+    from analyzers.pipeline import run_analysis
+
+    runs = tmp_path / "runs"
+    run = run_analysis("sample:digits", "sample:digits", runs / "bare", analyses=[])
+    at = _app(monkeypatch, runs, run).run()
+    _ok(at)
+    assert at.metric[0].value  # headline metrics computed from the run's predictions
+    expected = {"views/errors.py": "Slice discovery is not in this run",
+                "views/training.py": "The gradient analysis is not in this run"}
+    at.switch_page("views/errors.py").run()
+    at.segmented_control(key="errors-section").set_value("Slices").run()
+    _ok(at)
+    assert expected["views/errors.py"] in _text(at)
+    at.switch_page("views/training.py").run()
+    _ok(at)
+    assert expected["views/training.py"] in _text(at)
+    for page in PAGES:
+        at.switch_page(page).run()
+        _ok(at)

@@ -23,6 +23,12 @@ if (components.fresh("errors-url-sel", state.get("sel")) and sel is not None and
 section = st.segmented_control("View", list(SECTIONS.values()), key="errors-section") or default
 
 
+def _select(selection: Selection) -> None:
+    """Keep a selection made on this page; marked as seen, so it does not switch the view like a link does."""
+    state.set_selection(selection)
+    components.fresh("errors-url-sel", selection.encode())
+
+
 def _metrics_block(rows: np.ndarray, label: str) -> None:
     """Metrics of a subset and its calibration against the rest of the samples."""
     if len(rows) == 0:
@@ -48,7 +54,7 @@ if section == SECTIONS["rank"]:
     by = st.selectbox("Ranking", list(RANKINGS), index=list(RANKINGS).index(current),
                       format_func=lambda r: RANKINGS[r][0].capitalize(), key="errors-ranking")
     if by != current or sel is None or sel.kind != "rank":
-        state.set_selection(Selection("rank", by))
+        _select(Selection("rank", by))
     ranked = data.ranking(run, by, 200)
     table = components.readable_samples(run, ranked)
     if "margin" in ranked:
@@ -86,7 +92,7 @@ elif section == SECTIONS["slice"]:
                                              "description": st.column_config.TextColumn(width="large")})
         rows_picked = tuple(picked.selection.rows)
         if components.fresh("slices-pick", rows_picked or None):
-            state.set_selection(Selection("slice", rows_picked[0]))
+            _select(Selection("slice", rows_picked[0]))
             sel = state.selection()
         from analyzers.evaluation import slices_csv
 
@@ -114,7 +120,7 @@ elif section == SECTIONS["suspects"]:
         if suspects.empty:
             st.success("No label-noise suspects: the model agrees with every label more than with any other class.")
         else:
-            state.set_selection(Selection("suspects", "top"))
+            _select(Selection("suspects", "top"))
             table = pd.DataFrame({"id": suspects["id"].astype(str), "label": np.asarray(names, object)[suspects["label"]],
                                   "suggested label": np.asarray(names, object)[suspects["suggested_label"]],
                                   "score": suspects["score"]})
