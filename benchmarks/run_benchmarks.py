@@ -227,6 +227,13 @@ class Clock:
         return {"wall_s": self.wall, "cpu_s": self.cpu}
 
 
+def fastest(*clocks: Clock) -> dict:
+    """A floor measured before and after the measured call: the faster one (the model's cost with the least
+    interference from other processes; the ratio is then the stricter one), and both for the record."""
+    best = min(clocks, key=lambda c: c.wall)
+    return {**best.pair(), "measurements_wall_s": [c.wall for c in clocks]}
+
+
 def warm_up(module, x, batch_size: int) -> None:
     """One batch forward and backward, so one-time set-up (kernel selection, allocator growth) is in no floor."""
     forward_floor(module, x[:batch_size], batch_size)
@@ -288,7 +295,8 @@ def available_stages() -> tuple[list, dict]:
 # Workers: each runs in its own process and returns a dict (written as JSON to --result).
 
 def worker_run(spec: dict) -> dict:
-    """Forward floor, then `analyzers.run_analysis` on the same data, with memory measured around the run."""
+    """Forward floor before and after `analyzers.run_analysis` on the same data, with memory measured around the
+    run and around the dataset loader alone."""
     import numpy as np
     import torch
 
@@ -299,9 +307,9 @@ def worker_run(spec: dict) -> dict:
     x = _load_inputs(spec)
     dataset_bytes = int(x.nbytes) + 8 * len(x)  # inputs as float32 plus int64 labels
     warm_up(model.module, x, spec["batch_size"])
-    with Clock() as floor:
+    with Clock() as floor_before:
         forward_floor(model.module, x, spec["batch_size"])
-    del x, model
+    del x
     gc.collect()
     for name, target, _ in STAGES:  # stage modules' import is start-up cost, measured apart
         if name in spec["analyses"]:
@@ -313,14 +321,19 @@ def worker_run(spec: dict) -> dict:
     load_peak = peak_rss_bytes()
     del dataset
     gc.collect()
+    # a run identical to one already at `out` would be reused, not made: always start from nothing
+    shutil.rmtree(spec["out"], ignore_errors=True)
     baseline = rss_bytes()
     peak_reset = reset_peak_rss()
     with Clock() as run:
         analyzers.run_analysis(spec["model"], spec["data"], spec["out"], arch=spec.get("arch"),
                                batch_size=spec["batch_size"], analyses=spec["analyses"], overwrite=True)
     peak = peak_rss_bytes()
+    x = _load_inputs(spec)
+    with Clock() as floor_after:
+        forward_floor(model.module, x, spec["batch_size"])
     info = json.loads((Path(spec["out"]) / "run.json").read_text())
-    return {"floor_forward": floor.pair(), "run": run.pair(), "timings_s": info.get("timings_s", {}),
+    return {"floor_forward": fastest(floor_before, floor_after), "run": run.pair(), "timings_s": info.get("timings_s", {}),
             "analyses": list(info.get("analyses", {})), "accuracy": info.get("accuracy"),
             "stage_timings_s": {name: summary.get("timings_s") for name, summary in info.get("analyses", {}).items()
                                 if isinstance(summary, dict) and summary.get("timings_s")},
@@ -361,9 +374,9 @@ def worker_explain_all(spec: dict) -> dict:
     warm_up(model.module, x, spec["batch_size"])
     for method in ("gradcam", "saliency"):  # lazy imports (captum) and first-call set-up are start-up, not per-sample
         analyzers.explain(model, x[:2], targets[:2], method, batch_size=spec["batch_size"])
-    with Clock() as floor:
+    with Clock() as floor_before:
         gradient_floor(model.module, x, spec["batch_size"])
-    result = {"floor_gradient": floor.pair(), "methods": {}}
+    result = {"methods": {}}
     for method in ("gradcam", "saliency"):
         with Clock() as clock:
             attr = analyzers.explain(model, x, targets, method, batch_size=spec["batch_size"])
@@ -374,6 +387,9 @@ def worker_explain_all(spec: dict) -> dict:
         with Clock() as clock:
             analyzers.explain(model, x, None, "saliency", batch_size=spec["batch_size"])
         result["saliency_target_none"] = clock.pair()
+    with Clock() as floor_after:
+        gradient_floor(model.module, x, spec["batch_size"])
+    result["floor_gradient"] = fastest(floor_before, floor_after)
     result["rss_peak_bytes"] = peak_rss_bytes()
     return result
 
@@ -434,9 +450,11 @@ def worker_projections(spec: dict) -> dict:
         result["umap_warmup_s"] = time.perf_counter() - t0
     for method in spec["methods"]:
         run = open_run(spec["run"])
+        layer = run.info.get("embedding_layer")
+        for cached in (run.path / "projections").glob(f"{layer}-{method}-2d.*"):
+            cached.unlink()  # measure the computation, not the cache a previous benchmark left
         with Clock() as clock:
             table = ensure_projection(run, method=method, dims=2)
-        layer = run.info.get("embedding_layer")
         record = run.read_json(f"projections/{layer}-{method}-2d.json")
         params = record.get("params", {})
         result[method] = {"seconds": clock.wall, "cpu_s": clock.cpu, "rows": len(table), "n_fitted": params.get("n_fitted"),
@@ -614,6 +632,11 @@ WORKERS = {"run": worker_run, "explain_all": worker_explain_all, "interactive": 
 
 
 def worker_main(name: str, spec: dict, result_path: Path) -> int:
+    threads = os.environ.get("BENCH_TORCH_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
     try:
         result = {"ok": True, **WORKERS[name](spec)}
     except Exception as exc:  # recorded in the result file and printed; the orchestrator reports it as an error
@@ -640,6 +663,8 @@ class Bench:
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = str(ROOT) + os.pathsep + self.env.get("PYTHONPATH", "")
         self.env.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache"))
+        if args.threads:
+            self.env["BENCH_TORCH_THREADS"] = str(args.threads)
 
     # -- plumbing
     def log(self, text: str) -> None:
@@ -990,7 +1015,7 @@ class Bench:
         meta = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
                 "command": " ".join([Path(sys.executable).name, *sys.argv]), "quick": self.args.quick,
                 "sizes": list(self.args.sizes), "batch_size": self.args.batch_size,
-                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                "cpu_count": os.cpu_count(), "torch_threads": self.args.threads or torch.get_num_threads(),
                 "load_average": list(os.getloadavg()), "platform": platform.platform(),
                 "python": platform.python_version(), "torch": torch.__version__,
                 "image_model": self.model.get("note") if hasattr(self, "model") else None,
@@ -1045,7 +1070,7 @@ def render_markdown(document: dict) -> str:
              f"{meta['torch']} with {meta['torch_threads']} threads, load average at the end "
              f"{', '.join(f'{v:.1f}' for v in meta['load_average'])}; total {meta['total_seconds']:.0f} s. "
              f"Image model: {meta['image_model']}. Command: `{meta['command']}`.", "",
-             "Ratios are against a floor measured in the same process just before: *forward* = a plain no-grad "
+             "Ratios are against a floor measured in the same process just before and just after (the faster of the two): *forward* = a plain no-grad "
              "forward pass over all N at the same batch size, *forward+backward* = input gradients over all N.", "",
              "The CPU ratio (process CPU seconds over the floor's) hardly moves when other processes share the cores; "
              "targets are judged on the wall-time ratio.", "",
@@ -1104,6 +1129,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", type=_sizes, help="comma-separated image counts (default 10000,100000)")
     parser.add_argument("--skip", type=_sections, default=(), help=f"sections to skip: {', '.join(SECTIONS)}")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--threads", type=int,
+                        help="torch threads in every worker (default: torch's own choice, one per core); 1 keeps the "
+                             "ratios steady when other processes take a core, since a parallel region then waits "
+                             "for a thread that is not running")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for the result files")
     parser.add_argument("--workdir", help="where data and runs are written (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (data and runs) afterwards")
