@@ -160,9 +160,10 @@ else:
                         f"({gap.best_value:.3f}) and **{gap.worst_group}** ({gap.worst_value:.3f}).")
         except AnalyzerError as exc:
             st.info(str(exc))
-        left, right = st.columns([1, 1], gap="large")
+        left, right = st.columns([3, 2], gap="large")
         right.plotly_chart(figures.group_figure(groups, column), key="groups-figure",
                            config={"displayModeBar": False})
-        left.dataframe(groups, hide_index=True, column_config={
-            c: st.column_config.NumberColumn(format="%.3f") for c in groups.columns if c not in ("group", "size")})
+        readable = groups.rename(columns=lambda c: c.replace("_", " "))
+        left.dataframe(readable, hide_index=True, column_config={
+            c: st.column_config.NumberColumn(format="%.3f") for c in readable.columns if c not in ("group", "size")})
         components.download(groups, f"{run.path.name}-groups-{column}.csv")
