@@ -23,7 +23,7 @@ browser:
 	  || { echo "could not install chromium; the browser test will be skipped"; [ "$$CI" != true ]; }; }
 
 sample-runs: setup
-	$(PY) -m analyzers run --model sample:$(SAMPLE) --data sample:$(SAMPLE) --out runs/sample-$(SAMPLE)
+	$(PY) -m analyzers run --model sample:$(SAMPLE) --data sample:$(SAMPLE) --out runs/sample-$(SAMPLE) --overwrite
 
 run: sample-runs
 	$(PY) -m streamlit run dashboard/app.py --server.port $(PORT) -- --runs-dir runs --run runs/sample-$(SAMPLE)
