@@ -325,10 +325,23 @@ def worker_run(spec: dict) -> dict:
     shutil.rmtree(spec["out"], ignore_errors=True)
     baseline = rss_bytes()
     peak_reset = reset_peak_rss()
+    stage_peaks: dict = {}
+    current = ["load"]
+
+    def report(stage: str, fraction: float) -> None:
+        # run_analysis reports each stage as it starts: the peak since the last change belongs to the last stage
+        if stage != current[0]:
+            stage_peaks[current[0]] = max(stage_peaks.get(current[0], 0), peak_rss_bytes())
+            stage_peaks["__max__"] = max(stage_peaks.get("__max__", 0), stage_peaks[current[0]])
+            reset_peak_rss()
+            current[0] = stage
+
     with Clock() as run:
         analyzers.run_analysis(spec["model"], spec["data"], spec["out"], arch=spec.get("arch"),
-                               batch_size=spec["batch_size"], analyses=spec["analyses"], overwrite=True)
-    peak = peak_rss_bytes()
+                               batch_size=spec["batch_size"], analyses=spec["analyses"], overwrite=True,
+                               report=report)
+    report("end", 1.0)
+    peak = stage_peaks.pop("__max__") if peak_reset else peak_rss_bytes()
     x = _load_inputs(spec)
     with Clock() as floor_after:
         forward_floor(model.module, x, spec["batch_size"])
@@ -339,6 +352,7 @@ def worker_run(spec: dict) -> dict:
                                 if isinstance(summary, dict) and summary.get("timings_s")},
             "rss_baseline_bytes": baseline, "rss_peak_bytes": peak, "peak_reset": peak_reset,
             "load_dataset": {**load.pair(), "rss_peak_bytes": load_peak},
+            "stage_rss_peak_bytes": stage_peaks if peak_reset else {},
             "dataset_bytes": dataset_bytes, "torch_threads": torch.get_num_threads(),
             "run_files_bytes": sum(p.stat().st_size for p in Path(spec["out"]).rglob("*") if p.is_file()),
             "n": int(info.get("num_samples", 0))}
@@ -783,6 +797,14 @@ class Bench:
                           f"{result['rss_baseline_bytes'] / MIB:.0f} MiB, dataset {result['dataset_bytes'] / MIB:.0f} "
                           f"MiB; worker max RSS (wait4) {result['worker_maxrss_bytes'] / MIB:.0f} MiB"
                           + ("" if result["peak_reset"] else "; peak could not be reset, includes the floor"))
+            after_load = {k: v for k, v in result["stage_rss_peak_bytes"].items() if k not in ("load", "done")}
+            if after_load:
+                stage, worst = max(after_load.items(), key=lambda kv: kv[1])
+                self.add("memory", "run peak RSS beyond the dataset once it is loaded (inference and stages)", n,
+                         None, value=round((worst - result["rss_baseline_bytes"] - result["dataset_bytes"]) / MIB, 1),
+                         unit="MiB", note=f"highest in {stage}; " + ", ".join(
+                             f"{k} {(v - result['rss_baseline_bytes'] - result['dataset_bytes']) / MIB:.0f}"
+                             for k, v in after_load.items()) + " MiB")
         sizes = [n for n in self.args.sizes if f"run-{n}" in self.details]
         if len(sizes) >= 2:
             small, large = self.details[f"run-{sizes[0]}"], self.details[f"run-{sizes[-1]}"]
@@ -796,7 +818,7 @@ class Bench:
                                     f"({sizes[-1] // sizes[0]}x the samples)")
 
     def explain_all_section(self) -> None:
-        if missing_modules("analyzers.explain"):
+        if missing_modules("analyzers.attributions"):
             self.skipped["explain_all"] = "analyzers.explain does not exist yet"
             return
         for n in self.args.sizes:
@@ -823,7 +845,7 @@ class Bench:
                          note="explain() runs one more forward pass to find the predicted class")
 
     def interactive_section(self) -> None:
-        if missing_modules("analyzers.explain"):
+        if missing_modules("analyzers.attributions"):
             self.skipped["interactive"] = "analyzers.explain does not exist yet"
             return
         n = min(self.args.sizes)
