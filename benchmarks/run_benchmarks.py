@@ -553,6 +553,7 @@ def worker_dashboard(spec: dict) -> dict:
     """
     os.environ["DASHBOARD_RUNS_DIR"] = spec["runs_dir"]
     os.environ["DASHBOARD_RUN"] = spec["run"]
+    os.environ.setdefault("STREAMLIT_LOGGER_LEVEL", "error")  # AppTest's bare-mode warnings drown the progress lines
     t0 = time.perf_counter()
     from streamlit.testing.v1 import AppTest
 
