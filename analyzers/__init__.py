@@ -17,7 +17,7 @@ _EXPORTS = {
     "run_analysis": "pipeline", "load_run_inputs": "pipeline",
     "open_run": "runs", "list_runs": "runs", "delete_run": "runs", "Run": "runs",
     "analysis_mode": "guard",
-    "explain": "explain", "explain_sample": "explain_run",
+    "explain": "attributions", "explain_sample": "explain_run",
     "evaluate": "evaluation", "find_slices": "slices", "find_label_issues": "label_noise", "compare_runs": "comparison",
     "project": "projections", "ensure_projection": "projections",
     "gradient_norm_traces": "gradients", "overfit_one_batch": "gradients",

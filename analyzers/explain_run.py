@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import AnalyzerError
-from .explain import METHODS, explain, modality_of, reduce_for_display
+from .attributions import METHODS, explain, modality_of, reduce_for_display
 from .faithfulness import (deletion_insertion, ground_truth_scores, ig_completeness, interval_mask,
                            randomisation_check)
 from .runs import write_atomic, write_parquet

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from .errors import AnalyzerError
-from .explain import _as_batch, _scores_module, _targets, baseline_for, explain, model_fingerprint
+from .attributions import _as_batch, _scores_module, _targets, baseline_for, explain, model_fingerprint
 from .guard import analysis_mode, unwrap
-from .inference import class_log_probs
+from .inference import class_log_probs, module_device
 
 SANITY_THRESHOLD = 0.5  # mean |rank correlation| with the fully randomised model's map above this: flagged
 
@@ -74,7 +74,7 @@ def deletion_insertion(model, inputs, attributions, target=None, *, steps: int =
     insertion = np.zeros_like(deletion)
     per_chunk = max(1, batch_size // (2 * (steps + 1)))
     with analysis_mode(module), torch.no_grad():
-        device = next(iter(module.parameters()), torch.empty(0)).device
+        device = module_device(module)
         targets = _targets(_scores_module(model), x, target, batch_size, device)
         for start in range(0, len(x), per_chunk):
             stop = min(start + per_chunk, len(x))
@@ -224,12 +224,11 @@ def randomisation_check(model, inputs, method: str | Callable = "saliency", targ
     are fixed from the original model (None: its predicted class). With `cache_dir` and `sample_ids` the result is
     stored per (model, method, options, samples) and reused. `max_layers` limits the cascade to the top layers.
     """
-    from .explain import _device_of
 
     x, _ = _as_batch(model, inputs)
     module = unwrap(model)
     with analysis_mode(module):
-        targets = _targets(_scores_module(model), x, target, batch_size, _device_of(module))
+        targets = _targets(_scores_module(model), x, target, batch_size, module_device(module))
     name = method if isinstance(method, str) else getattr(method, "__name__", "custom")
     key = None
     if cache_dir is not None and sample_ids is not None and isinstance(method, str):
@@ -254,7 +253,7 @@ def randomisation_check(model, inputs, method: str | Callable = "saliency", targ
     original = score_map(attribute(model))
     copy = _copy_module(model)
     copy.eval()
-    layers = _parameter_layers(copy, torch.as_tensor(x[:1], device=_device_of(copy)))[::-1]
+    layers = _parameter_layers(copy, torch.as_tensor(x[:1], device=module_device(copy)))[::-1]
     if max_layers is not None:
         layers = layers[:max_layers]
     if not layers:
@@ -297,14 +296,13 @@ def ig_completeness(model, inputs, target=None, *, baseline="zeros", background=
                     batch_size: int = 64, internal_batch_size: int | None = None) -> Completeness:
     """Integrated Gradients with their completeness gap, doubling n_steps for samples whose gap exceeds
     `tolerance` (up to `max_steps`). Samples with |f(x) - f(baseline)| < `min_difference` are skipped (gap NaN)."""
-    from .explain import _device_of
 
     x, _ = _as_batch(model, inputs)
     base = baseline_for(x, baseline, background)
     module = unwrap(model)
     scores = _scores_module(model)
     with analysis_mode(module), torch.no_grad():
-        device = _device_of(module)
+        device = module_device(module)
         targets = _targets(scores, x, target, batch_size, device)
         f_x, f_b = [], []
         for start in range(0, len(x), batch_size):

@@ -25,6 +25,7 @@ from torch import nn
 from .errors import AnalyzerError, first_line
 from .guard import analysis_mode, unwrap
 from .inference import class_log_probs, on_device
+from .models import layer_kinds
 from .recorder import layer_of_parameter
 
 VANISHING_RATIO = 1e-6  # gradient norm / weight norm below this: a step of any sane learning rate changes nothing
@@ -103,7 +104,7 @@ def gradient_norm_traces(model, x, y, *, batch_size: int = 64, num_batches: int 
         raise AnalyzerError(f"batch_size and num_batches must be at least 1, got {batch_size} and {num_batches}")
     module = unwrap(model)
     output_kind = getattr(model, "output_kind", "logits")
-    kinds = getattr(model, "layer_kinds", {}) or {}
+    kinds = layer_kinds(model)
     x = np.asarray(x)
     labels_all = np.asarray(y)
     if len(x) != len(labels_all) or len(x) == 0:

@@ -11,6 +11,7 @@ from torch import nn
 
 from .errors import AnalyzerError, first_line
 from .guard import analysis_mode, unwrap
+from .models import layer_kinds
 
 OUTPUT_KINDS = ("logits", "probabilities", "binary_logit", "binary_probability")
 
@@ -59,17 +60,22 @@ class ClassLogits(nn.Module):
 
 
 def default_embedding_layer(model) -> str | None:
-    """The final classifier layer (its input is the embedding): the last linear layer that the model runs."""
-    kinds = getattr(model, "layer_kinds", {})
-    linear = [name for name in getattr(model, "layers", ()) if kinds.get(name) == "linear"]
+    """The final classifier layer (its input is the embedding): the last linear layer of the model."""
+    kinds = layer_kinds(model)
+    linear = [name for name, _ in unwrap(model).named_modules() if kinds.get(name) == "linear"]
     return linear[-1] if linear else None
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where the module's parameters live (CPU for a module without any)."""
+    first = next(iter(module.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 @contextlib.contextmanager
 def on_device(module: nn.Module, device: str):
     """Move the module to `device` for the analysis and back to where it was afterwards."""
-    first = next(iter(module.parameters()), None)
-    home = first.device if first is not None else torch.device("cpu")
+    home = module_device(module)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise AnalyzerError("--device cuda was asked for but no CUDA device is available: use --device cpu")
     module.to(device)

@@ -352,6 +352,12 @@ def _export_input_shape(program, name: str) -> tuple:
 
 # --- describing a module ---------------------------------------------------------------------------------------------
 
+def layer_kinds(model) -> dict:
+    """Layer name -> kind ("conv2d", "linear", "relu_inplace", ...) of a LoadedModel or a plain module."""
+    kinds = getattr(model, "layer_kinds", None)
+    return kinds if kinds else layer_kinds_of(getattr(model, "module", model))
+
+
 def layer_kinds_of(module: nn.Module) -> dict:
     kinds = dict(getattr(module, "_analyzer_layer_kinds", {}))
     for layer_name, sub in module.named_modules():

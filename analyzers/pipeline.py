@@ -24,7 +24,7 @@ from .datasets import Dataset, check_dataset, load_dataset
 from .errors import AnalyzerError
 from .inference import Predictions, default_embedding_layer, predict
 from .models import LoadedModel, load_model
-from .runs import PROBS, RUN_FORMAT_VERSION, RUN_INFO, SAMPLES, open_run, staged_run, write_json, write_npy
+from .runs import PROBS, RUN_FORMAT_VERSION, RUN_INFO, SAMPLES, open_run, staged_run, write_json
 
 # (name, "module:function", on by default). Later stages may read files that earlier ones wrote.
 STAGES = (

@@ -10,7 +10,7 @@ from torch import nn
 
 from analyzers import AnalyzerError, load_model
 from analyzers.datasets import load_dataset
-from analyzers.explain import explain
+from analyzers.attributions import explain
 from analyzers.faithfulness import (deletion_insertion, ground_truth_scores, ig_completeness, interval_mask,
                                     randomisation_check, reinitialise, spearman_rows)
 from sample_models import get_sample

@@ -136,11 +136,14 @@ def test_sigkill_mid_run_leaves_earlier_runs_intact_and_no_complete_looking_half
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for target in (tmp_path / "new", earlier):
         proc = subprocess.Popen([sys.executable, "-m", "analyzers", "run", "--model", "sample:digits", "--data",
-                                 str(tmp_path / "big.npz"), "--out", str(target), "--batch-size", "16",
-                                 "--overwrite"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        time.sleep(4.0)
-        assert proc.poll() is None, "the run finished before it could be killed; make the dataset bigger"
+                                 str(tmp_path / "big.npz"), "--out", str(target), "--overwrite"], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Kill it while the run is being written: once its hidden staging directory exists.
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(f".{target.name}.tmp-*")) and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert proc.poll() is None, "the run finished before it could be killed mid-write"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert not (tmp_path / "new" / "run.json").exists()

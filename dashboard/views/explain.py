@@ -82,7 +82,7 @@ with right:
                     key="explain-probs", config={"displayModeBar": False})
 
 # ----------------------------------------------------------------------------------------------------- attributions
-from analyzers.explain import METHODS, list_methods  # noqa: E402
+from analyzers.attributions import METHODS, list_methods  # noqa: E402
 
 available = [m.name for m in list_methods(modality)]
 conv_layers = [n for n, k in (run.info["model"].get("layer_kinds") or {}).items() if k.startswith("conv")]

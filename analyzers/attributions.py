@@ -17,7 +17,8 @@ from torch import nn
 
 from .errors import AnalyzerError, first_line
 from .guard import analysis_mode, unwrap
-from .inference import ClassLogits, resolve_layer
+from .inference import ClassLogits, module_device, resolve_layer
+from .models import layer_kinds
 
 BASELINES = ("zeros", "blur", "mean")
 MODALITIES = {2: "tabular", 3: "sequence", 4: "image"}  # by the batch's number of dimensions
@@ -110,11 +111,6 @@ class _TargetScore(nn.Module):
         return self.scores(x.clone())[:, self.target:self.target + 1]
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    first = next(iter(module.parameters()), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
 def _as_batch(model, inputs) -> tuple[np.ndarray, bool]:
     """Inputs as a float32 batch, and whether a single unbatched sample was given (known from the model's shape)."""
     if isinstance(inputs, torch.Tensor):
@@ -192,18 +188,9 @@ def baseline_for(x: np.ndarray, baseline="zeros", background=None) -> np.ndarray
 
 # --- layers for Grad-CAM -----------------------------------------------------------------------------------------------
 
-def _layer_kinds(model) -> dict:
-    kinds = getattr(model, "layer_kinds", None)
-    if kinds:
-        return kinds
-    from .models import layer_kinds_of
-
-    return layer_kinds_of(unwrap(model))
-
-
 def default_gradcam_layer(model) -> str:
     """The last convolution of the model (from the export graph for `.pt2` models)."""
-    kinds = _layer_kinds(model)
+    kinds = layer_kinds(model)
     names = [n for n, _ in unwrap(model).named_modules() if n and kinds.get(n, "").startswith("conv")]
     if not names:
         raise AnalyzerError("Grad-CAM needs a convolutional layer and this model has none: use saliency, "
@@ -377,7 +364,7 @@ def explain(model, inputs, target=None, method: str = "saliency", *, batch_size:
         raise AnalyzerError(f"n_steps must be at least 2, got {n_steps}")
     scores = _scores_module(model)
     with analysis_mode(module):
-        device = _device_of(module)
+        device = module_device(module)
         targets = _targets(scores, x, target, batch_size, device)
         base = None
         if method in ("integrated_gradients", "occlusion"):
