@@ -19,14 +19,15 @@ class Settings:
 
 
 def parse_settings(argv: list[str], environ: dict | None = None) -> Settings:
-    """`--runs-dir DIR --run RUN --workspace DIR` from `argv` (unknown arguments are ignored, so the arguments of a
-    test runner do no harm); DASHBOARD_RUNS_DIR, DASHBOARD_RUN and DASHBOARD_WORKSPACE fill what argv does not say."""
+    """`--runs-dir DIR --run RUN --workspace DIR --max-upload-mb N` from `argv` (unknown arguments are ignored, so the
+    arguments of a test runner do no harm); DASHBOARD_RUNS_DIR, DASHBOARD_RUN, DASHBOARD_WORKSPACE and
+    DASHBOARD_MAX_UPLOAD_MB fill what argv does not say. N bounds the whole upload workspace."""
     environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--runs-dir", default=environ.get("DASHBOARD_RUNS_DIR", DEFAULT_RUNS_DIR))
     parser.add_argument("--run", default=environ.get("DASHBOARD_RUN"))
     parser.add_argument("--workspace", default=environ.get("DASHBOARD_WORKSPACE"))
-    parser.add_argument("--max-upload-mb", type=int, default=None)
+    parser.add_argument("--max-upload-mb", type=int, default=environ.get("DASHBOARD_MAX_UPLOAD_MB"))
     args, _ = parser.parse_known_args(argv)
     runs_dir = Path(args.runs_dir)
     workspace = Path(args.workspace) if args.workspace else runs_dir.resolve().parent / "workspace"
