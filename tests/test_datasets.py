@@ -180,3 +180,11 @@ def test_data_against_model_checks(change, message):
     data = load_dataset_bytes(_npz(x=x, y=y), name="d.npz")
     with pytest.raises(AnalyzerError, match=message):
         check_dataset(data, model)
+
+
+def test_dataset_naming_more_classes_than_the_model_has_is_refused():
+    model = wrap_module(TinyCNN(), (1, 8, 8))
+    data = load_dataset_bytes(_npz(x=np.zeros((3, 1, 8, 8), np.float32), y=np.array([0, 1, 2]),
+                                   class_names=np.array(list("abcde"))), name="d.npz")
+    with pytest.raises(AnalyzerError, match="the dataset names 5 classes but the model has 3 outputs"):
+        check_dataset(data, model)
