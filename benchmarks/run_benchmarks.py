@@ -5,8 +5,8 @@ Every figure is a ratio against a reference measured on the same machine in the 
 from machine to machine: a plain no-grad forward pass over all N at the same batch size (the *forward floor*) and one
 forward+backward for input gradients over all N (the *gradient floor*). Heavy parts run in their own worker process
 (this script with `--worker NAME`), which measures its floor right before the measured call, so each ratio compares
-two timings taken in one process a few seconds apart; the orchestrator also reads each worker's peak RSS from
-`os.wait4`.
+two timings taken in one process a few seconds apart. Memory is read from /proc (VmRSS, VmHWM); a worker resets its
+peak (clear_refs) before the stage it measures, so `os.wait4`'s max RSS, also recorded, covers only what came after.
 
 The data are generated here: shapes-like 3x32x32 images (the `shapes` sample's task: a shape on a coloured background
 whose colour is a spurious cue) at every size in `--sizes`, and a 100,000-row version of the `tabular` sample's
@@ -275,6 +275,17 @@ def gradient_floor(module, x, batch_size: int) -> float:
 
 def missing_modules(*names: str) -> list:
     return [name for name in names if importlib.util.find_spec(name) is None]
+
+
+def public_api_missing(name: str) -> str | None:
+    """Why `analyzers.<name>` cannot be used yet (its module is missing), or None when it resolves."""
+    import analyzers
+
+    try:
+        getattr(analyzers, name)
+    except (AttributeError, ImportError) as exc:
+        return f"analyzers.{name} is not available yet ({type(exc).__name__}: {exc})"
+    return None
 
 
 def available_stages() -> tuple[list, dict]:
@@ -796,8 +807,7 @@ class Bench:
                      note=f"load_dataset alone peaks {loading / MIB:.0f} MiB beyond the dataset "
                           f"({result['load_dataset']['wall_s']:.1f} s); peak {result['rss_peak_bytes'] / MIB:.0f} MiB, after imports "
                           f"{result['rss_baseline_bytes'] / MIB:.0f} MiB, dataset {result['dataset_bytes'] / MIB:.0f} "
-                          f"MiB; worker max RSS (wait4) {result['worker_maxrss_bytes'] / MIB:.0f} MiB"
-                          + ("" if result["peak_reset"] else "; peak could not be reset, includes the floor"))
+                          f"MiB" + ("" if result["peak_reset"] else "; peak could not be reset, includes the floor"))
             after_load = {k: v for k, v in result["stage_rss_peak_bytes"].items() if k not in ("load", "done")}
             if after_load:
                 stage, worst = max(after_load.items(), key=lambda kv: kv[1])
@@ -819,8 +829,9 @@ class Bench:
                                     f"({sizes[-1] // sizes[0]}x the samples)")
 
     def explain_all_section(self) -> None:
-        if missing_modules("analyzers.attributions"):
-            self.skipped["explain_all"] = "analyzers.explain does not exist yet"
+        reason = public_api_missing("explain")
+        if reason:
+            self.skipped["explain_all"] = reason
             return
         for n in self.args.sizes:
             self.log(f"explain_all: Grad-CAM and saliency for all {n} images")
@@ -846,8 +857,9 @@ class Bench:
                          note="explain() runs one more forward pass to find the predicted class")
 
     def interactive_section(self) -> None:
-        if missing_modules("analyzers.attributions"):
-            self.skipped["interactive"] = "analyzers.explain does not exist yet"
+        reason = public_api_missing("explain")
+        if reason:
+            self.skipped["interactive"] = reason
             return
         n = min(self.args.sizes)
         reps = {m: r[1 if self.args.quick else 0] for m, r in INTERACTIVE_REPS.items()}
