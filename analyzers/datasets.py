@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import AnalyzerError, first_line
+from .models import sha256_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # A zip bomb is refused before it is inflated (declared size) and while it is read (actual size).
@@ -63,27 +64,37 @@ def load_dataset(spec: str, *, model=None, label_column: str = "label", id_colum
     path = Path(spec)
     if not path.is_file():
         raise AnalyzerError(f"dataset file {spec!r} does not exist: check the path")
-    return load_dataset_bytes(path.read_bytes(), name=path.name, spec=spec, model=model, label_column=label_column,
-                              id_column=id_column, features=features, image_size=image_size, mean=mean, std=std)
+    if path.stat().st_size == 0:
+        raise AnalyzerError(f"dataset file {path.name!r} is empty: write the file again")
+    # Read from the file itself (hashed as a stream), so a large dataset is never held twice in memory.
+    return _load_source(path, name=path.name, spec=spec, digest=sha256_file(path), model=model,
+                        label_column=label_column, id_column=id_column, features=features, image_size=image_size,
+                        mean=mean, std=std)
 
 
 def load_dataset_bytes(data: bytes, *, name: str, spec: str | None = None, model=None, label_column: str = "label",
                        id_column: str | None = None, features: list | None = None, image_size: tuple | None = None,
                        mean: list | None = None, std: list | None = None) -> Dataset:
     """Load a dataset from the bytes of a file called `name` (an upload); see `load_dataset`."""
-    spec = spec or name
     if not data:
         raise AnalyzerError(f"dataset file {name!r} is empty: upload the file again")
-    digest = hashlib.sha256(data).hexdigest()
+    return _load_source(io.BytesIO(data), name=name, spec=spec or name, digest=hashlib.sha256(data).hexdigest(),
+                        model=model, label_column=label_column, id_column=id_column, features=features,
+                        image_size=image_size, mean=mean, std=std)
+
+
+def _load_source(source, *, name: str, spec: str, digest: str, model, label_column: str, id_column, features,
+                 image_size, mean, std) -> Dataset:
+    """Load from `source`, a path or a binary file object, by the suffix of `name`."""
     suffix = Path(name).suffix.lower()
     if suffix == ".npz":
-        return _load_npz(data, name, spec, digest)
+        return _load_npz(source, name, spec, digest)
     if suffix in (".csv", ".parquet"):
-        table = _read_table(data, name, suffix)
+        table = _read_table(source, name, suffix)
         return _from_table(table, name, spec, digest, model=model, label_column=label_column, id_column=id_column,
                            features=features)
     if suffix == ".zip":
-        return _load_image_zip(data, name, spec, digest, model=model, image_size=image_size, mean=mean, std=std)
+        return _load_image_zip(source, name, spec, digest, model=model, image_size=image_size, mean=mean, std=std)
     raise AnalyzerError(f"{name!r} is not a supported dataset file: use .npz (arrays x and y), .csv or .parquet "
                         f"(a label column), or a .zip of image folders (one folder per class)")
 
@@ -106,10 +117,10 @@ def _load_sample(spec: str) -> Dataset:
                    ground_truth_columns=tuple(data.ground_truth))
 
 
-def _load_npz(data: bytes, name: str, spec: str, digest: str) -> Dataset:
+def _load_npz(source, name: str, spec: str, digest: str) -> Dataset:
     try:
-        archive = np.load(io.BytesIO(data), allow_pickle=False)
-        arrays = {key: archive[key] for key in archive.files}
+        with np.load(source, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
     except ValueError as exc:
         if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
             raise AnalyzerError(f"{name!r} holds Python objects, which are never unpickled: save plain numeric "
@@ -145,11 +156,11 @@ def _load_npz(data: bytes, name: str, spec: str, digest: str) -> Dataset:
                    extras=extras, name=name)
 
 
-def _read_table(data: bytes, name: str, suffix: str) -> pd.DataFrame:
+def _read_table(source, name: str, suffix: str) -> pd.DataFrame:
     try:
         if suffix == ".csv":
-            return pd.read_csv(io.BytesIO(data))
-        return pd.read_parquet(io.BytesIO(data))
+            return pd.read_csv(source)
+        return pd.read_parquet(source)
     except Exception as exc:  # pandas and pyarrow raise many types for a damaged file; all mean the same here
         kind = "CSV" if suffix == ".csv" else "Parquet"
         raise AnalyzerError(f"{name!r} is not a readable {kind} file ({first_line(exc)}): check the file") from exc
@@ -189,11 +200,11 @@ def _from_table(table: pd.DataFrame, name: str, spec: str, digest: str, *, model
                    name=name)
 
 
-def _load_image_zip(data: bytes, name: str, spec: str, digest: str, *, model, image_size, mean, std) -> Dataset:
+def _load_image_zip(source, name: str, spec: str, digest: str, *, model, image_size, mean, std) -> Dataset:
     from PIL import Image
 
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
+        archive = zipfile.ZipFile(source)
         infos = archive.infolist()
     except _ZIP_ERRORS as exc:
         raise AnalyzerError(f"{name!r} is not a readable zip file: zip a folder with one subfolder per class") from exc
