@@ -342,6 +342,19 @@ def _finish(x, y, ids, *, spec, digest, class_names, metadata, name, feature_nam
                    preprocessing=preprocessing or {}, extras=extras or {})
 
 
+def _non_finite_rows(x: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Which samples hold NaN or inf; in chunks, so a large dataset needs no full-size temporary mask."""
+    flat = x.reshape(len(x), -1)
+    bad = np.zeros(len(x), dtype=bool)
+    for start in range(0, len(x), chunk):
+        block = flat[start:start + chunk]
+        with np.errstate(invalid="ignore", over="ignore"):
+            total = block.sum()
+        if not np.isfinite(total):  # one reduction per chunk; rows are inspected only when it is not finite
+            bad[start:start + chunk] = ~np.isfinite(block).all(axis=1)
+    return bad
+
+
 def check_dataset(dataset: Dataset, model) -> None:
     """Every check before analysis: sample shape, labels within the model's classes, finite inputs, N > 0."""
     if len(dataset) == 0:
@@ -356,7 +369,7 @@ def check_dataset(dataset: Dataset, model) -> None:
     if dataset.class_names is not None and len(dataset.class_names) > model.num_classes:
         raise AnalyzerError(f"the dataset names {len(dataset.class_names)} classes but the model has "
                             f"{model.num_classes} outputs")
-    bad = ~np.isfinite(dataset.x.reshape(len(dataset), -1)).all(axis=1)
+    bad = _non_finite_rows(dataset.x)
     if bad.any():
         raise AnalyzerError(f"{int(bad.sum())} samples hold NaN or inf (first id {dataset.ids[bad][0]}): "
                             f"clean or drop them")

@@ -188,3 +188,13 @@ def test_dataset_naming_more_classes_than_the_model_has_is_refused():
                                    class_names=np.array(list("abcde"))), name="d.npz")
     with pytest.raises(AnalyzerError, match="the dataset names 5 classes but the model has 3 outputs"):
         check_dataset(data, model)
+
+
+def test_non_finite_rows_are_found_across_chunks_and_large_finite_values_pass():
+    from analyzers.datasets import _non_finite_rows
+
+    x = np.zeros((10_000, 3), np.float32)
+    x[5, 0], x[7_000, 1], x[9_999, 2] = np.nan, np.inf, -np.inf
+    assert list(np.flatnonzero(_non_finite_rows(x, chunk=4096))) == [5, 7_000, 9_999]
+    huge = np.full((4, 3), 3e38, np.float32)  # finite, though their sum overflows
+    assert not _non_finite_rows(huge).any()
