@@ -18,7 +18,7 @@ from torch import nn
 from .errors import AnalyzerError, first_line
 from .guard import analysis_mode, unwrap
 from .inference import ClassLogits, module_device, resolve_layer
-from .models import layer_kinds
+from .models import layer_kinds, state_dict_sha256
 
 BASELINES = ("zeros", "blur", "mean")
 MODALITIES = {2: "tabular", 3: "sequence", 4: "image"}  # by the batch's number of dimensions
@@ -415,13 +415,4 @@ def explain(model, inputs, target=None, method: str = "saliency", *, batch_size:
 
 def model_fingerprint(model) -> str:
     """The loaded model's file hash, or a hash of a plain module's state (for caching results per model)."""
-    sha = getattr(model, "sha256", None)
-    if sha:
-        return sha
-    import hashlib
-
-    digest = hashlib.sha256()
-    for key, tensor in unwrap(model).state_dict().items():
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return getattr(model, "sha256", None) or state_dict_sha256(unwrap(model))

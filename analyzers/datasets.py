@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import AnalyzerError, first_line
-from .models import sha256_file
+from .models import sha256_bytes, sha256_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # A zip bomb is refused before it is inflated (declared size) and while it is read (actual size).
@@ -78,7 +78,7 @@ def load_dataset_bytes(data: bytes, *, name: str, spec: str | None = None, model
     """Load a dataset from the bytes of a file called `name` (an upload); see `load_dataset`."""
     if not data:
         raise AnalyzerError(f"dataset file {name!r} is empty: upload the file again")
-    return _load_source(io.BytesIO(data), name=name, spec=spec or name, digest=hashlib.sha256(data).hexdigest(),
+    return _load_source(io.BytesIO(data), name=name, spec=spec or name, digest=sha256_bytes(data),
                         model=model, label_column=label_column, id_column=id_column, features=features,
                         image_size=image_size, mean=mean, std=std)
 

@@ -88,6 +88,15 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def state_dict_sha256(module: nn.Module) -> str:
+    """A hash of a module's names and weights: what identifies a model that came from no file."""
+    digest = hashlib.sha256()
+    for key, tensor in module.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_model(spec: str, *, arch: str | None = None, input_shape: tuple | None = None,
                class_names: tuple | None = None, allow_import: bool = False) -> LoadedModel:
     """Load `sample:NAME`, `PATH.pt2`, or a state dict `PATH` with `arch`, returning a `LoadedModel` in eval mode.
@@ -138,11 +147,7 @@ def load_model_bytes(data: bytes, *, name: str, spec: str | None = None, arch: s
 def wrap_module(module: nn.Module, input_shape: tuple, *, class_names: tuple | None = None,
                 spec: str = "module") -> LoadedModel:
     """Describe a plain `nn.Module` a user holds in a notebook, so every analysis accepts it."""
-    digest = hashlib.sha256()
-    for key, tensor in module.state_dict().items():
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return _describe(module, spec=spec, sha256=digest.hexdigest(), source="module", input_shape=tuple(input_shape),
+    return _describe(module, spec=spec, sha256=state_dict_sha256(module), source="module", input_shape=tuple(input_shape),
                      class_names=class_names)
 
 

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .errors import AnalyzerError
+from .errors import AnalyzerError, first_line
 
 RUN_FORMAT_VERSION = 1
 RUN_INFO = "run.json"
@@ -147,7 +147,7 @@ def _read_checked(path: Path, reader):
     except AnalyzerError:
         raise
     except Exception as exc:  # a damaged file fails in many ways; each means the same to the person
-        raise AnalyzerError(f"{path.name} in the run at {path.parent} is damaged ({str(exc).splitlines()[0][:120]}): "
+        raise AnalyzerError(f"{path.name} in the run at {path.parent} is damaged ({first_line(exc, 120)}): "
                             f"run python -m analyzers run --overwrite to rebuild it") from exc
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analyzers.errors import AnalyzerError
+from analyzers.errors import AnalyzerError, first_line
 from analyzers.runs import RUN_INFO, Run, list_runs, open_run
 
 from .settings import Settings, parse_settings
@@ -214,8 +214,7 @@ def error_message(exc: Exception) -> str:
     """What a person reads when something fails: the AnalyzerError's own line, or the exception's first line."""
     if isinstance(exc, AnalyzerError):
         return str(exc)
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return f"{type(exc).__name__}: {text}"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 # ------------------------------------------------------------------------------------------------------- embeddings
