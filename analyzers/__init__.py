@@ -1,5 +1,10 @@
 """Pure computation for the model-debugging dashboard: tensors and arrays in, frozen dataclasses and arrays out.
 
+Modules are grouped by the question they answer: `loading` (models, datasets, runs, the workspace and the sandbox),
+`evaluation` (metrics, slices, label noise, comparison), `explanations` (attributions, faithfulness, projections),
+`training` (gradients, the recorder) and `engines` (the run pipeline, batched inference). `errors` and `guard` are
+shared by all of them.
+
 Heavy dependencies (captum, shap, umap, scikit-learn's estimators) are imported only by the functions that need them,
 so `import analyzers` stays cheap.
 """
@@ -11,17 +16,21 @@ from .errors import AnalyzerError
 
 # public name -> module that defines it; resolved on first access
 _EXPORTS = {
-    "load_model": "models", "load_model_bytes": "models", "wrap_module": "models", "LoadedModel": "models",
-    "load_dataset": "datasets", "load_dataset_bytes": "datasets", "check_dataset": "datasets", "Dataset": "datasets",
-    "predict": "inference", "Predictions": "inference",
-    "run_analysis": "pipeline", "load_run_inputs": "pipeline",
-    "open_run": "runs", "list_runs": "runs", "delete_run": "runs", "Run": "runs",
+    "load_model": "loading.models", "load_model_bytes": "loading.models", "wrap_module": "loading.models", "LoadedModel": "loading.models",
+    "load_dataset": "loading.datasets", "load_dataset_bytes": "loading.datasets", "check_dataset": "loading.datasets", "Dataset": "loading.datasets",
+    "predict": "engines.inference", "Predictions": "engines.inference",
+    "run_analysis": "engines.pipeline", "load_run_inputs": "engines.pipeline",
+    "open_run": "loading.runs", "list_runs": "loading.runs", "delete_run": "loading.runs", "Run": "loading.runs",
     "analysis_mode": "guard",
-    "explain": "attributions", "explain_sample": "explain_run",
-    "evaluate": "evaluation", "find_slices": "slices", "find_label_issues": "label_noise", "compare_runs": "comparison",
-    "project": "projections", "ensure_projection": "projections",
-    "gradient_norm_traces": "gradients", "overfit_one_batch": "gradients",
-    "TrainingRecorder": "recorder", "read_training_log": "recorder",
+    "explain": "explanations.attributions",
+    "explain_sample": "explanations.explain_run",
+    "evaluate": "evaluation.stage",
+    "find_slices": "evaluation.slices",
+    "find_label_issues": "evaluation.label_noise",
+    "compare_runs": "evaluation.comparison",
+    "project": "explanations.projections", "ensure_projection": "explanations.projections",
+    "gradient_norm_traces": "training.gradients", "overfit_one_batch": "training.gradients",
+    "TrainingRecorder": "training.recorder", "read_training_log": "training.recorder",
 }
 
 __all__ = ["AnalyzerError", *_EXPORTS]

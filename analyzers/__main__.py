@@ -69,11 +69,11 @@ def main(argv=None) -> int:
         if args.command == "run":
             return _run(args)
         if args.command == "compare":
-            from .comparison import compare_command
+            from .evaluation.comparison import compare_command
 
             return compare_command(args)
         if args.command == "explain":
-            from .explain_run import explain_command
+            from .explanations.explain_run import explain_command
 
             return explain_command(args)
     except AnalyzerError as exc:
@@ -86,8 +86,8 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    from .pipeline import run_analysis
-    from .runs import open_run
+    from .engines.pipeline import run_analysis
+    from .loading.runs import open_run
 
     out = run_analysis(args.model, args.data, args.out, arch=args.arch, batch_size=args.batch_size,
                        label_column=args.label_column, id_column=args.id_column, features=args.features,

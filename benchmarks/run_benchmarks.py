@@ -11,7 +11,7 @@ peak (clear_refs) before the stage it measures, so `os.wait4`'s max RSS, also re
 The data are generated here: shapes-like 3x32x32 images (the `shapes` sample's task: a shape on a coloured background
 whose colour is a spurious cue) at every size in `--sizes`, and a 100,000-row version of the `tabular` sample's
 table. Only the real code paths are timed: `analyzers.run_analysis`, `analyzers.explain`,
-`analyzers.projections.ensure_projection`, `analyzers.metrics` / `analyzers.slices`, and the dashboard through
+`analyzers.explanations.projections.ensure_projection`, `analyzers.evaluation.metrics` / `analyzers.evaluation.slices`, and the dashboard through
 `streamlit.testing.v1.AppTest`. A section whose module does not exist yet is skipped with the reason recorded.
 
     .venv/bin/python benchmarks/run_benchmarks.py                       # full run (make bench)
@@ -290,7 +290,7 @@ def public_api_missing(name: str) -> str | None:
 
 def available_stages() -> tuple[list, dict]:
     """Pipeline stages whose module exists (run) and the reason for each that does not (skipped)."""
-    from analyzers.pipeline import STAGES
+    from analyzers.engines.pipeline import STAGES
 
     ready, skipped = [], {}
     for name, target, _default in STAGES:
@@ -312,7 +312,7 @@ def worker_run(spec: dict) -> dict:
     import torch
 
     import analyzers
-    from analyzers.pipeline import STAGES
+    from analyzers.engines.pipeline import STAGES
 
     model = analyzers.load_model(spec["model"], arch=spec.get("arch"))
     x = _load_inputs(spec)
@@ -464,8 +464,8 @@ def worker_projections(spec: dict) -> dict:
     """t-SNE and UMAP through `ensure_projection` on a stored run (fit on a sample above 10k points)."""
     import numpy as np
 
-    from analyzers.projections import ensure_projection, project
-    from analyzers.runs import open_run
+    from analyzers.explanations.projections import ensure_projection, project
+    from analyzers.loading.runs import open_run
 
     result = {}
     if "umap" in spec["methods"]:
@@ -493,8 +493,8 @@ def worker_peer(spec: dict) -> dict:
     import numpy as np
     import pandas as pd
 
-    from analyzers import metrics, slices
-    from analyzers.runs import open_run
+    from analyzers.evaluation import metrics, slices
+    from analyzers.loading.runs import open_run
 
     path = Path(spec["run"])
 
@@ -879,8 +879,8 @@ class Bench:
                      floor_seconds=floor, target=INTERACTIVE_TARGET_S[method], target_kind="seconds")
 
     def projections_section(self) -> None:
-        if missing_modules("analyzers.projections"):
-            self.skipped["projections"] = "analyzers.projections does not exist yet"
+        if missing_modules("analyzers.explanations.projections"):
+            self.skipped["projections"] = "analyzers.explanations.projections does not exist yet"
             return
         for n in self.args.sizes:
             run = self.runs_dir / f"shapes-{n}"
@@ -907,8 +907,8 @@ class Bench:
                          note=how + "; " + ", ".join(f"{k} {v:.1f}s" for k, v in r["timings_s"].items()))
 
     def peer_section(self, run: Path, label: str) -> None:
-        if missing_modules("analyzers.metrics", "analyzers.slices"):
-            self.skipped[f"peer {label}"] = "analyzers.metrics or analyzers.slices does not exist yet"
+        if missing_modules("analyzers.evaluation.metrics", "analyzers.evaluation.slices"):
+            self.skipped[f"peer {label}"] = "analyzers.evaluation.metrics or analyzers.evaluation.slices does not exist yet"
             return
         if not (run / "run.json").exists():
             self.skipped[f"peer {label}"] = "no stored run (its run section failed or was skipped)"
@@ -921,7 +921,7 @@ class Bench:
         n = result["n"]
         base = result["straightforward_s"]
         self.add("peer", f"{label}: straightforward confusion + tree slices (pandas/sklearn)", n, base)
-        self.add("peer", f"{label}: ours, computed (analyzers.metrics.confusion + slices.find_slices)", n,
+        self.add("peer", f"{label}: ours, computed (analyzers.evaluation.metrics.confusion + slices.find_slices)", n,
                  result["ours_s"], floor="straightforward", floor_seconds=base,
                  note=f"{result['ours_slices']} slices found")
         self.add("peer", f"{label}: ours, stored in the run (a dashboard click)", n, result["ours_stored_s"],

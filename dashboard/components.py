@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from analyzers.errors import AnalyzerError
-from analyzers.runs import Run
+from analyzers.loading.runs import Run
 
 from . import data, figures, state
 from .selection import id_positions

@@ -16,7 +16,7 @@ import pandas as pd
 import streamlit as st
 
 from analyzers.errors import AnalyzerError, first_line
-from analyzers.runs import RUN_INFO, Run, list_runs, open_run
+from analyzers.loading.runs import RUN_INFO, Run, list_runs, open_run
 
 from .settings import Settings, parse_settings
 
@@ -67,22 +67,23 @@ def forget_runs() -> None:
 
 
 def analysis_available(module: str) -> bool:
-    """Whether `analyzers.<module>` exists in this installation (analyses land one by one)."""
-    return importlib.util.find_spec(f"analyzers.{module}") is not None
+    """Whether the module `module` (a dotted path such as analyzers.evaluation.stage) exists in this installation
+    (analyses land one by one)."""
+    return importlib.util.find_spec(module) is not None
 
 
 def available_stages() -> list[str]:
-    from analyzers.pipeline import STAGES
+    from analyzers.engines.pipeline import STAGES
 
-    return [name for name, target, default in STAGES if default and analysis_available(target.split(":")[0].split(".")[-1])]
+    return [name for name, target, default in STAGES if default and analysis_available(target.split(":")[0])]
 
 
 # ----------------------------------------------------------------------------------------------- evaluation tables
 
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)
 def metrics(run: Run) -> dict:
-    """Headline metrics and the per-class report: metrics.json if the run has it, else analyzers.metrics on the run."""
-    from analyzers import metrics as m
+    """Headline metrics and the per-class report: metrics.json if the run has it, else analyzers.evaluation.metrics on the run."""
+    from analyzers.evaluation import metrics as m
 
     if run.has("metrics.json"):
         stored = run.read_json("metrics.json")
@@ -97,8 +98,8 @@ def metrics(run: Run) -> dict:
 
 @st.cache_resource(hash_funcs=HASH, show_spinner=False, max_entries=16)
 def confusion(run: Run):
-    """analyzers.metrics.Confusion of the run (read-only; shared)."""
-    from analyzers import metrics as m
+    """analyzers.evaluation.metrics.Confusion of the run (read-only; shared)."""
+    from analyzers.evaluation import metrics as m
 
     samples = run.samples
     return m.confusion(samples["label"].to_numpy(), samples["pred"].to_numpy(), num_classes=len(run.class_names),
@@ -107,21 +108,21 @@ def confusion(run: Run):
 
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)
 def reliability(run: Run, strategy: str = "uniform", n_bins: int = 10) -> dict:
-    from analyzers import metrics as m
+    from analyzers.evaluation import metrics as m
 
     return m.top_label_bins(run.samples["label"].to_numpy(), run.probs, n_bins=n_bins, strategy=strategy).to_dict()
 
 
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=64)
 def ranking(run: Run, by: str, limit: int = 200) -> pd.DataFrame:
-    from analyzers.metrics import rank_errors
+    from analyzers.evaluation.metrics import rank_errors
 
     return rank_errors(run.samples, run.probs, by=by, limit=limit)
 
 
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=64)
 def group_table(run: Run, column: str, bins: int = 5) -> pd.DataFrame:
-    from analyzers.metrics import group_metrics
+    from analyzers.evaluation.metrics import group_metrics
 
     return group_metrics(run.samples, run.probs, column, bins=bins)
 
@@ -147,8 +148,8 @@ def _optional_json(run: Run, relpath: str):
 
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=64)
 def subset_metrics(run: Run, rows: tuple) -> dict:
-    """Metrics of the samples at `rows` and calibration inside vs outside them (analyzers.metrics)."""
-    from analyzers import metrics as m
+    """Metrics of the samples at `rows` and calibration inside vs outside them (analyzers.evaluation.metrics)."""
+    from analyzers.evaluation import metrics as m
 
     rows = np.asarray(rows, dtype=np.int64)
     labels = run.samples["label"].to_numpy()
@@ -171,7 +172,7 @@ def subset_metrics(run: Run, rows: tuple) -> dict:
 def _inputs(model_sha: str, dataset_sha: str, preprocessing: str, _run: Run):
     """((LoadedModel, Dataset), None), or (None, the reason they cannot be loaded): a failure is kept too, so a
     run whose model file changed is not re-read on every click."""
-    from analyzers.pipeline import load_run_inputs
+    from analyzers.engines.pipeline import load_run_inputs
 
     try:
         return load_run_inputs(_run), None
@@ -205,7 +206,7 @@ def training_log(run: Run):
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def _training_log(path: str, mtime: float):
-    from analyzers.recorder import read_training_log
+    from analyzers.training.recorder import read_training_log
 
     return read_training_log(path)
 
@@ -229,7 +230,7 @@ def embedding_layers(run: Run) -> list[str]:
 
 def projection(run: Run, layer: str, method: str, *, compute: bool) -> pd.DataFrame | None:
     """The stored 2-D projection table (id, x, y); PCA is made when missing, t-SNE / UMAP only when `compute`."""
-    from analyzers.projections import ensure_projection, projection_relpath
+    from analyzers.explanations.projections import ensure_projection, projection_relpath
 
     relpath = projection_relpath(layer, method, 2)
     if not run.has(relpath):
@@ -245,8 +246,8 @@ def _projection_table(path: str, mtime: float) -> pd.DataFrame:
 
 
 def collect_layer(run: Run, layer: str) -> None:
-    """Store `layer`'s activations in the run (analyzers.projections.collect_embeddings)."""
-    from analyzers.projections import collect_embeddings
+    """Store `layer`'s activations in the run (analyzers.explanations.projections.collect_embeddings)."""
+    from analyzers.explanations.projections import collect_embeddings
 
     model, dataset = run_inputs(run)
     collect_embeddings(model, dataset.x, layer, run=run)
@@ -255,7 +256,7 @@ def collect_layer(run: Run, layer: str) -> None:
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)
 def slice_membership(run: Run, top: int = 8) -> pd.Series:
     """Per sample (in samples.parquet order), the best-ranked of the top slices holding it, or "no slice"."""
-    from analyzers.slices import slice_mask
+    from analyzers.evaluation.slices import slice_mask
 
     slices = optional_table(run, "slices.parquet")
     out = pd.Series(["no slice"] * len(run.samples), dtype=object)
@@ -269,8 +270,8 @@ def slice_membership(run: Run, top: int = 8) -> pd.Series:
 
 @st.cache_resource(hash_funcs=HASH, show_spinner=False, max_entries=16)
 def overfit(run: Run, steps: int, batch_size: int, lr: float):
-    """analyzers.gradients.overfit_one_batch on the run's model and data (trains a copy; cached per settings)."""
-    from analyzers.gradients import overfit_one_batch
+    """analyzers.training.gradients.overfit_one_batch on the run's model and data (trains a copy; cached per settings)."""
+    from analyzers.training.gradients import overfit_one_batch
 
     model, dataset = run_inputs(run)
     return overfit_one_batch(model, dataset.x, dataset.y, steps=steps, batch_size=batch_size, lr=lr)
@@ -278,8 +279,8 @@ def overfit(run: Run, steps: int, batch_size: int, lr: float):
 
 @st.cache_resource(hash_funcs=HASH, show_spinner="Comparing the runs…", max_entries=8)
 def comparison(run_a: Run, run_b: Run):
-    """analyzers.comparison.compare_runs (read-only; shared)."""
-    from analyzers.comparison import compare_runs
+    """analyzers.evaluation.comparison.compare_runs (read-only; shared)."""
+    from analyzers.evaluation.comparison import compare_runs
 
     return compare_runs(run_a, run_b)
 

@@ -150,7 +150,7 @@ def probabilities_figure(probs, class_names, *, label: int | None = None, pred: 
 
 
 def group_figure(groups: pd.DataFrame, column: str) -> go.Figure:
-    """Accuracy per group of a metadata column (from analyzers.metrics.group_metrics), with group sizes."""
+    """Accuracy per group of a metadata column (from analyzers.evaluation.metrics.group_metrics), with group sizes."""
     fig = go.Figure(go.Bar(x=groups["group"].astype(str), y=groups["accuracy"], marker_color=OKABE_ITO[0],
                            customdata=groups["size"], text=[f"{a:.2f}" for a in groups["accuracy"]],
                            hovertemplate="%{x}<br>accuracy %{y:.3f}<br>%{customdata} samples<extra></extra>"))

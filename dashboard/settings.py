@@ -14,7 +14,7 @@ DEFAULT_MAX_UPLOAD_BYTES = 2 << 30
 class Settings:
     runs_dir: Path
     run: Path | None  # the run opened when a session starts without one in its URL
-    workspace: Path  # uploads are stored here (analyzers.workspace)
+    workspace: Path  # uploads are stored here (analyzers.loading.workspace)
     max_upload_bytes: int
 
 

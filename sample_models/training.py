@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from analyzers.recorder import TrainingRecorder
+from analyzers.training.recorder import TrainingRecorder
 
 
 def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> tuple[float, float]:

@@ -52,7 +52,7 @@ def export_model(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
 @pytest.fixture(scope="session")
 def sample_run_dir(tmp_path_factory):
     """Complete runs of the sample models, made once per test session: sample_run_dir(name) -> Path."""
-    from analyzers.pipeline import run_analysis
+    from analyzers.engines.pipeline import run_analysis
 
     made = {}
     root = tmp_path_factory.mktemp("sample-runs")

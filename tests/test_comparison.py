@@ -15,10 +15,10 @@ from safetensors.torch import save_file
 from scipy.stats import binomtest
 
 from analyzers.__main__ import main
-from analyzers.comparison import compare_predictions, compare_runs
+from analyzers.evaluation.comparison import compare_predictions, compare_runs
 from analyzers.errors import AnalyzerError
-from analyzers.evaluation import errors_csv, slices_csv, suspects_csv
-from analyzers.runs import open_run
+from analyzers.evaluation.stage import errors_csv, slices_csv, suspects_csv
+from analyzers.loading.runs import open_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_compare_predictions_counts_by_hand():
 @pytest.fixture(scope="module")
 def two_digit_runs(tmp_path_factory, sample_run_dir):
     """The digits sample's run, and a run of the same model with its last layer perturbed."""
-    from analyzers.pipeline import run_analysis
+    from analyzers.engines.pipeline import run_analysis
     from sample_models import get_sample
 
     root = tmp_path_factory.mktemp("compare")
@@ -120,7 +120,7 @@ def test_compare_runs_and_command(two_digit_runs, tmp_path, capsys):
     assert len(pd.read_csv(tmp_path / "cmp" / "disagreements.csv")) == c.summary["disagree"]
     assert (tmp_path / "cmp" / "per_class.csv").exists() and (tmp_path / "cmp" / "per_slice.csv").exists()
     # samples in another order still match by id
-    from analyzers.comparison import compare_command
+    from analyzers.evaluation.comparison import compare_command
 
     assert compare_command(Namespace(run_a=str(b), run_b=str(a), out=None)) == 0
 

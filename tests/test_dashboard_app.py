@@ -59,7 +59,7 @@ def test_every_page_runs_on_each_sample(sample, runs_dir, monkeypatch):
     run = runs_dir / f"sample-{sample}"
     if not run.exists():
         pytest.skip(f"the {sample} sample has no trained weights in this checkout")
-    from analyzers.runs import open_run
+    from analyzers.loading.runs import open_run
 
     stored = open_run(run)
     samples = stored.samples
@@ -88,7 +88,7 @@ def test_every_page_runs_on_each_sample(sample, runs_dir, monkeypatch):
 
 def test_explain_page_shows_maps_and_scores(runs_dir, monkeypatch):
     run = runs_dir / "sample-digits"
-    from analyzers.runs import open_run
+    from analyzers.loading.runs import open_run
 
     sample_id = str(open_run(run).samples["id"].iloc[0])
     at = _app(monkeypatch, runs_dir, run, sample=sample_id).run()
@@ -175,7 +175,7 @@ def test_bad_upload_is_one_error_line(tmp_path, monkeypatch):
 
 
 def test_embedding_selection_shows_its_samples_and_metrics(runs_dir, monkeypatch):
-    from analyzers.runs import open_run
+    from analyzers.loading.runs import open_run
 
     run_name = "sample-shapes" if (runs_dir / "sample-shapes").exists() else "sample-digits"
     samples = open_run(runs_dir / run_name).samples
@@ -193,7 +193,7 @@ def test_embedding_selection_shows_its_samples_and_metrics(runs_dir, monkeypatch
 
 
 def test_explain_previous_next_walk_the_confusion_cell(runs_dir, monkeypatch):
-    from analyzers.runs import open_run
+    from analyzers.loading.runs import open_run
 
     samples = open_run(runs_dir / "sample-digits").samples
     label = int(samples["label"].iloc[0])
@@ -226,7 +226,7 @@ def test_sidebar_switches_the_run_and_clears_the_selection(runs_dir, monkeypatch
 
 
 def test_a_run_without_analyses_says_what_is_missing(tmp_path, monkeypatch):
-    from analyzers.pipeline import run_analysis
+    from analyzers.engines.pipeline import run_analysis
 
     runs = tmp_path / "runs"
     run = run_analysis("sample:digits", "sample:digits", runs / "bare", analyses=[])

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analyzers.metrics import confusion, top_label_bins
+from analyzers.evaluation.metrics import confusion, top_label_bins
 from dashboard import figures
 
 

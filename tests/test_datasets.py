@@ -147,7 +147,7 @@ def test_zip_bomb_is_refused_by_declared_size(digits_model):
 
 def test_zip_bomb_is_refused_by_actual_size(monkeypatch, digits_model):
     # A forged header can under-declare sizes; the reader stops once the real bytes exceed the budget.
-    import analyzers.datasets as datasets
+    import analyzers.loading.datasets as datasets
 
     monkeypatch.setattr(datasets, "MAX_UNCOMPRESSED_BYTES", 1000)
     monkeypatch.setattr(datasets, "MAX_COMPRESSION_RATIO", 10 ** 9)
@@ -191,7 +191,7 @@ def test_dataset_naming_more_classes_than_the_model_has_is_refused():
 
 
 def test_non_finite_rows_are_found_across_chunks_and_large_finite_values_pass():
-    from analyzers.datasets import _non_finite_rows
+    from analyzers.loading.datasets import _non_finite_rows
 
     x = np.zeros((10_000, 3), np.float32)
     x[5, 0], x[7_000, 1], x[9_999, 2] = np.nan, np.inf, -np.inf

@@ -84,7 +84,7 @@ def _no_exception(page) -> None:
 
 
 def test_click_confusion_cell_then_explain(app_url, browser, sample_run_dir):
-    from analyzers.runs import open_run
+    from analyzers.loading.runs import open_run
 
     run = open_run(sample_run_dir("digits"))
     samples = run.samples

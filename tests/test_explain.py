@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from analyzers import AnalyzerError, load_model, wrap_module
-from analyzers.attributions import METHODS, explain, list_methods, reduce_for_display
+from analyzers.explanations.attributions import METHODS, explain, list_methods, reduce_for_display
 from tests.conftest import TinyCNN, export_model
 
 FAST = {"nsamples": 8, "nt_samples": 4, "n_steps": 8}  # keep shap/smoothgrad/IG cheap where only shapes matter

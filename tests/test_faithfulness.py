@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from analyzers import AnalyzerError, load_model
-from analyzers.datasets import load_dataset
-from analyzers.attributions import explain
-from analyzers.faithfulness import (deletion_insertion, ground_truth_scores, ig_completeness, interval_mask,
+from analyzers.loading.datasets import load_dataset
+from analyzers.explanations.attributions import explain
+from analyzers.explanations.faithfulness import (deletion_insertion, ground_truth_scores, ig_completeness, interval_mask,
                                     randomisation_check, reinitialise, spearman_rows)
 from sample_models import get_sample
 from tests.conftest import export_model
@@ -101,7 +101,7 @@ def test_randomisation_flags_a_map_that_ignores_the_model_and_passes_gradients(d
 
 
 def test_randomisation_results_are_cached_per_model_method_and_samples(digits, tmp_path, monkeypatch):
-    import analyzers.faithfulness as faithfulness
+    import analyzers.explanations.faithfulness as faithfulness
 
     model, data = digits
     first = randomisation_check(model, data.x[:4], "saliency", cache_dir=tmp_path, sample_ids=[1, 2, 3, 4])
@@ -221,7 +221,7 @@ GROUND_TRUTH_FLOORS = {
 
 @pytest.mark.parametrize("name", list(GROUND_TRUTH_FLOORS))
 def test_gradient_methods_find_the_planted_ground_truth(name):
-    from analyzers.explain_run import ground_truth_mask
+    from analyzers.explanations.explain_run import ground_truth_mask
 
     floors = GROUND_TRUTH_FLOORS[name]
     model, data = _sample(name)
@@ -245,14 +245,14 @@ def test_gradient_methods_find_the_planted_ground_truth(name):
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    from analyzers.pipeline import run_analysis
+    from analyzers.engines.pipeline import run_analysis
 
     return run_analysis("sample:digits", "sample:digits", tmp_path_factory.mktemp("runs") / "digits", analyses=[])
 
 
 def test_explain_command_writes_attributions_and_scores_and_merges(digits_run, capsys):
     from analyzers.__main__ import main
-    from analyzers.runs import open_run
+    from analyzers.loading.runs import open_run
 
     run = open_run(digits_run)
     ids = [str(i) for i in run.samples["id"][:3]]
@@ -281,8 +281,8 @@ def test_explain_command_writes_attributions_and_scores_and_merges(digits_run, c
 
 
 def test_explain_sample_caches_one_sample_on_disk(digits_run, digits, monkeypatch):
-    import analyzers.explain_run as explain_run
-    from analyzers.runs import open_run
+    import analyzers.explanations.explain_run as explain_run
+    from analyzers.loading.runs import open_run
 
     model, data = digits
     run = open_run(digits_run)

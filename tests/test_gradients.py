@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from analyzers.errors import AnalyzerError
-from analyzers.gradients import gradient_norm_traces, inplace_activations, overfit_one_batch
+from analyzers.training.gradients import gradient_norm_traces, inplace_activations, overfit_one_batch
 from analyzers.guard import _hook_count
-from analyzers.models import wrap_module
+from analyzers.loading.models import wrap_module
 
 
 def _state(module):
@@ -232,9 +232,9 @@ def test_a_layer_the_loss_never_reaches_is_reported_unused_not_vanishing():
 
 
 def test_overfit_check_of_a_stored_run_is_cached(tmp_path):
-    from analyzers.gradients import ensure_overfit_check
-    from analyzers.pipeline import run_analysis
-    from analyzers.runs import open_run
+    from analyzers.training.gradients import ensure_overfit_check
+    from analyzers.engines.pipeline import run_analysis
+    from analyzers.loading.runs import open_run
 
     run = open_run(run_analysis("sample:digits", "sample:digits", tmp_path / "run", analyses=[]))
     record = ensure_overfit_check(run, steps=40, batch_size=16)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from analyzers.errors import AnalyzerError
-from analyzers.label_noise import (class_thresholds, confident_joint, find_label_issues, label_issue_scores,
+from analyzers.evaluation.label_noise import (class_thresholds, confident_joint, find_label_issues, label_issue_scores,
                                    precision_recall_at_k)
 
 
@@ -66,7 +66,7 @@ def test_beats_both_baselines_on_classes_of_unequal_difficulty():
 
 
 def test_dna_sample_suspects_recover_the_planted_flips(sample_run_dir):
-    from analyzers.runs import open_run
+    from analyzers.loading.runs import open_run
 
     run = open_run(sample_run_dir("dna"))
     samples = run.samples

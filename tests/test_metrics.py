@@ -13,7 +13,7 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, classifica
                              log_loss, roc_auc_score, top_k_accuracy_score)
 
 from analyzers.errors import AnalyzerError
-from analyzers.metrics import (calibration_bins, class_bins, classification_metrics, confusion,
+from analyzers.evaluation.metrics import (calibration_bins, class_bins, classification_metrics, confusion,
                                expected_calibration_error, group_metrics, largest_gap, margins, rank_errors,
                                subset_calibration, top_label_bins)
 

@@ -11,9 +11,9 @@ from tests.conftest import ROOT
 
 
 def test_public_names_are_not_shadowed_by_submodules():
-    for info in pkgutil.iter_modules(analyzers.__path__):
-        if info.name != "__main__":
-            importlib.import_module(f"analyzers.{info.name}")
+    for info in pkgutil.walk_packages(analyzers.__path__, prefix="analyzers."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
     for name in analyzers.__all__:
         value = getattr(analyzers, name)
         assert not isinstance(value, type(analyzers)), f"analyzers.{name} is a module, not the public {name}"

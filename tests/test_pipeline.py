@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from analyzers import AnalyzerError, load_dataset, load_model, open_run, run_analysis
 from analyzers.__main__ import main
-from analyzers.runs import list_runs
+from analyzers.loading.runs import list_runs
 from tests.conftest import ROOT, TinyCNN, export_model
 
 CORE = []  # core run only: later stages have their own tests

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from analyzers.errors import AnalyzerError
-from analyzers.projections import (collect_embeddings, ensure_embeddings, ensure_projection, place_by_neighbours,
+from analyzers.explanations.projections import (collect_embeddings, ensure_embeddings, ensure_projection, place_by_neighbours,
                                    project, projection_relpath)
 
 
@@ -101,7 +101,7 @@ def test_umap_recovers_blobs_when_fitted_on_a_sample():
 def test_umap_configuration_without_fitting(monkeypatch, tmp_path):
     import sys
 
-    from analyzers import projections
+    from analyzers.explanations import projections
 
     if "numba" in sys.modules:  # keep numba's own setting as it was for the rest of the session
         monkeypatch.setattr(sys.modules["numba"].config, "CACHE_DIR", sys.modules["numba"].config.CACHE_DIR)
@@ -145,9 +145,9 @@ def digits_run(tmp_path_factory):
 
 
 def test_run_stores_embeddings_pca_and_gradient_traces(digits_run):
-    from analyzers.runs import open_run
+    from analyzers.loading.runs import open_run
 
-    from analyzers.pipeline import STAGES
+    from analyzers.engines.pipeline import STAGES
 
     assert {"projections", "gradients"} <= {name for name, _, on in STAGES if on}  # a plain run includes both
     run = open_run(digits_run)
@@ -172,7 +172,7 @@ def test_run_stores_embeddings_pca_and_gradient_traces(digits_run):
     assert set(traces["layer"]) == {"conv1", "conv2", "fc1", "fc2"} and traces["batch"].nunique() == 8
     assert set(run.read_parquet("gradients/dead_units.parquet")["layer"]) == {"relu1", "relu2", "relu3"}
     assert run.read_json("gradients/flags.json")["inplace_activations"] == []
-    from analyzers.recorder import read_training_log
+    from analyzers.training.recorder import read_training_log
 
     steps, validation, norms = read_training_log(run.file("training/log.jsonl"))
     assert len(steps) > 0 and "loss" in steps and "fc2" in norms
@@ -180,7 +180,7 @@ def test_run_stores_embeddings_pca_and_gradient_traces(digits_run):
 
 
 def test_ensure_projection_computes_once_and_caches(digits_run):
-    from analyzers.runs import open_run
+    from analyzers.loading.runs import open_run
 
     run = open_run(digits_run)
     table = ensure_projection(run, method="tsne", dims=2, fit_sample=300, n_jobs=1)
@@ -199,8 +199,8 @@ def test_ensure_projection_computes_once_and_caches(digits_run):
 
 
 def test_collect_embeddings_of_another_layer_is_cached_in_the_run(digits_run):
-    from analyzers.pipeline import load_run_inputs
-    from analyzers.runs import open_run
+    from analyzers.engines.pipeline import load_run_inputs
+    from analyzers.loading.runs import open_run
 
     run = open_run(digits_run)
     with pytest.raises(AnalyzerError, match="no embeddings of layer 'fc1'"):
@@ -222,7 +222,7 @@ def test_collect_embeddings_of_another_layer_is_cached_in_the_run(digits_run):
 
 
 def test_collected_activations_are_the_layers_own_even_before_an_inplace_relu():
-    from analyzers.models import wrap_module
+    from analyzers.loading.models import wrap_module
 
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(inplace=True), torch.nn.Linear(5, 2)).eval()
@@ -237,8 +237,8 @@ def test_collected_activations_are_the_layers_own_even_before_an_inplace_relu():
 
 
 def test_stage_options_make_tsne_in_the_run(tmp_path):
-    from analyzers.pipeline import run_analysis
-    from analyzers.runs import open_run
+    from analyzers.engines.pipeline import run_analysis
+    from analyzers.loading.runs import open_run
 
     with pytest.raises(AnalyzerError, match="unknown projection method"):
         run_analysis("sample:digits", "sample:digits", tmp_path / "bad", analyses=["projections"],

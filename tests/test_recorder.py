@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from analyzers.errors import AnalyzerError
-from analyzers.recorder import TrainingRecorder, layer_of_parameter, read_training_log
+from analyzers.training.recorder import TrainingRecorder, layer_of_parameter, read_training_log
 
 
 def test_a_training_loop_log_round_trips(tmp_path):

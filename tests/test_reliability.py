@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from analyzers import AnalyzerError, explain, predict, wrap_module
-from analyzers.attributions import METHODS
-from analyzers.faithfulness import deletion_insertion, ig_completeness, randomisation_check
-from analyzers.gradients import gradient_norm_traces, overfit_one_batch
-from analyzers.projections import collect_embeddings
+from analyzers.explanations.attributions import METHODS
+from analyzers.explanations.faithfulness import deletion_insertion, ig_completeness, randomisation_check
+from analyzers.training.gradients import gradient_norm_traces, overfit_one_batch
+from analyzers.explanations.projections import collect_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 

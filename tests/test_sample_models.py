@@ -9,9 +9,9 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score
 
-from analyzers.inference import predict
-from analyzers.models import load_model
-from analyzers.recorder import read_training_log
+from analyzers.engines.inference import predict
+from analyzers.loading.models import load_model
+from analyzers.training.recorder import read_training_log
 from sample_models import SAMPLE_NAMES, WEIGHTS_DIR, get_sample
 
 def shipped_summary(name: str) -> dict:
@@ -160,8 +160,8 @@ def test_shapes_masks_cover_the_drawn_shape():
 
 @pytest.mark.parametrize("name", SAMPLE_NAMES)
 def test_sample_runs_end_to_end(name, tmp_path):
-    from analyzers.pipeline import run_analysis
-    from analyzers.runs import open_run
+    from analyzers.engines.pipeline import run_analysis
+    from analyzers.loading.runs import open_run
 
     data = cached_test_split(name)
     run = open_run(run_analysis(f"sample:{name}", f"sample:{name}", tmp_path / "run", analyses=[]))

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from analyzers.errors import AnalyzerError
-from analyzers.metrics import subset_calibration
-from analyzers.slices import (default_min_size, embedding_slices, feature_slices, find_slices, slice_mask,
+from analyzers.evaluation.metrics import subset_calibration
+from analyzers.evaluation.slices import (default_min_size, embedding_slices, feature_slices, find_slices, slice_mask,
                               slice_score)
 
 
@@ -137,7 +137,7 @@ def test_options_are_checked():
 
 
 def test_shapes_sample_top_slice_names_the_spurious_background(sample_run_dir):
-    from analyzers.runs import open_run
+    from analyzers.loading.runs import open_run
 
     slices = open_run(sample_run_dir("shapes")).read_parquet("slices.parquet")
     top = slices.iloc[0]
@@ -164,7 +164,7 @@ def test_rules_never_combine_label_and_prediction():
 def test_evaluation_scales_to_100k_samples():
     import time
 
-    from analyzers.evaluation import evaluate
+    from analyzers.evaluation.stage import evaluate
 
     rng = np.random.default_rng(0)
     n, k = 100_000, 10

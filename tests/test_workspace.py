@@ -7,7 +7,7 @@ import tomllib
 import pytest
 
 from analyzers import AnalyzerError
-from analyzers.workspace import Workspace, safe_filename
+from analyzers.loading.workspace import Workspace, safe_filename
 from tests.conftest import ROOT
 
 

@@ -48,7 +48,7 @@ def _metrics_block(rows: np.ndarray, label: str) -> None:
 
 # --------------------------------------------------------------------------------------------------- rankings
 if section == SECTIONS["rank"]:
-    from analyzers.metrics import RANKINGS
+    from analyzers.evaluation.metrics import RANKINGS
 
     current = sel.value if sel is not None and sel.kind == "rank" and sel.value in RANKINGS else "confident_wrong"
     by = st.selectbox("Ranking", list(RANKINGS), index=list(RANKINGS).index(current),
@@ -61,7 +61,7 @@ if section == SECTIONS["rank"]:
         table["margin"] = ranked["margin"].to_numpy()
     st.caption(f"Top {len(table)} of this ranking.")
     st.dataframe(table, hide_index=True, column_config=components.SAMPLE_COLUMNS, height=300)
-    from analyzers.evaluation import errors_csv
+    from analyzers.evaluation.stage import errors_csv
 
     st.download_button("Download CSV (whole ranking)", errors_csv(samples, run.probs, by=by, class_names=names),
                        file_name=f"{run.path.name}-{by}.csv", mime="text/csv", key="dl-ranking")
@@ -94,7 +94,7 @@ elif section == SECTIONS["slice"]:
         if components.fresh("slices-pick", rows_picked or None):
             _select(Selection("slice", rows_picked[0]))
             sel = state.selection()
-        from analyzers.evaluation import slices_csv
+        from analyzers.evaluation.stage import slices_csv
 
         st.download_button("Download CSV", slices_csv(slices), file_name=f"{run.path.name}-slices.csv",
                            mime="text/csv", key="dl-slices")
@@ -127,7 +127,7 @@ elif section == SECTIONS["suspects"]:
             st.dataframe(table, hide_index=True, height=min(400, 36 * len(table) + 40),
                          column_config={"score": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0,
                                                                                  format="%.3f")})
-            from analyzers.evaluation import suspects_csv
+            from analyzers.evaluation.stage import suspects_csv
 
             st.download_button("Download CSV", suspects_csv(suspects, class_names=names),
                                file_name=f"{run.path.name}-label-suspects.csv", mime="text/csv", key="dl-suspects")
@@ -152,7 +152,7 @@ else:
         except AnalyzerError as exc:
             st.error(str(exc))
             st.stop()
-        from analyzers.metrics import largest_gap
+        from analyzers.evaluation.metrics import largest_gap
 
         try:
             gap = largest_gap(groups, metric="accuracy", min_size=max(1, int(0.01 * len(samples))))

@@ -56,7 +56,7 @@ except AnalyzerError as exc:
     st.error(f"The model or data of this run cannot be loaded: {exc}")
     st.stop()
 x = dataset.x[row]
-from analyzers.explain_run import ground_truth_mask  # noqa: E402
+from analyzers.explanations.explain_run import ground_truth_mask  # noqa: E402
 
 truth = ground_truth_mask(dataset, np.array([row]))
 truth = None if truth is None else truth[0]
@@ -82,7 +82,7 @@ with right:
                     key="explain-probs", config={"displayModeBar": False})
 
 # ----------------------------------------------------------------------------------------------------- attributions
-from analyzers.attributions import METHODS, list_methods  # noqa: E402
+from analyzers.explanations.attributions import METHODS, list_methods  # noqa: E402
 
 available = [m.name for m in list_methods(modality)]
 conv_layers = [n for n, k in (run.info["model"].get("layer_kinds") or {}).items() if k.startswith("conv")]
@@ -143,7 +143,7 @@ def _draw(explanation, method: str, title: str, key: str) -> None:
     st.plotly_chart(fig, key=key, config={"displayModeBar": False})
 
 
-from analyzers.explain_run import explain_sample  # noqa: E402
+from analyzers.explanations.explain_run import explain_sample  # noqa: E402
 
 if truth is not None and modality in ("image", "sequence"):
     st.caption("This dataset plants the evidence for its class: it is outlined (dotted) on the maps of images and "

@@ -41,7 +41,7 @@ def _numbers(text: str, kind, label: str):
 
 def _run_analysis(model_spec: str, data_spec: str, name: str, *, arch=None, overwrite=False, **options) -> None:
     """run_analysis with one progress bar per stage; the run is opened when it is done."""
-    from analyzers.pipeline import run_analysis
+    from analyzers.engines.pipeline import run_analysis
 
     stages = ["load", "inference", *data.available_stages()]
     bars = {stage: st.progress(0.0, text=STAGE_LABELS.get(stage, stage)) for stage in stages}
@@ -133,7 +133,7 @@ with analyse_tab:
                     raise AnalyzerError(f"image size must be two numbers H,W, got {size_text!r}")
                 options = dict(image_size=tuple(size) if size else None, mean=_numbers(mean_text, float, "Mean"),
                                std=_numbers(std_text, float, "Std"), label_column=label_column or "label")
-                from analyzers.workspace import Workspace
+                from analyzers.loading.workspace import Workspace
 
                 workspace = Workspace(settings.workspace, max_bytes=settings.max_upload_bytes)
                 model_path = workspace.store(model_file.name, model_file.getvalue())
@@ -180,7 +180,7 @@ with runs_tab:
                 components.go_to("overview")
             confirm = cols[2].checkbox(f"Yes, delete {chosen} and its files", key=f"runs-confirm-{chosen}")
             if cols[1].button("Delete", key="runs-delete", disabled=not confirm):
-                from analyzers.runs import delete_run
+                from analyzers.loading.runs import delete_run
 
                 try:
                     delete_run(runs[chosen])

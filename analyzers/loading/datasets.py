@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import AnalyzerError, first_line
+from ..errors import AnalyzerError, first_line
 from .models import sha256_bytes, sha256_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

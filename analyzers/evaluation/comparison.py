@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import AnalyzerError
+from ..errors import AnalyzerError
 from .metrics import check_predictions, expected_calibration_error
 
 TABLES = ("per_class", "per_slice", "disagreements")
@@ -30,8 +30,8 @@ class Comparison:
 
     def write(self, out: str | Path) -> Path:
         """summary.json and one CSV per table under `out`."""
-        from .evaluation import slices_csv
-        from .runs import write_atomic, write_json
+        from .stage import slices_csv
+        from ..loading.runs import write_atomic, write_json
 
         out = Path(out)
         if out.exists() and not out.is_dir():
@@ -115,8 +115,8 @@ def _per_slice(ids, right_a, right_b, slices) -> pd.DataFrame:
 
 def compare_runs(run_a, run_b) -> Comparison:
     """Compare two runs (paths or opened `Run`s) made on the same dataset; samples are matched by id."""
-    from .evaluation import SLICES
-    from .runs import Run, open_run
+    from .stage import SLICES
+    from ..loading.runs import Run, open_run
 
     a = run_a if isinstance(run_a, Run) else open_run(run_a)
     b = run_b if isinstance(run_b, Run) else open_run(run_b)

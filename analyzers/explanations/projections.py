@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import AnalyzerError
+from ..errors import AnalyzerError
 
 METHODS = ("pca", "tsne", "umap")
 DEFAULT_FIT_SAMPLE = 10_000
@@ -290,7 +290,7 @@ def projection_stage(ctx) -> dict:
     t-SNE and UMAP take seconds to minutes, so by default they are made on demand by `ensure_projection`; stage
     options `{"projections": {"methods": ["pca", "tsne", "umap"], "dims": [2, 3]}}` make them in the run instead.
     """
-    from .runs import write_json
+    from ..loading.runs import write_json
 
     embeddings = ctx.predictions.embeddings
     layer = ctx.params.get("layer")
@@ -325,7 +325,7 @@ def projection_stage(ctx) -> dict:
 
 
 def _open(run):
-    from .runs import Run, open_run
+    from ..loading.runs import Run, open_run
 
     return run if isinstance(run, Run) else open_run(run)
 
@@ -336,8 +336,8 @@ def collect_embeddings(model, x, layer: str, batch_size: int = 256, *, run=None,
     The run's own embedding layer (run.json `embedding_layer`) stores what *enters* that layer; it is returned as is.
     Activations are copied as the layer returns them, so an in-place activation after the layer does not alter them.
     """
-    from .inference import predict
-    from .runs import write_npy
+    from ..engines.inference import predict
+    from ..loading.runs import write_npy
 
     relpath = embeddings_relpath(layer)
     if run is not None:
@@ -359,7 +359,7 @@ def ensure_embeddings(run, layer: str, batch_size: int = 256) -> np.ndarray:
     run = _open(run)
     if run.has(embeddings_relpath(layer)):
         return np.asarray(run.read_npy(embeddings_relpath(layer), mmap=False), dtype=np.float32)
-    from .pipeline import load_run_inputs
+    from ..engines.pipeline import load_run_inputs
 
     model, dataset = load_run_inputs(run)
     return collect_embeddings(model, dataset.x, layer, batch_size, run=run)
@@ -371,7 +371,7 @@ def ensure_projection(run, layer: str | None = None, method: str = "pca", dims: 
     `options` go to `project` (fit_sample, perplexity, n_neighbors, ...); a cached table made with other options is
     recomputed. Written atomically, so a reader in another session never sees half a file.
     """
-    from .runs import write_json, write_parquet
+    from ..loading.runs import write_json, write_parquet
 
     run = _open(run)
     layer = layer or run.info.get("embedding_layer")
@@ -390,7 +390,7 @@ def ensure_projection(run, layer: str | None = None, method: str = "pca", dims: 
     emb_path = embeddings_relpath(layer)
     if not run.has(emb_path):
         raise AnalyzerError(f"the run has no embeddings of layer {layer!r}: collect them first with "
-                            f"analyzers.projections.collect_embeddings(model, x, {layer!r}, run=run)")
+                            f"analyzers.explanations.projections.collect_embeddings(model, x, {layer!r}, run=run)")
     projection = project(run.read_npy(emb_path), method=method, dims=dims, **options)
     table = projection_table(run.samples["id"].to_numpy(), projection)
     write_parquet(run.file(relpath), table)

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import AnalyzerError, first_line
-from .guard import analysis_mode, unwrap
-from .inference import ClassLogits, module_device, resolve_layer
-from .models import layer_kinds, state_dict_sha256
+from ..errors import AnalyzerError, first_line
+from ..guard import analysis_mode, unwrap
+from ..engines.inference import ClassLogits, module_device, resolve_layer
+from ..loading.models import layer_kinds, state_dict_sha256
 
 BASELINES = ("zeros", "blur", "mean")
 MODALITIES = {2: "tabular", 3: "sequence", 4: "image"}  # by the batch's number of dimensions

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .errors import AnalyzerError
+from ..errors import AnalyzerError
 from .metrics import check_predictions
 
 EPS = 1e-12

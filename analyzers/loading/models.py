@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import AnalyzerError, first_line
+from ..errors import AnalyzerError, first_line
 
 EXPORT_HINT = (
     "export it with torch.export.save(torch.export.export(model.eval(), (example,), "

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import AnalyzerError
+from ..errors import AnalyzerError
 from .attributions import METHODS, explain, modality_of, reduce_for_display
 from .faithfulness import (deletion_insertion, ground_truth_scores, ig_completeness, interval_mask,
                            randomisation_check)
-from .runs import write_atomic, write_parquet
+from ..loading.runs import write_atomic, write_parquet
 
 EXPLANATIONS = "explanations"
 FAITHFULNESS = f"{EXPLANATIONS}/faithfulness.parquet"
@@ -170,8 +170,8 @@ def explain_run(run_dir, ids, methods, *, target="pred", layer=None, batch_size:
                 seed: int = 0, model=None, dataset=None, options: dict | None = None) -> pd.DataFrame:
     """Explain samples `ids` of a stored run with each of `methods`, write the files into the run, and return the
     faithfulness rows written. `model`/`dataset` (already loaded) skip reloading them."""
-    from .pipeline import load_run_inputs
-    from .runs import open_run
+    from ..engines.pipeline import load_run_inputs
+    from ..loading.runs import open_run
 
     run = open_run(run_dir)
     if model is None or dataset is None:
@@ -243,8 +243,8 @@ def explain_sample(run, sample_id, method: str, *, target="pred", model=None, da
                    sanity: bool = True, seed: int = 0, **options) -> SampleExplanation:
     """One sample's map and faithfulness scores, cached under the run's explanations/cache by (model hash, method,
     options, sample id, target). `run` is an opened Run or its path; pass the dashboard's loaded model and dataset."""
-    from .pipeline import load_run_inputs
-    from .runs import Run, open_run
+    from ..engines.pipeline import load_run_inputs
+    from ..loading.runs import Run, open_run
 
     run = run if isinstance(run, Run) else open_run(run)
     if method not in METHODS:

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import AnalyzerError
+from ..errors import AnalyzerError
 from .attributions import _as_batch, _scores_module, _targets, baseline_for, explain, model_fingerprint
-from .guard import analysis_mode, unwrap
-from .inference import class_log_probs, module_device
+from ..guard import analysis_mode, unwrap
+from ..engines.inference import class_log_probs, module_device
 
 SANITY_THRESHOLD = 0.5  # mean |rank correlation| with the fully randomised model's map above this: flagged
 
@@ -267,7 +267,7 @@ def randomisation_check(model, inputs, method: str | Callable = "saliency", targ
         corr[step] = spearman_rows(original, score_map(attribute(randomised)))
     result = SanityCheck(layers=tuple(layers), rank_corr=corr, threshold=threshold)
     if key is not None:
-        from .runs import write_atomic
+        from ..loading.runs import write_atomic
 
         def _save(tmp: Path) -> None:
             with open(tmp, "wb") as fh:

@@ -20,17 +20,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .datasets import Dataset, check_dataset, load_dataset
-from .errors import AnalyzerError
+from ..loading.datasets import Dataset, check_dataset, load_dataset
+from ..errors import AnalyzerError
 from .inference import Predictions, default_embedding_layer, predict
-from .models import LoadedModel, load_model
-from .runs import PROBS, RUN_FORMAT_VERSION, RUN_INFO, SAMPLES, open_run, staged_run, write_json
+from ..loading.models import LoadedModel, load_model
+from ..loading.runs import PROBS, RUN_FORMAT_VERSION, RUN_INFO, SAMPLES, open_run, staged_run, write_json
 
 # (name, "module:function", on by default). Later stages may read files that earlier ones wrote.
 STAGES = (
-    ("evaluation", "analyzers.evaluation:evaluation_stage", True),
-    ("projections", "analyzers.projections:projection_stage", True),
-    ("gradients", "analyzers.gradients:gradient_stage", True),
+    ("evaluation", "analyzers.evaluation.stage:evaluation_stage", True),
+    ("projections", "analyzers.explanations.projections:projection_stage", True),
+    ("gradients", "analyzers.training.gradients:gradient_stage", True),
 )
 CORE_COLUMNS = ("id", "label", "pred", "confidence", "loss", "correct")
 PACKAGES = ("torch", "numpy", "pandas", "pyarrow", "scikit-learn", "captum", "shap", "streamlit", "umap-learn",

@@ -6,10 +6,10 @@ Writes into the run directory:
   avg", "weighted avg"), calibration {uniform|quantile: {top_label, per_class: {name: bins}}};
 - `confusion.json`: counts, normalized {true, pred, all}, cells [{true, pred, count, ids}], most_confused (directed
   cells) and most_confused_pairs (either way);
-- `slices.parquet`: see `analyzers.slices.find_slices` (source, description, size, errors, error_rate, lift, score,
+- `slices.parquet`: see `analyzers.evaluation.slices.find_slices` (source, description, size, errors, error_rate, lift, score,
   ids, conditions, cluster, ece, ece_rest), best first;
-- `label_noise.parquet`: see `analyzers.label_noise.find_label_issues` (id, label, suggested_label, score, ...).
-Error rankings are views of `samples.parquet`: `analyzers.metrics.rank_errors(samples, probs, by=...)`.
+- `label_noise.parquet`: see `analyzers.evaluation.label_noise.find_label_issues` (id, label, suggested_label, score, ...).
+Error rankings are views of `samples.parquet`: `analyzers.evaluation.metrics.rank_errors(samples, probs, by=...)`.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import AnalyzerError
-from .runs import write_json, write_parquet
+from ..errors import AnalyzerError
+from ..loading.runs import write_json, write_parquet
 
 METRICS = "metrics.json"
 CONFUSION = "confusion.json"
@@ -118,7 +118,7 @@ def slices_csv(slices: pd.DataFrame, path: str | Path | None = None) -> str:
 
 def errors_csv(samples: pd.DataFrame, probs=None, path: str | Path | None = None, *, by: str = "confident_wrong",
                class_names=None, limit: int | None = None) -> str:
-    """An error ranking (see `analyzers.metrics.RANKINGS`) as CSV, with class names beside label and prediction."""
+    """An error ranking (see `analyzers.evaluation.metrics.RANKINGS`) as CSV, with class names beside label and prediction."""
     from .metrics import rank_errors
 
     table = rank_errors(samples, probs, by=by, limit=limit)

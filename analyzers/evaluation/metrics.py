@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .errors import AnalyzerError
+from ..errors import AnalyzerError
 
 STRATEGIES = ("uniform", "quantile")
 RANKINGS = {

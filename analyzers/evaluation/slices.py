@@ -17,7 +17,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from .errors import AnalyzerError
+from ..errors import AnalyzerError
 
 SOURCES = ("features", "embeddings")
 # Columns that describe the model's output on a sample rather than the sample: never used in a rule.

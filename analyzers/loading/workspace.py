@@ -13,7 +13,7 @@ import threading
 import uuid
 from pathlib import Path
 
-from .errors import AnalyzerError
+from ..errors import AnalyzerError
 
 DEFAULT_MAX_BYTES = 2 << 30
 MAX_NAME_CHARS = 80

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .errors import AnalyzerError, first_line
+from ..errors import AnalyzerError, first_line
 
 RUN_FORMAT_VERSION = 1
 RUN_INFO = "run.json"

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import AnalyzerError, first_line
-from .guard import analysis_mode, unwrap
-from .models import layer_kinds
+from ..errors import AnalyzerError, first_line
+from ..guard import analysis_mode, unwrap
+from ..loading.models import layer_kinds
 
 OUTPUT_KINDS = ("logits", "probabilities", "binary_logit", "binary_probability")
 

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import AnalyzerError, first_line
-from .guard import analysis_mode, unwrap
-from .inference import class_log_probs, on_device
-from .models import layer_kinds
+from ..errors import AnalyzerError, first_line
+from ..guard import analysis_mode, unwrap
+from ..engines.inference import class_log_probs, on_device
+from ..loading.models import layer_kinds
 from .recorder import layer_of_parameter
 
 VANISHING_RATIO = 1e-6  # gradient norm / weight norm below this: a step of any sane learning rate changes nothing
@@ -313,8 +313,8 @@ def overfit_one_batch(model, x, y, *, steps: int = 200, lr: float = 3e-3, batch_
 
 def ensure_overfit_check(run, **options) -> dict:
     """`overfit_one_batch` on a stored run's model and data, cached as `gradients/overfit.json` in the run."""
-    from .pipeline import load_run_inputs
-    from .runs import Run, open_run, write_json
+    from ..engines.pipeline import load_run_inputs
+    from ..loading.runs import Run, open_run, write_json
 
     run = run if isinstance(run, Run) else open_run(run)
     if run.has(OVERFIT_CHECK):
@@ -333,7 +333,7 @@ def ensure_overfit_check(run, **options) -> dict:
 
 def gradient_stage(ctx) -> dict:
     """Pipeline stage: gradient traces over a few batches, dead ReLUs, flags, and the sample's training log."""
-    from .runs import write_json
+    from ..loading.runs import write_json
 
     options = dict((ctx.params.get("stage_options") or {}).get("gradients", {}))
     traces = gradient_norm_traces(ctx.model, ctx.dataset.x, ctx.dataset.y,

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .errors import AnalyzerError
+from ..errors import AnalyzerError
 
 
 def layer_of_parameter(name: str) -> str:

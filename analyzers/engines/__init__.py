@@ -1,0 +1,1 @@
+"""Engines: the in-process run pipeline and batched inference."""

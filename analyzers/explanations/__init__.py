@@ -1,0 +1,1 @@
+"""Explanations and faithfulness: attributions, their scores, per-run explanations and embedding projections."""

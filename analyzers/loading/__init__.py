@@ -1,0 +1,1 @@
+"""Loading and sandboxing: models, datasets, run directories and the upload workspace."""

@@ -1,0 +1,1 @@
+"""Training signals: gradient health and the training recorder."""
