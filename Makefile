@@ -6,14 +6,21 @@ STAMP := $(VENV)/.installed
 SAMPLE ?= digits
 PORT ?= 8501
 
-.PHONY: setup run test bench browser sample-runs clean
+.PHONY: setup sandbox run test bench browser sample-runs clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) sandbox
+
+# Untrusted models run in a bubblewrap sandbox (README: Threat model); without it the sandbox is "reduced".
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  SUDO=$$(command -v sudo >/dev/null 2>&1 && [ "$$(id -u)" != 0 ] && echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq bubblewrap >/dev/null \
+	  || { echo "could not install bubblewrap; untrusted models will run in a reduced sandbox"; [ "$$CI" != true ]; }; }
 
 # The end-to-end test drives Debian's Chromium through Playwright; Playwright's own browser download cannot work offline.
 browser:

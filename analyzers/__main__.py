@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--analyses", type=_names, help="comma-separated stages (default: all cheap ones)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--overwrite", action="store_true", help="replace a different run at --out once the new is done")
+    run.add_argument("--isolation", default="auto", choices=("auto", "sandbox", "process"),
+                     help="where the model runs: auto (files in a sandboxed worker, built-in samples here), sandbox, "
+                          "or process (only for model files you trust)")
 
     compare = sub.add_parser("compare", help="compare two runs on the same dataset")
     compare.add_argument("run_a")
@@ -93,7 +96,8 @@ def _run(args) -> int:
                        label_column=args.label_column, id_column=args.id_column, features=args.features,
                        layer=args.layer, device=args.device, overwrite=args.overwrite, image_size=args.image_size,
                        mean=args.mean, std=args.std, input_shape=args.input_shape, seed=args.seed,
-                       analyses=args.analyses, allow_import=True, progress=sys.stderr.isatty())
+                       analyses=args.analyses, allow_import=True, progress=sys.stderr.isatty(),
+                       isolation=args.isolation)
     run = open_run(out)
     print(f"{run.info['num_samples']} samples, accuracy {run.info['accuracy']:.4f}, run stored at {out}")
     return 0

@@ -223,7 +223,7 @@ def test_grad_cam_raw_map_is_the_layer_resolution_and_upsamples_to_the_input():
 
 def test_exported_pt2_model_is_explained_like_the_original_including_grad_cam_by_name(tiny_cnn, tmp_path):
     x = _data((1, 8, 8), 4)
-    loaded = load_model(str(export_model(tiny_cnn, torch.as_tensor(x[:2]), tmp_path / "tiny.pt2")))
+    loaded = load_model(str(export_model(tiny_cnn, torch.as_tensor(x[:2]), tmp_path / "tiny.pt2")), isolation="process")
     assert loaded.conv_layers == ("conv",)
     for method in ("saliency", "integrated_gradients", "gradcam", "occlusion"):
         np.testing.assert_allclose(explain(loaded, x, 1, method), explain(tiny_cnn, x, 1, method), rtol=1e-4,

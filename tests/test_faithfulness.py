@@ -116,7 +116,7 @@ def test_randomisation_results_are_cached_per_model_method_and_samples(digits, t
 
 def test_randomisation_of_an_exported_model_reloads_and_reinitialises_it(tiny_cnn, tiny_data, tmp_path):
     x = tiny_data[0][:6]
-    loaded = load_model(str(export_model(tiny_cnn, torch.as_tensor(x[:2]), tmp_path / "m.pt2")))
+    loaded = load_model(str(export_model(tiny_cnn, torch.as_tensor(x[:2]), tmp_path / "m.pt2")), isolation="process")
     state = {k: v.clone() for k, v in loaded.module.state_dict().items()}
     check = randomisation_check(loaded, x, "saliency")
     assert check.layers == ("fc", "conv")

@@ -35,7 +35,7 @@ def test_unknown_sample_is_refused():
 def test_export_program_gives_the_original_outputs_hooks_and_input_gradients(tmp_path, tiny_cnn):
     x = torch.rand(5, 1, 8, 8)
     path = export_model(tiny_cnn, x[:2], tmp_path / "tiny.pt2")
-    model = load_model(str(path))
+    model = load_model(str(path), isolation="process")
     assert model.source == "export" and model.input_shape == (1, 8, 8) and model.num_classes == 3
     assert model.layer_kinds["conv"] == "conv2d" and model.layer_kinds["fc"] == "linear"
     torch.testing.assert_close(model.module(x), tiny_cnn(x))
@@ -52,7 +52,7 @@ def test_export_program_gives_the_original_outputs_hooks_and_input_gradients(tmp
 
 
 def test_export_copy_is_independent(tmp_path, tiny_cnn):
-    model = load_model(str(export_model(tiny_cnn, torch.rand(2, 1, 8, 8), tmp_path / "m.pt2")))
+    model = load_model(str(export_model(tiny_cnn, torch.rand(2, 1, 8, 8), tmp_path / "m.pt2")), isolation="process")
     copy = model.copy_module()
     with torch.no_grad():
         for p in copy.parameters():
@@ -90,7 +90,7 @@ def test_safetensors_state_dict_with_sample_arch_equals_the_sample(tmp_path):
     sample = load_model("sample:digits")
     path = tmp_path / "digits.safetensors"
     save_file(sample.module.state_dict(), str(path))
-    model = load_model(str(path), arch="digits")
+    model = load_model(str(path), arch="digits", isolation="process")
     x = torch.rand(4, 1, 8, 8)
     torch.testing.assert_close(model.module(x), sample.module(x))
     assert model.source == "state_dict"
@@ -101,7 +101,7 @@ def test_lightning_checkpoint_with_prefixed_keys_loads(tmp_path):
     state = {f"model.{k}": v for k, v in sample.module.state_dict().items()}
     path = tmp_path / "epoch=3.ckpt"
     torch.save({"state_dict": state, "epoch": 3}, path)
-    model = load_model(str(path), arch="digits")
+    model = load_model(str(path), arch="digits", isolation="process")
     x = torch.rand(2, 1, 8, 8)
     torch.testing.assert_close(model.module(x), sample.module(x))
 
@@ -137,7 +137,7 @@ def test_import_path_arch_only_from_the_command_line(tmp_path):
 @pytest.mark.parametrize("name, data, message", [
     ("model.onnx", b"\x08\x01", "not a supported model file"),
     ("model.pt2", b"", "is empty"),
-    ("model.pt2", b"PK\x03\x04garbage", "not a torch.export archive"),
+    ("model.pt2", b"PK\x03\x04garbage", "not a readable zip archive"),
     ("model.safetensors", b"\x00" * 16, "not a readable safetensors file"),
     ("model.pt", b"not a zip at all", "not a file written by torch.save"),
 ])

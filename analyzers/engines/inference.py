@@ -12,6 +12,7 @@ from torch import nn
 from ..errors import AnalyzerError, first_line
 from ..guard import analysis_mode, unwrap
 from ..loading.models import layer_kinds
+from ..loading.sandbox import runs_in_worker
 
 OUTPUT_KINDS = ("logits", "probabilities", "binary_logit", "binary_probability")
 
@@ -62,7 +63,8 @@ class ClassLogits(nn.Module):
 def default_embedding_layer(model) -> str | None:
     """The final classifier layer (its input is the embedding): the last linear layer of the model."""
     kinds = layer_kinds(model)
-    linear = [name for name, _ in unwrap(model).named_modules() if kinds.get(name) == "linear"]
+    names = getattr(model, "layers", None) or [name for name, _ in unwrap(model).named_modules()]
+    linear = [name for name in names if kinds.get(name) == "linear"]
     return linear[-1] if linear else None
 
 
@@ -92,6 +94,7 @@ def resolve_layer(module: nn.Module, name: str) -> nn.Module:
     return modules[name]
 
 
+@runs_in_worker
 def predict(model, x, y=None, *, batch_size: int = 256, layer: str | None = None, capture: str = "input",
             device: str = "cpu", progress: bool = False, on_batch=None) -> Predictions:
     """Probabilities, per-sample loss (when `y` is given) and the activations of `layer`, batch by batch.

@@ -23,8 +23,11 @@ import torch
 from ..loading.datasets import Dataset, check_dataset, load_dataset
 from ..errors import AnalyzerError
 from .inference import Predictions, default_embedding_layer, predict
-from ..loading.models import LoadedModel, load_model
-from ..loading.runs import PROBS, RUN_FORMAT_VERSION, RUN_INFO, SAMPLES, open_run, staged_run, write_json
+from ..loading.datasets import describe_dataset
+from ..loading.models import LoadedModel, load_model, sandboxed
+from ..loading.sandbox import runs_in_worker
+from ..loading.runs import (PROBS, RUN_FORMAT_VERSION, RUN_INFO, SAMPLES, check_run_files, open_run, staged_run,
+                            write_json)
 
 # (name, "module:function", on by default). Later stages may read files that earlier ones wrote.
 STAGES = (
@@ -120,12 +123,16 @@ def run_analysis(model_spec: str, data_spec: str, out: str | Path, *, arch: str 
                  overwrite: bool = False, image_size: tuple | None = None, mean: list | None = None,
                  std: list | None = None, input_shape: tuple | None = None, seed: int = 0,
                  analyses: list | None = None, allow_import: bool = False, progress: bool = False,
-                 report: Callable[[str, float], None] | None = None, stage_options: dict | None = None) -> Path:
+                 report: Callable[[str, float], None] | None = None, stage_options: dict | None = None,
+                 isolation: str = "auto") -> Path:
     """Analyse a model on a dataset and store the run at `out`; returns `out`.
 
     If `out` already holds a complete run of the same model, data and parameters it is reused as it is. A different
     run there is refused unless `overwrite`, and even then replaced only once the new run is complete.
     `report(stage, fraction)` is called as work progresses (the dashboard's progress bars).
+
+    A model from a file is loaded, and the whole run computed, in a sandboxed worker (`isolation`, see
+    `load_model`); its files are checked and copied into the run directory here, and `run.json` is written here.
     """
     out = Path(out)
     if batch_size < 1:
@@ -133,79 +140,159 @@ def run_analysis(model_spec: str, data_spec: str, out: str | Path, *, arch: str 
     stages = _resolve_stages(analyses)
     report = report or (lambda stage, fraction: None)
     report("load", 0.0)
-    model = load_model(model_spec, arch=arch, input_shape=input_shape, allow_import=allow_import)
-    dataset = load_dataset(data_spec, model=model, label_column=label_column, id_column=id_column,
-                           features=features, image_size=image_size, mean=mean, std=std)
+    data_options = dict(label_column=label_column, id_column=id_column, features=features, image_size=image_size,
+                        mean=mean, std=std)
+    if sandboxed(model_spec, arch, isolation):
+        return _run_sandboxed(model_spec, data_spec, out, arch=arch, input_shape=input_shape,
+                              data_options=data_options, overwrite=overwrite, report=report,
+                              write_options=dict(stages=stages, device=device, batch_size=batch_size, layer=layer,
+                                                 seed=seed, arch=arch, stage_options=stage_options, **data_options))
+    model = load_model(model_spec, arch=arch, input_shape=input_shape, allow_import=allow_import,
+                       isolation="process")
+    dataset = load_dataset(data_spec, model=model, **data_options)
     check_dataset(dataset, model)
-    params = {"batch_size": batch_size, "layer": layer or default_embedding_layer(model), "seed": seed,
-              "label_column": label_column, "id_column": id_column, "features": features, "arch": arch,
-              "analyses": [name for name, _ in stages], "stage_options": stage_options or {}}
+    params = run_parameters(model, stages=stages, batch_size=batch_size, layer=layer, seed=seed, arch=arch,
+                            stage_options=stage_options, **data_options)
+    if _reuse_or_refuse(out, model.sha256, dataset.sha256, params, overwrite):
+        report("done", 1.0)
+        return out
+    with staged_run(out, replace=True) as stage_dir:
+        summary = write_run_files(model, dataset, stage_dir, params=params, stages=stages, device=device,
+                                  progress=progress, report=report)
+        checked = check_run_files(stage_dir, num_samples=len(dataset), num_classes=model.num_classes)
+        write_json(stage_dir / RUN_INFO, _run_info(model_spec, data_spec, model, describe_dataset(dataset), arch,
+                                                   params, summary, sandbox=None, accuracy=checked["accuracy"]))
+    report("done", 1.0)
+    return out
+
+
+def run_parameters(model, *, stages, batch_size, layer, seed, arch, stage_options, label_column, id_column,
+                   features, **_ignored) -> dict:
+    """The parameters a run records, and that decide whether an existing run can be reused."""
+    return {"batch_size": batch_size, "layer": layer or default_embedding_layer(model), "seed": seed,
+            "label_column": label_column, "id_column": id_column, "features": features, "arch": arch,
+            "analyses": [name for name, _ in stages], "stage_options": stage_options or {}}
+
+
+def _reuse_or_refuse(out: Path, model_sha: str, dataset_sha: str, params: dict, overwrite: bool) -> bool:
+    """True if `out` holds this very run already; raises if it holds something that may not be replaced."""
     existing = out / RUN_INFO
     if existing.exists():
         try:
             info = json.loads(existing.read_text())
         except (OSError, ValueError):
             info = {}
-        same = (info.get("model", {}).get("sha256") == model.sha256
-                and info.get("dataset", {}).get("sha256") == dataset.sha256 and info.get("parameters") == params)
+        same = (info.get("model", {}).get("sha256") == model_sha
+                and info.get("dataset", {}).get("sha256") == dataset_sha and info.get("parameters") == params)
         if same:
             open_run(out)  # reuse only if it opens cleanly
-            report("done", 1.0)
-            return out
+            return True
         if not overwrite:
             raise AnalyzerError(f"{out} holds a different run (another model, dataset or parameters): pass --overwrite "
                                 f"to replace it, or choose another --out")
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise AnalyzerError(f"{out} exists and is not a run: choose another --out or pass --overwrite")
+    return False
 
+
+@runs_in_worker
+def write_run_files(model, dataset, stage_dir, *, params: dict, stages, device: str = "cpu", progress: bool = False,
+                    report: Callable[[str, float], None] | None = None) -> dict:
+    """Inference and every stage, written into `stage_dir` (all but run.json); returns what run.json records of them.
+
+    In a sandboxed run this runs in the worker, on the worker's model and dataset, into its scratch directory."""
+    report = report or (lambda stage, fraction: None)
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    stages = [tuple(s) for s in stages]
+    seed = params["seed"]
     torch.manual_seed(seed)
     np.random.seed(seed)
     timings = {}
     started = time.perf_counter()
     report("inference", 0.0)
-    predictions = predict(model, dataset.x, dataset.y, batch_size=batch_size, layer=params["layer"], device=device,
-                          progress=progress, on_batch=lambda done, total: report("inference", done / total))
+    predictions = predict(model, dataset.x, dataset.y, batch_size=params["batch_size"], layer=params["layer"],
+                          device=device, progress=progress,
+                          on_batch=lambda done, total: report("inference", done / total))
     timings["inference"] = time.perf_counter() - started
     samples = build_samples_table(dataset, predictions)
+    ctx = RunContext(model=model, dataset=dataset, predictions=predictions, samples=samples,
+                     stage_dir=stage_dir, params=params, progress=progress, report=report, timings=timings)
+    samples.to_parquet(stage_dir / SAMPLES, index=False)
+    np.save(stage_dir / PROBS, predictions.probs)
+    if predictions.embeddings is not None:
+        np.save(ctx.path(f"embeddings/{params['layer']}.npy"), predictions.embeddings.astype(np.float32))
     summaries = {}
-    with staged_run(out, replace=True) as stage_dir:
-        ctx = RunContext(model=model, dataset=dataset, predictions=predictions, samples=samples,
-                         stage_dir=stage_dir, params=params, progress=progress, report=report, timings=timings)
-        samples.to_parquet(stage_dir / SAMPLES, index=False)
-        np.save(stage_dir / PROBS, predictions.probs)
-        if predictions.embeddings is not None:
-            np.save(ctx.path(f"embeddings/{params['layer']}.npy"), predictions.embeddings.astype(np.float32))
-        for name, target in stages:
-            report(name, 0.0)
-            t0 = time.perf_counter()
-            summaries[name] = _load_stage(target)(ctx) or {}
-            timings[name] = time.perf_counter() - t0
-            report(name, 1.0)
-        info = {
-            "format_version": RUN_FORMAT_VERSION,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": {"spec": model_spec, "sha256": model.sha256, "source": model.source, "arch": arch,
-                      "input_shape": list(model.input_shape), "output_kind": model.output_kind,
-                      "layers": list(model.layers), "layer_kinds": model.layer_kinds},
-            "dataset": {"spec": data_spec, "sha256": dataset.sha256, "modality": dataset.modality,
-                        "feature_names": list(dataset.feature_names) if dataset.feature_names else None,
-                        "metadata_columns": [str(c) for c in dataset.metadata.columns],
-                        "ground_truth_columns": list(dataset.ground_truth_columns)},
-            "num_samples": len(dataset),
+    for name, target in stages:
+        report(name, 0.0)
+        t0 = time.perf_counter()
+        summaries[name] = _load_stage(target)(ctx) or {}
+        timings[name] = time.perf_counter() - t0
+        report(name, 1.0)
+    return {"analyses": summaries, "timings_s": {k: round(v, 4) for k, v in timings.items()},
             "class_names": ctx.class_names,
-            "task": "classification",
-            "preprocessing": dataset.preprocessing,
-            "parameters": params,
-            "embedding_layer": params["layer"] if predictions.embeddings is not None else None,
-            "seeds": {"torch": seed, "numpy": seed},
-            "packages": _package_versions(),
-            "analyses": summaries,
-            "timings_s": {k: round(v, 4) for k, v in timings.items()},
-            "accuracy": float(samples["correct"].mean()),
-        }
-        write_json(stage_dir / RUN_INFO, info)
+            "embedding_layer": params["layer"] if predictions.embeddings is not None else None}
+
+
+def _run_sandboxed(model_spec, data_spec, out: Path, *, arch, input_shape, data_options, overwrite, report,
+                   write_options) -> Path:
+    import contextlib
+
+    from ..loading.sandbox import copy_worker_output, open_sandboxed
+
+    is_sample = model_spec.startswith("sample:")
+    if not is_sample and not Path(model_spec).is_file():
+        raise AnalyzerError(f"model file {model_spec!r} does not exist: check the path")
+    if not data_spec.startswith("sample:") and not Path(data_spec).is_file():
+        raise AnalyzerError(f"dataset file {data_spec!r} does not exist: check the path")
+    model, dataset = open_sandboxed(model_spec, spec=model_spec, arch=arch, input_shape=input_shape,
+                                    data_path=data_spec, data_options=data_options)
+    with contextlib.closing(model):
+        params = run_parameters(model, **write_options)
+        if _reuse_or_refuse(out, model.sha256, str(dataset.get("sha256")), params, overwrite):
+            report("done", 1.0)
+            return out
+        inside = f"{model.worker.scratch_inside}/run"
+        summary = model.call("analyzers.engines.pipeline:write_run_files", inside, params=params,
+                             stages=write_options["stages"], device=write_options["device"], uses_dataset=True,
+                             on_progress=report)
+        if not isinstance(summary, dict):
+            raise AnalyzerError("the sandboxed worker returned an unexpected run summary; nothing was stored")
+        with staged_run(out, replace=True) as stage_dir:
+            copy_worker_output(model.worker.scratch / "run", stage_dir)
+            num_samples = int(dataset.get("num_samples", -1))
+            checked = check_run_files(stage_dir, num_samples=num_samples, num_classes=model.num_classes)
+            write_json(stage_dir / RUN_INFO, _run_info(model_spec, data_spec, model, dataset, arch, params, summary,
+                                                       sandbox=model.sandbox, accuracy=checked["accuracy"]))
     report("done", 1.0)
     return out
+
+
+def _run_info(model_spec, data_spec, model, dataset: dict, arch, params, summary: dict, *, sandbox,
+              accuracy: float) -> dict:
+    return {
+        "format_version": RUN_FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"spec": model_spec, "sha256": model.sha256, "source": model.source, "arch": arch,
+                  "input_shape": list(model.input_shape), "output_kind": model.output_kind,
+                  "layers": list(model.layers), "layer_kinds": dict(model.layer_kinds)},
+        "dataset": {"spec": data_spec, "sha256": dataset["sha256"], "modality": dataset["modality"],
+                    "feature_names": dataset["feature_names"], "metadata_columns": dataset["metadata_columns"],
+                    "ground_truth_columns": dataset["ground_truth_columns"]},
+        "num_samples": int(dataset["num_samples"]),
+        "class_names": [str(c) for c in summary["class_names"]],
+        "task": "classification",
+        "preprocessing": dataset["preprocessing"],
+        "parameters": params,
+        "embedding_layer": summary.get("embedding_layer"),
+        "seeds": {"torch": params["seed"], "numpy": params["seed"]},
+        "packages": _package_versions(),
+        "analyses": summary.get("analyses", {}),
+        "timings_s": summary.get("timings_s", {}),
+        "accuracy": accuracy,
+        "sandbox": sandbox or {"level": "none", "tool": "in-process",
+                               "reason": "a built-in sample or a trusted model, loaded in this process"},
+    }
 
 
 def load_run_inputs(run) -> tuple[LoadedModel, Dataset]:

@@ -19,6 +19,7 @@ from ..errors import AnalyzerError, first_line
 from ..guard import analysis_mode, unwrap
 from ..engines.inference import ClassLogits, module_device, resolve_layer
 from ..loading.models import layer_kinds, state_dict_sha256
+from ..loading.sandbox import runs_in_worker
 
 BASELINES = ("zeros", "blur", "mean")
 MODALITIES = {2: "tabular", 3: "sequence", 4: "image"}  # by the batch's number of dimensions
@@ -324,6 +325,7 @@ def _private_rng(seed: int, needed: bool = True):
             np.random.set_state(state)
 
 
+@runs_in_worker
 def explain(model, inputs, target=None, method: str = "saliency", *, batch_size: int = 64, layer: str | None = None,
             baseline="zeros", n_steps: int = 50, internal_batch_size: int | None = None, nt_samples: int = 16,
             stdevs: float = 0.15, window=None, stride=None, nsamples: int = 200, background=None,

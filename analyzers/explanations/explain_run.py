@@ -26,6 +26,7 @@ from .attributions import METHODS, explain, modality_of, reduce_for_display
 from .faithfulness import (deletion_insertion, ground_truth_scores, ig_completeness, interval_mask,
                            randomisation_check)
 from ..loading.runs import write_atomic, write_parquet
+from ..loading.sandbox import runs_in_worker
 
 EXPLANATIONS = "explanations"
 FAITHFULNESS = f"{EXPLANATIONS}/faithfulness.parquet"
@@ -102,6 +103,7 @@ def method_options(method: str, layer=None, options: dict | None = None) -> dict
     return opts
 
 
+@runs_in_worker(scratch_kwargs=("cache_dir",))
 def score_samples(model, x: np.ndarray, targets: np.ndarray, method: str, *, options: dict, background: np.ndarray,
                   mask: np.ndarray | None, batch_size: int, sanity: bool, cache_dir, sample_ids, seed: int = 0
                   ) -> tuple[np.ndarray, pd.DataFrame]:

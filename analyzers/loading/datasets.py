@@ -83,6 +83,32 @@ def load_dataset_bytes(data: bytes, *, name: str, spec: str | None = None, model
                         image_size=image_size, mean=mean, std=std)
 
 
+def load_dataset_file(fh, *, name: str, spec: str, model=None, label_column: str = "label",
+                      id_column: str | None = None, features: list | None = None, image_size: tuple | None = None,
+                      mean: list | None = None, std: list | None = None) -> Dataset:
+    """Load a dataset from an open binary file called `name` (what a sandboxed worker is handed); see
+    `load_dataset`. The file is hashed as a stream, then read from the start."""
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: fh.read(1 << 20), b""):
+        digest.update(chunk)
+    if fh.tell() == 0:
+        raise AnalyzerError(f"dataset file {name!r} is empty: write the file again")
+    fh.seek(0)
+    return _load_source(fh, name=name, spec=spec, digest=digest.hexdigest(), model=model, label_column=label_column,
+                        id_column=id_column, features=features, image_size=image_size, mean=mean, std=std)
+
+
+def describe_dataset(dataset: Dataset) -> dict:
+    """What a run records about its dataset (and what a worker tells its parent): JSON values only."""
+    return {"spec": dataset.spec, "sha256": dataset.sha256, "modality": dataset.modality,
+            "num_samples": int(len(dataset)),
+            "class_names": list(dataset.class_names) if dataset.class_names else None,
+            "feature_names": list(dataset.feature_names) if dataset.feature_names else None,
+            "metadata_columns": [str(c) for c in dataset.metadata.columns],
+            "ground_truth_columns": list(dataset.ground_truth_columns),
+            "preprocessing": dict(dataset.preprocessing)}
+
+
 def _load_source(source, *, name: str, spec: str, digest: str, model, label_column: str, id_column, features,
                  image_size, mean, std) -> Dataset:
     """Load from `source`, a path or a binary file object, by the suffix of `name`."""

@@ -97,16 +97,33 @@ def state_dict_sha256(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+ISOLATIONS = ("auto", "sandbox", "process")
+
+
 def load_model(spec: str, *, arch: str | None = None, input_shape: tuple | None = None,
-               class_names: tuple | None = None, allow_import: bool = False) -> LoadedModel:
-    """Load `sample:NAME`, `PATH.pt2`, or a state dict `PATH` with `arch`, returning a `LoadedModel` in eval mode.
+               class_names: tuple | None = None, allow_import: bool = False, isolation: str = "auto"):
+    """Load `sample:NAME`, `PATH.pt2`, or a state dict `PATH` with `arch`, in eval mode.
 
     `arch` is a sample architecture's name or, only with `allow_import=True` (the command line), an import path
     `package.module:callable` that builds the module. `input_shape` is needed only when the architecture does not
     say it (an import path).
+
+    `isolation`: "auto" loads a model from a file in a sandboxed worker and returns a `SandboxedModel` (the built-in
+    samples and an operator's import-path architecture, which are trusted code, load here); "sandbox" always uses a
+    worker; "process" loads here and returns a `LoadedModel`, for files you trust (your own notebook's exports).
     """
+    if isolation not in ISOLATIONS:
+        raise AnalyzerError(f"isolation must be one of {', '.join(ISOLATIONS)}, got {isolation!r}")
     if not isinstance(spec, str) or not spec:
         raise AnalyzerError("no model given: pass sample:NAME, a .pt2 export, or a state dict with --arch")
+    if sandboxed(spec, arch, isolation):
+        from .sandbox import open_sandboxed
+
+        path = Path(spec)
+        if not spec.startswith("sample:") and not path.is_file():
+            raise AnalyzerError(f"model file {spec!r} does not exist: check the path")
+        return open_sandboxed(path if not spec.startswith("sample:") else spec, spec=spec, arch=arch,
+                              input_shape=input_shape, class_names=class_names)[0]
     if spec.startswith("sample:"):
         return _load_sample(spec)
     path = Path(spec)
@@ -117,16 +134,30 @@ def load_model(spec: str, *, arch: str | None = None, input_shape: tuple | None 
                             class_names=class_names, allow_import=allow_import)
 
 
+def sandboxed(spec: str, arch: str | None, isolation: str) -> bool:
+    """Whether `load_model` with these arguments runs the model in a sandboxed worker."""
+    if isolation != "auto":
+        return isolation == "sandbox"
+    return not spec.startswith("sample:") and not (arch and ":" in arch)
+
+
 def load_model_bytes(data: bytes, *, name: str, spec: str | None = None, arch: str | None = None,
                      input_shape: tuple | None = None, class_names: tuple | None = None,
-                     allow_import: bool = False) -> LoadedModel:
-    """Load a model from the bytes of a file called `name` (an upload); see `load_model`."""
+                     allow_import: bool = False, check_archive: bool = True) -> LoadedModel:
+    """Load a model from the bytes of a file called `name` in this process; see `load_model`.
+
+    This runs the model here: for bytes you do not trust, store them and call `load_model`, which uses a worker.
+    `check_archive=False` skips the archive policy, for the sandbox's own containment tests only."""
     spec = spec or name
     suffix = Path(name).suffix.lower()
     if not data:
         raise AnalyzerError(f"model file {name!r} is empty: upload the file again")
     digest = sha256_bytes(data)
     if suffix == ".pt2":
+        if check_archive:
+            from .archive_policy import sanitize_export_archive
+
+            data = sanitize_export_archive(data, name).data  # torch only ever sees the archive we rebuilt
         module, export_shape = _load_export(data, name)
         return _describe(module, spec=spec, sha256=digest, source="export", input_shape=export_shape,
                          class_names=class_names, make_copy=lambda: _load_export(data, name)[0])
@@ -261,33 +292,6 @@ def _short_list(keys: list, limit: int = 6) -> str:
 
 # --- torch.export programs -------------------------------------------------------------------------------------------
 
-def check_export_archive(data: bytes, name: str) -> zipfile.ZipFile:
-    """Refuse anything that is not a torch.export archive, and archives that would make torch unpickle a payload."""
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-        names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise AnalyzerError(f"{name!r} is not a torch.export archive (not a readable zip file): {EXPORT_HINT}") from exc
-    if not any(n.endswith("/archive_format") or n == "archive_format" for n in names) or not any(
-            n.endswith("models/model.json") for n in names):
-        if any(n.endswith("data.pkl") for n in names):
-            raise AnalyzerError(f"{name!r} was written by torch.save, not torch.export.save; pickles are never "
-                                f"loaded: {EXPORT_HINT}")
-        raise AnalyzerError(f"{name!r} is not a torch.export archive: {EXPORT_HINT}")
-    for config_name in (n for n in names if n.endswith("_config.json")):
-        try:
-            config = json.loads(archive.read(config_name)).get("config", {})
-        except (ValueError, AttributeError, zipfile.BadZipFile, OSError) as exc:
-            raise AnalyzerError(f"{name!r} has an unreadable {config_name}: export the model again") from exc
-        if not isinstance(config, dict):
-            raise AnalyzerError(f"{name!r} has an unreadable {config_name}: export the model again")
-        pickled = [k for k, v in config.items() if isinstance(v, dict) and v.get("use_pickle")]
-        if pickled:
-            raise AnalyzerError(f"{name!r} stores {_short_list(pickled)} as pickles, which would run code on load and "
-                                f"are refused: export with plain tensor weights")
-    return archive
-
-
 @contextlib.contextmanager
 def _weights_only_and_quiet():
     # torch.export.load falls back to torch.load(weights_only=False); this variable forces the safe unpickler.
@@ -307,10 +311,12 @@ def _weights_only_and_quiet():
 
 
 def load_export_program(data: bytes, name: str):
-    check_export_archive(data, name)
+    """torch.export.load on archive bytes that already passed `archive_policy.sanitize_export_archive`."""
     with _weights_only_and_quiet():
         try:
             return torch.export.load(io.BytesIO(data))
+        except MemoryError:
+            raise  # the worker answers this with its own line: it is not a broken file
         except Exception as exc:  # torch raises many types for a broken archive; all mean the same to the person
             raise AnalyzerError(f"{name!r} could not be loaded as a torch.export program ({first_line(exc)}): "
                                 f"{EXPORT_HINT}") from exc

@@ -98,6 +98,37 @@ def staged_run(out: str | Path, *, replace: bool):
             shutil.rmtree(stage, ignore_errors=True)
 
 
+def check_run_files(stage_dir: str | Path, *, num_samples: int, num_classes: int) -> dict:
+    """Check the core files of a run before it is stored (a sandboxed worker wrote them, so they are not trusted):
+    samples.parquet has the core columns and one row per sample, probs.npy is (N, K) of probabilities, predictions
+    and correctness agree with them. Returns {"accuracy": ...}."""
+    stage_dir = Path(stage_dir)
+    where = "the run's files"
+    try:
+        samples = pd.read_parquet(stage_dir / SAMPLES)
+        probs = np.load(stage_dir / PROBS, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:  # damaged files fail in many ways
+        raise AnalyzerError(f"{where} cannot be read ({first_line(exc, 120)}); nothing was stored") from exc
+    missing = [c for c in ("id", "label", "pred", "confidence", "loss", "correct") if c not in samples.columns]
+    if missing:
+        raise AnalyzerError(f"{SAMPLES} lacks {', '.join(missing)}; nothing was stored")
+    if len(samples) != num_samples or probs.shape != (num_samples, num_classes) or probs.dtype.kind != "f":
+        raise AnalyzerError(f"{where} hold {len(samples)} samples and probabilities of shape {probs.shape}, not "
+                            f"{num_samples} x {num_classes}; nothing was stored")
+    probs = np.asarray(probs)
+    if not np.isfinite(probs).all() or (probs < 0).any() or (probs > 1.0001).any() or (
+            num_samples and not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3)):
+        raise AnalyzerError(f"{PROBS} holds values that are not probabilities; nothing was stored")
+    pred = samples["pred"].to_numpy()
+    label = samples["label"].to_numpy()
+    if num_samples and (not np.array_equal(pred, probs.argmax(axis=1))
+                        or not np.array_equal(samples["correct"].to_numpy(dtype=bool), pred == label)
+                        or label.min() < 0 or label.max() >= num_classes):
+        raise AnalyzerError(f"{SAMPLES} disagrees with {PROBS} (predictions, labels or correctness); nothing was "
+                            f"stored")
+    return {"accuracy": float((pred == label).mean()) if num_samples else float("nan")}
+
+
 @dataclass(frozen=True)
 class Run:
     """An opened, complete run directory. Tables are read on first use and kept."""

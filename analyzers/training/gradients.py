@@ -27,6 +27,7 @@ from ..guard import analysis_mode, unwrap
 from ..engines.inference import class_log_probs, on_device
 from ..loading.models import layer_kinds
 from .recorder import layer_of_parameter
+from ..loading.sandbox import runs_in_worker
 
 VANISHING_RATIO = 1e-6  # gradient norm / weight norm below this: a step of any sane learning rate changes nothing
 EXPLODING_RATIO = 10.0  # above this: one step at learning rate 0.1 would change the weights by more than themselves
@@ -90,6 +91,7 @@ def _loss(outputs: torch.Tensor, labels: torch.Tensor, output_kind: str) -> torc
     return F.nll_loss(class_log_probs(outputs.float(), output_kind), labels)
 
 
+@runs_in_worker
 def gradient_norm_traces(model, x, y, *, batch_size: int = 64, num_batches: int = 8, seed: int = 0,
                          vanishing_ratio: float = VANISHING_RATIO, exploding_ratio: float = EXPLODING_RATIO,
                          device: str = "cpu") -> GradientTraces:
@@ -243,6 +245,7 @@ def flag_layers(traces: pd.DataFrame, dead: pd.DataFrame, *, vanishing_ratio: fl
             "thresholds": {"vanishing_ratio": vanishing_ratio, "exploding_ratio": exploding_ratio}}
 
 
+@runs_in_worker
 def overfit_one_batch(model, x, y, *, steps: int = 200, lr: float = 3e-3, batch_size: int = 32, seed: int = 0,
                       pass_fraction: float = 0.1, near_zero: float = 0.05, device: str = "cpu") -> OverfitResult:
     """Train a copy of the model with Adam on one batch and report whether its loss falls towards zero.

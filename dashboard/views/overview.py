@@ -8,6 +8,11 @@ from dashboard import components, data, figures
 
 run = components.require_run()
 components.header("Overview", run)
+sandbox = run.info.get("sandbox") or {}
+if sandbox.get("level") == "reduced":
+    st.warning("This run's model ran in a reduced sandbox: " + str(sandbox.get("reason", "")), icon="⚠️")
+elif sandbox.get("level") == "full":
+    st.caption("The model ran in a sandboxed worker (no network, private filesystem, no new processes).")
 m = data.metrics(run)
 names = run.class_names
 
