@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import socket
-import threading
 
 import numpy as np
 import pytest

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
+import contextlib
 from pathlib import Path
 from typing import Callable
 
@@ -142,17 +143,18 @@ def run_analysis(model_spec: str, data_spec: str, out: str | Path, *, arch: str 
     report("load", 0.0)
     data_options = dict(label_column=label_column, id_column=id_column, features=features, image_size=image_size,
                         mean=mean, std=std)
+    param_options = dict(stages=stages, batch_size=batch_size, layer=layer, seed=seed, arch=arch,
+                         stage_options=stage_options, label_column=label_column, id_column=id_column,
+                         features=features)
     if sandboxed(model_spec, arch, isolation):
         return _run_sandboxed(model_spec, data_spec, out, arch=arch, input_shape=input_shape,
-                              data_options=data_options, overwrite=overwrite, report=report,
-                              write_options=dict(stages=stages, device=device, batch_size=batch_size, layer=layer,
-                                                 seed=seed, arch=arch, stage_options=stage_options, **data_options))
+                              data_options=data_options, param_options=param_options, device=device,
+                              overwrite=overwrite, report=report)
     model = load_model(model_spec, arch=arch, input_shape=input_shape, allow_import=allow_import,
                        isolation="process")
     dataset = load_dataset(data_spec, model=model, **data_options)
     check_dataset(dataset, model)
-    params = run_parameters(model, stages=stages, batch_size=batch_size, layer=layer, seed=seed, arch=arch,
-                            stage_options=stage_options, **data_options)
+    params = run_parameters(model, **param_options)
     if _reuse_or_refuse(out, model.sha256, dataset.sha256, params, overwrite):
         report("done", 1.0)
         return out
@@ -167,7 +169,7 @@ def run_analysis(model_spec: str, data_spec: str, out: str | Path, *, arch: str 
 
 
 def run_parameters(model, *, stages, batch_size, layer, seed, arch, stage_options, label_column, id_column,
-                   features, **_ignored) -> dict:
+                   features) -> dict:
     """The parameters a run records, and that decide whether an existing run can be reused."""
     return {"batch_size": batch_size, "layer": layer or default_embedding_layer(model), "seed": seed,
             "label_column": label_column, "id_column": id_column, "features": features, "arch": arch,
@@ -234,27 +236,20 @@ def write_run_files(model, dataset, stage_dir, *, params: dict, stages, device: 
             "embedding_layer": params["layer"] if predictions.embeddings is not None else None}
 
 
-def _run_sandboxed(model_spec, data_spec, out: Path, *, arch, input_shape, data_options, overwrite, report,
-                   write_options) -> Path:
-    import contextlib
-
+def _run_sandboxed(model_spec, data_spec, out: Path, *, arch, input_shape, data_options, param_options, device,
+                   overwrite, report) -> Path:
     from ..loading.sandbox import copy_worker_output, open_sandboxed
 
-    is_sample = model_spec.startswith("sample:")
-    if not is_sample and not Path(model_spec).is_file():
-        raise AnalyzerError(f"model file {model_spec!r} does not exist: check the path")
-    if not data_spec.startswith("sample:") and not Path(data_spec).is_file():
-        raise AnalyzerError(f"dataset file {data_spec!r} does not exist: check the path")
     model, dataset = open_sandboxed(model_spec, spec=model_spec, arch=arch, input_shape=input_shape,
                                     data_path=data_spec, data_options=data_options)
     with contextlib.closing(model):
-        params = run_parameters(model, **write_options)
+        params = run_parameters(model, **param_options)
         if _reuse_or_refuse(out, model.sha256, str(dataset.get("sha256")), params, overwrite):
             report("done", 1.0)
             return out
         inside = f"{model.worker.scratch_inside}/run"
         summary = model.call("analyzers.engines.pipeline:write_run_files", inside, params=params,
-                             stages=write_options["stages"], device=write_options["device"], uses_dataset=True,
+                             stages=param_options["stages"], device=device, uses_dataset=True,
                              on_progress=report)
         if not isinstance(summary, dict):
             raise AnalyzerError("the sandboxed worker returned an unexpected run summary; nothing was stored")

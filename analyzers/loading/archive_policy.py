@@ -73,6 +73,7 @@ ZIP_MAGIC = b"PK\x03\x04"
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,199}$")  # node, tensor and argument names
 FQN = re.compile(r"^[A-Za-z0-9_.@-]{0,400}$")  # module paths such as encoder.layer.0.attention (@1 marks a reuse)
 MODULE_TYPE = re.compile(r"^[A-Za-z0-9_.<>]{0,300}$")  # a class path in nn_module_stack: stored, never imported
+MODULE_STACK_PART = re.compile(r"^[A-Za-z0-9_.@\[\]()'\", -]{0,400}$")  # its key and path, e.g. L['self'].layer[0]
 SYMBOL = re.compile(r"^[a-z]{1,4}[0-9]{1,9}$")  # torch's symbol names: s77, u0, zuf3 ...
 STRING_ARGUMENT = re.compile(r"^[ -~]{0,256}$")  # operator string options such as gelu's "tanh", einsum equations
 TORCH_VERSION = re.compile(r"^(<=)?[0-9]+\.[0-9]+[A-Za-z0-9.+_-]{0,40}$")
@@ -429,8 +430,7 @@ class _Checker:
             if len(parts) != 3:
                 self.refuse(f"{where}.metadata.nn_module_stack entry {item[:60]!r} is not key,path,type")
             key, path, kind = parts
-            if not re.fullmatch(r"[A-Za-z0-9_.@\[\]()'\", -]{0,400}", key) or not re.fullmatch(
-                    r"[A-Za-z0-9_.@\[\]()'\", -]{0,400}", path) or not MODULE_TYPE.match(kind):
+            if not MODULE_STACK_PART.match(key) or not MODULE_STACK_PART.match(path) or not MODULE_TYPE.match(kind):
                 self.refuse(f"{where}.metadata.nn_module_stack entry {item[:60]!r} holds unexpected characters")
         return {"nn_module_stack": stack}
 
@@ -533,9 +533,12 @@ class _Checker:
         if inner_kind == "as_name":
             return {"as_name": self._identifier(inner, where)}
         if inner_kind == literal:
-            return {literal: {"as_int": self._int, "as_bool": self._bool, "as_float": self._float}[literal](inner,
-                                                                                                          where)}
+            return {literal: self._literal(literal, inner, where)}
         self.refuse(f"{where} holds a symbolic value of unknown kind {inner_kind[:40]!r}")
+
+    def _literal(self, kind: str, value, where: str):
+        """A literal of kind "as_int", "as_bool" or "as_float", checked."""
+        return {"as_int": self._int, "as_bool": self._bool, "as_float": self._float}[kind](value, where)
 
     def _string_argument(self, value, where: str) -> str:
         if not isinstance(value, str) or not STRING_ARGUMENT.match(value):
@@ -546,8 +549,7 @@ class _Checker:
     def _sym(self, value, literal: str, where: str) -> dict:
         kind, inner = self._union(value, where)
         if kind == literal:
-            return {literal: {"as_int": self._int, "as_bool": self._bool, "as_float": self._float}[literal](inner,
-                                                                                                          where)}
+            return {literal: self._literal(literal, inner, where)}
         if kind != "as_expr":
             self.refuse(f"{where} holds a symbolic value of unknown kind {kind[:40]!r}")
         self._keys(inner, where, required={"expr_str"}, optional={"hint"})
@@ -556,8 +558,7 @@ class _Checker:
             hint_kind, hint = self._union(inner["hint"], f"{where} hint")
             if hint_kind not in ("as_int", "as_bool", "as_float"):
                 self.refuse(f"{where} has a hint of unknown kind {hint_kind[:40]!r}")
-            clean["hint"] = {hint_kind: {"as_int": self._int, "as_bool": self._bool, "as_float": self._float}[
-                hint_kind](hint, where)}
+            clean["hint"] = {hint_kind: self._literal(hint_kind, hint, where)}
         else:
             clean["hint"] = None
         return {"as_expr": clean}

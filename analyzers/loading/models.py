@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import importlib
 import io
-import json
 import logging
 import os
 import pickle
@@ -43,8 +42,20 @@ _MODULE_KINDS = (
 _EXPORT_LOAD_LOCK = threading.Lock()
 
 
+class LayerGroups:
+    """Layer groups derived from `layers` and `layer_kinds`: shared by `LoadedModel` and `SandboxedModel`."""
+
+    @property
+    def conv_layers(self) -> tuple:
+        return tuple(n for n in self.layers if self.layer_kinds.get(n, "").startswith("conv"))
+
+    @property
+    def inplace_activations(self) -> tuple:
+        return tuple(n for n in self.layers if self.layer_kinds.get(n) == "relu_inplace")
+
+
 @dataclass(frozen=True)
-class LoadedModel:
+class LoadedModel(LayerGroups):
     """A model ready for analysis, in eval mode, with what the rest of the tool needs to know about it."""
 
     module: nn.Module
@@ -58,14 +69,6 @@ class LoadedModel:
     layers: tuple  # names from named_modules() that accept forward hooks
     layer_kinds: dict = field(default_factory=dict, compare=False, hash=False)  # name -> "conv2d", "linear", ...
     make_copy: Callable[[], nn.Module] | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def conv_layers(self) -> tuple:
-        return tuple(n for n in self.layers if self.layer_kinds.get(n, "").startswith("conv"))
-
-    @property
-    def inplace_activations(self) -> tuple:
-        return tuple(n for n in self.layers if self.layer_kinds.get(n) == "relu_inplace")
 
     def copy_module(self) -> nn.Module:
         """An independent copy of the module (a `.pt2` module cannot be deep-copied: it is reloaded)."""
@@ -119,11 +122,7 @@ def load_model(spec: str, *, arch: str | None = None, input_shape: tuple | None 
     if sandboxed(spec, arch, isolation):
         from .sandbox import open_sandboxed
 
-        path = Path(spec)
-        if not spec.startswith("sample:") and not path.is_file():
-            raise AnalyzerError(f"model file {spec!r} does not exist: check the path")
-        return open_sandboxed(path if not spec.startswith("sample:") else spec, spec=spec, arch=arch,
-                              input_shape=input_shape, class_names=class_names)[0]
+        return open_sandboxed(spec, spec=spec, arch=arch, input_shape=input_shape, class_names=class_names)[0]
     if spec.startswith("sample:"):
         return _load_sample(spec)
     path = Path(spec)

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from ..errors import AnalyzerError, first_line
 from . import wire
+from .models import LayerGroups
 
 LOG = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,7 +108,6 @@ def _probe_support() -> SandboxSupport:
     problem = "bubblewrap (bwrap) is not installed: run `make setup`, or apt-get install bubblewrap"
     if bwrap:
         with tempfile.TemporaryDirectory(prefix="analyzers-probe-") as scratch:
-            _chown_for_worker(Path(scratch))
             fds: list = []
             try:
                 argv = _bwrap_argv(bwrap, Path(scratch), fds) + [sys.executable, "-c", "pass"]
@@ -131,10 +131,6 @@ def _probe_support() -> SandboxSupport:
         except (OSError, subprocess.SubprocessError):
             pass
     return SandboxSupport("reduced", "rlimits", f"{problem}; the worker is a separate process under rlimits only")
-
-
-def _chown_for_worker(path: Path) -> None:
-    os.chmod(path, 0o700)
 
 
 # seccomp: no new processes. Threads (clone with CLONE_THREAD) are allowed; fork, vfork and clone without
@@ -234,9 +230,13 @@ class Worker:
         self._lock = threading.RLock()
         self._files: dict = {}  # key -> fd handed to the worker
         self._process = None
-        self._scratch = Path(tempfile.mkdtemp(prefix="analyzers-worker-"))
-        _chown_for_worker(self._scratch)
-        self._finalizer = weakref.finalize(self, _cleanup, None, self._scratch)
+        # A private (0700) directory per worker: `scratch/` is bound into the sandbox, `worker.log` (its stderr) is
+        # not, so the worker cannot rewrite what the operator reads.
+        self._home = Path(tempfile.mkdtemp(prefix="analyzers-worker-"))
+        self._scratch = self._home / "scratch"
+        self._scratch.mkdir(mode=0o700)
+        self._log = self._home / "worker.log"
+        self._finalizer = weakref.finalize(self, _cleanup, None, self._home)
 
     @property
     def scratch(self) -> Path:
@@ -286,28 +286,23 @@ class Worker:
             for fd in fds:
                 os.set_inheritable(fd, True)
             try:
-                self._process = subprocess.Popen(
-                    _limits_argv(self.limits) + argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                    stderr=self._stderr_file(), pass_fds=fds, cwd=cwd, close_fds=True, start_new_session=True,
-                    **env_arg)
+                with open(self._log, "wb") as log:
+                    self._process = subprocess.Popen(
+                        _limits_argv(self.limits) + argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                        stderr=log, pass_fds=fds, cwd=cwd, close_fds=True, start_new_session=True, **env_arg)
             except OSError as exc:
                 raise WorkerError(f"the sandboxed worker could not start ({first_line(exc)})") from exc
             finally:
                 for fd in fds:
                     os.close(fd)
             self._finalizer.detach()
-            self._finalizer = weakref.finalize(self, _cleanup, self._process, self._scratch)
+            self._finalizer = weakref.finalize(self, _cleanup, self._process, self._home)
             _LIVE.add(self)
             ready = self._receive(self.limits.start_timeout_s, None)
             if not isinstance(ready, dict) or ready.get("ready") is not True:
                 self.close()
                 raise WorkerError("the sandboxed worker did not start properly")
             return self
-
-    def _stderr_file(self):
-        # The worker's stderr goes to a file outside its view: kept for the operator, never shown as the error
-        self._stderr_path = Path(tempfile.mkstemp(prefix="analyzers-worker-", suffix=".log")[1])
-        return open(self._stderr_path, "wb")
 
     @property
     def alive(self) -> bool:
@@ -361,6 +356,9 @@ class Worker:
 
     def _failure(self, what: str) -> WorkerError:
         ending = self._ending(wait=True)
+        with contextlib.suppress(OSError):  # for the operator's log only: the person sees the one line below
+            LOG.warning("worker of %r %s (%s); its stderr ended with:\n%s", self.name, what, ending,
+                        self._log.read_bytes()[-2000:].decode(errors="replace"))
         return WorkerError(f"the worker running {self.name!r} {what}: {ending}; the dashboard and other sessions are "
                            f"unaffected")
 
@@ -376,7 +374,10 @@ class Worker:
             return "it is still running"
         if code < 0 or code > 128:
             number = -code if code < 0 else code - 128
-            name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else str(number)
+            try:
+                name = signal.Signals(number).name
+            except ValueError:
+                name = str(number)
             if name == "SIGKILL":
                 return "it was killed (SIGKILL), most likely for running out of memory"
             if name == "SIGXCPU":
@@ -410,12 +411,12 @@ class Worker:
 _LIVE: "weakref.WeakSet[Worker]" = weakref.WeakSet()
 
 
-def _cleanup(process, scratch: Path) -> None:
+def _cleanup(process, home: Path) -> None:
     if process is not None and process.poll() is None:
         with contextlib.suppress(Exception):
             process.kill()
             process.wait(timeout=5)
-    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @atexit.register
@@ -433,7 +434,7 @@ def _torch_threads() -> int:
 # --- models in a worker ------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class SandboxedModel:
+class SandboxedModel(LayerGroups):
     """A model loaded in a sandboxed worker: what `LoadedModel` says about it, and a way to run analyses there.
 
     Every `@runs_in_worker` function accepts it in place of a `LoadedModel`. It has no `module`: the weights and the
@@ -450,14 +451,6 @@ class SandboxedModel:
     layer_kinds: dict = field(default_factory=dict, compare=False, hash=False)
     worker: Worker | None = field(default=None, compare=False, repr=False)
     sandbox: dict = field(default_factory=dict, compare=False)
-
-    @property
-    def conv_layers(self) -> tuple:
-        return tuple(n for n in self.layers if self.layer_kinds.get(n, "").startswith("conv"))
-
-    @property
-    def inplace_activations(self) -> tuple:
-        return tuple(n for n in self.layers if self.layer_kinds.get(n) == "relu_inplace")
 
     @property
     def module(self):
@@ -486,6 +479,9 @@ def open_sandboxed(model_path: str | Path, *, name: str | None = None, spec: str
     is_sample = str(model_path).startswith("sample:")
     model_path = Path(model_path) if not is_sample else model_path
     name = name or (model_path if is_sample else model_path.name)
+    for kind, path in (("model", None if is_sample else model_path), ("dataset", data_path)):
+        if path is not None and not str(path).startswith("sample:") and not Path(path).is_file():
+            raise AnalyzerError(f"{kind} file {str(path)!r} does not exist: check the path")
     if not is_sample and model_path.suffix.lower() == ".pt2" and not unchecked_archive_for_tests:
         from .archive_policy import sanitize_export_archive
 
@@ -560,7 +556,6 @@ def runs_in_worker(function=None, *, scratch_kwargs: tuple = ()):
                     (lambda stage, fraction: on_batch(fraction, 1.0)) if on_batch else None))
             return fn(model, *args, **kwargs)
 
-        wrapper.__wrapped_for_worker__ = fn
         return wrapper
 
     return decorate(function) if function is not None else decorate

@@ -8,10 +8,11 @@ the model first) and `ping`. Every failure is answered with one line; nothing is
 from __future__ import annotations
 
 import inspect
-import io
 import os
 import sys
 from pathlib import Path
+
+from . import wire
 
 
 def main() -> int:
@@ -20,7 +21,6 @@ def main() -> int:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(2, 1)  # print() from model code lands in the worker's log, not in the reply stream
-    from . import wire
 
     threads = int(os.environ.get("ANALYZERS_WORKER_THREADS", "1"))
     import torch
@@ -97,7 +97,6 @@ def _handle(request, state: dict, replies: int):
         state["dataset"] = dataset
         return describe_dataset(dataset)
     if op == "call":
-        from . import wire
         from .sandbox import registered
 
         if state["model"] is None:
