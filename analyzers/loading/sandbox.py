@@ -181,7 +181,9 @@ def _bwrap_argv(bwrap: str, scratch: Path, fds: list) -> list:
         os.close(write)
         fds.append(read)
         argv += ["--seccomp", str(read)]
-    argv += ["--ro-bind", "/usr", "/usr"]
+    # bubblewrap mounts in argument order: the fresh /tmp comes first, so that binds below it (a checkout or a
+    # virtual environment under /tmp) land on top of it instead of being hidden by it
+    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--ro-bind", "/usr", "/usr"]
     for link in ("/bin", "/lib", "/lib64", "/sbin"):
         target = Path(link)
         if target.is_symlink():
@@ -198,8 +200,7 @@ def _bwrap_argv(bwrap: str, scratch: Path, fds: list) -> list:
             argv += ["--ro-bind", str(prefix), str(prefix)]
     for name in CODE_DIRS:
         argv += ["--ro-bind", str(ROOT / name), str(ROOT / name)]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind", str(scratch), SCRATCH,
-             "--chdir", str(ROOT), "--clearenv"]
+    argv += ["--bind", str(scratch), SCRATCH, "--chdir", str(ROOT), "--clearenv"]
     return argv
 
 
