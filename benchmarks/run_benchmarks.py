@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SECTIONS = ("run", "explain_all", "interactive", "projections", "peer", "tabular", "startup", "dashboard")
+SECTIONS = ("run", "explain_all", "interactive", "sandbox", "projections", "peer", "tabular", "startup", "dashboard")
 DEFAULT_SIZES = (10_000, 100_000)
 QUICK_SIZES = (300, 600)
 TABULAR_ROWS = 100_000
@@ -53,6 +53,12 @@ MIB = 1 << 20
 # Interactive explanations: repetitions per method (full, quick). SHAP is the slow one.
 INTERACTIVE_REPS = {"gradcam": (30, 3), "saliency": (30, 3), "integrated_gradients": (20, 3), "shap": (8, 1)}
 INTERACTIVE_TARGET_S = {"gradcam": 0.05, "saliency": 0.05, "integrated_gradients": 0.5, "shap": 2.0}
+# The sandboxed worker (issue 10): a one-sample round trip adds at most 5 ms (median) to the in-process time, and a
+# whole run in the worker stays within 1.05x of the same run in-process. Repetitions: (full, quick).
+SANDBOX_ROUND_TRIP_REPS = (200, 20)
+SANDBOX_RUN_REPS = (2, 1)
+SANDBOX_ROUND_TRIP_TARGET_MS = 5.0
+SANDBOX_RUN_TARGET_RATIO = 1.05
 HEAVY_MODULES = ("captum", "shap", "umap", "numba", "openTSNE", "pynndescent", "sklearn.ensemble", "sklearn.manifold",
                  "sklearn.tree", "sklearn.cluster", "scipy.optimize", "streamlit", "plotly")
 
@@ -653,8 +659,87 @@ def _change_a_widget(at):
     return None
 
 
+def _export_image_model(spec: dict, path: Path) -> Path:
+    """The benchmark's image model as a `.pt2` export: what an upload is, and what the sandbox loads."""
+    import torch
+
+    import analyzers
+
+    if str(spec["model"]).endswith(".pt2"):
+        return Path(spec["model"])
+    module = analyzers.load_model(spec["model"], arch=spec.get("arch")).module
+    program = torch.export.export(module, (torch.zeros(2, 3, 32, 32),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(path))
+    return path
+
+
+def worker_sandbox(spec: dict) -> dict:
+    """The same `.pt2` in this process and in a sandboxed worker: one-sample explanations interleaved (so both see
+    the same machine load), then whole runs alternated, each from nothing."""
+    import numpy as np
+
+    import analyzers
+
+    export = _export_image_model(spec, Path(spec["workdir"]) / "sandbox-model.pt2")
+    local = analyzers.load_model(str(export), isolation="process")
+    remote = analyzers.load_model(str(export), isolation="sandbox")
+    result = {"sandbox": dict(remote.sandbox), "methods": {}, "runs": {}}
+    try:
+        with np.load(spec["data"]) as archive:
+            x = np.ascontiguousarray(archive["x"][:spec["reps"] + 1], dtype=np.float32)
+        for method in ("gradcam", "saliency"):
+            first = {}
+            for name, model in (("in_process", local), ("worker", remote)):
+                t0 = time.perf_counter()
+                analyzers.explain(model, x[:1], None, method)  # first call: lazy imports, Captum set-up
+                first[name] = time.perf_counter() - t0
+            times = {"in_process": [], "worker": []}
+            identical = True
+            for i in range(1, len(x)):
+                order = (("in_process", local), ("worker", remote)) if i % 2 else (("worker", remote),
+                                                                                    ("in_process", local))
+                maps = {}
+                for name, model in order:
+                    t0 = time.perf_counter()
+                    maps[name] = analyzers.explain(model, x[i:i + 1], None, method)
+                    times[name].append(time.perf_counter() - t0)
+                identical = identical and np.array_equal(maps["in_process"], maps["worker"])
+            overhead = [w - p for w, p in zip(times["worker"], times["in_process"])]
+            result["methods"][method] = {
+                "in_process_median_s": statistics.median(times["in_process"]),
+                "worker_median_s": statistics.median(times["worker"]),
+                "worker_p95_s": _percentile(times["worker"], 95),
+                "paired_overhead_median_s": statistics.median(overhead),
+                "first_call_s": first, "reps": len(times["worker"]), "bit_identical": identical}
+    finally:
+        remote.close()
+    # Whole runs as a person starts them: `python -m analyzers run` in a fresh process, so each side pays its own
+    # imports and start-up (the worker's interpreter, bubblewrap) exactly as it would from the shell.
+    out = Path(spec["workdir"]) / "sandbox-runs"
+    clocks = {"process": [], "sandbox": []}
+    records = {}
+    command = [sys.executable, "-m", "analyzers", "run", "--model", str(export), "--data", spec["data"],
+               "--out", str(out), "--batch-size", str(spec["batch_size"]), "--analyses", ",".join(spec["analyses"])]
+    for rep in range(spec["run_reps"]):
+        for isolation in (("process", "sandbox") if rep % 2 == 0 else ("sandbox", "process")):
+            shutil.rmtree(out, ignore_errors=True)  # an identical run at `out` would be reused, not made
+            t0 = time.perf_counter()
+            proc = subprocess.run([*command, "--isolation", isolation], cwd=ROOT, capture_output=True, text=True)
+            clocks[isolation].append(time.perf_counter() - t0)
+            if proc.returncode != 0:
+                raise RuntimeError(f"analyzers run --isolation {isolation} failed: {proc.stderr.strip()[-500:]}")
+            info = json.loads((out / "run.json").read_text())
+            records[isolation] = info.get("sandbox")
+    result["runs"] = {name: {"fastest_wall_s": min(times), "all_wall_s": times} for name, times in clocks.items()}
+    result["runs"]["n"] = int(info["num_samples"])
+    result["runs"]["last_sandbox_record"] = records["sandbox"]
+    return result
+
+
 WORKERS = {"run": worker_run, "explain_all": worker_explain_all, "interactive": worker_interactive,
-           "projections": worker_projections, "peer": worker_peer, "dashboard": worker_dashboard}
+           "sandbox": worker_sandbox, "projections": worker_projections, "peer": worker_peer,
+           "dashboard": worker_dashboard}
 
 
 def worker_main(name: str, spec: dict, result_path: Path) -> int:
@@ -878,6 +963,42 @@ class Bench:
             self.add("interactive", f"{method}, one sample (p95)", 1, m["p95_s"], floor="forward+backward (1)",
                      floor_seconds=floor, target=INTERACTIVE_TARGET_S[method], target_kind="seconds")
 
+    def sandbox_section(self) -> None:
+        reason = public_api_missing("explain")
+        if reason:
+            self.skipped["sandbox"] = reason
+            return
+        n = max(self.args.sizes)
+        reps = SANDBOX_ROUND_TRIP_REPS[1 if self.args.quick else 0]
+        run_reps = SANDBOX_RUN_REPS[1 if self.args.quick else 0]
+        self.log(f"sandbox: one-sample round trips x{reps}, then runs on {n} images in-process and in the worker "
+                 f"x{run_reps}")
+        spec = {"model": self.model["spec"], "arch": self.model["arch"], "data": str(self.data[n]), "reps": reps,
+                "run_reps": run_reps, "workdir": str(self.workdir), "batch_size": self.args.batch_size,
+                "analyses": self.stages}
+        result = self.worker("sandbox", spec, label="sandbox")
+        if result is None:
+            return
+        self.details["sandbox"] = result
+        level = f"sandbox {result['sandbox'].get('level')} ({result['sandbox'].get('tool')})"
+        for method, m in result["methods"].items():
+            beyond = m["worker_median_s"] - m["in_process_median_s"]
+            self.add("sandbox", f"{method}, one sample: worker round trip beyond in-process (median)", 1, None,
+                     target=SANDBOX_ROUND_TRIP_TARGET_MS, target_kind="ms", value=round(beyond * 1000, 3),
+                     unit="ms", note=f"{level}; median {m['worker_median_s'] * 1000:.2f} ms in the worker "
+                                     f"(p95 {m['worker_p95_s'] * 1000:.2f} ms) against "
+                                     f"{m['in_process_median_s'] * 1000:.2f} ms here; median of the paired "
+                                     f"differences {m['paired_overhead_median_s'] * 1000:.2f} ms; {m['reps']} samples "
+                                     f"interleaved; maps bit-identical: {m['bit_identical']}")
+        runs = result["runs"]
+        self.add("sandbox", "analyzers run in the sandboxed worker", runs["n"], runs["sandbox"]["fastest_wall_s"],
+                 floor="the same run in-process", floor_seconds=runs["process"]["fastest_wall_s"],
+                 target=SANDBOX_RUN_TARGET_RATIO,
+                 note=f"{level}; `python -m analyzers run` in fresh processes, --isolation sandbox against "
+                      f"--isolation process, fastest of {len(runs['sandbox']['all_wall_s'])} alternated runs each, "
+                      f"from nothing; the worker's side includes bubblewrap, loading the model and data there, and "
+                      f"copying and checking its files in the parent")
+
     def projections_section(self) -> None:
         if missing_modules("analyzers.explanations.projections"):
             self.skipped["projections"] = "analyzers.explanations.projections does not exist yet"
@@ -1070,7 +1191,8 @@ class Bench:
     def run(self) -> int:
         self.prepare()
         steps = [("run", self.run_section), ("explain_all", self.explain_all_section),
-                 ("interactive", self.interactive_section), ("projections", self.projections_section),
+                 ("interactive", self.interactive_section), ("sandbox", self.sandbox_section),
+                 ("projections", self.projections_section),
                  ("peer", lambda: self.peer_section(self.runs_dir / f"shapes-{max(self.args.sizes)}", "images")),
                  ("tabular", self.tabular_section), ("startup", self.startup_section),
                  ("dashboard", self.dashboard_section)]

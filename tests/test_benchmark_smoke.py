@@ -87,6 +87,23 @@ def test_startup_and_peer_rows(quick_result):
     assert all(r["floor_seconds"] == base[0]["seconds"] and r["ratio"] > 0 for r in peer if r["floor"])
 
 
+def test_sandbox_rows_compare_the_worker_with_this_process(quick_result):
+    _, document = quick_result
+    rows = _rows(document, "sandbox")
+    round_trips = [r for r in rows if r["unit"] == "ms"]
+    assert sorted(r["what"].split(",")[0] for r in round_trips) == ["gradcam", "saliency"]
+    detail = document["details"]["sandbox"]
+    for row in round_trips:
+        method = detail["methods"][row["what"].split(",")[0]]
+        assert method["bit_identical"] is True  # the worker computes the very same maps
+        beyond = (method["worker_median_s"] - method["in_process_median_s"]) * 1000
+        assert row["value"] == pytest.approx(beyond, abs=1e-2) and row["met"] == (row["value"] <= 5.0)
+    (run,) = [r for r in rows if r["unit"] == "s"]
+    assert run["n"] == 400 and run["floor"] == "the same run in-process" and run["target"] == 1.05
+    assert run["floor_seconds"] == pytest.approx(detail["runs"]["process"]["fastest_wall_s"], rel=1e-3)
+    assert run["ratio"] == pytest.approx(run["seconds"] / run["floor_seconds"], rel=1e-2)
+    assert detail["runs"]["last_sandbox_record"]["level"] in ("full", "reduced")
+
 def test_bad_arguments_exit_with_a_message():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--skip", "nonsense"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)

@@ -174,6 +174,43 @@ def test_bad_upload_is_one_error_line(tmp_path, monkeypatch):
     assert at.error[0].value.startswith("'model.pt2'")  # named as uploaded, not as stored in the workspace
 
 
+
+@pytest.mark.parametrize("vector", ["expr_str in a size", "opaque object constant", "from_file then fill_"])
+def test_crafted_archive_upload_is_one_error_and_a_second_session_is_fine(vector, runs_dir, tmp_path, monkeypatch):
+    """The three reported vectors, uploaded through the Load page: one st.error naming the refusal, nothing runs,
+    nothing is stored as a run, and another session on the same server still works."""
+    from conftest import TinyCNN, export_model
+    from crafted_archives import CRAFTED, EXPECTED
+
+    marker, victim = tmp_path / "marker", tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    torch.manual_seed(0)
+    base = export_model(TinyCNN(), torch.zeros(2, 1, 8, 8), tmp_path / "base.pt2").read_bytes()
+    buffer = io.BytesIO()
+    np.savez(buffer, x=np.zeros((8, 1, 8, 8), np.float32), y=np.zeros(8, np.int64))
+    runs = tmp_path / "runs"
+    at = _app(monkeypatch, runs).run()
+    at.switch_page("views/load.py").run()
+    at.segmented_control(key="load-source").set_value("Upload files").run()
+    at.file_uploader(key="load-model-file").upload("crafted.pt2", CRAFTED[vector](base, marker, victim)).run()
+    at.file_uploader(key="load-data-file").upload("data.npz", buffer.getvalue()).run()
+    at.text_input(key="load-upload-name").set_value("crafted").run()
+    at.button(key="load-run-upload").click().run()
+    _ok(at)
+    assert len(at.error) == 1, [e.value for e in at.error]
+    message = at.error[0].value
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith("'crafted.pt2' is refused: ") and EXPECTED[vector] in message, message
+    assert not marker.exists() and victim.read_bytes() == b"precious"
+    assert not (runs / "crafted").exists()
+    # a second session of the same server process opens a real run and every page works
+    second = _app(monkeypatch, runs_dir, runs_dir / "sample-digits").run()
+    _ok(second)
+    assert second.title[0].value == "Overview" and not second.error
+    for page in ("views/confusion.py", "views/explain.py", "views/load.py"):
+        second.switch_page(page).run()
+        _ok(second)
+
 def test_embedding_selection_shows_its_samples_and_metrics(runs_dir, monkeypatch):
     from analyzers.loading.runs import open_run
 

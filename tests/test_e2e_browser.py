@@ -144,3 +144,51 @@ def test_box_selection_on_the_embedding_shows_the_samples(app_url, browser):
     assert "sel=ids" in page.evaluate("window.location.href")
     _no_exception(page)
     page.close()
+
+
+def test_crafted_archive_upload_shows_one_error_and_the_server_stays_healthy(app_url, browser, tmp_path):
+    """The first reported vector uploaded in a real browser: one st.error naming the refusal, the payload never runs,
+    and a second session (a fresh browser context) still gets the dashboard."""
+    import numpy as np
+    import torch
+
+    from conftest import TinyCNN, export_model
+    from crafted_archives import CRAFTED
+
+    marker, victim = tmp_path / "marker", tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    torch.manual_seed(0)
+    base = export_model(TinyCNN(), torch.zeros(2, 1, 8, 8), tmp_path / "base.pt2").read_bytes()
+    crafted = tmp_path / "crafted.pt2"
+    crafted.write_bytes(CRAFTED["expr_str in a size"](base, marker, victim))
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.zeros((8, 1, 8, 8), np.float32), y=np.zeros(8, np.int64))
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(f"{app_url}/load")
+    page.get_by_role("heading", name="Load").wait_for(timeout=60_000)
+    page.get_by_role("radio", name="Upload files").click()
+    uploaders = page.locator('[data-testid="stFileUploader"]')
+    uploaders.nth(1).wait_for(timeout=30_000)
+    uploaders.nth(0).locator('input[type="file"]').set_input_files(str(crafted))
+    uploaders.nth(1).locator('input[type="file"]').set_input_files(str(data))
+    page.get_by_text("crafted.pt2").first.wait_for(timeout=30_000)
+    page.get_by_text("data.npz").first.wait_for(timeout=30_000)
+    page.get_by_role("button", name="Run", exact=True).click()
+    alert = page.locator('[data-testid="stAlertContentError"]')
+    alert.first.wait_for(timeout=120_000)
+    assert alert.count() == 1
+    text = alert.first.inner_text().strip()
+    assert text.startswith("'crafted.pt2' is refused: ") and "outside the size grammar" in text, text
+    assert "\n" not in text and "Traceback" not in text
+    _no_exception(page)
+    assert not marker.exists() and victim.read_bytes() == b"precious"
+    page.close()
+
+    with urllib.request.urlopen(f"{app_url}/_stcore/health", timeout=5) as response:
+        assert response.status == 200
+    second = browser.new_context().new_page()
+    second.goto(f"{app_url}/confusion")
+    second.get_by_role("heading", name="Confusion matrix").wait_for(timeout=60_000)
+    _no_exception(second)
+    second.close()

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import AnalyzerError, first_line
 from ..guard import analysis_mode, unwrap
+from ..loading.layers import LayerGroups, last_linear_layer
 from ..loading.models import layer_kinds
 from ..loading.sandbox import runs_in_worker
 
@@ -62,10 +63,9 @@ class ClassLogits(nn.Module):
 
 def default_embedding_layer(model) -> str | None:
     """The final classifier layer (its input is the embedding): the last linear layer of the model."""
-    kinds = layer_kinds(model)
-    names = getattr(model, "layers", None) or [name for name, _ in unwrap(model).named_modules()]
-    linear = [name for name in names if kinds.get(name) == "linear"]
-    return linear[-1] if linear else None
+    if isinstance(model, LayerGroups):
+        return model.embedding_layer
+    return last_linear_layer([name for name, _ in unwrap(model).named_modules()], layer_kinds(model))
 
 
 def module_device(module: nn.Module) -> torch.device:

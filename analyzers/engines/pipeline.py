@@ -15,20 +15,23 @@ from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 import contextlib
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
-import torch
 
-from ..loading.datasets import Dataset, check_dataset, load_dataset
 from ..errors import AnalyzerError
-from .inference import Predictions, default_embedding_layer, predict
-from ..loading.datasets import describe_dataset
-from ..loading.models import LoadedModel, load_model, sandboxed
-from ..loading.sandbox import runs_in_worker
+from ..loading.datasets import Dataset, check_dataset, describe_dataset, load_dataset
 from ..loading.runs import (PROBS, RUN_FORMAT_VERSION, RUN_INFO, SAMPLES, check_run_files, open_run, staged_run,
                             write_json)
+from ..loading.sandbox import runs_in_worker, sandboxed
+
+if TYPE_CHECKING:
+    from ..loading.models import LoadedModel
+    from .inference import Predictions
+
+# torch, the model loader and inference are imported where they run: the parent of a sandboxed run never needs them,
+# and leaving them out lets its worker import torch while the parent is still starting (benchmarks: sandbox).
 
 # (name, "module:function", on by default). Later stages may read files that earlier ones wrote.
 STAGES = (
@@ -150,6 +153,8 @@ def run_analysis(model_spec: str, data_spec: str, out: str | Path, *, arch: str 
         return _run_sandboxed(model_spec, data_spec, out, arch=arch, input_shape=input_shape,
                               data_options=data_options, param_options=param_options, device=device,
                               overwrite=overwrite, report=report)
+    from ..loading.models import load_model
+
     model = load_model(model_spec, arch=arch, input_shape=input_shape, allow_import=allow_import,
                        isolation="process")
     dataset = load_dataset(data_spec, model=model, **data_options)
@@ -171,7 +176,7 @@ def run_analysis(model_spec: str, data_spec: str, out: str | Path, *, arch: str 
 def run_parameters(model, *, stages, batch_size, layer, seed, arch, stage_options, label_column, id_column,
                    features) -> dict:
     """The parameters a run records, and that decide whether an existing run can be reused."""
-    return {"batch_size": batch_size, "layer": layer or default_embedding_layer(model), "seed": seed,
+    return {"batch_size": batch_size, "layer": layer or model.embedding_layer, "seed": seed,
             "label_column": label_column, "id_column": id_column, "features": features, "arch": arch,
             "analyses": [name for name, _ in stages], "stage_options": stage_options or {}}
 
@@ -203,6 +208,10 @@ def write_run_files(model, dataset, stage_dir, *, params: dict, stages, device: 
     """Inference and every stage, written into `stage_dir` (all but run.json); returns what run.json records of them.
 
     In a sandboxed run this runs in the worker, on the worker's model and dataset, into its scratch directory."""
+    import torch
+
+    from .inference import predict
+
     report = report or (lambda stage, fraction: None)
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -292,6 +301,8 @@ def _run_info(model_spec, data_spec, model, dataset: dict, arch, params, summary
 
 def load_run_inputs(run) -> tuple[LoadedModel, Dataset]:
     """Reload the model and dataset a run was made from, checking they are the same files (hashes in run.json)."""
+    from ..loading.models import load_model
+
     info = run.info
     params = info.get("parameters", {})
     model = load_model(info["model"]["spec"], arch=info["model"].get("arch"),

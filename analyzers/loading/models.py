@@ -22,6 +22,9 @@ import torch
 from torch import nn
 
 from ..errors import AnalyzerError, first_line
+from .hashing import sha256_bytes
+from .layers import LayerGroups
+from .sandbox import ISOLATIONS, sandboxed
 
 EXPORT_HINT = (
     "export it with torch.export.save(torch.export.export(model.eval(), (example,), "
@@ -40,18 +43,6 @@ _MODULE_KINDS = (
     (nn.modules.batchnorm._BatchNorm, "batchnorm"), (nn.Dropout, "dropout"),
 )
 _EXPORT_LOAD_LOCK = threading.Lock()
-
-
-class LayerGroups:
-    """Layer groups derived from `layers` and `layer_kinds`: shared by `LoadedModel` and `SandboxedModel`."""
-
-    @property
-    def conv_layers(self) -> tuple:
-        return tuple(n for n in self.layers if self.layer_kinds.get(n, "").startswith("conv"))
-
-    @property
-    def inplace_activations(self) -> tuple:
-        return tuple(n for n in self.layers if self.layer_kinds.get(n) == "relu_inplace")
 
 
 @dataclass(frozen=True)
@@ -79,18 +70,6 @@ class LoadedModel(LayerGroups):
         return self.make_copy()
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def state_dict_sha256(module: nn.Module) -> str:
     """A hash of a module's names and weights: what identifies a model that came from no file."""
     digest = hashlib.sha256()
@@ -98,9 +77,6 @@ def state_dict_sha256(module: nn.Module) -> str:
         digest.update(key.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-ISOLATIONS = ("auto", "sandbox", "process")
 
 
 def load_model(spec: str, *, arch: str | None = None, input_shape: tuple | None = None,
@@ -131,13 +107,6 @@ def load_model(spec: str, *, arch: str | None = None, input_shape: tuple | None 
     data = path.read_bytes()
     return load_model_bytes(data, name=path.name, spec=spec, arch=arch, input_shape=input_shape,
                             class_names=class_names, allow_import=allow_import)
-
-
-def sandboxed(spec: str, arch: str | None, isolation: str) -> bool:
-    """Whether `load_model` with these arguments runs the model in a sandboxed worker."""
-    if isolation != "auto":
-        return isolation == "sandbox"
-    return not spec.startswith("sample:") and not (arch and ":" in arch)
 
 
 def load_model_bytes(data: bytes, *, name: str, spec: str | None = None, arch: str | None = None,

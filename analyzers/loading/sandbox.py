@@ -44,7 +44,7 @@ from pathlib import Path
 
 from ..errors import AnalyzerError, first_line
 from . import wire
-from .models import LayerGroups
+from .layers import LayerGroups
 
 LOG = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,6 +52,16 @@ CODE_DIRS = ("analyzers", "sample_models")  # what the worker may import from th
 NOBODY = 65534
 SCRATCH = "/scratch"  # the worker's writable directory, inside the sandbox
 REGISTRY: dict = {}  # "module:qualname" -> the undecorated function a worker may run
+
+
+ISOLATIONS = ("auto", "sandbox", "process")
+
+
+def sandboxed(spec: str, arch: str | None, isolation: str) -> bool:
+    """Whether `load_model` with these arguments runs the model in a sandboxed worker."""
+    if isolation != "auto":
+        return isolation == "sandbox"
+    return not spec.startswith("sample:") and not (arch and ":" in arch)
 
 
 @dataclass(frozen=True)
@@ -396,15 +406,14 @@ class Worker:
                 self._process.wait(timeout=5)
 
     def close(self) -> None:
-        """End the worker and remove its scratch directory."""
-        process = self._process
-        if process is not None and process.poll() is None:
-            with contextlib.suppress(Exception):
-                process.stdin.close()
-            try:
-                process.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        """End the worker and remove its scratch directory.
+
+        The worker holds nothing that is not already here (every answer has been read), so it is killed rather than
+        asked to exit: an interpreter with torch and scikit-learn loaded takes seconds to tear itself down. Its
+        scratch files go first, while it idles: deleting them while the kernel frees a large killed worker took
+        0.2 s per directory (1.3 s for a 100k-sample run)."""
+        shutil.rmtree(self._scratch, ignore_errors=True)
+        self.kill()
         _LIVE.discard(self)
         self._finalizer()
 
