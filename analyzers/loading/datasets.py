@@ -1,8 +1,10 @@
 """Loading datasets (`sample:NAME`, `.npz`, `.csv`, `.parquet`, image-folder `.zip`) and checking them against a model."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import math
 import posixpath
 import zipfile
 import zlib
@@ -13,13 +15,14 @@ import numpy as np
 import pandas as pd
 
 from ..errors import AnalyzerError, first_line
-from .models import sha256_bytes, sha256_file
+from .hashing import sha256_bytes, sha256_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # A zip bomb is refused before it is inflated (declared size) and while it is read (actual size).
 MAX_UNCOMPRESSED_BYTES = 2 << 30
 MAX_COMPRESSION_RATIO = 200
 MAX_IMAGE_PIXELS = 64_000_000
+NPZ_HINT = "save it with np.savez(path, x=..., y=...)"
 # What zipfile raises for a damaged archive, member by member.
 _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError, RuntimeError)
 
@@ -144,18 +147,7 @@ def _load_sample(spec: str) -> Dataset:
 
 
 def _load_npz(source, name: str, spec: str, digest: str) -> Dataset:
-    try:
-        with np.load(source, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except ValueError as exc:
-        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
-            raise AnalyzerError(f"{name!r} holds Python objects, which are never unpickled: save plain numeric "
-                                f"and string arrays with np.savez") from exc
-        raise AnalyzerError(f"{name!r} is not a readable .npz file ({first_line(exc)}): save it with "
-                            f"np.savez(path, x=..., y=...)") from exc
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError, TypeError, RuntimeError) as exc:
-        raise AnalyzerError(f"{name!r} is not a readable .npz file ({first_line(exc)}): save it with "
-                            f"np.savez(path, x=..., y=...)") from exc
+    arrays = read_npz_bounded(source, name)
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise AnalyzerError(f"{name!r} has no array {' or '.join(missing)} (found: {', '.join(arrays) or 'none'}): "
@@ -180,6 +172,95 @@ def _load_npz(source, name: str, spec: str, digest: str) -> Dataset:
             extras[key] = value
     return _finish(x, y, ids, spec=spec, digest=digest, class_names=class_names, metadata=pd.DataFrame(metadata),
                    extras=extras, name=name)
+
+
+def read_npz_bounded(source, name: str, *, budget: int = MAX_UNCOMPRESSED_BYTES) -> dict:
+    """Every array of an `.npz`, read without trusting any size in it and without unpickling.
+
+    `np.load` allocates what a member's `.npy` header declares and inflates as much as the stream holds: an 8 MB
+    deflate bomb then takes 8 GiB and a header declaring 4 TiB ends in a MemoryError. Here every header is parsed
+    first; the arrays' declared bytes, all together, must fit `budget` and each member's size in the zip directory
+    before anything is allocated; then exactly the declared bytes are inflated into each array (a longer stream is
+    never read, a shorter one is refused).
+    """
+    try:
+        archive = zipfile.ZipFile(source)
+        infos = archive.infolist()
+    except _ZIP_ERRORS as exc:
+        raise AnalyzerError(f"{name!r} is not a readable .npz file (not a zip archive): {NPZ_HINT}") from exc
+    with archive:
+        headers, declared_total = {}, 0
+        for info in infos:  # first pass: headers only
+            member = info.filename
+            key = member[:-4]
+            if info.is_dir() or not member.endswith(".npy") or "/" in member or "\\" in member:
+                raise AnalyzerError(f"{name!r} holds {member!r}, which is not an array written by np.savez: "
+                                    f"{NPZ_HINT}")
+            if key in headers:
+                raise AnalyzerError(f"{name!r} holds the array {key!r} twice: {NPZ_HINT}")
+            with _member(archive, info, name) as fh:
+                shape, fortran, dtype = _npy_header(fh, member, name)
+                offset = fh.tell()
+            nbytes = math.prod(shape) * dtype.itemsize
+            declared_total += nbytes
+            if declared_total > budget:
+                raise AnalyzerError(f"{name!r} declares {declared_total:,} bytes of arrays (up to {key!r}, shape "
+                                    f"{shape}), over the {budget:,}-byte limit: refused before reading; use a "
+                                    f"smaller dataset or split it")
+            if info.file_size < offset + nbytes:
+                raise AnalyzerError(f"{member!r} in {name!r} declares {nbytes:,} bytes but holds "
+                                    f"{max(info.file_size - offset, 0):,}: the file is truncated; write it again")
+            headers[key] = (info, shape, fortran, dtype, offset, nbytes)
+        arrays = {}
+        for key, (info, shape, fortran, dtype, offset, nbytes) in headers.items():  # second pass: the data
+            with _member(archive, info, name) as fh:
+                fh.read(offset)
+                arrays[key] = _read_npy_data(fh, shape, fortran, dtype, nbytes, info.filename, name)
+    return arrays
+
+
+@contextlib.contextmanager
+def _member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str):
+    try:
+        with archive.open(info) as fh:
+            yield fh
+    except AnalyzerError:
+        raise
+    except _ZIP_ERRORS as exc:
+        raise AnalyzerError(f"{info.filename!r} in {name!r} cannot be read ({first_line(exc)}): the file is damaged; "
+                            f"{NPZ_HINT}") from exc
+
+
+def _npy_header(fh, member: str, name: str):
+    """(shape, fortran_order, dtype) of one `.npy` member; refuses pickles and object arrays."""
+    try:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    except (ValueError, EOFError, SyntaxError, TypeError) as exc:
+        raise AnalyzerError(f"{member!r} in {name!r} is not a .npy array ({first_line(exc)}); a pickled member is "
+                            f"never read: save plain numeric and string arrays with np.savez") from exc
+    if dtype.hasobject:
+        raise AnalyzerError(f"{member!r} in {name!r} holds Python objects, which are never unpickled: save plain "
+                            f"numeric and string arrays with np.savez")
+    if any(not isinstance(d, int) or d < 0 for d in shape):
+        raise AnalyzerError(f"{member!r} in {name!r} declares the shape {shape!r}: the file is damaged")
+    return tuple(shape), bool(fortran), dtype
+
+
+def _read_npy_data(fh, shape: tuple, fortran: bool, dtype, nbytes: int, member: str, name: str) -> np.ndarray:
+    flat = np.empty(math.prod(shape), dtype=dtype)
+    view = memoryview(flat.view(np.uint8)) if nbytes else memoryview(b"")
+    filled = 0
+    while filled < nbytes:
+        count = fh.readinto(view[filled:])
+        if not count:
+            raise AnalyzerError(f"{member!r} in {name!r} ends after {filled:,} of its {nbytes:,} bytes: the file is "
+                                f"truncated; write it again")
+        filled += count
+    return flat.reshape(shape, order="F" if fortran else "C")
 
 
 def _read_table(source, name: str, suffix: str) -> pd.DataFrame:
@@ -326,9 +407,20 @@ def _per_channel(values, channels: int, default: float, label: str) -> np.ndarra
     return arr
 
 
-def _numeric_inputs(x: np.ndarray, name: str) -> np.ndarray:
+def _numeric_inputs(x: np.ndarray, name: str, chunk: int = 4096) -> np.ndarray:
     if x.dtype.kind not in "biuf":
         raise AnalyzerError(f"inputs in {name!r} are {x.dtype}, not numbers: convert them to floats")
+    if x.dtype.itemsize > 4 or x.dtype.kind in "iu":
+        # float32 turns 1e300 into inf, which would then be reported as "NaN or inf": say what really happened
+        limit = float(np.finfo(np.float32).max)
+        for start in range(0, len(x), chunk):
+            part = x[start:start + chunk]
+            finite = np.isfinite(part) if part.dtype.kind == "f" else np.ones(part.shape, bool)
+            beyond = finite & (np.abs(part) > limit)
+            if beyond.any():
+                row = start + int(np.argwhere(beyond)[0][0])
+                raise AnalyzerError(f"inputs in {name!r} hold values beyond float32's range (about ±3.4e38), the "
+                                    f"first in row {row}: rescale them")
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -346,7 +438,12 @@ def _integer_labels(y: np.ndarray, name: str, *, class_names) -> np.ndarray:
     if y.dtype.kind == "b":
         return y.astype(np.int64)
     if y.dtype.kind == "f":
-        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+        missing = ~np.isfinite(y)
+        if missing.any():
+            raise AnalyzerError(f"{int(missing.sum())} labels in {name!r} are missing or not finite, the first in row "
+                                f"{int(np.argmax(missing))}: give every row a label (a row with fewer fields than "
+                                f"the header leaves its label empty)")
+        if not np.all(y == np.round(y)):
             raise AnalyzerError(f"labels in {name!r} are not integers: use class indices 0..K-1")
     elif y.dtype.kind not in "iu":
         raise AnalyzerError(f"labels in {name!r} have type {y.dtype}: use integer class indices 0..K-1")

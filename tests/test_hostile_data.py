@@ -1,0 +1,184 @@
+"""Hostile datasets (issue 19): bombs and lying headers are refused before anything is allocated, one line each.
+
+The CLI cases run under an address-space limit (`prlimit --as`), so an allocation of what a header declares would
+end in a MemoryError traceback instead of the one-line refusal."""
+from __future__ import annotations
+
+import io
+import pickle
+import shutil
+import subprocess
+import sys
+import tracemalloc
+import zipfile
+
+import numpy as np
+import numpy.lib.format as npy_format
+import pytest
+
+from analyzers.errors import AnalyzerError
+from analyzers.loading.datasets import load_dataset, read_npz_bounded
+from conftest import ROOT
+
+ADDRESS_SPACE_LIMIT = 6 << 30  # far below the 8 GiB and 4 TiB the bombs declare, above what a run needs
+
+
+def npy_header(shape, descr="<f4") -> bytes:
+    buffer = io.BytesIO()
+    npy_format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False, "shape": tuple(shape)})
+    return buffer.getvalue()
+
+
+def npz_with_members(path, members: dict, *, deflate: bool = True):
+    """`members`: name -> (header bytes, payload bytes, zero bytes streamed after the payload)."""
+    method = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, (header, payload, zeros) in members.items():
+            info = zipfile.ZipInfo(name)
+            info.compress_type = method
+            with archive.open(info, "w", force_zip64=True) as fh:
+                fh.write(header + payload)
+                block = bytes(1 << 20)
+                for _ in range(zeros >> 20):
+                    fh.write(block)
+    return path
+
+
+def _labels(n: int) -> tuple:
+    y = np.zeros(n, np.int64)
+    return npy_header(y.shape, "<i8"), y.tobytes(), 0
+
+
+def deflate_bomb(path, declared_elements: int, streamed_bytes: int = 64 << 20):
+    """x.npy declares `declared_elements` float32s and inflates from a few hundred kB to `streamed_bytes` of zeros."""
+    return npz_with_members(path, {"x.npy": (npy_header((declared_elements // 64, 64)), b"", streamed_bytes),
+                                   "y.npy": _labels(declared_elements // 64)})
+
+
+def _cli(tmp_path, data, model="sample:digits"):
+    command = [sys.executable, "-m", "analyzers", "run", "--model", model, "--data", str(data),
+               "--out", str(tmp_path / "run")]
+    if shutil.which("prlimit"):
+        command = ["prlimit", f"--as={ADDRESS_SPACE_LIMIT}", "--", *command]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def _one_line(done) -> str:
+    lines = [line for line in done.stderr.splitlines() if line.strip() and "Warning" not in line
+             and "return cls.__new__" not in line]
+    assert done.returncode == 1 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    return lines[0]
+
+
+def test_an_8_gib_deflate_bomb_is_refused_from_its_header_through_the_cli(tmp_path):
+    bomb = deflate_bomb(tmp_path / "bomb.npz", 2 << 30)  # 2^31 float32 = 8 GiB
+    assert bomb.stat().st_size < 1 << 20  # under a megabyte on disk
+    line = _one_line(_cli(tmp_path, bomb))
+    assert line.startswith("error: 'bomb.npz' declares 8,589,934,592 bytes") and "refused before reading" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_header_declaring_4_tib_is_refused_through_the_cli(tmp_path):
+    path = npz_with_members(tmp_path / "huge.npz", {"x.npy": (npy_header((1 << 30, 1024), "<f4"), b"", 0),
+                                                   "y.npy": _labels(4)}, deflate=False)
+    line = _one_line(_cli(tmp_path, path))
+    assert "declares 4,398,046,511,104 bytes" in line
+
+
+def test_the_budget_counts_every_array_together(tmp_path):
+    x = np.zeros(150, np.float32)  # 600 bytes each: either fits a 1000-byte budget, both do not
+    path = npz_with_members(tmp_path / "two.npz", {"x.npy": (npy_header(x.shape), x.tobytes(), 0),
+                                                  "z.npy": (npy_header(x.shape), x.tobytes(), 0)})
+    assert read_npz_bounded(str(path), "two.npz", budget=1200)["z"].shape == (150,)
+    with pytest.raises(AnalyzerError, match=r"declares 1,200 bytes of arrays \(up to 'z', shape \(150,\)\), over the "
+                                            r"1,000-byte limit"):
+        read_npz_bounded(str(path), "two.npz", budget=1000)
+
+
+def test_a_stream_longer_than_its_header_is_never_inflated(tmp_path):
+    x = np.arange(400, dtype=np.float32).reshape(100, 4)
+    path = npz_with_members(tmp_path / "long.npz", {"x.npy": (npy_header(x.shape), x.tobytes(), 256 << 20),
+                                                   "y.npy": _labels(100)})
+    tracemalloc.start()
+    try:
+        arrays = read_npz_bounded(str(path), "long.npz")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(arrays["x"], x)
+    assert peak < 8 << 20  # the 256 MiB tail was never read into memory
+
+
+def test_a_truncated_member_is_one_line(tmp_path):
+    path = npz_with_members(tmp_path / "short.npz", {"x.npy": (npy_header((100, 4)), bytes(100), 0),
+                                                    "y.npy": _labels(100)})
+    with pytest.raises(AnalyzerError, match=r"'x.npy' in 'short.npz' declares 1,600 bytes but holds 100: the file is "
+                                            r"truncated"):
+        load_dataset(str(path))
+
+
+def test_a_raw_pickle_member_is_refused_and_never_unpickled(tmp_path):
+    marker = tmp_path / "marker"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = npz_with_members(tmp_path / "pickles.npz", {"x.npy": (b"", pickle.dumps(Payload()), 0),
+                                                      "y.npy": (b"", pickle.dumps([1, 2]), 0)})
+    with pytest.raises(AnalyzerError) as caught:
+        load_dataset(str(path))
+    assert "'x.npy' in 'pickles.npz' is not a .npy array" in str(caught.value) and "\n" not in str(caught.value)
+    assert not marker.exists()
+
+
+def test_an_object_array_header_is_refused_before_its_pickle_is_read(tmp_path):
+    path = npz_with_members(tmp_path / "objects.npz", {"x.npy": (npy_header((3,), "|O"), pickle.dumps([1, 2, 3]), 0),
+                                                      "y.npy": _labels(3)})
+    with pytest.raises(AnalyzerError, match="holds Python objects, which are never unpickled"):
+        load_dataset(str(path))
+
+
+def test_a_text_file_named_npz_is_not_said_to_hold_python_objects(tmp_path):
+    path = tmp_path / "notes.npz"
+    path.write_text("just some text\n")
+    with pytest.raises(AnalyzerError, match=r"'notes.npz' is not a readable .npz file \(not a zip archive\)"):
+        load_dataset(str(path))
+
+
+def test_members_that_np_savez_never_writes_are_refused(tmp_path):
+    path = tmp_path / "odd.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", npy_header((1, 1)) + bytes(4))
+        archive.writestr("../y.npy", npy_header((1,), "<i8") + bytes(8))
+    with pytest.raises(AnalyzerError, match=r"holds '../y.npy', which is not an array written by np.savez"):
+        load_dataset(str(path))
+
+
+def test_real_npz_files_read_exactly_as_numpy_reads_them(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"x": rng.random((50, 3, 4, 4), dtype=np.float32), "y": rng.integers(0, 3, 50),
+              "ids": np.array([f"s{i}" for i in range(50)]), "class_names": np.array(["a", "b", "c"]),
+              "fortran": np.asfortranarray(rng.random((50, 6))), "flags": rng.random(50) > 0.5,
+              "empty": np.zeros((0, 3))}
+    for save in (np.savez, np.savez_compressed):
+        path = tmp_path / f"{save.__name__}.npz"
+        save(path, **arrays)
+        ours = read_npz_bounded(str(path), path.name)
+        with np.load(path) as reference:
+            assert sorted(ours) == sorted(reference.files)
+            for key in reference.files:
+                assert ours[key].dtype == reference[key].dtype and ours[key].shape == reference[key].shape
+                np.testing.assert_array_equal(ours[key], reference[key])
+
+
+def test_ragged_csv_rows_and_huge_floats_get_messages_that_say_so(tmp_path):
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("a,b,label\n1,2,0\n3,4\n5,6,1\n")
+    with pytest.raises(AnalyzerError, match=r"1 labels in 'ragged.csv' are missing or not finite, the first in row 1"):
+        load_dataset(str(ragged))
+    huge = tmp_path / "huge.csv"
+    huge.write_text("a,b,label\n1,2,0\n1e300,4,1\n")
+    with pytest.raises(AnalyzerError, match=r"beyond float32's range .* the first in row 1: rescale them"):
+        load_dataset(str(huge))
+
