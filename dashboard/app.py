@@ -14,6 +14,7 @@ if str(ROOT) not in sys.path:
 import streamlit as st  # noqa: E402
 
 from dashboard import components, data, state  # noqa: E402
+from dashboard.text import md  # noqa: E402
 
 PAGES = (
     # (name, file, title, icon)
@@ -56,7 +57,8 @@ with st.sidebar:
         default = data.settings().run
         if current not in runs:
             if current:
-                st.warning(f"There is no run called {current!r} in {data.settings().runs_dir}: showing another one.")
+                st.warning(f"There is no run called {md(repr(current))} in {md(data.settings().runs_dir)}: showing "
+                           f"another one.")
             current = default.name if default is not None and default.name in runs else names[0]
             state.put("run", current)
         st.session_state["sidebar-run"] = current  # follows the URL and the Load page

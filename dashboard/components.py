@@ -12,6 +12,7 @@ from analyzers.errors import AnalyzerError
 from analyzers.loading.runs import Run
 
 from . import data, figures, state
+from .text import md
 from .selection import id_positions
 
 PAGES: dict = {}  # name -> st.Page, filled by app.py on every rerun
@@ -51,7 +52,7 @@ def current_run() -> Run | None:
     runs = data.known_runs()
     name = state.get("run")
     if name and name not in runs:
-        st.warning(f"There is no run called {name!r} in {data.settings().runs_dir}: showing another one.")
+        st.warning(f"There is no run called {md(repr(name))} in {md(data.settings().runs_dir)}: showing another one.")
         name = None
     if not name:
         default = data.settings().run
@@ -62,7 +63,7 @@ def current_run() -> Run | None:
     try:
         return data.load_run(runs[name])
     except AnalyzerError as exc:
-        st.error(str(exc))
+        st.error(md(exc))
         return None
 
 
@@ -78,9 +79,9 @@ def require_run() -> Run:
 
 def run_caption(run: Run) -> str:
     info = run.info
-    return (f"**{run.path.name}** · model `{info['model']['spec'].rsplit('/', 1)[-1]}` · data "
-            f"`{info['dataset']['spec'].rsplit('/', 1)[-1]}` · {info['num_samples']:,} {info['dataset']['modality']} "
-            f"samples · {len(run.class_names)} classes")
+    return (f"**{md(run.path.name)}** · model {md(info['model']['spec'].rsplit('/', 1)[-1])} · data "
+            f"{md(info['dataset']['spec'].rsplit('/', 1)[-1])} · {info['num_samples']:,} "
+            f"{md(info['dataset']['modality'])} samples · {len(run.class_names)} classes")
 
 
 def header(title: str, run: Run | None, help_text: str | None = None) -> None:
@@ -187,7 +188,7 @@ def gallery(run: Run, ids, *, key: str, title: str | None = None) -> None:
     try:
         inputs = data.sample_inputs(run, shown.index.to_numpy()) if modality != "tabular" else None
     except AnalyzerError as exc:
-        st.warning(f"The inputs cannot be shown: {exc}")
+        st.warning(f"The inputs cannot be shown: {md(exc)}")
         inputs = None
     if modality == "image" and inputs is not None:
         per_row = 6
@@ -198,8 +199,8 @@ def gallery(run: Run, ids, *, key: str, title: str | None = None) -> None:
                 with col:
                     st.image(thumbnail(run, x), width=96)
                     mark = "✓" if row["correct"] else "✗"
-                    st.caption(f"{mark} id {row['id']} · true {class_name(run, row['label'])} · pred "
-                               f"{class_name(run, row['pred'])} · {row['confidence']:.2f}")
+                    st.caption(f"{mark} id {md(row['id'])} · true {md(class_name(run, row['label']))} · pred "
+                               f"{md(class_name(run, row['pred']))} · {row['confidence']:.2f}")
                     if st.button("Explain", key=f"{key}-explain-{row['id']}"):
                         open_explanation(row["id"], ordered_ids)
     elif modality == "sequence" and inputs is not None:
@@ -207,8 +208,8 @@ def gallery(run: Run, ids, *, key: str, title: str | None = None) -> None:
             left, right = st.columns([6, 1])
             with left:
                 mark = "✓" if row["correct"] else "✗"
-                st.markdown(f"{mark} **id {row['id']}** · true {class_name(run, row['label'])} · predicted "
-                            f"{class_name(run, row['pred'])} · confidence {row['confidence']:.3f}")
+                st.markdown(f"{mark} **id {md(row['id'])}** · true {md(class_name(run, row['label']))} · "
+                            f"predicted {md(class_name(run, row['pred']))} · confidence {row['confidence']:.3f}")
                 st.html(sequence_html(sequence_letters(x)))
             if right.button("Explain", key=f"{key}-explain-{row['id']}"):
                 open_explanation(row["id"], ordered_ids)
@@ -229,5 +230,7 @@ def gallery(run: Run, ids, *, key: str, title: str | None = None) -> None:
 
 
 def download(table: pd.DataFrame, name: str, label: str = "Download CSV", key: str | None = None) -> None:
-    st.download_button(label, table.to_csv(index=False).encode(), file_name=name, mime="text/csv",
+    from analyzers.evaluation.stage import to_csv
+
+    st.download_button(label, to_csv(table).encode(), file_name=name, mime="text/csv",
                        key=key or f"dl-{name}")

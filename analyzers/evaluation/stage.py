@@ -13,6 +13,8 @@ Error rankings are views of `samples.parquet`: `analyzers.evaluation.metrics.ran
 """
 from __future__ import annotations
 
+import csv
+
 import time
 from pathlib import Path
 
@@ -101,8 +103,31 @@ def _names_column(codes, class_names):
     return np.asarray([str(c) for c in class_names], dtype=object)[np.asarray(codes, dtype=np.int64)]
 
 
+# OWASP (CSV injection): a cell starting with one of these is a formula in Excel, LibreOffice and Google Sheets.
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value):
+    """A cell that a spreadsheet shows as text: a text cell starting a formula gets a quote before it."""
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def to_csv(table: pd.DataFrame) -> str:
+    """`table` as CSV that is safe to open in a spreadsheet: every text cell and column name that would start a
+    formula (ids, class names, metadata from an upload) is quoted; numbers are left as they are."""
+    out = table.copy()
+    out.columns = [csv_cell(str(c)) for c in out.columns]
+    for position in range(out.shape[1]):
+        column = out.iloc[:, position]
+        if column.dtype == object or pd.api.types.is_string_dtype(column):
+            out.isetitem(position, column.map(csv_cell))
+    return out.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)  # a text cell holding "\r" stays one cell
+
+
 def _write_csv(table: pd.DataFrame, path) -> str:
-    text = table.to_csv(index=False)
+    text = to_csv(table)
     if path is not None:
         Path(path).write_text(text)
     return text

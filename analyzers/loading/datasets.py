@@ -193,7 +193,8 @@ def read_npz_bounded(source, name: str, *, budget: int = MAX_UNCOMPRESSED_BYTES)
         for info in infos:  # first pass: headers only
             member = info.filename
             key = member[:-4]
-            if info.is_dir() or not member.endswith(".npy") or "/" in member or "\\" in member:
+            climbs = member.startswith("/") or "\\" in member or ".." in member.split("/")
+            if info.is_dir() or not member.endswith(".npy") or climbs:
                 raise AnalyzerError(f"{name!r} holds {member!r}, which is not an array written by np.savez: "
                                     f"{NPZ_HINT}")
             if key in headers:

@@ -7,6 +7,7 @@ import streamlit as st
 
 from analyzers.errors import AnalyzerError
 from dashboard import components, data, figures, state
+from dashboard.text import md
 from dashboard.selection import Selection
 
 run = components.require_run()
@@ -26,17 +27,17 @@ if not others:
             "Load page to compare the two.")
     components.page_link("load", "Go to Load")
     st.stop()
-other_name = st.selectbox(f"Compare {run.path.name} (a) with (b)", list(others), key="compare-other")
+other_name = st.selectbox(f"Compare {md(run.path.name)} (a) with (b)", list(others), key="compare-other")
 try:
     other = data.load_run(others[other_name])
     comparison = data.comparison(run, other)
 except AnalyzerError as exc:
-    st.error(str(exc))
+    st.error(md(exc))
     st.stop()
 s = comparison.summary
 cols = st.columns(5)
-cols[0].metric(f"Accuracy (a) {run.path.name}", f"{s['accuracy_a']:.3f}")
-cols[1].metric(f"Accuracy (b) {other_name}", f"{s['accuracy_b']:.3f}", delta=f"{s['accuracy_delta']:+.3f}")
+cols[0].metric(f"Accuracy (a) {md(run.path.name)}", f"{s['accuracy_a']:.3f}")
+cols[1].metric(f"Accuracy (b) {md(other_name)}", f"{s['accuracy_b']:.3f}", delta=f"{s['accuracy_delta']:+.3f}")
 cols[2].metric("ECE (b)", f"{s['ece_b']:.3f}", delta=f"{s['ece_b'] - s['ece_a']:+.3f} vs (a)", delta_color="inverse")
 cols[3].metric("Disagree on", f"{s['disagree']:,} samples")
 cols[4].metric("McNemar p-value", f"{s['mcnemar_p']:.3g}",

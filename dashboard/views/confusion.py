@@ -5,6 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import components, data, figures, state
+from dashboard.text import md
 from dashboard.selection import Selection, selected_cell
 
 run = components.require_run()
@@ -52,6 +53,6 @@ if sel is not None and sel.kind == "cell" and all(0 <= v < len(names) for v in s
     state.set_gallery(ids)
     verdict = "correct" if true == pred else "mistakes"
     components.gallery(run, ids, key="confusion-gallery",
-                       title=f"True {names[true]}, predicted {names[pred]} — {len(ids)} {verdict}")
+                       title=f"True {md(names[true])}, predicted {md(names[pred])} — {len(ids)} {verdict}")
 else:
     st.caption("No cell selected yet.")

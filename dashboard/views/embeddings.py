@@ -7,6 +7,7 @@ import streamlit as st
 
 from analyzers.errors import AnalyzerError
 from dashboard import components, data, figures, state
+from dashboard.text import md
 from dashboard.selection import Selection, id_positions, region_mask, selected_ids
 
 run = components.require_run()
@@ -37,13 +38,13 @@ with st.expander("Collect another layer"):
                 data.collect_layer(run, other)
             st.rerun()
         except AnalyzerError as exc:
-            st.error(str(exc))
+            st.error(md(exc))
 
 if not layer:
     st.stop()
 projection = data.projection(run, layer, method, compute=False)
 if projection is None:
-    st.info(f"The {METHOD_LABELS[method]} projection of {layer} is not in this run yet. t-SNE and UMAP are fitted "
+    st.info(f"The {METHOD_LABELS[method]} projection of {md(layer)} is not in this run yet. t-SNE and UMAP are fitted "
             f"on at most 10,000 samples (after PCA to 50 dimensions) and the rest placed into the fitted map; the "
             f"result is stored in the run.")
     if st.button(f"Compute {METHOD_LABELS[method]}", type="primary", key="emb-compute"):
@@ -51,7 +52,7 @@ if projection is None:
             with st.spinner(f"Computing {METHOD_LABELS[method]} of {layer}… (about a minute for 10,000 samples)"):
                 projection = data.projection(run, layer, method, compute=True)
         except AnalyzerError as exc:
-            st.error(str(exc))
+            st.error(md(exc))
     if projection is None:
         st.stop()
 

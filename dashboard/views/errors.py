@@ -7,6 +7,7 @@ import streamlit as st
 
 from analyzers.errors import AnalyzerError
 from dashboard import components, data, figures, state
+from dashboard.text import md
 from dashboard.selection import Selection, id_positions
 
 run = components.require_run()
@@ -38,7 +39,7 @@ def _metrics_block(rows: np.ndarray, label: str) -> None:
     cols[0].metric("Samples", f"{len(rows):,}")
     cols[1].metric("Accuracy", f"{sub['accuracy']:.3f}", delta=f"{sub['accuracy'] - data.metrics(run)['accuracy']:+.3f}"
                    " vs all")
-    cols[2].metric(f"ECE in {label}", f"{sub['ece_inside']:.3f}")
+    cols[2].metric(f"ECE in {md(label)}", f"{sub['ece_inside']:.3f}")
     rest = sub["ece_outside"]
     cols[3].metric("ECE of the rest", "—" if rest != rest else f"{rest:.3f}")
     st.plotly_chart(figures.reliability_figure(sub["bins_inside"], label=label, other=sub["bins_outside"],
@@ -103,7 +104,7 @@ elif section == SECTIONS["slice"]:
             chosen = slices.iloc[index]
             ids = list(chosen["ids"])
             state.set_gallery(ids)
-            st.subheader(f"Slice {index + 1}: {chosen['description']}")
+            st.subheader(f"Slice {index + 1}: {md(chosen['description'])}")
             rows = id_positions(samples["id"].to_numpy(), ids)
             _metrics_block(rows, "slice")
             components.gallery(run, ids, key="slice-gallery")
@@ -150,16 +151,16 @@ else:
         try:
             groups = data.group_table(run, column, int(bins))
         except AnalyzerError as exc:
-            st.error(str(exc))
+            st.error(md(exc))
             st.stop()
         from analyzers.evaluation.metrics import largest_gap
 
         try:
             gap = largest_gap(groups, metric="accuracy", min_size=max(1, int(0.01 * len(samples))))
-            st.markdown(f"Largest accuracy gap: **{gap.gap:.3f}** between **{gap.best_group}** "
-                        f"({gap.best_value:.3f}) and **{gap.worst_group}** ({gap.worst_value:.3f}).")
+            st.markdown(f"Largest accuracy gap: **{gap.gap:.3f}** between **{md(gap.best_group)}** "
+                        f"({gap.best_value:.3f}) and **{md(gap.worst_group)}** ({gap.worst_value:.3f}).")
         except AnalyzerError as exc:
-            st.info(str(exc))
+            st.info(md(exc))
         left, right = st.columns([3, 2], gap="large")
         right.plotly_chart(figures.group_figure(groups, column), key="groups-figure",
                            config={"displayModeBar": False})

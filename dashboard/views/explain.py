@@ -7,6 +7,7 @@ import streamlit as st
 
 from analyzers.errors import AnalyzerError
 from dashboard import components, data, figures, state
+from dashboard.text import md
 from dashboard.selection import id_positions, neighbours
 
 run = components.require_run()
@@ -19,7 +20,7 @@ gallery = state.gallery_ids()
 current = state.get("sample")
 if current is None or len(id_positions(samples["id"].to_numpy(), [current])) == 0:
     if current is not None:
-        st.warning(f"This run has no sample with id {current!r}.")
+        st.warning(f"This run has no sample with id {md(repr(current))}.")
     current = str((gallery or data.ranking(run, "confident_wrong", 1)["id"].tolist() or samples["id"].tolist())[0])
     state.put("sample", current)
 row = int(id_positions(samples["id"].to_numpy(), [current])[0])
@@ -43,17 +44,17 @@ if typed:
         st.session_state.pop("explain-goto", None)
         st.rerun()
     else:
-        nav[3].error(f"No sample {typed!r} in this run.")
+        nav[3].error(f"No sample {md(repr(typed))} in this run.")
 
 label, pred = int(sample["label"]), int(sample["pred"])
 verdict = "✓ correct" if sample["correct"] else "✗ wrong"
-st.subheader(f"Sample {sample['id']} — true {components.class_name(run, label)}, predicted "
-             f"{components.class_name(run, pred)} ({verdict}, confidence {sample['confidence']:.3f})")
+st.subheader(f"Sample {md(sample['id'])} — true {md(components.class_name(run, label))}, predicted "
+             f"{md(components.class_name(run, pred))} ({verdict}, confidence {sample['confidence']:.3f})")
 
 try:
     model, dataset = data.run_inputs(run)
 except AnalyzerError as exc:
-    st.error(f"The model or data of this run cannot be loaded: {exc}")
+    st.error(f"The model or data of this run cannot be loaded: {md(exc)}")
     st.stop()
 x = dataset.x[row]
 from analyzers.explanations.explain_run import ground_truth_mask  # noqa: E402
@@ -75,7 +76,7 @@ with left:
     extra = [c for c in samples.columns if c not in ("id", "label", "pred", "confidence", "loss", "correct")
              and c not in (run.info["dataset"].get("feature_names") or [])]
     if extra:
-        st.caption("Metadata: " + " · ".join(f"{c} = {components.short(sample[c])}" for c in extra))
+        st.caption("Metadata: " + " · ".join(f"{md(c)} = {md(components.short(sample[c]))}" for c in extra))
 with right:
     st.markdown("**Probability of every class**")
     st.plotly_chart(figures.probabilities_figure(run.probs[row], run.class_names, label=label, pred=pred),
@@ -161,7 +162,7 @@ for method in methods:
                     explanation = explain_sample(run, sample["id"], method, target=target, model=model,
                                                  dataset=dataset, sanity=sanity, **options)
             except AnalyzerError as exc:
-                st.error(str(exc))
+                st.error(md(exc))
                 continue
             _draw(explanation, method, target_title, key=f"map-{method}-{target}")
             st.markdown(_scores_text(explanation.scores, method))

@@ -10,6 +10,7 @@ import streamlit as st
 
 from analyzers.errors import AnalyzerError
 from dashboard import components, data, state
+from dashboard.text import md
 
 LOG = logging.getLogger(__name__)
 MODEL_TYPES = ["pt2", "safetensors", "pt", "pth", "ckpt"]
@@ -21,10 +22,10 @@ STAGE_LABELS = {"load": "Loading the model and data", "inference": "Running the 
 
 settings = data.settings()
 st.title("Load")
-st.caption(f"Runs are stored in `{settings.runs_dir}`; uploads in `{settings.workspace}`.")
+st.caption(f"Runs are stored in {md(settings.runs_dir)}; uploads in {md(settings.workspace)}.")
 ready_run = st.session_state.pop("load-ready", None)
 if ready_run:
-    st.success(f"Run **{ready_run}** is ready.")
+    st.success(f"Run **{md(ready_run)}** is ready.")
     components.page_link("overview", "Open its overview", run=ready_run)
 analyse_tab, runs_tab = st.tabs(["Analyse a model", "Stored runs"])
 
@@ -73,10 +74,10 @@ def _guarded(action) -> None:
     try:
         action()
     except AnalyzerError as exc:
-        st.error(str(exc))
+        st.error(md(exc))
     except Exception as exc:  # a failure we did not foresee: say what it was, keep the app alive, log the details
         LOG.exception("analysis failed")
-        st.error(f"The analysis failed: {data.error_message(exc)}")
+        st.error(f"The analysis failed: {md(data.error_message(exc))}")
 
 
 with analyse_tab:
@@ -187,15 +188,15 @@ with runs_tab:
                     data.forget_runs()
                     if state.get("run") == chosen:
                         state.put("run", None)
-                    st.success(f"Deleted {chosen}.")
+                    st.success(f"Deleted {md(chosen)}.")
                     st.rerun()
                 except AnalyzerError as exc:
-                    st.error(str(exc))
+                    st.error(md(exc))
         st.divider()
         query = st.text_input("Find a sample id in the stored runs", key="runs-search", placeholder="sample id")
         if query:
             hits = [n for n, p in runs.items() if data.run_has_sample(data.load_run(p), query.strip())]
             if not hits:
-                st.info(f"No stored run holds a sample with id {query!r}.")
+                st.info(f"No stored run holds a sample with id {md(repr(query))}.")
             for hit in hits:
                 components.page_link("explain", f"Sample {query} in {hit}", run=hit, sample=query.strip())

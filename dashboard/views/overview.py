@@ -5,12 +5,13 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import components, data, figures
+from dashboard.text import md
 
 run = components.require_run()
 components.header("Overview", run)
 sandbox = run.info.get("sandbox") or {}
 if sandbox.get("level") == "reduced":
-    st.warning("This run's model ran in a reduced sandbox: " + str(sandbox.get("reason", "")), icon="⚠️")
+    st.warning("This run's model ran in a reduced sandbox: " + md(sandbox.get("reason", "")), icon="⚠️")
 elif sandbox.get("level") == "full":
     st.caption("The model ran in a sandboxed worker (no network, private filesystem, no new processes).")
 m = data.metrics(run)
@@ -33,7 +34,7 @@ with st.container(border=True):
     slices = data.optional_table(run, "slices.parquet")
     if slices is not None and len(slices):
         top = slices.iloc[0]
-        st.markdown(f"**Worst slice:** {top['description']} — {int(top['size'])} samples, error rate "
+        st.markdown(f"**Worst slice:** {md(top['description'])} — {int(top['size'])} samples, error rate "
                     f"{top['error_rate']:.1%} ({top['lift']:.1f}× the overall rate).")
         components.page_link("errors", "See this slice", sel="slice:0")
         findings += 1
@@ -41,8 +42,8 @@ with st.container(border=True):
     pairs = conf.most_confused(1)
     if len(pairs):
         p = pairs.iloc[0]
-        st.markdown(f"**Most confused:** true **{p['true_name']}** predicted as **{p['pred_name']}** "
-                    f"{int(p['count'])} times ({p['share_of_true']:.1%} of {p['true_name']}).")
+        st.markdown(f"**Most confused:** true **{md(p['true_name'])}** predicted as **{md(p['pred_name'])}** "
+                    f"{int(p['count'])} times ({p['share_of_true']:.1%} of {md(p['true_name'])}).")
         components.page_link("confusion", "See these samples", sel=f"cell:{int(p['true'])}-{int(p['pred'])}")
         findings += 1
     noise = data.optional_table(run, "label_noise.parquet")
@@ -51,20 +52,20 @@ with st.container(border=True):
         if len(suspects):
             top = suspects.iloc[0]
             st.markdown(f"**Label-noise suspects:** {len(suspects)} samples whose label the model contradicts "
-                        f"more than it supports it; the strongest, id {top['id']}, is labelled "
-                        f"{components.class_name(run, top['label'])} but looks like "
-                        f"{components.class_name(run, top['suggested_label'])}.")
+                        f"more than it supports it; the strongest, id {md(top['id'])}, is labelled "
+                        f"{md(components.class_name(run, top['label']))} but looks like "
+                        f"{md(components.class_name(run, top['suggested_label']))}.")
             components.page_link("errors", "Review the suspects", sel="suspects:top")
             findings += 1
     flags = data.optional_json(run, "gradients/flags.json")
     if flags:
-        problems = [f"{layer} (vanishing)" for layer in flags.get("vanishing", [])]
-        problems += [f"{layer} (exploding)" for layer in flags.get("exploding", [])]
+        problems = [f"{md(layer)} (vanishing)" for layer in flags.get("vanishing", [])]
+        problems += [f"{md(layer)} (exploding)" for layer in flags.get("exploding", [])]
         dead = {k: v for k, v in (flags.get("dead_relu_layers") or {}).items() if v >= 0.25}
         if problems:
             st.markdown(f"**Gradients:** {', '.join(problems)}.")
         if dead:
-            st.markdown("**Dead units:** " + ", ".join(f"{k} has {v:.0%} of its units never active"
+            st.markdown("**Dead units:** " + ", ".join(f"{md(k)} has {v:.0%} of its units never active"
                                                          for k, v in dead.items()) + ".")
         if problems or dead:
             components.page_link("training", "See the gradient traces")
@@ -86,7 +87,7 @@ with left:
     st.dataframe(table, hide_index=True, column_config={"precision": bar, "recall": bar, "F1": bar},
                  height=min(420, 36 * len(table) + 40))
     averages = {k: report[k] for k in ("macro avg", "weighted avg") if k in report}
-    st.caption(" · ".join(f"{k}: F1 {v['f1-score']:.3f}" for k, v in averages.items()))
+    st.caption(" · ".join(f"{md(k)}: F1 {v['f1-score']:.3f}" for k, v in averages.items()))
 with right:
     st.subheader("Class balance")
     st.plotly_chart(figures.class_balance_figure(run.samples["label"], run.samples["pred"], names),

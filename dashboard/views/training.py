@@ -7,6 +7,7 @@ import streamlit as st
 
 from analyzers.errors import AnalyzerError
 from dashboard import components, data, figures
+from dashboard.text import md
 
 run = components.require_run()
 components.header("Training & gradients", run)
@@ -16,7 +17,7 @@ st.subheader("Training curves")
 try:
     log = data.training_log(run)
 except AnalyzerError as exc:
-    st.error(str(exc))
+    st.error(md(exc))
     log = None
 if log is None:
     components.not_in_run("A training log", "Add `analyzers.TrainingRecorder` to your training loop (a few lines, "
@@ -42,8 +43,8 @@ if traces is None:
 else:
     vanishing, exploding = flags.get("vanishing", []), flags.get("exploding", [])
     if vanishing or exploding:
-        st.warning(" · ".join([f"**{layer}**: vanishing gradients" for layer in vanishing] +
-                              [f"**{layer}**: exploding gradients" for layer in exploding]),
+        st.warning(" · ".join([f"**{md(layer)}**: vanishing gradients" for layer in vanishing] +
+                              [f"**{md(layer)}**: exploding gradients" for layer in exploding]),
                    icon=":material/warning:")
     else:
         thresholds = flags.get("thresholds", {})
@@ -68,7 +69,7 @@ else:
                                                  title=f"Gradient norm of the {kind} per layer, batch by batch"),
                         key="grad-traces", config={"displayModeBar": False})
     if flags.get("inplace_activations"):
-        st.caption(f"In-place activations: {', '.join(flags['inplace_activations'])}. Activations were captured as "
+        st.caption(f"In-place activations: {', '.join(map(md, flags['inplace_activations']))}. Activations were captured as "
                    f"{flags.get('activation_capture', 'each layer output')}.")
 
     dead = data.optional_table(run, "gradients/dead_units.parquet")
@@ -93,7 +94,7 @@ if cols[3].button("Run the check", key="overfit-run", type="primary"):
         with st.spinner("Training a copy of the model on one batch…"):
             st.session_state["overfit-result"] = (run.path.name, data.overfit(run, int(steps_n), int(batch), float(lr)))
     except AnalyzerError as exc:
-        st.error(str(exc))
+        st.error(md(exc))
 stored = st.session_state.get("overfit-result")
 if stored and stored[0] == run.path.name:
     result = stored[1]

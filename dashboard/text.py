@@ -1,0 +1,27 @@
+"""Text from files and URLs shown as text, never as markup (issue 19).
+
+Streamlit renders Markdown (links, images, HTML-like colour directives, LaTeX) in titles, captions, alerts, button and
+expander labels; plotly renders pseudo-HTML (`<a href>`, `<b>`) in titles, tick labels and hover text. Class names,
+ids, metadata values, feature and layer names, run names and query values come from uploads and links, so each goes
+through `md` (Markdown) or `plotly` before it is interpolated into either. (CSV exports are neutralised for
+spreadsheets where they are written: `analyzers.evaluation.stage.to_csv`.)
+"""
+from __future__ import annotations
+
+import html
+import string
+
+# CommonMark lets every ASCII punctuation character be escaped with a backslash, which then renders as itself.
+_MARKDOWN_ESCAPES = {ord(c): "\\" + c for c in string.punctuation}
+
+
+def md(value) -> str:
+    """`value` as literal text inside Streamlit Markdown: no link, image, emphasis, HTML, LaTeX or directive, and
+    on one line."""
+    text = " ".join(str(value).splitlines())
+    return text.translate(_MARKDOWN_ESCAPES)
+
+
+def plotly(value) -> str:
+    """`value` as literal text inside a plotly string (titles, tick labels, hover text): no tag is interpreted."""
+    return html.escape(str(value), quote=False)
