@@ -169,7 +169,7 @@ def subset_metrics(run: Run, rows: tuple) -> dict:
 # ------------------------------------------------------------------------------------------- model and input data
 
 @st.cache_resource(show_spinner="Loading the model and data…", max_entries=4)
-def _inputs(model_sha: str, dataset_sha: str, preprocessing: str, _run: Run):
+def _inputs(key: str, _run: Run):
     """((LoadedModel, Dataset), None), or (None, the reason they cannot be loaded): a failure is kept too, so a
     run whose model file changed is not re-read on every click."""
     from analyzers.engines.pipeline import load_run_inputs
@@ -180,11 +180,18 @@ def _inputs(model_sha: str, dataset_sha: str, preprocessing: str, _run: Run):
         return None, str(exc)
 
 
+def inputs_key(info: dict) -> str:
+    """What decides a run's loaded model and dataset: both files' hashes, the preprocessing, and every parameter
+    (label column, id column, features and their order, architecture). Two runs of one file that differ in any of
+    these must not share a cached dataset."""
+    return json.dumps({"model": info["model"]["sha256"], "arch": info["model"].get("arch"),
+                       "dataset": info["dataset"]["sha256"], "preprocessing": info.get("preprocessing") or {},
+                       "parameters": info.get("parameters") or {}}, sort_keys=True, default=str)
+
+
 def run_inputs(run: Run):
     """(LoadedModel, Dataset) of a run, loaded once and shared by every session (models keyed by file hash)."""
-    info = run.info
-    loaded, problem = _inputs(info["model"]["sha256"], info["dataset"]["sha256"],
-                              json.dumps(info.get("preprocessing") or {}, sort_keys=True), run)
+    loaded, problem = _inputs(inputs_key(run.info), run)
     if problem is not None:
         raise AnalyzerError(problem)
     return loaded

@@ -22,8 +22,8 @@ import pandas as pd
 
 from ..errors import AnalyzerError
 from ..loading.datasets import Dataset, check_dataset, describe_dataset, load_dataset
-from ..loading.runs import (PROBS, RUN_FORMAT_VERSION, RUN_INFO, SAMPLES, check_run_files, open_run, staged_run,
-                            write_json)
+from ..loading.runs import (PROBS, RUN_FORMAT_VERSION, RUN_INFO, SAMPLES, check_run_files, open_run,
+                            refuse_non_run, staged_run, write_json)
 from ..loading.sandbox import runs_in_worker, sandboxed
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def run_analysis(model_spec: str, data_spec: str, out: str | Path, *, arch: str 
     A model from a file is loaded, and the whole run computed, in a sandboxed worker (`isolation`, see
     `load_model`); its files are checked and copied into the run directory here, and `run.json` is written here.
     """
-    out = Path(out)
+    out = Path(out).absolute()  # `--out .` names the current directory, not a run called ""
     if batch_size < 1:
         raise AnalyzerError(f"--batch-size must be at least 1, got {batch_size}")
     stages = _resolve_stages(analyses)
@@ -163,7 +163,7 @@ def run_analysis(model_spec: str, data_spec: str, out: str | Path, *, arch: str 
     if _reuse_or_refuse(out, model.sha256, dataset.sha256, params, overwrite):
         report("done", 1.0)
         return out
-    with staged_run(out, replace=True) as stage_dir:
+    with staged_run(out, replace=overwrite) as stage_dir:
         summary = write_run_files(model, dataset, stage_dir, params=params, stages=stages, device=device,
                                   progress=progress, report=report)
         checked = check_run_files(stage_dir, num_samples=len(dataset), num_classes=model.num_classes)
@@ -197,8 +197,8 @@ def _reuse_or_refuse(out: Path, model_sha: str, dataset_sha: str, params: dict, 
         if not overwrite:
             raise AnalyzerError(f"{out} holds a different run (another model, dataset or parameters): pass --overwrite "
                                 f"to replace it, or choose another --out")
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise AnalyzerError(f"{out} exists and is not a run: choose another --out or pass --overwrite")
+    else:
+        refuse_non_run(out)  # never deleted, not even with --overwrite
     return False
 
 
@@ -262,7 +262,7 @@ def _run_sandboxed(model_spec, data_spec, out: Path, *, arch, input_shape, data_
                              on_progress=report)
         if not isinstance(summary, dict):
             raise AnalyzerError("the sandboxed worker returned an unexpected run summary; nothing was stored")
-        with staged_run(out, replace=True) as stage_dir:
+        with staged_run(out, replace=overwrite) as stage_dir:
             copy_worker_output(model.worker.scratch / "run", stage_dir)
             num_samples = int(dataset.get("num_samples", -1))
             checked = check_run_files(stage_dir, num_samples=num_samples, num_classes=model.num_classes)

@@ -7,8 +7,11 @@ and renamed, so a reader never sees half a file.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import json
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -70,32 +73,129 @@ def _json_default(obj):
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
+# Hidden siblings of a run `NAME` while it is written, replaced or deleted: `.NAME.tmp-XXXXXXXX` (the new run being
+# staged), `.NAME.old-XXXXXXXX` (the run being replaced), `.NAME.deleted-XXXXXXXX` (a run being deleted) and
+# `.NAME.lock` (held by the one writer of NAME). A crash leaves some of them; `recover_interrupted` puts things right.
+_SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<tag>tmp|old|deleted)-[0-9a-f]{8}$")
+
+
+def _swap_step(step: str) -> None:
+    """Called between the steps of a replacement; the crash-safety tests kill the process here."""
+
+
+@contextlib.contextmanager
+def writer_lock(out: Path, *, wait: bool):
+    """Hold `.NAME.lock` beside `out`: one writer per run name, across processes. Without `wait` a second writer is
+    refused with a message at once; with it (`--overwrite`) it waits its turn and then replaces the run."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(out.parent / f".{out.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise AnalyzerError(f"cannot write into {out.parent} ({exc.strerror}): check its permissions and free space, "
+                            f"or choose another --out") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError as exc:
+            raise AnalyzerError(f"another analysis is writing {out} right now: wait for it to finish, choose another "
+                                f"--out, or pass --overwrite to replace its run once it is done") from exc
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 @contextlib.contextmanager
 def staged_run(out: str | Path, *, replace: bool):
     """A temporary directory beside `out` to write a run into; renamed to `out` only if the block completes.
 
-    With `replace`, an existing run at `out` is swapped out only after the new one is complete.
+    The block runs under `out`'s writer lock. With `replace`, an existing run at `out` is swapped out only after the
+    new one is complete, in two renames; a crash between any two steps is undone or finished by
+    `recover_interrupted` (at the next write of `out`, and whenever runs are listed). A directory at `out` that is
+    not a run is never replaced.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = _temp_sibling(out, "tmp")
-    stage.mkdir()
+    with writer_lock(out, wait=replace):
+        _recover_name(out.parent, out.name)
+        refuse_non_run(out)
+        stage = _temp_sibling(out, "tmp")
+        stage.mkdir()
+        try:
+            yield stage
+            if not (stage / RUN_INFO).exists():
+                raise AnalyzerError("internal error: a run was staged without run.json")
+            _swap_step("staged")
+            if out.exists():
+                if not replace:
+                    raise AnalyzerError(f"{out} was written by another analysis meanwhile: pass --overwrite to "
+                                        f"replace it, or choose another --out")
+                refuse_non_run(out)
+                old = _temp_sibling(out, "old")
+                os.replace(out, old)
+                _swap_step("old moved aside")
+                os.replace(stage, out)
+                _swap_step("new moved in")
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(stage, out)
+            _swap_step("done")
+        finally:
+            if stage.exists():
+                shutil.rmtree(stage, ignore_errors=True)
+
+
+def refuse_non_run(out: Path) -> None:
+    """Refuse `out` as a place for a run if it is a file, or a directory holding something that is not a run."""
+    if out.is_file() or out.is_symlink():
+        raise AnalyzerError(f"{out} is a file, not a run directory: choose another --out")
+    if out.is_dir() and not (out / RUN_INFO).exists() and any(out.iterdir()):
+        raise AnalyzerError(f"{out} exists and is not a run, so it is never replaced (not even with --overwrite): "
+                            f"choose another --out, such as {out.parent / (out.name + '-run')}")
+
+
+def recover_interrupted(root: str | Path) -> list[str]:
+    """Finish or undo every replacement or deletion under `root` that a crash interrupted; returns what was done.
+
+    A name whose writer is still running (its lock is held) is left alone. For each name: with no run at `NAME`, a
+    complete staged run (it has run.json, written last) is moved in (the crash came between the two renames of a
+    replacement, or just before the rename of a new run), else the run that was being replaced is moved back. Then
+    whatever is left over is removed: incomplete stages, replaced runs, runs being deleted."""
+    root = Path(root)
     try:
-        yield stage
-        if not (stage / RUN_INFO).exists():
-            raise AnalyzerError("internal error: a run was staged without run.json")
-        if out.exists():
-            if not replace:
-                raise AnalyzerError(f"{out} already exists: pass --overwrite to replace it")
-            old = _temp_sibling(out, "old")
-            os.replace(out, old)
-            os.replace(stage, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, out)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
+        names = {m["name"] for m in (_SIBLING.match(p.name) for p in root.iterdir()) if m}
+    except OSError:
+        return []
+    done = []
+    for name in sorted(names):
+        try:
+            with writer_lock(root / name, wait=False):
+                done += _recover_name(root, name)
+        except AnalyzerError:
+            continue  # being written right now, or not writable: nothing to recover from here
+    return done
+
+
+def _recover_name(root: Path, name: str) -> list[str]:
+    """`recover_interrupted` for one name, whose writer lock the caller holds."""
+    siblings = {"tmp": [], "old": [], "deleted": []}
+    for path in root.glob(f".{glob.escape(name)}.*-*"):
+        match = _SIBLING.match(path.name)
+        if match and match["name"] == name and path.is_dir() and not path.is_symlink():
+            siblings[match["tag"]].append(path)
+    out = root / name
+    done = []
+    if not out.exists():
+        complete = sorted((p for p in siblings["tmp"] if (p / RUN_INFO).exists()), key=lambda p: p.stat().st_mtime)
+        if complete:
+            os.replace(complete[-1], out)
+            done.append(f"{name}: finished an interrupted write (the new run is in place)")
+        elif siblings["old"]:
+            newest = max(siblings["old"], key=lambda p: p.stat().st_mtime)
+            os.replace(newest, out)
+            done.append(f"{name}: undid an interrupted replacement (the previous run is back)")
+    for path in siblings["tmp"] + siblings["old"] + siblings["deleted"]:
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+    return done
 
 
 def check_run_files(stage_dir: str | Path, *, num_samples: int, num_classes: int) -> dict:
@@ -204,6 +304,7 @@ def list_runs(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
+    recover_interrupted(root)
     runs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / RUN_INFO).exists()]
     return sorted(runs, key=lambda p: (p / RUN_INFO).stat().st_mtime, reverse=True)
 

@@ -1,0 +1,174 @@
+"""No run is ever lost (issue 19): a replacement killed (SIGKILL) between any two of its steps is finished or undone
+at the next start, concurrent writers of one run are serialised, and a folder that is not a run is never replaced."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from analyzers.errors import AnalyzerError
+from analyzers.loading.runs import RUN_INFO, list_runs, recover_interrupted, staged_run, writer_lock
+from conftest import ROOT
+
+STEPS = ("staged", "old moved aside", "new moved in", "done")
+# What must be at the run's name after recovery when the writer died right after each step.
+EXPECTED = {"staged": "old", "old moved aside": "new", "new moved in": "new", "done": "new"}
+
+WRITER = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from analyzers.loading import runs
+
+    out, kill_at = Path(sys.argv[1]), sys.argv[2]
+
+    def step(name):
+        if name == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    runs._swap_step = step
+    with runs.staged_run(out, replace=True) as stage:
+        (stage / "which").write_text("new")
+        (stage / "run.json").write_text("{}")
+""")
+
+
+def _fake_run(path, which: str):
+    path.mkdir(parents=True)
+    (path / "which").write_text(which)
+    (path / RUN_INFO).write_text(json.dumps({"which": which}))
+
+
+def _hidden(root):
+    return sorted(p.name for p in root.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock"))
+
+
+@pytest.mark.parametrize("step, previous", [(step, True) for step in STEPS] + [("staged", False), ("done", False)],
+                         ids=[f"replacing, killed after {s}" for s in STEPS] + ["fresh, killed after staged",
+                                                                              "fresh, killed after done"])
+def test_sigkill_at_every_step_of_a_swap_is_recovered(step, previous, tmp_path):
+    root = tmp_path / "runs"
+    root.mkdir()
+    out = root / "run"
+    if previous:
+        _fake_run(out, "old")
+    done = subprocess.run([sys.executable, "-c", WRITER, str(out), step], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    recover_interrupted(root)
+    assert (out / RUN_INFO).exists(), _hidden(root)
+    expected = EXPECTED[step] if previous else "new"
+    assert (out / "which").read_text() == expected
+    assert _hidden(root) == []  # nothing left in hidden directories
+    assert list_runs(root) == [out]
+
+
+def test_a_writer_still_running_is_not_recovered_under_it(tmp_path):
+    root = tmp_path / "runs"
+    root.mkdir()
+    out = root / "run"
+    _fake_run(out, "old")
+    with writer_lock(out, wait=False):
+        stage = root / ".run.tmp-0123abcd"  # a stage the lock holder is still writing
+        stage.mkdir()
+        assert recover_interrupted(root) == []
+        assert stage.exists()
+
+
+def test_a_second_writer_without_overwrite_is_refused_at_once(tmp_path):
+    out = tmp_path / "run"
+    with writer_lock(out, wait=False):
+        with pytest.raises(AnalyzerError, match="another analysis is writing .* right now"):
+            with staged_run(out, replace=False):
+                pass
+
+
+def test_two_cli_runs_into_one_fresh_out_cannot_both_succeed(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "analyzers", "run", "--model", "sample:digits", "--data", "sample:digits",
+               "--out", str(out), "--analyses", "evaluation"]
+    first = subprocess.Popen([*command, "--seed", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    second = subprocess.Popen([*command, "--seed", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in (first, second)]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 1], results
+    loser = next(err for code, err in results if code == 1)
+    assert "another analysis is writing" in loser or "holds a different run" in loser or "meanwhile" in loser
+    assert "Traceback" not in loser
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path):
+    import analyzers
+
+    folder = tmp_path / "my-notes"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("precious")
+    for overwrite in (False, True):
+        with pytest.raises(AnalyzerError, match="exists and is not a run, so it is never replaced"):
+            analyzers.run_analysis("sample:digits", "sample:digits", folder, overwrite=overwrite,
+                                   analyses=["evaluation"])
+    assert (folder / "thesis.tex").read_text() == "precious"
+
+
+@pytest.mark.parametrize("out_kind", ["file", "dot"])
+def test_bad_out_is_one_line_on_the_cli(out_kind, tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("x")
+    out = str(target) if out_kind == "file" else "."
+    done = subprocess.run([sys.executable, "-m", "analyzers", "run", "--model", "sample:digits", "--data",
+                           "sample:digits", "--out", out, "--analyses", "evaluation"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert ("is a file, not a run directory" if out_kind == "file" else "exists and is not a run") in lines[0]
+    assert target.read_text() == "x"
+
+
+class _Linear3(__import__("torch").nn.Module):
+    def __init__(self):
+        import torch
+
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_cached_inputs_are_keyed_by_every_parameter_that_shapes_them(tmp_path):
+    """Two runs of one CSV and one model that differ only in the feature order or the label column get their own
+    inputs from the dashboard's cache (issue 19: the second run's Explain page used the first run's columns)."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    import analyzers
+    from analyzers.loading.runs import open_run
+    from conftest import export_model
+    from dashboard import data
+
+    torch.manual_seed(0)
+    model = export_model(_Linear3(), torch.zeros(2, 3), tmp_path / "linear.pt2")
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"a": rng.normal(size=40), "b": rng.normal(size=40) + 10, "c": rng.normal(size=40) + 100,
+                          "label": rng.integers(0, 2, 40), "other": rng.integers(0, 2, 40)})
+    csv = tmp_path / "table.csv"
+    table.to_csv(csv, index=False)
+    variants = {"abc": dict(features=["a", "b", "c"]), "cba": dict(features=["c", "b", "a"]),
+                "other-label": dict(features=["a", "b", "c"], label_column="other")}
+    keys = set()
+    for name, options in variants.items():
+        out = analyzers.run_analysis(str(model), str(csv), tmp_path / "runs" / name, analyses=["evaluation"],
+                                     **options)
+        run = open_run(out)
+        keys.add(data.inputs_key(run.info))
+        _, dataset = data.run_inputs(run)
+        np.testing.assert_array_equal(dataset.x, table[options["features"]].to_numpy(np.float32))
+        np.testing.assert_array_equal(dataset.y, table[options.get("label_column", "label")].to_numpy())
+    assert len(keys) == len(variants)
