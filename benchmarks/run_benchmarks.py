@@ -206,11 +206,18 @@ def image_model(workdir: Path) -> dict:
     module = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1),
                            nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 3)).eval()
-    path = workdir / "shapes-like.pt2"
+    path = save_image_export(module, workdir / "shapes-like.pt2")
+    return {"spec": str(path), "arch": None, "note": "a CNN shaped like the shapes sample (sample_models.shapes missing)"}
+
+
+def save_image_export(module, path: Path) -> Path:
+    """`module` (3x32x32 images in) as a `.pt2` export with a dynamic batch, as a person would upload it."""
+    import torch
+
     program = torch.export.export(module, (torch.zeros(2, 3, 32, 32),),
                                   dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(program, str(path))
-    return {"spec": str(path), "arch": None, "note": "a CNN shaped like the shapes sample (sample_models.shapes missing)"}
+    return path
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -661,17 +668,11 @@ def _change_a_widget(at):
 
 def _export_image_model(spec: dict, path: Path) -> Path:
     """The benchmark's image model as a `.pt2` export: what an upload is, and what the sandbox loads."""
-    import torch
-
     import analyzers
 
     if str(spec["model"]).endswith(".pt2"):
         return Path(spec["model"])
-    module = analyzers.load_model(spec["model"], arch=spec.get("arch")).module
-    program = torch.export.export(module, (torch.zeros(2, 3, 32, 32),),
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
-    torch.export.save(program, str(path))
-    return path
+    return save_image_export(analyzers.load_model(spec["model"], arch=spec.get("arch")).module, path)
 
 
 def worker_sandbox(spec: dict) -> dict:

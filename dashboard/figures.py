@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-
-from .text import plotly
 from plotly.subplots import make_subplots
+
+from .text import plotly_text
 
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
 SAFE = ("#88CCEE", "#CC6677", "#DDCC77", "#117733", "#332288", "#AA4499", "#44AA99", "#999933", "#882255",
@@ -34,8 +34,8 @@ def palette(n: int) -> list:
 
 def _layout(fig: go.Figure, *, title: str | None = None, height: int = 380, **kwargs) -> go.Figure:
     # titles name classes, layers and columns from the run: plain text, never plotly's pseudo-HTML
-    fig.update_layout(title=plotly(title) if title else None, height=height, margin=dict(l=10, r=10, t=50 if title else 20, b=10),
-                      font=FONT, template="plotly_white", **kwargs)
+    fig.update_layout(title=plotly_text(title) if title else None, height=height, font=FONT, template="plotly_white",
+                      margin=dict(l=10, r=10, t=50 if title else 20, b=10), **kwargs)
     return fig
 
 
@@ -50,7 +50,7 @@ def confusion_figure(counts, class_names, *, values=None, value_label: str = "co
     counts = np.asarray(counts)
     k = len(counts)
     values = counts if values is None else np.asarray(values, dtype=float)
-    names = [plotly(n) for n in class_names]
+    names = [plotly_text(n) for n in class_names]
     is_count = np.issubdtype(values.dtype, np.integer)
     text = [[f"{int(v)}" if is_count else f"{v:.2f}" for v in row] for row in values]
     fig = go.Figure(go.Heatmap(z=values, x=names, y=names, text=text, texttemplate="%{text}" if k <= 20 else None,
@@ -115,7 +115,7 @@ def reliability_figure(bins: dict, *, label: str = "model", other: dict | None =
 def class_balance_figure(labels, pred, class_names) -> go.Figure:
     """How many samples each class has, and how many the model assigns to it."""
     k = len(class_names)
-    names = [plotly(n) for n in class_names]
+    names = [plotly_text(n) for n in class_names]
     true_counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=k)
     pred_counts = np.bincount(np.asarray(pred, dtype=np.int64), minlength=k)
     fig = go.Figure([go.Bar(x=names, y=true_counts, name="labelled", marker_color=OKABE_ITO[0]),
@@ -128,7 +128,7 @@ def class_balance_figure(labels, pred, class_names) -> go.Figure:
 def per_class_figure(report: dict, class_names) -> go.Figure:
     """Precision, recall and F1 per class from a `classification_report(output_dict=True)`."""
     keys = [str(n) for n in class_names if str(n) in report]
-    names = [plotly(n) for n in keys]
+    names = [plotly_text(n) for n in keys]
     fig = go.Figure()
     for metric, colour in zip(("precision", "recall", "f1-score"), OKABE_ITO):
         fig.add_trace(go.Bar(x=names, y=[report[n][metric] for n in keys], name=metric, marker_color=colour,
@@ -141,7 +141,7 @@ def per_class_figure(report: dict, class_names) -> go.Figure:
 def probabilities_figure(probs, class_names, *, label: int | None = None, pred: int | None = None) -> go.Figure:
     """The probability of every class for one sample; the true class and the prediction are marked."""
     probs = np.asarray(probs, dtype=float)
-    names = [plotly(n) for n in class_names]
+    names = [plotly_text(n) for n in class_names]
     colours = [RIGHT if i == label else (WRONG if i == pred else "#9aa5b1") for i in range(len(names))]
     tags = [" (true)" if i == label else (" (predicted)" if i == pred else "") for i in range(len(names))]
     order = np.argsort(probs)[-25:]  # at most 25 classes, the likeliest
@@ -155,11 +155,11 @@ def probabilities_figure(probs, class_names, *, label: int | None = None, pred: 
 
 def group_figure(groups: pd.DataFrame, column: str) -> go.Figure:
     """Accuracy per group of a metadata column (from analyzers.evaluation.metrics.group_metrics), with group sizes."""
-    fig = go.Figure(go.Bar(x=groups["group"].astype(str).map(plotly), y=groups["accuracy"], marker_color=OKABE_ITO[0],
+    fig = go.Figure(go.Bar(x=groups["group"].astype(str).map(plotly_text), y=groups["accuracy"], marker_color=OKABE_ITO[0],
                            customdata=groups["size"], text=[f"{a:.2f}" for a in groups["accuracy"]],
                            hovertemplate="%{x}<br>accuracy %{y:.3f}<br>%{customdata} samples<extra></extra>"))
     fig.update_yaxes(range=[0, 1.05], title="accuracy")
-    fig.update_xaxes(title=plotly(column), type="category")
+    fig.update_xaxes(title=plotly_text(column), type="category")
     return _layout(fig, height=320)
 
 
@@ -257,7 +257,7 @@ def sequence_attribution_figure(letters: str, scores, *, signed: bool, title: st
 def feature_attribution_figure(feature_names, values, *, title: str | None = None, top: int = 15) -> go.Figure:
     """Horizontal bars of the `top` features by absolute attribution, red for the class and blue against it."""
     values = np.asarray(values, dtype=float)
-    names = [plotly(n) for n in feature_names]
+    names = [plotly_text(n) for n in feature_names]
     order = np.argsort(np.abs(values))[-top:]
     colours = [WRONG if values[i] > 0 else RIGHT for i in order]
     fig = go.Figure(go.Bar(x=values[order], y=[names[i] for i in order], orientation="h", marker_color=colours,
@@ -297,18 +297,18 @@ def embedding_figure(table: pd.DataFrame, *, colour: str, categorical: bool, tit
             part = shown[values.to_numpy() == cat]
             if part.empty:
                 continue
-            fig.add_trace(go.Scattergl(x=part["x"], y=part["y"], mode="markers", name=plotly(cat),
+            fig.add_trace(go.Scattergl(x=part["x"], y=part["y"], mode="markers", name=plotly_text(cat),
                                        marker=dict(size=6, color=col, opacity=0.8), customdata=part["id"],
-                                       text=part["id"].astype(str).map(plotly),
+                                       text=part["id"].astype(str).map(plotly_text),
                                        hovertemplate="id %{text}<br>"
-                                                     + f"{plotly(colour)} {plotly(cat)}<extra></extra>"))
+                                                     + f"{plotly_text(colour)} {plotly_text(cat)}<extra></extra>"))
     else:
         values = pd.to_numeric(shown[colour], errors="coerce")
-        fig.add_trace(go.Scattergl(x=shown["x"], y=shown["y"], mode="markers", name=plotly(colour),
+        fig.add_trace(go.Scattergl(x=shown["x"], y=shown["y"], mode="markers", name=plotly_text(colour),
                                    marker=dict(size=6, color=values, colorscale=SEQUENTIAL, showscale=True,
-                                               colorbar=dict(title=plotly(colour), thickness=12), opacity=0.85),
-                                   customdata=shown["id"], text=shown["id"].astype(str).map(plotly),
-                                   hovertemplate="id %{text}<br>" + plotly(colour)
+                                               colorbar=dict(title=plotly_text(colour), thickness=12), opacity=0.85),
+                                   customdata=shown["id"], text=shown["id"].astype(str).map(plotly_text),
+                                   hovertemplate="id %{text}<br>" + plotly_text(colour)
                                                  + " %{marker.color:.3g}<extra></extra>"))
     if len(rows) < len(table):
         title = f"{title or ''} — {len(rows):,} of {len(table):,} points drawn".strip(" —")
@@ -352,7 +352,7 @@ def grad_norm_figure(table: pd.DataFrame, *, x: str = "step", flags: dict | None
     fig = go.Figure()
     for layer, colour in zip(layers, palette(len(layers))):
         flag = flags.get(layer)
-        name = plotly(layer)
+        name = plotly_text(layer)
         fig.add_trace(go.Scatter(x=table[x], y=table[layer], mode="lines", name=f"{name} ⚠ {flag}" if flag else name,
                                  line=dict(color=colour, dash="dash" if flag else "solid", width=3 if flag else 1.5),
                                  hovertemplate=name + ": %{y:.3g}<extra></extra>"))
@@ -365,7 +365,7 @@ def bar_figure(labels, values, *, x_title: str, y_title: str, highlight=None, pe
                title: str | None = None) -> go.Figure:
     """Simple vertical bars; `highlight` (a boolean per bar) draws flagged bars in the warning colour."""
     highlight = np.zeros(len(values), dtype=bool) if highlight is None else np.asarray(highlight, dtype=bool)
-    fig = go.Figure(go.Bar(x=[plotly(v) for v in labels], y=values,
+    fig = go.Figure(go.Bar(x=[plotly_text(v) for v in labels], y=values,
                            marker_color=[WRONG if h else OKABE_ITO[0] for h in highlight],
                            hovertemplate="%{x}: %{y:" + (".1%" if percent else ".3g") + "}<extra></extra>"))
     fig.update_xaxes(title=x_title, type="category")

@@ -3,7 +3,7 @@
 Streamlit renders Markdown (links, images, HTML-like colour directives, LaTeX) in titles, captions, alerts, button and
 expander labels; plotly renders pseudo-HTML (`<a href>`, `<b>`) in titles, tick labels and hover text. Class names,
 ids, metadata values, feature and layer names, run names and query values come from uploads and links, so each goes
-through `md` (Markdown) or `plotly` before it is interpolated into either. (CSV exports are neutralised for
+through `md` (Markdown) or `plotly_text` before it is interpolated into either. (CSV exports are neutralised for
 spreadsheets where they are written: `analyzers.evaluation.stage.to_csv`.)
 """
 from __future__ import annotations
@@ -22,6 +22,6 @@ def md(value) -> str:
     return text.translate(_MARKDOWN_ESCAPES)
 
 
-def plotly(value) -> str:
+def plotly_text(value) -> str:
     """`value` as literal text inside a plotly string (titles, tick labels, hover text): no tag is interpreted."""
     return html.escape(str(value), quote=False)

@@ -15,7 +15,7 @@ import pytest
 from markdown_it import MarkdownIt
 
 from analyzers.evaluation.stage import to_csv
-from dashboard.text import md, plotly
+from dashboard.text import md, plotly_text
 
 BEACON = "http://127.0.0.1:9999/beacon"
 HOSTILE = [f"![m]({BEACON})", "[Click to re-authenticate](http://evil.example/login)", f"<img src={BEACON}>",
@@ -46,7 +46,7 @@ def test_md_renders_exactly_the_value_as_text(value):
 
 @pytest.mark.parametrize("value", HOSTILE)
 def test_plotly_strings_carry_no_tag(value):
-    assert "<" not in plotly(value) and ">" not in plotly(value)
+    assert "<" not in plotly_text(value) and ">" not in plotly_text(value)
 
 
 def test_csv_export_neutralises_formula_cells():

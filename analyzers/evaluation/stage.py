@@ -14,7 +14,6 @@ Error rankings are views of `samples.parquet`: `analyzers.evaluation.metrics.ran
 from __future__ import annotations
 
 import csv
-
 import time
 from pathlib import Path
 

@@ -85,6 +85,16 @@ ELEMENT_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 2, 7: 4, 8: 8, 12: 1, 13: 2, 1
 LAYOUTS = {1, 2, 3, 4, 5, 6, 7}
 MEMORY_FORMATS = {0, 1, 2, 3, 4}
 
+# Argument kinds that are a plain value, a list (1) or a list of lists (2) of one element type: the element's checker.
+NESTED_ARGUMENTS = {
+    "as_tensor": ("_tensor_argument", 0), "as_tensors": ("_tensor_argument", 1),
+    "as_nested_tensors": ("_tensor_argument", 2), "as_optional_tensor": ("_optional_tensor", 0),
+    "as_optional_tensors": ("_optional_tensor", 1), "as_int": ("_int", 0), "as_ints": ("_int", 1),
+    "as_int_lists": ("_int", 2), "as_float": ("_float", 0), "as_floats": ("_float", 1),
+    "as_float_lists": ("_float", 2), "as_bool": ("_bool", 0), "as_bools": ("_bool", 1),
+    "as_string": ("_string_argument", 0), "as_strings": ("_string_argument", 1),
+}
+
 # --- operators ------------------------------------------------------------------------------------------------------
 # Pure tensor operators: their result depends only on their arguments, and they touch no file, no global state, no
 # other process. Overloads of a listed packet are allowed (aten.add.Tensor, aten.add.Scalar), and so is the in-place
@@ -449,38 +459,9 @@ class _Checker:
         kind, value = self._union(arg, where)
         if kind == "as_none":
             return {kind: True}
-        if kind in ("as_tensor", "as_optional_tensor"):
-            return {kind: self._tensor_argument(value, where) if kind == "as_tensor" else
-                    self._optional_tensor(value, where)}
-        if kind in ("as_tensors",):
-            return {kind: [self._tensor_argument(v, where) for v in self._list(value, where)]}
-        if kind == "as_optional_tensors":
-            return {kind: [self._optional_tensor(v, where) for v in self._list(value, where)]}
-        if kind == "as_nested_tensors":
-            return {kind: [[self._tensor_argument(v, where) for v in self._list(inner, where)]
-                           for inner in self._list(value, where)]}
-        if kind == "as_int":
-            return {kind: self._int(value, where)}
-        if kind == "as_ints":
-            return {kind: [self._int(v, where) for v in self._list(value, where)]}
-        if kind == "as_int_lists":
-            return {kind: [[self._int(v, where) for v in self._list(inner, where)]
-                           for inner in self._list(value, where)]}
-        if kind == "as_float":
-            return {kind: self._float(value, where)}
-        if kind == "as_floats":
-            return {kind: [self._float(v, where) for v in self._list(value, where)]}
-        if kind == "as_float_lists":
-            return {kind: [[self._float(v, where) for v in self._list(inner, where)]
-                           for inner in self._list(value, where)]}
-        if kind == "as_bool":
-            return {kind: self._bool(value, where)}
-        if kind == "as_bools":
-            return {kind: [self._bool(v, where) for v in self._list(value, where)]}
-        if kind == "as_string":
-            return {kind: self._string_argument(value, where)}
-        if kind == "as_strings":
-            return {kind: [self._string_argument(v, where) for v in self._list(value, where)]}
+        if kind in NESTED_ARGUMENTS:
+            checker, depth = NESTED_ARGUMENTS[kind]
+            return {kind: self._nested(value, depth, getattr(self, checker), where)}
         if kind in ("as_sym_int", "as_sym_bool", "as_sym_float"):
             return {kind: self._sym_argument(value, kind, where)}
         if kind in ("as_sym_ints", "as_sym_bools", "as_sym_floats"):
@@ -514,6 +495,12 @@ class _Checker:
             self.refuse(f"{where} is not a single-field value")
         kind, inner = next(iter(value.items()))
         return kind, inner
+
+    def _nested(self, value, depth: int, check, where: str):
+        """`value` checked by `check`, or a list (depth 1) or list of lists (depth 2) of such values."""
+        if depth == 0:
+            return check(value, where)
+        return [self._nested(v, depth - 1, check, where) for v in self._list(value, where)]
 
     def _tensor_argument(self, value, where: str) -> dict:
         self._keys(value, where, required={"name"})

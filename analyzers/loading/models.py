@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import AnalyzerError, first_line
 from .hashing import sha256_bytes
 from .layers import LayerGroups
-from .sandbox import ISOLATIONS, sandboxed
+from .sandbox import ISOLATIONS, open_sandboxed, sandboxed
 
 EXPORT_HINT = (
     "export it with torch.export.save(torch.export.export(model.eval(), (example,), "
@@ -96,8 +96,6 @@ def load_model(spec: str, *, arch: str | None = None, input_shape: tuple | None 
     if not isinstance(spec, str) or not spec:
         raise AnalyzerError("no model given: pass sample:NAME, a .pt2 export, or a state dict with --arch")
     if sandboxed(spec, arch, isolation):
-        from .sandbox import open_sandboxed
-
         return open_sandboxed(spec, spec=spec, arch=arch, input_shape=input_shape, class_names=class_names)[0]
     if spec.startswith("sample:"):
         return _load_sample(spec)

@@ -152,18 +152,24 @@ def refuse_non_run(out: Path) -> None:
                             f"choose another --out, such as {out.parent / (out.name + '-run')}")
 
 
-def recover_interrupted(root: str | Path) -> list[str]:
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime
+
+
+def recover_interrupted(root: str | Path, entries: list | None = None) -> list[str]:
     """Finish or undo every replacement or deletion under `root` that a crash interrupted; returns what was done.
 
     A name whose writer is still running (its lock is held) is left alone. For each name: with no run at `NAME`, a
     complete staged run (it has run.json, written last) is moved in (the crash came between the two renames of a
     replacement, or just before the rename of a new run), else the run that was being replaced is moved back. Then
-    whatever is left over is removed: incomplete stages, replaced runs, runs being deleted."""
+    whatever is left over is removed: incomplete stages, replaced runs, runs being deleted. `entries`: the paths
+    under `root`, when the caller has listed them already."""
     root = Path(root)
     try:
-        names = {m["name"] for m in (_SIBLING.match(p.name) for p in root.iterdir()) if m}
+        entries = list(root.iterdir()) if entries is None else entries
     except OSError:
         return []
+    names = {m["name"] for m in (_SIBLING.match(p.name) for p in entries) if m}
     done = []
     for name in sorted(names):
         try:
@@ -184,13 +190,12 @@ def _recover_name(root: Path, name: str) -> list[str]:
     out = root / name
     done = []
     if not out.exists():
-        complete = sorted((p for p in siblings["tmp"] if (p / RUN_INFO).exists()), key=lambda p: p.stat().st_mtime)
+        complete = [p for p in siblings["tmp"] if (p / RUN_INFO).exists()]
         if complete:
-            os.replace(complete[-1], out)
+            os.replace(max(complete, key=_mtime), out)
             done.append(f"{name}: finished an interrupted write (the new run is in place)")
         elif siblings["old"]:
-            newest = max(siblings["old"], key=lambda p: p.stat().st_mtime)
-            os.replace(newest, out)
+            os.replace(max(siblings["old"], key=_mtime), out)
             done.append(f"{name}: undid an interrupted replacement (the previous run is back)")
     for path in siblings["tmp"] + siblings["old"] + siblings["deleted"]:
         if path.exists():
@@ -304,8 +309,10 @@ def list_runs(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    recover_interrupted(root)
-    runs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / RUN_INFO).exists()]
+    entries = list(root.iterdir())
+    if recover_interrupted(root, entries):  # a recovery moved a run into place: list again
+        entries = list(root.iterdir())
+    runs = [p for p in entries if p.is_dir() and not p.name.startswith(".") and (p / RUN_INFO).exists()]
     return sorted(runs, key=lambda p: (p / RUN_INFO).stat().st_mtime, reverse=True)
 
 
