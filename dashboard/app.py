@@ -4,6 +4,7 @@ Pages live in `dashboard/views/` (not `pages/`, which Streamlit would also serve
 """
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import streamlit as st  # noqa: E402
 from dashboard import components, data, state  # noqa: E402
 from dashboard.text import md  # noqa: E402
 
+LOG = logging.getLogger("dashboard")
 PAGES = (
     # (name, file, title, icon)
     ("load", "views/load.py", "Load", ":material/upload_file:"),
@@ -62,9 +64,16 @@ with st.sidebar:
             current = default.name if default is not None and default.name in runs else names[0]
             state.put("run", current)
         st.session_state["sidebar-run"] = current  # follows the URL and the Load page
+        damaged = {name for name in names if data.run_or_problem(runs[name])[1] is not None}
         st.selectbox("Run", names, key="sidebar-run", on_change=_run_changed,
+                     format_func=lambda name: f"{name} (damaged)" if name in damaged else name,
                      help="Runs stored under the runs directory; manage them on the Load page.")
     else:
         st.caption("No runs yet: create one on the Load page.")
 
-navigation.run()
+try:
+    navigation.run()
+except Exception as exc:  # the last line of defence: one readable line, never Streamlit's redacted traceback page
+    LOG.exception("the %s page failed", navigation.url_path or "default")
+    st.error(f"This page failed: {md(data.error_message(exc))}. Other pages and runs are not affected; the details "
+             f"are in the server's log.")

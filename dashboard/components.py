@@ -54,17 +54,19 @@ def current_run() -> Run | None:
     if name and name not in runs:
         st.warning(f"There is no run called {md(repr(name))} in {md(data.settings().runs_dir)}: showing another one.")
         name = None
-    if not name:
+    if not name:  # none named: the command line's run, else the newest run that opens
         default = data.settings().run
-        name = default.name if default is not None and default.name in runs else next(iter(runs), None)
+        usable = data.usable_runs()
+        name = default.name if default is not None and default.name in runs else next(iter(usable), None)
         if name is None:
             return None
         state.put("run", name)
-    try:
-        return data.load_run(runs[name])
-    except AnalyzerError as exc:
-        st.error(md(exc))
-        return None
+    run, problem = data.run_or_problem(runs[name])
+    if problem is not None:  # a damaged run: its pages say why, every other run keeps working
+        st.error(md(problem))
+        page_link("load", "See the stored runs")
+        st.stop()
+    return run
 
 
 def require_run() -> Run:

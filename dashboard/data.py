@@ -60,6 +60,21 @@ def load_run(path: str | Path) -> Run:
     return _open_run(str(Path(path).resolve()), _stamp(Path(path)))
 
 
+def run_or_problem(path: str | Path) -> tuple[Run | None, str | None]:
+    """(the opened run, None), or (None, the one line that says why it is damaged): listings show a damaged run
+    beside the others instead of failing on it."""
+    try:
+        return load_run(path), None
+    except AnalyzerError as exc:
+        return None, str(exc)
+
+
+def usable_runs() -> dict[str, Run]:
+    """The known runs that open, by name (damaged ones left out: pages that pick among runs offer only these)."""
+    runs = {name: run_or_problem(path)[0] for name, path in known_runs().items()}
+    return {name: run for name, run in runs.items() if run is not None}
+
+
 def forget_runs() -> None:
     """After a run was added or deleted: drop cached runs and tables."""
     _open_run.clear()

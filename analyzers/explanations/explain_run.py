@@ -25,7 +25,7 @@ from ..errors import AnalyzerError
 from .attributions import METHODS, explain, modality_of, reduce_for_display
 from .faithfulness import (deletion_insertion, ground_truth_scores, ig_completeness, interval_mask,
                            randomisation_check)
-from ..loading.runs import write_atomic, write_parquet
+from ..loading.runs import read_cache_entry, write_atomic, write_parquet
 from ..loading.sandbox import runs_in_worker
 
 EXPLANATIONS = "explanations"
@@ -241,6 +241,21 @@ class SampleExplanation:
     scores: dict  # deletion_auc, insertion_auc, completeness_gap, sanity_rank_corr, sanity_flag, mass_inside, ...
 
 
+def _read_cached_explanation(path: Path, *, shape) -> tuple[np.ndarray, dict] | None:
+    """A cached (attribution, scores), or None when there is none or it is damaged (then it is recomputed)."""
+    entry = read_cache_entry(path)
+    if entry is None or set(entry) != {"attribution", "scores"}:
+        return None
+    attr = entry["attribution"]
+    try:
+        scores = json.loads(str(entry["scores"]))
+    except ValueError:
+        return None
+    if attr.shape != tuple(shape) or attr.dtype.kind != "f" or not isinstance(scores, dict):
+        return None
+    return attr, scores
+
+
 def explain_sample(run, sample_id, method: str, *, target="pred", model=None, dataset=None, batch_size: int = 64,
                    sanity: bool = True, seed: int = 0, **options) -> SampleExplanation:
     """One sample's map and faithfulness scores, cached under the run's explanations/cache by (model hash, method,
@@ -260,10 +275,9 @@ def explain_sample(run, sample_id, method: str, *, target="pred", model=None, da
                       "target": int(targets[0]), "sanity": sanity, "seed": seed}, sort_keys=True, default=str)
     path = run.file(f"{CACHE}/sample-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz")
     modality = modality_of(dataset.x[:1])
-    if path.exists():
-        with np.load(path, allow_pickle=False) as cached:
-            attr = cached["attribution"]
-            scores = json.loads(str(cached["scores"]))
+    cached = _read_cached_explanation(path, shape=dataset.x.shape[1:])
+    if cached is not None:
+        attr, scores = cached
     else:
         x = dataset.x[rows]
         attr, table = score_samples(model, x, targets, method, options=opts, background=background_sample(dataset, seed),

@@ -235,11 +235,13 @@ def randomisation_check(model, inputs, method: str | Callable = "saliency", targ
         key = {"model": model_fingerprint(model), "method": name, "options": options, "seed": seed,
                "ids": [str(i) for i in sample_ids], "targets": targets.tolist(), "threshold": threshold,
                "max_layers": max_layers}
-        path = _cache_path(cache_dir, key)
-        if path.exists():
-            with np.load(path, allow_pickle=False) as cached:
-                return SanityCheck(layers=tuple(str(s) for s in cached["layers"]), rank_corr=cached["rank_corr"],
-                                   threshold=threshold)
+        from ..loading.runs import read_cache_entry
+
+        cached = read_cache_entry(_cache_path(cache_dir, key))  # None when missing or damaged: recomputed
+        if cached is not None and {"layers", "rank_corr"} <= set(cached) and cached["rank_corr"].shape == (
+                len(cached["layers"]), len(x)) and cached["rank_corr"].dtype.kind == "f":
+            return SanityCheck(layers=tuple(str(s) for s in cached["layers"]), rank_corr=cached["rank_corr"],
+                               threshold=threshold)
 
     def attribute(m):
         if callable(method):

@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import AnalyzerError, first_line
+from .run_checks import (RunDamaged, check_array, check_info, check_json, check_probs,
+                         check_samples, check_table, damaged)
 
 RUN_FORMAT_VERSION = 1
 RUN_INFO = "run.json"
@@ -61,6 +63,18 @@ def write_npy(path: str | Path, array: np.ndarray) -> Path:
             np.save(fh, array)
 
     return write_atomic(path, _save)
+
+
+def read_cache_entry(path: str | Path) -> dict[str, np.ndarray] | None:
+    """The arrays of a cache file inside a run (.npz), or None when there is none or it is damaged: a cache entry is
+    recomputed and rewritten, never trusted, so a truncated or edited file cannot break a page."""
+    try:
+        with np.load(path, allow_pickle=False) as entry:
+            return {key: np.asarray(entry[key]) for key in entry.files}
+    except FileNotFoundError:
+        return None
+    except Exception:  # numpy and zipfile raise many types for a damaged file; all mean "recompute it"
+        return None
 
 
 def _json_default(obj):
@@ -204,39 +218,25 @@ def _recover_name(root: Path, name: str) -> list[str]:
 
 
 def check_run_files(stage_dir: str | Path, *, num_samples: int, num_classes: int) -> dict:
-    """Check the core files of a run before it is stored (a sandboxed worker wrote them, so they are not trusted):
-    samples.parquet has the core columns and one row per sample, probs.npy is (N, K) of probabilities, predictions
-    and correctness agree with them. Returns {"accuracy": ...}."""
+    """Check a run's files before it is stored (a sandboxed worker wrote them, so they are not trusted), by the
+    rules every reader applies (`run_checks`): the core files whole, and every analysis file present. Returns
+    {"accuracy": ...}."""
     stage_dir = Path(stage_dir)
-    where = "the run's files"
+    info = {"num_samples": num_samples, "class_names": [str(k) for k in range(num_classes)]}
+    run = Run(path=stage_dir, info=info)
     try:
-        samples = pd.read_parquet(stage_dir / SAMPLES)
-        probs = np.load(stage_dir / PROBS, mmap_mode="r", allow_pickle=False)
-    except Exception as exc:  # damaged files fail in many ways
-        raise AnalyzerError(f"{where} cannot be read ({first_line(exc, 120)}); nothing was stored") from exc
-    missing = [c for c in ("id", "label", "pred", "confidence", "loss", "correct") if c not in samples.columns]
-    if missing:
-        raise AnalyzerError(f"{SAMPLES} lacks {', '.join(missing)}; nothing was stored")
-    if len(samples) != num_samples or probs.shape != (num_samples, num_classes) or probs.dtype.kind != "f":
-        raise AnalyzerError(f"{where} hold {len(samples)} samples and probabilities of shape {probs.shape}, not "
-                            f"{num_samples} x {num_classes}; nothing was stored")
-    probs = np.asarray(probs)
-    if not np.isfinite(probs).all() or (probs < 0).any() or (probs > 1.0001).any() or (
-            num_samples and not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3)):
-        raise AnalyzerError(f"{PROBS} holds values that are not probabilities; nothing was stored")
-    pred = samples["pred"].to_numpy()
-    label = samples["label"].to_numpy()
-    if num_samples and (not np.array_equal(pred, probs.argmax(axis=1))
-                        or not np.array_equal(samples["correct"].to_numpy(dtype=bool), pred == label)
-                        or label.min() < 0 or label.max() >= num_classes):
-        raise AnalyzerError(f"{SAMPLES} disagrees with {PROBS} (predictions, labels or correctness); nothing was "
-                            f"stored")
-    return {"accuracy": float((pred == label).mean()) if num_samples else float("nan")}
+        run.check_every_file()
+    except RunDamaged as exc:
+        raise AnalyzerError(f"the analysis wrote a damaged {exc.relpath or 'run'} ({exc.why or exc}); nothing was "
+                            f"stored") from exc
+    samples = run.samples
+    return {"accuracy": float(samples["correct"].mean()) if num_samples else float("nan")}
 
 
 @dataclass(frozen=True)
 class Run:
-    """An opened, complete run directory. Tables are read on first use and kept."""
+    """An opened, complete run directory. Every file is read through the rules of `run_checks`, so a damaged one is
+    one RunDamaged line; the core tables are read on first use and kept."""
 
     path: Path
     info: dict
@@ -247,61 +247,91 @@ class Run:
         return list(self.info["class_names"])
 
     @property
+    def num_samples(self) -> int:
+        return int(self.info["num_samples"])
+
+    @property
     def samples(self) -> pd.DataFrame:
         if "samples" not in self._cache:
-            self._cache["samples"] = _read_checked(self.path / SAMPLES, pd.read_parquet)
+            table = self._read(SAMPLES, pd.read_parquet)
+            check_samples(table, num_samples=self.num_samples, num_classes=len(self.class_names), where=self.path)
+            self._cache["samples"] = table
         return self._cache["samples"]
 
     @property
     def probs(self) -> np.ndarray:
         if "probs" not in self._cache:
-            self._cache["probs"] = _read_checked(self.path / PROBS, lambda p: np.load(p, mmap_mode="r"))
+            probs = self._read(PROBS, lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
+            check_probs(probs, self.samples, num_classes=len(self.class_names), where=self.path)
+            self._cache["probs"] = probs
         return self._cache["probs"]
 
     def has(self, relpath: str) -> bool:
         return (self.path / relpath).exists()
 
     def read_json(self, relpath: str):
-        return _read_checked(self.path / relpath, lambda p: json.loads(p.read_text()))
+        obj = self._read(relpath, lambda p: json.loads(p.read_text()))
+        check_json(relpath, obj, where=self.path)
+        return obj
 
     def read_parquet(self, relpath: str) -> pd.DataFrame:
-        return _read_checked(self.path / relpath, pd.read_parquet)
+        table = self._read(relpath, pd.read_parquet)
+        check_table(relpath, table, num_samples=self.num_samples, num_classes=len(self.class_names),
+                    where=self.path)
+        return table
 
     def read_npy(self, relpath: str, mmap: bool = True) -> np.ndarray:
-        return _read_checked(self.path / relpath, lambda p: np.load(p, mmap_mode="r" if mmap else None))
+        array = self._read(relpath, lambda p: np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False))
+        check_array(relpath, array, num_samples=self.num_samples, where=self.path)
+        return array
 
     def file(self, relpath: str) -> Path:
         return self.path / relpath
 
+    def check_every_file(self) -> None:
+        """Read every file a page or an analysis may read, by its rules; raise RunDamaged for the first broken one.
+        Arrays are checked from their headers (memory-mapped), so this costs one read of the tables."""
+        self.probs  # reads and checks samples.parquet too
+        readers = {".parquet": self.read_parquet, ".json": self.read_json, ".npy": self.read_npy}
+        for path in sorted(self.path.rglob("*")):
+            relpath = path.relative_to(self.path).as_posix()
+            if relpath in (SAMPLES, PROBS, RUN_INFO) or path.suffix not in readers or any(
+                    part.startswith(".") for part in path.relative_to(self.path).parts) or not path.is_file():
+                continue
+            readers[path.suffix](relpath)
 
-def _read_checked(path: Path, reader):
-    if not path.exists():
-        raise AnalyzerError(f"the run at {path.parent} has no {path.name}: this analysis was not run or the run is "
-                            f"damaged; run python -m analyzers run again")
-    try:
-        return reader(path)
-    except AnalyzerError:
-        raise
-    except Exception as exc:  # a damaged file fails in many ways; each means the same to the person
-        raise AnalyzerError(f"{path.name} in the run at {path.parent} is damaged ({first_line(exc, 120)}): "
-                            f"run python -m analyzers run --overwrite to rebuild it") from exc
+    def _read(self, relpath: str, reader):
+        path = self.path / relpath
+        if not path.exists():
+            raise RunDamaged(f"the run at {self.path} has no {relpath}: this analysis was not run or the run is "
+                             f"damaged; run python -m analyzers run again")
+        try:
+            return reader(path)
+        except AnalyzerError:
+            raise
+        except Exception as exc:  # a damaged file fails in many ways; each means the same to the person
+            raise damaged(relpath, self.path, first_line(exc, 120)) from exc
 
 
 def open_run(path: str | Path) -> Run:
-    """Open a complete run, or say why the directory is not one."""
+    """Open a complete run, checking every file it holds (`run_checks`), or say in one line why it is not one."""
     path = Path(path)
     if not path.is_dir():
         raise AnalyzerError(f"{path} is not a run directory: check the path or create one with python -m analyzers run")
     if not (path / RUN_INFO).exists():
         raise AnalyzerError(f"{path} holds no run.json, so it is not a complete run (an interrupted run leaves none): "
                             f"run python -m analyzers run again")
-    info = _read_checked(path / RUN_INFO, lambda p: json.loads(p.read_text()))
+    info = Run(path=path, info={})._read(RUN_INFO, lambda p: json.loads(p.read_text()))
     if not isinstance(info, dict) or info.get("format_version") != RUN_FORMAT_VERSION:
-        raise AnalyzerError(f"{path}/run.json is not a run of format version {RUN_FORMAT_VERSION}: run the analysis again")
+        raise RunDamaged(f"{path}/run.json is not a run of format version {RUN_FORMAT_VERSION}: run the analysis "
+                         f"again")
+    check_info(info, path)
     missing = [name for name in (SAMPLES, PROBS) if not (path / name).exists()]
     if missing:
-        raise AnalyzerError(f"the run at {path} is damaged: {', '.join(missing)} missing; run it again with --overwrite")
-    return Run(path=path, info=info)
+        raise RunDamaged(f"the run at {path} is damaged: {', '.join(missing)} missing; run it again with --overwrite")
+    run = Run(path=path, info=info)
+    run.check_every_file()
+    return run
 
 
 def list_runs(root: str | Path) -> list[Path]:

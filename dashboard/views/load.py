@@ -157,18 +157,22 @@ with runs_tab:
     else:
         rows = []
         for run_name, path in runs.items():
-            try:
-                info = data.load_run(path).info
-            except AnalyzerError as exc:
-                rows.append({"run": run_name, "created": "", "model": "", "data": "", "samples": None,
-                             "accuracy": None, "problem": str(exc)})
+            opened, problem = data.run_or_problem(path)
+            if opened is None:  # listed with its reason; it can still be deleted
+                rows.append({"run": run_name, "status": "damaged", "created": "", "model": "", "data": "",
+                             "samples": None, "accuracy": None, "problem": problem})
                 continue
-            rows.append({"run": run_name, "created": info.get("created", "").replace("T", " ")[:16],
-                         "model": info["model"]["spec"].rsplit("/", 1)[-1], "data": info["dataset"]["spec"].rsplit("/", 1)[-1],
+            info = opened.info
+            rows.append({"run": run_name, "status": "ok", "created": info.get("created", "").replace("T", " ")[:16],
+                         "model": info["model"]["spec"].rsplit("/", 1)[-1],
+                         "data": info["dataset"]["spec"].rsplit("/", 1)[-1],
                          "samples": info.get("num_samples"), "accuracy": info.get("accuracy"), "problem": ""})
         table = pd.DataFrame(rows)
         if not table["problem"].astype(bool).any():
-            table = table.drop(columns=["problem"])
+            table = table.drop(columns=["status", "problem"])
+        else:
+            st.warning(f"{md((table['status'] == 'damaged').sum())} stored run(s) are damaged: their pages show why. "
+                     f"Rebuild one with python -m analyzers run --overwrite, or delete it here.")
         picked = st.dataframe(table, hide_index=True, on_select="rerun", selection_mode="single-row", key="runs-table",
                               column_config={"accuracy": st.column_config.NumberColumn(format="%.3f")})
         chosen = table["run"].iloc[picked.selection.rows[0]] if picked.selection.rows else None
@@ -195,7 +199,7 @@ with runs_tab:
         st.divider()
         query = st.text_input("Find a sample id in the stored runs", key="runs-search", placeholder="sample id")
         if query:
-            hits = [n for n, p in runs.items() if data.run_has_sample(data.load_run(p), query.strip())]
+            hits = [n for n, opened in data.usable_runs().items() if data.run_has_sample(opened, query.strip())]
             if not hits:
                 st.info(f"No stored run holds a sample with id {md(repr(query))}.")
             for hit in hits:

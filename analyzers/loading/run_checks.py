@@ -1,0 +1,241 @@
+"""What each file of a run must hold, checked whenever the file is read.
+
+A run directory is data like any other: a sandboxed worker wrote part of it, a disk can truncate it, a person can edit
+it. Every page and analysis reads a run through `analyzers.loading.runs.Run`, which applies these rules, so a damaged
+file is refused with one line naming the file and the rule, and no page computes on half-valid data (a `KeyError`
+three calls later would take the whole page down, and through a shared listing, other runs' pages too).
+
+Each rule is here because something relies on it; the reason is beside it.
+"""
+from __future__ import annotations
+
+import fnmatch
+from numbers import Integral, Real
+
+import numpy as np
+import pandas as pd
+
+from ..errors import AnalyzerError
+
+REBUILD = "run python -m analyzers run --overwrite to rebuild it"
+ROWS_PER_CHECK = 65536  # probabilities are checked in chunks, so a 1M x 1000 run is never copied whole
+
+
+class RunDamaged(AnalyzerError):
+    """A file of a run breaks a rule of this module. The message names the file, the rule and the fix; `relpath`
+    and `why` are kept for callers that word it their own way."""
+
+    def __init__(self, message: str, relpath: str | None = None, why: str | None = None):
+        super().__init__(message)
+        self.relpath, self.why = relpath, why
+
+
+def damaged(relpath: str, where, why: str) -> RunDamaged:
+    return RunDamaged(f"{relpath} in the run at {where} is damaged ({why}): {REBUILD}", relpath, why)
+
+
+# ------------------------------------------------------------------------------------------------------ run.json
+# (key, kind, required). Kinds: text, int, number, texts (a list of strings), ints, mapping, list; "?" allows None.
+# The pages print every one of these fields; the loaders re-open the model and data from the specs and hashes.
+_INFO = (
+    ("format_version", "int", True),
+    ("class_names", "texts", True),  # every page names classes by index into this list
+    ("num_samples", "int", True),  # the row count that samples.parquet and probs.npy must match
+    ("model", "mapping", True),
+    ("dataset", "mapping", True),
+    ("created", "text", False),
+    ("accuracy", "number?", False),
+    ("parameters", "mapping", False),
+    ("preprocessing", "mapping?", False),
+    ("sandbox", "mapping?", False),
+    ("embedding_layer", "text?", False),
+    ("analyses", "mapping", False),
+)
+_MODEL = (("spec", "text", True), ("sha256", "text", True), ("input_shape", "ints", True), ("arch", "text?", False),
+          ("layers", "texts", False), ("layer_kinds", "mapping", False))
+_DATASET = (("spec", "text", True), ("sha256", "text", True), ("modality", "text", True),
+            ("feature_names", "texts?", False), ("metadata_columns", "texts?", False),
+            ("ground_truth_columns", "texts?", False))
+
+
+def _kind_ok(value, kind: str) -> bool:
+    if kind.endswith("?"):
+        return value is None or _kind_ok(value, kind[:-1])
+    if kind == "text":
+        return isinstance(value, str)
+    if kind == "int":
+        return isinstance(value, Integral) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, Real) and not isinstance(value, bool)
+    if kind == "mapping":
+        return isinstance(value, dict)
+    if kind == "list":
+        return isinstance(value, list)
+    if kind == "texts":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == "ints":
+        return isinstance(value, list) and all(_kind_ok(v, "int") for v in value)
+    raise ValueError(kind)
+
+
+def _check_fields(obj: dict, fields, relpath: str, where, prefix: str = "") -> None:
+    for key, kind, required in fields:
+        if key not in obj:
+            if required:
+                raise damaged(relpath, where, f"it has no {prefix}{key!r}")
+            continue
+        if not _kind_ok(obj[key], kind):
+            raise damaged(relpath, where, f"{prefix}{key!r} is not {_KIND_WORDS[kind.rstrip('?')]}")
+
+
+_KIND_WORDS = {"text": "a string", "int": "an integer", "number": "a number", "mapping": "an object",
+               "list": "a list", "texts": "a list of strings", "ints": "a list of integers"}
+
+
+def check_info(info, where) -> None:
+    """run.json: every field a page prints or a loader uses, with its type."""
+    if not isinstance(info, dict):
+        raise damaged("run.json", where, "it is not a JSON object")
+    _check_fields(info, _INFO, "run.json", where)
+    _check_fields(info["model"], _MODEL, "run.json", where, "model.")
+    _check_fields(info["dataset"], _DATASET, "run.json", where, "dataset.")
+    if not info["class_names"]:
+        raise damaged("run.json", where, "it names no class")
+    if info["num_samples"] < 0:
+        raise damaged("run.json", where, "num_samples is negative")
+
+
+# --------------------------------------------------------------------------------------- samples.parquet, probs.npy
+
+CORE_COLUMNS = ("id", "label", "pred", "confidence", "loss", "correct")
+
+
+def check_samples(samples: pd.DataFrame, *, num_samples: int, num_classes: int, where) -> None:
+    """One row per sample with the core columns; classes index class_names; `correct` is pred == label; ids are
+    unique (links and selections name samples by id)."""
+    rel = "samples.parquet"
+    missing = [c for c in CORE_COLUMNS if c not in samples.columns]
+    if missing:
+        raise damaged(rel, where, f"it lacks the column{'s' * (len(missing) > 1)} {', '.join(missing)}")
+    if len(samples) != num_samples:
+        raise damaged(rel, where, f"it has {len(samples)} rows for {num_samples} samples")
+    for column in ("label", "pred"):
+        _check_classes(samples[column], rel, column, where, num_classes)
+    for column in ("confidence", "loss"):
+        values = samples[column]
+        if not _is_number(values) or values.isna().any():
+            raise damaged(rel, where, f"{column!r} is not a number for every sample")
+    confidence = samples["confidence"].to_numpy()
+    if num_samples and (confidence.min() < 0 or confidence.max() > 1.0001):
+        raise damaged(rel, where, "'confidence' lies outside [0, 1]")
+    correct = samples["correct"]
+    if not pd.api.types.is_bool_dtype(correct) or not np.array_equal(
+            correct.to_numpy(dtype=bool), samples["label"].to_numpy() == samples["pred"].to_numpy()):
+        raise damaged(rel, where, "'correct' does not say whether pred equals label")
+    if samples["id"].duplicated().any():
+        raise damaged(rel, where, "two samples share an id")
+
+
+def check_probs(probs: np.ndarray, samples: pd.DataFrame, *, num_classes: int, where) -> None:
+    """(N, K) probabilities, finite, in [0, 1], rows summing to 1, whose argmax is samples.parquet's `pred`."""
+    rel = "probs.npy"
+    if probs.ndim != 2 or probs.shape != (len(samples), num_classes):
+        raise damaged(rel, where, f"its shape is {probs.shape}, not {len(samples)} samples x {num_classes} classes")
+    if probs.dtype.kind != "f":
+        raise damaged(rel, where, f"it holds {probs.dtype}, not floating-point probabilities")
+    pred = samples["pred"].to_numpy()
+    for start in range(0, len(probs), ROWS_PER_CHECK):
+        chunk = np.asarray(probs[start:start + ROWS_PER_CHECK], dtype=np.float64)
+        if not np.isfinite(chunk).all() or (chunk < 0).any() or (chunk > 1.0001).any() or not np.allclose(
+                chunk.sum(axis=1), 1.0, atol=1e-3):
+            raise damaged(rel, where, "it holds values that are not probabilities")
+        if not np.array_equal(chunk.argmax(axis=1), pred[start:start + ROWS_PER_CHECK]):
+            raise damaged(rel, where, "its most likely classes disagree with samples.parquet's pred")
+
+
+def _is_number(values: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+
+
+def _check_classes(values: pd.Series, rel: str, column: str, where, num_classes: int) -> None:
+    if not pd.api.types.is_integer_dtype(values) or pd.api.types.is_bool_dtype(values):
+        raise damaged(rel, where, f"{column!r} holds {values.dtype}, not class indices")
+    if len(values) and (values.min() < 0 or values.max() >= num_classes):
+        raise damaged(rel, where, f"{column!r} holds classes outside 0..{num_classes - 1}")
+
+
+# ------------------------------------------------------------------------------------------- the analyses' files
+# Column kinds: text (strings), number, class (an index into class_names), list (of sample ids), any.
+# Tables with `per_sample` have one row per sample (the embedding page places every sample).
+_TABLES = {
+    "slices.parquet": ({"source": "text", "description": "text", "size": "number", "error_rate": "number",
+                        "lift": "number", "ids": "list"}, False),
+    "label_noise.parquet": ({"id": "any", "label": "class", "suggested_label": "class", "score": "number"}, False),
+    "gradients/traces.parquet": ({"kind": "text", "batch": "number", "layer": "text", "grad_norm": "number"}, False),
+    "gradients/dead_units.parquet": ({"layer": "text", "dead_fraction": "number"}, False),
+    "projections/*.parquet": ({"id": "any", "x": "number", "y": "number"}, True),
+    "explanations/faithfulness.parquet": ({"id": "any", "method": "text", "target": "any"}, False),
+}
+# JSON files: the fields a page reads, each optional unless marked required (older runs lack some).
+_JSON = {
+    "metrics.json": (("accuracy", "number", True), ("balanced_accuracy", "number", True), ("log_loss", "number", True),
+                     ("ece", "number", True), ("roc_auc_ovr", "number?", False),
+                     ("classification_report", "mapping", False), ("per_class", "mapping", False),
+                     ("top_k_accuracy", "mapping", False)),
+    "gradients/flags.json": (("vanishing", "texts", False), ("exploding", "texts", False),
+                             ("dead_relu_layers", "mapping", False), ("inplace_activations", "texts", False),
+                             ("thresholds", "mapping", False), ("params", "mapping", False),
+                             ("timings_s", "mapping", False)),
+    "confusion.json": (),
+    "gradients/overfit_check.json": (),
+    "projections/*.json": (("method", "text", False), ("options", "mapping", False)),
+}
+# Arrays with one row per sample.
+_ARRAYS = ("embeddings/*.npy",)
+
+
+def _rule(rules: dict, relpath: str):
+    for pattern, rule in rules.items():
+        if fnmatch.fnmatchcase(relpath, pattern):
+            return rule
+    return None
+
+
+def check_table(relpath: str, table: pd.DataFrame, *, num_samples: int, num_classes: int, where) -> None:
+    rule = _rule(_TABLES, relpath)
+    if rule is None:
+        return
+    columns, per_sample = rule
+    for column, kind in columns.items():
+        if column not in table.columns:
+            raise damaged(relpath, where, f"it has no {column!r} column")
+        values = table[column]
+        if kind == "number" and not _is_number(values):
+            raise damaged(relpath, where, f"{column!r} holds {values.dtype}, not numbers")
+        if kind == "class":
+            _check_classes(values, relpath, column, where, num_classes)
+        if kind == "text" and not values.map(lambda v: isinstance(v, str)).all():
+            raise damaged(relpath, where, f"{column!r} holds values that are not strings")
+        if kind == "list" and not values.map(lambda v: isinstance(v, (list, tuple, np.ndarray))).all():
+            raise damaged(relpath, where, f"{column!r} holds values that are not lists of sample ids")
+    if per_sample and len(table) != num_samples:
+        raise damaged(relpath, where, f"it has {len(table)} rows for {num_samples} samples")
+
+
+def check_json(relpath: str, obj, *, where) -> None:
+    fields = _rule(_JSON, relpath)
+    if fields is None:
+        return
+    if not isinstance(obj, dict):
+        raise damaged(relpath, where, "it is not a JSON object")
+    _check_fields(obj, fields, relpath, where)
+
+
+def check_array(relpath: str, array: np.ndarray, *, num_samples: int, where) -> None:
+    """Checked from the header (shape and type), so a memory-mapped array is not read whole."""
+    if _rule(dict.fromkeys(_ARRAYS, True), relpath) is None:
+        return
+    if array.ndim != 2 or array.shape[0] != num_samples:
+        raise damaged(relpath, where, f"its shape is {array.shape}, not {num_samples} samples x features")
+    if array.dtype.kind not in "fiu":
+        raise damaged(relpath, where, f"it holds {array.dtype}, not numbers")
