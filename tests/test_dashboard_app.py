@@ -178,6 +178,14 @@ def test_bad_upload_is_one_error_line(tmp_path, monkeypatch):
     assert len(at.error) == 1
     assert "Traceback" not in at.error[0].value
     assert _plain(at.error[0].value).startswith("'model.pt2'")  # named as uploaded, not as stored in the workspace
+    for _ in range(4):  # issue 19, item 8: every click stored the upload again (11 clicks: 119 MB -> 2019 MB)
+        at.button(key="load-run-upload").click().run()
+        _ok(at)
+    at.file_uploader(key="load-data-file").upload("renamed.npz", b"nor is this an npz").run()
+    at.button(key="load-run-upload").click().run()
+    stored = sorted((tmp_path / "workspace" / "uploads").iterdir())
+    assert sorted(p.stat().st_size for p in stored) == sorted([len(b"this is not a torch export"),
+                                                         len(b"nor is this an npz")]), stored
 
 
 

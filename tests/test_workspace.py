@@ -1,6 +1,7 @@
 """Uploads: safe names, no overwrites between users, a full workspace refuses and evicts nothing; Streamlit config."""
 from __future__ import annotations
 
+import hashlib
 import threading
 import tomllib
 
@@ -28,8 +29,19 @@ def test_same_name_twice_is_stored_twice_and_inside_the_workspace(tmp_path):
     first = ws.store("../model.pt2", b"one")
     second = ws.store("../model.pt2", b"two")
     assert first != second and first.read_bytes() == b"one" and second.read_bytes() == b"two"
-    for path in (first, second):
-        assert path.parent == tmp_path / "uploads" and path.name.endswith("-model.pt2")
+    for path, content in ((first, b"one"), (second, b"two")):
+        assert path.parent == tmp_path / "uploads" and path.name == hashlib.sha256(content).hexdigest() + ".pt2"
+
+
+def test_the_same_bytes_are_stored_once_under_any_name_and_the_cap_counts_unique_bytes(tmp_path):
+    ws = Workspace(tmp_path, max_bytes=300)
+    first = ws.store("data.npz", b"x" * 100)
+    for name in ("data.npz", "copy of data.NPZ", "../other/data.npz"):  # repeated clicks, renamed copies
+        assert ws.store(name, b"x" * 100) == first
+    assert ws.used_bytes() == 100 and ws.files() == [first]
+    second = ws.store("other.npz", b"y" * 100)  # fits: only unique bytes count against the cap
+    assert ws.used_bytes() == 200 and second != first
+    assert ws.store("data.csv", b"x" * 100).suffix == ".csv" != first.suffix  # the extension picks the loader
 
 
 def test_concurrent_uploads_never_overwrite_each_other(tmp_path):

@@ -1,8 +1,10 @@
-"""A size-limited folder for uploaded files: safe unique names, nothing overwritten, nothing evicted.
+"""A size-limited folder for uploaded files, stored once per content: nothing overwritten, nothing evicted.
 
-Every upload is stored under a fresh name (`<sha256 prefix>-<random>-<sanitised original name>`) with an exclusive
-create, so two users uploading `model.pt2` at once never overwrite each other. When the workspace would exceed its
-limit the new upload is refused; stored files are never deleted to make room.
+An upload is stored as `<sha256 of its bytes><its extension>` (the extension picks the loader). A repeated Run click,
+or the same file under another name, reuses the stored copy, so the workspace's cap counts unique bytes; two users
+uploading different files called `model.pt2` get two names, and two uploading the same bytes share one read-only
+copy. Each copy is written to a private temporary name and renamed into place, so a reader never sees half a file.
+When the workspace would exceed its limit a new upload is refused; stored files are never deleted to make room.
 """
 from __future__ import annotations
 
@@ -48,20 +50,24 @@ class Workspace:
         return sum(p.stat().st_size for p in self.uploads.iterdir() if p.is_file())
 
     def store(self, filename: str, data: bytes) -> Path:
-        """Write `data` under a new safe name and return its path; refuse if the workspace would be over its limit."""
+        """The path of `data` in the workspace: the stored copy if these bytes (with this extension) are there
+        already, else a new one; a new one is refused if the workspace would be over its limit."""
         if not data:
             raise AnalyzerError(f"{filename!r} is empty: upload the file again")
-        digest = hashlib.sha256(data).hexdigest()[:12]
+        stem, dot, suffix = safe_filename(filename).rpartition(".")
+        target = self.uploads / (hashlib.sha256(data).hexdigest() + (f".{suffix.lower()}" if dot and stem else ""))
         with self._lock:
+            if target.is_file() and target.stat().st_size == len(data):
+                return target  # the same bytes: stored once (written whole by the rename below, so complete)
             used = self.used_bytes()
             if used + len(data) > self.max_bytes:
                 raise AnalyzerError(
                     f"the upload workspace is full ({used / 1e6:.1f} MB of {self.max_bytes / 1e6:.1f} MB used; "
                     f"{filename!r} needs {len(data) / 1e6:.1f} MB): delete old runs or uploads, or raise the limit")
-            target = self.uploads / f"{digest}-{uuid.uuid4().hex[:8]}-{safe_filename(filename)}"
-            tmp = target.with_name("." + target.name + ".part")
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
             with open(tmp, "xb") as fh:
                 fh.write(data)
+            os.chmod(tmp, 0o444)  # a stored upload is never changed: runs name it by its hash
             os.replace(tmp, target)
         return target
 
