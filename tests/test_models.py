@@ -1,8 +1,6 @@
 """Model loading: samples, torch.export programs, state dicts; every refusal with its message."""
 from __future__ import annotations
 
-import io
-import zipfile
 
 import numpy as np
 import pytest
@@ -134,6 +132,22 @@ def test_import_path_arch_only_from_the_command_line(tmp_path):
     assert model.num_classes == 3
 
 
+@pytest.mark.parametrize("arch, message", [
+    ("os:system", "builtin_function_or_method, not an nn.Module class"),  # refused before it is called
+    ("collections:OrderedDict", "is a type, not an nn.Module class"),
+    (":", "is not package.module:ClassOrFunction"),
+    ("os.:x", "is not package.module:ClassOrFunction"),
+    ("os.path:join", r"building the architecture 'os.path:join' with no arguments failed \(TypeError"),
+    ("torch.nn:Linear", "missing 2 required positional arguments"),
+])
+def test_import_path_arch_that_is_not_a_model_is_one_line(tmp_path, arch, message):
+    path = tmp_path / "w.safetensors"
+    save_file(TinyCNN().state_dict(), str(path))
+    with pytest.raises(AnalyzerError, match=message) as info:
+        load_model(str(path), arch=arch, input_shape=(1, 8, 8), allow_import=True)
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("name, data, message", [
     ("model.onnx", b"\x08\x01", "not a supported model file"),
     ("model.pt2", b"", "is empty"),
@@ -198,3 +212,22 @@ def test_output_kinds_are_recognised():
     assert wrap_module(Probs(), (4,)).output_kind == "probabilities"
     binary = wrap_module(OneLogit(), (4,))
     assert (binary.output_kind, binary.num_classes) == ("binary_logit", 2)
+
+
+def test_wrap_module_hands_a_train_mode_module_back_in_train_mode():
+    """issue 19, item 11: wrap_module put a train-mode module into eval mode, though the README promises it comes
+    back as it came; analyses still see it in eval mode (dropout off: two predictions agree exactly)."""
+    import analyzers
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Dropout(0.5), nn.ReLU(), nn.Linear(32, 3))
+    module.train()
+    module[2].eval()  # a mixed mode, as after freezing one layer: every flag must come back as it was
+    modes = [m.training for m in module.modules()]
+    wrapped = analyzers.wrap_module(module, input_shape=(1, 8, 8))
+    assert [m.training for m in module.modules()] == modes
+    x = torch.rand(16, 1, 8, 8).numpy()
+    first = analyzers.predict(wrapped, x, np.zeros(16, dtype=np.int64), batch_size=8)
+    second = analyzers.predict(wrapped, x, np.zeros(16, dtype=np.int64), batch_size=8)
+    assert np.array_equal(first.probs, second.probs)
+    assert [m.training for m in module.modules()] == modes

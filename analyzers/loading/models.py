@@ -12,7 +12,9 @@ import io
 import logging
 import os
 import pickle
+import re
 import threading
+import types
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import AnalyzerError, first_line
+from ..guard import analysis_mode
 from .hashing import sha256_bytes
 from .layers import LayerGroups
 from .sandbox import ISOLATIONS, open_sandboxed, sandboxed
@@ -143,9 +146,10 @@ def load_model_bytes(data: bytes, *, name: str, spec: str | None = None, arch: s
 
 def wrap_module(module: nn.Module, input_shape: tuple, *, class_names: tuple | None = None,
                 spec: str = "module") -> LoadedModel:
-    """Describe a plain `nn.Module` a user holds in a notebook, so every analysis accepts it."""
+    """Describe a plain `nn.Module` a user holds in a notebook, so every analysis accepts it. The module is the
+    user's: it stays in the train or eval mode it came in (every analysis switches to eval for its own duration)."""
     return _describe(module, spec=spec, sha256=state_dict_sha256(module), source="module", input_shape=tuple(input_shape),
-                     class_names=class_names)
+                     class_names=class_names, owned=False)
 
 
 def _load_sample(spec: str) -> LoadedModel:
@@ -178,11 +182,23 @@ def _build_arch(arch: str, *, allow_import: bool) -> tuple[nn.Module, tuple | No
         raise AnalyzerError(f"architecture {arch!r} is an import path, which only the command line accepts: "
                             f"choose a sample architecture or upload a .pt2 export")
     module_name, _, attr = arch.partition(":")
+    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module_name) or not attr.isidentifier():
+        raise AnalyzerError(f"architecture {arch!r} is not package.module:ClassOrFunction: name a module and an "
+                            f"nn.Module class (or a function that builds one) in it")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise AnalyzerError(f"cannot import architecture {arch!r} ({exc}): check PYTHONPATH and the name") from exc
-    module = factory()
+    # Only an nn.Module class or a Python function is called: a builtin such as os:system or a class of another kind
+    # is refused before it runs, so a typo cannot call something with side effects.
+    if not ((isinstance(factory, type) and issubclass(factory, nn.Module)) or isinstance(factory, types.FunctionType)):
+        raise AnalyzerError(f"{arch!r} is a {type(factory).__name__}, not an nn.Module class or a function that "
+                            f"builds one: name the model's class")
+    try:
+        module = factory()
+    except Exception as exc:  # the user's own code: say what it raised, in one line
+        raise AnalyzerError(f"building the architecture {arch!r} with no arguments failed ({type(exc).__name__}: "
+                            f"{first_line(exc, 160)}): name a class or function that needs no arguments") from exc
     if not isinstance(module, nn.Module):
         raise AnalyzerError(f"{arch!r} returned {type(module).__name__}, not a torch.nn.Module")
     return module, None, None
@@ -351,12 +367,15 @@ def layer_kinds_of(module: nn.Module) -> dict:
 
 
 def _describe(module: nn.Module, *, spec: str, sha256: str, source: str, input_shape, class_names,
-              make_copy=None) -> LoadedModel:
+              make_copy=None, owned: bool = True) -> LoadedModel:
+    """`owned`: the module was loaded here and is kept in eval mode; a user's module (wrap_module) keeps its mode."""
     if input_shape is None:
         raise AnalyzerError("the model's input shape is unknown: pass --input-shape C,H,W (or F for tabular)")
-    module.eval()
+    if owned:
+        module.eval()
     input_shape = tuple(int(d) for d in input_shape)
-    output_kind, num_classes = probe_outputs(module, input_shape, name=spec)
+    with analysis_mode(module):  # probed in eval mode, whatever mode the module is in; restored afterwards
+        output_kind, num_classes = probe_outputs(module, input_shape, name=spec)
     if class_names is not None and len(class_names) != num_classes:
         raise AnalyzerError(f"{len(class_names)} class names given but the model has {num_classes} outputs")
     names = tuple(str(c) for c in class_names) if class_names is not None else tuple(str(i) for i in range(num_classes))
