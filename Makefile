@@ -33,7 +33,7 @@ sample-runs: setup
 	$(PY) -m analyzers run --model sample:$(SAMPLE) --data sample:$(SAMPLE) --out runs/sample-$(SAMPLE) --overwrite
 
 run: sample-runs
-	$(PY) -m streamlit run dashboard/app.py --server.port $(PORT) -- --runs-dir runs --run runs/sample-$(SAMPLE)
+	$(PY) dashboard/serve.py --port $(PORT) --runs-dir runs --run runs/sample-$(SAMPLE)
 
 test: setup browser
 	$(PY) -m pytest

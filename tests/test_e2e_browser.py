@@ -1,4 +1,4 @@
-"""End to end in a real browser: `streamlit run` on 127.0.0.1, driven by Playwright through Debian's Chromium.
+"""End to end in a real browser: the launcher (`dashboard/serve.py`) on 127.0.0.1, driven by Playwright through Debian's Chromium.
 
 Loads the app on a sample run, clicks a confusion-matrix cell and sees its gallery, then opens a sample's explanation.
 In CI (CI=true) a missing Chromium is a failure, not a skip: `make browser` installs it.
@@ -42,10 +42,9 @@ def app_url(sample_run_dir, tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(log, "wb") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"), "--server.headless", "true",
-             "--server.port", str(port), "--server.address", "127.0.0.1", "--server.fileWatcherType", "none",
-             "--browser.gatherUsageStats", "false", "--", "--runs-dir", str(run.parent), "--run", str(run)],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+            [sys.executable, str(ROOT / "dashboard" / "serve.py"), "--port", str(port), "--runs-dir",
+             str(run.parent), "--run", str(run)],  # the launcher (its own settings), started outside the repo
+            cwd=log.parent, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
