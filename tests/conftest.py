@@ -1,8 +1,13 @@
 """Shared fixtures: small models defined here (never loaded from the samples) and stored sample runs."""
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +68,40 @@ def sample_run_dir(tmp_path_factory):
         return made[name]
 
     return _get
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def launched_dashboard(args: list[str], *, cwd: Path, timeout_s: float = 90):
+    """The dashboard's launcher (dashboard/serve.py) started from `cwd` with `args`; yields its port once it answers
+    its health check, and stops it afterwards."""
+    port = free_port()
+    log = Path(cwd) / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, str(ROOT / "dashboard" / "serve.py"), "--port", str(port), *args],
+                                  cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                pytest.fail(f"the dashboard did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield port
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()

@@ -2,11 +2,8 @@
 refuses a Host that is not allowed (HTTP and WebSocket: DNS rebinding), and forbids framing on every response."""
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -40,12 +37,6 @@ def test_launcher_settings_do_not_depend_on_the_working_directory():
     assert config["server.allowedHosts"] == list(DEFAULT_HOSTS) and config["server.enableCORS"] is True
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _request(url: str, host: str | None = None):
     request = urllib.request.Request(url, headers={"Host": host} if host else {})
     try:
@@ -58,35 +49,13 @@ def _request(url: str, host: str | None = None):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """The launcher started from a directory with a hostile .streamlit/config.toml (bind 0.0.0.0, XSRF off)."""
+    from conftest import launched_dashboard
+
     cwd = tmp_path_factory.mktemp("elsewhere")
     (cwd / ".streamlit").mkdir()
     (cwd / ".streamlit" / "config.toml").write_text('[server]\naddress = "0.0.0.0"\nenableXsrfProtection = false\n')
-    port = _free_port()
-    log = cwd / "server.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, str(ROOT / "dashboard" / "serve.py"), "--port", str(port),
-                                   "--runs-dir", str(cwd / "runs")], cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        deadline = time.time() + 90
-        while _try_health(port) != 200:
-            if server.poll() is not None or time.time() > deadline:
-                pytest.fail(f"the launcher did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    with launched_dashboard(["--runs-dir", str(cwd / "runs")], cwd=cwd) as port:
         yield port
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-
-
-def _try_health(port: int):
-    try:
-        return _request(f"http://127.0.0.1:{port}/_stcore/health")[0]
-    except OSError:
-        return None
 
 
 def test_allowed_host_is_served_with_frame_headers(served):
