@@ -172,3 +172,42 @@ def test_cached_inputs_are_keyed_by_every_parameter_that_shapes_them(tmp_path):
         np.testing.assert_array_equal(dataset.x, table[options["features"]].to_numpy(np.float32))
         np.testing.assert_array_equal(dataset.y, table[options.get("label_column", "label")].to_numpy())
     assert len(keys) == len(variants)
+
+
+def _in_private_mount(mount: str, script: str, tmp_path):
+    """Run `script` (sh) in a private mount namespace after `mount` (sh) set up tmp_path/runs: a real full disk or
+    read-only file system, visible to nothing else. Skipped where mount namespaces are not allowed."""
+    runs = tmp_path / "runs"
+    runs.mkdir(exist_ok=True)
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {runs}"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"mount namespaces are not available here ({probe.stderr.decode().strip()[:80]})")
+    cli = f"{sys.executable} -m analyzers run --model sample:digits --data sample:digits --analyses evaluation"
+    return subprocess.run(["unshare", "-m", "sh", "-c", f"{mount.format(runs=runs)} && {script.format(runs=runs, cli=cli)}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_a_full_disk_is_one_line_and_the_earlier_run_survives(tmp_path):
+    """issue 19, item 6: a full disk ended in `OSError: [Errno 28]`. Here a 2 MB file system holds one run; the rest
+    is filled; replacing the run must say so in one line and leave the earlier run whole."""
+    done = _in_private_mount(
+        "mount -t tmpfs -o size=2m tmpfs {runs}",
+        "{cli} --out {runs}/kept >/dev/null && sha256sum {runs}/kept/samples.parquet > {runs}/../before.txt && "
+        "(dd if=/dev/zero of={runs}/filler bs=4k 2>/dev/null; true) && "
+        "{cli} --out {runs}/kept --overwrite --seed 2; echo rc=$?; sha256sum -c {runs}/../before.txt && ls -a {runs}",
+        tmp_path)
+    lines = [line for line in done.stderr.splitlines() if line.strip() and "Warning" not in line
+             and "return cls.__new__" not in line]
+    assert "rc=1" in done.stdout, (done.stdout, done.stderr[-2000:])
+    assert any(line.startswith("error: cannot write into") and "the disk is full" in line for line in lines), lines
+    assert "Traceback" not in done.stderr
+    assert "samples.parquet: OK" in done.stdout  # the earlier run is whole
+    assert not [name for name in done.stdout.split() if name.startswith(".kept.") and not name.endswith(".lock")]
+
+
+def test_a_read_only_runs_directory_is_one_line(tmp_path):
+    done = _in_private_mount("mount --bind {runs} {runs} && mount -o remount,bind,ro {runs}",
+                             "{cli} --out {runs}/new; echo rc=$?", tmp_path)
+    assert "rc=1" in done.stdout and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "cannot write into" in done.stderr and "Read-only file system" in done.stderr

@@ -7,6 +7,7 @@ and renamed, so a reader never sees half a file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import json
@@ -93,6 +94,21 @@ def _json_default(obj):
 _SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<tag>tmp|old|deleted)-[0-9a-f]{8}$")
 
 
+# Errors of the disk rather than of the analysis: a person fixes them by freeing space or choosing another place.
+_DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}
+
+
+def disk_error(exc: OSError, where: Path, fix: str) -> AnalyzerError | None:
+    """One line for an OSError of the disk (full, read-only, no permission) while writing under `where`, or None
+    for any other error."""
+    reason = _DISK_ERRNOS.get(exc.errno)
+    if reason is None:
+        return None
+    return AnalyzerError(f"cannot write into {where}: {reason} ({exc.strerror}); {fix}")
+
+
 def _swap_step(step: str) -> None:
     """Called between the steps of a replacement; the crash-safety tests kill the process here."""
 
@@ -132,9 +148,20 @@ def staged_run(out: str | Path, *, replace: bool):
         _recover_name(out.parent, out.name)
         refuse_non_run(out)
         stage = _temp_sibling(out, "tmp")
-        stage.mkdir()
         try:
-            yield stage
+            stage.mkdir()
+        except OSError as exc:
+            raise (disk_error(exc, out.parent, "free some space, fix its permissions, or choose another --out")
+                   or exc) from exc
+        try:
+            try:
+                yield stage
+            except OSError as exc:  # nothing was stored; whatever was at `out` is untouched
+                problem = disk_error(exc, out.parent, "free some space or choose another --out; nothing was stored "
+                                                      "and no earlier run was changed")
+                if problem is None:
+                    raise
+                raise problem from exc
             if not (stage / RUN_INFO).exists():
                 raise AnalyzerError("internal error: a run was staged without run.json")
             _swap_step("staged")
