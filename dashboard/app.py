@@ -64,7 +64,7 @@ with st.sidebar:
             current = default.name if default is not None and default.name in runs else names[0]
             state.put("run", current)
         st.session_state["sidebar-run"] = current  # follows the URL and the Load page
-        damaged = {name for name in names if data.run_or_problem(runs[name])[1] is not None}
+        damaged = {name for name in names if data.run_status(runs[name])[1] is not None}
         st.selectbox("Run", names, key="sidebar-run", on_change=_run_changed,
                      format_func=lambda name: f"{name} (damaged)" if name in damaged else name,
                      help="Runs stored under the runs directory; manage them on the Load page.")

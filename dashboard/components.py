@@ -56,17 +56,16 @@ def current_run() -> Run | None:
         name = None
     if not name:  # none named: the command line's run, else the newest run that opens
         default = data.settings().run
-        usable = data.usable_runs()
-        name = default.name if default is not None and default.name in runs else next(iter(usable), None)
+        name = default.name if default is not None and default.name in runs else next(iter(data.usable_runs()), None)
         if name is None:
             return None
         state.put("run", name)
-    run, problem = data.run_or_problem(runs[name])
-    if problem is not None:  # a damaged run: its pages say why, every other run keeps working
-        st.error(md(problem))
+    try:
+        return data.load_run(runs[name])
+    except AnalyzerError as exc:  # a damaged run: its pages say why, every other run keeps working
+        st.error(md(exc))
         page_link("load", "See the stored runs")
         st.stop()
-    return run
 
 
 def require_run() -> Run:

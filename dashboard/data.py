@@ -60,19 +60,24 @@ def load_run(path: str | Path) -> Run:
     return _open_run(str(Path(path).resolve()), _stamp(Path(path)))
 
 
-def run_or_problem(path: str | Path) -> tuple[Run | None, str | None]:
-    """(the opened run, None), or (None, the one line that says why it is damaged): listings show a damaged run
-    beside the others instead of failing on it."""
+@st.cache_data(show_spinner=False, max_entries=1024)
+def _run_status(path: str, stamp: float) -> tuple[dict | None, str | None]:
     try:
-        return load_run(path), None
+        return _open_run(path, stamp).info, None
     except AnalyzerError as exc:
         return None, str(exc)
 
 
-def usable_runs() -> dict[str, Run]:
-    """The known runs that open, by name (damaged ones left out: pages that pick among runs offer only these)."""
-    runs = {name: run_or_problem(path)[0] for name, path in known_runs().items()}
-    return {name: run for name, run in runs.items() if run is not None}
+def run_status(path: str | Path) -> tuple[dict | None, str | None]:
+    """(run.json, None) for a run whose files all pass the checks, or (None, the one line that says why it is
+    damaged). Small and kept per run.json time, so the sidebar and the listings check every run once, not on every
+    rerun (the opened runs themselves are kept for only 32 runs)."""
+    return _run_status(str(Path(path).resolve()), _stamp(Path(path)))
+
+
+def usable_runs() -> dict[str, Path]:
+    """The known runs whose files pass the checks, by name (pages that pick among runs offer only these)."""
+    return {name: path for name, path in known_runs().items() if run_status(path)[1] is None}
 
 
 def forget_runs() -> None:

@@ -84,8 +84,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def allowed_hosts(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(args.allowed_host) or DEFAULT_HOSTS
+
+
 def server_config(args: argparse.Namespace) -> dict:
-    hosts = tuple(args.allowed_host) or DEFAULT_HOSTS
+    hosts = allowed_hosts(args)
     return {"server.address": args.address, "server.port": args.port, "server.headless": True,
             "server.fileWatcherType": "none",
             "server.enableXsrfProtection": True, "server.enableCORS": True, "server.allowedHosts": list(hosts),
@@ -98,8 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     from starlette.middleware import Middleware
     from streamlit.web.server.starlette.starlette_app import App
 
-    hosts = tuple(args.allowed_host) or DEFAULT_HOSTS
-    App(str(APP), middleware=[Middleware(GuardMiddleware, allowed_hosts=hosts)]).run(config=server_config(args))
+    App(str(APP), middleware=[Middleware(GuardMiddleware, allowed_hosts=allowed_hosts(args))]).run(
+        config=server_config(args))
 
 
 if __name__ == "__main__":

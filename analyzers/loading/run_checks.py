@@ -35,7 +35,7 @@ def damaged(relpath: str, where, why: str) -> RunDamaged:
 
 
 # ------------------------------------------------------------------------------------------------------ run.json
-# (key, kind, required). Kinds: text, int, number, texts (a list of strings), ints, mapping, list; "?" allows None.
+# (key, kind, required). Kinds: text, int, number, texts (a list of strings), ints, mapping; "?" allows None.
 # The pages print every one of these fields; the loaders re-open the model and data from the specs and hashes.
 _INFO = (
     ("format_version", "int", True),
@@ -69,8 +69,6 @@ def _kind_ok(value, kind: str) -> bool:
         return isinstance(value, Real) and not isinstance(value, bool)
     if kind == "mapping":
         return isinstance(value, dict)
-    if kind == "list":
-        return isinstance(value, list)
     if kind == "texts":
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if kind == "ints":
@@ -89,7 +87,7 @@ def _check_fields(obj: dict, fields, relpath: str, where, prefix: str = "") -> N
 
 
 _KIND_WORDS = {"text": "a string", "int": "an integer", "number": "a number", "mapping": "an object",
-               "list": "a list", "texts": "a list of strings", "ints": "a list of integers"}
+               "texts": "a list of strings", "ints": "a list of integers"}
 
 
 def check_info(info, where) -> None:
@@ -233,7 +231,7 @@ def check_json(relpath: str, obj, *, where) -> None:
 
 def check_array(relpath: str, array: np.ndarray, *, num_samples: int, where) -> None:
     """Checked from the header (shape and type), so a memory-mapped array is not read whole."""
-    if _rule(dict.fromkeys(_ARRAYS, True), relpath) is None:
+    if not any(fnmatch.fnmatchcase(relpath, pattern) for pattern in _ARRAYS):
         return
     if array.ndim != 2 or array.shape[0] != num_samples:
         raise damaged(relpath, where, f"its shape is {array.shape}, not {num_samples} samples x features")

@@ -72,9 +72,7 @@ def read_cache_entry(path: str | Path) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as entry:
             return {key: np.asarray(entry[key]) for key in entry.files}
-    except FileNotFoundError:
-        return None
-    except Exception:  # numpy and zipfile raise many types for a damaged file; all mean "recompute it"
+    except Exception:  # missing, or damaged (numpy and zipfile raise many types): all mean "recompute it"
         return None
 
 
@@ -100,13 +98,17 @@ _DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
                 errno.EPERM: "permission denied"}
 
 
-def disk_error(exc: OSError, where: Path, fix: str) -> AnalyzerError | None:
-    """One line for an OSError of the disk (full, read-only, no permission) while writing under `where`, or None
-    for any other error."""
-    reason = _DISK_ERRNOS.get(exc.errno)
-    if reason is None:
-        return None
-    return AnalyzerError(f"cannot write into {where}: {reason} ({exc.strerror}); {fix}")
+@contextlib.contextmanager
+def disk_errors_as_one_line(where: Path, fix: str):
+    """Turn an OSError of the disk (full, read-only, no permission) raised in the block into one AnalyzerError line
+    that names `where` and `fix`; any other error passes through unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        reason = _DISK_ERRNOS.get(exc.errno)
+        if reason is None:
+            raise
+        raise AnalyzerError(f"cannot write into {where}: {reason} ({exc.strerror}); {fix}") from exc
 
 
 def _swap_step(step: str) -> None:
@@ -149,19 +151,11 @@ def staged_run(out: str | Path, *, replace: bool):
         refuse_non_run(out)
         stage = _temp_sibling(out, "tmp")
         try:
-            stage.mkdir()
-        except OSError as exc:
-            raise (disk_error(exc, out.parent, "free some space, fix its permissions, or choose another --out")
-                   or exc) from exc
-        try:
-            try:
+            # while the stage is written, whatever is at `out` is untouched
+            with disk_errors_as_one_line(out.parent, "free some space, fix its permissions, or choose another "
+                                                     "--out; nothing was stored and no earlier run was changed"):
+                stage.mkdir()
                 yield stage
-            except OSError as exc:  # nothing was stored; whatever was at `out` is untouched
-                problem = disk_error(exc, out.parent, "free some space or choose another --out; nothing was stored "
-                                                      "and no earlier run was changed")
-                if problem is None:
-                    raise
-                raise problem from exc
             if not (stage / RUN_INFO).exists():
                 raise AnalyzerError("internal error: a run was staged without run.json")
             _swap_step("staged")
@@ -331,11 +325,9 @@ class Run:
         path = self.path / relpath
         if not path.exists():
             raise RunDamaged(f"the run at {self.path} has no {relpath}: this analysis was not run or the run is "
-                             f"damaged; run python -m analyzers run again")
+                             f"damaged; run python -m analyzers run again", relpath, "it is missing")
         try:
             return reader(path)
-        except AnalyzerError:
-            raise
         except Exception as exc:  # a damaged file fails in many ways; each means the same to the person
             raise damaged(relpath, self.path, first_line(exc, 120)) from exc
 

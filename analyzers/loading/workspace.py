@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 from ..errors import AnalyzerError
-from .runs import disk_error
+from .runs import disk_errors_as_one_line
 
 DEFAULT_MAX_BYTES = 2 << 30
 MAX_NAME_CHARS = 80
@@ -67,17 +67,14 @@ class Workspace:
                     f"{filename!r} needs {len(data) / 1e6:.1f} MB): delete old runs or uploads, or raise the limit")
             tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
             try:
-                with open(tmp, "xb") as fh:
-                    fh.write(data)
-                os.chmod(tmp, 0o444)  # a stored upload is never changed: runs name it by its hash
-                os.replace(tmp, target)
-            except OSError as exc:
-                tmp.unlink(missing_ok=True)
-                problem = disk_error(exc, self.uploads, f"{filename!r} was not stored: free some space or set "
-                                                        f"another --workspace")
-                if problem is None:
-                    raise
-                raise problem from exc
+                with disk_errors_as_one_line(self.uploads, f"{filename!r} was not stored: free some space or set "
+                                                           f"another --workspace"):
+                    with open(tmp, "xb") as fh:
+                        fh.write(data)
+                    os.chmod(tmp, 0o444)  # a stored upload is never changed: runs name it by its hash
+                    os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)  # only left when the write failed
         return target
 
     def files(self) -> list[Path]:

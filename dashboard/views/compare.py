@@ -13,8 +13,8 @@ from dashboard.selection import Selection
 run = components.require_run()
 components.header("Compare runs", run)
 dataset_sha = run.info["dataset"]["sha256"]
-others = {name: other for name, other in data.usable_runs().items()  # damaged runs are listed on Load, not here
-          if name != run.path.name and other.info["dataset"]["sha256"] == dataset_sha}
+others = {name: path for name, path in data.usable_runs().items()  # damaged runs are listed on Load, not here
+          if name != run.path.name and data.run_status(path)[0]["dataset"]["sha256"] == dataset_sha}
 if not others:
     st.info("No other stored run was made on this run's dataset. Analyse a second model on the same dataset on the "
             "Load page to compare the two.")
@@ -22,7 +22,7 @@ if not others:
     st.stop()
 other_name = st.selectbox(f"Compare {md(run.path.name)} (a) with (b)", list(others), key="compare-other")
 try:
-    other = others[other_name]
+    other = data.load_run(others[other_name])
     comparison = data.comparison(run, other)
 except AnalyzerError as exc:
     st.error(md(exc))

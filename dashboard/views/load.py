@@ -157,12 +157,11 @@ with runs_tab:
     else:
         rows = []
         for run_name, path in runs.items():
-            opened, problem = data.run_or_problem(path)
-            if opened is None:  # listed with its reason; it can still be deleted
+            info, problem = data.run_status(path)
+            if problem is not None:  # listed with its reason; it can still be deleted
                 rows.append({"run": run_name, "status": "damaged", "created": "", "model": "", "data": "",
                              "samples": None, "accuracy": None, "problem": problem})
                 continue
-            info = opened.info
             rows.append({"run": run_name, "status": "ok", "created": info.get("created", "").replace("T", " ")[:16],
                          "model": info["model"]["spec"].rsplit("/", 1)[-1],
                          "data": info["dataset"]["spec"].rsplit("/", 1)[-1],
@@ -199,7 +198,7 @@ with runs_tab:
         st.divider()
         query = st.text_input("Find a sample id in the stored runs", key="runs-search", placeholder="sample id")
         if query:
-            hits = [n for n, opened in data.usable_runs().items() if data.run_has_sample(opened, query.strip())]
+            hits = [n for n, p in data.usable_runs().items() if data.run_has_sample(data.load_run(p), query.strip())]
             if not hits:
                 st.info(f"No stored run holds a sample with id {md(repr(query))}.")
             for hit in hits:
