@@ -296,3 +296,27 @@ def test_explain_sample_caches_one_sample_on_disk(digits_run, digits, monkeypatc
     assert first.scores == again.scores
     with pytest.raises(AnalyzerError, match="takes no option"):
         explain_run.explain_sample(run, sample_id, "saliency", model=model, dataset=data, n_steps=3)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda p: p.write_bytes(p.read_bytes()[:40]),  # truncated
+    lambda p: p.write_bytes(b"PK\x03\x04 not a zip"),  # garbage
+    lambda p: np.savez(p, attribution=np.zeros((3, 3), np.float32), scores=np.asarray("{}")),  # the wrong shape
+    lambda p: np.savez(p, attribution=np.zeros((1, 8, 8), np.float32), scores=np.asarray("[1, ")),  # bad scores
+])
+def test_a_damaged_cache_entry_is_recomputed_not_trusted(digits_run, digits, damage):
+    """issue 19: a damaged file inside a run breaks no page; a cache entry is recomputed, and rewritten whole."""
+    import analyzers.explanations.explain_run as explain_run
+    from analyzers.loading.runs import open_run
+
+    model, data = digits
+    run = open_run(digits_run)
+    sample_id = run.samples["id"][7]
+    first = explain_run.explain_sample(run, sample_id, "saliency", model=model, dataset=data, sanity=False)
+    entries = sorted((digits_run / "explanations" / "cache").glob("sample-*.npz"), key=lambda p: p.stat().st_mtime)
+    damage(entries[-1])
+    again = explain_run.explain_sample(run, sample_id, "saliency", model=model, dataset=data, sanity=False)
+    np.testing.assert_array_equal(first.attribution, again.attribution)
+    assert first.scores == again.scores
+    with np.load(entries[-1], allow_pickle=False) as rewritten:
+        np.testing.assert_array_equal(rewritten["attribution"], first.attribution)
