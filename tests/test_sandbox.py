@@ -191,3 +191,88 @@ def test_wire_round_trips_results_and_refuses_code():
     np.save(buffer, np.array([{"x": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(wire.WireError):
         wire.decode(json.dumps({"a": 0}).encode(), [buffer.getvalue()])
+
+
+# --- a run's inputs, reloaded for the dashboard ---------------------------------------------------------------------
+
+def _tabular_export_run(tmp_path):
+    """A run of a .pt2 export on a CSV with text ids, a metadata column and a chosen feature order."""
+    import pandas as pd
+
+    from analyzers.engines.pipeline import run_analysis
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    model_path = export_model(net, torch.zeros(2, 3), tmp_path / "mlp.pt2")
+    rng = np.random.default_rng(3)
+    table = pd.DataFrame({"a": rng.normal(size=30), "b": rng.normal(size=30), "c": rng.normal(size=30),
+                          "name": [f"row-{i}" for i in range(30)], "site": rng.choice(["x", "y"], 30),
+                          "target": rng.integers(0, 2, 30)})
+    data_path = tmp_path / "table.csv"
+    table.to_csv(data_path, index=False)
+    out = run_analysis(str(model_path), str(data_path), tmp_path / "run", label_column="target", id_column="name",
+                       features=["c", "b", "a"], analyses=[])
+    return out, model_path, data_path
+
+
+def test_a_runs_dataset_is_decoded_only_in_the_worker_and_arrives_equal(tmp_path, monkeypatch):
+    """load_run_inputs (the Explain, Embeddings and Training pages) decodes an uploaded file in the worker: with this
+    process's decoder broken, the dataset still arrives, equal field by field to an in-process load."""
+    from analyzers.engines.pipeline import load_run_inputs
+    from analyzers.loading import datasets
+    from analyzers.loading.runs import open_run
+    from analyzers.loading.sandbox import SandboxedModel
+
+    out, model_path, data_path = _tabular_export_run(tmp_path)
+    local = load_model(str(model_path), isolation="process")
+    expected = datasets.load_dataset(str(data_path), model=local, label_column="target", id_column="name",
+                                     features=["c", "b", "a"])
+
+    def never(*args, **kwargs):
+        raise AssertionError("the dashboard process decoded an uploaded dataset")
+
+    monkeypatch.setattr(datasets, "_load_source", never)
+    model, dataset = load_run_inputs(open_run(out))
+    try:
+        assert isinstance(model, SandboxedModel)
+        assert np.array_equal(dataset.x, expected.x) and dataset.x.dtype == np.float32
+        assert np.array_equal(dataset.y, expected.y) and list(dataset.ids) == list(expected.ids)
+        assert dataset.feature_names == ("c", "b", "a") == expected.feature_names
+        assert list(dataset.metadata["site"]) == list(expected.metadata["site"])
+        assert dataset.sha256 == expected.sha256 and dataset.class_names == expected.class_names
+        # the model in the worker still answers (the worker dropped only its copy of the data)
+        assert np.array_equal(predict(model, dataset.x[:5]).probs, predict(local, expected.x[:5]).probs)
+    finally:
+        model.close()
+
+
+def test_a_worker_announcing_more_than_the_reply_cap_is_stopped_before_allocation(tmp_path):
+    out, model_path, data_path = _tabular_export_run(tmp_path)
+    model, _ = open_sandboxed(model_path, data_path=data_path,
+                              data_options=dict(label_column="target", id_column="name"))
+    try:
+        with pytest.raises(WorkerError, match="over the 100-byte limit"):
+            model.worker.request({"op": "dataset"}, max_reply_bytes=100)
+        assert not model.worker.alive
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda f: f.update(x=f["x"].astype(np.float64)), "inputs are not a float32"),
+    (lambda f: f.update(y=f["y"][:-1]), "labels are not one int64 per sample"),
+    (lambda f: f.update(ids=np.ones(len(f["y"]), bool)), "ids are not one integer or text"),
+    (lambda f: f.update(ids=["a"] * (len(f["y"]) + 1)), "ids are not one integer or text"),
+    (lambda f: f.update(metadata=f["metadata"].iloc[:2]), "metadata is not one row per sample"),
+    (lambda f: f.update(extras={"mask": np.zeros(1)}), "extra arrays are not one entry per sample"),
+    (lambda f: f.update(class_names=[1, 2]), "class names are not text"),
+    (lambda f: f.pop("sha256"), "description is incomplete"),
+])
+def test_a_dataset_from_a_worker_is_checked_field_by_field(change, problem):
+    from analyzers.loading.datasets import dataset_fields, dataset_from_fields, load_dataset
+
+    fields = dataset_fields(load_dataset("sample:shapes"))
+    assert np.array_equal(dataset_from_fields(dict(fields)).x, fields["x"])  # the unchanged fields are accepted
+    change(fields)
+    with pytest.raises(AnalyzerError, match=problem):
+        dataset_from_fields(fields)

@@ -300,19 +300,41 @@ def _run_info(model_spec, data_spec, model, dataset: dict, arch, params, summary
 
 
 def load_run_inputs(run) -> tuple[LoadedModel, Dataset]:
-    """Reload the model and dataset a run was made from, checking they are the same files (hashes in run.json)."""
-    from ..loading.models import load_model
+    """Reload the model and dataset a run was made from, checking they are the same files (hashes in run.json).
 
+    A model from a file runs in a sandboxed worker, and the dataset is decoded there too (`worker_dataset`): the
+    dashboard never parses an uploaded file itself."""
     info = run.info
     params = info.get("parameters", {})
-    model = load_model(info["model"]["spec"], arch=info["model"].get("arch"),
-                       input_shape=tuple(info["model"]["input_shape"]))
-    if model.sha256 != info["model"]["sha256"]:
-        raise AnalyzerError(f"the model file {info['model']['spec']} changed since the run was made: run it again")
     pre = info.get("preprocessing") or {}
-    dataset = load_dataset(info["dataset"]["spec"], model=model, label_column=params.get("label_column", "label"),
-                           id_column=params.get("id_column"), features=params.get("features"),
-                           image_size=pre.get("image_size"), mean=pre.get("mean"), std=pre.get("std"))
-    if dataset.sha256 != info["dataset"]["sha256"]:
-        raise AnalyzerError(f"the dataset {info['dataset']['spec']} changed since the run was made: run it again")
+    model_spec, data_spec, arch = info["model"]["spec"], info["dataset"]["spec"], info["model"].get("arch")
+    data_options = dict(label_column=params.get("label_column", "label"), id_column=params.get("id_column"),
+                        features=params.get("features"), image_size=pre.get("image_size"), mean=pre.get("mean"),
+                        std=pre.get("std"))
+    if sandboxed(model_spec, arch, "auto"):
+        from ..loading.sandbox import open_sandboxed, worker_dataset
+
+        model, _ = open_sandboxed(model_spec, spec=model_spec, arch=arch, input_shape=info["model"]["input_shape"],
+                                  data_path=data_spec, data_options=data_options)
+        try:
+            _check_unchanged(info, "model", model.sha256)
+            dataset = worker_dataset(model)
+            _check_unchanged(info, "dataset", dataset.sha256)
+            check_dataset(dataset, model)
+        except BaseException:
+            model.close()
+            raise
+        return model, dataset
+    from ..loading.models import load_model
+
+    model = load_model(model_spec, arch=arch, input_shape=tuple(info["model"]["input_shape"]))
+    _check_unchanged(info, "model", model.sha256)
+    dataset = load_dataset(data_spec, model=model, **data_options)
+    _check_unchanged(info, "dataset", dataset.sha256)
     return model, dataset
+
+
+def _check_unchanged(info: dict, kind: str, sha256: str) -> None:
+    if sha256 != info[kind]["sha256"]:
+        what = "model file" if kind == "model" else "dataset"
+        raise AnalyzerError(f"the {what} {info[kind]['spec']} changed since the run was made: run it again")

@@ -112,6 +112,62 @@ def describe_dataset(dataset: Dataset) -> dict:
             "preprocessing": dict(dataset.preprocessing)}
 
 
+# What a worker may hand its parent: a loader turns at most MAX_UNCOMPRESSED_BYTES of file content into float32
+# inputs, and 8-bit pixels become 4-byte floats, so no dataset that passed the loaders is larger than this.
+MAX_DATASET_BYTES = 4 * MAX_UNCOMPRESSED_BYTES
+
+
+def dataset_fields(dataset: Dataset) -> dict:
+    """`dataset` as values that cross the worker boundary (`analyzers.loading.wire`): arrays, a table and text."""
+    def text_or_array(values: np.ndarray):
+        return [str(v) for v in values.tolist()] if values.dtype.kind in "OUS" else values
+
+    return {"x": dataset.x, "y": dataset.y, "ids": text_or_array(np.asarray(dataset.ids)), "spec": dataset.spec,
+            "sha256": dataset.sha256, "class_names": list(dataset.class_names) if dataset.class_names else None,
+            "metadata": dataset.metadata, "feature_names": list(dataset.feature_names) if dataset.feature_names
+            else None, "preprocessing": dict(dataset.preprocessing),
+            "extras": {str(k): np.asarray(v) for k, v in dataset.extras.items()},
+            "ground_truth_columns": list(dataset.ground_truth_columns)}
+
+
+def dataset_from_fields(fields) -> Dataset:
+    """The `Dataset` a worker described with `dataset_fields`, every field checked: a worker is not trusted."""
+    def bad(what: str) -> AnalyzerError:
+        return AnalyzerError(f"the worker sent a dataset whose {what}; it was not used")
+
+    if not isinstance(fields, dict):
+        raise bad("form is not a table of fields")
+    x, y = fields.get("x"), fields.get("y")
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim < 2:
+        raise bad("inputs are not a float32 array of samples")
+    n = len(x)
+    if not isinstance(y, np.ndarray) or y.dtype != np.int64 or y.shape != (n,):
+        raise bad("labels are not one int64 per sample")
+    ids = fields.get("ids")
+    ids = np.asarray(ids) if isinstance(ids, (list, np.ndarray)) else None
+    if ids is None or ids.shape != (n,) or ids.dtype.kind not in "iuU":
+        raise bad("ids are not one integer or text per sample")
+    metadata = fields.get("metadata")
+    if not isinstance(metadata, pd.DataFrame) or (len(metadata.columns) and len(metadata) != n):
+        raise bad("metadata is not one row per sample")
+    extras = fields.get("extras") or {}
+    if not isinstance(extras, dict) or not all(isinstance(v, np.ndarray) and len(v) == n for v in extras.values()):
+        raise bad("extra arrays are not one entry per sample")
+    names = {}
+    for key in ("class_names", "feature_names", "ground_truth_columns"):
+        value = fields.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise bad(f"{key.replace('_', ' ')} are not text")
+        names[key] = tuple(value) if value is not None else None
+    if not all(isinstance(fields.get(key), str) for key in ("spec", "sha256")) or \
+            not isinstance(fields.get("preprocessing"), dict):
+        raise bad("description is incomplete")
+    return Dataset(x=x, y=y, ids=ids, spec=fields["spec"], sha256=fields["sha256"], class_names=names["class_names"],
+                   metadata=metadata,
+                   feature_names=names["feature_names"], preprocessing=fields["preprocessing"], extras=extras,
+                   ground_truth_columns=names["ground_truth_columns"] or ())
+
+
 def _load_source(source, *, name: str, spec: str, digest: str, model, label_column: str, id_column, features,
                  image_size, mean, std) -> Dataset:
     """Load from `source`, a path or a binary file object, by the suffix of `name`."""

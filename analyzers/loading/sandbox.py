@@ -319,8 +319,10 @@ class Worker:
     def alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def request(self, message: dict, *, timeout: float | None = None, on_progress=None):
-        """Send one request and return its result; progress frames go to `on_progress(stage, fraction)`."""
+    def request(self, message: dict, *, timeout: float | None = None, on_progress=None,
+                max_reply_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES):
+        """Send one request and return its result; progress frames go to `on_progress(stage, fraction)`. A reply
+        announcing more than `max_reply_bytes` stops the worker before anything of it is allocated here."""
         with self._lock:
             if not self.alive:
                 raise WorkerError(f"the worker of {self.name!r} is no longer running ({self._ending()}): load the "
@@ -329,9 +331,9 @@ class Worker:
                 wire.write_frame(self._process.stdin.fileno(), message)
             except (BrokenPipeError, OSError) as exc:
                 raise self._failure("stopped before it took the request") from exc
-            return self._receive(timeout or self.limits.request_timeout_s, on_progress)
+            return self._receive(timeout or self.limits.request_timeout_s, on_progress, max_reply_bytes)
 
-    def _receive(self, timeout: float, on_progress):
+    def _receive(self, timeout: float, on_progress, max_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES):
         deadline = time.monotonic() + timeout
         fd = self._process.stdout.fileno()
 
@@ -342,7 +344,7 @@ class Worker:
 
         while True:
             try:
-                reply = wire.read_frame(fd, deadline=wait)
+                reply = wire.read_frame(fd, deadline=wait, max_bytes=max_bytes)
             except TimeoutError:
                 self.kill()
                 raise WorkerError(f"the model {self.name!r} did not answer within {timeout:.0f} s and its worker was "
@@ -518,6 +520,18 @@ def open_sandboxed(model_path: str | Path, *, name: str | None = None, spec: str
     except BaseException:
         worker.close()
         raise
+
+
+def worker_dataset(model: SandboxedModel):
+    """The dataset the worker of `model` loaded and checked, copied here as plain arrays (`dataset_fields`).
+
+    An upload is decoded only in the worker, so a file that slips past the declared-size checks ends the worker,
+    not the dashboard; what arrives is bounded (`MAX_DATASET_BYTES`) and checked field by field. The worker drops
+    its copy: analyses send it the rows they need."""
+    from .datasets import MAX_DATASET_BYTES, dataset_from_fields
+
+    fields = model.worker.request({"op": "dataset"}, max_reply_bytes=MAX_DATASET_BYTES + (64 << 20))
+    return dataset_from_fields(fields)
 
 
 def _model_fields(description) -> dict:

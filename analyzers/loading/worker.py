@@ -53,6 +53,8 @@ def _read_fd(fd: int) -> bytes:
 
 
 def _handle(request, state: dict, replies: int):
+    import numpy as np
+
     from ..errors import AnalyzerError
 
     if not isinstance(request, dict):
@@ -96,6 +98,17 @@ def _handle(request, state: dict, replies: int):
         check_dataset(dataset, state["model"])
         state["dataset"] = dataset
         return describe_dataset(dataset)
+    if op == "dataset":  # hand the loaded dataset to the parent (sandbox.worker_dataset) and drop it here
+        from .datasets import MAX_DATASET_BYTES, dataset_fields
+
+        dataset, state["dataset"] = state["dataset"], None
+        if dataset is None:
+            raise AnalyzerError("internal error: the worker has no dataset loaded")
+        size = dataset.x.nbytes + dataset.y.nbytes + sum(np.asarray(v).nbytes for v in dataset.extras.values())
+        if size > MAX_DATASET_BYTES:
+            raise AnalyzerError(f"the dataset takes {size:,} bytes in memory, over the dashboard's "
+                                f"{MAX_DATASET_BYTES:,}-byte limit: analyse a smaller part of it")
+        return dataset_fields(dataset)
     if op == "call":
         from .sandbox import registered
 
