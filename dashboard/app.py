@@ -14,7 +14,7 @@ if str(ROOT) not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from dashboard import components, data, state  # noqa: E402
+from dashboard import access, components, data, state  # noqa: E402
 from dashboard.text import md  # noqa: E402
 
 LOG = logging.getLogger("dashboard")
@@ -32,6 +32,7 @@ PAGES = (
 
 st.set_page_config(page_title="Model debugger", page_icon=":material/bug_report:", layout="wide")
 state.load_from_url()
+access.require_sign_in()  # with sign-in on, nothing below runs for a person who is not signed in
 
 pages = {}
 for name, file, title, icon in PAGES:
@@ -52,6 +53,7 @@ def _run_changed() -> None:
 
 
 with st.sidebar:
+    access.sign_out_control()
     runs = data.known_runs()
     if runs:
         names = list(runs)

@@ -18,6 +18,7 @@ import streamlit as st
 from analyzers.errors import AnalyzerError, first_line
 from analyzers.loading.runs import RUN_INFO, Run, list_runs, open_run
 
+from . import access
 from .settings import Settings, parse_settings
 
 TRAINING_LOG = "training/log.jsonl"
@@ -42,13 +43,21 @@ def run_hash(run: Run) -> str:
 HASH = {Run: run_hash}
 
 
-def known_runs() -> dict[str, Path]:
-    """Runs a URL may name: the complete runs under the runs directory, and the run given on the command line."""
+def stored_runs() -> dict[str, Path]:
+    """Every run stored here, whoever may see it: the complete runs under the runs directory, and the run given on
+    the command line. Run names are unique among these (a new run must not take a name someone else holds)."""
     s = settings()
     runs = {p.name: p for p in list_runs(s.runs_dir)}
     if s.run is not None and (s.run / RUN_INFO).exists() and s.run.name not in runs:
         runs[s.run.name] = s.run
     return runs
+
+
+def known_runs() -> dict[str, Path]:
+    """Runs a URL may name: the stored runs the person signed in may see (dashboard.access; all of them with sign-in
+    off). Every page, picker and search starts here, so a run someone may not see is nowhere on their screen."""
+    policy = settings().view_policy
+    return {name: path for name, path in stored_runs().items() if access.may_view(run_owner(path), policy)}
 
 
 @st.cache_resource(max_entries=32, show_spinner=False)
@@ -73,6 +82,24 @@ def run_status(path: str | Path) -> tuple[dict | None, str | None]:
     damaged). Small and kept per run.json time, so the sidebar and the listings check every run once, not on every
     rerun (the opened runs themselves are kept for only 32 runs)."""
     return _run_status(str(Path(path).resolve()), _stamp(Path(path)))
+
+
+def run_owner(path: str | Path) -> dict | None:
+    """run.json's `owner` (None: the operator's), read even from a damaged run so that it is listed to its owner."""
+    return _run_owner(str(Path(path).resolve()), _stamp(Path(path)))
+
+
+@st.cache_data(show_spinner=False, max_entries=1024)
+def _run_owner(path: str, stamp: float) -> dict | None:
+    info, _ = _run_status(path, stamp)
+    if info is None:
+        try:
+            with open(Path(path) / RUN_INFO, "rb") as fh:
+                info = json.loads(fh.read(1 << 20))
+        except (OSError, ValueError):
+            return None
+    owner = info.get("owner") if isinstance(info, dict) else None
+    return owner if isinstance(owner, dict) else None
 
 
 def usable_runs() -> dict[str, Path]:

@@ -1,5 +1,5 @@
 """The dashboard's launcher: `python -m dashboard.serve --runs-dir runs [--run RUN] [--port 8501] [--address ADDR]
-[--allowed-host NAME ...]`.
+[--allowed-host NAME ...] [--secrets FILE] [--view-policy owner|signed-in]`.
 
 It serves `dashboard/app.py` with its own settings, so how the server is exposed never depends on the directory it
 starts in (`streamlit run` reads `.streamlit/config.toml` from the working directory only):
@@ -7,7 +7,8 @@ starts in (`streamlit run` reads `.streamlit/config.toml` from the working direc
 - a request whose Host header is not on the allow-list is refused with 400 (DNS rebinding: a web page on another
   name that resolves to this machine could otherwise drive the UI), for HTTP and WebSocket alike;
 - every response forbids embedding the page in a frame (clickjacking);
-- XSRF protection stays on, CORS is restricted, uploads are capped.
+- XSRF protection stays on, CORS is restricted, uploads are capped;
+- sign-in (OIDC, `st.login`) is on when the `--secrets` file has an `[auth]` section (dashboard.access).
 For a team, put it behind a reverse proxy with TLS and authentication (README: Deployment for a team).
 """
 from __future__ import annotations
@@ -81,6 +82,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--run")
     parser.add_argument("--workspace")
     parser.add_argument("--max-upload-mb", type=int)
+    parser.add_argument("--view-policy", choices=("owner", "signed-in"),
+                        help="with sign-in on: who sees a run (default owner: its owner; signed-in: everyone)")
+    parser.add_argument("--secrets", default=str(Path.home() / ".streamlit" / "secrets.toml"),
+                        help="the secrets.toml whose [auth] section turns on sign-in (default ~/.streamlit/"
+                             "secrets.toml; never one in the working directory)")
     return parser.parse_args(argv)
 
 
@@ -94,6 +100,7 @@ def server_config(args: argparse.Namespace) -> dict:
             "server.fileWatcherType": "none",
             "server.enableXsrfProtection": True, "server.enableCORS": True, "server.allowedHosts": list(hosts),
             "server.maxUploadSize": args.max_upload_mb_per_file, "server.maxMessageSize": 200,
+            "secrets.files": [args.secrets],
             "browser.gatherUsageStats": False, "client.showErrorDetails": "none", "client.toolbarMode": "minimal"}
 
 

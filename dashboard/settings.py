@@ -8,6 +8,9 @@ from pathlib import Path
 
 DEFAULT_RUNS_DIR = "runs"
 DEFAULT_MAX_UPLOAD_BYTES = 2 << 30
+# With sign-in on (dashboard.access): "owner" shows each person their own runs and the operator's; "signed-in"
+# shows every run to everyone signed in. Changing a run is for its owner under both.
+VIEW_POLICIES = ("owner", "signed-in")
 
 
 @dataclass(frozen=True)
@@ -16,21 +19,26 @@ class Settings:
     run: Path | None  # the run opened when a session starts without one in its URL
     workspace: Path  # uploads are stored here (analyzers.loading.workspace)
     max_upload_bytes: int
+    view_policy: str = "owner"
 
 
 def parse_settings(argv: list[str], environ: dict | None = None) -> Settings:
-    """`--runs-dir DIR --run RUN --workspace DIR --max-upload-mb N` from `argv` (unknown arguments are ignored, so the
-    arguments of a test runner do no harm); DASHBOARD_RUNS_DIR, DASHBOARD_RUN, DASHBOARD_WORKSPACE and
-    DASHBOARD_MAX_UPLOAD_MB fill what argv does not say. N bounds the whole upload workspace."""
+    """`--runs-dir DIR --run RUN --workspace DIR --max-upload-mb N --view-policy owner|signed-in` from `argv`
+    (unknown arguments are ignored, so the arguments of a test runner do no harm); DASHBOARD_RUNS_DIR,
+    DASHBOARD_RUN, DASHBOARD_WORKSPACE, DASHBOARD_MAX_UPLOAD_MB and DASHBOARD_VIEW_POLICY fill what argv does not
+    say. N bounds the whole upload workspace."""
     environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--runs-dir", default=environ.get("DASHBOARD_RUNS_DIR", DEFAULT_RUNS_DIR))
     parser.add_argument("--run", default=environ.get("DASHBOARD_RUN"))
     parser.add_argument("--workspace", default=environ.get("DASHBOARD_WORKSPACE"))
     parser.add_argument("--max-upload-mb", type=int, default=environ.get("DASHBOARD_MAX_UPLOAD_MB"))
+    parser.add_argument("--view-policy", default=environ.get("DASHBOARD_VIEW_POLICY") or "owner")
     args, _ = parser.parse_known_args(argv)
     runs_dir = Path(args.runs_dir)
     workspace = Path(args.workspace) if args.workspace else runs_dir.resolve().parent / "workspace"
     max_bytes = args.max_upload_mb * (1 << 20) if args.max_upload_mb else DEFAULT_MAX_UPLOAD_BYTES
+    if args.view_policy not in VIEW_POLICIES:
+        raise ValueError(f"--view-policy must be {' or '.join(VIEW_POLICIES)}, got {args.view_policy!r}")
     return Settings(runs_dir=runs_dir, run=Path(args.run) if args.run else None, workspace=workspace,
-                    max_upload_bytes=max_bytes)
+                    max_upload_bytes=max_bytes, view_policy=args.view_policy)

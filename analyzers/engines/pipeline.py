@@ -128,7 +128,7 @@ def run_analysis(model_spec: str, data_spec: str, out: str | Path, *, arch: str 
                  std: list | None = None, input_shape: tuple | None = None, seed: int = 0,
                  analyses: list | None = None, allow_import: bool = False, progress: bool = False,
                  report: Callable[[str, float], None] | None = None, stage_options: dict | None = None,
-                 isolation: str = "auto") -> Path:
+                 isolation: str = "auto", owner: dict | None = None) -> Path:
     """Analyse a model on a dataset and store the run at `out`; returns `out`.
 
     If `out` already holds a complete run of the same model, data and parameters it is reused as it is. A different
@@ -137,11 +137,16 @@ def run_analysis(model_spec: str, data_spec: str, out: str | Path, *, arch: str 
 
     A model from a file is loaded, and the whole run computed, in a sandboxed worker (`isolation`, see
     `load_model`); its files are checked and copied into the run directory here, and `run.json` is written here.
+    `owner` (`{"id": ..., "name": ...}`, the signed-in person on a dashboard with sign-in) is recorded in run.json:
+    the dashboard lets only the owner replace or delete the run.
     """
     out = Path(out).absolute()  # `--out .` names the current directory, not a run called ""
     if batch_size < 1:
         raise AnalyzerError(f"--batch-size must be at least 1, got {batch_size}")
     stages = _resolve_stages(analyses)
+    if owner is not None and not (isinstance(owner, dict) and isinstance(owner.get("id"), str) and owner["id"]
+                                  and isinstance(owner.get("name", ""), str)):
+        raise AnalyzerError("owner must be {'id': text, 'name': text}, or None for a run made by the operator")
     report = report or (lambda stage, fraction: None)
     report("load", 0.0)
     data_options = dict(label_column=label_column, id_column=id_column, features=features, image_size=image_size,
@@ -152,7 +157,7 @@ def run_analysis(model_spec: str, data_spec: str, out: str | Path, *, arch: str 
     if sandboxed(model_spec, arch, isolation):
         return _run_sandboxed(model_spec, data_spec, out, arch=arch, input_shape=input_shape,
                               data_options=data_options, param_options=param_options, device=device,
-                              overwrite=overwrite, report=report)
+                              overwrite=overwrite, report=report, owner=owner)
     from ..loading.models import load_model
 
     model = load_model(model_spec, arch=arch, input_shape=input_shape, allow_import=allow_import,
@@ -168,7 +173,8 @@ def run_analysis(model_spec: str, data_spec: str, out: str | Path, *, arch: str 
                                   progress=progress, report=report)
         checked = check_run_files(stage_dir, num_samples=len(dataset), num_classes=model.num_classes)
         write_json(stage_dir / RUN_INFO, _run_info(model_spec, data_spec, model, describe_dataset(dataset), arch,
-                                                   params, summary, sandbox=None, accuracy=checked["accuracy"]))
+                                                   params, summary, sandbox=None, accuracy=checked["accuracy"],
+                                                   owner=owner))
     report("done", 1.0)
     return out
 
@@ -246,7 +252,7 @@ def write_run_files(model, dataset, stage_dir, *, params: dict, stages, device: 
 
 
 def _run_sandboxed(model_spec, data_spec, out: Path, *, arch, input_shape, data_options, param_options, device,
-                   overwrite, report) -> Path:
+                   overwrite, report, owner) -> Path:
     from ..loading.sandbox import copy_worker_output, open_sandboxed
 
     model, dataset = open_sandboxed(model_spec, spec=model_spec, arch=arch, input_shape=input_shape,
@@ -267,14 +273,16 @@ def _run_sandboxed(model_spec, data_spec, out: Path, *, arch, input_shape, data_
             num_samples = int(dataset.get("num_samples", -1))
             checked = check_run_files(stage_dir, num_samples=num_samples, num_classes=model.num_classes)
             write_json(stage_dir / RUN_INFO, _run_info(model_spec, data_spec, model, dataset, arch, params, summary,
-                                                       sandbox=model.sandbox, accuracy=checked["accuracy"]))
+                                                       sandbox=model.sandbox, accuracy=checked["accuracy"],
+                                                       owner=owner))
     report("done", 1.0)
     return out
 
 
 def _run_info(model_spec, data_spec, model, dataset: dict, arch, params, summary: dict, *, sandbox,
-              accuracy: float) -> dict:
+              accuracy: float, owner: dict | None = None) -> dict:
     return {
+        "owner": None if owner is None else {"id": owner["id"], "name": owner.get("name") or owner["id"]},
         "format_version": RUN_FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"spec": model_spec, "sha256": model.sha256, "source": model.source, "arch": arch,

@@ -50,12 +50,14 @@ _INFO = (
     ("sandbox", "mapping?", False),
     ("embedding_layer", "text?", False),
     ("analyses", "mapping", False),
+    ("owner", "mapping?", False),  # who may replace or delete the run on a dashboard with sign-in; None: the operator
 )
 _MODEL = (("spec", "text", True), ("sha256", "text", True), ("input_shape", "ints", True), ("arch", "text?", False),
           ("layers", "texts", False), ("layer_kinds", "mapping", False))
 _DATASET = (("spec", "text", True), ("sha256", "text", True), ("modality", "text", True),
             ("feature_names", "texts?", False), ("metadata_columns", "texts?", False),
             ("ground_truth_columns", "texts?", False))
+_OWNER = (("id", "text", True), ("name", "text", False))
 
 
 def _kind_ok(value, kind: str) -> bool:
@@ -97,6 +99,8 @@ def check_info(info, where) -> None:
     _check_fields(info, _INFO, "run.json", where)
     _check_fields(info["model"], _MODEL, "run.json", where, "model.")
     _check_fields(info["dataset"], _DATASET, "run.json", where, "dataset.")
+    if info.get("owner") is not None:
+        _check_fields(info["owner"], _OWNER, "run.json", where, "owner.")
     if not info["class_names"]:
         raise damaged("run.json", where, "it names no class")
     if info["num_samples"] < 0:

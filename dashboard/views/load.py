@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from analyzers.errors import AnalyzerError
-from dashboard import components, data, state
+from dashboard import access, components, data, state
 from dashboard.text import md
 
 LOG = logging.getLogger(__name__)
@@ -60,13 +60,21 @@ def _run_analysis(model_spec: str, data_spec: str, name: str, *, arch=None, over
 
     out = settings.runs_dir / name
     run_analysis(model_spec, data_spec, out, arch=arch, overwrite=overwrite, analyses=data.available_stages(),
-                 report=report, **options)
+                 report=report, owner=access.current_user(), **options)
     data.forget_runs()
     state.put("run", name)
     state.put("sample", None)
     state.set_selection(None)
     st.session_state["load-ready"] = name
     st.rerun()  # so the sidebar's run picker shows the new run
+
+
+def _check_name_is_ours(name: str) -> None:
+    """With sign-in on, a name that another person's run (or the operator's) holds is refused before anything runs:
+    that run is neither replaced nor reused."""
+    existing = data.stored_runs().get(name)
+    if existing is not None and not access.may_change(data.run_owner(existing)):
+        raise AnalyzerError(access.change_refusal(name, data.run_owner(existing)))
 
 
 def _guarded(action) -> None:
@@ -92,13 +100,17 @@ with analyse_tab:
                                    help="Small trained models with their own data: digits (8×8 images), tabular "
                                         "(breast cancer), dna (sequences with planted motifs), shapes (images with "
                                         "a spurious colour cue).")
-        name = cols[1].text_input("Run name", value=f"sample-{sample}", key="load-sample-name")
+        name = cols[1].text_input("Run name", value=f"sample-{sample}{access.name_suffix()}", key="load-sample-name")
         if st.button("Run", type="primary", key="load-run-sample"):
             if not RUN_NAME.match(name or ""):
                 st.error("The run name may hold letters, digits, '.', '_' and '-' (at most 80), starting with a "
                          "letter or digit.")
             else:
-                _guarded(lambda: _run_analysis(f"sample:{sample}", f"sample:{sample}", name, overwrite=True))
+                def _sample() -> None:
+                    _check_name_is_ours(name)
+                    _run_analysis(f"sample:{sample}", f"sample:{sample}", name, overwrite=True)
+
+                _guarded(_sample)
     else:
         left, right = st.columns(2, gap="large")
         with left:
@@ -118,7 +130,7 @@ with analyse_tab:
             std_text = cols[2].text_input("Std per channel", placeholder="0.25,0.25,0.25", key="load-std")
             st.caption("Pixels are scaled to [0, 1], resized, then (x − mean) / std per channel.")
         cols = st.columns([2, 1], vertical_alignment="bottom")
-        default_name = f"upload-{datetime.now():%Y%m%d-%H%M%S}"
+        default_name = f"upload-{datetime.now():%Y%m%d-%H%M%S}{access.name_suffix()}"
         name = cols[0].text_input("Run name", value=st.session_state.get("load-upload-default", default_name),
                                   key="load-upload-name")
         overwrite = cols[1].checkbox("Replace a run of this name", key="load-overwrite")
@@ -129,6 +141,7 @@ with analyse_tab:
                 if not RUN_NAME.match(name or ""):
                     raise AnalyzerError("the run name may hold letters, digits, '.', '_' and '-' (at most 80), "
                                         "starting with a letter or digit")
+                _check_name_is_ours(name)
                 size = _numbers(size_text, int, "Image size")
                 if size is not None and len(size) != 2:
                     raise AnalyzerError(f"image size must be two numbers H,W, got {size_text!r}")
@@ -158,15 +171,20 @@ with runs_tab:
         rows = []
         for run_name, path in runs.items():
             info, problem = data.run_status(path)
+            owner = data.run_owner(path)
+            owner_name = (owner or {}).get("name") or "operator (command line)"
             if problem is not None:  # listed with its reason; it can still be deleted
-                rows.append({"run": run_name, "status": "damaged", "created": "", "model": "", "data": "",
-                             "samples": None, "accuracy": None, "problem": problem})
+                rows.append({"run": run_name, "status": "damaged", "owner": owner_name, "created": "", "model": "",
+                             "data": "", "samples": None, "accuracy": None, "problem": problem})
                 continue
-            rows.append({"run": run_name, "status": "ok", "created": info.get("created", "").replace("T", " ")[:16],
+            rows.append({"run": run_name, "status": "ok", "owner": owner_name,
+                         "created": info.get("created", "").replace("T", " ")[:16],
                          "model": info["model"]["spec"].rsplit("/", 1)[-1],
                          "data": info["dataset"]["spec"].rsplit("/", 1)[-1],
                          "samples": info.get("num_samples"), "accuracy": info.get("accuracy"), "problem": ""})
         table = pd.DataFrame(rows)
+        if not access.enabled():
+            table = table.drop(columns=["owner"])
         if not table["problem"].astype(bool).any():
             table = table.drop(columns=["status", "problem"])
         else:
@@ -174,7 +192,9 @@ with runs_tab:
                      f"Rebuild one with python -m analyzers run --overwrite, or delete it here.")
         picked = st.dataframe(table, hide_index=True, on_select="rerun", selection_mode="single-row", key="runs-table",
                               column_config={"accuracy": st.column_config.NumberColumn(format="%.3f")})
-        chosen = table["run"].iloc[picked.selection.rows[0]] if picked.selection.rows else None
+        # a selection outlives a deletion (the table is shorter on the rerun that follows): a stale row picks nothing
+        rows_picked = [r for r in picked.selection.rows if 0 <= r < len(table)]
+        chosen = table["run"].iloc[rows_picked[0]] if rows_picked else None
         if chosen:
             cols = st.columns([1, 1, 3], vertical_alignment="center")
             if cols[0].button(f"Open {chosen}", type="primary", key="runs-open"):
@@ -182,11 +202,18 @@ with runs_tab:
                 state.put("sample", None)
                 state.set_selection(None)
                 components.go_to("overview")
-            confirm = cols[2].checkbox(f"Yes, delete {chosen} and its files", key=f"runs-confirm-{chosen}")
+            owner = data.run_owner(runs[chosen])
+            if not access.may_change(owner):
+                cols[2].caption(md(access.change_refusal(chosen, owner).split(":")[0]) + ".")
+                confirm = False
+            else:
+                confirm = cols[2].checkbox(f"Yes, delete {md(chosen)} and its files", key=f"runs-confirm-{chosen}")
             if cols[1].button("Delete", key="runs-delete", disabled=not confirm):
                 from analyzers.loading.runs import delete_run
 
                 try:
+                    if not access.may_change(owner):  # checked again here: a disabled button is only a hint
+                        raise AnalyzerError(access.change_refusal(chosen, owner))
                     delete_run(runs[chosen])
                     data.forget_runs()
                     if state.get("run") == chosen:
