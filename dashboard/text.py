@@ -9,17 +9,23 @@ spreadsheets where they are written: `analyzers.evaluation.stage.to_csv`.)
 from __future__ import annotations
 
 import html
+import re
 import string
 
 # CommonMark lets every ASCII punctuation character be escaped with a backslash, which then renders as itself.
 _MARKDOWN_ESCAPES = {ord(c): "\\" + c for c in string.punctuation}
+# Streamlit's renderer (remark-gfm) also turns bare URLs and emails into links, and it finds them in the text
+# *after* escapes are decoded, so escaping cannot stop it. An invisible WORD JOINER (U+2060) where its patterns need
+# two characters side by side does: "http" + "://", "www" + ".", and a name character + "@".
+WORD_JOINER = "\u2060"
+_AUTOLINK_SEAMS = re.compile(r"(?i)(?<=https)(?=\\:)|(?<=http)(?=\\:)|(?<=www)(?=\\\.)|(?=\\@)")
 
 
 def md(value) -> str:
-    """`value` as literal text inside Streamlit Markdown: no link, image, emphasis, HTML, LaTeX or directive, and
-    on one line."""
+    """`value` as literal text inside Streamlit Markdown: no link (written or bare), image, emphasis, HTML, LaTeX or
+    directive, and on one line. It reads as `value`; bare URLs and emails carry an invisible WORD_JOINER."""
     text = " ".join(str(value).splitlines())
-    return text.translate(_MARKDOWN_ESCAPES)
+    return _AUTOLINK_SEAMS.sub(WORD_JOINER, text.translate(_MARKDOWN_ESCAPES))
 
 
 def plotly_text(value) -> str:

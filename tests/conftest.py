@@ -77,10 +77,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def launched_dashboard(args: list[str], *, cwd: Path, timeout_s: float = 90):
-    """The dashboard's launcher (dashboard/serve.py) started from `cwd` with `args`; yields its port once it answers
-    its health check, and stops it afterwards."""
-    port = free_port()
+def launched_dashboard(args: list[str], *, cwd: Path, timeout_s: float = 90, port: int | None = None):
+    """The dashboard's launcher (dashboard/serve.py) started from `cwd` with `args` on `port` (a free one if None);
+    yields its port once it answers its health check, and stops it afterwards."""
+    port = port or free_port()
     log = Path(cwd) / "server.log"
     with open(log, "wb") as out:
         server = subprocess.Popen([sys.executable, str(ROOT / "dashboard" / "serve.py"), "--port", str(port), *args],

@@ -7,19 +7,22 @@ gets. The browser test (tests/test_e2e_browser.py) checks that no request leaves
 from __future__ import annotations
 
 import csv
+import html as html_module
 import io
 import json
+import re
 
 import numpy as np
 import pytest
 from markdown_it import MarkdownIt
 
 from analyzers.evaluation.stage import to_csv
-from dashboard.text import md, plotly_text
+from dashboard.text import WORD_JOINER, md, plotly_text
 
 BEACON = "http://127.0.0.1:9999/beacon"
 HOSTILE = [f"![m]({BEACON})", "[Click to re-authenticate](http://evil.example/login)", f"<img src={BEACON}>",
            "**bold** _it_ `code` $x^2$ :red[red] :smile:", f"<a href='{BEACON}'>x</a>", "www.evil.example",
+           "https://evil.example/login", "HTTP://EVIL.EXAMPLE", "mail ana@example.org to re-authenticate",
            "=HYPERLINK(\"http://evil.example\",\"x\")", "-2+3+cmd|' /C calc'!A0", "line\nbreak # heading"]
 PAGES = ("views/overview.py", "views/confusion.py", "views/errors.py", "views/explain.py", "views/embeddings.py",
          "views/training.py", "views/compare.py", "views/load.py")
@@ -27,10 +30,18 @@ RENDER = MarkdownIt("commonmark", {"html": True})
 FORBIDDEN_HTML = ("<a", "<img", "<script", "<iframe", "<svg", "<video", "<audio", "<link", "<object")
 
 
+# What Streamlit's renderer (remark-gfm, mdast-util-gfm-autolink-literal) links in text after escapes are decoded.
+GFM_URL = re.compile(r"(https?://|www(?=\.))([-.\w]+)", re.IGNORECASE | re.ASCII)
+GFM_EMAIL = re.compile(r"([-.\w+]+)@([-\w]+(?:\.[-\w]+)+)", re.ASCII)
+
+
 def _rendered_is_text(source: str) -> None:
     html = RENDER.render(source)
     assert not any(tag in html for tag in FORBIDDEN_HTML), (source, html)
-    assert "://" not in source and "www." not in source, source  # nothing a GFM autolinker would pick up
+    decoded = html_module.unescape(re.sub(r"<[^>]+>", "", html))
+    # nothing a GFM autolinker would pick up, in the source or in the decoded text it searches
+    assert not GFM_URL.search(source) and not GFM_EMAIL.search(source), source
+    assert not GFM_URL.search(decoded) and not GFM_EMAIL.search(decoded), decoded
 
 
 @pytest.mark.parametrize("value", HOSTILE)
@@ -39,9 +50,8 @@ def test_md_renders_exactly_the_value_as_text(value):
     _rendered_is_text(source)
     plain = RENDER.render(source).strip()
     assert plain.startswith("<p>") and plain.endswith("</p>")
-    import html as html_module
-
-    assert html_module.unescape(plain[3:-4]) == " ".join(value.splitlines())  # the same characters, as text
+    # the same characters, as text (bare URLs and emails with an invisible word joiner)
+    assert html_module.unescape(plain[3:-4]).replace(WORD_JOINER, "") == " ".join(value.splitlines())
 
 
 @pytest.mark.parametrize("value", HOSTILE)
