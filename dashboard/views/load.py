@@ -229,4 +229,4 @@ with runs_tab:
             if not hits:
                 st.info(f"No stored run holds a sample with id {md(repr(query))}.")
             for hit in hits:
-                components.page_link("explain", f"Sample {query} in {hit}", run=hit, sample=query.strip())
+                components.page_link("explain", f"Sample {md(query)} in {md(hit)}", run=hit, sample=query.strip())
