@@ -5,6 +5,11 @@ class AnalyzerError(ValueError):
     """Bad input (a file, a dataset, a model, an option). The message is meant for the person, one line."""
 
 
+class InvalidOption(AnalyzerError):
+    """An option the caller gave is invalid. A run stops on it at once: an analysis that does not apply to a model
+    is skipped with its reason, but a mistyped option is the caller's to fix, not a finding about the model."""
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message, for wrapping a library's error into a one-line message."""
     text = str(exc).strip().splitlines()

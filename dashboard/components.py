@@ -93,8 +93,22 @@ def header(title: str, run: Run | None, help_text: str | None = None) -> None:
         st.caption(help_text)
 
 
-def not_in_run(what: str, how: str) -> None:
-    st.info(f"{what} is not in this run. {how}")
+def skipped_reason(run: Run, stage: str) -> str | None:
+    """Why the run's `stage` was skipped (run.json `analyses`), or None when it ran or was not asked for."""
+    summary = (run.info.get("analyses") or {}).get(stage)
+    if isinstance(summary, dict) and summary.get("status") == "skipped":
+        return str(summary.get("reason") or "no reason was recorded")
+    return None
+
+
+def not_in_run(what: str, how: str, *, run: Run | None = None, stage: str | None = None) -> None:
+    """Say that something is missing from the run: why, when its stage was skipped, else how to add it."""
+    reason = skipped_reason(run, stage) if run is not None and stage else None
+    if reason is not None:
+        st.warning(f"{what} is not in this run: its {md(stage)} analysis was skipped because {md(reason)}",
+                   icon=":material/block:")
+    else:
+        st.info(f"{what} is not in this run. {how}")
 
 
 def short(value) -> str:

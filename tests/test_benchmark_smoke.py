@@ -97,7 +97,8 @@ def test_sandbox_rows_compare_the_worker_with_this_process(quick_result):
         method = detail["methods"][row["what"].split(",")[0]]
         assert method["bit_identical"] is True  # the worker computes the very same maps
         beyond = (method["worker_median_s"] - method["in_process_median_s"]) * 1000
-        assert row["value"] == pytest.approx(beyond, abs=1e-2) and row["met"] == (row["value"] <= 5.0)
+        # the row keeps four significant digits (_round): a loaded machine can make the difference 100+ ms
+        assert row["value"] == pytest.approx(beyond, rel=1e-3, abs=1e-2) and row["met"] == (row["value"] <= 5.0)
     (run,) = [r for r in rows if r["unit"] == "s"]
     assert run["n"] == 400 and run["floor"] == "the same run in-process" and run["target"] == 1.05
     assert run["floor_seconds"] == pytest.approx(detail["runs"]["process"]["fastest_wall_s"], rel=1e-3)

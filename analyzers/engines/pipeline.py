@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import pandas as pd
 
-from ..errors import AnalyzerError
+from ..errors import AnalyzerError, InvalidOption, first_line
 from ..loading.datasets import Dataset, check_dataset, describe_dataset, load_dataset
 from ..loading.runs import (PROBS, RUN_FORMAT_VERSION, RUN_INFO, SAMPLES, check_run_files, open_run,
                             refuse_non_run, staged_run, write_json)
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from ..loading.models import LoadedModel
     from .inference import Predictions
 
+LOG = logging.getLogger(__name__)
 # torch, the model loader and inference are imported where they run: the parent of a sandboxed run never needs them,
 # and leaving them out lets its worker import torch while the parent is still starting (benchmarks: sandbox).
 
@@ -208,6 +211,25 @@ def _reuse_or_refuse(out: Path, model_sha: str, dataset_sha: str, params: dict, 
     return False
 
 
+def _run_stage(name: str, stage, ctx: RunContext) -> dict:
+    """One stage's summary for run.json; a stage that does not apply or fails is recorded as
+    `{"status": "skipped", "reason": one line}`, the files it had begun are removed, and the next stage runs."""
+    before = {p for p in ctx.stage_dir.rglob("*")}
+    try:
+        return {"status": "done", **(stage(ctx) or {})}
+    except InvalidOption:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of one analysis is its own; the others still run
+        reason = str(exc) if isinstance(exc, AnalyzerError) else f"it failed ({type(exc).__name__}: {first_line(exc)})"
+        LOG.warning("the %s stage was skipped: %s", name, reason)
+        for path in sorted(set(ctx.stage_dir.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return {"status": "skipped", "reason": reason.splitlines()[0] if reason.strip() else type(exc).__name__}
+
+
 @runs_in_worker
 def write_run_files(model, dataset, stage_dir, *, params: dict, stages, device: str = "cpu", progress: bool = False,
                     report: Callable[[str, float], None] | None = None) -> dict:
@@ -243,7 +265,7 @@ def write_run_files(model, dataset, stage_dir, *, params: dict, stages, device: 
     for name, target in stages:
         report(name, 0.0)
         t0 = time.perf_counter()
-        summaries[name] = _load_stage(target)(ctx) or {}
+        summaries[name] = _run_stage(name, _load_stage(target), ctx)
         timings[name] = time.perf_counter() - t0
         report(name, 1.0)
     return {"analyses": summaries, "timings_s": {k: round(v, 4) for k, v in timings.items()},

@@ -273,7 +273,7 @@ def _empty() -> pd.DataFrame:
 
 def _finish(rows: list, ids: np.ndarray, overall: float, n: int, alpha: float, source: str, max_slices: int,
             max_overlap: float) -> pd.DataFrame:
-    if not rows:
+    if not rows or overall <= 0:  # an error-free model has no slice where it fails more than elsewhere
         return _empty()
     size = np.array([r["size"] for r in rows], dtype=np.float64)
     errs = np.array([r["errors"] for r in rows], dtype=np.float64)

@@ -189,14 +189,88 @@ def baseline_for(x: np.ndarray, baseline="zeros", background=None) -> np.ndarray
 
 # --- layers for Grad-CAM -----------------------------------------------------------------------------------------------
 
-def default_gradcam_layer(model) -> str:
-    """The last convolution of the model (from the export graph for `.pt2` models)."""
+@dataclass(frozen=True)
+class ConvSite:
+    """One convolution as it ran in a forward pass of one sample."""
+
+    name: str
+    order: int  # position among the convolutions' calls, in execution order
+    calls: int  # how many times its module ran in the pass
+    shape: tuple  # its output's shape, batch first
+    depth: int  # convolutions on the longest path from the input to this one, itself included
+
+
+def conv_sites(model, x) -> tuple[list, bool]:
+    """The convolutions of `model` as they run on the first sample of `x`: order, output shape, calls and depth.
+
+    Depth is read from the autograd graph of that pass, so a 1x1 shortcut convolution (registered last in a ResNet
+    block, and run last in torchvision's) is shallower than the main path's last convolution. Also returns whether
+    a later layer turns an image into (N, tokens, width), as a vision transformer's patch embedding does."""
+    module = unwrap(model)
     kinds = layer_kinds(model)
-    names = [n for n, _ in unwrap(model).named_modules() if n and kinds.get(n, "").startswith("conv")]
-    if not names:
+    named = dict(module.named_modules())
+    conv_names = [n for n in named if n and kinds.get(n, "").startswith("conv")]
+    records, later_token_shapes = [], []
+    calls: dict = {}
+
+    def on_conv(name):
+        def hook(_m, _a, out):
+            if isinstance(out, torch.Tensor):
+                calls[name] = calls.get(name, 0) + 1
+                records.append((name, tuple(out.shape), out.grad_fn))
+        return hook
+
+    def on_any(_m, _a, out):
+        if records and isinstance(out, torch.Tensor) and out.ndim == 3:
+            later_token_shapes.append(tuple(out.shape))
+
+    handles = [named[n].register_forward_hook(on_conv(n)) for n in conv_names]
+    handles += [sub.register_forward_hook(on_any) for n, sub in named.items()
+                if n and n not in conv_names and not any(True for _ in sub.children())]
+    probe = torch.as_tensor(np.asarray(x[:1], dtype=np.float32), device=module_device(module))
+    try:
+        with analysis_mode(module), torch.enable_grad():
+            _scores_module(model)(probe.clone().requires_grad_(True))
+    finally:
+        for handle in handles:
+            handle.remove()
+    index_of = {id(node): i for i, (_, _, node) in enumerate(records) if node is not None}
+    depths: list = []
+    for i, (name, shape, node) in enumerate(records):
+        deepest, stack, seen = 0, [f for f, _ in (node.next_functions if node is not None else ())], set()
+        while stack:
+            current = stack.pop()
+            if current is None or id(current) in seen:
+                continue
+            seen.add(id(current))
+            j = index_of.get(id(current))
+            if j is not None and j < i:
+                deepest = max(deepest, depths[j])  # an earlier convolution: its own depth covers what lies before
+                continue
+            stack.extend(f for f, _ in current.next_functions)
+        depths.append(deepest + 1)
+    sites = [ConvSite(name=name, order=i, calls=calls[name], shape=shape, depth=depths[i])
+             for i, (name, shape, _) in enumerate(records)]
+    tokenised = probe.ndim == 4 and bool(later_token_shapes)
+    return sites, tokenised
+
+
+def default_gradcam_layer(model, x) -> str:
+    """The last convolution on the main path whose output still has spatial extent: the deepest (by graph
+    position, not registration order) among those that run once and output more than one position."""
+    sites, tokenised = conv_sites(model, x)
+    if not sites:
         raise AnalyzerError("Grad-CAM needs a convolutional layer and this model has none: use saliency, "
                             "integrated_gradients or shap")
-    return names[-1]
+    if tokenised:
+        raise AnalyzerError("this model's convolutions feed a transformer's tokens (a patch embedding), so Grad-CAM "
+                            "has no spatial layer to default to: use integrated_gradients or saliency, or name a "
+                            "layer with --layer")
+    eligible = [s for s in sites if s.calls == 1 and int(np.prod(s.shape[2:])) > 1]
+    if not eligible:
+        raise AnalyzerError("every convolution of this model runs several times per pass or outputs a single "
+                            "position, so a Grad-CAM map would be constant: use integrated_gradients or saliency")
+    return max(eligible, key=lambda s: (s.depth, s.order)).name
 
 
 def _check_gradcam_layer(module: nn.Module, scores: nn.Module, layer_name: str, x: torch.Tensor) -> nn.Module:
@@ -382,7 +456,7 @@ def explain(model, inputs, target=None, method: str = "saliency", *, batch_size:
             opts["window"], opts["stride"] = _occlusion_shapes(x.shape[1:], window, stride)
             opts["perturbations_per_eval"] = max(1, batch_size // min(batch_size, len(x)))
         elif method == "gradcam":
-            opts["layer"] = layer or default_gradcam_layer(model)
+            opts["layer"] = layer or default_gradcam_layer(model, x)
             _check_gradcam_layer(module, scores, opts["layer"], torch.as_tensor(x[:1], device=device))
         out, raws = np.zeros_like(x), []
         try:

@@ -23,8 +23,8 @@ import pandas as pd
 
 from ..errors import AnalyzerError
 from .attributions import METHODS, explain, modality_of, reduce_for_display
-from .faithfulness import (deletion_insertion, ground_truth_scores, ig_completeness, interval_mask,
-                           randomisation_check)
+from .faithfulness import (degenerate_maps, deletion_insertion, ground_truth_scores, ig_completeness,
+                           interval_mask, randomisation_check)
 from ..loading.runs import read_cache_entry, write_atomic, write_parquet
 from ..loading.sandbox import runs_in_worker
 
@@ -118,26 +118,32 @@ def score_samples(model, x: np.ndarray, targets: np.ndarray, method: str, *, opt
         attr, gap, steps = result.attributions, result.gap, result.n_steps
     else:
         attr = explain(model, x, targets, method, batch_size=batch_size, background=background, seed=seed, **options)
+    # A constant (or all-zero) map ranks nothing: deleting "its most important pixels first" is an arbitrary order,
+    # so it gets no faithfulness score, and it fails the sanity check.
+    degenerate = degenerate_maps(attr)
     curves = deletion_insertion(model, x, attr, targets, baseline=base_choice if isinstance(base_choice, str)
                                 else "zeros", background=background, batch_size=batch_size)
     table = pd.DataFrame({
-        "deletion_auc": curves.deletion_auc, "insertion_auc": curves.insertion_auc,
-        "completeness_gap": gap.astype(np.float32), "ig_n_steps": steps,
+        "deletion_auc": np.where(degenerate, np.nan, curves.deletion_auc).astype(np.float32),
+        "insertion_auc": np.where(degenerate, np.nan, curves.insertion_auc).astype(np.float32),
+        "completeness_gap": gap.astype(np.float32), "ig_n_steps": steps, "degenerate": degenerate,
     })
     if sanity:
         check = randomisation_check(model, x, method, targets, batch_size=batch_size, seed=seed, cache_dir=cache_dir,
                                     sample_ids=sample_ids, background=background, **options)
         table["sanity_rank_corr"] = check.final_corr.astype(np.float32)
         table["sanity_mean_corr"] = np.float32(check.mean_final_corr)
-        table["sanity_flag"] = bool(check.flagged)
+        table["sanity_flag"] = check.sample_flags | degenerate
     else:
         table["sanity_rank_corr"] = np.float32(np.nan)
         table["sanity_mean_corr"] = np.float32(np.nan)
-        table["sanity_flag"] = pd.NA
+        # not checked (its rank correlation is NaN), except that a degenerate map fails without a check; plain
+        # bools, because this table crosses from a worker, where only numeric and boolean arrays do
+        table["sanity_flag"] = degenerate
     if mask is not None:
         truth = ground_truth_scores(attr, mask)
-        table["mass_inside"] = truth.mass_inside.astype(np.float32)
-        table["pointing_hit"] = truth.pointing_hit
+        table["mass_inside"] = np.where(degenerate, np.nan, truth.mass_inside).astype(np.float32)
+        table["pointing_hit"] = truth.pointing_hit & ~degenerate  # a constant map points nowhere
     return attr, table
 
 
@@ -168,10 +174,19 @@ def _merge_table(path: Path, new: pd.DataFrame) -> pd.DataFrame:
     return new
 
 
+@dataclass(frozen=True)
+class ExplainRunResult:
+    scores: pd.DataFrame  # the faithfulness rows written, one per sample and method that applied
+    skipped: dict  # method -> the one line that says why it does not apply here (nothing of it was written)
+
+
 def explain_run(run_dir, ids, methods, *, target="pred", layer=None, batch_size: int = 64, sanity: bool = True,
-                seed: int = 0, model=None, dataset=None, options: dict | None = None) -> pd.DataFrame:
+                seed: int = 0, model=None, dataset=None, options: dict | None = None) -> ExplainRunResult:
     """Explain samples `ids` of a stored run with each of `methods`, write the files into the run, and return the
-    faithfulness rows written. `model`/`dataset` (already loaded) skip reloading them."""
+    faithfulness rows written. `model`/`dataset` (already loaded) skip reloading them.
+
+    A method that does not apply (Grad-CAM without a convolution, a layer that runs twice) is reported in `skipped`
+    and the others still run; only when none applies is that an error."""
     from ..engines.pipeline import load_run_inputs
     from ..loading.runs import open_run
 
@@ -190,12 +205,16 @@ def explain_run(run_dir, ids, methods, *, target="pred", layer=None, batch_size:
     background = background_sample(dataset, seed)
     mask = ground_truth_mask(dataset, rows)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    tables = []
+    tables, skipped = [], {}
     for method in methods:
-        opts = method_options(method, layer, (options or {}).get(method))
-        attr, table = score_samples(model, x, targets, method, options=opts, background=background, mask=mask,
-                                    batch_size=batch_size, sanity=sanity, cache_dir=run.file(CACHE),
-                                    sample_ids=sample_ids, seed=seed)
+        try:
+            opts = method_options(method, layer, (options or {}).get(method))
+            attr, table = score_samples(model, x, targets, method, options=opts, background=background, mask=mask,
+                                        batch_size=batch_size, sanity=sanity, cache_dir=run.file(CACHE),
+                                        sample_ids=sample_ids, seed=seed)
+        except AnalyzerError as exc:
+            skipped[method] = str(exc)
+            continue
         _merge_npz(run.file(f"{EXPLANATIONS}/{method}/{key}.npz"), sample_ids, targets, attr)
         table.insert(0, "id", sample_ids)
         table.insert(1, "method", method)
@@ -204,24 +223,30 @@ def explain_run(run_dir, ids, methods, *, target="pred", layer=None, batch_size:
         table["options"] = json.dumps(opts, sort_keys=True, default=str)
         table["created"] = created
         tables.append(table)
+    if not tables:
+        raise AnalyzerError("; ".join(f"{method}: {reason}" for method, reason in skipped.items()))
     written = pd.concat(tables, ignore_index=True)
     _merge_table(run.file(FAITHFULNESS), written)
-    return written
+    return ExplainRunResult(scores=written, skipped=skipped)
 
 
 def explain_command(args) -> int:
     """`python -m analyzers explain RUN_DIR --ids ... --method ... [--target] [--layer] [--batch-size]`."""
     if args.batch_size < 1:
         raise AnalyzerError(f"--batch-size must be at least 1, got {args.batch_size}")
-    written = explain_run(args.run_dir, args.ids, args.method, target=args.target, layer=args.layer,
-                          batch_size=args.batch_size)
+    result = explain_run(args.run_dir, args.ids, args.method, target=args.target, layer=args.layer,
+                         batch_size=args.batch_size)
+    written = result.scores
+    for method, reason in result.skipped.items():
+        print(f"skipped {method}: {reason}", file=sys.stderr)
     summary = written.groupby("method").agg(samples=("id", "size"), deletion_auc=("deletion_auc", "mean"),
                                             insertion_auc=("insertion_auc", "mean"),
                                             completeness_gap=("completeness_gap", "max"),
                                             sanity_corr=("sanity_mean_corr", "first"),
-                                            sanity_flag=("sanity_flag", "first"))
+                                            sanity_flag=("sanity_flag", lambda f: bool(f.fillna(False).any())),
+                                            degenerate=("degenerate", "sum"))
     print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
-    flagged = [m for m, f in summary["sanity_flag"].items() if f is True]
+    flagged = [m for m, f in summary["sanity_flag"].items() if f]
     if flagged:
         print(f"warning: {', '.join(flagged)} barely change(s) when the model is randomised: those maps do not "
               f"reflect what the model learned", file=sys.stderr)
@@ -271,7 +296,8 @@ def explain_sample(run, sample_id, method: str, *, target="pred", model=None, da
     rows = resolve_rows(dataset, [sample_id])
     targets = resolve_targets(run, dataset, rows, target, model.num_classes)
     opts = method_options(method, None, options)
-    key = json.dumps({"model": model.sha256, "method": method, "options": opts, "id": str(sample_id),
+    # "scores": 2 since degenerate maps lost their faithfulness scores: entries from before are recomputed
+    key = json.dumps({"scores": 2, "model": model.sha256, "method": method, "options": opts, "id": str(sample_id),
                       "target": int(targets[0]), "sanity": sanity, "seed": seed}, sort_keys=True, default=str)
     path = run.file(f"{CACHE}/sample-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz")
     modality = modality_of(dataset.x[:1])

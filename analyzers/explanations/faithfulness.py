@@ -98,25 +98,45 @@ def deletion_insertion(model, inputs, attributions, target=None, *, steps: int =
 
 # --- randomisation sanity check ----------------------------------------------------------------------------------------
 
+def degenerate_maps(attributions) -> np.ndarray:
+    """Per sample, whether its map is constant (all zero included): it ranks nothing, so it gets no faithfulness
+    score and fails the sanity check. Constant up to float rounding, relative to the map's largest magnitude."""
+    flat = np.asarray(attributions, dtype=np.float64).reshape(len(attributions), -1)
+    if flat.shape[1] == 0:
+        return np.ones(len(flat), dtype=bool)
+    scale = np.abs(flat).max(axis=1)
+    return np.ptp(flat, axis=1) <= 1e-6 * scale
+
+
 @dataclass(frozen=True)
 class SanityCheck:
     layers: tuple  # layers re-initialised, top (output) first; step k has layers[:k+1] randomised
     rank_corr: np.ndarray  # (len(layers), N) Spearman correlation of |map| with the original map's |map|
     threshold: float
+    degenerate: np.ndarray  # (N,) the original map is constant: it cannot reflect the model, so it fails
 
     @property
     def final_corr(self) -> np.ndarray:
-        """Per sample: correlation with the map of the fully randomised model."""
-        return self.rank_corr[-1]
+        """Per sample: correlation with the map of the fully randomised model (NaN for a degenerate map, whose
+        rank correlation means nothing)."""
+        return np.where(self.degenerate, np.nan, self.rank_corr[-1])
 
     @property
     def mean_final_corr(self) -> float:
-        return float(np.mean(self.final_corr))
+        """Over the samples whose map is not degenerate (NaN when every map is)."""
+        kept = self.rank_corr[-1][~self.degenerate]
+        return float(np.mean(kept)) if len(kept) else math.nan
 
     @property
     def flagged(self) -> bool:
-        """The map barely changes when the model is destroyed: it does not reflect what the model learned."""
-        return self.mean_final_corr > self.threshold
+        """The maps barely change when the model is destroyed, or are all constant: they do not reflect what the
+        model learned."""
+        return bool(self.degenerate.all()) or self.mean_final_corr > self.threshold
+
+    @property
+    def sample_flags(self) -> np.ndarray:
+        """Per sample: flagged with the rest, or degenerate."""
+        return self.degenerate | self.flagged
 
 
 def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -238,10 +258,11 @@ def randomisation_check(model, inputs, method: str | Callable = "saliency", targ
         from ..loading.runs import read_cache_entry
 
         cached = read_cache_entry(_cache_path(cache_dir, key))  # None when missing or damaged: recomputed
-        if cached is not None and {"layers", "rank_corr"} <= set(cached) and cached["rank_corr"].shape == (
-                len(cached["layers"]), len(x)) and cached["rank_corr"].dtype.kind == "f":
+        if cached is not None and {"layers", "rank_corr", "degenerate"} <= set(cached) and cached["rank_corr"].shape \
+                == (len(cached["layers"]), len(x)) and cached["rank_corr"].dtype.kind == "f" and \
+                cached["degenerate"].shape == (len(x),) and cached["degenerate"].dtype == bool:
             return SanityCheck(layers=tuple(str(s) for s in cached["layers"]), rank_corr=cached["rank_corr"],
-                               threshold=threshold)
+                               threshold=threshold, degenerate=cached["degenerate"])
 
     def attribute(m):
         if callable(method):
@@ -252,7 +273,9 @@ def randomisation_check(model, inputs, method: str | Callable = "saliency", targ
         return np.abs(np.asarray(a, dtype=np.float32)).reshape(len(x), -1) if x.ndim == 2 else \
             np.abs(np.asarray(a, dtype=np.float32)).sum(axis=1).reshape(len(x), -1)
 
-    original = score_map(attribute(model))
+    original_attr = attribute(model)
+    degenerate = degenerate_maps(original_attr)
+    original = score_map(original_attr)
     copy = _copy_module(model)
     copy.eval()
     layers = _parameter_layers(copy, torch.as_tensor(x[:1], device=module_device(copy)))[::-1]
@@ -267,13 +290,13 @@ def randomisation_check(model, inputs, method: str | Callable = "saliency", targ
     for step, layer in enumerate(layers):
         reinitialise(subs[layer], generator)
         corr[step] = spearman_rows(original, score_map(attribute(randomised)))
-    result = SanityCheck(layers=tuple(layers), rank_corr=corr, threshold=threshold)
+    result = SanityCheck(layers=tuple(layers), rank_corr=corr, threshold=threshold, degenerate=degenerate)
     if key is not None:
         from ..loading.runs import write_atomic
 
         def _save(tmp: Path) -> None:
             with open(tmp, "wb") as fh:
-                np.savez(fh, layers=np.asarray(layers, dtype=str), rank_corr=corr)
+                np.savez(fh, layers=np.asarray(layers, dtype=str), rank_corr=corr, degenerate=degenerate)
 
         write_atomic(_cache_path(cache_dir, key), _save)
     return result

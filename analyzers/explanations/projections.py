@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import AnalyzerError
+from ..errors import AnalyzerError, InvalidOption
 
 METHODS = ("pca", "tsne", "umap")
 DEFAULT_FIT_SAMPLE = 10_000
@@ -295,14 +295,14 @@ def projection_stage(ctx) -> dict:
     embeddings = ctx.predictions.embeddings
     layer = ctx.params.get("layer")
     if embeddings is None or layer is None:
-        return {"skipped": "no embedding layer: the model has no linear layer to take the classifier's input from; "
-                           "pass --layer"}
+        raise AnalyzerError("the model has no linear layer to take the classifier's input from, so there is no "
+                            "embedding to project: pass --layer")
     options = dict((ctx.params.get("stage_options") or {}).get("projections", {}))
     methods = list(options.get("methods", ["pca"]))
     all_dims = [int(d) for d in options.get("dims", [2, 3])]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise AnalyzerError(f"unknown projection method(s) {', '.join(map(str, unknown))} in the stage options: "
+        raise InvalidOption(f"unknown projection method(s) {', '.join(map(str, unknown))} in the stage options: "
                             f"choose from {', '.join(METHODS)}")
     x = _as_matrix(embeddings)
     seed = ctx.params.get("seed", 0)

@@ -36,7 +36,7 @@ RESULT_CLASSES = frozenset({
     "analyzers.training.gradients:GradientTraces",
     "analyzers.explanations.faithfulness:IGCompleteness",
     "analyzers.explanations.faithfulness:DeletionInsertion",
-    "analyzers.explanations.faithfulness:RandomisationCheck",
+    "analyzers.explanations.faithfulness:SanityCheck",
 })
 
 

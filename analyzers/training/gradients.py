@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import AnalyzerError, first_line
+from ..errors import AnalyzerError, InvalidOption, first_line
 from ..guard import analysis_mode, unwrap
 from ..engines.inference import class_log_probs, on_device
 from ..loading.models import layer_kinds
@@ -103,7 +103,7 @@ def gradient_norm_traces(model, x, y, *, batch_size: int = 64, num_batches: int 
     positive on any sample of any batch.
     """
     if batch_size < 1 or num_batches < 1:
-        raise AnalyzerError(f"batch_size and num_batches must be at least 1, got {batch_size} and {num_batches}")
+        raise InvalidOption(f"batch_size and num_batches must be at least 1, got {batch_size} and {num_batches}")
     module = unwrap(model)
     output_kind = getattr(model, "output_kind", "logits")
     kinds = layer_kinds(model)
@@ -125,29 +125,45 @@ def gradient_norm_traces(model, x, y, *, batch_size: int = 64, num_batches: int 
     weight_norms = {name: _norm(p for _, p in params) for name, params in layers.items()}
 
     rows, timings = [], {"forward_backward": 0.0}
+    # Keyed by call site, (layer, k) for the k-th call of the layer's module in one forward pass: one module can run
+    # at several places (one `self.relu` after layers of different widths, a Bottleneck's single in-place ReLU).
     active: dict = {}
     units: dict = {}
     outputs_seen: dict = {}
     relu_seen: dict = {}
     unused: set = set()
+    calls: dict = {}  # (layer, kind) -> calls so far in this forward pass
+    most_calls: dict = {}  # layer -> the most calls seen in one forward pass
+
+    def call_index(name: str, kind: str) -> int:
+        k = calls.get((name, kind), 0)
+        calls[(name, kind)] = k + 1
+        most_calls[name] = max(most_calls.get(name, 0), k + 1)
+        return k
 
     def capture_output(name):
         def hook(_module, _args, out):
             if not isinstance(out, torch.Tensor):
                 return None
-            outputs_seen.setdefault(name, []).append(out)
+            outputs_seen[(name, call_index(name, "output"))] = out
             return out.clone()  # later in-place ops rewrite the copy; `out` stays the layer's own output
         return hook
 
     def capture_relu(name):
         def hook(_module, _args, out):
+            site = (name, call_index(name, "relu"))
             if isinstance(out, torch.Tensor) and out.ndim >= 2:
                 with torch.no_grad():
                     positive = (out.detach() > 0).transpose(0, 1).reshape(out.shape[1], -1).any(dim=1)
-                active[name] = positive | active[name] if name in active else positive
-                units[name] = out.shape[1]
-                relu_seen[name] = relu_seen.get(name, 0) + out.shape[0]
+                active[site] = positive | active[site] if site in active else positive
+                units[site] = out.shape[1]
+                relu_seen[site] = relu_seen.get(site, 0) + out.shape[0]
         return hook
+
+    def site_name(site) -> str:
+        """"relu" for a module that runs once per pass; "relu@1", "relu@2", ... for each call of one that runs more."""
+        name, k = site
+        return name if most_calls.get(name, 1) <= 1 else f"{name}@{k + 1}"
 
     handles = []
     started = time.perf_counter()
@@ -162,6 +178,7 @@ def gradient_norm_traces(model, x, y, *, batch_size: int = 64, num_batches: int 
                 p.requires_grad_(True)  # frozen layers too: their gradient says as much about the network's health
             for number, rows_idx in enumerate(batches):
                 outputs_seen.clear()
+                calls.clear()
                 inputs = torch.as_tensor(x[rows_idx], dtype=torch.float32, device=device)
                 labels = torch.as_tensor(labels_all[rows_idx], dtype=torch.long, device=device)
                 t0 = time.perf_counter()
@@ -175,7 +192,7 @@ def gradient_norm_traces(model, x, y, *, batch_size: int = 64, num_batches: int 
                 if not loss.requires_grad:
                     raise AnalyzerError("the model's output does not depend on its parameters (a detached output or "
                                         "torch.no_grad inside forward): gradients cannot be traced")
-                captured = [(name, out) for name, outs in outputs_seen.items() for out in outs]
+                captured = list(outputs_seen.items())
                 grads = torch.autograd.grad(loss, param_list + [out for _, out in captured], allow_unused=True)
                 timings["forward_backward"] += time.perf_counter() - t0
                 param_grads = dict(zip((id(p) for p in param_list), grads[:len(param_list)]))
@@ -188,15 +205,11 @@ def gradient_norm_traces(model, x, y, *, batch_size: int = 64, num_batches: int 
                                  "weight_norm": weight_norms[name], "activation_norm": math.nan,
                                  "ratio": grad_norm / weight_norms[name] if weight_norms[name] > 0 else math.inf,
                                  "loss": float(loss.detach())})
-                act_grads: dict = {}
-                act_norms: dict = {}
-                for (name, out), grad in zip(captured, grads[len(param_list):]):
-                    act_grads.setdefault(name, []).append(grad)
-                    act_norms.setdefault(name, []).append(out)
-                for name in act_grads:
-                    grad_norm = _norm(act_grads[name])
-                    act_norm = _norm(act_norms[name])
-                    rows.append({"batch": number, "layer": name, "kind": "activations", "grad_norm": grad_norm,
+                for (site, out), grad in zip(captured, grads[len(param_list):]):
+                    grad_norm = _norm([grad])
+                    act_norm = _norm([out])
+                    rows.append({"batch": number, "layer": site_name(site), "kind": "activations",
+                                 "grad_norm": grad_norm,
                                  "weight_norm": math.nan, "activation_norm": act_norm,
                                  "ratio": grad_norm / act_norm if act_norm > 0 else math.nan,
                                  "loss": float(loss.detach())})
@@ -208,11 +221,13 @@ def gradient_norm_traces(model, x, y, *, batch_size: int = 64, num_batches: int 
 
     traces = pd.DataFrame(rows, columns=["batch", "layer", "kind", "grad_norm", "weight_norm", "activation_norm",
                                          "ratio", "loss"])
-    dead = pd.DataFrame([{"layer": name, "units": int(units[name]), "dead_units": int((~active[name]).sum()),
-                          "dead_fraction": float((~active[name]).float().mean()), "samples": int(relu_seen[name])}
-                         for name in relus if name in active],
+    dead = pd.DataFrame([{"layer": site_name(site), "units": int(units[site]), "dead_units": int((~active[site]).sum()),
+                          "dead_fraction": float((~active[site]).float().mean()), "samples": int(relu_seen[site])}
+                         for site in sorted(active, key=lambda s: (relus.index(s[0]), s[1]))],
                         columns=["layer", "units", "dead_units", "dead_fraction", "samples"])
-    flags = flag_layers(traces, dead, vanishing_ratio=vanishing_ratio, exploding_ratio=exploding_ratio)
+    exempt = embedding_like_layers(module)
+    flags = flag_layers(traces, dead, vanishing_ratio=vanishing_ratio, exploding_ratio=exploding_ratio, exempt=exempt)
+    flags["ratio_exempt_layers"] = exempt
     flags["inplace_activations"] = inplace
     flags["activation_capture"] = ("each parameterised layer's own output (copied before any in-place activation "
                                    "runs)" if inplace else "each parameterised layer's own output")
@@ -225,15 +240,32 @@ def gradient_norm_traces(model, x, y, *, batch_size: int = 64, num_batches: int 
                           timings={k: round(v, 4) for k, v in timings.items()})
 
 
+def embedding_like_layers(module: nn.Module) -> list:
+    """Parameter groups whose gradient/weight ratio says nothing about gradient health: lookup tables
+    (`nn.Embedding`, whose rows get gradient only when their token occurs) and free parameters that no layer
+    multiplies with its input (a ViT's `cls_token`, position embeddings, a mask token), often initialised at zero."""
+    named = dict(module.named_modules())
+    out = []
+    for layer, params in _parameter_layers(module).items():
+        free = all(name.rsplit(".", 1)[-1] not in ("weight", "bias") for name, _ in params)
+        if free or isinstance(named.get(layer), nn.Embedding):
+            out.append(layer)
+    return out
+
+
 def flag_layers(traces: pd.DataFrame, dead: pd.DataFrame, *, vanishing_ratio: float = VANISHING_RATIO,
-                exploding_ratio: float = EXPLODING_RATIO) -> dict:
-    """Layers whose median parameter-gradient/weight ratio is below/above the thresholds, and ReLUs with dead units."""
+                exploding_ratio: float = EXPLODING_RATIO, exempt=()) -> dict:
+    """Layers whose median parameter-gradient/weight ratio is below/above the thresholds, and ReLUs with dead units.
+
+    `exempt` layers (embedding_like_layers) are flagged only for a gradient that is not finite."""
     params = traces[traces["kind"] == "parameters"]
     vanishing, exploding = [], []
     for layer, group in params.groupby("layer", sort=False):
         ratios = group["ratio"].to_numpy(dtype=float)
         if not np.isfinite(group["grad_norm"].to_numpy(dtype=float)).all():
             exploding.append(layer)
+            continue
+        if layer in exempt:
             continue
         median = float(np.median(ratios))
         if median > exploding_ratio:

@@ -74,7 +74,8 @@ if section == SECTIONS["rank"]:
 elif section == SECTIONS["slice"]:
     slices = data.optional_table(run, "slices.parquet")
     if slices is None:
-        components.not_in_run("Slice discovery", "Run the evaluation analysis (python -m analyzers run) to find them.")
+        components.not_in_run("Slice discovery", "Run the evaluation analysis (python -m analyzers run) to find them.",
+                              run=run, stage="evaluation")
     elif slices.empty:
         st.success("No slice of the data fails clearly more often than the rest.")
     else:
@@ -113,7 +114,8 @@ elif section == SECTIONS["slice"]:
 elif section == SECTIONS["suspects"]:
     noise = data.optional_table(run, "label_noise.parquet")
     if noise is None:
-        components.not_in_run("Label-noise detection", "Run the evaluation analysis to score the labels.")
+        components.not_in_run("Label-noise detection", "Run the evaluation analysis to score the labels.", run=run,
+                              stage="evaluation")
     else:
         suspects = noise[noise["score"] > 0.5]
         st.caption("Samples whose given label the model contradicts: score above 0.5 means another class is more "

@@ -95,7 +95,9 @@ methods = controls[0].multiselect("Methods", available, default=defaults, key="e
                                   format_func=lambda m: METHODS[m].label)
 layer = None
 if "gradcam" in methods and conv_layers:
-    layer = controls[1].selectbox("Grad-CAM layer", conv_layers, index=len(conv_layers) - 1, key="explain-layer")
+    AUTOMATIC = "automatic: the main path's last spatial convolution"
+    layer = controls[1].selectbox("Grad-CAM layer", [AUTOMATIC, *conv_layers], key="explain-layer")
+    layer = None if layer == AUTOMATIC else layer
 sanity = controls[2].toggle("Sanity check", value=True, key="explain-sanity",
                             help="Re-initialise the model's layers and measure how much the map changes "
                                  "(Adebayo et al., 2018). Costs one map per layer; cached in the run.")
@@ -118,6 +120,11 @@ def _scores_text(scores: dict, method: str) -> str:
 
 
 def _sanity_badge(scores: dict) -> None:
+    if scores.get("degenerate"):
+        st.error("Degenerate map: it is the same everywhere (or zero), so it ranks nothing. It gets no faithfulness "
+                 "score and fails the sanity check; for Grad-CAM, choose a layer whose output has more than one "
+                 "position.", icon=":material/block:")
+        return
     flag = scores.get("sanity_flag")
     corr = scores.get("sanity_rank_corr")
     if flag is None or corr is None:

@@ -39,7 +39,8 @@ st.subheader("Gradients on the loaded data")
 traces = data.optional_table(run, "gradients/traces.parquet")
 flags = data.optional_json(run, "gradients/flags.json") or {}
 if traces is None:
-    components.not_in_run("The gradient analysis", "Run python -m analyzers run with the gradients stage.")
+    components.not_in_run("The gradient analysis", "Run python -m analyzers run with the gradients stage.", run=run,
+                          stage="gradients")
 else:
     vanishing, exploding = flags.get("vanishing", []), flags.get("exploding", [])
     if vanishing or exploding:

@@ -1,0 +1,311 @@
+"""Real architectures (issue 11): a CNN that reuses one ReLU, a torchvision-style Bottleneck net whose one in-place
+ReLU runs three times per block, parameter-free models, and the Grad-CAM layer and maps they need. Each numbered
+failure of the issue that this file covers has a test that reproduces it."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from analyzers.errors import AnalyzerError
+from analyzers.explanations.attributions import conv_sites, default_gradcam_layer, explain
+from analyzers.explanations.faithfulness import degenerate_maps, randomisation_check
+from analyzers.training.gradients import gradient_norm_traces
+from architectures import build
+from conftest import export_model
+
+
+def _data(shape, n=48, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, *shape)).astype(np.float32), rng.integers(0, classes, n)
+
+
+def _planted(shape, classes: int, n: int, seed: int = 0):
+    """Noise images with a bright square whose place is the class: evidence a trained model's Grad-CAM must find."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 0.3, (n, *shape)).astype(np.float32)
+    y = rng.integers(0, classes, n)
+    side = shape[-1] // 3
+    for i, label in enumerate(y):
+        row, col = divmod(int(label), 2)
+        x[i, :, row * side:(row + 1) * side, col * side:(col + 1) * side] += 2.0
+    return x, y
+
+
+def _trained(arch: str, steps: int = 60):
+    """The architecture trained briefly on `_planted` data (an untrained net's Grad-CAM can be negative, hence
+    zero, everywhere: a fact of random weights, not of the layer)."""
+    model = build(arch).train()
+    x, y = _planted(model.input_shape, _classes(model), 256)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        rows = np.random.default_rng(step).choice(len(x), 64, replace=False)
+        loss = nn.functional.cross_entropy(model(torch.as_tensor(x[rows])), torch.as_tensor(y[rows]))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return model.eval()
+
+
+def _classes(model: nn.Module) -> int:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+
+
+def _relu_calls(module: nn.Module, relu_names, x: np.ndarray) -> dict:
+    """An independent count: each call of each ReLU module recorded by a plain hook, in order."""
+    named = dict(module.named_modules())
+    seen: dict = {}
+    handles = [named[n].register_forward_hook(
+        lambda _m, _a, out, n=n: seen.setdefault(n, []).append(out.detach().clone())) for n in relu_names]
+    try:
+        with torch.no_grad():
+            module(torch.as_tensor(x))
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+# --- 1. a reused activation module ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch, relus, widths", [
+    ("shared_relu", ["relu"], {"relu@1": 8, "relu@2": 16, "relu@3": 32}),
+    ("bottleneck", ["layer1.relu", "layer2.relu"],
+     {"layer1.relu@1": 4, "layer1.relu@2": 4, "layer1.relu@3": 16,
+      "layer2.relu@1": 8, "layer2.relu@2": 8, "layer2.relu@3": 32}),
+])
+def test_a_reused_relu_is_traced_per_call_site(arch, relus, widths):
+    model = build(arch)
+    x, y = _data(model.input_shape, classes=_classes(model))
+    got = gradient_norm_traces(model, x, y, batch_size=16, num_batches=3)
+    dead = got.dead_units.set_index("layer")
+    assert dict(dead["units"]) == widths
+    # dead units per call, against the plain hooks' outputs on exactly the traced samples
+    rows = np.asarray(got.params["sample_rows"])
+    calls = _relu_calls(model, relus, x[rows])
+    for name in relus:
+        for k, out in enumerate(calls[name]):
+            never = int((out.transpose(0, 1).reshape(out.shape[1], -1) <= 0).all(dim=1).sum())
+            assert dead.loc[f"{name}@{k + 1}", "dead_units"] == never
+    assert set(got.traces["layer"]) >= {"conv1", "head"} if arch == "shared_relu" else True
+
+
+@pytest.mark.parametrize("arch", ["shared_relu", "bottleneck"])
+def test_every_stage_and_every_method_on_an_export_of_a_reused_relu_net(arch, tmp_path):
+    from analyzers.engines.inference import predict
+    from analyzers.engines.pipeline import run_analysis
+    from analyzers.explanations.attributions import list_methods
+    from analyzers.explanations.explain_run import explain_run
+    from analyzers.loading.models import load_model
+    from analyzers.loading.runs import open_run
+
+    model = _trained(arch)
+    x, y = _planted(model.input_shape, _classes(model), 64, seed=1)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    path = export_model(model, torch.zeros(2, *model.input_shape), tmp_path / f"{arch}.pt2")
+    out = run_analysis(str(path), str(tmp_path / "data.npz"), tmp_path / "run")
+    run = open_run(out)
+    assert {stage: summary["status"] for stage, summary in run.info["analyses"].items()} == {
+        "evaluation": "done", "projections": "done", "gradients": "done"}
+    with torch.no_grad():
+        direct = torch.softmax(model(torch.as_tensor(x)), dim=1).numpy()
+    np.testing.assert_allclose(run.probs, direct, rtol=1e-5, atol=1e-6)
+    assert any("@" in layer for layer in run.read_parquet("gradients/dead_units.parquet")["layer"])
+
+    methods = [m.name for m in list_methods("image") if m.name != "shap"]
+    ids = [str(i) for i in run.samples["id"][:3]]
+    result = explain_run(out, ids, methods, sanity=False)
+    assert not result.skipped and set(result.scores["method"]) == set(methods)
+    gradcam = result.scores[result.scores["method"] == "gradcam"]
+    assert not gradcam["degenerate"].any() and gradcam["deletion_auc"].notna().all()
+    loaded = load_model(str(path), isolation="process")
+    assert np.array_equal(predict(loaded, x).probs, predict(load_model(str(path)), x).probs)
+
+
+# --- 3. the Grad-CAM layer, and maps that rank nothing --------------------------------------------------------------
+
+def test_default_gradcam_layer_is_the_main_paths_last_spatial_convolution(tmp_path):
+    from analyzers.loading.models import load_model
+
+    model = build("bottleneck")  # its 1x1 shortcut convolution is registered last
+    x, _ = _data(model.input_shape, n=4)
+    assert list(dict(model.named_modules()))[-3] == "layer2.downsample.0"
+    assert default_gradcam_layer(model, x) == "layer2.conv3"
+    exported = load_model(str(export_model(model, torch.zeros(2, 3, 16, 16), tmp_path / "b.pt2")),
+                          isolation="process")
+    assert default_gradcam_layer(exported, x) == "layer2.conv3"
+    sites = {s.name: s for s in conv_sites(model, x)[0]}
+    assert sites["layer2.conv3"].depth > sites["layer2.downsample.0"].depth
+
+
+class Collapsing(nn.Module):
+    """Its last convolution outputs a single position (a ResNet at a small input): Grad-CAM there is constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 8, 8)  # 8x8 -> 1x1
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv2(torch.relu(self.conv1(x)))).flatten(1))
+
+
+def test_a_single_position_convolution_is_not_the_default_and_its_maps_are_degenerate(tmp_path):
+    from analyzers.explanations.explain_run import score_samples
+
+    torch.manual_seed(0)
+    model = Collapsing().eval()
+    x, _ = _data((1, 8, 8), n=6)
+    assert default_gradcam_layer(model, x) == "conv1"
+    attr = explain(model, x, None, "gradcam", layer="conv2")
+    assert degenerate_maps(attr).all()
+    targets = np.zeros(len(x), dtype=np.int64)
+    _, table = score_samples(model, x, targets, "gradcam", options={"layer": "conv2"}, background=x, mask=None,
+                             batch_size=8, sanity=True, cache_dir=tmp_path, sample_ids=[str(i) for i in range(6)])
+    assert table["degenerate"].all() and table["deletion_auc"].isna().all() and table["insertion_auc"].isna().all()
+    assert table["sanity_flag"].all() and table["sanity_rank_corr"].isna().all()
+    _, good = score_samples(model, x, targets, "gradcam", options={"layer": "conv1"}, background=x, mask=None,
+                            batch_size=8, sanity=False, cache_dir=tmp_path, sample_ids=[str(i) for i in range(6)])
+    assert not good["degenerate"].any() and good["deletion_auc"].notna().all()
+
+
+def test_degenerate_maps_and_a_constant_map_fails_the_sanity_check():
+    maps = np.stack([np.zeros((1, 4, 4)), np.full((1, 4, 4), 0.3), np.arange(16.0).reshape(1, 4, 4)])
+    assert degenerate_maps(maps).tolist() == [True, True, False]
+    torch.manual_seed(0)
+    model = Collapsing().eval()
+    x, _ = _data((1, 8, 8), n=4)
+    check = randomisation_check(model, x, lambda m, inputs, targets: np.ones_like(inputs))
+    assert check.flagged and check.degenerate.all() and np.isnan(check.mean_final_corr)
+
+
+class PatchTokens(nn.Module):
+    """A ViT in miniature: a patch-embedding convolution, then tokens (N, L, D) through a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        tokens = self.norm(self.patch(x).flatten(2).transpose(1, 2))
+        return self.head(tokens.mean(dim=1))
+
+
+def test_a_patch_embedding_is_not_a_default_gradcam_layer():
+    torch.manual_seed(0)
+    model = PatchTokens().eval()
+    x, _ = _data((3, 16, 16), n=2)
+    with pytest.raises(AnalyzerError, match="patch embedding"):
+        default_gradcam_layer(model, x)
+    with pytest.raises(AnalyzerError, match="not a spatial map"):
+        explain(model, x, None, "gradcam", layer="norm")  # (N, L, D) tokens are not taken for a spatial map
+
+
+# --- 2. an analysis that does not apply is skipped with its reason ----------------------------------------------------
+
+class NoParameters(nn.Module):
+    def forward(self, x):
+        return x[:, :3] * 2.0
+
+
+def test_a_model_without_parameters_gets_a_run_with_the_gradient_stage_skipped(tmp_path, monkeypatch):
+    from analyzers.engines.pipeline import run_analysis
+    from analyzers.loading.runs import open_run
+    from test_dashboard_app import _app, _ok, _plain
+
+    x, y = _data((5,), n=40)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    path = export_model(NoParameters(), torch.zeros(2, 5), tmp_path / "free.pt2")
+    out = run_analysis(str(path), str(tmp_path / "data.npz"), tmp_path / "runs" / "free")
+    run = open_run(out)
+    gradients = run.info["analyses"]["gradients"]
+    assert gradients["status"] == "skipped" and "no parameters" in gradients["reason"]
+    assert run.info["analyses"]["evaluation"]["status"] == "done" and run.has("metrics.json")
+    assert not run.file("gradients").exists()  # nothing half-written is left
+    np.testing.assert_allclose(run.probs, torch.softmax(torch.as_tensor(x[:, :3] * 2.0), 1).numpy(), rtol=1e-5)
+
+    at = _app(monkeypatch, tmp_path / "runs")
+    at.switch_page("views/training.py")
+    at.run()
+    _ok(at)
+    assert any("gradients analysis was skipped because the model has no parameters" in _plain(w.value)
+               for w in at.warning), [w.value for w in at.warning]
+
+
+def test_a_stage_that_fails_is_skipped_and_the_others_are_written(tmp_path, monkeypatch):
+    import analyzers.evaluation.stage as stage
+    from analyzers.engines.pipeline import run_analysis
+    from analyzers.loading.runs import open_run
+
+    def broken(ctx):
+        (ctx.stage_dir / "metrics.json").write_text("{half")
+        raise ValueError("boom")
+
+    monkeypatch.setattr(stage, "evaluation_stage", broken)
+    out = run_analysis("sample:tabular", "sample:tabular", tmp_path / "run", analyses=["evaluation", "gradients"])
+    run = open_run(out)
+    assert run.info["analyses"]["evaluation"] == {"status": "skipped", "reason": "it failed (ValueError: boom)"}
+    assert run.info["analyses"]["gradients"]["status"] == "done" and not run.has("metrics.json")
+
+
+def test_explain_with_a_method_that_does_not_apply_returns_the_others(tmp_path):
+    from analyzers.__main__ import main
+    from analyzers.engines.pipeline import run_analysis
+    from analyzers.explanations.explain_run import explain_run
+    from analyzers.loading.runs import open_run
+
+    out = run_analysis("sample:tabular", "sample:tabular", tmp_path / "run", analyses=[])
+    ids = [str(i) for i in open_run(out).samples["id"][:2]]
+    result = explain_run(out, ids, ["gradcam", "integrated_gradients", "saliency"], sanity=False)
+    assert set(result.scores["method"]) == {"integrated_gradients", "saliency"}
+    assert list(result.skipped) == ["gradcam"] and "tabular" in result.skipped["gradcam"]
+    assert main(["explain", str(out), "--ids", ids[0], "--method", "gradcam,saliency"]) == 0
+    with pytest.raises(AnalyzerError, match="gradcam"):
+        explain_run(out, ids, ["gradcam"])
+
+
+# --- 9. no misleading flags ---------------------------------------------------------------------------------------------
+
+class TinyViT(nn.Module):
+    """Tokens with a zero-initialised class token and position embeddings, as a ViT starts."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, 6, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        tokens = self.embed(x)
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1) + self.position_embeddings
+        return self.head(torch.relu(tokens)[:, 0] + tokens.mean(dim=1))
+
+
+def test_a_class_token_is_never_flagged_as_exploding():
+    torch.manual_seed(0)
+    x, y = _data((5, 4), n=32)
+    got = gradient_norm_traces(TinyViT().eval(), x, y, batch_size=16, num_batches=2)
+    params = got.traces[got.traces["kind"] == "parameters"].set_index("layer")
+    assert np.isinf(params.loc["cls_token", "ratio"]).all()  # zero weights: the ratio that misled
+    assert "cls_token" not in got.flags["exploding"] and "position_embeddings" not in got.flags["exploding"]
+    assert set(got.flags["ratio_exempt_layers"]) == {"cls_token", "position_embeddings"}
+
+
+def test_an_error_free_model_gets_no_slices():
+    from analyzers.evaluation.slices import find_slices
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    samples = pd.DataFrame({"id": np.arange(300), "label": labels, "pred": labels, "correct": True,
+                            "confidence": 0.9, "loss": 0.1, "age": rng.integers(20, 80, 300)})
+    table = find_slices(samples, embeddings=rng.standard_normal((300, 4)).astype(np.float32))
+    assert table.empty
+    assert not json.dumps(table.to_dict()).count("NaN")
