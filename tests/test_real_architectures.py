@@ -237,6 +237,11 @@ def test_a_model_without_parameters_gets_a_run_with_the_gradient_stage_skipped(t
     _ok(at)
     assert any("gradients analysis was skipped because the model has no parameters" in _plain(w.value)
                for w in at.warning), [w.value for w in at.warning]
+    at.switch_page("views/overview.py")
+    at.run()
+    _ok(at)
+    assert any("The gradients analysis was skipped: the model has no parameters" in _plain(w.value)
+               for w in at.warning), [w.value for w in at.warning]
 
 
 def test_a_stage_that_fails_is_skipped_and_the_others_are_written(tmp_path, monkeypatch):

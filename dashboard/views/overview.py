@@ -14,6 +14,10 @@ if sandbox.get("level") == "reduced":
     st.warning("This run's model ran in a reduced sandbox: " + md(sandbox.get("reason", "")), icon="⚠️")
 elif sandbox.get("level") == "full":
     st.caption("The model ran in a sandboxed worker (no network, private filesystem, no new processes).")
+for stage in (run.info.get("analyses") or {}):
+    reason = components.skipped_reason(run, stage)
+    if reason is not None:  # the rest of the run is complete; this part of it does not apply to the model
+        st.warning(f"The {md(stage)} analysis was skipped: {md(reason)}", icon=":material/block:")
 m = data.metrics(run)
 names = run.class_names
 
