@@ -224,7 +224,9 @@ def gradient_norm_traces(model, x, y, *, batch_size: int = 64, num_batches: int 
     dead = pd.DataFrame([{"layer": site_name(site), "units": int(units[site]), "dead_units": int((~active[site]).sum()),
                           "dead_fraction": float((~active[site]).float().mean()), "samples": int(relu_seen[site])}
                          for site in sorted(active, key=lambda s: (relus.index(s[0]), s[1]))],
-                        columns=["layer", "units", "dead_units", "dead_fraction", "samples"])
+                        columns=["layer", "units", "dead_units", "dead_fraction", "samples"]).astype(
+        {"layer": str, "units": np.int64, "dead_units": np.int64, "dead_fraction": np.float64, "samples": np.int64})
+    # typed even when empty (a GELU transformer has no ReLU): an empty table of objects is a damaged file
     exempt = embedding_like_layers(module)
     flags = flag_layers(traces, dead, vanishing_ratio=vanishing_ratio, exploding_ratio=exploding_ratio, exempt=exempt)
     flags["ratio_exempt_layers"] = exempt
