@@ -314,3 +314,35 @@ def test_an_error_free_model_gets_no_slices():
     table = find_slices(samples, embeddings=rng.standard_normal((300, 4)).astype(np.float32))
     assert table.empty
     assert not json.dumps(table.to_dict()).count("NaN")
+
+
+# --- 8. run_analysis takes the wrapped module that predict and explain take ---------------------------------------
+
+def test_run_analysis_accepts_a_wrapped_module_and_explains_it_when_given_again(tmp_path):
+    from analyzers import wrap_module
+    from analyzers.engines.pipeline import load_run_inputs, run_analysis
+    from analyzers.explanations.explain_run import explain_run
+    from analyzers.loading.runs import open_run
+
+    model = build("shared_relu").train()  # the user's module, in train mode: it comes back as it came
+    x, y = _data(model.input_shape, n=40, classes=3)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    loaded = wrap_module(model, model.input_shape)
+    run = open_run(run_analysis(loaded, str(tmp_path / "d.npz"), tmp_path / "run"))
+    with torch.no_grad():
+        direct = torch.softmax(model.eval()(torch.as_tensor(x)), 1).numpy()
+    model.train()
+    np.testing.assert_allclose(run.probs, direct, rtol=1e-5, atol=1e-6)
+    assert run.info["model"]["source"] == "module" and model.training
+    assert run.info["analyses"]["gradients"]["status"] == "done"
+    # a plain module with its input shape is the same run (same weights, same data: reused)
+    assert run_analysis(model, str(tmp_path / "d.npz"), tmp_path / "run", input_shape=model.input_shape) == run.path
+    with pytest.raises(AnalyzerError, match="no file holds"):
+        load_run_inputs(run)
+    from analyzers.loading.datasets import load_dataset
+
+    result = explain_run(run.path, [str(run.samples["id"][0])], ["saliency"], model=loaded, sanity=False,
+                         dataset=load_dataset(str(tmp_path / "d.npz")))
+    assert len(result.scores) == 1
+    with pytest.raises(AnalyzerError, match="input_shape"):
+        run_analysis(model, str(tmp_path / "d.npz"), tmp_path / "other")

@@ -124,7 +124,7 @@ def _load_stage(target: str):
     return getattr(importlib.import_module(module_name), func)
 
 
-def run_analysis(model_spec: str, data_spec: str, out: str | Path, *, arch: str | None = None,
+def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | None = None,
                  batch_size: int = 256, label_column: str = "label", id_column: str | None = None,
                  features: list | None = None, layer: str | None = None, device: str = "cpu",
                  overwrite: bool = False, image_size: tuple | None = None, mean: list | None = None,
@@ -138,11 +138,30 @@ def run_analysis(model_spec: str, data_spec: str, out: str | Path, *, arch: str 
     run there is refused unless `overwrite`, and even then replaced only once the new run is complete.
     `report(stage, fraction)` is called as work progresses (the dashboard's progress bars).
 
+    `model_spec` is `sample:NAME`, a file path, or a model already in memory (`analyzers.wrap_module(module,
+    input_shape)`, or an `nn.Module` with `input_shape=`), which is trusted code and runs here; its run records
+    `source: "module"`, and later explanations of it need the module passed again (no file holds it).
+
     A model from a file is loaded, and the whole run computed, in a sandboxed worker (`isolation`, see
     `load_model`); its files are checked and copied into the run directory here, and `run.json` is written here.
     `owner` (`{"id": ..., "name": ...}`, the signed-in person on a dashboard with sign-in) is recorded in run.json:
     the dashboard lets only the owner replace or delete the run.
     """
+    given = None
+    if not isinstance(model_spec, str):  # a model already in memory: wrap_module(...) or a plain nn.Module
+        from torch import nn
+
+        from ..loading.models import LoadedModel, wrap_module
+
+        if isinstance(model_spec, nn.Module):
+            if input_shape is None:
+                raise AnalyzerError("a plain nn.Module needs input_shape= (one sample's shape), or pass "
+                                    "analyzers.wrap_module(module, input_shape)")
+            model_spec = wrap_module(model_spec, tuple(input_shape))
+        if not isinstance(model_spec, LoadedModel):
+            raise AnalyzerError(f"model must be a spec (sample:NAME or a file path), an nn.Module or "
+                                f"analyzers.wrap_module(...), got {type(model_spec).__name__}")
+        given, model_spec = model_spec, model_spec.spec
     out = Path(out).absolute()  # `--out .` names the current directory, not a run called ""
     if batch_size < 1:
         raise AnalyzerError(f"--batch-size must be at least 1, got {batch_size}")
@@ -157,14 +176,14 @@ def run_analysis(model_spec: str, data_spec: str, out: str | Path, *, arch: str 
     param_options = dict(stages=stages, batch_size=batch_size, layer=layer, seed=seed, arch=arch,
                          stage_options=stage_options, label_column=label_column, id_column=id_column,
                          features=features)
-    if sandboxed(model_spec, arch, isolation):
+    if given is None and sandboxed(model_spec, arch, isolation):
         return _run_sandboxed(model_spec, data_spec, out, arch=arch, input_shape=input_shape,
                               data_options=data_options, param_options=param_options, device=device,
                               overwrite=overwrite, report=report, owner=owner)
     from ..loading.models import load_model
 
-    model = load_model(model_spec, arch=arch, input_shape=input_shape, allow_import=allow_import,
-                       isolation="process")
+    model = given or load_model(model_spec, arch=arch, input_shape=input_shape, allow_import=allow_import,
+                                isolation="process")
     dataset = load_dataset(data_spec, model=model, **data_options)
     check_dataset(dataset, model)
     params = run_parameters(model, **param_options)
@@ -335,6 +354,10 @@ def load_run_inputs(run) -> tuple[LoadedModel, Dataset]:
     A model from a file runs in a sandboxed worker, and the dataset is decoded there too (`worker_dataset`): the
     dashboard never parses an uploaded file itself."""
     info = run.info
+    if info["model"].get("source") == "module":
+        raise AnalyzerError("this run's model was a Python module handed to run_analysis, which no file holds: pass "
+                            "it again (explain_run(..., model=analyzers.wrap_module(module, input_shape))), or "
+                            "export it to .pt2 and run that")
     params = info.get("parameters", {})
     pre = info.get("preprocessing") or {}
     model_spec, data_spec, arch = info["model"]["spec"], info["dataset"]["spec"], info["model"].get("arch")
