@@ -25,6 +25,18 @@ def _names(text: str) -> list:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}): write an object such as '{{\"num_classes\": 10}}'")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("not a JSON object: write one such as '{\"num_classes\": 10}'")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m analyzers", description="Analyse where and why a model is wrong.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data", required=True, help="sample:NAME, .npz, .csv, .parquet or image-folder .zip")
     run.add_argument("--out", required=True, help="run directory to write")
     run.add_argument("--arch", help="architecture for a state dict: a sample name or package.module:callable")
+    run.add_argument("--arch-kwargs", type=_json_object, metavar="JSON",
+                     help="keyword arguments for an import-path --arch, e.g. '{\"num_classes\": 10}' (kept in run.json)")
     run.add_argument("--input-shape", type=_shape, help="shape of one sample, e.g. 3,32,32 (import-path archs)")
     run.add_argument("--batch-size", type=int, default=256)
     run.add_argument("--label-column", default="label")
@@ -97,7 +111,7 @@ def _run(args) -> int:
                        layer=args.layer, device=args.device, overwrite=args.overwrite, image_size=args.image_size,
                        mean=args.mean, std=args.std, input_shape=args.input_shape, seed=args.seed,
                        analyses=args.analyses, allow_import=True, progress=sys.stderr.isatty(),
-                       isolation=args.isolation)
+                       isolation=args.isolation, arch_kwargs=args.arch_kwargs)
     run = open_run(out)
     print(f"{run.info['num_samples']} samples, accuracy {run.info['accuracy']:.4f}, run stored at {out}")
     return 0

@@ -346,3 +346,59 @@ def test_run_analysis_accepts_a_wrapped_module_and_explains_it_when_given_again(
     assert len(result.scores) == 1
     with pytest.raises(AnalyzerError, match="input_shape"):
         run_analysis(model, str(tmp_path / "d.npz"), tmp_path / "other")
+
+
+# --- 4. an import-path architecture with keyword arguments, explained later ------------------------------------------
+
+@pytest.mark.parametrize("arch, kwargs", [("shared_relu", {"classes": 3}), ("bottleneck", {"classes": 4})])
+def test_a_state_dict_with_arch_kwargs_runs_and_is_explained_later(arch, kwargs, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from analyzers.__main__ import main
+    from analyzers.engines.pipeline import load_run_inputs
+    from analyzers.loading.runs import open_run
+    import architectures
+
+    model = build(arch)
+    save_file(model.state_dict(), str(tmp_path / "weights.safetensors"))
+    x, y = _data(model.input_shape, n=40, classes=kwargs["classes"])
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    class_name = type(model).__name__
+    assert hasattr(architectures, class_name)
+    shape = ",".join(map(str, model.input_shape))
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(tmp_path / "weights.safetensors"), "--data", str(tmp_path / "d.npz"),
+                 "--out", str(out), "--arch", f"architectures:{class_name}", "--arch-kwargs", json.dumps(kwargs),
+                 "--input-shape", shape]) == 0
+    run = open_run(out)
+    assert run.info["model"]["arch_kwargs"] == kwargs and run.info["parameters"]["arch_kwargs"] == kwargs
+    with torch.no_grad():
+        np.testing.assert_allclose(run.probs, torch.softmax(model(torch.as_tensor(x)), 1).numpy(), rtol=1e-5,
+                                   atol=1e-6)
+    assert main(["explain", str(out), "--ids", str(run.samples["id"][0]), "--method", "saliency,gradcam"]) == 0
+    assert "gradcam" in capsys.readouterr().out
+    with pytest.raises(AnalyzerError, match="only the command line rebuilds"):
+        load_run_inputs(run)  # the dashboard's way in: it never imports code
+
+
+def test_arch_kwargs_errors_are_one_line(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from analyzers.__main__ import main
+
+    save_file(build("shared_relu").state_dict(), str(tmp_path / "w.safetensors"))
+    x, y = _data((1, 12, 12), n=10)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    base = ["run", "--model", str(tmp_path / "w.safetensors"), "--data", str(tmp_path / "d.npz"), "--out",
+            str(tmp_path / "r"), "--input-shape", "1,12,12"]
+    cases = [(["--arch", "architectures:build"], "with no arguments failed"),  # build(name) needs its name
+             (["--arch", "architectures:SharedReluCNN", "--arch-kwargs", '{"colours": 3}'], "colours"),
+             (["--arch", "digits", "--arch-kwargs", '{"classes": 3}'], "import-path architecture"),
+             (["--arch", "architectures:SharedReluCNN", "--arch-kwargs", "[3]"], "not a JSON object")]
+    for extra, words in cases:
+        try:
+            code = main(base + extra)
+        except SystemExit as exc:  # argparse's own refusal: its usage line and one error line
+            code = exc.code
+        err = capsys.readouterr().err.strip()
+        assert code != 0 and words in err and "Traceback" not in err, err

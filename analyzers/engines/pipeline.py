@@ -131,7 +131,7 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
                  std: list | None = None, input_shape: tuple | None = None, seed: int = 0,
                  analyses: list | None = None, allow_import: bool = False, progress: bool = False,
                  report: Callable[[str, float], None] | None = None, stage_options: dict | None = None,
-                 isolation: str = "auto", owner: dict | None = None) -> Path:
+                 isolation: str = "auto", owner: dict | None = None, arch_kwargs: dict | None = None) -> Path:
     """Analyse a model on a dataset and store the run at `out`; returns `out`.
 
     If `out` already holds a complete run of the same model, data and parameters it is reused as it is. A different
@@ -166,6 +166,9 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
     if batch_size < 1:
         raise AnalyzerError(f"--batch-size must be at least 1, got {batch_size}")
     stages = _resolve_stages(analyses)
+    from ..loading.models import check_arch_kwargs
+
+    check_arch_kwargs(arch, arch_kwargs)
     if owner is not None and not (isinstance(owner, dict) and isinstance(owner.get("id"), str) and owner["id"]
                                   and isinstance(owner.get("name", ""), str)):
         raise AnalyzerError("owner must be {'id': text, 'name': text}, or None for a run made by the operator")
@@ -174,6 +177,7 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
     data_options = dict(label_column=label_column, id_column=id_column, features=features, image_size=image_size,
                         mean=mean, std=std)
     param_options = dict(stages=stages, batch_size=batch_size, layer=layer, seed=seed, arch=arch,
+                         arch_kwargs=arch_kwargs,
                          stage_options=stage_options, label_column=label_column, id_column=id_column,
                          features=features)
     if given is None and sandboxed(model_spec, arch, isolation):
@@ -183,7 +187,7 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
     from ..loading.models import load_model
 
     model = given or load_model(model_spec, arch=arch, input_shape=input_shape, allow_import=allow_import,
-                                isolation="process")
+                                isolation="process", arch_kwargs=arch_kwargs)
     dataset = load_dataset(data_spec, model=model, **data_options)
     check_dataset(dataset, model)
     params = run_parameters(model, **param_options)
@@ -202,10 +206,11 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
 
 
 def run_parameters(model, *, stages, batch_size, layer, seed, arch, stage_options, label_column, id_column,
-                   features) -> dict:
+                   features, arch_kwargs=None) -> dict:
     """The parameters a run records, and that decide whether an existing run can be reused."""
     return {"batch_size": batch_size, "layer": layer or model.embedding_layer, "seed": seed,
             "label_column": label_column, "id_column": id_column, "features": features, "arch": arch,
+            "arch_kwargs": arch_kwargs,
             "analyses": [name for name, _ in stages], "stage_options": stage_options or {}}
 
 
@@ -327,6 +332,7 @@ def _run_info(model_spec, data_spec, model, dataset: dict, arch, params, summary
         "format_version": RUN_FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"spec": model_spec, "sha256": model.sha256, "source": model.source, "arch": arch,
+                  "arch_kwargs": params.get("arch_kwargs"),
                   "input_shape": list(model.input_shape), "output_kind": model.output_kind,
                   "layers": list(model.layers), "layer_kinds": dict(model.layer_kinds)},
         "dataset": {"spec": data_spec, "sha256": dataset["sha256"], "modality": dataset["modality"],
@@ -348,11 +354,12 @@ def _run_info(model_spec, data_spec, model, dataset: dict, arch, params, summary
     }
 
 
-def load_run_inputs(run) -> tuple[LoadedModel, Dataset]:
+def load_run_inputs(run, *, allow_import: bool = False) -> tuple[LoadedModel, Dataset]:
     """Reload the model and dataset a run was made from, checking they are the same files (hashes in run.json).
 
     A model from a file runs in a sandboxed worker, and the dataset is decoded there too (`worker_dataset`): the
-    dashboard never parses an uploaded file itself."""
+    dashboard never parses an uploaded file itself. A state dict with an import-path architecture is rebuilt, with
+    the run's `arch_kwargs`, only when `allow_import` (the command line): the dashboard never imports code."""
     info = run.info
     if info["model"].get("source") == "module":
         raise AnalyzerError("this run's model was a Python module handed to run_analysis, which no file holds: pass "
@@ -380,7 +387,11 @@ def load_run_inputs(run) -> tuple[LoadedModel, Dataset]:
         return model, dataset
     from ..loading.models import load_model
 
-    model = load_model(model_spec, arch=arch, input_shape=tuple(info["model"]["input_shape"]))
+    if arch and ":" in arch and not allow_import:
+        raise AnalyzerError(f"this run's architecture {arch!r} is an import path, which only the command line "
+                            f"rebuilds: explain it with python -m analyzers explain RUN --ids ...")
+    model = load_model(model_spec, arch=arch, input_shape=tuple(info["model"]["input_shape"]),
+                       allow_import=allow_import, arch_kwargs=info["model"].get("arch_kwargs"))
     _check_unchanged(info, "model", model.sha256)
     dataset = load_dataset(data_spec, model=model, **data_options)
     _check_unchanged(info, "dataset", dataset.sha256)

@@ -181,9 +181,11 @@ class ExplainRunResult:
 
 
 def explain_run(run_dir, ids, methods, *, target="pred", layer=None, batch_size: int = 64, sanity: bool = True,
-                seed: int = 0, model=None, dataset=None, options: dict | None = None) -> ExplainRunResult:
+                seed: int = 0, model=None, dataset=None, options: dict | None = None,
+                allow_import: bool = False) -> ExplainRunResult:
     """Explain samples `ids` of a stored run with each of `methods`, write the files into the run, and return the
-    faithfulness rows written. `model`/`dataset` (already loaded) skip reloading them.
+    faithfulness rows written. `model`/`dataset` (already loaded) skip reloading them. `allow_import` (the command
+    line only) rebuilds a state dict's import-path architecture.
 
     A method that does not apply (Grad-CAM without a convolution, a layer that runs twice) is reported in `skipped`
     and the others still run; only when none applies is that an error."""
@@ -192,7 +194,7 @@ def explain_run(run_dir, ids, methods, *, target="pred", layer=None, batch_size:
 
     run = open_run(run_dir)
     if model is None or dataset is None:
-        model, dataset = load_run_inputs(run)
+        model, dataset = load_run_inputs(run, allow_import=allow_import)
     methods = [methods] if isinstance(methods, str) else list(methods)
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -235,7 +237,7 @@ def explain_command(args) -> int:
     if args.batch_size < 1:
         raise AnalyzerError(f"--batch-size must be at least 1, got {args.batch_size}")
     result = explain_run(args.run_dir, args.ids, args.method, target=args.target, layer=args.layer,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, allow_import=True)
     written = result.scores
     for method, reason in result.skipped.items():
         print(f"skipped {method}: {reason}", file=sys.stderr)

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import importlib
 import io
+import json
 import logging
 import os
 import pickle
@@ -83,12 +84,14 @@ def state_dict_sha256(module: nn.Module) -> str:
 
 
 def load_model(spec: str, *, arch: str | None = None, input_shape: tuple | None = None,
-               class_names: tuple | None = None, allow_import: bool = False, isolation: str = "auto"):
+               class_names: tuple | None = None, allow_import: bool = False, isolation: str = "auto",
+               arch_kwargs: dict | None = None):
     """Load `sample:NAME`, `PATH.pt2`, or a state dict `PATH` with `arch`, in eval mode.
 
     `arch` is a sample architecture's name or, only with `allow_import=True` (the command line), an import path
-    `package.module:callable` that builds the module. `input_shape` is needed only when the architecture does not
-    say it (an import path).
+    `package.module:callable` that builds the module, called with `arch_kwargs` (a JSON object, recorded in the run
+    so that the model can be rebuilt). `input_shape` is needed only when the architecture does not say it (an
+    import path).
 
     `isolation`: "auto" loads a model from a file in a sandboxed worker and returns a `SandboxedModel` (the built-in
     samples and an operator's import-path architecture, which are trusted code, load here); "sandbox" always uses a
@@ -98,6 +101,7 @@ def load_model(spec: str, *, arch: str | None = None, input_shape: tuple | None 
         raise AnalyzerError(f"isolation must be one of {', '.join(ISOLATIONS)}, got {isolation!r}")
     if not isinstance(spec, str) or not spec:
         raise AnalyzerError("no model given: pass sample:NAME, a .pt2 export, or a state dict with --arch")
+    check_arch_kwargs(arch, arch_kwargs)
     if sandboxed(spec, arch, isolation):
         return open_sandboxed(spec, spec=spec, arch=arch, input_shape=input_shape, class_names=class_names)[0]
     if spec.startswith("sample:"):
@@ -107,12 +111,13 @@ def load_model(spec: str, *, arch: str | None = None, input_shape: tuple | None 
         raise AnalyzerError(f"model file {spec!r} does not exist: check the path")
     data = path.read_bytes()
     return load_model_bytes(data, name=path.name, spec=spec, arch=arch, input_shape=input_shape,
-                            class_names=class_names, allow_import=allow_import)
+                            class_names=class_names, allow_import=allow_import, arch_kwargs=arch_kwargs)
 
 
 def load_model_bytes(data: bytes, *, name: str, spec: str | None = None, arch: str | None = None,
                      input_shape: tuple | None = None, class_names: tuple | None = None,
-                     allow_import: bool = False, check_archive: bool = True) -> LoadedModel:
+                     allow_import: bool = False, check_archive: bool = True,
+                     arch_kwargs: dict | None = None) -> LoadedModel:
     """Load a model from the bytes of a file called `name` in this process; see `load_model`.
 
     This runs the model here: for bytes you do not trust, store them and call `load_model`, which uses a worker.
@@ -135,7 +140,7 @@ def load_model_bytes(data: bytes, *, name: str, spec: str | None = None, arch: s
             raise AnalyzerError(
                 f"{name!r} is a state dict, which holds weights but no architecture: pass --arch with a sample "
                 f"architecture (digits, tabular, dna, shapes) or package.module:callable, or upload a .pt2 export")
-        module, arch_shape, arch_classes = _build_arch(arch, allow_import=allow_import)
+        module, arch_shape, arch_classes = _build_arch(arch, allow_import=allow_import, kwargs=arch_kwargs)
         state = read_state_dict(data, name)
         load_state_dict_checked(module, state, name)
         return _describe(module, spec=spec, sha256=digest, source="state_dict", input_shape=input_shape or arch_shape,
@@ -169,8 +174,27 @@ def _load_sample(spec: str) -> LoadedModel:
                      class_names=sample.class_names)
 
 
-def _build_arch(arch: str, *, allow_import: bool) -> tuple[nn.Module, tuple | None, tuple | None]:
+def check_arch_kwargs(arch: str | None, kwargs) -> None:
+    """Keyword arguments go to an import-path architecture only, as a JSON object with identifier keys."""
+    if kwargs is None:
+        return
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+        raise AnalyzerError(f"--arch-kwargs must be a JSON object of keyword arguments, such as "
+                            f"'{{\"num_classes\": 10}}', got {str(kwargs)[:60]!r}")
+    if not arch or ":" not in arch:
+        raise AnalyzerError("--arch-kwargs applies to an import-path architecture (--arch package.module:callable) "
+                            "only: the sample architectures take none")
+    try:
+        json.dumps(kwargs, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise AnalyzerError(f"--arch-kwargs must hold JSON values only ({first_line(exc)})") from exc
+
+
+def _build_arch(arch: str, *, allow_import: bool, kwargs: dict | None = None
+                ) -> tuple[nn.Module, tuple | None, tuple | None]:
     from sample_models import SAMPLE_NAMES, get_sample
+
+    check_arch_kwargs(arch, kwargs)
 
     if arch in SAMPLE_NAMES:
         sample = get_sample(arch)
@@ -195,10 +219,12 @@ def _build_arch(arch: str, *, allow_import: bool) -> tuple[nn.Module, tuple | No
         raise AnalyzerError(f"{arch!r} is a {type(factory).__name__}, not an nn.Module class or a function that "
                             f"builds one: name the model's class")
     try:
-        module = factory()
+        module = factory(**(kwargs or {}))
     except Exception as exc:  # the user's own code: say what it raised, in one line
-        raise AnalyzerError(f"building the architecture {arch!r} with no arguments failed ({type(exc).__name__}: "
-                            f"{first_line(exc, 160)}): name a class or function that needs no arguments") from exc
+        given = f"with {json.dumps(kwargs)}" if kwargs else "with no arguments"
+        raise AnalyzerError(f"building the architecture {arch!r} {given} failed ({type(exc).__name__}: "
+                            f"{first_line(exc, 160)}): pass what it needs with --arch-kwargs '{{\"name\": value}}', "
+                            f"or name a function that builds the model") from exc
     if not isinstance(module, nn.Module):
         raise AnalyzerError(f"{arch!r} returned {type(module).__name__}, not a torch.nn.Module")
     return module, None, None
