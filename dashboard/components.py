@@ -160,9 +160,27 @@ def sequence_html(letters: str) -> str:
             f'line-height:1.5">{spans}</div>')
 
 
+BANDS_KEY = "image-bands"
+
+
+def band_choice(run: Run, channels: int) -> None:
+    """For images of other than 1 or 3 channels: which bands every image of the run shows (kept in the session)."""
+    if channels in (1, 3):
+        return
+    default = figures.default_bands(channels)
+    options = {f"false colour (bands {', '.join(str(b + 1) for b in default)})": None}
+    options.update({f"band {b + 1}": b for b in range(channels)})
+    label = st.selectbox("Bands shown", list(options), key=f"{BANDS_KEY}-{run.path.name}",
+                         help=f"These images have {channels} bands; a picture shows three at most.")
+    st.session_state[BANDS_KEY] = options[label]
+
+
 def display_image(run: Run, x: np.ndarray) -> np.ndarray:
     pre = run.info.get("preprocessing") or {}
-    return figures.to_display_image(x, mean=pre.get("mean"), std=pre.get("std"))
+    bands = st.session_state.get(BANDS_KEY)
+    if bands is not None and not 0 <= int(bands) < np.asarray(x).shape[0]:
+        bands = None  # chosen on another run with more bands
+    return figures.to_display_image(x, mean=pre.get("mean"), std=pre.get("std"), bands=bands)
 
 
 def thumbnail(run: Run, x: np.ndarray, size: int = 96) -> np.ndarray:

@@ -165,21 +165,39 @@ def group_figure(groups: pd.DataFrame, column: str) -> go.Figure:
 
 # ------------------------------------------------------------------------------------------------------- attributions
 
-def to_display_image(x, *, mean=None, std=None) -> np.ndarray:
-    """One model input (C, H, W) as an (H, W) or (H, W, 3) float image in [0, 1]: normalisation undone, else scaled."""
+def default_bands(channels: int):
+    """What an image of `channels` bands shows by default: grey, RGB, or a false-colour composite (red, green, blue
+    from bands 1, 2, 3; two bands as magenta and green), never a mean that would blur the bands together."""
+    if channels in (1, 3):
+        return None
+    return (1, 0, 1) if channels == 2 else (0, 1, 2)
+
+
+def to_display_image(x, *, mean=None, std=None, bands=None) -> np.ndarray:
+    """One model input (C, H, W) as an (H, W) or (H, W, 3) float image in [0, 1]: normalisation undone, else scaled.
+
+    `bands` chooses what an image of other than 1 or 3 channels shows: one band index (grey) or three (a
+    false-colour composite, each band stretched on its own); default `default_bands`."""
     x = np.asarray(x, dtype=np.float32)
+    c = x.shape[0]
     if std is not None and mean is not None:
-        c = x.shape[0]
         x = x * np.resize(np.asarray(std, np.float32), c)[:, None, None] + np.resize(np.asarray(mean, np.float32), c)[:, None, None]
+    bands = default_bands(c) if bands is None else bands
+    if bands is not None:
+        picked = [int(bands)] if np.ndim(bands) == 0 else [int(b) for b in bands]
+        if any(not 0 <= b < c for b in picked):
+            raise ValueError(f"bands {picked} do not exist in a {c}-band image")
+        layers = []
+        for b in picked:  # each band on its own scale: bands of one image can differ by orders of magnitude
+            band = x[b]
+            lo, hi = float(band.min()), float(band.max())
+            layers.append((band - lo) / (hi - lo or 1.0))
+        return layers[0] if len(layers) == 1 else np.stack(layers, axis=-1)
     lo, hi = float(x.min()), float(x.max())
     if lo < -1e-3 or hi > 1 + 1e-3:
         x = (x - lo) / (hi - lo or 1.0)
     x = np.clip(x, 0, 1)
-    if x.shape[0] == 1:
-        return x[0]
-    if x.shape[0] == 3:
-        return x.transpose(1, 2, 0)
-    return x.mean(0)
+    return x[0] if c == 1 else x.transpose(1, 2, 0)
 
 
 def _symmetric_range(values: np.ndarray) -> float:

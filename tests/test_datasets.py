@@ -131,7 +131,8 @@ def test_image_zip_is_converted_resized_and_normalised(digits_model):
 @pytest.mark.parametrize("members, message", [
     ({"../evil/0.png": b"x"}, "unsafe path '../evil/0.png'"),
     ({"/abs/0.png": b"x"}, "unsafe path '/abs/0.png'"),
-    ({"a/0.png": b"not an image"}, "image 'a/0.png' in 'z.zip' could not be decoded"),
+    ({"3/0.png": b"not an image"}, "image '3/0.png' in 'z.zip' could not be decoded"),
+    ({"a/0.png": b"x"}, "class folders a in 'z.zip' do not name the model's classes"),
     ({"readme.txt": b"hi"}, "holds no PNG or JPEG images"),
     ({"0.png": b"x"}, "is not inside a class folder"),
 ])

@@ -402,3 +402,129 @@ def test_arch_kwargs_errors_are_one_line(tmp_path, capsys):
             code = exc.code
         err = capsys.readouterr().err.strip()
         assert code != 0 and words in err and "Traceback" not in err, err
+
+
+# --- 6 and 7. labels named the model's way, and images of any channel count -------------------------------------------
+
+class AnyChannels(nn.Module):
+    def __init__(self, channels: int, classes: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 4, 3, padding=1)
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def _zip_of(path, members: dict):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def _png(array: np.ndarray, mode: str) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _npy(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def test_class_folders_are_matched_to_the_models_classes_never_by_sorted_order(tmp_path):
+    from analyzers.loading.datasets import load_dataset
+    from analyzers.loading.models import load_model
+
+    torch.manual_seed(0)
+    path = export_model(AnyChannels(1, classes=10), torch.zeros(2, 1, 8, 8), tmp_path / "ten.pt2")
+    rng = np.random.default_rng(0)
+    image = lambda: _png(rng.integers(0, 255, (8, 8), dtype=np.uint8), "L")  # noqa: E731
+    words = {"three": 3, "five": 5, "eight": 8}
+    named = _zip_of(tmp_path / "named.zip", {f"{w}/{i}.png": image() for w in words for i in range(2)})
+    by_index = _zip_of(tmp_path / "index.zip", {f"{k}/{i}.png": image() for k in words.values() for i in range(2)})
+    model = load_model(str(path), isolation="process")
+    with pytest.raises(AnalyzerError, match="--class-names"):
+        load_dataset(str(named), model=model)  # not 0, 1, 2 in sorted order, silently
+    assert sorted(set(load_dataset(str(by_index), model=model).y)) == [3, 5, 8]
+    names = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+    named_model = load_model(str(path), isolation="process", class_names=names)
+    loaded = load_dataset(str(named), model=named_model)
+    assert {folder: int(label) for folder, label in zip(loaded.metadata["folder"], loaded.y)} == words
+
+
+def test_text_labels_with_an_export_take_class_names_from_the_command_line(tmp_path, capsys):
+    from analyzers.__main__ import main
+    from analyzers.loading.runs import open_run
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    path = export_model(net, torch.zeros(2, 3), tmp_path / "mlp.pt2")
+    rng = np.random.default_rng(1)
+    table = pd.DataFrame(rng.normal(size=(30, 3)), columns=["a", "b", "c"])
+    table["label"] = rng.choice(["cat", "dog"], 30)
+    table.to_csv(tmp_path / "t.csv", index=False)
+    base = ["run", "--model", str(path), "--data", str(tmp_path / "t.csv"), "--analyses", "evaluation"]
+    assert main(base + ["--out", str(tmp_path / "r1")]) == 1
+    assert "--class-names" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "r2"), "--class-names", "cat,dog"]) == 0
+    run = open_run(tmp_path / "r2")
+    assert run.class_names == ["cat", "dog"]
+    assert (run.samples["label"].to_numpy() == (table["label"] == "dog").to_numpy()).all()
+
+
+@pytest.mark.parametrize("channels, kind", [(2, "LA"), (4, "RGBA"), (6, "npy")])
+def test_image_zips_for_any_channel_count(channels, kind, tmp_path):
+    from analyzers.engines.pipeline import run_analysis
+    from analyzers.loading.runs import open_run
+    from dashboard.figures import to_display_image
+
+    torch.manual_seed(0)
+    model = AnyChannels(channels).eval()
+    path = export_model(model, torch.zeros(2, channels, 8, 8), tmp_path / "m.pt2")
+    rng = np.random.default_rng(2)
+    members, expected = {}, {}
+    for i in range(12):
+        pixels = rng.integers(0, 255, (8, 8, channels), dtype=np.uint8)
+        name = f"{i % 3}/{i:02d}." + ("npy" if kind == "npy" else "png")
+        if kind == "npy":
+            members[name] = _npy(pixels.transpose(2, 0, 1).astype(np.float32) / 255.0)
+        else:
+            members[name] = _png(pixels, kind)
+        expected[name] = pixels.transpose(2, 0, 1).astype(np.float32) / 255.0
+    data = _zip_of(tmp_path / "bands.zip", members)
+    mean, std = [0.5] * channels, [0.25] * channels
+    run = open_run(run_analysis(str(path), str(data), tmp_path / "run", mean=mean, std=std, analyses=[]))
+    x = np.stack([(expected[i] - 0.5) / 0.25 for i in run.samples["id"]])
+    with torch.no_grad():
+        direct = torch.softmax(model(torch.as_tensor(x)), 1).numpy()
+    np.testing.assert_allclose(run.probs, direct, rtol=1e-5, atol=1e-6)
+    shown = to_display_image(x[0], mean=mean, std=std)
+    assert shown.shape == (8, 8, 3)  # a false-colour composite of bands, not one channel mean
+    band = expected[run.samples["id"][0]][1]
+    np.testing.assert_allclose(to_display_image(x[0], mean=mean, std=std, bands=1),
+                               (band - band.min()) / (band.max() - band.min()), atol=1e-5)
+
+
+def test_more_bands_than_an_image_file_holds_asks_for_npy(tmp_path):
+    from analyzers.loading.datasets import load_dataset
+    from analyzers.loading.models import wrap_module
+
+    model = wrap_module(AnyChannels(6).eval(), (6, 8, 8))
+    data = _zip_of(tmp_path / "rgb.zip", {f"{k}/a.png": _png(np.zeros((8, 8, 3), np.uint8), "RGB") for k in "012"})
+    with pytest.raises(AnalyzerError, match=r"\.npy array of shape \(6, H, W\)"):
+        load_dataset(str(data), model=model)
+    bad = _zip_of(tmp_path / "short.zip", {"0/a.npy": _npy(np.zeros((6, 8, 8), np.float32))[:-40]})
+    with pytest.raises(AnalyzerError, match="truncated"):
+        load_dataset(str(bad), model=model)

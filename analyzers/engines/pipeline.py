@@ -131,7 +131,8 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
                  std: list | None = None, input_shape: tuple | None = None, seed: int = 0,
                  analyses: list | None = None, allow_import: bool = False, progress: bool = False,
                  report: Callable[[str, float], None] | None = None, stage_options: dict | None = None,
-                 isolation: str = "auto", owner: dict | None = None, arch_kwargs: dict | None = None) -> Path:
+                 isolation: str = "auto", owner: dict | None = None, arch_kwargs: dict | None = None,
+                 class_names: list | None = None) -> Path:
     """Analyse a model on a dataset and store the run at `out`; returns `out`.
 
     If `out` already holds a complete run of the same model, data and parameters it is reused as it is. A different
@@ -144,6 +145,8 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
 
     A model from a file is loaded, and the whole run computed, in a sandboxed worker (`isolation`, see
     `load_model`); its files are checked and copied into the run directory here, and `run.json` is written here.
+    `class_names` names the model's outputs in order, for a model that knows them only by index: text labels and
+    class folders are then matched by name (recorded in the run's parameters).
     `owner` (`{"id": ..., "name": ...}`, the signed-in person on a dashboard with sign-in) is recorded in run.json:
     the dashboard lets only the owner replace or delete the run.
     """
@@ -169,6 +172,10 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
     from ..loading.models import check_arch_kwargs
 
     check_arch_kwargs(arch, arch_kwargs)
+    if class_names is not None:
+        class_names = [str(c) for c in class_names]
+        if not class_names or len(set(class_names)) != len(class_names):
+            raise AnalyzerError("--class-names must name every class once, in the model's output order")
     if owner is not None and not (isinstance(owner, dict) and isinstance(owner.get("id"), str) and owner["id"]
                                   and isinstance(owner.get("name", ""), str)):
         raise AnalyzerError("owner must be {'id': text, 'name': text}, or None for a run made by the operator")
@@ -177,17 +184,18 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
     data_options = dict(label_column=label_column, id_column=id_column, features=features, image_size=image_size,
                         mean=mean, std=std)
     param_options = dict(stages=stages, batch_size=batch_size, layer=layer, seed=seed, arch=arch,
-                         arch_kwargs=arch_kwargs,
+                         arch_kwargs=arch_kwargs, class_names=class_names,
                          stage_options=stage_options, label_column=label_column, id_column=id_column,
                          features=features)
     if given is None and sandboxed(model_spec, arch, isolation):
-        return _run_sandboxed(model_spec, data_spec, out, arch=arch, input_shape=input_shape,
+        return _run_sandboxed(model_spec, data_spec, out, arch=arch, input_shape=input_shape, class_names=class_names,
                               data_options=data_options, param_options=param_options, device=device,
                               overwrite=overwrite, report=report, owner=owner)
     from ..loading.models import load_model
 
     model = given or load_model(model_spec, arch=arch, input_shape=input_shape, allow_import=allow_import,
-                                isolation="process", arch_kwargs=arch_kwargs)
+                                isolation="process", arch_kwargs=arch_kwargs,
+                                class_names=tuple(class_names) if class_names else None)
     dataset = load_dataset(data_spec, model=model, **data_options)
     check_dataset(dataset, model)
     params = run_parameters(model, **param_options)
@@ -206,11 +214,11 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
 
 
 def run_parameters(model, *, stages, batch_size, layer, seed, arch, stage_options, label_column, id_column,
-                   features, arch_kwargs=None) -> dict:
+                   features, arch_kwargs=None, class_names=None) -> dict:
     """The parameters a run records, and that decide whether an existing run can be reused."""
     return {"batch_size": batch_size, "layer": layer or model.embedding_layer, "seed": seed,
             "label_column": label_column, "id_column": id_column, "features": features, "arch": arch,
-            "arch_kwargs": arch_kwargs,
+            "arch_kwargs": arch_kwargs, "class_names": class_names,
             "analyses": [name for name, _ in stages], "stage_options": stage_options or {}}
 
 
@@ -298,11 +306,11 @@ def write_run_files(model, dataset, stage_dir, *, params: dict, stages, device: 
 
 
 def _run_sandboxed(model_spec, data_spec, out: Path, *, arch, input_shape, data_options, param_options, device,
-                   overwrite, report, owner) -> Path:
+                   overwrite, report, owner, class_names=None) -> Path:
     from ..loading.sandbox import copy_worker_output, open_sandboxed
 
     model, dataset = open_sandboxed(model_spec, spec=model_spec, arch=arch, input_shape=input_shape,
-                                    data_path=data_spec, data_options=data_options)
+                                    class_names=class_names, data_path=data_spec, data_options=data_options)
     with contextlib.closing(model):
         params = run_parameters(model, **param_options)
         if _reuse_or_refuse(out, model.sha256, str(dataset.get("sha256")), params, overwrite):
@@ -375,7 +383,8 @@ def load_run_inputs(run, *, allow_import: bool = False) -> tuple[LoadedModel, Da
         from ..loading.sandbox import open_sandboxed, worker_dataset
 
         model, _ = open_sandboxed(model_spec, spec=model_spec, arch=arch, input_shape=info["model"]["input_shape"],
-                                  data_path=data_spec, data_options=data_options)
+                                  class_names=params.get("class_names"), data_path=data_spec,
+                                  data_options=data_options)
         try:
             _check_unchanged(info, "model", model.sha256)
             dataset = worker_dataset(model)
@@ -390,8 +399,10 @@ def load_run_inputs(run, *, allow_import: bool = False) -> tuple[LoadedModel, Da
     if arch and ":" in arch and not allow_import:
         raise AnalyzerError(f"this run's architecture {arch!r} is an import path, which only the command line "
                             f"rebuilds: explain it with python -m analyzers explain RUN --ids ...")
+    names = params.get("class_names")
     model = load_model(model_spec, arch=arch, input_shape=tuple(info["model"]["input_shape"]),
-                       allow_import=allow_import, arch_kwargs=info["model"].get("arch_kwargs"))
+                       allow_import=allow_import, arch_kwargs=info["model"].get("arch_kwargs"),
+                       class_names=tuple(names) if names else None)
     _check_unchanged(info, "model", model.sha256)
     dataset = load_dataset(data_spec, model=model, **data_options)
     _check_unchanged(info, "dataset", dataset.sha256)

@@ -365,8 +365,6 @@ def _from_table(table: pd.DataFrame, name: str, spec: str, digest: str, *, model
 
 
 def _load_image_zip(source, name: str, spec: str, digest: str, *, model, image_size, mean, std) -> Dataset:
-    from PIL import Image
-
     try:
         archive = zipfile.ZipFile(source)
         infos = archive.infolist()
@@ -384,18 +382,20 @@ def _load_image_zip(source, name: str, spec: str, digest: str, *, model, image_s
             raise AnalyzerError(f"{name!r} contains the unsafe path {path!r}: zip with relative paths only")
         if info.is_dir() or posixpath.basename(path).startswith(".") or "__MACOSX" in path:
             continue
-        if not path.lower().endswith(IMAGE_SUFFIXES):
+        if not path.lower().endswith(IMAGE_SUFFIXES + (".npy",)):
             continue
         parts = [p for p in path.split("/") if p]
         if len(parts) < 2:
             raise AnalyzerError(f"{path!r} in {name!r} is not inside a class folder: use one subfolder per class")
         members.append((parts[-2], info))
     if not members:
-        raise AnalyzerError(f"{name!r} holds no PNG or JPEG images in class folders")
+        raise AnalyzerError(f"{name!r} holds no PNG or JPEG images (or .npy arrays) in class folders")
     folders = sorted({folder for folder, _ in members})
-    if model is not None and set(folders) <= set(model.class_names):
+    if model is not None:  # folder names must name the model's classes (or their indices): never sorted order
+        folder_class = names_to_classes(folders, model.class_names, repr(name), what="class folders")
         class_names = tuple(model.class_names)
     else:
+        folder_class = {folder: i for i, folder in enumerate(folders)}
         class_names = tuple(folders)
     channels, size = _image_geometry(model, image_size, name)
     mean_arr = _per_channel(mean, channels, 0.0, "mean")
@@ -414,22 +414,12 @@ def _load_image_zip(source, name: str, spec: str, digest: str, *, model, image_s
         budget -= len(raw)
         if budget < 0:
             raise AnalyzerError(f"{name!r} inflates past {MAX_UNCOMPRESSED_BYTES} bytes: refused as a zip bomb")
-        try:
-            with Image.open(io.BytesIO(raw)) as img:
-                if img.width * img.height > MAX_IMAGE_PIXELS:
-                    raise AnalyzerError(f"image {info.filename!r} in {name!r} is {img.width}x{img.height}, too large")
-                img = img.convert("L" if channels == 1 else "RGB")
-                if size is not None:
-                    img = img.resize((size[1], size[0]), Image.BILINEAR)
-                pixels = np.asarray(img, dtype=np.float32) / 255.0
-        except AnalyzerError:
-            raise
-        except Exception as exc:  # PIL raises many types for an undecodable image
-            raise AnalyzerError(f"image {info.filename!r} in {name!r} could not be decoded ({first_line(exc)}): "
-                                f"remove or re-save it") from exc
-        pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        if info.filename.lower().endswith(".npy"):
+            pixels = _band_array(raw, info.filename, name, channels=channels, size=size)
+        else:
+            pixels = _decoded_image(raw, info.filename, name, channels=channels, size=size)
         images.append((pixels - mean_arr[:, None, None]) / std_arr[:, None, None])
-        labels.append(class_names.index(folder) if folder in class_names else -1)
+        labels.append(folder_class[folder])
         ids.append(info.filename)
     shapes = {img.shape for img in images}
     if len(shapes) > 1:
@@ -440,6 +430,56 @@ def _load_image_zip(source, name: str, spec: str, digest: str, *, model, image_s
     metadata = pd.DataFrame({"folder": [f for f, _ in sorted(members, key=lambda m: m[1].filename)]})
     return _finish(x, np.asarray(labels, dtype=np.int64), np.asarray(ids), spec=spec, digest=digest,
                    class_names=class_names, metadata=metadata, preprocessing=preprocessing, name=name)
+
+
+# PIL modes for the channel counts an image file can hold; more bands come as .npy arrays.
+IMAGE_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
+def _decoded_image(raw: bytes, member: str, name: str, *, channels: int, size) -> np.ndarray:
+    """A PNG or JPEG as (C, H, W) floats in [0, 1], converted to the model's channel count."""
+    from PIL import Image
+
+    if channels not in IMAGE_MODES:
+        raise AnalyzerError(f"the model takes {channels} channels, more than an image file holds ({member!r} in "
+                            f"{name!r}): store each sample as a .npy array of shape ({channels}, H, W) in its class "
+                            f"folder")
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise AnalyzerError(f"image {member!r} in {name!r} is {img.width}x{img.height}, too large")
+            img = img.convert(IMAGE_MODES[channels])
+            if size is not None:
+                img = img.resize((size[1], size[0]), Image.BILINEAR)
+            pixels = np.asarray(img, dtype=np.float32) / 255.0
+    except AnalyzerError:
+        raise
+    except Exception as exc:  # PIL raises many types for an undecodable image
+        raise AnalyzerError(f"image {member!r} in {name!r} could not be decoded ({first_line(exc)}): "
+                            f"remove or re-save it") from exc
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def _band_array(raw: bytes, member: str, name: str, *, channels: int, size) -> np.ndarray:
+    """A .npy member (any number of bands, e.g. multispectral) as (C, H, W) float32, values as they are stored.
+
+    `raw` is already bounded by the zip budget; the header is read without unpickling, and its declared size must
+    match the bytes before anything is allocated."""
+    buffer = io.BytesIO(raw)
+    shape, fortran, dtype = _npy_header(buffer, member, name)
+    if dtype.kind not in "biuf":
+        raise AnalyzerError(f"{member!r} in {name!r} holds {dtype}, not numbers: save a numeric array")
+    bands = (1, *shape) if len(shape) == 2 else shape
+    if len(bands) != 3 or bands[0] != channels:
+        raise AnalyzerError(f"{member!r} in {name!r} has shape {shape}; the model takes ({channels}, H, W)")
+    if size is not None and tuple(bands[1:]) != tuple(size):
+        raise AnalyzerError(f"{member!r} in {name!r} is {bands[1]}x{bands[2]} but the model takes {size[0]}x{size[1]}: "
+                            f"arrays are not resized; save them at that size")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > len(raw) - buffer.tell():  # checked before the allocation: the bytes must be there
+        raise AnalyzerError(f"{member!r} in {name!r} is truncated: save it again with np.save")
+    array = _read_npy_data(buffer, shape, fortran, dtype, nbytes, member, name)
+    return np.ascontiguousarray(array.reshape(bands), dtype=np.float32)
 
 
 def _image_geometry(model, image_size, name: str) -> tuple[int, tuple | None]:
@@ -481,16 +521,41 @@ def _numeric_inputs(x: np.ndarray, name: str, chunk: int = 4096) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def names_to_classes(names, class_names, where: str, *, what: str = "labels") -> dict:
+    """Each text label (or class folder name) -> its class index in the model's output order.
+
+    A name that is one of the model's class names means that class; an integer name ("3") means that index; any
+    other name is refused with how to name it, never mapped by sorted order (folders three/five/eight given to a
+    ten-class model are not classes 0, 1 and 2)."""
+    names = sorted({str(n) for n in names})
+    lookup = {str(c): i for i, c in enumerate(class_names or ())}
+    out, unknown = {}, []
+    for label in names:
+        if label in lookup:
+            out[label] = lookup[label]
+        elif label.lstrip("-").isdigit() and class_names is not None and 0 <= int(label) < len(class_names):
+            out[label] = int(label)
+        else:
+            unknown.append(label)
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        if class_names is None:
+            raise AnalyzerError(f"{what} {shown} in {where} are text and no model says what they mean: load the model "
+                                f"first, or use class indices 0..K-1")
+        defaults = tuple(class_names) == tuple(str(i) for i in range(len(class_names)))
+        if defaults:
+            raise AnalyzerError(f"{what} {shown} in {where} do not name the model's classes, which it knows only by "
+                                f"index (0..{len(class_names) - 1}): name them by class index, or give the model's "
+                                f"class names in output order with --class-names NAME,NAME,...")
+        raise AnalyzerError(f"{what} {shown} in {where} are not among the model's classes "
+                            f"({', '.join(map(str, class_names[:12]))}{', ...' if len(class_names) > 12 else ''}): "
+                            f"rename them, or use class indices 0..{len(class_names) - 1}")
+    return out
+
+
 def _integer_labels(y: np.ndarray, name: str, *, class_names) -> np.ndarray:
     if y.dtype.kind in "OUS":
-        if class_names is None:
-            raise AnalyzerError(f"labels in {name!r} are text but the model names no classes: use integer labels "
-                                f"0..K-1")
-        lookup = {c: i for i, c in enumerate(class_names)}
-        unknown = sorted({str(v) for v in y} - set(lookup))
-        if unknown:
-            raise AnalyzerError(f"labels {', '.join(unknown[:5])} in {name!r} are not among the model's classes "
-                                f"({', '.join(class_names)})")
+        lookup = names_to_classes(y, class_names, repr(name))
         return np.asarray([lookup[str(v)] for v in y], dtype=np.int64)
     if y.dtype.kind == "b":
         return y.astype(np.int64)

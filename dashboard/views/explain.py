@@ -66,6 +66,7 @@ left, right = st.columns([3, 2], gap="large")
 with left:
     st.markdown("**Input**")
     if modality == "image":
+        components.band_choice(run, int(np.asarray(x).shape[0]))
         st.plotly_chart(figures.image_figure(components.display_image(run, x), height=300), key="explain-input",
                         config={"displayModeBar": False})
     elif modality == "sequence":
