@@ -740,7 +740,8 @@ class _Checker:
         allowed = {None, "builtins.tuple", "builtins.list", "builtins.dict", "collections.OrderedDict"}
         if kind not in allowed:
             self.refuse(f"{where} names container type {str(kind)[:60]!r}; only tuples, lists and dicts are allowed",
-                        "wrap the model so forward takes one tensor and returns one tensor")
+                        "wrap the model so forward takes one tensor and returns one tensor (a transformers "
+                        "model: call it with return_dict=False and return the logits, as the README shows)")
         if context is not None:
             if not isinstance(context, str):
                 self.refuse(f"{where} has a tree-spec context that is not text")

@@ -360,6 +360,13 @@ def _export_input_shape(program, name: str) -> tuple:
     value = node.meta.get("val")
     if value is None or not hasattr(value, "shape"):
         raise AnalyzerError(f"{name!r} does not record its input shape: export it again with an example tensor")
+    dtype = getattr(value, "dtype", torch.float32)
+    if not (dtype.is_floating_point or dtype.is_complex):
+        # token ids (a text model's input_ids) and the like: every analysis here feeds float inputs and takes
+        # gradients with respect to them, so say so now instead of failing later with a misleading shape error
+        raise AnalyzerError(f"{name!r} takes {str(dtype).replace('torch.', '')} inputs (token ids, for example); "
+                            f"models on integer inputs are not analysed yet: export a model that takes float inputs "
+                            f"(for a text model, its embeddings)")
     shape = list(value.shape)
     if isinstance(shape[0], int):
         raise AnalyzerError(f"{name!r} was exported with a fixed batch size of {shape[0]}: export it again with "
