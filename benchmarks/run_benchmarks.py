@@ -12,11 +12,14 @@ The data are generated here: shapes-like 3x32x32 images (the `shapes` sample's t
 whose colour is a spurious cue) at every size in `--sizes`, and a 100,000-row version of the `tabular` sample's
 table. Only the real code paths are timed: `analyzers.run_analysis`, `analyzers.explain`,
 `analyzers.explanations.projections.ensure_projection`, `analyzers.evaluation.metrics` / `analyzers.evaluation.slices`, and the dashboard through
-`streamlit.testing.v1.AppTest`. A section whose module does not exist yet is skipped with the reason recorded.
+`streamlit.testing.v1.AppTest`; the `upload` section launches the dashboard itself (`dashboard/serve.py`) and drives
+its Load page in Chromium (Playwright). A section whose module or tool does not exist yet is skipped with the reason
+recorded.
 
     .venv/bin/python benchmarks/run_benchmarks.py                       # full run (make bench)
     .venv/bin/python benchmarks/run_benchmarks.py --quick --out /tmp/b  # a small smoke run
     .venv/bin/python benchmarks/run_benchmarks.py --sizes 10000 --skip projections,dashboard
+    .venv/bin/python benchmarks/run_benchmarks.py --only upload                # one section alone
 """
 from __future__ import annotations
 
@@ -42,7 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SECTIONS = ("run", "explain_all", "interactive", "sandbox", "projections", "peer", "tabular", "startup", "dashboard")
+SECTIONS = ("run", "explain_all", "interactive", "sandbox", "projections", "peer", "tabular", "startup", "dashboard",
+            "upload")
+# the sections that need the generated images or the image model (prepare() makes them only for these)
+IMAGE_SECTIONS = ("run", "explain_all", "interactive", "sandbox", "projections", "peer", "dashboard")
 DEFAULT_SIZES = (10_000, 100_000)
 QUICK_SIZES = (300, 600)
 TABULAR_ROWS = 100_000
@@ -59,6 +65,14 @@ SANDBOX_ROUND_TRIP_REPS = (200, 20)
 SANDBOX_RUN_REPS = (2, 1)
 SANDBOX_ROUND_TRIP_TARGET_MS = 5.0
 SANDBOX_RUN_TARGET_RATIO = 1.05
+# A hostile upload (issue 19): the dashboard process's own peak RSS while it refuses a dataset whose header declares
+# 1 GiB stays within 300 MB of its idle RSS (the sandboxed worker that reads the file is another process).
+UPLOAD_DECLARED_BYTES = 1 << 30
+UPLOAD_TARGET_MB = 300
+MB = 1_000_000
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
 HEAVY_MODULES = ("captum", "shap", "umap", "numba", "openTSNE", "pynndescent", "sklearn.ensemble", "sklearn.manifold",
                  "sklearn.tree", "sklearn.cluster", "scipy.optimize", "streamlit", "plotly")
 
@@ -66,9 +80,9 @@ HEAVY_MODULES = ("captum", "shap", "umap", "numba", "openTSNE", "pynndescent", "
 # --------------------------------------------------------------------------------------------------------------------
 # Memory of this process, from /proc (Linux); peak resettable so a worker can measure one stage.
 
-def _proc_status_kib(field: str) -> int | None:
+def _proc_status_kib(field: str, pid: int | str = "self") -> int | None:
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
@@ -90,10 +104,10 @@ def peak_rss_bytes() -> int | None:
     return kib * 1024
 
 
-def reset_peak_rss() -> bool:
+def reset_peak_rss(pid: int | str = "self") -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs); False where that is not allowed."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
         return True
     except OSError:
         return False
@@ -738,9 +752,132 @@ def worker_sandbox(spec: dict) -> dict:
     return result
 
 
+def _wait_for_health(url: str, server, timeout_s: float = 90) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"the dashboard did not start (exit code {server.poll()}): see its log beside the "
+                               f"uploaded files (--keep keeps it)")
+        time.sleep(0.5)
+
+
+def _wait_until_idle(page, timeout_ms: int = 60_000) -> None:
+    """Until Streamlit's "running" indicator is gone: the script has finished its rerun."""
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_ms)
+
+
+def _upload_and_wait(page, model: Path, data: Path) -> str:
+    """Upload `model` and `data` on the Load page, press Run, and return the error it answers with (as
+    tests/test_e2e_browser.py's upload_and_run does, retrying a press that a rerun dropped or answered with
+    "choose both ...")."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    page.get_by_role("radio", name="Upload files").click()
+    uploaders = page.locator('[data-testid="stFileUploader"]')
+    uploaders.nth(1).wait_for(timeout=30_000)
+    for uploader, path in ((uploaders.nth(0), model), (uploaders.nth(1), data)):
+        # the name shows as soon as the file is chosen; the server holds the file once its upload is answered
+        with page.expect_response(lambda r: "/_stcore/upload_file/" in r.url and r.request.method in ("PUT", "POST"),
+                                  timeout=60_000):
+            uploader.locator('input[type="file"]').set_input_files(str(path))
+        page.get_by_text(path.name).first.wait_for(timeout=30_000)
+        _wait_until_idle(page)
+    alert = page.locator('[data-testid="stAlertContentError"]')
+    for _ in range(4):
+        _wait_until_idle(page)
+        page.get_by_role("button", name="Run", exact=True).click()
+        try:
+            alert.first.wait_for(timeout=30_000)
+        except PlaywrightTimeout:
+            continue
+        if not alert.first.inner_text().strip().startswith("choose both"):
+            break
+        page.wait_for_timeout(1000)
+    return alert.first.inner_text(timeout=30_000).strip()
+
+
+def worker_upload(spec: dict) -> dict:
+    """The dashboard process's own memory while it refuses a hostile upload: the launcher as a subprocess, its Load
+    page opened once in Chromium (so it has imported what that page needs), its idle RSS read, its peak reset
+    (clear_refs; else VmRSS sampled every 20 ms), then a `.pt2` and a dataset whose header declares
+    UPLOAD_DECLARED_BYTES uploaded and run until the refusal shows. Only the dashboard's process is counted: the
+    sandboxed worker that reads the dataset is a child process with its own memory."""
+    import socket
+
+    from playwright.sync_api import sync_playwright
+
+    workdir = Path(spec["workdir"])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = open(workdir / "upload-server.log", "wb")
+    command = [sys.executable, str(ROOT / "dashboard" / "serve.py"), "--port", str(port),
+               "--runs-dir", str(workdir / "upload-runs"), "--workspace", str(workdir / "upload-files")]
+    server = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    pid = server.pid
+    try:
+        _wait_for_health(url, server)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1100})
+                page.goto(f"{url}/load")
+                page.get_by_role("heading", name="Load").wait_for(timeout=60_000)
+                _wait_until_idle(page)
+                time.sleep(1.0)  # the rerun's post-script work (Streamlit collects garbage after every run)
+                idle = _proc_status_kib("VmRSS", pid) * 1024
+                peak_reset = reset_peak_rss(pid)
+                sampled = [idle]
+                stop = threading.Event()
+
+                def sample() -> None:  # also kept where clear_refs works: a cross-check of VmHWM
+                    while not stop.wait(0.02):
+                        kib = _proc_status_kib("VmRSS", pid)
+                        if kib is not None:
+                            sampled.append(kib * 1024)
+
+                sampler = threading.Thread(target=sample, daemon=True)
+                sampler.start()
+                t0 = time.perf_counter()
+                try:
+                    alert = _upload_and_wait(page, Path(spec["model"]), Path(spec["data"]))
+                finally:
+                    stop.set()
+                    sampler.join()
+                seconds = time.perf_counter() - t0
+                hwm = _proc_status_kib("VmHWM", pid) * 1024 if peak_reset else None
+                after = _proc_status_kib("VmRSS", pid) * 1024
+            finally:
+                browser.close()
+        if server.poll() is not None:
+            raise RuntimeError(f"the dashboard exited with {server.returncode} during the upload")
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    peak = hwm if hwm is not None else max(sampled)
+    return {"idle_rss_bytes": idle, "peak_rss_bytes": peak, "peak_above_idle_bytes": peak - idle,
+            "peak_from": "VmHWM after clear_refs" if hwm is not None else "VmRSS sampled every 20 ms",
+            "sampled_peak_bytes": max(sampled), "samples": len(sampled), "rss_after_bytes": after,
+            "alert": alert, "upload_seconds": seconds}
+
+
 WORKERS = {"run": worker_run, "explain_all": worker_explain_all, "interactive": worker_interactive,
            "sandbox": worker_sandbox, "projections": worker_projections, "peer": worker_peer,
-           "dashboard": worker_dashboard}
+           "dashboard": worker_dashboard, "upload": worker_upload}
 
 
 def worker_main(name: str, spec: dict, result_path: Path) -> int:
@@ -784,7 +921,8 @@ class Bench:
 
     def wanted(self, section: str) -> bool:
         if section in self.args.skip:
-            self.skipped.setdefault(section, "skipped by --skip")
+            only = getattr(self.args, "only", ())
+            self.skipped.setdefault(section, "not in --only" if only and section not in only else "skipped by --skip")
             return False
         return True
 
@@ -845,9 +983,16 @@ class Bench:
         import numpy as np
 
         self.log(f"work directory {self.workdir}")
+        self.data = {}
+        self.runs_dir = self.workdir / "runs"
+        self.stages, missing = available_stages()
+        for stage, reason in missing.items():
+            self.skipped[f"run stage {stage}"] = reason
+        self.log(f"pipeline stages available: {', '.join(self.stages) or 'none'}")
+        if all(section in self.args.skip for section in IMAGE_SECTIONS):
+            return  # e.g. --only upload: no section reads the images (the 100k set takes minutes to make)
         self.model = image_model(self.workdir)
         self.log(f"image model: {self.model['spec']} ({self.model['note']})")
-        self.data = {}
         for n in self.args.sizes:
             path = self.workdir / f"shapes-{n}.npz"
             if not path.exists():
@@ -855,11 +1000,6 @@ class Bench:
                 np.savez(path, **arrays)
                 del arrays
             self.data[n] = path
-        self.runs_dir = self.workdir / "runs"
-        self.stages, missing = available_stages()
-        for stage, reason in missing.items():
-            self.skipped[f"run stage {stage}"] = reason
-        self.log(f"pipeline stages available: {', '.join(self.stages) or 'none'}")
 
     def run_section(self) -> None:
         for n in self.args.sizes:
@@ -1160,13 +1300,71 @@ class Bench:
             self.add("dashboard", f"selection change: {what}", n, entry["seconds"], target=0.5, target_kind="seconds",
                      note=f"{entry.get('elements', '?')} elements after{first}")
 
+    def upload_section(self) -> None:
+        """The dashboard process's peak RSS above idle while it refuses a `.pt2` with a dataset whose header declares
+        UPLOAD_DECLARED_BYTES (small on disk): what a hostile upload costs the server that everyone shares."""
+        missing = missing_modules("playwright", "streamlit")
+        if missing:
+            self.skipped["upload"] = f"{', '.join(missing)} not installed"
+            return
+        if not Path(CHROMIUM).exists():
+            self.skipped["upload"] = f"{CHROMIUM} is missing (install it with `make browser`)"
+            return
+        import io
+        import zipfile
+
+        import numpy as np
+        import numpy.lib.format as npy_format
+        import torch
+        from torch import nn
+
+        folder = self.workdir / "upload"
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        module = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                               nn.Linear(8, 3)).eval()
+        program = torch.export.export(module, (torch.zeros(2, 1, 32, 32),),
+                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+        model = folder / "model.pt2"
+        torch.export.save(program, str(model))
+        # x.npy's header declares UPLOAD_DECLARED_BYTES of float32 1x32x32 images and nothing follows it: within the
+        # loader's 2 GiB budget, so it is the worker's read that refuses it (truncated), as it would a real file
+        data = folder / "header-1gib.npz"
+        header = io.BytesIO()
+        npy_format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                   "shape": (UPLOAD_DECLARED_BYTES // (4 * 32 * 32), 1, 32, 32)})
+        labels = io.BytesIO()
+        np.save(labels, np.zeros(4, np.int64))
+        with zipfile.ZipFile(data, "w") as archive:
+            archive.writestr("x.npy", header.getvalue())
+            archive.writestr("y.npy", labels.getvalue())
+        self.log(f"upload: the dashboard's RSS while it refuses {data.name} ({data.stat().st_size} bytes on disk, "
+                 f"declaring {UPLOAD_DECLARED_BYTES:,} bytes)")
+        result = self.worker("upload", {"workdir": str(folder), "model": str(model), "data": str(data)},
+                             label="upload")
+        if result is None:
+            return
+        self.details["upload"] = result
+        refused = f"declares {UPLOAD_DECLARED_BYTES:,} bytes" in result["alert"]
+        if not refused:
+            self.errors["upload"] = f"the upload was not refused for its declared size: {result['alert'][:200]}"
+        self.add("upload", f"dashboard peak RSS above idle while it refuses an upload (.npz header declaring "
+                           f"{UPLOAD_DECLARED_BYTES >> 30} GiB)", None, None, target=UPLOAD_TARGET_MB,
+                 target_kind="MB", value=round(result["peak_above_idle_bytes"] / MB, 1), unit="MB",
+                 note=f"idle {result['idle_rss_bytes'] / MB:.0f} MB after the Load page, peak "
+                      f"{result['peak_rss_bytes'] / MB:.0f} MB ({result['peak_from']}; sampled every 20 ms: "
+                      f"{result['sampled_peak_bytes'] / MB:.0f} MB); the dashboard process only, not its sandboxed "
+                      f"worker; {result['upload_seconds']:.1f} s from upload to the error: {result['alert'][:160]}")
+
     # -- output
     def write(self) -> Path:
         import torch
 
         out = Path(self.args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = "quick" if self.args.quick else "latest"
+        # a run of some sections (--only) never replaces the full results
+        only = getattr(self.args, "only", ())
+        stem = "quick" if self.args.quick else f"only-{'-'.join(only)}" if only else "latest"
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip()
         meta = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
@@ -1196,7 +1394,7 @@ class Bench:
                  ("projections", self.projections_section),
                  ("peer", lambda: self.peer_section(self.runs_dir / f"shapes-{max(self.args.sizes)}", "images")),
                  ("tabular", self.tabular_section), ("startup", self.startup_section),
-                 ("dashboard", self.dashboard_section)]
+                 ("dashboard", self.dashboard_section), ("upload", self.upload_section)]
         for name, step in steps:
             if self.wanted(name):
                 t0 = time.perf_counter()
@@ -1286,6 +1484,8 @@ def build_parser() -> argparse.ArgumentParser:
                              f"writes quick.json instead of latest.json")
     parser.add_argument("--sizes", type=_sizes, help="comma-separated image counts (default 10000,100000)")
     parser.add_argument("--skip", type=_sections, default=(), help=f"sections to skip: {', '.join(SECTIONS)}")
+    parser.add_argument("--only", type=_sections, default=(),
+                        help="run only these sections (the others are skipped): e.g. --only upload")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--threads", type=int,
                         help="torch threads in every worker (default: torch's own choice, one per core); 1 keeps the "
@@ -1306,6 +1506,8 @@ def main(argv=None) -> int:
         return worker_main(args.worker, json.loads(args.spec), Path(args.result))
     if args.sizes is None:
         args.sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES
+    if args.only:
+        args.skip = tuple(dict.fromkeys([*args.skip, *(s for s in SECTIONS if s not in args.only)]))
     return Bench(args).run()
 
 

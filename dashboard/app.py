@@ -30,7 +30,8 @@ PAGES = (
     ("compare", "views/compare.py", "Compare runs", ":material/compare_arrows:"),
 )
 
-st.set_page_config(page_title="Model debugger", page_icon=":material/bug_report:", layout="wide")
+# an emoji icon is drawn locally; a :material/...: page icon is fetched from fonts.gstatic.com on every load
+st.set_page_config(page_title="Model debugger", page_icon="🐞", layout="wide")
 state.load_from_url()
 access.require_sign_in()  # with sign-in on, nothing below runs for a person who is not signed in
 

@@ -77,15 +77,19 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def launched_dashboard(args: list[str], *, cwd: Path, timeout_s: float = 90, port: int | None = None):
+def launched_dashboard(args: list[str], *, cwd: Path, timeout_s: float = 90, port: int | None = None,
+                       prefix_argv: list[str] | None = None, env: dict | None = None, with_process: bool = False):
     """The dashboard's launcher (dashboard/serve.py) started from `cwd` with `args` on `port` (a free one if None);
-    yields its port once it answers its health check, and stops it afterwards."""
+    yields its port once it answers its health check, and stops it afterwards.
+
+    `prefix_argv` goes before the Python command (e.g. `["prlimit", "--as=N:", "--"]`: a wrapper that execs it, so
+    the process keeps its id); `env` adds to the environment; with `with_process` it yields `(port, Popen)`."""
     port = port or free_port()
     log = Path(cwd) / "server.log"
+    command = [*(prefix_argv or []), sys.executable, str(ROOT / "dashboard" / "serve.py"), "--port", str(port), *args]
     with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, str(ROOT / "dashboard" / "serve.py"), "--port", str(port), *args],
-                                  cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
+        server = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
     try:
         deadline = time.time() + timeout_s
         while True:
@@ -98,7 +102,7 @@ def launched_dashboard(args: list[str], *, cwd: Path, timeout_s: float = 90, por
             if server.poll() is not None or time.time() > deadline:
                 pytest.fail(f"the dashboard did not start:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield port
+        yield (port, server) if with_process else port
     finally:
         server.terminate()
         try:

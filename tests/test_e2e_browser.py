@@ -1,6 +1,8 @@
 """End to end in a real browser: the launcher (`dashboard/serve.py`) on 127.0.0.1, driven by Playwright through Debian's Chromium.
 
-Loads the app on a sample run, clicks a confusion-matrix cell and sees its gallery, then opens a sample's explanation.
+Loads the app on a sample run, clicks a confusion-matrix cell and sees its gallery, then opens a sample's explanation;
+uploads a crafted archive; and shows a run full of markup while recording every request the browser makes.
+`upload_and_run` is shared with tests/test_live_server_bombs.py.
 In CI (CI=true) a missing Chromium is a failure, not a skip: `make browser` installs it.
 """
 from __future__ import annotations
@@ -53,6 +55,41 @@ def _wait_until_idle(page, timeout_ms: int = 60_000) -> None:
 def _no_exception(page) -> None:
     assert page.locator('[data-testid="stException"]').count() == 0, page.locator(
         '[data-testid="stException"]').first.inner_text()
+
+
+def upload_and_run(page, app_url: str, model: Path, data: Path):
+    """On the Load page of `page`: upload `model` and `data`, press Run, and return the error alerts' locator once
+    the press is answered with an error about these files (what the hostile-upload tests expect)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    page.goto(f"{app_url}/load")
+    page.get_by_role("heading", name="Load").wait_for(timeout=60_000)
+    page.get_by_role("radio", name="Upload files").click()
+    uploaders = page.locator('[data-testid="stFileUploader"]')
+    uploaders.nth(1).wait_for(timeout=30_000)
+    # one file at a time, each once the rerun its upload causes is over, so no rerun lands between the two
+    for uploader, path in ((uploaders.nth(0), model), (uploaders.nth(1), data)):
+        # the name shows as soon as the file is chosen; the server holds the file once its upload is answered
+        with page.expect_response(lambda r: "/_stcore/upload_file/" in r.url and r.request.method in ("PUT", "POST"),
+                                  timeout=60_000):
+            uploader.locator('input[type="file"]').set_input_files(str(path))
+        page.get_by_text(path.name).first.wait_for(timeout=30_000)
+        _wait_until_idle(page)
+    alert = page.locator('[data-testid="stAlertContentError"]')
+    # an upload finishing reruns the script, and a click that lands during that rerun can be dropped, or can run
+    # before the server holds both files ("choose both ..."): click again until the press is answered with them
+    for _ in range(4):
+        _wait_until_idle(page)
+        page.get_by_role("button", name="Run", exact=True).click()
+        try:
+            alert.first.wait_for(timeout=30_000)
+        except PlaywrightTimeout:
+            continue
+        if not alert.first.inner_text().strip().startswith("choose both"):
+            break
+        page.wait_for_timeout(1000)
+    alert.first.wait_for(timeout=30_000)
+    return alert
 
 
 def test_click_confusion_cell_then_explain(app_url, browser, sample_run_dir):
@@ -123,7 +160,6 @@ def test_crafted_archive_upload_shows_one_error_and_the_server_stays_healthy(app
     and a second session (a fresh browser context) still gets the dashboard."""
     import numpy as np
     import torch
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     from conftest import TinyCNN, export_model
     from crafted_archives import CRAFTED
@@ -138,29 +174,7 @@ def test_crafted_archive_upload_shows_one_error_and_the_server_stays_healthy(app
     np.savez(data, x=np.zeros((8, 1, 8, 8), np.float32), y=np.zeros(8, np.int64))
 
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
-    page.goto(f"{app_url}/load")
-    page.get_by_role("heading", name="Load").wait_for(timeout=60_000)
-    page.get_by_role("radio", name="Upload files").click()
-    uploaders = page.locator('[data-testid="stFileUploader"]')
-    uploaders.nth(1).wait_for(timeout=30_000)
-    uploaders.nth(0).locator('input[type="file"]').set_input_files(str(crafted))
-    uploaders.nth(1).locator('input[type="file"]').set_input_files(str(data))
-    page.get_by_text("crafted.pt2").first.wait_for(timeout=30_000)
-    page.get_by_text("data.npz").first.wait_for(timeout=30_000)
-    alert = page.locator('[data-testid="stAlertContentError"]')
-    # an upload finishing reruns the script, and a click that lands during that rerun can be dropped, or can run
-    # before the server holds both files ("choose both ..."): click again until the press is answered with them
-    for _ in range(4):
-        _wait_until_idle(page)
-        page.get_by_role("button", name="Run", exact=True).click()
-        try:
-            alert.first.wait_for(timeout=30_000)
-        except PlaywrightTimeout:
-            continue
-        if not alert.first.inner_text().strip().startswith("choose both"):
-            break
-        page.wait_for_timeout(1000)
-    alert.first.wait_for(timeout=30_000)
+    alert = upload_and_run(page, app_url, crafted, data)
     assert alert.count() == 1
     text = alert.first.inner_text().strip()
     assert text.startswith("'crafted.pt2' is refused: ") and "outside the size grammar" in text, text
@@ -176,3 +190,120 @@ def test_crafted_archive_upload_shows_one_error_and_the_server_stays_healthy(app
     second.get_by_role("heading", name="Confusion matrix").wait_for(timeout=60_000)
     _no_exception(second)
     second.close()
+
+
+# Markup an upload could carry in its class names, ids and metadata: an image that would call a local port, an HTML
+# image and a Markdown link to another host. Each must show as the text it is and never become a request or a link.
+HOSTILE = ("![m](http://127.0.0.1:9999/beacon)", "<img src=http://evil.example/x>", "[Click](http://evil.example)")
+
+
+@pytest.fixture(scope="module")
+def hostile_app(tmp_path_factory):
+    """The launcher on a run (of a model defined in the tests) whose class names, ids and metadata column `note` are
+    HOSTILE strings; yields the app's URL."""
+    import numpy as np
+    import torch
+
+    from analyzers.engines.pipeline import run_analysis
+    from conftest import TinyCNN, export_model, launched_dashboard
+
+    root = tmp_path_factory.mktemp("hostile-run")
+    torch.manual_seed(0)
+    model = export_model(TinyCNN(), torch.zeros(2, 1, 8, 8), root / "model.pt2")
+    n = 60
+    data = root / "data.npz"
+    np.savez(data, x=np.random.default_rng(0).random((n, 1, 8, 8), dtype=np.float32), y=np.arange(n) % 3,
+             ids=np.array([f"{HOSTILE[i % 3]} {i}" for i in range(n)]), class_names=np.array(HOSTILE),
+             note=np.array([HOSTILE[(i // 2) % 3] for i in range(n)]))  # metadata: Errors & slices › Groups names it
+    run = run_analysis(str(model), str(data), root / "runs" / "hostile")
+    with launched_dashboard(["--runs-dir", str(run.parent), "--run", str(run)], cwd=root) as port:
+        yield f"http://127.0.0.1:{port}"
+
+
+def _shown_text(page) -> str:
+    """The page's visible text as a person reads it: without the invisible word joiners that keep bare URLs from
+    becoming links (dashboard.text.md)."""
+    return page.locator("body").inner_text().replace("\u2060", "")
+
+
+def test_hostile_markup_in_a_run_makes_no_request_beyond_the_server(hostile_app, browser):
+    """Every request the browser makes while it shows Overview, Confusion matrix, Errors & slices and Explain of a run
+    full of markup (and with markup in ?run= and ?sample=) goes to the dashboard itself; the markup shows as text."""
+    from urllib.parse import quote, urlsplit
+
+    origin = urlsplit(hostile_app)
+    requested, outside = [], []
+
+    def is_outside(url: str) -> bool:
+        # only the dashboard's own origin: not localhost, not another port of 127.0.0.1 (the beacon's); data: and
+        # blob: URLs never leave the page
+        parts = urlsplit(url)
+        if parts.scheme in ("data", "blob"):
+            return False
+        return parts.scheme not in ("http", "ws") or parts.netloc != origin.netloc
+
+    def intercept(route) -> None:
+        url = route.request.url
+        requested.append(url)
+        if is_outside(url):
+            outside.append(url)
+            route.abort()
+        else:
+            route.continue_()
+
+    context = browser.new_context(viewport={"width": 1400, "height": 1300})
+    context.route("**/*", intercept)
+    # what routing does not see is still recorded: every request event, and the WebSocket (never routed)
+    context.on("request", lambda request: is_outside(request.url) and outside.append(request.url))
+    page = context.new_page()
+    page.on("websocket", lambda ws: requested.append(ws.url) or (is_outside(ws.url) and outside.append(ws.url)))
+    # a link is no request until it is clicked: none may point away from the dashboard either
+    away = page.locator('a[href*="evil.example"], a[href*=":9999"], img[src*="evil.example"], img[src*=":9999"]')
+
+    def shown() -> str:
+        _no_exception(page)
+        assert away.count() == 0, away.first.evaluate("e => e.outerHTML")
+        return _shown_text(page)
+
+    def visit(path: str, heading: str) -> str:
+        page.goto(f"{hostile_app}/{path}")
+        page.get_by_role("heading", name=heading).wait_for(timeout=60_000)
+        _wait_until_idle(page)
+        return shown()
+
+    # Overview, reached with a run name that is markup: the warning quotes it as text
+    text = visit(f"?run={quote(HOSTILE[0])}", "Overview")
+    assert f"There is no run called '{HOSTILE[0]}'" in text, text[:3000]
+
+    visit("confusion?run=hostile", "Confusion matrix")
+    page.locator(".js-plotly-plot .xtick").nth(2).wait_for(state="attached", timeout=30_000)
+    text = shown()
+    assert all(name in text for name in HOSTILE), text[:3000]  # the class names on the axes
+
+    # Explain, on a sample whose id is markup, then on a ?sample= that no sample has. Explain comes before Errors &
+    # slices so that its maps are computed afresh in this session, behind spinners that name the classes; after the
+    # gallery had loaded the model in another session, the shared worker was found dead here (SIGKILL: bubblewrap's
+    # --die-with-parent follows the thread that started it, and each script run is a thread)
+    visit(f"explain?run=hostile&sample={quote(HOSTILE[1] + ' 1')}", "Explain a sample")
+    errors = page.locator('[data-testid="stAlertContentError"]')
+    page.get_by_text("deletion AUC").or_(errors).first.wait_for(timeout=120_000)  # the maps are drawn, or failed
+    _wait_until_idle(page)
+    assert errors.count() == 0, errors.all_inner_texts()
+    text = shown()
+    assert f"Sample {HOSTILE[1]} 1 — true {HOSTILE[1]}" in text, text[:3000]
+    text = visit(f"explain?run=hostile&sample={quote(HOSTILE[2])}", "Explain a sample")
+    assert f"This run has no sample with id '{HOSTILE[2]}'" in text, text[:3000]
+
+    visit("errors?run=hostile", "Errors & slices")
+    page.get_by_text("Loading the model and data").wait_for(state="detached", timeout=120_000)
+    page.locator('[data-testid="stImage"]').first.wait_for(timeout=60_000)  # the gallery's thumbnails
+    text = shown()
+    assert any(f"id {name} " in text for name in HOSTILE), text[:3000]  # the gallery's captions name the ids
+    page.get_by_role("radio", name="Groups").click()
+    page.get_by_text("Largest accuracy gap").wait_for(timeout=60_000)
+    _wait_until_idle(page)
+    text = shown()
+    assert sum(name in text for name in HOSTILE) >= 2, text[:3000]  # the groups of the metadata column `note`
+    context.close()
+    assert requested, "the interception saw no request at all"
+    assert outside == [], f"requests that left the dashboard: {sorted(set(outside))}"

@@ -276,3 +276,22 @@ def test_a_dataset_from_a_worker_is_checked_field_by_field(change, problem):
     change(fields)
     with pytest.raises(AnalyzerError, match=problem):
         dataset_from_fields(fields)
+
+
+def test_a_worker_outlives_the_thread_that_started_it():
+    """A Streamlit script run is a thread: the model it loads stays cached for the next run, so its worker must not
+    die with that thread (bubblewrap's --die-with-parent follows the forking thread)."""
+    import threading
+    import time
+
+    started = {}
+    thread = threading.Thread(target=lambda: started.update(model=load_model("sample:digits", isolation="sandbox")))
+    thread.start()
+    thread.join()
+    model = started["model"]
+    try:
+        time.sleep(2.0)  # the worker was SIGKILLed about a second after its thread ended
+        assert model.worker.alive
+        assert predict(model, np.zeros((2, 1, 8, 8), np.float32)).probs.shape == (2, 10)
+    finally:
+        model.close()

@@ -227,6 +227,56 @@ def _limits_argv(limits: SandboxLimits) -> list:
 
 # --- the worker handle --------------------------------------------------------------------------------------------
 
+class _Spawner:
+    """One long-lived thread that starts every worker.
+
+    bubblewrap's --die-with-parent is PR_SET_PDEATHSIG, which fires when the *thread* that forked the worker ends,
+    not the process: a worker started from a Streamlit script run (a thread per run) was killed a second after that
+    run finished, while its model was still cached for the next one. Forking from a thread that lives as long as
+    the process keeps the worker alive exactly as long as the dashboard."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._requests: list = []
+        self._ready = threading.Condition(self._lock)
+        self._thread = None
+
+    def run(self, start):
+        done = threading.Event()
+        box: dict = {}
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="sandbox-spawner", daemon=True)
+                self._thread.start()
+            self._requests.append((start, box, done))
+            self._ready.notify()
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def _loop(self):
+        while True:
+            with self._lock:
+                while not self._requests:
+                    self._ready.wait()
+                start, box, done = self._requests.pop(0)
+            try:
+                box["value"] = start()
+            except BaseException as exc:  # handed back to the caller's thread, which raises it
+                box["error"] = exc
+            finally:
+                done.set()
+
+
+_SPAWNER = _Spawner()
+
+
+def _spawn(start):
+    """`start()` (a Popen) run on the long-lived spawner thread; see `_Spawner`."""
+    return _SPAWNER.run(start)
+
+
 class WorkerError(AnalyzerError):
     """The worker failed: it crashed, timed out, ran out of memory or sent something malformed."""
 
@@ -298,9 +348,9 @@ class Worker:
                 os.set_inheritable(fd, True)
             try:
                 with open(self._log, "wb") as log:
-                    self._process = subprocess.Popen(
+                    self._process = _spawn(lambda: subprocess.Popen(
                         _limits_argv(self.limits) + argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                        stderr=log, pass_fds=fds, cwd=cwd, close_fds=True, start_new_session=True, **env_arg)
+                        stderr=log, pass_fds=fds, cwd=cwd, close_fds=True, start_new_session=True, **env_arg))
             except OSError as exc:
                 raise WorkerError(f"the sandboxed worker could not start ({first_line(exc)})") from exc
             finally:

@@ -34,7 +34,7 @@ with st.expander("Collect another layer"):
     other = st.selectbox("Layer to collect", model_layers, key="emb-collect-layer")
     if st.button("Collect its activations", key="emb-collect", disabled=not model_layers):
         try:
-            with st.spinner(f"Running the model to collect {other}…"):
+            with st.spinner(f"Running the model to collect {md(other)}…"):
                 data.collect_layer(run, other)
             st.rerun()
         except AnalyzerError as exc:
@@ -49,7 +49,7 @@ if projection is None:
             f"result is stored in the run.")
     if st.button(f"Compute {METHOD_LABELS[method]}", type="primary", key="emb-compute"):
         try:
-            with st.spinner(f"Computing {METHOD_LABELS[method]} of {layer}… (about a minute for 10,000 samples)"):
+            with st.spinner(f"Computing {METHOD_LABELS[method]} of {md(layer)}… (about a minute for 10,000 samples)"):
                 projection = data.projection(run, layer, method, compute=True)
         except AnalyzerError as exc:
             st.error(md(exc))

@@ -166,7 +166,7 @@ for method in methods:
         with col:
             options = {"layer": layer} if method == "gradcam" and layer else {}
             try:
-                with st.spinner(f"{METHODS[method].label} for the {target_title}…"):
+                with st.spinner(f"{METHODS[method].label} for the {md(target_title)}…"):
                     explanation = explain_sample(run, sample["id"], method, target=target, model=model,
                                                  dataset=dataset, sanity=sanity, **options)
             except AnalyzerError as exc:
