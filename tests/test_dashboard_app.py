@@ -39,8 +39,9 @@ def _ok(at) -> None:
 
 
 def _plain(source) -> str:
-    """What a person reads of Markdown the app sent: data is escaped (dashboard.text.md), so drop the escapes."""
-    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", str(source))
+    """What a person reads of Markdown the app sent: data is escaped (dashboard.text.md), so drop the escapes and
+    the invisible word joiners that keep bare URLs and emails from becoming links."""
+    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", str(source)).replace("\u2060", "")
 
 
 def _text(at) -> str:
