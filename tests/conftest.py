@@ -109,3 +109,29 @@ def launched_dashboard(args: list[str], *, cwd: Path, timeout_s: float = 90, por
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+# --- the browser of the end-to-end tests ----------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's: Playwright's own browser download cannot work offline
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def require_chromium() -> None:
+    """Skip the calling test module without Chromium, except in CI (CI=true), where that is a failure: `make
+    browser` installs it."""
+    if not Path(CHROMIUM).exists() and os.environ.get("CI") != "true":
+        pytest.skip(f"{CHROMIUM} is missing (install it with `make browser`); the browser test runs in CI",
+                    allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Chromium through Playwright, one per test module."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()

@@ -7,23 +7,19 @@ In CI (CI=true) a missing Chromium is a failure, not a skip: `make browser` inst
 """
 from __future__ import annotations
 
-import os
 import re
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from conftest import require_chromium
+
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 
 pytestmark = pytest.mark.e2e
 
-if not Path(CHROMIUM).exists() and os.environ.get("CI") != "true":
-    pytest.skip(f"{CHROMIUM} is missing (install it with `make browser`); the browser test runs in CI",
-                allow_module_level=True)
+require_chromium()
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +32,6 @@ def app_url(sample_run_dir, tmp_path_factory):
                             cwd=tmp_path_factory.mktemp("streamlit")) as port:
         yield f"http://127.0.0.1:{port}"
 
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 def _wait_until_idle(page, timeout_ms: int = 60_000) -> None:

@@ -5,20 +5,17 @@ Ana, in another browser, signs in and does not see it, even from a link.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 
-from test_e2e_browser import CHROMIUM, CHROMIUM_ARGS, _no_exception, _wait_until_idle
+from conftest import require_chromium
+from test_e2e_browser import _no_exception, _wait_until_idle
 
 pytestmark = pytest.mark.e2e
 
-if not Path(CHROMIUM).exists() and os.environ.get("CI") != "true":
-    pytest.skip(f"{CHROMIUM} is missing (install it with `make browser`); the browser test runs in CI",
-                allow_module_level=True)
+require_chromium()
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +48,6 @@ server_metadata_url = "{provider}/.well-known/openid-configuration"
     with launched_dashboard(["--runs-dir", str(runs), "--secrets", str(secrets)], cwd=home, port=port) as port:
         yield f"http://127.0.0.1:{port}", runs
 
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 def _sign_in(browser, url: str, subject: str):

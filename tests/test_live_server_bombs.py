@@ -13,7 +13,6 @@ In CI (CI=true) a missing Chromium is a failure, not a skip: `make browser` inst
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import struct
 import threading
@@ -25,13 +24,11 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
+from conftest import require_chromium
 
 pytestmark = pytest.mark.e2e
 
-if not Path(CHROMIUM).exists() and os.environ.get("CI") != "true":
-    pytest.skip(f"{CHROMIUM} is missing (install it with `make browser`); the browser test runs in CI",
-                allow_module_level=True)
+require_chromium()
 
 # The dashboard's own address space, measured on a 2-core machine (torch 2.13, streamlit 1.67): ~2.9 GiB once the
 # Load page has run an upload, 3.2 GiB after the Explain page too (torch, its OpenMP threads' stacks and glibc's
@@ -180,17 +177,6 @@ def server(sample_run_dir, tmp_path_factory, browser):
         page.context.close()
         yield url, process, cwd / "server.log"
 
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    from test_e2e_browser import CHROMIUM_ARGS
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @contextlib.contextmanager
