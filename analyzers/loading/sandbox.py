@@ -24,6 +24,7 @@ called with a local model they run here, unchanged.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
 import functools
 import importlib
@@ -227,54 +228,16 @@ def _limits_argv(limits: SandboxLimits) -> list:
 
 # --- the worker handle --------------------------------------------------------------------------------------------
 
-class _Spawner:
-    """One long-lived thread that starts every worker.
-
-    bubblewrap's --die-with-parent is PR_SET_PDEATHSIG, which fires when the *thread* that forked the worker ends,
-    not the process: a worker started from a Streamlit script run (a thread per run) was killed a second after that
-    run finished, while its model was still cached for the next one. Forking from a thread that lives as long as
-    the process keeps the worker alive exactly as long as the dashboard."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._requests: list = []
-        self._ready = threading.Condition(self._lock)
-        self._thread = None
-
-    def run(self, start):
-        done = threading.Event()
-        box: dict = {}
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="sandbox-spawner", daemon=True)
-                self._thread.start()
-            self._requests.append((start, box, done))
-            self._ready.notify()
-        done.wait()
-        if "error" in box:
-            raise box["error"]
-        return box["value"]
-
-    def _loop(self):
-        while True:
-            with self._lock:
-                while not self._requests:
-                    self._ready.wait()
-                start, box, done = self._requests.pop(0)
-            try:
-                box["value"] = start()
-            except BaseException as exc:  # handed back to the caller's thread, which raises it
-                box["error"] = exc
-            finally:
-                done.set()
-
-
-_SPAWNER = _Spawner()
+# bubblewrap's --die-with-parent is PR_SET_PDEATHSIG, which fires when the *thread* that forked the worker ends, not
+# the process: a worker started from a Streamlit script run (a thread per run) was killed a second after that run
+# finished, while its model was still cached for the next one. Every worker is forked from this one thread instead,
+# which lives as long as the process (an executor's idle thread waits for work; it does not exit).
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawner")
 
 
 def _spawn(start):
-    """`start()` (a Popen) run on the long-lived spawner thread; see `_Spawner`."""
-    return _SPAWNER.run(start)
+    """`start()` (a Popen) run on the long-lived spawner thread."""
+    return _SPAWNER.submit(start).result()
 
 
 class WorkerError(AnalyzerError):
