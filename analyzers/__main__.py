@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--arch-kwargs", type=_json_object, metavar="JSON",
                      help="keyword arguments for an import-path --arch, e.g. '{\"num_classes\": 10}' (kept in run.json)")
     run.add_argument("--input-shape", type=_shape, help="shape of one sample, e.g. 3,32,32 (import-path archs)")
+    run.add_argument("--inputs", metavar="NAME:DTYPE:SHAPE,...",
+                     help="an import-path arch's inputs when it takes token ids or several, e.g. "
+                          "input_ids:int64:12,attention_mask:int64:12 (a .pt2 records its own)")
     run.add_argument("--class-names", type=_names, help="the model's class names in output order (comma-separated), "
                                                         "to match text labels and class folders by name")
     run.add_argument("--batch-size", type=int, default=256)
@@ -113,7 +116,8 @@ def _run(args) -> int:
                        layer=args.layer, device=args.device, overwrite=args.overwrite, image_size=args.image_size,
                        mean=args.mean, std=args.std, input_shape=args.input_shape, seed=args.seed,
                        analyses=args.analyses, allow_import=True, progress=sys.stderr.isatty(),
-                       isolation=args.isolation, arch_kwargs=args.arch_kwargs, class_names=args.class_names)
+                       isolation=args.isolation, arch_kwargs=args.arch_kwargs, class_names=args.class_names,
+                       inputs=args.inputs)
     run = open_run(out)
     print(f"{run.info['num_samples']} samples, accuracy {run.info['accuracy']:.4f}, run stored at {out}")
     return 0

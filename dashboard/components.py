@@ -154,6 +154,27 @@ def sequence_letters(x: np.ndarray) -> str:
     return " ".join(str(i) for i in codes)
 
 
+def token_texts(run: Run, x: np.ndarray) -> list:
+    """A token model's sample as its token ids, in order; a position its attention mask leaves out reads "·"."""
+    from analyzers.loading.inputs import InputLayout
+
+    described = (run.info.get("preprocessing") or {}).get("inputs") or run.info["model"].get("inputs")
+    if not described:
+        return [str(v) for v in np.asarray(x).round().astype(np.int64)]
+    layout = InputLayout.from_json(described)
+    parts = layout.parts(np.asarray(x)[None])
+    ids = parts[layout.inputs[0].name][0]
+    mask = parts.get("attention_mask")
+    mask = mask[0] if mask is not None and mask.shape[1:] == ids.shape else np.ones_like(ids)
+    return [str(int(t)) if keep else "·" for t, keep in zip(ids, mask)]
+
+
+def token_html(tokens: list) -> str:
+    chips = "".join(f'<span style="border:1px solid #ccc;border-radius:3px;padding:0 3px;margin:1px;'
+                    f'display:inline-block">{html.escape(t)}</span>' for t in tokens)
+    return f'<div style="font-family:monospace;font-size:13px;line-height:1.8">token ids: {chips}</div>'
+
+
 def sequence_html(letters: str) -> str:
     spans = "".join(f'<span style="color:{BASE_COLOURS.get(ch, "#333")}">{html.escape(ch)}</span>' for ch in letters)
     return (f'<div style="font-family:monospace;font-size:14px;letter-spacing:1px;word-break:break-all;'
@@ -236,14 +257,15 @@ def gallery(run: Run, ids, *, key: str, title: str | None = None) -> None:
                                f"{md(class_name(run, row['pred']))} · {row['confidence']:.2f}")
                     if st.button("Explain", key=f"{key}-explain-{row['id']}"):
                         open_explanation(row["id"], ordered_ids)
-    elif modality == "sequence" and inputs is not None:
+    elif modality in ("sequence", "tokens") and inputs is not None:
         for (_, row), x in zip(shown.iterrows(), inputs):
             left, right = st.columns([6, 1])
             with left:
                 mark = "✓" if row["correct"] else "✗"
                 st.markdown(f"{mark} **id {md(row['id'])}** · true {md(class_name(run, row['label']))} · "
                             f"predicted {md(class_name(run, row['pred']))} · confidence {row['confidence']:.3f}")
-                st.html(sequence_html(sequence_letters(x)))
+                st.html(token_html(token_texts(run, x)) if modality == "tokens" else
+                        sequence_html(sequence_letters(x)))
             if right.button("Explain", key=f"{key}-explain-{row['id']}"):
                 open_explanation(row["id"], ordered_ids)
     else:

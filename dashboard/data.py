@@ -250,6 +250,20 @@ def sample_inputs(run: Run, rows) -> np.ndarray:
     return dataset.x[np.asarray(rows, dtype=np.int64)]
 
 
+def gradcam_token_layers(run: Run) -> list:
+    """The layers of the run's model whose output is a map over tokens (a text model's, or a vision
+    transformer's patches), in the order they run: what Grad-CAM on tokens may be pointed at. One forward pass of
+    one sample, remembered per model."""
+    key = ("token-layers", run.info["model"]["sha256"])
+    cache = st.session_state.setdefault("_token_layers", {})
+    if key not in cache:
+        from analyzers.explanations.attributions import token_layers
+
+        model, dataset = run_inputs(run)
+        cache[key] = list(token_layers(model, dataset.x[:1]))
+    return cache[key]
+
+
 def training_log(run: Run):
     """(steps, validation, grad_norms) from the run's training/log.jsonl (a TrainingRecorder file), or None."""
     path = run.file(TRAINING_LOG)

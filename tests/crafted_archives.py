@@ -73,6 +73,11 @@ def _guards_code(p, marker, victim):
     p["guards_code"] = [f"__import__('os').system('touch {marker}') or True"]
 
 
+def _size_guard_with_payload(p, marker, victim):
+    # the one guard form a program of two inputs records, with Python after it
+    p["guards_code"] = [f"L['x'].size()[0] == L['x'].size()[0] and __import__('os').system('touch {marker}')"]
+
+
 def _treespec_enum(p, marker, victim):
     entry = p["graph_module"]["module_call_graph"][0]["signature"]
     entry["in_spec"] = json.dumps([1, {"type": "builtins.dict", "context": json.dumps(
@@ -216,6 +221,7 @@ CRAFTED = {
     "expr_str in sym_int_values": program(_expr_in_sym_int),
     "range constraint name": program(_range_constraint_key),
     "guards_code": program(_guards_code),
+    "size guard followed by code": program(_size_guard_with_payload),
     "tree spec enum context": program(_treespec_enum),
     "tree spec container type": program(_treespec_type),
     "unknown namespace": program(_node_target("torch.ops.evil.run.default")),
@@ -246,6 +252,7 @@ EXPECTED = {
     "expr_str in sym_int_values": "outside the size grammar",
     "range constraint name": "not a symbol name",
     "guards_code": "guards_code",
+    "size guard followed by code": "guards_code",
     "tree spec enum context": "tree-spec context",
     "tree spec container type": "container type",
     "unknown namespace": "namespace 'evil'",

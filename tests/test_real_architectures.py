@@ -204,8 +204,19 @@ def test_a_patch_embedding_is_not_a_default_gradcam_layer():
     x, _ = _data((3, 16, 16), n=2)
     with pytest.raises(AnalyzerError, match="patch embedding"):
         default_gradcam_layer(model, x)
+    assert "'norm'" in str(pytest.raises(AnalyzerError, default_gradcam_layer, model, x).value)  # named to choose
+    # named explicitly, the (N, 16, 8) tokens are a 4x4 patch grid: Grad-CAM with tokens as positions
+    upsampled, raw = explain(model, x, 0, "gradcam", layer="norm", return_raw=True)
+    captured = []
+    handle = model.norm.register_forward_hook(lambda _m, _a, out: captured.append(out))
+    score = model(torch.as_tensor(x))[:, 0].sum()
+    handle.remove()
+    grads, = torch.autograd.grad(score, captured[0])
+    expected = torch.relu((grads.mean(1, keepdim=True) * captured[0]).sum(2)).reshape(2, 1, 4, 4)
+    np.testing.assert_allclose(raw, expected.detach().numpy(), rtol=1e-5, atol=1e-7)
+    assert upsampled.shape == (2, 3, 16, 16)
     with pytest.raises(AnalyzerError, match="not a spatial map"):
-        explain(model, x, None, "gradcam", layer="norm")  # (N, L, D) tokens are not taken for a spatial map
+        explain(model, x, None, "gradcam", layer="head")  # (N, classes) is neither a map nor tokens
 
 
 # --- 2. an analysis that does not apply is skipped with its reason ----------------------------------------------------
@@ -482,6 +493,64 @@ def test_text_labels_with_an_export_take_class_names_from_the_command_line(tmp_p
     run = open_run(tmp_path / "r2")
     assert run.class_names == ["cat", "dog"]
     assert (run.samples["label"].to_numpy() == (table["label"] == "dog").to_numpy()).all()
+
+
+def test_a_model_file_carries_its_class_and_feature_names(tmp_path, capsys):
+    """Names saved with the model (.pt2 extra_files, safetensors metadata) match text labels and table columns by
+    name: a CSV whose columns come in another order is read in the model's order, never silently misaligned."""
+    import zipfile
+
+    from safetensors.torch import save_file
+
+    from analyzers.__main__ import main
+    from analyzers.loading.archive_policy import ArchivePolicyError, sanitize_export_archive
+    from analyzers.loading.runs import open_run
+
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2).eval()
+    names = {"class_names.json": json.dumps(["cat", "dog"]), "feature_names.json": json.dumps(["a", "b", "c"])}
+    program = torch.export.export(net, (torch.zeros(2, 3),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(tmp_path / "named.pt2"), extra_files=names)
+    save_file(net.state_dict(), str(tmp_path / "named.safetensors"),
+              metadata={k.removesuffix(".json"): v for k, v in names.items()})
+    rng = np.random.default_rng(1)
+    table = pd.DataFrame(rng.normal(size=(30, 3)), columns=["a", "b", "c"])
+    table["label"] = rng.choice(["cat", "dog"], 30)
+    table[["c", "label", "a", "b"]].to_csv(tmp_path / "shuffled.csv", index=False)
+    with torch.no_grad():
+        expected = torch.softmax(net(torch.as_tensor(table[["a", "b", "c"]].to_numpy().copy(), dtype=torch.float32)), 1)
+    for model, extra in ((tmp_path / "named.pt2", []),
+                         (tmp_path / "named.safetensors", ["--arch", "torch.nn:Linear", "--arch-kwargs",
+                                                           '{"in_features": 3, "out_features": 2}',
+                                                           "--input-shape", "3"])):
+        out = tmp_path / model.suffix[1:]
+        assert main(["run", "--model", str(model), "--data", str(tmp_path / "shuffled.csv"), "--out", str(out),
+                     "--analyses", "evaluation", *extra]) == 0
+        run = open_run(out)
+        assert run.class_names == ["cat", "dog"] and run.info["dataset"]["feature_names"] == ["a", "b", "c"]
+        assert "matched by name" in run.info["preprocessing"]["feature_order"]
+        np.testing.assert_allclose(run.probs, expected.numpy(), rtol=1e-5, atol=1e-6)
+    table[["a", "c", "label"]].to_csv(tmp_path / "short.csv", index=False)
+    assert main(["run", "--model", str(tmp_path / "named.pt2"), "--data", str(tmp_path / "short.csv"), "--out",
+                 str(tmp_path / "r3")]) == 1
+    err = capsys.readouterr().err
+    assert "no column 'b'" in err and "Traceback" not in err
+
+    # what an archive may carry is a list of names, nothing else: any other extra file is still refused
+    data = (tmp_path / "named.pt2").read_bytes()
+    assert sanitize_export_archive(data, "named.pt2").names == {"class_names": ("cat", "dog"),
+                                                                "feature_names": ("a", "b", "c")}
+    for member, content, words in (("feature_names.json", '{"a": 1}', "not a JSON list of names"),
+                                   ("class_names.json", '["cat", "cat"]', "names something twice"),
+                                   ("notes.txt", "hello", "extra files are not part of a model")):
+        forged = tmp_path / "forged.pt2"
+        with zipfile.ZipFile(tmp_path / "named.pt2") as src, zipfile.ZipFile(forged, "w") as dst:
+            for info in src.infolist():
+                if not info.filename.endswith(f"extra/{member}"):
+                    dst.writestr(info, src.read(info))
+            dst.writestr(zipfile.ZipInfo(f"{src.infolist()[0].filename.split('/')[0]}/extra/{member}"), content)
+        with pytest.raises(ArchivePolicyError, match=words):
+            sanitize_export_archive(forged.read_bytes(), "forged.pt2")
 
 
 @pytest.mark.parametrize("channels, kind", [(2, "LA"), (4, "RGBA"), (6, "npy")])

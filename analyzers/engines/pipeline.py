@@ -132,7 +132,7 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
                  analyses: list | None = None, allow_import: bool = False, progress: bool = False,
                  report: Callable[[str, float], None] | None = None, stage_options: dict | None = None,
                  isolation: str = "auto", owner: dict | None = None, arch_kwargs: dict | None = None,
-                 class_names: list | None = None) -> Path:
+                 class_names: list | None = None, inputs: str | None = None) -> Path:
     """Analyse a model on a dataset and store the run at `out`; returns `out`.
 
     If `out` already holds a complete run of the same model, data and parameters it is reused as it is. A different
@@ -147,6 +147,8 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
     `load_model`); its files are checked and copied into the run directory here, and `run.json` is written here.
     `class_names` names the model's outputs in order, for a model that knows them only by index: text labels and
     class folders are then matched by name (recorded in the run's parameters).
+    `inputs` (`NAME:DTYPE:SHAPE,...`) declares the inputs of an import-path architecture that takes token ids or
+    several inputs (a `.pt2` records its own); they are recorded in run.json so the model can be rebuilt.
     `owner` (`{"id": ..., "name": ...}`, the signed-in person on a dashboard with sign-in) is recorded in run.json:
     the dashboard lets only the owner replace or delete the run.
     """
@@ -172,6 +174,11 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
     from ..loading.models import check_arch_kwargs
 
     check_arch_kwargs(arch, arch_kwargs)
+    layout = None
+    if inputs is not None:
+        from ..loading.inputs import InputLayout, parse_inputs
+
+        layout = inputs if isinstance(inputs, InputLayout) else parse_inputs(inputs)
     if class_names is not None:
         class_names = [str(c) for c in class_names]
         if not class_names or len(set(class_names)) != len(class_names):
@@ -194,7 +201,7 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
     from ..loading.models import load_model
 
     model = given or load_model(model_spec, arch=arch, input_shape=input_shape, allow_import=allow_import,
-                                isolation="process", arch_kwargs=arch_kwargs,
+                                isolation="process", arch_kwargs=arch_kwargs, inputs=layout,
                                 class_names=tuple(class_names) if class_names else None)
     dataset = load_dataset(data_spec, model=model, **data_options)
     check_dataset(dataset, model)
@@ -342,6 +349,7 @@ def _run_info(model_spec, data_spec, model, dataset: dict, arch, params, summary
         "model": {"spec": model_spec, "sha256": model.sha256, "source": model.source, "arch": arch,
                   "arch_kwargs": params.get("arch_kwargs"),
                   "input_shape": list(model.input_shape), "output_kind": model.output_kind,
+                  "inputs": model.input_layout.to_json() if getattr(model, "input_layout", None) else None,
                   "layers": list(model.layers), "layer_kinds": dict(model.layer_kinds)},
         "dataset": {"spec": data_spec, "sha256": dataset["sha256"], "modality": dataset["modality"],
                     "feature_names": dataset["feature_names"], "metadata_columns": dataset["metadata_columns"],
@@ -400,9 +408,14 @@ def load_run_inputs(run, *, allow_import: bool = False) -> tuple[LoadedModel, Da
         raise AnalyzerError(f"this run's architecture {arch!r} is an import path, which only the command line "
                             f"rebuilds: explain it with python -m analyzers explain RUN --ids ...")
     names = params.get("class_names")
+    layout = None
+    if info["model"].get("inputs") and info["model"].get("source") == "state_dict":
+        from ..loading.inputs import InputLayout
+
+        layout = InputLayout.from_json(info["model"]["inputs"])  # an import-path architecture's declared inputs
     model = load_model(model_spec, arch=arch, input_shape=tuple(info["model"]["input_shape"]),
                        allow_import=allow_import, arch_kwargs=info["model"].get("arch_kwargs"),
-                       class_names=tuple(names) if names else None)
+                       class_names=tuple(names) if names else None, inputs=layout)
     _check_unchanged(info, "model", model.sha256)
     dataset = load_dataset(data_spec, model=model, **data_options)
     _check_unchanged(info, "dataset", dataset.sha256)

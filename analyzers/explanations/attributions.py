@@ -8,6 +8,7 @@ get the same maps. `METHODS` describes every method and its options for the dash
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from dataclasses import dataclass
 
@@ -18,11 +19,13 @@ from torch import nn
 from ..errors import AnalyzerError, first_line
 from ..guard import analysis_mode, unwrap
 from ..engines.inference import ClassLogits, module_device, resolve_layer
+from ..loading.inputs import PAD_ID, layout_of
 from ..loading.models import layer_kinds, state_dict_sha256
 from ..loading.sandbox import runs_in_worker
 
 BASELINES = ("zeros", "blur", "mean")
 MODALITIES = {2: "tabular", 3: "sequence", 4: "image"}  # by the batch's number of dimensions
+ALL_MODALITIES = ("image", "sequence", "tabular", "tokens")
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class MethodInfo:
     label: str
     description: str
     options: dict
-    modalities: tuple = ("image", "sequence", "tabular")
+    modalities: tuple = ALL_MODALITIES  # "tokens": through the embedding layer, one score per token
     needs_background: bool = False
     needs_conv_layer: bool = False
     signed: bool = True  # attributions can be negative (evidence against the class)
@@ -49,20 +52,22 @@ METHODS = {
         "gradients averaged along a path from a baseline to the input; they sum to f(input) - f(baseline)",
         {"baseline": "zeros", "n_steps": 50, "internal_batch_size": None}),
     "smoothgrad": MethodInfo("smoothgrad", "SmoothGrad", "saliency averaged over noisy copies of the input",
-                             {"nt_samples": 16, "stdevs": 0.15}, signed=False),
+                             {"nt_samples": 16, "stdevs": 0.15}, modalities=("image", "sequence", "tabular"),
+                             signed=False),
     "occlusion": MethodInfo("occlusion", "Occlusion",
                             "drop in the class score when a window of the input is replaced by the baseline",
                             {"window": None, "stride": None, "baseline": "zeros"}),
     "gradcam": MethodInfo("gradcam", "Grad-CAM", "class-weighted activations of a convolutional layer, upsampled",
-                          {"layer": None}, modalities=("image", "sequence"), needs_conv_layer=True, signed=False),
+                          {"layer": None}, modalities=("image", "sequence", "tokens"), needs_conv_layer=True,
+                          signed=False),
     "shap": MethodInfo("shap", "SHAP (expected gradients)",
                        "shap's GradientExplainer: gradients between the input and samples of the dataset",
-                       {"nsamples": 200}, needs_background=True),
+                       {"nsamples": 200}, modalities=("image", "sequence", "tabular"), needs_background=True),
 }
 
 
 def list_methods(modality: str | None = None) -> list[MethodInfo]:
-    """The methods that apply to `modality` ("image", "sequence", "tabular"; None for all)."""
+    """The methods that apply to `modality` ("image", "sequence", "tabular", "tokens"; None for all)."""
     return [m for m in METHODS.values() if modality is None or modality in m.modalities]
 
 
@@ -75,10 +80,19 @@ def modality_of(array) -> str:
     return kind
 
 
+def model_modality(model, x) -> str:
+    """The modality of `x` for `model`: "tokens" for a model of token ids (its inputs say so), else by shape."""
+    return layout_of(model).modality or modality_of(x)
+
+
 def reduce_for_display(attr, modality: str | None = None) -> np.ndarray:
     """What a person looks at: images (N,H,W) channel-summed heat maps, sequences (N,L) per-position scores,
-    tabular (N,F) per-feature bars."""
+    tabular (N,F) per-feature bars, tokens (N,L) per-token scores."""
     attr = np.asarray(attr, dtype=np.float32)
+    if modality == "tokens":
+        if attr.ndim != 2:
+            raise AnalyzerError(f"attributions of shape {attr.shape} are not per-token scores (N, L)")
+        return attr
     modality = modality or modality_of(attr)
     if modality != modality_of(attr):
         raise AnalyzerError(f"attributions of shape {attr.shape} are not {modality} attributions")
@@ -156,8 +170,14 @@ def _targets(scores: nn.Module, x: np.ndarray, target, batch_size: int, device) 
 
 # --- baselines ---------------------------------------------------------------------------------------------------------
 
-def baseline_for(x: np.ndarray, baseline="zeros", background=None) -> np.ndarray:
-    """The reference input per sample: zeros, a blurred copy, the dataset mean (from `background`), or an array."""
+def baseline_for(x: np.ndarray, baseline="zeros", background=None, *, layout=None) -> np.ndarray:
+    """The reference input per sample: zeros, a blurred copy, the dataset mean (from `background`), or an array.
+    For a token model (`layout` packed), "zeros" replaces every token with the pad id and keeps the mask."""
+    if layout is not None and layout.packed and not isinstance(baseline, (np.ndarray, torch.Tensor)):
+        if baseline != "zeros":
+            raise AnalyzerError(f"a token model's baseline is its pad token (id {PAD_ID}), chosen as 'zeros'; "
+                                f"{baseline!r} applies to images, sequences and tables")
+        return layout.token_baseline(x)
     if isinstance(baseline, (np.ndarray, torch.Tensor)):
         b = np.asarray(baseline.detach().cpu() if isinstance(baseline, torch.Tensor) else baseline, dtype=np.float32)
         if b.shape == x.shape[1:]:
@@ -257,15 +277,20 @@ def conv_sites(model, x) -> tuple[list, bool]:
 
 def default_gradcam_layer(model, x) -> str:
     """The last convolution on the main path whose output still has spatial extent: the deepest (by graph
-    position, not registration order) among those that run once and output more than one position."""
+    position, not registration order) among those that run once and output more than one position. A model of
+    tokens (token ids, or a vision transformer's patches) has none: Grad-CAM on its tokens is an explicit choice."""
+    if layout_of(model).packed:
+        raise AnalyzerError(_explicit_token_layer(model, x, "this model takes token ids, so Grad-CAM works on a "
+                                                            "layer's tokens, which is an explicit choice"))
     sites, tokenised = conv_sites(model, x)
+    if tokenised:
+        raise AnalyzerError(_explicit_token_layer(model, x, "this model's convolutions feed a transformer's tokens "
+                                                            "(a patch embedding), so Grad-CAM has no spatial layer "
+                                                            "to default to; Grad-CAM on its patch tokens is an "
+                                                            "explicit choice"))
     if not sites:
         raise AnalyzerError("Grad-CAM needs a convolutional layer and this model has none: use saliency, "
                             "integrated_gradients or shap")
-    if tokenised:
-        raise AnalyzerError("this model's convolutions feed a transformer's tokens (a patch embedding), so Grad-CAM "
-                            "has no spatial layer to default to: use integrated_gradients or saliency, or name a "
-                            "layer with --layer")
     eligible = [s for s in sites if s.calls == 1 and int(np.prod(s.shape[2:])) > 1]
     if not eligible:
         raise AnalyzerError("every convolution of this model runs several times per pass or outputs a single "
@@ -273,8 +298,16 @@ def default_gradcam_layer(model, x) -> str:
     return max(eligible, key=lambda s: (s.depth, s.order)).name
 
 
-def _check_gradcam_layer(module: nn.Module, scores: nn.Module, layer_name: str, x: torch.Tensor) -> nn.Module:
-    """Refuse layers whose Grad-CAM would be silently wrong: run several times per pass, or not spatial."""
+def _explicit_token_layer(model, x, why: str) -> str:
+    candidates = token_layers(model, x)
+    example = f" (for example {candidates[-1]!r}, the last to run)" if candidates else ""
+    return f"{why}: name a token layer with --layer{example}, or use integrated_gradients or saliency"
+
+
+def _check_gradcam_layer(module: nn.Module, scores: nn.Module, layer_name: str, x: torch.Tensor, *,
+                         tokens: int | None = None) -> str:
+    """Refuse layers whose Grad-CAM would be silently wrong: run several times per pass, or neither a spatial map
+    like the input nor a map over tokens. Returns "spatial" or "tokens". `tokens`: a token model's length."""
     layer = resolve_layer(module, layer_name)
     seen = []
     handle = layer.register_forward_hook(lambda _m, _a, out: seen.append(out))
@@ -289,11 +322,143 @@ def _check_gradcam_layer(module: nn.Module, scores: nn.Module, layer_name: str, 
         raise AnalyzerError(f"layer {layer_name!r} runs {len(seen)} times per forward pass (a reused module), so "
                             f"Grad-CAM would mix its calls: choose a layer that runs once")
     out = seen[0]
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if tokens is not None:
+        if not isinstance(out, torch.Tensor) or out.ndim != 3 or out.shape[1] != tokens:
+            raise AnalyzerError(f"layer {layer_name!r} outputs {shape}, not one vector per token (N, {tokens}, "
+                                f"width): choose a transformer block or another token layer for Grad-CAM")
+        return "tokens"
+    if isinstance(out, torch.Tensor) and out.ndim == 3 and x.ndim == 4 and _token_grid(out.shape[1]) is not None:
+        return "tokens"  # a vision transformer's patch tokens, reshaped to their grid
     if not isinstance(out, torch.Tensor) or out.ndim != x.ndim:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise AnalyzerError(f"layer {layer_name!r} outputs {shape}, not a spatial map like the input "
-                            f"{tuple(x.shape)}: choose a convolutional layer for Grad-CAM")
-    return layer
+                            f"{tuple(x.shape)} nor a square grid of patch tokens: choose a convolutional layer (or "
+                            f"a vision transformer's block) for Grad-CAM")
+    return "spatial"
+
+
+# --- token models and token layers ------------------------------------------------------------------------------------
+
+def _run_with_hooks(model, x: np.ndarray, hooks: dict, *, pre: bool = False) -> None:
+    """One no-grad forward pass of the first sample of `x` with `hooks` (layer name -> hook) attached, then removed."""
+    module = unwrap(model)
+    named = dict(module.named_modules())
+    handles = [(named[n].register_forward_pre_hook(h) if pre else named[n].register_forward_hook(h))
+               for n, h in hooks.items()]
+    try:
+        with analysis_mode(module), torch.no_grad():
+            _scores_module(model)(torch.as_tensor(np.asarray(x[:1], dtype=np.float32), device=module_device(module)))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def token_embedding_layer(model, x) -> str:
+    """The embedding layer that looks up a token model's ids: the first to run whose input is exactly the ids of
+    the first sample of `x` (a position or segment embedding looks up other indices)."""
+    layout = layout_of(model)
+    kinds = layer_kinds(model)
+    ids = torch.as_tensor(layout.token_ids(x[:1]))
+    found: list = []
+
+    def check(name):
+        def hook(_m, args):
+            value = args[0] if args else None
+            if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(ids.shape) and \
+                    torch.equal(value.detach().long().cpu(), ids):
+                found.append(name)
+        return hook
+
+    _run_with_hooks(model, x, {n: check(n) for n, k in kinds.items() if k == "embedding"}, pre=True)
+    if not found:
+        raise AnalyzerError("no embedding layer of this model looks up its token ids (an nn.Embedding, or "
+                            "aten.embedding in an export): token attributions are taken through that layer")
+    return found[0]
+
+
+def _token_grid(tokens: int) -> tuple[int, int] | None:
+    """(leading special tokens, grid side) when `tokens` is a square patch grid after 0, 1 or 2 class tokens."""
+    for lead in (0, 1, 2):
+        side = math.isqrt(max(tokens - lead, 0))
+        if side > 1 and side * side == tokens - lead:
+            return lead, side
+    return None
+
+
+@runs_in_worker
+def token_layers(model, x) -> list:
+    """Layers whose output is a map over tokens, in the order they run: (N, L, D) for a token model's L tokens, or
+    a square patch grid (after a class token) for an image model such as a vision transformer. These are what
+    Grad-CAM on tokens can be pointed at; it never picks one itself."""
+    tokens = layout_of(model).token_length if layout_of(model).packed else None
+    kinds = layer_kinds(model)
+    module = unwrap(model)
+    seen: dict = {}
+
+    def record(name):
+        def hook(_m, _a, out):
+            if isinstance(out, torch.Tensor) and out.ndim == 3 and name not in seen:
+                fits = out.shape[1] == tokens if tokens is not None else _token_grid(out.shape[1]) is not None
+                if fits and out.shape[2] > 1:
+                    seen[name] = len(seen)
+        return hook
+
+    names = [n for n, _ in module.named_modules() if n and kinds.get(n) not in ("embedding", "dropout")]
+    _run_with_hooks(model, x, {n: record(n) for n in names})
+    return sorted(seen, key=seen.get)
+
+
+def _token_gradcam(fn, layer: nn.Module, x: torch.Tensor, target: torch.Tensor, *, tokens: int | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grad-CAM over a layer's token map A (N, T, D): a weight per channel d, the gradient averaged over tokens,
+    then relu(sum_d w_d A[:, t, d]) per token (Selvaraju et al.'s rule with tokens as positions). For token ids the
+    result is one score per token (N, L); for an image it is the patch grid upsampled onto the image."""
+    captured = []
+    handle = layer.register_forward_hook(lambda _m, _a, out: captured.append(out))
+    try:
+        scores = fn(x)
+    finally:
+        handle.remove()
+    if len(captured) != 1 or not isinstance(captured[0], torch.Tensor) or captured[0].ndim != 3:
+        raise AnalyzerError("the chosen Grad-CAM layer must run once and output (N, tokens, width)")
+    acts = captured[0]
+    grads, = torch.autograd.grad(scores.gather(1, target[:, None]).sum(), acts)
+    cam = torch.relu((grads.mean(dim=1, keepdim=True) * acts).sum(dim=2))  # (N, T)
+    if tokens is not None:
+        return cam, cam[:, None]
+    lead, side = _token_grid(cam.shape[1])
+    raw = cam[:, lead:].reshape(len(cam), 1, side, side)
+    up = torch.nn.functional.interpolate(raw, size=tuple(x.shape[2:]), mode="bilinear", align_corners=False)
+    return up.expand(-1, x.shape[1], -1, -1).contiguous(), raw
+
+
+def _token_attribute(method: str, fn, module: nn.Module, embedding: str, x: torch.Tensor, target: torch.Tensor,
+                     layout, *, opts: dict, base: torch.Tensor | None) -> torch.Tensor:
+    """One batch of a token model: per-token scores (N, L), summed over the embedding's width."""
+    import captum.attr as ca
+
+    length = layout.token_length
+    if method == "gradcam":
+        return _token_gradcam(fn, resolve_layer(module, opts["layer"]), x, target, tokens=length)[0]
+    layer = resolve_layer(module, embedding)
+    if method in ("saliency", "input_x_gradient"):
+        attr = ca.LayerGradientXActivation(fn, layer, multiply_by_inputs=method == "input_x_gradient").attribute(
+            x, target=target)
+        return (attr.abs() if method == "saliency" else attr).sum(dim=-1)
+    if method == "integrated_gradients":
+        # the path runs from the pad tokens' embeddings to the sample's, so the scores sum to f(x) - f(pads)
+        attr = ca.LayerIntegratedGradients(fn, layer).attribute(
+            x, baselines=base, target=target, n_steps=opts["n_steps"], internal_batch_size=opts["internal_batch_size"])
+        return attr.sum(dim=-1)
+    if method == "occlusion":
+        # each token is one feature, replaced by the pad id; the other inputs form one more feature whose baseline
+        # is themselves, so ablating it changes nothing
+        groups = torch.full((1, x.shape[1]), length, dtype=torch.long, device=x.device)
+        groups[0, :length] = torch.arange(length, device=x.device)
+        attr = ca.FeatureAblation(fn).attribute(x, baselines=base, target=target, feature_mask=groups,
+                                                perturbations_per_eval=opts["perturbations_per_eval"])
+        return attr[:, :length]
+    raise AnalyzerError(f"{METHODS[method].label} does not apply to token ids")
 
 
 # --- the methods -------------------------------------------------------------------------------------------------------
@@ -353,6 +518,8 @@ def _attribute(method: str, scores: nn.Module, module: nn.Module, x: torch.Tenso
                                           baselines=base, target=target,
                                           perturbations_per_eval=opts["perturbations_per_eval"])
         return attr, None
+    if method == "gradcam" and opts.get("layer_output") == "tokens":
+        return _token_gradcam(fn, resolve_layer(module, opts["layer"]), x, target, tokens=None)
     if method == "gradcam":
         layer = resolve_layer(module, opts["layer"])
         raw = ca.LayerGradCam(fn, layer).attribute(x, target=target, relu_attributions=True)
@@ -423,7 +590,8 @@ def explain(model, inputs, target=None, method: str = "saliency", *, batch_size:
     module = unwrap(model)
     x, single = _as_batch(model, inputs)
     info = METHODS[method]
-    modality = modality_of(x)
+    layout = layout_of(model)
+    modality = model_modality(model, x)
     if modality not in info.modalities:
         raise AnalyzerError(f"{info.label} does not apply to {modality} inputs: choose one of "
                             f"{', '.join(m.name for m in list_methods(modality))}")
@@ -444,7 +612,7 @@ def explain(model, inputs, target=None, method: str = "saliency", *, batch_size:
         targets = _targets(scores, x, target, batch_size, device)
         base = None
         if method in ("integrated_gradients", "occlusion"):
-            base = baseline_for(x, baseline, background)
+            base = baseline_for(x, baseline, background, layout=layout)
         if method == "integrated_gradients":
             opts["internal_batch_size"] = internal_batch_size or max(n_steps, batch_size * 8)
         elif method == "smoothgrad":
@@ -453,12 +621,19 @@ def explain(model, inputs, target=None, method: str = "saliency", *, batch_size:
             opts["nt_samples"] = int(nt_samples)
             opts["nt_batch"] = max(1, min(int(nt_samples), 8 * batch_size))
         elif method == "occlusion":
+            if modality == "tokens" and (window is not None or stride is not None):
+                raise AnalyzerError("occlusion on a token model removes one token at a time (its id becomes the "
+                                    "pad id): window and stride do not apply")
             opts["window"], opts["stride"] = _occlusion_shapes(x.shape[1:], window, stride)
             opts["perturbations_per_eval"] = max(1, batch_size // min(batch_size, len(x)))
         elif method == "gradcam":
             opts["layer"] = layer or default_gradcam_layer(model, x)
-            _check_gradcam_layer(module, scores, opts["layer"], torch.as_tensor(x[:1], device=device))
-        out, raws = np.zeros_like(x), []
+            opts["layer_output"] = _check_gradcam_layer(module, scores, opts["layer"],
+                                                        torch.as_tensor(x[:1], device=device),
+                                                        tokens=layout.token_length if layout.packed else None)
+        embedding = token_embedding_layer(model, x) if modality == "tokens" and method != "gradcam" else None
+        out = np.zeros((len(x), layout.token_length) if modality == "tokens" else x.shape, dtype=np.float32)
+        raws = []
         try:
             with _private_rng(seed, needed=method in RANDOM_METHODS):
                 if method == "shap":
@@ -470,7 +645,12 @@ def explain(model, inputs, target=None, method: str = "saliency", *, batch_size:
                         xb = torch.as_tensor(x[start:stop], device=device).requires_grad_(method != "occlusion")
                         tb = torch.as_tensor(targets[start:stop], device=device)
                         bb = None if base is None else torch.as_tensor(base[start:stop], device=device)
-                        attr, raw = _attribute(method, scores, module, xb, tb, opts=opts, base=bb)
+                        if modality == "tokens":  # no gradient reaches integer ids: they are explained through
+                            xb = xb.detach()      # their embedding layer
+                            attr, raw = _token_attribute(method, _callable_scores(scores), module, embedding, xb, tb,
+                                                         layout, opts=opts, base=bb), None
+                        else:
+                            attr, raw = _attribute(method, scores, module, xb, tb, opts=opts, base=bb)
                         out[start:stop] = attr.detach().float().cpu().numpy()
                         if raw is not None:
                             raws.append(raw.detach().float().cpu().numpy())

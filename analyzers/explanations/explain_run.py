@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import AnalyzerError
-from .attributions import METHODS, explain, modality_of, reduce_for_display
+from .attributions import METHODS, explain, reduce_for_display
 from .faithfulness import (degenerate_maps, deletion_insertion, ground_truth_scores, ig_completeness,
                            interval_mask, randomisation_check)
 from ..loading.runs import read_cache_entry, write_atomic, write_parquet
@@ -302,8 +302,8 @@ def explain_sample(run, sample_id, method: str, *, target="pred", model=None, da
     key = json.dumps({"scores": 2, "model": model.sha256, "method": method, "options": opts, "id": str(sample_id),
                       "target": int(targets[0]), "sanity": sanity, "seed": seed}, sort_keys=True, default=str)
     path = run.file(f"{CACHE}/sample-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz")
-    modality = modality_of(dataset.x[:1])
-    cached = _read_cached_explanation(path, shape=dataset.x.shape[1:])
+    modality = dataset.modality
+    cached = _read_cached_explanation(path, shape=dataset.attribution_shape)
     if cached is not None:
         attr, scores = cached
     else:

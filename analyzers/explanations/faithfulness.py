@@ -26,6 +26,7 @@ from ..errors import AnalyzerError
 from .attributions import _as_batch, _scores_module, _targets, baseline_for, explain, model_fingerprint
 from ..guard import analysis_mode, unwrap
 from ..engines.inference import class_log_probs, module_device
+from ..loading.inputs import layout_of
 
 SANITY_THRESHOLD = 0.5  # mean |rank correlation| with the fully randomised model's map above this: flagged
 
@@ -51,16 +52,20 @@ def deletion_insertion(model, inputs, attributions, target=None, *, steps: int =
                        background=None, batch_size: int = 64) -> DeletionInsertion:
     """Deletion and insertion curves of the target probability (target None: the predicted class).
 
-    Positions (pixels, sequence positions, features) are ranked by their attribution summed over channels, highest
-    first; a removed position takes the baseline's values ("zeros", "blur", "mean" of `background`, or an array).
+    Positions (pixels, sequence positions, features, tokens) are ranked by their attribution summed over channels,
+    highest first; a removed position takes the baseline's values ("zeros", "blur", "mean" of `background`, or an
+    array). A token model's attributions are one score per token, and a removed token becomes the pad id.
     """
     x, _ = _as_batch(model, inputs)
-    attr = np.asarray(attributions, dtype=np.float32).reshape(x.shape) if np.size(attributions) == x.size else None
+    layout = layout_of(model)
+    shape = (len(x), layout.token_length) if layout.packed else x.shape
+    attr = np.asarray(attributions, dtype=np.float32).reshape(shape) if np.size(attributions) == np.prod(shape) \
+        else None
     if attr is None:
         raise AnalyzerError(f"attributions of shape {np.shape(attributions)} do not match inputs {x.shape}")
     if steps < 1:
         raise AnalyzerError(f"steps must be at least 1, got {steps}")
-    base = baseline_for(x, baseline, background)
+    base = baseline_for(x, baseline, background, layout=layout)
     module = unwrap(model)
     output_kind = getattr(model, "output_kind", "logits")
     order = np.argsort(-_importance(attr), axis=1, kind="stable")
@@ -80,6 +85,8 @@ def deletion_insertion(model, inputs, attributions, target=None, *, steps: int =
             stop = min(start + per_chunk, len(x))
             # removed[i, k, p]: position p is among the counts[k] most-attributed of sample i
             removed = ranks[start:stop, None, :] < counts[None, :, None]
+            if layout.packed:  # tokens ranked, their ids replaced; the mask and other inputs stay
+                removed = layout.token_positions(removed)
             removed = removed.reshape(stop - start, steps + 1, *([1] if x.ndim > 2 else []), *spatial)
             xs, bs = x[start:stop, None], base[start:stop, None]
             batch = np.concatenate([np.where(removed, bs, xs), np.where(removed, xs, bs)], axis=1)
@@ -323,7 +330,8 @@ def ig_completeness(model, inputs, target=None, *, baseline="zeros", background=
     `tolerance` (up to `max_steps`). Samples with |f(x) - f(baseline)| < `min_difference` are skipped (gap NaN)."""
 
     x, _ = _as_batch(model, inputs)
-    base = baseline_for(x, baseline, background)
+    layout = layout_of(model)
+    base = baseline_for(x, baseline, background, layout=layout)
     module = unwrap(model)
     scores = _scores_module(model)
     with analysis_mode(module), torch.no_grad():
@@ -336,7 +344,7 @@ def ig_completeness(model, inputs, target=None, *, baseline="zeros", background=
             f_x.append(scores(torch.as_tensor(x[sl], device=device)).gather(1, t)[:, 0].cpu())
             f_b.append(scores(torch.as_tensor(base[sl], device=device)).gather(1, t)[:, 0].cpu())
     difference = (torch.cat(f_x) - torch.cat(f_b)).numpy().astype(np.float64)
-    attributions = np.zeros_like(x)
+    attributions = np.zeros((len(x), layout.token_length) if layout.packed else x.shape, dtype=np.float32)
     gap = np.full(len(x), np.nan)
     steps_used = np.zeros(len(x), dtype=np.int64)
     todo = np.arange(len(x))

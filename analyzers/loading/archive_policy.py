@@ -42,7 +42,9 @@ DEFAULT_MAX_TENSOR_BYTES = 8 << 30  # all weights and constants together, and an
 
 # --- archive layout -------------------------------------------------------------------------------------------------
 # Members under the archive's single root folder. Weight and constant files are allowed only where a config names
-# them. Everything else (aotinductor/, extra/, executorch/, legacy model.pt weights, a second model) is refused.
+# them. Everything else (aotinductor/, other extra/ files, executorch/, legacy model.pt weights, a second model) is
+# refused. The names a model carries (`torch.export.save(..., extra_files={"class_names.json": ...})`) are read
+# here as JSON lists of text, and never reach torch.
 FIXED_MEMBERS = {
     "archive_format": "the archive format marker",
     "archive_version": "the archive version",
@@ -60,10 +62,13 @@ OPTIONAL_MEMBERS_REFUSED = {
     "data/aotinductor/": "AOTInductor members are compiled native code, which would run on load",
     "data/executorch/": "ExecuTorch members are not a torch.export program",
     "data/mtia/": "MTIA members are compiled device code",
-    "extra/": "extra files are not part of a model",
+    "extra/": "extra files are not part of a model (only extra/class_names.json and extra/feature_names.json, "
+              "JSON lists of names, are read)",
     "data/weights/model.pt": "legacy weights are a pickle",
     "data/constants/model.pt": "legacy constants are a pickle",
 }
+NAME_MEMBERS = {"extra/class_names.json": "class_names", "extra/feature_names.json": "feature_names"}
+MAX_NAMES, MAX_NAME_CHARS, MAX_NAMES_BYTES = 100_000, 256, 8 << 20
 ROOT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 WEIGHT_FILE = re.compile(r"^weight_[0-9]{1,9}$")
 TENSOR_CONSTANT_FILE = re.compile(r"^tensor_[0-9]{1,9}$")
@@ -76,6 +81,8 @@ MODULE_TYPE = re.compile(r"^[A-Za-z0-9_.<>]{0,300}$")  # a class path in nn_modu
 MODULE_STACK_PART = re.compile(r"^[A-Za-z0-9_.@\[\]()'\", -]{0,400}$")  # its key and path, e.g. L['self'].layer[0]
 SYMBOL = re.compile(r"^[a-z]{1,4}[0-9]{1,9}$")  # torch's symbol names: s77, u0, zuf3 ...
 STRING_ARGUMENT = re.compile(r"^[ -~]{0,256}$")  # operator string options such as gelu's "tanh", einsum equations
+_SIZE = r"L\['[A-Za-z_]\w{0,63}'\]\.size\(\)\[\d{1,2}\]"
+SIZE_GUARD = re.compile(rf"{_SIZE} (?:==|!=|<=|>=|<|>) (?:{_SIZE}|\d{{1,12}})", re.ASCII)
 TORCH_VERSION = re.compile(r"^(<=)?[0-9]+\.[0-9]+[A-Za-z0-9.+_-]{0,40}$")
 VERIFIERS = {"TRAINING", "INFERENCE", "ATEN", "CORE_ATEN"}
 DEVICES = {"cpu", "cuda"}
@@ -123,7 +130,7 @@ PURE_ATEN = frozenset("""
     std_mean sub sum t tan tanh tensor_split threshold tile to topk transpose tril triu true_divide trunc type_as unbind
     unflatten unfold unsqueeze upsample_bicubic2d upsample_bilinear2d upsample_linear1d upsample_nearest1d
     upsample_nearest2d upsample_nearest3d var var_mean view view_as where zeros zeros_like
-    _adaptive_avg_pool2d _assert_async _assert_scalar _assert_tensor_metadata _log_softmax
+    __and__ __or__ __xor__ _adaptive_avg_pool2d _assert_async _assert_scalar _assert_tensor_metadata _log_softmax
     _native_batch_norm_legit _native_batch_norm_legit_functional _native_batch_norm_legit_no_training
     _scaled_dot_product_flash_attention_for_cpu _softmax _to_copy _unsafe_view sym_constrain_range
     sym_constrain_range_for_size sym_numel sym_size sym_storage_offset sym_stride
@@ -162,6 +169,7 @@ class CheckedArchive:
     root: str
     operators: tuple  # distinct operator targets, in the order first seen
     weight_bytes: int  # stored bytes of all weights and constants
+    names: dict = None  # "class_names" / "feature_names" -> tuple of text, when the archive carries them
 
 
 def sanitize_export_archive(data: bytes, name: str, *,
@@ -236,8 +244,12 @@ class _Checker:
         clean_constants, constant_files = self._payload_config(
             constants, "data/constants/model_constants_config.json", TENSOR_CONSTANT_FILE, constants=True)
         referenced = {f"data/weights/{f}" for f in weight_files} | {f"data/constants/{f}" for f in constant_files}
+        carried = {}
         for member in members:
             if member in FIXED_MEMBERS or member in referenced:
+                continue
+            if member in NAME_MEMBERS:
+                carried[NAME_MEMBERS[member]] = self._names(member)
                 continue
             for prefix, why in OPTIONAL_MEMBERS_REFUSED.items():
                 if member.startswith(prefix):
@@ -247,7 +259,18 @@ class _Checker:
             self.refuse(f"member {member!r} is not part of a torch.export archive (nothing names it)")
         stored = self._check_payloads(clean_weights, clean_constants)
         return CheckedArchive(data=self._rebuild(clean_program, clean_weights, clean_constants, referenced),
-                              root=root, operators=tuple(self.operators), weight_bytes=stored)
+                              root=root, operators=tuple(self.operators), weight_bytes=stored, names=carried)
+
+    def _names(self, member: str) -> tuple:
+        """A JSON list of distinct, non-empty names without control characters (text shown, never run)."""
+        value = json.loads(self._read_text(member, MAX_NAMES_BYTES))
+        if not isinstance(value, list) or not value or len(value) > MAX_NAMES or not all(
+                isinstance(v, str) and 0 < len(v) <= MAX_NAME_CHARS and v.isprintable() for v in value):
+            self.refuse(f"{member} is not a JSON list of names (1..{MAX_NAMES} printable texts of at most "
+                        f"{MAX_NAME_CHARS} characters)", "save it with json.dumps(list_of_names)")
+        if len(set(value)) != len(value):
+            self.refuse(f"{member} names something twice", "give each class or feature one name")
+        return tuple(value)
 
     def _check_member_name(self, info: zipfile.ZipInfo) -> None:
         name = info.filename
@@ -329,10 +352,13 @@ class _Checker:
         torch_version = program.get("torch_version", "<=2.4")
         if not isinstance(torch_version, str) or not TORCH_VERSION.match(torch_version):
             self.refuse("torch_version is not a version string")
-        if self._list(program.get("guards_code", []), "guards_code"):
-            # torch execs these strings as Python when the program is turned into a module
-            self.refuse("guards_code holds Python source, which torch would execute",
-                        "export without torch._check calls on input sizes, or with dynamic_shapes ranges only")
+        for guard in self._list(program.get("guards_code", []), "guards_code"):
+            # torch execs these strings as Python when the program is turned into a module. A program of several
+            # inputs records that they share a batch size (L['mask'].size()[0] == L['ids'].size()[0]): one strict
+            # form is recognised, and every guard is dropped from the rebuilt archive (they only check sizes)
+            if not isinstance(guard, str) or not SIZE_GUARD.fullmatch(guard):
+                self.refuse("guards_code holds Python source, which torch would execute",
+                            "export without torch._check calls on input sizes, or with dynamic_shapes ranges only")
         return {"graph_module": self._graph_module(program["graph_module"]),
                 "opset_version": dict(opset), "range_constraints": ranges,
                 "schema_version": {"major": self._int(version["major"], "schema_version.major"),

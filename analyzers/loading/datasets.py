@@ -52,7 +52,15 @@ class Dataset:
         return tuple(self.x.shape[1:])
 
     @property
+    def attribution_shape(self) -> tuple:
+        """One sample's attribution shape: the sample's, or one score per token for token ids."""
+        inputs = self.preprocessing.get("inputs")
+        return (int(inputs["inputs"][0]["shape"][0]),) if inputs else self.sample_shape
+
+    @property
     def modality(self) -> str:
+        if self.preprocessing.get("inputs"):  # token ids (and a mask) packed in rows: see inputs.InputLayout
+            return "tokens"
         return {1: "tabular", 2: "sequence", 3: "image"}.get(self.x.ndim - 1, "other")
 
 
@@ -173,7 +181,7 @@ def _load_source(source, *, name: str, spec: str, digest: str, model, label_colu
     """Load from `source`, a path or a binary file object, by the suffix of `name`."""
     suffix = Path(name).suffix.lower()
     if suffix == ".npz":
-        return _load_npz(source, name, spec, digest)
+        return _load_npz(source, name, spec, digest, model=model)
     if suffix in (".csv", ".parquet"):
         table = _read_table(source, name, suffix)
         return _from_table(table, name, spec, digest, model=model, label_column=label_column, id_column=id_column,
@@ -202,15 +210,30 @@ def _load_sample(spec: str) -> Dataset:
                    ground_truth_columns=tuple(data.ground_truth))
 
 
-def _load_npz(source, name: str, spec: str, digest: str) -> Dataset:
+def _load_npz(source, name: str, spec: str, digest: str, *, model=None) -> Dataset:
+    from .inputs import layout_of
+
     arrays = read_npz_bounded(source, name)
-    missing = [k for k in ("x", "y") if k not in arrays]
-    if missing:
-        raise AnalyzerError(f"{name!r} has no array {' or '.join(missing)} (found: {', '.join(arrays) or 'none'}): "
-                            f"save inputs as x and integer labels as y")
-    x, y = arrays.pop("x"), arrays.pop("y")
-    if x.ndim < 2:
-        raise AnalyzerError(f"x in {name!r} has shape {x.shape}; expected (N, features) or (N, C, ...) ")
+    layout = layout_of(model) if model is not None else None
+    preprocessing = {}
+    if layout is not None and layout.packed:  # token ids and the model's other inputs, each under its own name
+        if layout.inputs[0].name not in arrays and "x" in arrays:
+            arrays[layout.inputs[0].name] = arrays.pop("x")
+        if "y" not in arrays:
+            raise AnalyzerError(f"{name!r} has no array y: save integer labels as y")
+        x = layout.pack(arrays, repr(name))
+        for item in layout.inputs:
+            arrays.pop(item.name)
+        preprocessing["inputs"] = layout.to_json()
+    else:
+        missing = [k for k in ("x", "y") if k not in arrays]
+        if missing:
+            raise AnalyzerError(f"{name!r} has no array {' or '.join(missing)} (found: {', '.join(arrays) or 'none'}):"
+                                f" save inputs as x and integer labels as y")
+        x = arrays.pop("x")
+        if x.ndim < 2:
+            raise AnalyzerError(f"x in {name!r} has shape {x.shape}; expected (N, features) or (N, C, ...) ")
+    y = arrays.pop("y")
     n = len(x)
     if y.shape != (n,):
         raise AnalyzerError(f"y in {name!r} has shape {y.shape} but x has {n} samples: y must be one label per sample")
@@ -227,7 +250,7 @@ def _load_npz(source, name: str, spec: str, digest: str) -> Dataset:
         elif value.ndim > 1 and len(value) == n:
             extras[key] = value
     return _finish(x, y, ids, spec=spec, digest=digest, class_names=class_names, metadata=pd.DataFrame(metadata),
-                   extras=extras, name=name)
+                   extras=extras, name=name, preprocessing=preprocessing)
 
 
 def read_npz_bounded(source, name: str, *, budget: int = MAX_UNCOMPRESSED_BYTES) -> dict:
@@ -340,12 +363,32 @@ def _from_table(table: pd.DataFrame, name: str, spec: str, digest: str, *, model
     if id_column is not None and id_column not in table.columns:
         raise AnalyzerError(f"{name!r} has no id column {id_column!r}: pass an existing column to --id-column")
     reserved = {label_column, id_column}
-    if features:
+    from .inputs import layout_of
+
+    layout = layout_of(model) if model is not None else None
+    if layout is not None and layout.packed:
+        return _packed_from_table(table, layout, name, spec, digest, model=model, label_column=label_column,
+                                  id_column=id_column)
+    named = tuple(getattr(model, "feature_names", None) or ()) if model is not None else ()
+    if named:  # the model file names its features: columns are matched by name, in the model's order
+        if features and list(features) != list(named):
+            raise AnalyzerError(f"--features {','.join(map(str, features[:6]))} differs from the features the model "
+                                f"file names ({', '.join(named[:6])}{', ...' if len(named) > 6 else ''}): leave "
+                                f"--features out, and columns are matched by the model's names")
+        absent = [f for f in named if f not in table.columns]
+        if absent:
+            raise AnalyzerError(f"{name!r} has no column {', '.join(map(repr, absent[:5]))}"
+                                f"{' and more' if len(absent) > 5 else ''}, which the model file names as "
+                                f"features: name the columns as the model does (its features: "
+                                f"{', '.join(named[:8])}{', ...' if len(named) > 8 else ''})")
+        feature_columns, order = list(named), "matched by name to the model file's feature names"
+    elif features:
         absent = [f for f in features if f not in table.columns]
         if absent:
             raise AnalyzerError(f"feature columns {', '.join(absent)} are not in {name!r}: check --features")
-        feature_columns = list(features)
+        feature_columns, order = list(features), "as given by --features"
     else:
+        order = "the file's column order (the model file names no features)"
         feature_columns = [c for c in table.columns
                            if c not in reserved and pd.api.types.is_numeric_dtype(table[c])
                            and not pd.api.types.is_bool_dtype(table[c])]
@@ -361,7 +404,34 @@ def _from_table(table: pd.DataFrame, name: str, spec: str, digest: str, *, model
     meta_columns = [c for c in table.columns if c not in reserved and c not in feature_columns]
     return _finish(x, y, ids, spec=spec, digest=digest, class_names=None,
                    metadata=table[meta_columns].reset_index(drop=True), feature_names=tuple(map(str, feature_columns)),
-                   name=name)
+                   name=name, preprocessing={"feature_order": order})
+
+
+def packed_columns(item) -> list:
+    """The table columns of one model input: `name` for a scalar per sample, else `name_0`, `name_1`, ..."""
+    return [item.name] if item.size == 1 and not item.shape else [f"{item.name}_{i}" for i in range(item.size)]
+
+
+def _packed_from_table(table: pd.DataFrame, layout, name: str, spec: str, digest: str, *, model, label_column: str,
+                       id_column) -> Dataset:
+    """Token ids and the model's other inputs from columns `input_ids_0 ... input_ids_{L-1}`, `attention_mask_0` ..."""
+    arrays, used = {}, set()
+    for item in layout.inputs:
+        columns = packed_columns(item)
+        absent = [c for c in columns if c not in table.columns]
+        if absent:
+            raise AnalyzerError(f"{name!r} has no column {absent[0]!r}: the model takes {item.name!r} "
+                                f"({item.dtype}, {item.size} values per sample), read from columns "
+                                f"{columns[0]} .. {columns[-1]}; or save the arrays in an .npz")
+        arrays[item.name] = table[columns].to_numpy().reshape(len(table), *item.shape)
+        used.update(columns)
+    x = _numeric_inputs(layout.pack(arrays, repr(name)), name)
+    y = _integer_labels(table[label_column].to_numpy(), name, class_names=model.class_names)
+    ids = table[id_column].to_numpy() if id_column else np.arange(len(table))
+    meta_columns = [c for c in table.columns if c not in used and c not in (label_column, id_column)]
+    return _finish(x, y, ids, spec=spec, digest=digest, class_names=None,
+                   metadata=table[meta_columns].reset_index(drop=True), name=name,
+                   preprocessing={"inputs": layout.to_json()})
 
 
 def _load_image_zip(source, name: str, spec: str, digest: str, *, model, image_size, mean, std) -> Dataset:
@@ -546,7 +616,8 @@ def names_to_classes(names, class_names, where: str, *, what: str = "labels") ->
         if defaults:
             raise AnalyzerError(f"{what} {shown} in {where} do not name the model's classes, which it knows only by "
                                 f"index (0..{len(class_names) - 1}): name them by class index, or give the model's "
-                                f"class names in output order with --class-names NAME,NAME,...")
+                                f"class names in output order with --class-names NAME,NAME,... (or save them in "
+                                f"the model file: see the README's 'Names carried by the model')")
         raise AnalyzerError(f"{what} {shown} in {where} are not among the model's classes "
                             f"({', '.join(map(str, class_names[:12]))}{', ...' if len(class_names) > 12 else ''}): "
                             f"rename them, or use class indices 0..{len(class_names) - 1}")

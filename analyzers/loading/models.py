@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import AnalyzerError, first_line
 from ..guard import analysis_mode
 from .hashing import sha256_bytes
+from .inputs import InputLayout, ModelInput, accept_packed_inputs
 from .layers import LayerGroups
 from .sandbox import ISOLATIONS, open_sandboxed, sandboxed
 
@@ -41,10 +42,11 @@ _ATEN_KINDS = {
     "aten.conv1d": "conv1d", "aten.conv2d": "conv2d", "aten.conv3d": "conv3d", "aten.linear": "linear",
     "aten.relu": "relu", "aten.relu_": "relu_inplace", "aten.batch_norm": "batchnorm",
     "aten._native_batch_norm_legit_no_training": "batchnorm", "aten.dropout": "dropout",
+    "aten.embedding": "embedding",
 }
 _MODULE_KINDS = (
     (nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"), (nn.Conv3d, "conv3d"), (nn.Linear, "linear"),
-    (nn.modules.batchnorm._BatchNorm, "batchnorm"), (nn.Dropout, "dropout"),
+    (nn.modules.batchnorm._BatchNorm, "batchnorm"), (nn.Dropout, "dropout"), (nn.Embedding, "embedding"),
 )
 _EXPORT_LOAD_LOCK = threading.Lock()
 
@@ -63,7 +65,9 @@ class LoadedModel(LayerGroups):
     output_kind: str  # "logits", "probabilities", "binary_logit" (one sigmoid logit) or "binary_probability"
     layers: tuple  # names from named_modules() that accept forward hooks
     layer_kinds: dict = field(default_factory=dict, compare=False, hash=False)  # name -> "conv2d", "linear", ...
+    feature_names: tuple | None = None  # what the model file calls its input features, in order (tables)
     make_copy: Callable[[], nn.Module] | None = field(default=None, compare=False, repr=False)
+    input_layout: InputLayout | None = field(default=None, compare=False)  # None: one float input of input_shape
 
     def copy_module(self) -> nn.Module:
         """An independent copy of the module (a `.pt2` module cannot be deep-copied: it is reloaded)."""
@@ -85,13 +89,14 @@ def state_dict_sha256(module: nn.Module) -> str:
 
 def load_model(spec: str, *, arch: str | None = None, input_shape: tuple | None = None,
                class_names: tuple | None = None, allow_import: bool = False, isolation: str = "auto",
-               arch_kwargs: dict | None = None):
+               arch_kwargs: dict | None = None, inputs: InputLayout | None = None):
     """Load `sample:NAME`, `PATH.pt2`, or a state dict `PATH` with `arch`, in eval mode.
 
     `arch` is a sample architecture's name or, only with `allow_import=True` (the command line), an import path
     `package.module:callable` that builds the module, called with `arch_kwargs` (a JSON object, recorded in the run
     so that the model can be rebuilt). `input_shape` is needed only when the architecture does not say it (an
-    import path).
+    import path); `inputs` (`inputs.parse_inputs`) declares an import-path architecture of token ids or of several
+    inputs, which then takes packed rows like a `.pt2` of such inputs.
 
     `isolation`: "auto" loads a model from a file in a sandboxed worker and returns a `SandboxedModel` (the built-in
     samples and an operator's import-path architecture, which are trusted code, load here); "sandbox" always uses a
@@ -102,6 +107,9 @@ def load_model(spec: str, *, arch: str | None = None, input_shape: tuple | None 
     if not isinstance(spec, str) or not spec:
         raise AnalyzerError("no model given: pass sample:NAME, a .pt2 export, or a state dict with --arch")
     check_arch_kwargs(arch, arch_kwargs)
+    if inputs is not None and (not arch or ":" not in arch):
+        raise AnalyzerError("--inputs applies to a state dict with an import-path architecture (--arch "
+                            "package.module:callable) only: an export records its own inputs")
     if sandboxed(spec, arch, isolation):
         return open_sandboxed(spec, spec=spec, arch=arch, input_shape=input_shape, class_names=class_names)[0]
     if spec.startswith("sample:"):
@@ -111,13 +119,14 @@ def load_model(spec: str, *, arch: str | None = None, input_shape: tuple | None 
         raise AnalyzerError(f"model file {spec!r} does not exist: check the path")
     data = path.read_bytes()
     return load_model_bytes(data, name=path.name, spec=spec, arch=arch, input_shape=input_shape,
-                            class_names=class_names, allow_import=allow_import, arch_kwargs=arch_kwargs)
+                            class_names=class_names, allow_import=allow_import, arch_kwargs=arch_kwargs,
+                            inputs=inputs)
 
 
 def load_model_bytes(data: bytes, *, name: str, spec: str | None = None, arch: str | None = None,
                      input_shape: tuple | None = None, class_names: tuple | None = None,
                      allow_import: bool = False, check_archive: bool = True,
-                     arch_kwargs: dict | None = None) -> LoadedModel:
+                     arch_kwargs: dict | None = None, inputs: InputLayout | None = None) -> LoadedModel:
     """Load a model from the bytes of a file called `name` in this process; see `load_model`.
 
     This runs the model here: for bytes you do not trust, store them and call `load_model`, which uses a worker.
@@ -128,13 +137,17 @@ def load_model_bytes(data: bytes, *, name: str, spec: str | None = None, arch: s
         raise AnalyzerError(f"model file {name!r} is empty: upload the file again")
     digest = sha256_bytes(data)
     if suffix == ".pt2":
+        carried = {}
         if check_archive:
             from .archive_policy import sanitize_export_archive
 
-            data = sanitize_export_archive(data, name).data  # torch only ever sees the archive we rebuilt
-        module, export_shape = _load_export(data, name)
-        return _describe(module, spec=spec, sha256=digest, source="export", input_shape=export_shape,
-                         class_names=class_names, make_copy=lambda: _load_export(data, name)[0])
+            checked = sanitize_export_archive(data, name)
+            data, carried = checked.data, checked.names or {}  # torch only ever sees the archive we rebuilt
+        module, layout = _load_export(data, name)
+        return _describe(module, spec=spec, sha256=digest, source="export", input_shape=layout.sample_shape,
+                         class_names=class_names or carried.get("class_names"),
+                         make_copy=lambda: _load_export(data, name)[0], input_layout=layout,
+                         feature_names=carried.get("feature_names"))
     if suffix in STATE_DICT_SUFFIXES:
         if not arch:
             raise AnalyzerError(
@@ -143,8 +156,15 @@ def load_model_bytes(data: bytes, *, name: str, spec: str | None = None, arch: s
         module, arch_shape, arch_classes = _build_arch(arch, allow_import=allow_import, kwargs=arch_kwargs)
         state = read_state_dict(data, name)
         load_state_dict_checked(module, state, name)
+        carried = carried_names(data, name)
+        if inputs is not None and inputs.packed:
+            accept_packed_inputs(module, inputs)
+            input_shape = inputs.sample_shape
+        elif inputs is not None:
+            input_shape = inputs.inputs[0].shape
         return _describe(module, spec=spec, sha256=digest, source="state_dict", input_shape=input_shape or arch_shape,
-                         class_names=class_names or arch_classes)
+                         class_names=class_names or carried.get("class_names") or arch_classes, input_layout=inputs,
+                         feature_names=carried.get("feature_names"))
     raise AnalyzerError(f"{name!r} is not a supported model file (.pt2 export or .safetensors/.pt state dict): "
                         f"{EXPORT_HINT}")
 
@@ -261,6 +281,35 @@ def read_state_dict(data: bytes, name: str) -> dict:
     return dict(obj)
 
 
+def carried_names(data: bytes, name: str) -> dict:
+    """Class and feature names a safetensors file carries in its header's `__metadata__` (`save_file(...,
+    metadata={"class_names": json.dumps([...]), "feature_names": json.dumps([...])})`); other files carry none.
+    The header is JSON, read without the safetensors library so that nothing else of the file is parsed twice."""
+    if not name.lower().endswith(".safetensors") or len(data) < 8:
+        return {}
+    size = int.from_bytes(data[:8], "little")
+    if size > min(len(data) - 8, 100 << 20):
+        return {}  # read_state_dict has refused a broken header already
+    try:
+        metadata = json.loads(data[8:8 + size]).get("__metadata__") or {}
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return {}
+    out = {}
+    for key in ("class_names", "feature_names"):
+        if key not in metadata:
+            continue
+        try:
+            value = json.loads(metadata[key])
+        except (TypeError, ValueError):
+            value = None
+        if not isinstance(value, list) or not value or len(value) > 100_000 or len(set(value)) != len(value) or \
+                not all(isinstance(v, str) and 0 < len(v) <= 256 and v.isprintable() for v in value):
+            raise AnalyzerError(f"the {key} in {name!r}'s metadata are not a JSON list of distinct names: save them "
+                                f"with metadata={{'{key}': json.dumps(names)}}")
+        out[key] = tuple(value)
+    return out
+
+
 def load_state_dict_checked(module: nn.Module, state: dict, name: str) -> None:
     """Load `state` into `module`, or say which keys are missing, unexpected or mis-shaped."""
     expected = module.state_dict()
@@ -330,10 +379,11 @@ def load_export_program(data: bytes, name: str):
                                 f"{EXPORT_HINT}") from exc
 
 
-def _load_export(data: bytes, name: str) -> tuple[nn.Module, tuple]:
-    """The unflattened module tree of a `.pt2` (so hooks fire) and the shape of one input sample."""
+def _load_export(data: bytes, name: str) -> tuple[nn.Module, InputLayout]:
+    """The unflattened module tree of a `.pt2` (so hooks fire) and its inputs; a module of token ids or of several
+    inputs takes packed float32 rows (`inputs.accept_packed_inputs`)."""
     program = load_export_program(data, name)
-    input_shape = _export_input_shape(program, name)
+    layout = _export_layout(program, name)
     try:
         module = torch.export.unflatten(program)
     except Exception as exc:
@@ -348,32 +398,44 @@ def _load_export(data: bytes, name: str) -> tuple[nn.Module, tuple]:
             if path:
                 kinds[path] = kind if kinds.get(path) != "relu_inplace" else "relu_inplace"
     module._analyzer_layer_kinds = kinds  # the graph is the only place that says what an InterpreterModule does
-    return module.eval(), input_shape
+    if layout.packed:
+        accept_packed_inputs(module, layout)
+    return module.eval(), layout
 
 
-def _export_input_shape(program, name: str) -> tuple:
+def _export_layout(program, name: str) -> InputLayout:
+    """Each user input's name, sample shape and dtype, as the program records them."""
     user_inputs = list(program.graph_signature.user_inputs)
-    if len(user_inputs) != 1:
-        raise AnalyzerError(f"{name!r} takes {len(user_inputs)} inputs; the dashboard analyses models with one input "
-                            f"tensor: wrap the model so forward takes a single batch tensor")
-    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == user_inputs[0])
-    value = node.meta.get("val")
-    if value is None or not hasattr(value, "shape"):
-        raise AnalyzerError(f"{name!r} does not record its input shape: export it again with an example tensor")
-    dtype = getattr(value, "dtype", torch.float32)
-    if not (dtype.is_floating_point or dtype.is_complex):
-        # token ids (a text model's input_ids) and the like: every analysis here feeds float inputs and takes
-        # gradients with respect to them, so say so now instead of failing later with a misleading shape error
-        raise AnalyzerError(f"{name!r} takes {str(dtype).replace('torch.', '')} inputs (token ids, for example); "
-                            f"models on integer inputs are not analysed yet: export a model that takes float inputs "
-                            f"(for a text model, its embeddings)")
-    shape = list(value.shape)
-    if isinstance(shape[0], int):
-        raise AnalyzerError(f"{name!r} was exported with a fixed batch size of {shape[0]}: export it again with "
-                            f"dynamic_shapes=({{0: torch.export.Dim('batch')}},)")
-    if not all(isinstance(d, int) for d in shape[1:]):
-        raise AnalyzerError(f"{name!r} has a dynamic dimension other than the batch: export with fixed sample shape")
-    return tuple(shape[1:])
+    if not user_inputs:
+        raise AnalyzerError(f"{name!r} takes no inputs: export it with an example input tensor")
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    inputs = []
+    for input_name in user_inputs:
+        value = placeholders[input_name].meta.get("val") if input_name in placeholders else None
+        if value is None or not hasattr(value, "shape"):
+            raise AnalyzerError(f"{name!r} takes {input_name!r}, which is not a tensor: wrap the model so forward "
+                                f"takes tensors only (token ids, a mask, or one float batch)")
+        shape = list(value.shape)
+        if not shape or isinstance(shape[0], int):
+            raise AnalyzerError(f"{name!r} was exported with a fixed batch size of {shape[0] if shape else 0} for "
+                                f"{input_name!r}: export it again with a dynamic batch dimension, "
+                                f"dynamic_shapes=({{0: torch.export.Dim('batch')}},)")
+        if not all(isinstance(d, int) for d in shape[1:]):
+            raise AnalyzerError(f"{name!r} has a dynamic dimension other than the batch in {input_name!r}: export "
+                                f"with a fixed sample shape (pad token ids to one length)")
+        dtype = str(value.dtype).replace("torch.", "")
+        if value.dtype.is_complex:
+            raise AnalyzerError(f"{name!r} takes complex inputs ({input_name!r}), which are not analysed")
+        inputs.append(ModelInput(str(input_name), tuple(int(d) for d in shape[1:]), dtype))
+    spec = program.call_spec.in_spec
+    keywords = ()
+    children = spec.children() if spec is not None else []
+    if len(children) == 2 and children[1].context:
+        keywords = tuple(str(k) for k in children[1].context)
+    try:
+        return InputLayout(tuple(inputs), keywords).checked()
+    except AnalyzerError as exc:
+        raise AnalyzerError(f"{name!r}: {exc}") from exc
 
 
 # --- describing a module ---------------------------------------------------------------------------------------------
@@ -400,7 +462,8 @@ def layer_kinds_of(module: nn.Module) -> dict:
 
 
 def _describe(module: nn.Module, *, spec: str, sha256: str, source: str, input_shape, class_names,
-              make_copy=None, owned: bool = True) -> LoadedModel:
+              make_copy=None, owned: bool = True, input_layout: InputLayout | None = None,
+              feature_names: tuple | None = None) -> LoadedModel:
     """`owned`: the module was loaded here and is kept in eval mode; a user's module (wrap_module) keeps its mode."""
     if input_shape is None:
         raise AnalyzerError("the model's input shape is unknown: pass --input-shape C,H,W (or F for tabular)")
@@ -408,20 +471,39 @@ def _describe(module: nn.Module, *, spec: str, sha256: str, source: str, input_s
         module.eval()
     input_shape = tuple(int(d) for d in input_shape)
     with analysis_mode(module):  # probed in eval mode, whatever mode the module is in; restored afterwards
-        output_kind, num_classes = probe_outputs(module, input_shape, name=spec)
+        output_kind, num_classes = probe_outputs(module, input_shape, name=spec, layout=input_layout)
     if class_names is not None and len(class_names) != num_classes:
         raise AnalyzerError(f"{len(class_names)} class names given but the model has {num_classes} outputs")
+    if feature_names is not None and (len(input_shape) != 1 or len(feature_names) != input_shape[0]):
+        raise AnalyzerError(f"the model file names {len(feature_names)} features but takes inputs of shape "
+                            f"{input_shape}: save one name per input feature")
     names = tuple(str(c) for c in class_names) if class_names is not None else tuple(str(i) for i in range(num_classes))
     layers = tuple(n for n, _ in module.named_modules() if n)
     return LoadedModel(module=module, spec=spec, sha256=sha256, source=source, input_shape=input_shape,
                        num_classes=num_classes, class_names=names, output_kind=output_kind, layers=layers,
-                       layer_kinds=layer_kinds_of(module), make_copy=make_copy)
+                       layer_kinds=layer_kinds_of(module), make_copy=make_copy,
+                       feature_names=tuple(feature_names) if feature_names is not None else None,
+                       input_layout=input_layout if input_layout is not None and input_layout.packed else None)
 
 
-def probe_outputs(module: nn.Module, input_shape: tuple, *, name: str) -> tuple[str, int]:
+def _probe_batch(input_shape: tuple, layout: InputLayout | None, n: int, generator, scale: float = 1.0):
+    """A random batch the model accepts: uniform floats, and for packed inputs token id 1 and mask 1 everywhere
+    (a valid id in any vocabulary of two or more, a mask that attends to every token)."""
+    if layout is not None and layout.packed:
+        probe = torch.ones((n, *input_shape))
+        for index, item in enumerate(layout.inputs):
+            if not item.is_integer:
+                start = sum(i.size for i in layout.inputs[:index])
+                probe[:, start:start + item.size] = torch.rand((n, item.size), generator=generator) * scale
+        return probe
+    return torch.rand((n, *input_shape), generator=generator) * scale
+
+
+def probe_outputs(module: nn.Module, input_shape: tuple, *, name: str, layout: InputLayout | None = None
+                  ) -> tuple[str, int]:
     """Run the model on a small random batch: what its output means, how many classes, and whether it is sound."""
     generator = torch.Generator().manual_seed(0)
-    probe = torch.rand((3, *input_shape), generator=generator)
+    probe = _probe_batch(input_shape, layout, 3, generator)
     try:
         with torch.no_grad():
             first = module(probe)
@@ -446,16 +528,20 @@ def probe_outputs(module: nn.Module, input_shape: tuple, *, name: str) -> tuple[
                             f"so dropout is active): call model.eval() before torch.export.export and export again")
     if first.shape[1] == 1:
         in_unit = bool(((first >= 0) & (first <= 1)).all())
-        return ("binary_probability" if in_unit and not _looks_like_logits(module, input_shape) else "binary_logit"), 2
+        looks_like_logits = _looks_like_logits(module, input_shape, layout)
+        return ("binary_probability" if in_unit and not looks_like_logits else "binary_logit"), 2
     sums = first.sum(dim=1)
     if bool((first >= 0).all()) and torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
         return "probabilities", int(first.shape[1])
     return "logits", int(first.shape[1])
 
 
-def _looks_like_logits(module: nn.Module, input_shape: tuple) -> bool:
+def _looks_like_logits(module: nn.Module, input_shape: tuple, layout: InputLayout | None = None) -> bool:
     # One output in [0, 1] on a random batch could still be a logit; a larger batch of wider inputs tells.
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        wide = module(torch.randn((32, *input_shape), generator=generator) * 3)
+        if layout is not None and layout.packed:  # token ids cannot be widened: only the float inputs are
+            wide = module(_probe_batch(input_shape, layout, 32, generator, scale=3.0))
+        else:
+            wide = module(torch.randn((32, *input_shape), generator=generator) * 3)
     return bool(((wide < 0) | (wide > 1)).any())

@@ -53,7 +53,7 @@ _INFO = (
     ("owner", "mapping?", False),  # who may replace or delete the run on a dashboard with sign-in; None: the operator
 )
 _MODEL = (("spec", "text", True), ("sha256", "text", True), ("input_shape", "ints", True), ("arch", "text?", False),
-          ("arch_kwargs", "mapping?", False),
+          ("arch_kwargs", "mapping?", False), ("inputs", "mapping?", False),
           ("layers", "texts", False), ("layer_kinds", "mapping", False))
 _DATASET = (("spec", "text", True), ("sha256", "text", True), ("modality", "text", True),
             ("feature_names", "texts?", False), ("metadata_columns", "texts?", False),

@@ -474,6 +474,8 @@ class SandboxedModel(LayerGroups):
     output_kind: str
     layers: tuple
     layer_kinds: dict = field(default_factory=dict, compare=False, hash=False)
+    input_layout: object = field(default=None, compare=False)  # an inputs.InputLayout, or None for one float input
+    feature_names: tuple | None = None  # what the model file calls its input features
     worker: Worker | None = field(default=None, compare=False, repr=False)
     sandbox: dict = field(default_factory=dict, compare=False)
 
@@ -561,7 +563,19 @@ def _model_fields(description) -> dict:
             "layers": tuple(str(n) for n in description["layers"]),
             "layer_kinds": {str(k): str(v) for k, v in dict(description["layer_kinds"]).items()},
         }
-    except (KeyError, TypeError, ValueError) as exc:
+        names = description.get("feature_names")
+        if names is not None:
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or \
+                    len(fields["input_shape"]) != 1 or len(names) != fields["input_shape"][0]:
+                raise ValueError("its feature names do not fit its input")
+            fields["feature_names"] = tuple(names)
+        if description.get("inputs") is not None:
+            from .inputs import InputLayout
+
+            fields["input_layout"] = InputLayout.from_json(description["inputs"])
+            if fields["input_layout"].sample_shape != fields["input_shape"]:
+                raise ValueError("its inputs do not add up to its sample shape")
+    except (KeyError, TypeError, ValueError, AnalyzerError) as exc:
         raise WorkerError(f"the worker described the model in an unexpected form ({first_line(exc)})") from exc
     if fields["output_kind"] not in ("logits", "probabilities", "binary_logit", "binary_probability"):
         raise WorkerError("the worker reported an unknown output kind")

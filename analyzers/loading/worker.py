@@ -78,7 +78,9 @@ def _handle(request, state: dict, replies: int):
         return {"spec": model.spec, "sha256": model.sha256, "source": model.source,
                 "input_shape": list(model.input_shape), "num_classes": model.num_classes,
                 "class_names": list(model.class_names), "output_kind": model.output_kind,
-                "layers": list(model.layers), "layer_kinds": dict(model.layer_kinds)}
+                "layers": list(model.layers), "layer_kinds": dict(model.layer_kinds),
+                "inputs": model.input_layout.to_json() if model.input_layout is not None else None,
+                "feature_names": list(model.feature_names) if model.feature_names else None}
     if op == "load_dataset":
         from .datasets import describe_dataset, load_dataset_file
 

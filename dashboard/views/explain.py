@@ -71,6 +71,8 @@ with left:
                         config={"displayModeBar": False})
     elif modality == "sequence":
         st.html(components.sequence_html(components.sequence_letters(x)))
+    elif modality == "tokens":
+        st.html(components.token_html(components.token_texts(run, x)))
     else:
         names = run.info["dataset"].get("feature_names") or [f"feature {i}" for i in range(len(x))]
         st.dataframe(pd.DataFrame({"feature": names, "value": x}), hide_index=True, height=300)
@@ -88,17 +90,34 @@ from analyzers.explanations.attributions import METHODS, list_methods  # noqa: E
 
 available = [m.name for m in list_methods(modality)]
 conv_layers = [n for n, k in (run.info["model"].get("layer_kinds") or {}).items() if k.startswith("conv")]
-if not conv_layers:
+if not conv_layers and modality != "tokens":
     available = [m for m in available if m != "gradcam"]
-defaults = [m for m in ("integrated_gradients", "gradcam" if conv_layers else "saliency") if m in available]
+# Grad-CAM on tokens (a text model's, or a vision transformer's patches) is never a default: a person picks it
+defaults = [m for m in ("integrated_gradients", "gradcam" if conv_layers and modality != "tokens" else "saliency")
+            if m in available]
 controls = st.columns([3, 2, 1], vertical_alignment="bottom")
 methods = controls[0].multiselect("Methods", available, default=defaults, key="explain-methods",
                                   format_func=lambda m: METHODS[m].label)
 layer = None
-if "gradcam" in methods and conv_layers:
+gradcam_needs_layer = False
+if "gradcam" in methods:
+    try:
+        token_layers = data.gradcam_token_layers(run)
+    except AnalyzerError as exc:
+        token_layers = []
+        st.warning(f"The model's token layers could not be listed: {md(exc)}")
     AUTOMATIC = "automatic: the main path's last spatial convolution"
-    layer = controls[1].selectbox("Grad-CAM layer", [AUTOMATIC, *conv_layers], key="explain-layer")
+    choices = ([] if modality == "tokens" else [AUTOMATIC, *conv_layers]) + token_layers
+    layer = controls[1].selectbox("Grad-CAM layer", choices, key="explain-layer", index=None if modality == "tokens"
+                                  else 0, placeholder="choose a token layer",
+                                  help="Convolutions give a spatial map; a layer over tokens gives one score per "
+                                       "token (or per image patch). Layers that run twice are refused.")
     layer = None if layer == AUTOMATIC else layer
+    gradcam_needs_layer = modality == "tokens" and layer is None
+if modality == "tokens":
+    st.caption("Token ids take no gradient, so every method works through the embedding layer that looks them up: "
+               "one score per token, summed over the embedding's width. A removed token (occlusion, deletion, the "
+               "Integrated Gradients baseline) becomes the pad id 0 and keeps its attention mask.")
 sanity = controls[2].toggle("Sanity check", value=True, key="explain-sanity",
                             help="Re-initialise the model's layers and measure how much the map changes "
                                  "(Adebayo et al., 2018). Costs one map per layer; cached in the run.")
@@ -146,6 +165,9 @@ def _draw(explanation, method: str, title: str, key: str) -> None:
     elif modality == "sequence":
         fig = figures.sequence_attribution_figure(components.sequence_letters(x), explanation.display, signed=signed,
                                                   title=title, truth=truth)
+    elif modality == "tokens":
+        fig = figures.sequence_attribution_figure(components.token_texts(run, x), explanation.display, signed=signed,
+                                                  title=title, width=24)
     else:
         names = run.info["dataset"].get("feature_names") or [f"feature {i}" for i in range(len(x))]
         fig = figures.feature_attribution_figure(names, explanation.display, title=title)
@@ -161,7 +183,10 @@ for method in methods:
     st.markdown(f"#### {METHODS[method].label}")
     st.caption(METHODS[method].description)
     # sequences are read along a line: one full-width map per target; images and bars side by side
-    cols = [st.container() for _ in targets] if modality == "sequence" else st.columns(len(targets))
+    cols = [st.container() for _ in targets] if modality in ("sequence", "tokens") else st.columns(len(targets))
+    if method == "gradcam" and gradcam_needs_layer:
+        st.info("Grad-CAM on a token model works on one layer's tokens: choose that layer above.")
+        continue
     for col, (target, target_title) in zip(cols, targets):
         with col:
             options = {"layer": layer} if method == "gradcam" and layer else {}

@@ -18,6 +18,11 @@ for stage in (run.info.get("analyses") or {}):
     reason = components.skipped_reason(run, stage)
     if reason is not None:  # the rest of the run is complete; this part of it does not apply to the model
         st.warning(f"The {md(stage)} analysis was skipped: {md(reason)}", icon=":material/block:")
+order = (run.info.get("preprocessing") or {}).get("feature_order")
+features = run.info["dataset"].get("feature_names") or []
+if order and features:  # which column fed which input: a table in another order would be read silently wrong
+    shown = ", ".join(md(f) for f in features[:12]) + (", …" if len(features) > 12 else "")
+    st.caption(f"The model was given {len(features)} features in {md(order)}: {shown}.")
 m = data.metrics(run)
 names = run.class_names
 
