@@ -10,6 +10,15 @@ class InvalidOption(AnalyzerError):
     is skipped with its reason, but a mistyped option is the caller's to fix, not a finding about the model."""
 
 
+class RunExists(AnalyzerError):
+    """A run directory already holds a different run and replacing it was not asked for. Whoever asks (the command
+    line, a dashboard page) names its own way to replace it."""
+
+    def __init__(self, message: str, path):
+        super().__init__(message)
+        self.path = path
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message, for wrapping a library's error into a one-line message."""
     text = str(exc).strip().splitlines()

@@ -37,12 +37,15 @@ access.require_sign_in()  # with sign-in on, nothing below runs for a person who
 
 pages = {}
 for name, file, title, icon in PAGES:
-    pages[name] = st.Page(str(Path(__file__).parent / file), title=title, icon=icon, url_path=name,
-                          default=name == "overview")
+    pages[name] = st.Page(str(Path(__file__).parent / file), title=title, icon=icon, url_path=name)
 components.PAGES.clear()
 components.PAGES.update(pages)
 
-navigation = st.navigation({"Data": [pages["load"]],
+# Streamlit serves its default page at "/" only, so a default Overview made /overview?run=... a "Page not found":
+# the default is a hidden second page of the Overview's file, and the Overview keeps its own path like every other
+home = st.Page(str(Path(__file__).parent / "views/overview.py"), title="Overview", url_path="home", default=True,
+               visibility="hidden")
+navigation = st.navigation({"": [home], "Data": [pages["load"]],
                             "Analysis": [pages[n] for n in ("overview", "confusion", "errors", "explain",
                                                              "embeddings", "training", "compare")]})
 state.write_to_url()

@@ -250,6 +250,28 @@ def sample_inputs(run: Run, rows) -> np.ndarray:
     return dataset.x[np.asarray(rows, dtype=np.int64)]
 
 
+MAX_TEXT_GROUPS = 50
+
+
+def grouping_columns(run: Run, columns) -> tuple[list, list]:
+    """(usable, left out) among `columns` for grouping and colouring: numbers are binned, so all are usable; a text
+    column with more than MAX_TEXT_GROUPS values, or one value per sample, names samples rather than groups (an id
+    such as a wine CSV's sample_id made 72 groups of one, headlined "accuracy gap 1.000")."""
+    samples = run.samples
+    usable, left_out = [], []
+    for column in columns:
+        if column not in samples.columns:
+            continue
+        values = samples[column]
+        numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+        distinct = values.nunique(dropna=True)
+        if not numeric and (distinct > MAX_TEXT_GROUPS or (distinct == len(values) and len(values) > 1)):
+            left_out.append(column)
+        else:
+            usable.append(column)
+    return usable, left_out
+
+
 def gradcam_token_layers(run: Run) -> list:
     """The layers of the run's model whose output is a map over tokens (a text model's, or a vision
     transformer's patches), in the order they run: what Grad-CAM on tokens may be pointed at. One forward pass of

@@ -28,6 +28,16 @@ def md(value) -> str:
     return _AUTOLINK_SEAMS.sub(WORD_JOINER, text.translate(_MARKDOWN_ESCAPES))
 
 
+def in_page_words(message: str, controls: dict) -> str:
+    """An analyzer's message with each command-line flag it names (`--arch`) replaced by the label of the control
+    that sets the same thing on this page (`controls`: flag -> label); flags the page has no control for stay."""
+    def label(match: re.Match) -> str:
+        flag = match.group(0)
+        return f"the “{controls[flag]}” field" if flag in controls else flag
+
+    return re.sub(r"--[a-z][a-z-]*", label, str(message))
+
+
 def plotly_text(value) -> str:
     """`value` as literal text inside a plotly string (titles, tick labels, hover text): no tag is interpreted."""
     return html.escape(str(value), quote=False)

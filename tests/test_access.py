@@ -147,12 +147,13 @@ def test_only_the_owner_may_delete_a_run(monkeypatch, team_runs, target, refusal
 @pytest.mark.parametrize("target, refusal", [("ben-run", "belongs to someone else"),
                                              ("shared-run", "made by the operator on the command line")])
 def test_no_one_replaces_a_run_they_do_not_own(monkeypatch, team_runs, target, refusal):
-    """The built-in sample's Run replaces a run of its name: refused for a name another person's run holds, which
-    is left exactly as it was."""
+    """The built-in sample's Run, with Replace ticked, replaces a run of its name: refused for a name another
+    person's run holds, which is left exactly as it was."""
     before = {p.name: p.read_bytes() for p in (team_runs / target).iterdir() if p.is_file()}
     at = _signed_in(monkeypatch, team_runs, ANA, page="load")
     at.run()
-    at.text_input(key="load-sample-name").set_value(target)
+    at.text_input(key="load-sample-name-digits").set_value(target)
+    at.checkbox(key="load-sample-overwrite").check()
     at.button(key="load-run-sample").click().run()
     _ok(at)
     assert len(at.error) == 1 and refusal in _plain(at.error[0].value), [e.value for e in at.error]
@@ -162,7 +163,7 @@ def test_no_one_replaces_a_run_they_do_not_own(monkeypatch, team_runs, target, r
 def test_a_run_made_from_the_dashboard_records_its_owner(monkeypatch, team_runs):
     at = _signed_in(monkeypatch, team_runs, BEN, page="load")
     at.run()
-    assert at.text_input(key="load-sample-name").value == "sample-digits-ben"  # no clash with the operator's runs
+    assert at.text_input(key="load-sample-name-digits").value == "sample-digits-ben"  # no clash with the operator's runs
     at.button(key="load-run-sample").click().run()
     _ok(at)
     info = json.loads((team_runs / "sample-digits-ben" / "run.json").read_text())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import shutil
 from pathlib import Path
@@ -297,3 +298,95 @@ def test_a_run_without_analyses_says_what_is_missing(tmp_path, monkeypatch):
     for page in PAGES:
         at.switch_page(page).run()
         _ok(at)
+
+
+def test_the_load_page_never_replaces_a_run_without_being_asked(tmp_path, monkeypatch):
+    """Issue 18, item 1: the run name follows the sample picker, and an existing name is replaced only with
+    "Replace a run of this name" ticked; otherwise one error names that control and the run stays as it was."""
+    runs = tmp_path / "runs"
+    at = _app(monkeypatch, runs).run()
+    at.switch_page("views/load.py").run()
+    at.button(key="load-run-sample").click().run()
+    _ok(at)
+    assert json.loads((runs / "sample-digits" / "run.json").read_text())["dataset"]["spec"] == "sample:digits"
+    before = (runs / "sample-digits" / "run.json").read_bytes()
+    at.selectbox(key="load-sample").set_value("tabular").run()
+    assert at.text_input(key="load-sample-name-tabular").value == "sample-tabular"  # not sample-digits
+    at.text_input(key="load-sample-name-tabular").set_value("sample-digits")
+    at.button(key="load-run-sample").click().run()
+    _ok(at)
+    assert len(at.error) == 1 and "Replace a run of this name" in _plain(at.error[0].value), [e.value for e in at.error]
+    assert "--overwrite" not in _plain(at.error[0].value)  # the page's own control, not the command line's flag
+    assert (runs / "sample-digits" / "run.json").read_bytes() == before
+    at.checkbox(key="load-sample-overwrite").check()
+    at.button(key="load-run-sample").click().run()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    assert json.loads((runs / "sample-digits" / "run.json").read_text())["dataset"]["spec"] == "sample:tabular"
+
+
+def _upload(at, model_name: str, model: bytes, data_name: str, data: bytes, run_name: str, **fields):
+    at.switch_page("views/load.py").run()
+    at.segmented_control(key="load-source").set_value("Upload files").run()
+    at.file_uploader(key="load-model-file").upload(model_name, model).run()
+    at.file_uploader(key="load-data-file").upload(data_name, data).run()
+    at.text_input(key="load-upload-name").set_value(run_name)
+    for key, value in fields.items():
+        at.text_input(key=key).set_value(value)
+    at.button(key="load-run-upload").click().run()
+    _ok(at)
+    return at
+
+
+def test_upload_messages_speak_of_the_page_and_class_names_and_ids_are_given_there(tmp_path, monkeypatch):
+    """Issue 18, item 3 and 4: a pickled whole module is told so before any architecture hint; a state dict without
+    one names the page's Architecture control, not --arch; class names and an id column are typed on the page."""
+    import pandas as pd
+    from safetensors.torch import save_file
+
+    from analyzers.loading.runs import open_run
+    from conftest import export_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
+    pickled = io.BytesIO()
+    torch.save(net, pickled)  # a whole nn.Module: never unpickled
+    weights = tmp_path / "w.safetensors"
+    save_file(net.state_dict(), str(weights))
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame(rng.normal(size=(40, 3)), columns=["a", "b", "c"])
+    table.insert(0, "sample_id", [f"w{i}" for i in range(40)])
+    table["label"] = rng.choice(["red", "white"], 40)
+    csv = table.to_csv(index=False).encode()
+    runs = tmp_path / "runs"
+    at = _app(monkeypatch, runs).run()
+
+    _upload(at, "whole.pt", pickled.getvalue(), "wine.csv", csv, "r1")
+    assert len(at.error) == 1, [e.value for e in at.error]
+    assert _plain(at.error[0].value).startswith("'whole.pt' holds pickled Python objects")  # not "a state dict"
+    _upload(at, "w.safetensors", weights.read_bytes(), "wine.csv", csv, "r2")
+    words = _plain(at.error[0].value)
+    assert "“Architecture (state dicts only)” field" in words and "--arch" not in words, words
+
+    path = export_model(net, torch.zeros(2, 3), tmp_path / "wine.pt2")
+    _upload(at, "wine.pt2", path.read_bytes(), "wine.csv", csv, "r3")
+    assert "“Class names (the model's output order)” field" in _plain(at.error[0].value)  # text labels, no names
+    _upload(at, "wine.pt2", path.read_bytes(), "wine.csv", csv, "r4", **{"load-class-names": "red,white",
+                                                                         "load-id-column": "sample_id"})
+    assert not at.error, [e.value for e in at.error]
+    run = open_run(runs / "r4")
+    assert run.class_names == ["red", "white"] and run.samples["id"].tolist() == table["sample_id"].tolist()
+    assert run.info["dataset"]["feature_names"] == ["a", "b", "c"]  # the id column is not a feature
+    assert (run.samples["label"].to_numpy() == (table["label"] == "white").to_numpy()).all()
+
+    # item 4: without the id column, sample_id is metadata, but never offered as 40 groups of one
+    _upload(at, "wine.pt2", path.read_bytes(), "wine.csv", csv, "r5", **{"load-class-names": "red,white",
+                                                                         "load-id-column": ""})
+    assert not at.error, [e.value for e in at.error]
+    at.switch_page("views/errors.py").run()
+    at.segmented_control(key="errors-section").set_value("Groups").run()
+    _ok(at)
+    assert "sample_id" not in at.selectbox(key="groups-column").options
+    assert at.selectbox(key="groups-column").options == ["a", "b", "c"]
+    assert any("sample_id" in _plain(c.value) and "name samples" in _plain(c.value) for c in at.caption), [
+        _plain(c.value) for c in at.caption]

@@ -294,3 +294,18 @@ def test_hostile_markup_in_a_run_makes_no_request_beyond_the_server(hostile_app,
     context.close()
     assert requested, "the interception saw no request at all"
     assert outside == [], f"requests that left the dashboard: {sorted(set(outside))}"
+
+
+def test_every_page_has_its_own_address(app_url, browser):
+    """Issue 18, item 10: /overview?run=... opened a "Page not found" modal (the Overview was Streamlit's default
+    page, served at / only). Each page's path opens that page, and / still opens the Overview."""
+    page = browser.new_page(viewport={"width": 1300, "height": 900})
+    try:
+        for path, title in (("/overview?run=digits", "Overview"), ("/", "Overview"),
+                            ("/confusion?run=digits", "Confusion matrix"), ("/load", "Load")):
+            page.goto(app_url + path)
+            page.get_by_role("heading", name=title, exact=True).first.wait_for(timeout=60_000)
+            _wait_until_idle(page)
+            assert page.get_by_text("Page not found").count() == 0, path
+    finally:
+        page.close()

@@ -211,3 +211,42 @@ def test_a_read_only_runs_directory_is_one_line(tmp_path):
                              "{cli} --out {runs}/new; echo rc=$?", tmp_path)
     assert "rc=1" in done.stdout and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "cannot write into" in done.stderr and "Read-only file system" in done.stderr
+
+
+def test_a_run_is_replaced_only_when_asked_and_keeps_what_was_derived_from_the_same_files(tmp_path, sample_run_dir):
+    """Issue 18, item 1: replacing a run of the same model and data keeps its explanations and on-demand
+    projections (they depend on nothing else); another dataset's run keeps none; without overwrite nothing moves."""
+    import shutil
+
+    import numpy as np
+
+    from analyzers.engines.pipeline import run_analysis
+    from analyzers.errors import RunExists
+    from analyzers.explanations.explain_run import explain_run
+    from analyzers.loading.runs import open_run
+
+    out = tmp_path / "runs" / "digits"
+    shutil.copytree(sample_run_dir("digits"), out)
+    first = open_run(out)
+    explain_run(out, [str(first.samples["id"][0])], ["saliency"], sanity=False)
+    on_demand = out / "projections" / "fc1-tsne-2d.parquet"  # stands for a t-SNE the Embeddings page computed
+    shutil.copy(next((out / "projections").glob("*-pca-2d.parquet")), on_demand)
+    derived = {p.relative_to(out): p.read_bytes() for p in (out / "explanations").rglob("*") if p.is_file()}
+    derived[on_demand.relative_to(out)] = on_demand.read_bytes()
+    before = (out / RUN_INFO).read_bytes()
+
+    with pytest.raises(RunExists, match="--overwrite"):
+        run_analysis("sample:digits", "sample:digits", out, seed=1, analyses=["evaluation"])
+    assert (out / RUN_INFO).read_bytes() == before
+
+    run_analysis("sample:digits", "sample:digits", out, seed=1, analyses=["evaluation"], overwrite=True)
+    assert open_run(out).info["parameters"]["seed"] == 1
+    assert {path: (out / path).read_bytes() for path in derived} == derived
+
+    data = first.samples.index.to_numpy()[:200]
+    from analyzers.loading.datasets import load_dataset
+
+    digits = load_dataset("sample:digits")
+    np.savez(tmp_path / "part.npz", x=digits.x[data], y=digits.y[data])
+    run_analysis("sample:digits", str(tmp_path / "part.npz"), out, analyses=["evaluation"], overwrite=True)
+    assert not (out / "explanations").exists() and not on_demand.exists()  # another dataset: nothing carried

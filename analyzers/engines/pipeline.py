@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import pandas as pd
 
-from ..errors import AnalyzerError, InvalidOption, first_line
+from ..errors import AnalyzerError, InvalidOption, RunExists, first_line
 from ..loading.datasets import Dataset, check_dataset, describe_dataset, load_dataset
-from ..loading.runs import (PROBS, RUN_FORMAT_VERSION, RUN_INFO, SAMPLES, check_run_files, open_run,
-                            refuse_non_run, staged_run, write_json)
+from ..loading.runs import (PROBS, RUN_FORMAT_VERSION, RUN_INFO, SAMPLES, carry_derived_files, check_run_files,
+                            open_run, refuse_non_run, staged_run, write_json)
 from ..loading.sandbox import runs_in_worker, sandboxed
 
 if TYPE_CHECKING:
@@ -212,6 +212,7 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
     with staged_run(out, replace=overwrite) as stage_dir:
         summary = write_run_files(model, dataset, stage_dir, params=params, stages=stages, device=device,
                                   progress=progress, report=report)
+        carry_derived_files(out, stage_dir, model_sha=model.sha256, dataset_sha=dataset.sha256)
         checked = check_run_files(stage_dir, num_samples=len(dataset), num_classes=model.num_classes)
         write_json(stage_dir / RUN_INFO, _run_info(model_spec, data_spec, model, describe_dataset(dataset), arch,
                                                    params, summary, sandbox=None, accuracy=checked["accuracy"],
@@ -243,8 +244,8 @@ def _reuse_or_refuse(out: Path, model_sha: str, dataset_sha: str, params: dict, 
             open_run(out)  # reuse only if it opens cleanly
             return True
         if not overwrite:
-            raise AnalyzerError(f"{out} holds a different run (another model, dataset or parameters): pass --overwrite "
-                                f"to replace it, or choose another --out")
+            raise RunExists(f"{out} holds a different run (another model, dataset or parameters): pass --overwrite "
+                            f"to replace it, or choose another --out", out)
     else:
         refuse_non_run(out)  # never deleted, not even with --overwrite
     return False
@@ -331,6 +332,7 @@ def _run_sandboxed(model_spec, data_spec, out: Path, *, arch, input_shape, data_
             raise AnalyzerError("the sandboxed worker returned an unexpected run summary; nothing was stored")
         with staged_run(out, replace=overwrite) as stage_dir:
             copy_worker_output(model.worker.scratch / "run", stage_dir)
+            carry_derived_files(out, stage_dir, model_sha=model.sha256, dataset_sha=str(dataset.get("sha256")))
             num_samples = int(dataset.get("num_samples", -1))
             checked = check_run_files(stage_dir, num_samples=num_samples, num_classes=model.num_classes)
             write_json(stage_dir / RUN_INFO, _run_info(model_spec, data_spec, model, dataset, arch, params, summary,

@@ -149,12 +149,12 @@ def load_model_bytes(data: bytes, *, name: str, spec: str | None = None, arch: s
                          make_copy=lambda: _load_export(data, name)[0], input_layout=layout,
                          feature_names=carried.get("feature_names"))
     if suffix in STATE_DICT_SUFFIXES:
+        state = read_state_dict(data, name)  # first: a pickled whole module is told so, not to pass an architecture
         if not arch:
             raise AnalyzerError(
                 f"{name!r} is a state dict, which holds weights but no architecture: pass --arch with a sample "
                 f"architecture (digits, tabular, dna, shapes) or package.module:callable, or upload a .pt2 export")
         module, arch_shape, arch_classes = _build_arch(arch, allow_import=allow_import, kwargs=arch_kwargs)
-        state = read_state_dict(data, name)
         load_state_dict_checked(module, state, name)
         carried = carried_names(data, name)
         if inputs is not None and inputs.packed:

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from ..errors import AnalyzerError, first_line
+from ..errors import AnalyzerError, RunExists, first_line
 from .run_checks import (RunDamaged, check_array, check_info, check_json, check_probs,
                          check_samples, check_table, damaged)
 
@@ -161,8 +161,8 @@ def staged_run(out: str | Path, *, replace: bool):
             _swap_step("staged")
             if out.exists():
                 if not replace:
-                    raise AnalyzerError(f"{out} was written by another analysis meanwhile: pass --overwrite to "
-                                        f"replace it, or choose another --out")
+                    raise RunExists(f"{out} was written by another analysis meanwhile: pass --overwrite to "
+                                    f"replace it, or choose another --out", out)
                 refuse_non_run(out)
                 old = _temp_sibling(out, "old")
                 os.replace(out, old)
@@ -330,6 +330,40 @@ class Run:
             return reader(path)
         except Exception as exc:  # a damaged file fails in many ways; each means the same to the person
             raise damaged(relpath, self.path, first_line(exc, 120)) from exc
+
+
+# What is added to a run after it is made (the Explain page and `explain`; t-SNE and UMAP computed on demand): it
+# depends only on the model and the data, so a run that replaces one of the same model and data keeps it.
+DERIVED_DIRS = ("explanations", "projections")
+
+
+def carry_derived_files(previous: str | Path, stage: str | Path, *, model_sha: str, dataset_sha: str) -> list:
+    """Copy the derived files of the run at `previous` into the staged run `stage` when both runs have the same
+    model and dataset hashes; files the new run wrote itself win. Returns the paths copied, relative to the run."""
+    previous, stage = Path(previous), Path(stage)
+    try:
+        info = json.loads((previous / RUN_INFO).read_text())
+        same = info["model"]["sha256"] == model_sha and info["dataset"]["sha256"] == dataset_sha
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # no run there, or a damaged one: nothing of it is trusted
+    if not same:
+        return []
+    carried = []
+    for top in DERIVED_DIRS:
+        root = previous / top
+        if not root.is_dir() or root.is_symlink():
+            continue
+        for source in sorted(root.rglob("*")):
+            if source.is_symlink() or not source.is_file():
+                continue  # a link could point anywhere: never followed into the new run
+            relative = source.relative_to(previous)
+            target = stage / relative
+            if target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+            carried.append(str(relative))
+    return carried
 
 
 def open_run(path: str | Path) -> Run:

@@ -26,7 +26,7 @@ layer = controls[0].selectbox("Layer", layers, key="emb-layer",
 method = controls[1].segmented_control("Projection", list(METHOD_LABELS), default="pca",
                                        format_func=METHOD_LABELS.get, key="emb-method") or "pca"
 colour_options = ["label", "prediction", "correct", "confidence", "loss", "slice"]
-colour_options += [c for c in (run.info["dataset"].get("metadata_columns") or []) if c in samples.columns]
+colour_options += data.grouping_columns(run, run.info["dataset"].get("metadata_columns") or [])[0]
 colour = controls[2].selectbox("Colour by", colour_options, key="emb-colour")
 
 with st.expander("Collect another layer"):

@@ -141,8 +141,11 @@ elif section == SECTIONS["suspects"]:
 # ---------------------------------------------------------------------------------------------------- groups
 else:
     info = run.info["dataset"]
-    columns = [c for c in (info.get("metadata_columns") or []) + (info.get("feature_names") or [])
-               if c in samples.columns]
+    columns, id_like = data.grouping_columns(run, (info.get("metadata_columns") or []) +
+                                             (info.get("feature_names") or []))
+    if id_like:
+        st.caption(f"Not offered as groups, since they name samples rather than groups: "
+                   f"{', '.join(md(c) for c in id_like)}. Give an id column on the Load page to search by it.")
     if not columns:
         components.not_in_run("A metadata column to group by", "Datasets with metadata or feature columns get "
                                                               "per-group metrics here.")

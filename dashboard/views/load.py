@@ -8,14 +8,24 @@ from datetime import datetime
 import pandas as pd
 import streamlit as st
 
-from analyzers.errors import AnalyzerError
+from analyzers.errors import AnalyzerError, RunExists
 from dashboard import access, components, data, state
-from dashboard.text import md
+from dashboard.text import in_page_words, md
 
 LOG = logging.getLogger(__name__)
 MODEL_TYPES = ["pt2", "safetensors", "pt", "pth", "ckpt"]
 DATA_TYPES = ["npz", "csv", "parquet", "zip"]
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+REPLACE_LABEL = "Replace a run of this name"
+ARCH_LABEL = "Architecture (state dicts only)"
+CLASS_NAMES_LABEL = "Class names (the model's output order)"
+# what a message from the analyzers calls a command-line flag, this page calls by its control's label
+CONTROLS = {"--arch": ARCH_LABEL, "--label-column": "Label column (tables)", "--id-column": "Id column (tables)",
+            "--class-names": CLASS_NAMES_LABEL, "--image-size": "Image size H,W", "--mean": "Mean per channel",
+            "--std": "Std per channel", "--overwrite": "Replace a run of this name", "--out": "Run name"}
+REPLACE_HELP = ("Without it, an existing run of this name is never replaced (the same model, data and settings "
+                "just reopen it). A replaced run keeps its explanations and t-SNE/UMAP projections when the model "
+                "and data are the same files.")
 STAGE_LABELS = {"load": "Loading the model and data", "inference": "Running the model",
                 "evaluation": "Metrics, slices and label noise", "projections": "Embedding projections",
                 "gradients": "Gradient traces"}
@@ -59,8 +69,14 @@ def _run_analysis(model_spec: str, data_spec: str, name: str, *, arch=None, over
             bars[earlier].progress(1.0, text=f"{STAGE_LABELS.get(earlier, earlier)} — done")
 
     out = settings.runs_dir / name
-    run_analysis(model_spec, data_spec, out, arch=arch, overwrite=overwrite, analyses=data.available_stages(),
-                 report=report, owner=access.current_user(), **options)
+    try:
+        run_analysis(model_spec, data_spec, out, arch=arch, overwrite=overwrite, analyses=data.available_stages(),
+                     report=report, owner=access.current_user(), **options)
+    except RunExists:  # nothing was replaced: say so in this page's words, not the command line's
+        for bar in bars.values():
+            bar.empty()
+        raise AnalyzerError(f"A run called {name} already exists, made from another model, dataset or parameters, "
+                            f"and it was left as it is: choose another run name, or tick “{REPLACE_LABEL}”") from None
     data.forget_runs()
     state.put("run", name)
     state.put("sample", None)
@@ -82,7 +98,7 @@ def _guarded(action) -> None:
     try:
         action()
     except AnalyzerError as exc:
-        st.error(md(exc))
+        st.error(md(in_page_words(exc, CONTROLS)))
     except Exception as exc:  # a failure we did not foresee: say what it was, keep the app alive, log the details
         LOG.exception("analysis failed")
         st.error(f"The analysis failed: {md(data.error_message(exc))}")
@@ -95,12 +111,15 @@ with analyse_tab:
                                   key="load-source") or "Built-in sample"
     if source == "Built-in sample":
         ready = [n for n in SAMPLE_NAMES if get_sample(n).weights_path.exists()]
-        cols = st.columns(2)
+        cols = st.columns([2, 2, 1], vertical_alignment="bottom")
         sample = cols[0].selectbox("Sample", ready, key="load-sample",
                                    help="Small trained models with their own data: digits (8×8 images), tabular "
                                         "(breast cancer), dna (sequences with planted motifs), shapes (images with "
                                         "a spurious colour cue).")
-        name = cols[1].text_input("Run name", value=f"sample-{sample}{access.name_suffix()}", key="load-sample-name")
+        # one name field per sample: the name follows the picker (a shared field kept "sample-digits" for dna)
+        name = cols[1].text_input("Run name", value=f"sample-{sample}{access.name_suffix()}",
+                                  key=f"load-sample-name-{sample}")
+        replace_sample = cols[2].checkbox(REPLACE_LABEL, key="load-sample-overwrite", help=REPLACE_HELP)
         if st.button("Run", type="primary", key="load-run-sample"):
             if not RUN_NAME.match(name or ""):
                 st.error("The run name may hold letters, digits, '.', '_' and '-' (at most 80), starting with a "
@@ -108,7 +127,7 @@ with analyse_tab:
             else:
                 def _sample() -> None:
                     _check_name_is_ours(name)
-                    _run_analysis(f"sample:{sample}", f"sample:{sample}", name, overwrite=True)
+                    _run_analysis(f"sample:{sample}", f"sample:{sample}", name, overwrite=replace_sample)
 
                 _guarded(_sample)
     else:
@@ -117,12 +136,18 @@ with analyse_tab:
             model_file = st.file_uploader("Model", type=MODEL_TYPES, key="load-model-file",
                                           help="A torch.export program (.pt2), or a state dict (.safetensors, or "
                                                ".pt/.pth read without unpickling code) with a sample architecture.")
-            arch = st.selectbox("Architecture (state dicts only)", ["—", *SAMPLE_NAMES], key="load-arch")
+            arch = st.selectbox(ARCH_LABEL, ["—", *SAMPLE_NAMES], key="load-arch")
+            class_names_text = st.text_input(CLASS_NAMES_LABEL, key="load-class-names", placeholder="cat,dog,...",
+                                             help="For a model that knows its classes only by index: text labels "
+                                                  "and class folders are then matched to these names.")
         with right:
             data_file = st.file_uploader("Dataset", type=DATA_TYPES, key="load-data-file",
                                          help=".npz with arrays x and y (and optionally ids), .csv/.parquet with a "
                                               "label column, or a .zip of image folders (one folder per class).")
             label_column = st.text_input("Label column (tables)", value="label", key="load-label")
+            id_column = st.text_input("Id column (tables)", key="load-id-column", placeholder="none: row numbers",
+                                      help="A column naming each sample: its values become the ids you search "
+                                           "and go to; it is not used as a feature or a group.")
         with st.expander("Image preprocessing (image-folder zips)"):
             cols = st.columns(3)
             size_text = cols[0].text_input("Image size H,W", placeholder="from the model", key="load-size")
@@ -133,7 +158,7 @@ with analyse_tab:
         default_name = f"upload-{datetime.now():%Y%m%d-%H%M%S}{access.name_suffix()}"
         name = cols[0].text_input("Run name", value=st.session_state.get("load-upload-default", default_name),
                                   key="load-upload-name")
-        overwrite = cols[1].checkbox("Replace a run of this name", key="load-overwrite")
+        overwrite = cols[1].checkbox(REPLACE_LABEL, key="load-overwrite", help=REPLACE_HELP)
         if st.button("Run", type="primary", key="load-run-upload"):
             def _upload() -> None:
                 if model_file is None or data_file is None:
@@ -145,8 +170,10 @@ with analyse_tab:
                 size = _numbers(size_text, int, "Image size")
                 if size is not None and len(size) != 2:
                     raise AnalyzerError(f"image size must be two numbers H,W, got {size_text!r}")
+                class_names = [c.strip() for c in (class_names_text or "").split(",") if c.strip()] or None
                 options = dict(image_size=tuple(size) if size else None, mean=_numbers(mean_text, float, "Mean"),
-                               std=_numbers(std_text, float, "Std"), label_column=label_column or "label")
+                               std=_numbers(std_text, float, "Std"), label_column=label_column or "label",
+                               id_column=(id_column or "").strip() or None, class_names=class_names)
                 from analyzers.loading.workspace import Workspace
 
                 workspace = Workspace(settings.workspace, max_bytes=settings.max_upload_bytes)
