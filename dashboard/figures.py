@@ -27,9 +27,15 @@ FONT = dict(size=13)
 
 
 def palette(n: int) -> list:
-    """`n` distinguishable colour-blind-safe colours (cycling beyond the palette)."""
-    base = OKABE_ITO if n <= len(OKABE_ITO) else SAFE
-    return [base[i % len(base)] for i in range(n)]
+    """`n` distinct colours: colour-blind-safe palettes up to 12, then evenly spaced along a perceptual colour
+    scale, so that no two layers share a colour (13 layers cycled the 12-colour palette into look-alikes)."""
+    if n <= len(OKABE_ITO):
+        return list(OKABE_ITO[:n])
+    if n <= len(SAFE):
+        return list(SAFE[:n])
+    from plotly.colors import sample_colorscale
+
+    return sample_colorscale("Turbo", [i / (n - 1) for i in range(n)])
 
 
 def _layout(fig: go.Figure, *, title: str | None = None, height: int = 380, **kwargs) -> go.Figure:
@@ -79,10 +85,15 @@ def confusion_figure(counts, class_names, *, values=None, value_label: str = "co
 
 # ----------------------------------------------------------------------------------------------- metrics and data
 
+MIN_BIN_SAMPLES = 10  # a reliability bin of fewer samples is too noisy to draw the curve through
+
+
 def reliability_figure(bins: dict, *, label: str = "model", other: dict | None = None,
-                       other_label: str = "rest") -> go.Figure:
+                       other_label: str = "rest", min_samples: int = MIN_BIN_SAMPLES) -> go.Figure:
     """Reliability diagram from `CalibrationBins.to_dict()`: observed accuracy against mean confidence per bin, the
-    diagonal of perfect calibration, and the share of samples per bin below. `other` adds a second curve."""
+    diagonal of perfect calibration, and the share of samples per bin below. Each point is labelled with its count;
+    the curve runs through bins of at least `min_samples`, and smaller bins are grey open markers off the curve (a
+    bin of 3 samples made a dip to 0.33). `other` adds a second curve."""
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.75, 0.25], vertical_spacing=0.06)
     fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="#888"),
                              name="perfectly calibrated", hoverinfo="skip"), row=1, col=1)
@@ -92,13 +103,22 @@ def reliability_figure(bins: dict, *, label: str = "model", other: dict | None =
         mean = np.array([np.nan if v is None else v for v in curve["mean_predicted"]], dtype=float)
         obs = np.array([np.nan if v is None else v for v in curve["observed"]], dtype=float)
         count = np.asarray(curve["count"])
-        keep = count > 0
+        keep = count >= min_samples
+        sparse = (count > 0) & ~keep
         ece = curve.get("ece")
         tag = f"{name} (ECE {ece:.3f})" if ece is not None and np.isfinite(ece) else name
-        fig.add_trace(go.Scatter(x=mean[keep], y=obs[keep], mode="lines+markers", name=tag,
-                                 line=dict(color=colour), customdata=count[keep],
-                                 hovertemplate="confidence %{x:.2f}<br>accuracy %{y:.2f}<br>%{customdata} samples"
-                                               "<extra></extra>"), row=1, col=1)
+        hover = "confidence %{x:.2f}<br>accuracy %{y:.2f}<br>%{customdata} samples<extra></extra>"
+        fig.add_trace(go.Scatter(x=mean[keep], y=obs[keep], mode="lines+markers+text", name=tag,
+                                 line=dict(color=colour), customdata=count[keep], text=[f"{c:,}" for c in count[keep]],
+                                 textposition="top center", textfont=dict(size=10), hovertemplate=hover),
+                      row=1, col=1)
+        if sparse.any():
+            fig.add_trace(go.Scatter(x=mean[sparse], y=obs[sparse], mode="markers+text",
+                                     name=f"{name}: bins under {min_samples} samples", customdata=count[sparse],
+                                     text=[f"{c:,}" for c in count[sparse]], textposition="top center",
+                                     textfont=dict(size=10, color="#999"),
+                                     marker=dict(color="#bbb", symbol="circle-open", size=9), hovertemplate=hover),
+                          row=1, col=1)
         edges = np.asarray(curve["edges"], dtype=float)
         centres = (edges[:-1] + edges[1:]) / 2
         share = count / max(count.sum(), 1)
@@ -374,7 +394,8 @@ def grad_norm_figure(table: pd.DataFrame, *, x: str = "step", flags: dict | None
         fig.add_trace(go.Scatter(x=table[x], y=table[layer], mode="lines", name=f"{name} ⚠ {flag}" if flag else name,
                                  line=dict(color=colour, dash="dash" if flag else "solid", width=3 if flag else 1.5),
                                  hovertemplate=name + ": %{y:.3g}<extra></extra>"))
-    fig.update_yaxes(type="log", title="gradient norm")
+    # decades only: plotly labels a short log range's minor ticks "7 6 5 4 3 2", which read as values
+    fig.update_yaxes(type="log", title="gradient norm", dtick=1, exponentformat="power")
     fig.update_xaxes(title=x)
     return _layout(fig, title=title, height=380)
 

@@ -39,17 +39,24 @@ def test_confusion_normalised_values_are_shown_but_customdata_keeps_counts():
     assert np.asarray(_scatter(fig)[0].customdata)[:, 2].tolist() == [3, 1, 0, 4]
 
 
-def test_reliability_figure_plots_the_non_empty_bins():
+def test_reliability_figure_draws_its_curve_through_bins_with_enough_samples_and_labels_each_count():
+    """Issue 18, item 7: a curve through bins of 1-3 samples dipped to 0.33 with no count in sight."""
     rng = np.random.default_rng(1)
     probs = rng.dirichlet(np.ones(3), 300)
     labels = rng.integers(0, 3, 300)
     bins = top_label_bins(labels, probs).to_dict()
+    count = np.asarray(bins["count"])
+    assert ((count > 0) & (count < figures.MIN_BIN_SAMPLES)).any()  # this draw has sparse bins at the top
     fig = figures.reliability_figure(bins)
-    curve = [t for t in fig.data if t.name and t.name.startswith("model")][0]
-    filled = np.asarray(bins["count"]) > 0
-    assert np.allclose(curve.x, np.asarray(bins["mean_predicted"], dtype=float)[filled])
-    assert np.allclose(curve.y, np.asarray(bins["observed"], dtype=float)[filled])
+    curve = [t for t in fig.data if t.name and t.name.startswith("model (")][0]
+    full = count >= figures.MIN_BIN_SAMPLES
+    assert np.allclose(curve.x, np.asarray(bins["mean_predicted"], dtype=float)[full])
+    assert np.allclose(curve.y, np.asarray(bins["observed"], dtype=float)[full])
+    assert list(curve.text) == [f"{c:,}" for c in count[full]]
     assert f"ECE {bins['ece']:.3f}" in curve.name
+    (sparse,) = [t for t in fig.data if t.name == f"model: bins under {figures.MIN_BIN_SAMPLES} samples"]
+    small = (count > 0) & ~full
+    assert list(sparse.text) == [f"{c:,}" for c in count[small]] and sparse.mode == "markers+text"
 
 
 def test_class_balance_counts():
@@ -129,3 +136,13 @@ def test_display_image_undoes_normalisation(shape):
     shown = figures.to_display_image((raw - 0.5) / 0.25, mean=mean, std=std)
     expected = raw[0] if shape[0] == 1 else raw.transpose(1, 2, 0)
     assert np.allclose(shown, expected, atol=1e-6)
+
+
+def test_layer_colours_are_distinct_and_log_axes_show_decades():
+    """Issue 18, item 7: thirteen layers shared look-alike colours; log ticks read "7 6 5 4 3 2"."""
+    for n in (3, 8, 12, 13, 40):
+        assert len(set(figures.palette(n))) == n
+    table = pd.DataFrame({"step": range(5), **{f"layer{i}": np.geomspace(1e-4, 1e-2, 5) for i in range(13)}})
+    fig = figures.grad_norm_figure(table)
+    assert len({t.line.color for t in fig.data}) == 13
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.dtick == 1

@@ -244,3 +244,21 @@ def test_overfit_check_of_a_stored_run_is_cached(tmp_path):
     stamp = path.stat().st_mtime_ns
     assert ensure_overfit_check(run, steps=40, batch_size=16) == record and path.stat().st_mtime_ns == stamp
     assert ensure_overfit_check(run, steps=5, batch_size=16)["params"]["steps"] == 5  # other options: computed again
+
+
+def test_the_overfit_check_starts_from_a_fresh_initialisation(sample_run_dir):
+    """Issue 18, item 8: from the trained digits weights the loss began at 0.0069 and the check could not fail.
+    A fresh copy begins near ln(10), the loss of a 10-class guess, and must learn the batch itself."""
+    from analyzers.engines.pipeline import load_run_inputs
+    from analyzers.loading.runs import open_run
+
+    model, dataset = load_run_inputs(open_run(sample_run_dir("digits")))
+    before = _state(model.module)
+    trained = overfit_one_batch(model, dataset.x, dataset.y, steps=60, fresh=False)
+    fresh = overfit_one_batch(model, dataset.x, dataset.y, steps=60)
+    assert trained.initial_loss < 0.2 and trained.params["start"] == "trained weights"
+    assert abs(fresh.initial_loss - np.log(10)) < 0.5 and fresh.params["start"] == "fresh initialisation"
+    assert fresh.passed and "from fresh initialisation" in fresh.message, fresh.message
+    again = overfit_one_batch(model, dataset.x, dataset.y, steps=60)
+    np.testing.assert_array_equal(again.losses, fresh.losses)  # seeded: the same fresh start every time
+    _assert_same_state(model.module, before)

@@ -281,11 +281,16 @@ def flag_layers(traces: pd.DataFrame, dead: pd.DataFrame, *, vanishing_ratio: fl
 
 @runs_in_worker
 def overfit_one_batch(model, x, y, *, steps: int = 200, lr: float = 3e-3, batch_size: int = 32, seed: int = 0,
-                      pass_fraction: float = 0.1, near_zero: float = 0.05, device: str = "cpu") -> OverfitResult:
+                      pass_fraction: float = 0.1, near_zero: float = 0.05, device: str = "cpu",
+                      fresh: bool = True) -> OverfitResult:
     """Train a copy of the model with Adam on one batch and report whether its loss falls towards zero.
 
     The loaded model is never trained: a copy is (`LoadedModel.copy_module()`, which reloads a `.pt2` file's bytes).
-    Passed when the final loss is below `pass_fraction` of the initial loss or below `near_zero`.
+    With `fresh` (the default) the copy's parameters are first re-initialised (seeded `reset_parameters`, or
+    PyTorch's default scheme for a `.pt2`'s modules): the debugging step asks whether the architecture, loss and
+    labels can learn at all, and a trained model starts near zero loss, so it would pass whatever its wiring.
+    `fresh=False` starts from the trained weights. Passed when the final loss is below `pass_fraction` of the
+    initial loss or below `near_zero`.
     """
     if steps < 1 or batch_size < 1:
         raise AnalyzerError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
@@ -308,7 +313,14 @@ def overfit_one_batch(model, x, y, *, steps: int = 200, lr: float = 3e-3, batch_
             copy = copy_lib.deepcopy(original)
     params = {"steps": steps, "lr": lr, "optimizer": "Adam", "batch_size": int(len(rows)), "seed": seed,
               "pass_fraction": pass_fraction, "near_zero": near_zero, "mode": "train",
-              "sample_rows": rows.tolist()}
+              "start": "fresh initialisation" if fresh else "trained weights", "sample_rows": rows.tolist()}
+    if fresh:
+        from ..explanations.faithfulness import reinitialise
+
+        generator = torch.Generator().manual_seed(seed)
+        for sub in copy.modules():
+            if any(True for _ in sub.parameters(recurse=False)):
+                reinitialise(sub, generator)
     torch.manual_seed(seed)
     copy.to(device).train()
     trainable = list(copy.parameters())
@@ -341,7 +353,7 @@ def overfit_one_batch(model, x, y, *, steps: int = 200, lr: float = 3e-3, batch_
         passed, message = False, f"the loss became {final} after {len(losses) - 1} steps: lower lr or check the model"
     else:
         passed = final < pass_fraction * initial or final < near_zero
-        message = (f"loss fell from {initial:.4g} to {final:.4g} in {steps} steps" +
+        message = (f"loss fell from {initial:.4g} to {final:.4g} in {steps} steps, from {params['start']}" +
                    ("" if passed else f": it did not reach {pass_fraction:g}x the initial loss or {near_zero:g}; "
                                       f"check the labels, the loss, frozen layers or the learning rate"))
     return OverfitResult(losses=np.asarray(losses, np.float32), initial_loss=initial, final_loss=final,
@@ -356,7 +368,8 @@ def ensure_overfit_check(run, **options) -> dict:
     run = run if isinstance(run, Run) else open_run(run)
     if run.has(OVERFIT_CHECK):
         stored = run.read_json(OVERFIT_CHECK)
-        if stored.get("options") == options:
+        # a check from before fresh initialisation started from the trained weights: it is run again
+        if stored.get("options") == options and "start" in stored.get("params", {}):
             return stored
     model, dataset = load_run_inputs(run)
     result = overfit_one_batch(model, dataset.x, dataset.y, **options)

@@ -72,9 +72,12 @@ def _run_analysis(model_spec: str, data_spec: str, name: str, *, arch=None, over
     try:
         run_analysis(model_spec, data_spec, out, arch=arch, overwrite=overwrite, analyses=data.available_stages(),
                      report=report, owner=access.current_user(), **options)
-    except RunExists:  # nothing was replaced: say so in this page's words, not the command line's
+    except BaseException as exc:  # no progress bar stays above the error line, half-filled or empty
         for bar in bars.values():
             bar.empty()
+        if not isinstance(exc, RunExists):
+            raise
+        # nothing was replaced: say so in this page's words, not the command line's
         raise AnalyzerError(f"A run called {name} already exists, made from another model, dataset or parameters, "
                             f"and it was left as it is: choose another run name, or tick “{REPLACE_LABEL}”") from None
     data.forget_runs()
