@@ -75,13 +75,20 @@ def require_run() -> Run:
         st.info("No run is open. Analyse a model on the **Load** page, or open an existing run there.")
         page_link("load", "Go to Load")
         st.stop()
+    data.warm_up(run)
     return run
+
+
+def file_label(info: dict, kind: str) -> str:
+    """The run's model or dataset file as the person named it (run.json's `name`: the upload's own name), never
+    the workspace's hashed copy; runs from before names were recorded show their spec's last part."""
+    return info[kind].get("name") or str(info[kind]["spec"]).rsplit("/", 1)[-1]
 
 
 def run_caption(run: Run) -> str:
     info = run.info
-    return (f"**{md(run.path.name)}** · model {md(info['model']['spec'].rsplit('/', 1)[-1])} · data "
-            f"{md(info['dataset']['spec'].rsplit('/', 1)[-1])} · {info['num_samples']:,} "
+    return (f"**{md(run.path.name)}** · model {md(file_label(info, 'model'))} · data "
+            f"{md(file_label(info, 'dataset'))} · {info['num_samples']:,} "
             f"{md(info['dataset']['modality'])} samples · {len(run.class_names)} classes")
 
 
@@ -116,6 +123,18 @@ def short(value) -> str:
     if isinstance(value, (float, np.floating)):
         return f"{value:.4g}"
     return str(value)
+
+
+def percent(fraction: float) -> str:
+    """The one way a share is written on every page: one decimal ("5.1%", "4.0%"), so a column never mixes "5.13%"
+    with "4%"."""
+    return f"{float(fraction):.1%}"
+
+
+def duration(seconds: float) -> str:
+    """A wait as a person says it: "4 s", "1 min 05 s"."""
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds} s" if seconds < 60 else f"{seconds // 60} min {seconds % 60:02d} s"
 
 
 def class_name(run: Run, index) -> str:

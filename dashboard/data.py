@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import os
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +170,15 @@ def ranking(run: Run, by: str, limit: int = 200) -> pd.DataFrame:
     return rank_errors(run.samples, run.probs, by=by, limit=limit)
 
 
+@st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)
+def findings(run: Run) -> list:
+    """analyzers.evaluation.findings.rank_findings on the run, with its slices and label-noise tables."""
+    from analyzers.evaluation.findings import rank_findings
+
+    return rank_findings(run.samples, run.probs, slices=optional_table(run, "slices.parquet"),
+                         label_noise=optional_table(run, "label_noise.parquet"))
+
+
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=64)
 def group_table(run: Run, column: str, bins: int = 5) -> pd.DataFrame:
     from analyzers.evaluation.metrics import group_metrics
@@ -215,7 +227,7 @@ def subset_metrics(run: Run, rows: tuple) -> dict:
 
 # ------------------------------------------------------------------------------------------- model and input data
 
-@st.cache_resource(show_spinner="Loading the model and data…", max_entries=4)
+@st.cache_resource(show_spinner=False, max_entries=4)
 def _inputs(key: str, _run: Run):
     """((LoadedModel, Dataset), None), or (None, the reason they cannot be loaded): a failure is kept too, so a
     run whose model file changed is not re-read on every click."""
@@ -238,10 +250,86 @@ def inputs_key(info: dict) -> str:
 
 def run_inputs(run: Run):
     """(LoadedModel, Dataset) of a run, loaded once and shared by every session (models keyed by file hash)."""
-    loaded, problem = _inputs(inputs_key(run.info), run)
+    with st.spinner("Loading the model and data…"):
+        loaded, problem = _inputs(inputs_key(run.info), run)
     if problem is not None:
         raise AnalyzerError(problem)
     return loaded
+
+
+def explain_methods(run: Run) -> tuple[list, list, list]:
+    """(methods that apply to the run's model, the Explain page's defaults, its convolution layers). Integrated
+    Gradients and Grad-CAM by default where there is a convolution, Saliency in Grad-CAM's place otherwise; Grad-CAM
+    on tokens (a text model's, or a vision transformer's patches) is never a default: a person picks its layer."""
+    from analyzers.explanations.attributions import list_methods
+
+    modality = run.info["dataset"]["modality"]
+    available = [m.name for m in list_methods(modality)]
+    conv_layers = [n for n, k in (run.info["model"].get("layer_kinds") or {}).items() if k.startswith("conv")]
+    if not conv_layers and modality != "tokens":
+        available = [m for m in available if m != "gradcam"]
+    defaults = [m for m in ("integrated_gradients", "gradcam" if conv_layers and modality != "tokens" else "saliency")
+                if m in available]
+    return available, defaults, conv_layers
+
+
+def first_sample_to_explain(run: Run) -> str:
+    """The sample the Explain page opens on when nothing is chosen: the most confident error, else the first."""
+    from analyzers.evaluation.metrics import rank_errors
+
+    wrong = rank_errors(run.samples, run.probs, by="confident_wrong", limit=1)["id"].tolist()
+    return str((wrong or run.samples["id"].tolist())[0])
+
+
+@st.cache_resource(show_spinner=False)
+def _warm_ups() -> dict:
+    """inputs key -> the warm-up thread started for it: one per model and data, shared by every session; and
+    "projector" once the projection helper's warm-up has started."""
+    return {}
+
+
+_WARM_UPS_LOCK = threading.Lock()
+
+
+def warm_up(run: Run) -> None:
+    """Start, in the background and once per model and data, what the first Explain click would otherwise wait for:
+    the model's worker (or its load), captum's import and first call, and the first sample's default maps with
+    their scores, which take the sanity check's verdict on the probe set; and, once per dashboard process, the
+    projection helper's numba compile. Off with --no-warm-up."""
+    if not settings().warm_up:
+        return
+    key = inputs_key(run.info)
+    with _WARM_UPS_LOCK:
+        started = _warm_ups()
+        if key in started:
+            return
+        started[key] = thread = threading.Thread(target=_warm, args=(key, run), daemon=True,
+                                                 name=f"warm-up {run.path.name}")
+        warm_projector = "projector" not in started
+        started.setdefault("projector", "warming")
+    thread.start()
+    if warm_projector:
+        _projector()[0].warm()  # umap-learn's compile, in the helper process, once per dashboard process
+
+
+def _warm(key: str, run: Run) -> None:
+    from analyzers.explanations.explain_run import sample_map, sample_scores
+
+    loaded, problem = _inputs(key, run)
+    if problem is not None:
+        return  # the pages say why, the first time they need the model
+    model, dataset = loaded
+    first = first_sample_to_explain(run)
+    row = run.samples[run.samples["id"].astype(str) == first].iloc[0]
+    targets = ["pred"] if row["label"] == row["pred"] else ["pred", "label"]  # as the page explains an error
+    try:
+        for method in explain_methods(run)[1]:
+            for target in targets:
+                explanation = sample_map(run, first, method, target=target, model=model, dataset=dataset)
+                sample_scores(run, explanation, model=model, dataset=dataset, sanity=True)
+    except AnalyzerError as exc:
+        # the page computes the same and shows this line where it applies; here it is only logged
+        logging.getLogger(__name__).info("warm-up of %s stopped: %s", run.path.name, first_line(exc))
 
 
 def sample_inputs(run: Run, rows) -> np.ndarray:
@@ -318,16 +406,45 @@ def embedding_layers(run: Run) -> list[str]:
     return sorted(found, key=lambda name: name != first)
 
 
-def projection(run: Run, layer: str, method: str, *, compute: bool) -> pd.DataFrame | None:
-    """The stored 2-D projection table (id, x, y); PCA is made when missing, t-SNE / UMAP only when `compute`."""
+def projection(run: Run, layer: str, method: str) -> pd.DataFrame | None:
+    """The stored 2-D projection table (id, x, y); PCA is made when missing (seconds), t-SNE and UMAP only by
+    `start_projection`, in the background."""
     from analyzers.explanations.projections import ensure_projection, projection_relpath
 
     relpath = projection_relpath(layer, method, 2)
     if not run.has(relpath):
-        if method != "pca" and not compute:
+        if method != "pca":
             return None
         ensure_projection(run, layer, method, 2)
     return _projection_table(str(run.file(relpath)), run.file(relpath).stat().st_mtime)
+
+
+@st.cache_resource(show_spinner=False)
+def _projector():
+    """The one projection helper process of this dashboard process (analyzers.engines.projector), shared by every
+    session, with the jobs asked of it by (run, layer, method)."""
+    import tempfile
+
+    from analyzers.engines.projector import Projector
+
+    return Projector(log_path=Path(tempfile.gettempdir()) / f"dashboard-projector-{os.getpid()}.log"), {}
+
+
+def projection_job(run: Run, layer: str, method: str):
+    """The latest background projection of this run's layer with this method (any session's), or None."""
+    return _projector()[1].get((str(run.path.resolve()), layer, method))
+
+
+def start_projection(run: Run, layer: str, method: str):
+    """Start projecting in the background, unless the same projection is already running (someone else's click
+    included): the job, to watch and cancel."""
+    projector, jobs = _projector()
+    key = (str(run.path.resolve()), layer, method)
+    with _WARM_UPS_LOCK:
+        job = jobs.get(key)
+        if job is None or job.state != "running":
+            jobs[key] = job = projector.submit(run.path.resolve(), layer, method)
+    return job
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -359,12 +476,14 @@ def slice_membership(run: Run, top: int = 8) -> pd.Series:
 
 
 @st.cache_resource(hash_funcs=HASH, show_spinner=False, max_entries=16)
-def overfit(run: Run, steps: int, batch_size: int, lr: float):
-    """analyzers.training.gradients.overfit_one_batch on the run's model and data (trains a copy; cached per settings)."""
+def overfit(run: Run, steps: int, batch_size: int, lr: float, time_limit_s: float, _on_step=None):
+    """analyzers.training.gradients.overfit_one_batch on the run's model and data (trains a copy; cached per
+    settings); `_on_step(done, total)` is told each step."""
     from analyzers.training.gradients import overfit_one_batch
 
     model, dataset = run_inputs(run)
-    return overfit_one_batch(model, dataset.x, dataset.y, steps=steps, batch_size=batch_size, lr=lr)
+    return overfit_one_batch(model, dataset.x, dataset.y, steps=steps, batch_size=batch_size, lr=lr,
+                             time_limit_s=time_limit_s, on_batch=_on_step)
 
 
 @st.cache_resource(hash_funcs=HASH, show_spinner="Comparing the runs…", max_entries=8)

@@ -319,11 +319,12 @@ def downsample_rows(n: int, max_points: int = MAX_SCATTER_POINTS, *, keep=None, 
 
 
 def embedding_figure(table: pd.DataFrame, *, colour: str, categorical: bool, title: str | None = None,
-                     max_points: int = MAX_SCATTER_POINTS, category_order=None) -> go.Figure:
+                     max_points: int = MAX_SCATTER_POINTS, category_order=None, selected=None) -> go.Figure:
     """A WebGL scatter of a projection table (columns x, y, id and `colour`), each point's id in customdata.
 
     Categories get one trace each; a number is drawn on the Cividis scale. Tables larger than `max_points` are drawn
     as a fixed random sample (the title says so); a box or lasso selection still selects by region on every point.
+    `selected` ids (a selection made elsewhere: another projection, another page) are drawn bold, the rest faded.
     """
     rows = downsample_rows(len(table), max_points)
     shown = table.iloc[rows]
@@ -348,6 +349,12 @@ def embedding_figure(table: pd.DataFrame, *, colour: str, categorical: bool, tit
                                    customdata=shown["id"], text=shown["id"].astype(str).map(plotly_text),
                                    hovertemplate="id %{text}<br>" + plotly_text(colour)
                                                  + " %{marker.color:.3g}<extra></extra>"))
+    if selected is not None:
+        chosen = {str(i) for i in selected}
+        for trace in fig.data:
+            trace.selectedpoints = [i for i, sample in enumerate(trace.customdata) if str(sample) in chosen]
+            trace.selected = dict(marker=dict(opacity=1.0))
+            trace.unselected = dict(marker=dict(opacity=0.12))
     if len(rows) < len(table):
         title = f"{title or ''} — {len(rows):,} of {len(table):,} points drawn".strip(" —")
     fig.update_xaxes(title="component 1", showgrid=False, zeroline=False)
@@ -408,5 +415,6 @@ def bar_figure(labels, values, *, x_title: str, y_title: str, highlight=None, pe
                            marker_color=[WRONG if h else OKABE_ITO[0] for h in highlight],
                            hovertemplate="%{x}: %{y:" + (".1%" if percent else ".3g") + "}<extra></extra>"))
     fig.update_xaxes(title=x_title, type="category")
-    fig.update_yaxes(title=y_title, tickformat=".0%" if percent else None)
+    # a share runs from 0 to 100%: autoscaling drew all-zero bars on an axis from -100% to 100%
+    fig.update_yaxes(title=y_title, tickformat=".0%" if percent else None, range=[0, 1] if percent else None)
     return _layout(fig, title=title, height=320)

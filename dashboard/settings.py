@@ -20,13 +20,15 @@ class Settings:
     workspace: Path  # uploads are stored here (analyzers.loading.workspace)
     max_upload_bytes: int
     view_policy: str = "owner"
+    warm_up: bool = True  # start the model's worker and the first explanation in the background when a run opens
 
 
 def parse_settings(argv: list[str], environ: dict | None = None) -> Settings:
     """`--runs-dir DIR --run RUN --workspace DIR --max-upload-mb N --view-policy owner|signed-in` from `argv`
     (unknown arguments are ignored, so the arguments of a test runner do no harm); DASHBOARD_RUNS_DIR,
     DASHBOARD_RUN, DASHBOARD_WORKSPACE, DASHBOARD_MAX_UPLOAD_MB and DASHBOARD_VIEW_POLICY fill what argv does not
-    say. N bounds the whole upload workspace."""
+    say. N bounds the whole upload workspace. `--no-warm-up` (DASHBOARD_WARM_UP=0) leaves the background warm-up off:
+    the test suite's many short sessions would otherwise compete for its two cores."""
     environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--runs-dir", default=environ.get("DASHBOARD_RUNS_DIR", DEFAULT_RUNS_DIR))
@@ -34,6 +36,7 @@ def parse_settings(argv: list[str], environ: dict | None = None) -> Settings:
     parser.add_argument("--workspace", default=environ.get("DASHBOARD_WORKSPACE"))
     parser.add_argument("--max-upload-mb", type=int, default=environ.get("DASHBOARD_MAX_UPLOAD_MB"))
     parser.add_argument("--view-policy", default=environ.get("DASHBOARD_VIEW_POLICY") or "owner")
+    parser.add_argument("--no-warm-up", action="store_true", default=environ.get("DASHBOARD_WARM_UP") == "0")
     args, _ = parser.parse_known_args(argv)
     runs_dir = Path(args.runs_dir)
     workspace = Path(args.workspace) if args.workspace else runs_dir.resolve().parent / "workspace"
@@ -41,4 +44,5 @@ def parse_settings(argv: list[str], environ: dict | None = None) -> Settings:
     if args.view_policy not in VIEW_POLICIES:
         raise ValueError(f"--view-policy must be {' or '.join(VIEW_POLICIES)}, got {args.view_policy!r}")
     return Settings(runs_dir=runs_dir, run=Path(args.run) if args.run else None, workspace=workspace,
-                    max_upload_bytes=max_bytes, view_policy=args.view_policy)
+                    max_upload_bytes=max_bytes, view_policy=args.view_policy,
+                    warm_up=not args.no_warm_up)

@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache"))
+# Many short dashboard sessions: a background warm-up in each would compete for the two cores (the tests that are
+# about the warm-up turn it on)
+os.environ.setdefault("DASHBOARD_WARM_UP", "0")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

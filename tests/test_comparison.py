@@ -41,6 +41,14 @@ def test_compare_predictions_counts_by_hand():
     sl = c.per_slice.set_index("description")
     assert sl.loc["label == 1", "error_rate_a"] == 0.5 and sl.loc["label == 1", "error_rate_b"] == 0.0
     assert sl.loc["label == 0", "error_rate_delta"] == 0.5
+    # issue 18, item 9: slices of two runs are matched by their samples (Jaccard of member ids), not their names
+    both = pd.DataFrame({"description": ["cluster of a", "other of a", "cluster of b"],
+                         "ids": [[10, 11, 12], [14, 15], [11, 12, 13]], "source": "embeddings", "run": ["a", "a", "b"]})
+    matched = compare_predictions(np.arange(10, 16), labels, a, b, slices=both).per_slice.set_index("description")
+    assert matched.loc["cluster of a", "closest_in_other_run"] == "cluster of b"
+    assert matched.loc["cluster of a", "overlap"] == pytest.approx(2 / 4)
+    assert pd.isna(matched.loc["other of a", "closest_in_other_run"]) and matched.loc["other of a", "overlap"] == 0
+    assert matched.loc["cluster of b", "closest_in_other_run"] == "cluster of a"
     with pytest.raises(AnalyzerError, match="different numbers of classes"):
         compare_predictions(np.arange(6), labels, a, np.full((6, 4), 0.25))
 

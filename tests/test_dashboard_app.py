@@ -109,6 +109,48 @@ def test_explain_page_shows_maps_and_scores(runs_dir, monkeypatch):
     assert len(at.get("plotly_chart")) >= 4  # input, probabilities, two maps
 
 
+def test_a_run_that_opens_warms_up_the_first_explanation_in_the_background(tmp_path, sample_run_dir, monkeypatch):
+    """issue 18: opening a run starts the model's load, captum and the first sample's default maps with their
+    scores (the probe set's sanity verdict) in the background: the Explain page then computes nothing."""
+    import analyzers.explanations.explain_run as explain_run
+    from dashboard import data
+
+    runs = tmp_path / "runs"
+    shutil.copytree(sample_run_dir("digits"), runs / "warm-digits")
+    monkeypatch.setenv("DASHBOARD_WARM_UP", "1")
+    at = _app(monkeypatch, runs, runs / "warm-digits").run()  # the Overview page: nothing there explains
+    _ok(at)
+    warm = [t for t in data._warm_ups().values() if getattr(t, "name", None) == "warm-up warm-digits"]
+    assert len(warm) == 1
+    warm[0].join(timeout=120)
+    assert not warm[0].is_alive()
+    for computed in ("attribute_samples", "faithfulness_table"):
+        monkeypatch.setattr(explain_run, computed, lambda *a, **k: pytest.fail("the warm-up did not compute this"))
+    at.switch_page("views/explain.py").run()
+    _ok(at)
+    text = _text(at)
+    assert "deletion AUC" in text and "Sanity check" in text and "probe samples" in text
+
+
+def test_findings_lead_with_what_accounts_for_most_samples(runs_dir, tmp_path, monkeypatch):
+    """issue 18, item 6: an under-confident model leads with calibration; digits' label-noise suspects, which are
+    exactly its errors, are no finding."""
+    at = _app(monkeypatch, runs_dir, runs_dir / "sample-digits").run()
+    _ok(at)
+    text = _text(at)
+    assert "Top findings" in text and "Label-noise suspects" not in text
+
+    runs = tmp_path / "runs"
+    shutil.copytree(runs_dir / "sample-digits", runs / "timid", ignore=shutil.ignore_patterns("explanations"))
+    probs = np.load(runs / "timid" / "probs.npy")
+    timid = np.exp(np.log(np.clip(probs, 1e-12, None)) / 8)  # temperature 8: the same predictions, unsure of all
+    np.save(runs / "timid" / "probs.npy", (timid / timid.sum(1, keepdims=True)).astype(probs.dtype))
+    at = _app(monkeypatch, runs, runs / "timid").run()
+    _ok(at)
+    findings = [m.value for m in at.markdown if m.value.startswith("**")]
+    assert findings[0].startswith("**The model is under-confident:**"), findings
+
+
 def test_training_page_overfit_check(runs_dir, monkeypatch):
     at = _app(monkeypatch, runs_dir, runs_dir / "sample-digits").run()
     at.switch_page("views/training.py").run()
@@ -154,7 +196,7 @@ def test_upload_pt2_and_npz_goes_through_the_flow(tmp_path, monkeypatch):
     at = _app(monkeypatch, runs).run()
     at.switch_page("views/load.py").run()
     at.segmented_control(key="load-source").set_value("Upload files").run()
-    at.file_uploader(key="load-model-file").upload("model.pt2", model_path.read_bytes()).run()
+    at.file_uploader(key="load-model-file").upload("tinyres_digits.pt2", model_path.read_bytes()).run()
     at.file_uploader(key="load-data-file").upload("data.npz", buffer.getvalue()).run()
     at.text_input(key="load-upload-name").set_value("uploaded").run()
     at.button(key="load-run-upload").click().run()
@@ -167,6 +209,10 @@ def test_upload_pt2_and_npz_goes_through_the_flow(tmp_path, monkeypatch):
     for page in list(PAGES)[:-1]:
         at.switch_page(page).run()
         _ok(at)
+    # issue 18, item 9: headers name the files as uploaded, not as the workspace stores them
+    at.switch_page("views/overview.py").run()
+    caption = _plain(next(c.value for c in at.caption if "· model" in c.value))
+    assert "model tinyres_digits.pt2 · data data.npz" in caption, caption
 
 
 def test_bad_upload_is_one_error_line(tmp_path, monkeypatch):
@@ -243,6 +289,36 @@ def test_embedding_selection_shows_its_samples_and_metrics(runs_dir, monkeypatch
     for colour in ("slice", "confidence", "correct"):
         at.selectbox(key="emb-colour").set_value(colour).run()
         _ok(at)
+
+    # issue 18, item 5: t-SNE is computed in the background with its progress; once it is there, no "not in this
+    # run yet" stays above it, and the selection made elsewhere is marked on it
+    import time
+
+    at.segmented_control(key="emb-method").set_value("tsne").run()
+    _ok(at)
+    assert "is not in this run yet" in _text(at)
+    at.button(key="emb-compute").click().run()
+    started, progress = time.monotonic(), []
+    while (at.get("progress") or "is not in this run yet" in _text(at)) and time.monotonic() - started < 120:
+        progress += [str(bar.proto.text) for bar in at.get("progress")]
+        time.sleep(0.3)
+        at.run()
+    assert any("t-SNE of" in text and "so far" in text for text in progress), progress
+    _ok(at)
+    assert "is not in this run yet" not in _text(at) and not at.get("progress")
+    import base64
+    import json
+
+    def _array(value):  # plotly 6 sends numeric arrays as {"dtype", "bdata"} (base64)
+        if isinstance(value, dict):
+            return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+        return np.asarray(value if value is not None else [])
+
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    marked = {str(_array(trace["customdata"])[i]) for trace in spec["data"]
+              for i in _array(trace.get("selectedpoints")).astype(int)}
+    assert marked == {str(i) for i in chosen["id"]}
+    assert f"{len(chosen)} selected samples" in _text(at)
 
 
 def test_explain_previous_next_walk_the_confusion_cell(runs_dir, monkeypatch):

@@ -309,3 +309,22 @@ def test_random_methods_are_seeded_per_call_even_across_models_and_leave_the_cal
     torch.manual_seed(123)
     np.random.seed(123)
     assert torch.equal(after[0], torch.rand(3)) and np.array_equal(after[1], np.random.rand(3))
+
+
+def test_tabular_gradients_per_standard_deviation_rank_by_effect_not_by_units():
+    """issue 18, item 9: f = 1000 * a + 1 * b with a spread of 0.001 and b of 10: raw saliency ranks a first (its
+    gradient is 1000), though a typical change of b moves the score 10 times more; per standard deviation ranks b."""
+    from analyzers.explanations.attributions import per_standard_deviation
+
+    rng = np.random.default_rng(0)
+    x = np.column_stack([rng.normal(0, 0.001, 500), rng.normal(0, 10, 500)]).astype(np.float32)
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight[:] = torch.tensor([[1000.0, 1.0], [0.0, 0.0]])
+        model.bias.zero_()
+    raw = explain(model, x[:5], np.zeros(5, dtype=np.int64), "saliency")
+    np.testing.assert_allclose(raw, np.tile([1000.0, 1.0], (5, 1)), rtol=1e-5)
+    scaled = per_standard_deviation(raw, x)
+    np.testing.assert_allclose(scaled, raw * x.std(axis=0, dtype=np.float64), rtol=1e-5)
+    assert (scaled.argmax(axis=1) == 1).all() and (raw.argmax(axis=1) == 0).all()
+    assert METHODS["saliency"].per_input_unit and not METHODS["integrated_gradients"].per_input_unit

@@ -290,7 +290,8 @@ def test_explain_sample_caches_one_sample_on_disk(digits_run, digits, monkeypatc
     first = explain_run.explain_sample(run, sample_id, "gradcam", model=model, dataset=data)
     assert first.attribution.shape == (1, 8, 8) and first.display.shape == (8, 8)
     assert set(first.scores) >= {"deletion_auc", "insertion_auc", "sanity_rank_corr", "sanity_flag"}
-    monkeypatch.setattr(explain_run, "score_samples", lambda *a, **k: pytest.fail("not served from the cache"))
+    for computed in ("attribute_samples", "faithfulness_table"):
+        monkeypatch.setattr(explain_run, computed, lambda *a, **k: pytest.fail("not served from the cache"))
     again = explain_run.explain_sample(run, sample_id, "gradcam", model=model, dataset=data)
     np.testing.assert_array_equal(first.attribution, again.attribution)
     assert first.scores == again.scores
@@ -313,10 +314,54 @@ def test_a_damaged_cache_entry_is_recomputed_not_trusted(digits_run, digits, dam
     run = open_run(digits_run)
     sample_id = run.samples["id"][7]
     first = explain_run.explain_sample(run, sample_id, "saliency", model=model, dataset=data, sanity=False)
-    entries = sorted((digits_run / "explanations" / "cache").glob("sample-*.npz"), key=lambda p: p.stat().st_mtime)
+    entries = sorted((digits_run / "explanations" / "cache").glob("map-*.npz"), key=lambda p: p.stat().st_mtime)
     damage(entries[-1])
     again = explain_run.explain_sample(run, sample_id, "saliency", model=model, dataset=data, sanity=False)
     np.testing.assert_array_equal(first.attribution, again.attribution)
     assert first.scores == again.scores
     with np.load(entries[-1], allow_pickle=False) as rewritten:
         np.testing.assert_array_equal(rewritten["attribution"], first.attribution)
+
+
+def test_the_sanity_verdict_is_taken_once_on_the_probe_set_and_each_sample_costs_one_more_map(digits_run, digits,
+                                                                                               monkeypatch):
+    """issue 18: the randomisation check is computed once per model, method and options on a fixed probe set; a
+    click adds one map of the fully randomised model. Its numbers are the cascade's last step (the same weights for
+    the same seed), checked against randomisation_check run independently."""
+    import analyzers.explanations.explain_run as explain_run
+    import analyzers.explanations.faithfulness as faithfulness
+    from analyzers.loading.runs import open_run
+
+    import shutil
+
+    shutil.rmtree(digits_run / "explanations", ignore_errors=True)  # the run is shared: no probe verdict cached yet
+    model, data = digits
+    run = open_run(digits_run)
+    calls = []
+    real_explain = faithfulness.explain
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[1]))
+        return real_explain(*args, **kwargs)
+
+    monkeypatch.setattr(faithfulness, "explain", counted)
+    monkeypatch.setattr(explain_run, "explain", counted)
+    first, second = (str(i) for i in run.samples["id"][[11, 12]])
+    a = explain_run.explain_sample(run, first, "saliency", model=model, dataset=data)
+    probe_calls = len(calls)
+    assert probe_calls == 4  # the map; the probe's maps, original and randomised; this sample's randomised map
+    b = explain_run.explain_sample(run, second, "saliency", model=model, dataset=data)
+    assert calls[probe_calls:] == [1, 1]  # the map and the randomised model's map of this one sample, nothing more
+    monkeypatch.setattr(faithfulness, "explain", real_explain)
+    monkeypatch.setattr(explain_run, "explain", real_explain)
+
+    probe = explain_run.probe_inputs(data)
+    cascade = randomisation_check(model, probe, "saliency", background=explain_run.background_sample(data))
+    assert a.scores["sanity_mean_corr"] == pytest.approx(cascade.mean_final_corr, abs=1e-5)
+    assert a.scores["sanity_flag"] == b.scores["sanity_flag"] == cascade.flagged
+    rows = explain_run.resolve_rows(data, [first, second])
+    targets = explain_run.resolve_targets(run, data, rows, "pred", model.num_classes)
+    own = randomisation_check(model, data.x[rows], "saliency", targets,
+                              background=explain_run.background_sample(data))
+    np.testing.assert_allclose([a.scores["sanity_rank_corr"], b.scores["sanity_rank_corr"]], own.final_corr,
+                               atol=1e-5)

@@ -190,6 +190,10 @@ def test_group_metrics_and_largest_gap():
     assert gap.worst_group == "south" and gap.gap == pytest.approx(table["accuracy"].max() - table["accuracy"].min())
     assert largest_gap(table, metric="error_rate").worst_group == "south"
     assert len(group_metrics(s, probs, "score", bins=4)) == 4  # a numeric column is cut into quantile groups
+    # issue 18, item 7: numeric groups read in value order (as pandas orders its bins), not by accuracy or as text
+    spread = s.assign(spread=rng.normal(size=n) * 40)
+    bins = pd.qcut(spread["spread"], q=5).cat.categories.astype(str).tolist()
+    assert group_metrics(spread, probs, "spread").group.tolist() == bins
     with pytest.raises(AnalyzerError, match="no column 'colour'"):
         group_metrics(s, probs, "colour")
     with pytest.raises(AnalyzerError, match="distinct values"):

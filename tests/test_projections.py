@@ -259,3 +259,64 @@ def test_default_samples_are_10k_and_5k_for_3d_tsne():
     x, _ = _blobs(40, features=5)
     assert project(x, method="tsne", dims=3).params["fit_sample"] == 5_000
     assert project(x, method="tsne", dims=2).params["fit_sample"] == 10_000
+
+
+def test_progress_rises_to_one_and_an_exception_from_it_stops_the_optimisation():
+    """issue 18: t-SNE and UMAP tell how far they are from inside their optimisation, and a cancel stops them."""
+    x, _ = _blobs(150)
+    for method in ("tsne", "umap"):
+        seen = []
+        project(x, method=method, n_epochs=100, progress=lambda f, stage: seen.append(f))
+        assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen) and len(seen) >= 4
+
+        class Cancelled(Exception):
+            pass
+
+        def cancel_halfway(fraction, stage):
+            if fraction > 0.5:
+                raise Cancelled(stage)
+
+        with pytest.raises(Cancelled, match="iteration"):  # inside the iterations, not after them
+            project(x, method=method, n_epochs=100, progress=cancel_halfway)
+
+
+def test_the_projection_helper_reports_progress_stores_the_same_map_and_cancels(digits_run, tmp_path):
+    """issue 18: a projection in the helper process gives the table ensure_projection gives in this process, its
+    progress moves while it runs, and a cancelled one ends the helper and stores nothing."""
+    import shutil
+    import time
+
+    from analyzers.engines.projector import Projector
+    from analyzers.loading.runs import open_run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(digits_run, run_dir)
+    run = open_run(run_dir)
+    layer = run.info["embedding_layer"]
+    projector = Projector()
+    try:
+        job = projector.submit(run_dir, layer, "tsne")
+        fractions = []
+        while job.state == "running" and job.elapsed_s < 120:
+            fractions.append(job.fraction)
+            time.sleep(0.05)
+        assert job.state == "done", job.error
+        assert len(set(fractions)) >= 3 and fractions == sorted(fractions)
+        stored = pd.read_parquet(run_dir / projection_relpath(layer, "tsne", 2))
+        (run_dir / projection_relpath(layer, "tsne", 2)).unlink()
+        here = ensure_projection(run, layer, "tsne", 2)
+        pd.testing.assert_frame_equal(stored, here)
+
+        job = projector.submit(run_dir, layer, "umap")
+        while job.fraction == 0.0 and job.elapsed_s < 60:
+            time.sleep(0.05)
+        helper = projector._process
+        job.cancel()
+        assert job.state == "cancelled" and helper.wait(timeout=10) != 0
+        assert not (run_dir / projection_relpath(layer, "umap", 2)).exists()
+        job = projector.submit(run_dir, "no-such-layer", "tsne")  # a new helper takes the next request
+        while job.state == "running" and job.elapsed_s < 60:
+            time.sleep(0.05)
+        assert job.state == "failed" and "no embeddings of layer 'no-such-layer'" in job.error
+    finally:
+        projector.close()

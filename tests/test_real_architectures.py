@@ -166,11 +166,11 @@ def test_a_single_position_convolution_is_not_the_default_and_its_maps_are_degen
     assert degenerate_maps(attr).all()
     targets = np.zeros(len(x), dtype=np.int64)
     _, table = score_samples(model, x, targets, "gradcam", options={"layer": "conv2"}, background=x, mask=None,
-                             batch_size=8, sanity=True, cache_dir=tmp_path, sample_ids=[str(i) for i in range(6)])
+                             batch_size=8, sanity=True, probe=None, cache_dir=tmp_path)
     assert table["degenerate"].all() and table["deletion_auc"].isna().all() and table["insertion_auc"].isna().all()
     assert table["sanity_flag"].all() and table["sanity_rank_corr"].isna().all()
     _, good = score_samples(model, x, targets, "gradcam", options={"layer": "conv1"}, background=x, mask=None,
-                            batch_size=8, sanity=False, cache_dir=tmp_path, sample_ids=[str(i) for i in range(6)])
+                            batch_size=8, sanity=False, probe=None, cache_dir=tmp_path)
     assert not good["degenerate"].any() and good["deletion_auc"].notna().all()
 
 

@@ -44,6 +44,20 @@ def test_a_model_wrong_inside_a_feature_range_gives_that_range_as_top_slice():
     assert top["score"] == pytest.approx(slice_score(1.0, wrong.sum(), overall_error=wrong.mean(), n=n))
 
 
+def test_the_label_or_prediction_alone_is_no_feature_slice():
+    """issue 18, item 9: on images with no metadata, `pred == "8"` was listed as a features slice; the label and the
+    prediction narrow a real feature's slice, and alone they are the confusion matrix's rows and columns."""
+    rng = np.random.default_rng(5)
+    n = 1500
+    label = rng.integers(0, 3, n)
+    wrong = ((label == 1) & (rng.random(n) < 0.6)) | (rng.random(n) < 0.02)
+    samples = _table(n, 3, wrong, label=label)
+    assert len(feature_slices(samples)) == 0
+    samples["noise"] = rng.random(n)  # a feature that explains nothing: still no slice on the label alone
+    kept = feature_slices(samples)
+    assert all("noise" in row for row in kept["description"])
+
+
 def test_a_spurious_cue_shows_as_label_and_metadata_rule():
     rng = np.random.default_rng(2)
     n = 2000
@@ -70,7 +84,10 @@ def test_embedding_clusters_find_an_error_pocket_without_metadata():
     top = slices.iloc[0]
     members = np.isin(samples["id"], top["ids"])
     assert (members == (cluster == 2)).mean() > 0.99
-    assert top["source"] == "embeddings" and top["description"].startswith("embedding cluster") and "fc1" in top["description"]
+    assert top["source"] == "embeddings" and top["cluster"] == top["cluster"]  # the k-means index stays a column
+    # issue 18, item 9: worded in the user's terms, not the clustering's
+    assert re.fullmatch(r"\d+ samples close together in fc1's activations: \d+% labelled .+, \d+% predicted .+",
+                        top["description"]) and "cluster" not in top["description"]
     assert top["error_rate"] > 0.6
 
 

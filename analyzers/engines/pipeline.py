@@ -132,7 +132,8 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
                  analyses: list | None = None, allow_import: bool = False, progress: bool = False,
                  report: Callable[[str, float], None] | None = None, stage_options: dict | None = None,
                  isolation: str = "auto", owner: dict | None = None, arch_kwargs: dict | None = None,
-                 class_names: list | None = None, inputs: str | None = None) -> Path:
+                 class_names: list | None = None, inputs: str | None = None,
+                 file_names: dict | None = None) -> Path:
     """Analyse a model on a dataset and store the run at `out`; returns `out`.
 
     If `out` already holds a complete run of the same model, data and parameters it is reused as it is. A different
@@ -151,6 +152,8 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
     several inputs (a `.pt2` records its own); they are recorded in run.json so the model can be rebuilt.
     `owner` (`{"id": ..., "name": ...}`, the signed-in person on a dashboard with sign-in) is recorded in run.json:
     the dashboard lets only the owner replace or delete the run.
+    `file_names` (`{"model": ..., "dataset": ...}`) are the files' names as the person knows them (an upload's name,
+    not the workspace's hashed copy), recorded as run.json's `model.name` and `dataset.name` for every header.
     """
     given = None
     if not isinstance(model_spec, str):  # a model already in memory: wrap_module(...) or a plain nn.Module
@@ -197,7 +200,7 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
     if given is None and sandboxed(model_spec, arch, isolation):
         return _run_sandboxed(model_spec, data_spec, out, arch=arch, input_shape=input_shape, class_names=class_names,
                               data_options=data_options, param_options=param_options, device=device,
-                              overwrite=overwrite, report=report, owner=owner)
+                              overwrite=overwrite, report=report, owner=owner, file_names=file_names)
     from ..loading.models import load_model
 
     model = given or load_model(model_spec, arch=arch, input_shape=input_shape, allow_import=allow_import,
@@ -216,7 +219,7 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
         checked = check_run_files(stage_dir, num_samples=len(dataset), num_classes=model.num_classes)
         write_json(stage_dir / RUN_INFO, _run_info(model_spec, data_spec, model, describe_dataset(dataset), arch,
                                                    params, summary, sandbox=None, accuracy=checked["accuracy"],
-                                                   owner=owner))
+                                                   owner=owner, file_names=file_names))
     report("done", 1.0)
     return out
 
@@ -314,7 +317,7 @@ def write_run_files(model, dataset, stage_dir, *, params: dict, stages, device: 
 
 
 def _run_sandboxed(model_spec, data_spec, out: Path, *, arch, input_shape, data_options, param_options, device,
-                   overwrite, report, owner, class_names=None) -> Path:
+                   overwrite, report, owner, class_names=None, file_names=None) -> Path:
     from ..loading.sandbox import copy_worker_output, open_sandboxed
 
     model, dataset = open_sandboxed(model_spec, spec=model_spec, arch=arch, input_shape=input_shape,
@@ -337,23 +340,32 @@ def _run_sandboxed(model_spec, data_spec, out: Path, *, arch, input_shape, data_
             checked = check_run_files(stage_dir, num_samples=num_samples, num_classes=model.num_classes)
             write_json(stage_dir / RUN_INFO, _run_info(model_spec, data_spec, model, dataset, arch, params, summary,
                                                        sandbox=model.sandbox, accuracy=checked["accuracy"],
-                                                       owner=owner))
+                                                       owner=owner, file_names=file_names))
     report("done", 1.0)
     return out
 
 
+def _display_name(spec, given) -> str:
+    """How a file is named to the person: the name given (as uploaded), else the last part of its spec."""
+    text = given if isinstance(given, str) and given.strip() else str(spec).replace("\\", "/").rsplit("/", 1)[-1]
+    return text.strip()[:200]
+
+
 def _run_info(model_spec, data_spec, model, dataset: dict, arch, params, summary: dict, *, sandbox,
-              accuracy: float, owner: dict | None = None) -> dict:
+              accuracy: float, owner: dict | None = None, file_names: dict | None = None) -> dict:
+    file_names = file_names or {}
     return {
         "owner": None if owner is None else {"id": owner["id"], "name": owner.get("name") or owner["id"]},
         "format_version": RUN_FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {"spec": model_spec, "sha256": model.sha256, "source": model.source, "arch": arch,
+        "model": {"spec": model_spec, "name": _display_name(model_spec, file_names.get("model")),
+                  "sha256": model.sha256, "source": model.source, "arch": arch,
                   "arch_kwargs": params.get("arch_kwargs"),
                   "input_shape": list(model.input_shape), "output_kind": model.output_kind,
                   "inputs": model.input_layout.to_json() if getattr(model, "input_layout", None) else None,
                   "layers": list(model.layers), "layer_kinds": dict(model.layer_kinds)},
-        "dataset": {"spec": data_spec, "sha256": dataset["sha256"], "modality": dataset["modality"],
+        "dataset": {"spec": data_spec, "name": _display_name(data_spec, file_names.get("dataset")),
+                    "sha256": dataset["sha256"], "modality": dataset["modality"],
                     "feature_names": dataset["feature_names"], "metadata_columns": dataset["metadata_columns"],
                     "ground_truth_columns": dataset["ground_truth_columns"]},
         "num_samples": int(dataset["num_samples"]),

@@ -95,19 +95,42 @@ def compare_predictions(ids, labels, probs_a, probs_b, *, class_names=None, slic
     return Comparison(summary=summary, per_class=per_class, per_slice=per_slice, disagreements=disagreements)
 
 
+def _closest_slices(slices: pd.DataFrame) -> tuple[list, list]:
+    """For each slice, the other run's slice sharing most samples (Jaccard of the member ids) and that overlap:
+    two runs' clusters are matched by their samples, never by their numbers or names."""
+    members = [set(map(str, s)) for s in slices["ids"]]
+    runs = slices["run"].tolist() if "run" in slices else [""] * len(slices)
+    closest, overlap = [], []
+    for i, own in enumerate(members):
+        best, score = None, 0.0
+        for j, other in enumerate(members):
+            if runs[j] == runs[i] or not own or not other:
+                continue
+            jaccard = len(own & other) / len(own | other)
+            if jaccard > score:
+                best, score = slices["description"].iloc[j], jaccard
+        closest.append(best)
+        overlap.append(score)
+    return closest, overlap
+
+
 def _per_slice(ids, right_a, right_b, slices) -> pd.DataFrame:
-    columns = ["run", "source", "description", "size", "error_rate_a", "error_rate_b", "error_rate_delta", "ids"]
+    columns = ["run", "source", "description", "size", "error_rate_a", "error_rate_b", "error_rate_delta",
+               "closest_in_other_run", "overlap", "ids"]
     if slices is None or len(slices) == 0:
         return pd.DataFrame(columns=columns)
     position = pd.Series(np.arange(len(ids)), index=ids)
+    slices = slices.reset_index(drop=True)
+    closest, overlap = _closest_slices(slices)
     rows = []
-    for _, s in slices.iterrows():
+    for index, s in slices.iterrows():
         members = position.reindex(list(s["ids"])).dropna().to_numpy(dtype=np.int64)
         if len(members) == 0:
             continue
         ea, eb = 1 - right_a[members].mean(), 1 - right_b[members].mean()
         rows.append({"run": s.get("run", ""), "source": s.get("source", ""), "description": s["description"],
                      "size": len(members), "error_rate_a": ea, "error_rate_b": eb, "error_rate_delta": eb - ea,
+                     "closest_in_other_run": closest[index], "overlap": overlap[index],
                      "ids": ids[members].tolist()})
     table = pd.DataFrame(rows, columns=columns)
     return table.sort_values("error_rate_delta", key=np.abs, ascending=False, kind="stable").reset_index(drop=True)

@@ -375,7 +375,8 @@ def group_metrics(samples: pd.DataFrame, probs, column: str, *, bins: int = 5, n
 
     Columns: group, size, share, accuracy, error_rate, balanced_accuracy (mean recall over the classes present in the
     group), mean_confidence, ece, and for two classes positive_rate, true_positive_rate, false_positive_rate
-    (`positive_class` is the positive one). Sorted by accuracy, worst first.
+    (`positive_class` is the positive one). A numeric column's groups are in value order (its bins read left to
+    right, "missing" last); other groups by accuracy, worst first.
     """
     if column not in samples.columns:
         raise AnalyzerError(f"no column {column!r} in the samples table: choose one of {', '.join(map(str, samples.columns))}")
@@ -413,7 +414,17 @@ def group_metrics(samples: pd.DataFrame, probs, column: str, *, bins: int = 5, n
             table["positive_rate"] = np.bincount(codes, weights=pos_pred, minlength=g) / size
             table["true_positive_rate"] = np.bincount(codes, weights=pos_pred * pos_true, minlength=g) / n_pos
             table["false_positive_rate"] = np.bincount(codes, weights=pos_pred * ~pos_true, minlength=g) / n_neg
+    if samples[column].dtype.kind in "fiu":
+        return table.iloc[np.argsort([_group_position(u) for u in table["group"]], kind="stable")].reset_index(drop=True)
     return table.sort_values(["accuracy", "group"], kind="stable").reset_index(drop=True)
+
+
+def _group_position(group: str) -> float:
+    """Where a numeric group sits: its value, or its bin's left edge ("(0.5, 1.2]" -> 0.5); "missing" last."""
+    try:
+        return float(group.strip("([").split(",")[0])
+    except ValueError:
+        return np.inf
 
 
 @dataclass(frozen=True)

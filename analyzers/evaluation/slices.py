@@ -237,8 +237,11 @@ def feature_slices(samples: pd.DataFrame, *, class_names=None, columns=None, min
             path.append((int(t.feature[p]), bool(went_right[node]), float(t.threshold[p])))
             node = p
         description, conditions = _rule(path[::-1], specs)
-        if {"label", "pred"} <= {c["column"] for c in conditions}:
-            continue  # a rule on both label and prediction is a confusion cell, wrong by definition, not a finding
+        used = {c["column"] for c in conditions}
+        if used <= {"label", "pred"}:
+            # the label or the prediction alone is a row or column of the confusion matrix, and both together a cell
+            # of it: no feature. They narrow a feature's slice ("label == circle and background == green")
+            continue
         members = paths.indices[paths.indptr[j]:paths.indptr[j + 1]]
         rows.append({"description": description, "conditions": json.dumps(conditions), "members": members,
                      "size": int(size[j]), "errors": int(err[j])})
@@ -364,15 +367,16 @@ def embedding_slices(samples: pd.DataFrame, embeddings, *, class_names=None, lay
     pred_counts = np.bincount(assign * nk + preds, minlength=n_clusters * nk).reshape(n_clusters, nk)
     by_cluster = np.argsort(assign, kind="stable")
     cuts = np.searchsorted(assign[by_cluster], np.arange(n_clusters + 1))
-    where = f" of {layer}" if layer else ""
     rows = []
     for c in range(n_clusters):
         if size[c] < min_size or (overall > 0 and err[c] / size[c] <= overall):
             continue
         top_label, top_pred = label_counts[c].argmax(), pred_counts[c].argmax()
-        description = (f"embedding cluster {c}{where}: label {_quote(names[top_label])} "
-                       f"({label_counts[c, top_label] / size[c]:.0%}), predicted {_quote(names[top_pred])} "
-                       f"({pred_counts[c, top_pred] / size[c]:.0%})")
+        # in the user's terms, not the clustering's: what the samples are, and where they sit
+        space = f"{layer}'s activations" if layer else "the model's activations"
+        description = (f"{size[c]} samples close together in {space}: "
+                       f"{label_counts[c, top_label] / size[c]:.0%} labelled {_quote(names[top_label])}, "
+                       f"{pred_counts[c, top_pred] / size[c]:.0%} predicted {_quote(names[top_pred])}")
         rows.append({"description": description, "conditions": json.dumps([{"cluster": c, "layer": layer}]),
                      "members": by_cluster[cuts[c]:cuts[c + 1]], "size": int(size[c]), "errors": int(err[c]),
                      "cluster": c})

@@ -40,11 +40,14 @@ class MethodInfo:
     needs_background: bool = False
     needs_conv_layer: bool = False
     signed: bool = True  # attributions can be negative (evidence against the class)
+    # per unit of each input feature (a gradient): on tables, a feature measured in small numbers gets large values
+    # whatever its importance, so they are compared per standard deviation (`per_standard_deviation`)
+    per_input_unit: bool = False
 
 
 METHODS = {
     "saliency": MethodInfo("saliency", "Saliency", "absolute gradient of the class score with respect to the input",
-                           {}, signed=False),
+                           {}, signed=False, per_input_unit=True),
     "input_x_gradient": MethodInfo("input_x_gradient", "Input × gradient", "input times the gradient of the score",
                                    {}),
     "integrated_gradients": MethodInfo(
@@ -53,7 +56,7 @@ METHODS = {
         {"baseline": "zeros", "n_steps": 50, "internal_batch_size": None}),
     "smoothgrad": MethodInfo("smoothgrad", "SmoothGrad", "saliency averaged over noisy copies of the input",
                              {"nt_samples": 16, "stdevs": 0.15}, modalities=("image", "sequence", "tabular"),
-                             signed=False),
+                             signed=False, per_input_unit=True),
     "occlusion": MethodInfo("occlusion", "Occlusion",
                             "drop in the class score when a window of the input is replaced by the baseline",
                             {"window": None, "stride": None, "baseline": "zeros"}),
@@ -64,6 +67,14 @@ METHODS = {
                        "shap's GradientExplainer: gradients between the input and samples of the dataset",
                        {"nsamples": 200}, modalities=("image", "sequence", "tabular"), needs_background=True),
 }
+
+
+def per_standard_deviation(attributions, x_all) -> np.ndarray:
+    """Feature attributions of tabular rows (N, F) per standard deviation of each feature over `x_all`: a gradient
+    times the feature's spread, the change in score for a typical change of that feature. For methods in the score's
+    own units (Integrated Gradients, input x gradient, occlusion, SHAP) the scale is already comparable."""
+    spread = np.asarray(x_all, dtype=np.float64).std(axis=0)
+    return (np.asarray(attributions, dtype=np.float64) * spread).astype(np.float32)
 
 
 def list_methods(modality: str | None = None) -> list[MethodInfo]:

@@ -11,6 +11,7 @@ Files written into the run directory (each atomically; new entries merged with w
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -24,7 +25,7 @@ import pandas as pd
 from ..errors import AnalyzerError
 from .attributions import METHODS, explain, reduce_for_display
 from .faithfulness import (degenerate_maps, deletion_insertion, ground_truth_scores, ig_completeness,
-                           interval_mask, randomisation_check)
+                           interval_mask, randomised_correlation)
 from ..loading.runs import read_cache_entry, write_atomic, write_parquet
 from ..loading.sandbox import runs_in_worker
 
@@ -32,6 +33,7 @@ EXPLANATIONS = "explanations"
 FAITHFULNESS = f"{EXPLANATIONS}/faithfulness.parquet"
 CACHE = f"{EXPLANATIONS}/cache"
 BACKGROUND_SIZE = 64
+PROBE_SIZE = 8  # samples on which the randomisation check's verdict is taken, once per model, method and options
 KEY_COLUMNS = ("id", "method", "target")
 
 
@@ -103,21 +105,38 @@ def method_options(method: str, layer=None, options: dict | None = None) -> dict
     return opts
 
 
-@runs_in_worker(scratch_kwargs=("cache_dir",))
-def score_samples(model, x: np.ndarray, targets: np.ndarray, method: str, *, options: dict, background: np.ndarray,
-                  mask: np.ndarray | None, batch_size: int, sanity: bool, cache_dir, sample_ids, seed: int = 0
-                  ) -> tuple[np.ndarray, pd.DataFrame]:
-    """Attributions of `method` for `x` and their faithfulness scores, one row per sample."""
-    base_choice = options.get("baseline", "zeros")
+def probe_inputs(dataset, seed: int = 0, size: int = PROBE_SIZE) -> np.ndarray:
+    """The fixed probe set of the randomisation check: PROBE_SIZE samples drawn with `seed`. The verdict is taken
+    on it once per model, method and options, and every sample explained after shares it."""
+    return background_sample(dataset, seed, size=size)
+
+
+@runs_in_worker
+def attribute_samples(model, x: np.ndarray, targets: np.ndarray, method: str, *, options: dict,
+                      background: np.ndarray, batch_size: int, seed: int = 0) -> tuple:
+    """The maps alone, what a person waits for: (attributions, completeness gap, steps). Integrated Gradients
+    raises its steps until it is complete (the gap is NaN and the steps -1 for the other methods)."""
     gap = np.full(len(x), np.nan)
     steps = np.full(len(x), -1, dtype=np.int64)
     if method == "integrated_gradients":
-        result = ig_completeness(model, x, targets, baseline=base_choice, background=background,
+        result = ig_completeness(model, x, targets, baseline=options.get("baseline", "zeros"), background=background,
                                  n_steps=options.get("n_steps", 50), batch_size=batch_size,
                                  internal_batch_size=options.get("internal_batch_size"))
-        attr, gap, steps = result.attributions, result.gap, result.n_steps
-    else:
-        attr = explain(model, x, targets, method, batch_size=batch_size, background=background, seed=seed, **options)
+        return result.attributions, result.gap, result.n_steps
+    attr = explain(model, x, targets, method, batch_size=batch_size, background=background, seed=seed, **options)
+    return attr, gap, steps
+
+
+@runs_in_worker(scratch_kwargs=("cache_dir",))
+def faithfulness_table(model, x: np.ndarray, targets: np.ndarray, method: str, attr: np.ndarray, *, options: dict,
+                       background: np.ndarray, mask: np.ndarray | None, batch_size: int, sanity: bool,
+                       probe: np.ndarray | None, cache_dir, seed: int = 0) -> pd.DataFrame:
+    """The scores of maps already computed, one row per sample: deletion and insertion AUC, the randomisation
+    check, and the planted ground truth's share where there is one.
+
+    The sanity verdict is taken on `probe` (cached in `cache_dir`), and each sample gets its own rank correlation
+    with the fully randomised model's map: one more map per sample instead of one per layer."""
+    base_choice = options.get("baseline", "zeros")
     # A constant (or all-zero) map ranks nothing: deleting "its most important pixels first" is an arbitrary order,
     # so it gets no faithfulness score, and it fails the sanity check.
     degenerate = degenerate_maps(attr)
@@ -126,14 +145,17 @@ def score_samples(model, x: np.ndarray, targets: np.ndarray, method: str, *, opt
     table = pd.DataFrame({
         "deletion_auc": np.where(degenerate, np.nan, curves.deletion_auc).astype(np.float32),
         "insertion_auc": np.where(degenerate, np.nan, curves.insertion_auc).astype(np.float32),
-        "completeness_gap": gap.astype(np.float32), "ig_n_steps": steps, "degenerate": degenerate,
+        "degenerate": degenerate,
     })
     if sanity:
-        check = randomisation_check(model, x, method, targets, batch_size=batch_size, seed=seed, cache_dir=cache_dir,
-                                    sample_ids=sample_ids, background=background, **options)
-        table["sanity_rank_corr"] = check.final_corr.astype(np.float32)
-        table["sanity_mean_corr"] = np.float32(check.mean_final_corr)
-        table["sanity_flag"] = check.sample_flags | degenerate
+        check_options = {**options, "background": background}
+        verdict = randomised_correlation(model, probe if probe is not None else x, method, None,
+                                         batch_size=batch_size, seed=seed, cache_dir=cache_dir, **check_options)
+        own = randomised_correlation(model, x, method, targets, attributions=attr, batch_size=batch_size, seed=seed,
+                                     **check_options)
+        table["sanity_rank_corr"] = own.corr.astype(np.float32)
+        table["sanity_mean_corr"] = np.float32(verdict.mean_corr)
+        table["sanity_flag"] = degenerate | verdict.flagged
     else:
         table["sanity_rank_corr"] = np.float32(np.nan)
         table["sanity_mean_corr"] = np.float32(np.nan)
@@ -144,6 +166,19 @@ def score_samples(model, x: np.ndarray, targets: np.ndarray, method: str, *, opt
         truth = ground_truth_scores(attr, mask)
         table["mass_inside"] = np.where(degenerate, np.nan, truth.mass_inside).astype(np.float32)
         table["pointing_hit"] = truth.pointing_hit & ~degenerate  # a constant map points nowhere
+    return table
+
+
+def score_samples(model, x: np.ndarray, targets: np.ndarray, method: str, *, options: dict, background: np.ndarray,
+                  mask: np.ndarray | None, batch_size: int, sanity: bool, probe: np.ndarray | None, cache_dir,
+                  seed: int = 0) -> tuple[np.ndarray, pd.DataFrame]:
+    """Attributions of `method` for `x` and their faithfulness scores, one row per sample."""
+    attr, gap, steps = attribute_samples(model, x, targets, method, options=options, background=background,
+                                         batch_size=batch_size, seed=seed)
+    table = faithfulness_table(model, x, targets, method, attr, options=options, background=background, mask=mask,
+                               batch_size=batch_size, sanity=sanity, probe=probe, cache_dir=cache_dir, seed=seed)
+    table.insert(2, "completeness_gap", np.asarray(gap, dtype=np.float32))
+    table.insert(3, "ig_n_steps", np.asarray(steps, dtype=np.int64))
     return attr, table
 
 
@@ -205,6 +240,7 @@ def explain_run(run_dir, ids, methods, *, target="pred", layer=None, batch_size:
     x = dataset.x[rows]
     sample_ids = [str(dataset.ids[r]) for r in rows]
     background = background_sample(dataset, seed)
+    probe = probe_inputs(dataset, seed)
     mask = ground_truth_mask(dataset, rows)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     tables, skipped = [], {}
@@ -212,8 +248,8 @@ def explain_run(run_dir, ids, methods, *, target="pred", layer=None, batch_size:
         try:
             opts = method_options(method, layer, (options or {}).get(method))
             attr, table = score_samples(model, x, targets, method, options=opts, background=background, mask=mask,
-                                        batch_size=batch_size, sanity=sanity, cache_dir=run.file(CACHE),
-                                        sample_ids=sample_ids, seed=seed)
+                                        batch_size=batch_size, sanity=sanity, probe=probe,
+                                        cache_dir=run.file(CACHE), seed=seed)
         except AnalyzerError as exc:
             skipped[method] = str(exc)
             continue
@@ -268,25 +304,40 @@ class SampleExplanation:
     scores: dict  # deletion_auc, insertion_auc, completeness_gap, sanity_rank_corr, sanity_flag, mass_inside, ...
 
 
-def _read_cached_explanation(path: Path, *, shape) -> tuple[np.ndarray, dict] | None:
-    """A cached (attribution, scores), or None when there is none or it is damaged (then it is recomputed)."""
+def _read_cached(path: Path, *, shape) -> tuple[np.ndarray | None, dict] | None:
+    """A cached (attribution or None, scores), or None when there is none or it is damaged (then it is recomputed)."""
     entry = read_cache_entry(path)
-    if entry is None or set(entry) != {"attribution", "scores"}:
+    if entry is None or not {"scores"} <= set(entry) <= {"attribution", "scores"}:
         return None
-    attr = entry["attribution"]
     try:
         scores = json.loads(str(entry["scores"]))
     except ValueError:
         return None
-    if attr.shape != tuple(shape) or attr.dtype.kind != "f" or not isinstance(scores, dict):
+    attr = entry.get("attribution")
+    if not isinstance(scores, dict) or (attr is not None and (attr.shape != tuple(shape) or attr.dtype.kind != "f")):
         return None
     return attr, scores
 
 
-def explain_sample(run, sample_id, method: str, *, target="pred", model=None, dataset=None, batch_size: int = 64,
-                   sanity: bool = True, seed: int = 0, **options) -> SampleExplanation:
-    """One sample's map and faithfulness scores, cached under the run's explanations/cache by (model hash, method,
-    options, sample id, target). `run` is an opened Run or its path; pass the dashboard's loaded model and dataset."""
+def _write_cached(path: Path, scores: dict, attribution: np.ndarray | None = None) -> None:
+    def _save(tmp: Path) -> None:
+        arrays = {"scores": np.asarray(json.dumps(scores))}
+        if attribution is not None:
+            arrays["attribution"] = attribution
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    write_atomic(path, _save)
+
+
+def _plain(value):
+    """A table cell as JSON has it: None for NaN, bool for booleans, float otherwise."""
+    if pd.isna(value):
+        return None
+    return bool(value) if isinstance(value, (bool, np.bool_)) else float(value)
+
+
+def _sample_setup(run, sample_id, method, target, model, dataset, options):
     from ..engines.pipeline import load_run_inputs
     from ..loading.runs import Run, open_run
 
@@ -297,28 +348,74 @@ def explain_sample(run, sample_id, method: str, *, target="pred", model=None, da
         model, dataset = load_run_inputs(run)
     rows = resolve_rows(dataset, [sample_id])
     targets = resolve_targets(run, dataset, rows, target, model.num_classes)
-    opts = method_options(method, None, options)
-    # "scores": 2 since degenerate maps lost their faithfulness scores: entries from before are recomputed
-    key = json.dumps({"scores": 2, "model": model.sha256, "method": method, "options": opts, "id": str(sample_id),
-                      "target": int(targets[0]), "sanity": sanity, "seed": seed}, sort_keys=True, default=str)
-    path = run.file(f"{CACHE}/sample-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz")
-    modality = dataset.modality
-    cached = _read_cached_explanation(path, shape=dataset.attribution_shape)
-    if cached is not None:
+    return run, model, dataset, rows, targets, method_options(method, None, options)
+
+
+def _cache_file(run, kind: str, key: dict) -> Path:
+    text = json.dumps(key, sort_keys=True, default=str)
+    return run.file(f"{CACHE}/{kind}-{hashlib.sha256(text.encode()).hexdigest()[:24]}.npz")
+
+
+def sample_map(run, sample_id, method: str, *, target="pred", model=None, dataset=None, batch_size: int = 64,
+               seed: int = 0, **options) -> SampleExplanation:
+    """One sample's map, without its scores (`scores` holds only Integrated Gradients' completeness gap, which
+    comes with the map): what the dashboard draws first. Cached under the run's explanations/cache by (model hash,
+    method, options, sample id, target class)."""
+    run, model, dataset, rows, targets, opts = _sample_setup(run, sample_id, method, target, model, dataset, options)
+    key = {"model": model.sha256, "method": method, "options": opts, "id": str(sample_id),
+           "target": int(targets[0]), "seed": seed}
+    path = _cache_file(run, "map", key)
+    cached = _read_cached(path, shape=dataset.attribution_shape)
+    if cached is not None and cached[0] is not None:
         attr, scores = cached
     else:
-        x = dataset.x[rows]
-        attr, table = score_samples(model, x, targets, method, options=opts, background=background_sample(dataset, seed),
-                                    mask=ground_truth_mask(dataset, rows), batch_size=batch_size, sanity=sanity,
-                                    cache_dir=run.file(CACHE), sample_ids=[str(sample_id)], seed=seed)
+        attr, gap, steps = attribute_samples(model, dataset.x[rows], targets, method, options=opts,
+                                             background=background_sample(dataset, seed), batch_size=batch_size,
+                                             seed=seed)
         attr = attr[0]
-        scores = {k: (None if pd.isna(v) else (bool(v) if isinstance(v, (bool, np.bool_)) else float(v)))
-                  for k, v in table.iloc[0].items()}
-
-        def _save(tmp: Path) -> None:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, attribution=attr, scores=np.asarray(json.dumps(scores)))
-
-        write_atomic(path, _save)
+        scores = {"completeness_gap": _plain(gap[0]), "ig_n_steps": int(steps[0])}
+        _write_cached(path, scores, attr)
     return SampleExplanation(id=str(sample_id), method=method, target_class=int(targets[0]), attribution=attr,
-                             display=reduce_for_display(attr[None], modality)[0], scores=scores)
+                             display=reduce_for_display(attr[None], dataset.modality)[0], scores=scores)
+
+
+def sample_scores(run, explanation: SampleExplanation, *, model=None, dataset=None, batch_size: int = 64,
+                  sanity: bool = True, seed: int = 0, **options) -> dict:
+    """The faithfulness scores of a map from `sample_map` (the same `options`): deletion and insertion AUC, the
+    sanity check (its verdict from the run's fixed probe set, computed once per model, method and options; this
+    sample's own correlation), and the planted ground truth's share. Cached like the map."""
+    method, sample_id = explanation.method, explanation.id
+    run, model, dataset, rows, _, opts = _sample_setup(run, sample_id, method, "pred", model, dataset, options)
+    targets = np.asarray([explanation.target_class], dtype=np.int64)
+    # "scores": 3 since the sanity verdict is taken on the probe set: entries from before are recomputed
+    key = {"scores": 3, "model": model.sha256, "method": method, "options": opts, "id": str(sample_id),
+           "target": int(targets[0]), "sanity": sanity, "seed": seed}
+    path = _cache_file(run, "scores", key)
+    cached = _read_cached(path, shape=dataset.attribution_shape)
+    if cached is not None:
+        return {**explanation.scores, **cached[1]}
+    table = faithfulness_table(model, dataset.x[rows], targets, method, explanation.attribution[None], options=opts,
+                               background=background_sample(dataset, seed), mask=ground_truth_mask(dataset, rows),
+                               batch_size=batch_size, sanity=sanity,
+                               probe=probe_inputs(dataset, seed) if sanity else None, cache_dir=run.file(CACHE),
+                               seed=seed)
+    scores = {k: _plain(v) for k, v in table.iloc[0].items()}
+    _write_cached(path, scores)
+    return {**explanation.scores, **scores}
+
+
+def explain_sample(run, sample_id, method: str, *, target="pred", model=None, dataset=None, batch_size: int = 64,
+                   sanity: bool = True, seed: int = 0, **options) -> SampleExplanation:
+    """One sample's map and its faithfulness scores (`sample_map`, then `sample_scores`), both cached in the run.
+    `run` is an opened Run or its path; pass the dashboard's loaded model and dataset."""
+    from ..engines.pipeline import load_run_inputs
+    from ..loading.runs import Run, open_run
+
+    run = run if isinstance(run, Run) else open_run(run)
+    if model is None or dataset is None:
+        model, dataset = load_run_inputs(run)
+    explanation = sample_map(run, sample_id, method, target=target, model=model, dataset=dataset,
+                             batch_size=batch_size, seed=seed, **options)
+    scores = sample_scores(run, explanation, model=model, dataset=dataset, batch_size=batch_size, sanity=sanity,
+                           seed=seed, **options)
+    return dataclasses.replace(explanation, scores=scores)

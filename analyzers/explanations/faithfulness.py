@@ -4,7 +4,8 @@
   area under each curve (deletion low and insertion high means the map found what the model uses).
 - `randomisation_check` (Adebayo et al., 2018): re-initialise the layers of a copy from the top down and measure the
   rank correlation between the original map and the map of the randomised model; a map that barely changes does not
-  reflect the model and is flagged.
+  reflect the model and is flagged. `randomised_correlation` is its last step alone (every layer randomised), for a
+  verdict on a fixed probe set and one more map per sample after it.
 - `ig_completeness`: Integrated Gradients sum to f(x) - f(baseline); the relative gap, with n_steps raised until small.
 - `ground_truth_scores`: fraction of attribution mass inside a planted ground truth and the pointing-game hit.
 """
@@ -14,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -115,6 +117,13 @@ def degenerate_maps(attributions) -> np.ndarray:
     return np.ptp(flat, axis=1) <= 1e-6 * scale
 
 
+def _flagged(corr: np.ndarray, degenerate: np.ndarray, threshold: float) -> bool:
+    """The maps barely change when the model is destroyed (mean correlation over the non-degenerate maps above
+    `threshold`), or are all constant: they do not reflect what the model learned."""
+    kept = corr[~degenerate]
+    return bool(degenerate.all()) or (len(kept) > 0 and float(np.mean(kept)) > threshold)
+
+
 @dataclass(frozen=True)
 class SanityCheck:
     layers: tuple  # layers re-initialised, top (output) first; step k has layers[:k+1] randomised
@@ -136,14 +145,29 @@ class SanityCheck:
 
     @property
     def flagged(self) -> bool:
-        """The maps barely change when the model is destroyed, or are all constant: they do not reflect what the
-        model learned."""
-        return bool(self.degenerate.all()) or self.mean_final_corr > self.threshold
+        return _flagged(self.rank_corr[-1], self.degenerate, self.threshold)
 
     @property
     def sample_flags(self) -> np.ndarray:
         """Per sample: flagged with the rest, or degenerate."""
         return self.degenerate | self.flagged
+
+
+@dataclass(frozen=True)
+class RandomisedCorrelation:
+    """The last step of the cascade alone: each map against the map of the fully randomised model."""
+    corr: np.ndarray  # (N,) Spearman correlation of |map| with the randomised model's |map|; NaN where degenerate
+    degenerate: np.ndarray  # (N,)
+    threshold: float
+
+    @property
+    def mean_corr(self) -> float:
+        kept = self.corr[~self.degenerate]
+        return float(np.mean(kept)) if len(kept) else math.nan
+
+    @property
+    def flagged(self) -> bool:
+        return _flagged(self.corr, self.degenerate, self.threshold)
 
 
 def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -241,6 +265,85 @@ def _cache_path(cache_dir, key: dict) -> Path:
     return Path(cache_dir) / f"sanity-{digest}.npz"
 
 
+def _score_map(attributions, ndim: int) -> np.ndarray:
+    """|map| per position: summed over channels for images and sequences, as is for features and tokens."""
+    a = np.abs(np.asarray(attributions, dtype=np.float32))
+    return a.reshape(len(a), -1) if ndim == 2 else a.sum(axis=1).reshape(len(a), -1)
+
+
+def _cascade(model, example: np.ndarray) -> tuple[nn.Module, list, dict]:
+    """A copy of the model, its parameter layers top (output) first, and its submodules by name: what the cascade
+    re-initialises, one more layer at each step."""
+    copy = _copy_module(model)
+    copy.eval()
+    layers = _parameter_layers(copy, torch.as_tensor(example[:1], device=module_device(copy)))[::-1]
+    if not layers:
+        raise AnalyzerError("the model has no parameters to randomise: the sanity check needs a trained model")
+    return copy, layers, dict(copy.named_modules())
+
+
+RANDOMISED_COPIES_KEPT = 2
+_RANDOMISED: "OrderedDict[tuple, object]" = OrderedDict()
+
+
+def randomised_model(model, example: np.ndarray, *, seed: int = 0):
+    """`model` with every parameter layer re-initialised, top first: the cascade's last step, with the same weights
+    for the same seed. The newest RANDOMISED_COPIES_KEPT are kept in memory, so that checking one more sample
+    costs one map, not one copy and one map per layer."""
+    key = (model_fingerprint(model), seed)
+    if key in _RANDOMISED:
+        _RANDOMISED.move_to_end(key)
+        return _RANDOMISED[key]
+    copy, layers, subs = _cascade(model, example)
+    generator = torch.Generator().manual_seed(seed)
+    for layer in layers:
+        reinitialise(subs[layer], generator)
+    _RANDOMISED[key] = randomised = _model_like(model, copy)
+    while len(_RANDOMISED) > RANDOMISED_COPIES_KEPT:
+        _RANDOMISED.popitem(last=False)
+    return randomised
+
+
+def randomised_correlation(model, inputs, method: str = "saliency", target=None, *, attributions=None,
+                           batch_size: int = 64, threshold: float = SANITY_THRESHOLD, seed: int = 0, cache_dir=None,
+                           **options) -> RandomisedCorrelation:
+    """Each map against the map of the fully randomised model (`randomised_model`): the verdict of
+    `randomisation_check` at the cost of one more map per sample. `attributions` (the original maps, already
+    computed) save one pass. With `cache_dir` the result is stored per (model, method, options, inputs) and reused:
+    a fixed probe set is checked once per model, method and layer."""
+    x, _ = _as_batch(model, inputs)
+    module = unwrap(model)
+    with analysis_mode(module):
+        targets = _targets(_scores_module(model), x, target, batch_size, module_device(module))
+    key = path = None
+    if cache_dir is not None:
+        key = {"check": "randomised", "model": model_fingerprint(model), "method": method, "options": options,
+               "seed": seed, "inputs": np.asarray(x), "targets": targets.tolist(), "threshold": threshold}
+        path = _cache_path(cache_dir, key)
+        from ..loading.runs import read_cache_entry
+
+        cached = read_cache_entry(path)  # None when missing or damaged: recomputed
+        if cached is not None and set(cached) == {"corr", "degenerate"} and cached["corr"].shape == (len(x),) \
+                and cached["corr"].dtype.kind == "f" and cached["degenerate"].dtype == bool \
+                and cached["degenerate"].shape == (len(x),):
+            return RandomisedCorrelation(corr=cached["corr"], degenerate=cached["degenerate"], threshold=threshold)
+    original = attributions if attributions is not None else explain(model, x, targets, method,
+                                                                     batch_size=batch_size, seed=seed, **options)
+    degenerate = degenerate_maps(original)
+    randomised = explain(randomised_model(model, x, seed=seed), x, targets, method, batch_size=batch_size, seed=seed,
+                         **options)
+    corr = np.where(degenerate, np.nan, spearman_rows(_score_map(original, x.ndim), _score_map(randomised, x.ndim)))
+    if path is not None:
+        from ..loading.runs import write_atomic
+
+        def _save(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, corr=corr, degenerate=degenerate)
+
+        write_atomic(path, _save)
+    return RandomisedCorrelation(corr=corr, degenerate=degenerate, threshold=threshold)
+
+
 def randomisation_check(model, inputs, method: str | Callable = "saliency", target=None, *, batch_size: int = 64,
                         threshold: float = SANITY_THRESHOLD, seed: int = 0, max_layers: int | None = None,
                         cache_dir=None, sample_ids=None, **options) -> SanityCheck:
@@ -276,27 +379,18 @@ def randomisation_check(model, inputs, method: str | Callable = "saliency", targ
             return np.asarray(method(m, x, targets), dtype=np.float32)
         return explain(m, x, targets, method, batch_size=batch_size, seed=seed, **options)
 
-    def score_map(a):
-        return np.abs(np.asarray(a, dtype=np.float32)).reshape(len(x), -1) if x.ndim == 2 else \
-            np.abs(np.asarray(a, dtype=np.float32)).sum(axis=1).reshape(len(x), -1)
-
     original_attr = attribute(model)
     degenerate = degenerate_maps(original_attr)
-    original = score_map(original_attr)
-    copy = _copy_module(model)
-    copy.eval()
-    layers = _parameter_layers(copy, torch.as_tensor(x[:1], device=module_device(copy)))[::-1]
+    original = _score_map(original_attr, x.ndim)
+    copy, layers, subs = _cascade(model, x)
     if max_layers is not None:
         layers = layers[:max_layers]
-    if not layers:
-        raise AnalyzerError("the model has no parameters to randomise: the sanity check needs a trained model")
     generator = torch.Generator().manual_seed(seed)
-    subs = dict(copy.named_modules())
     randomised = _model_like(model, copy)
     corr = np.zeros((len(layers), len(x)))
     for step, layer in enumerate(layers):
         reinitialise(subs[layer], generator)
-        corr[step] = spearman_rows(original, score_map(attribute(randomised)))
+        corr[step] = spearman_rows(original, _score_map(attribute(randomised), x.ndim))
     result = SanityCheck(layers=tuple(layers), rank_corr=corr, threshold=threshold, degenerate=degenerate)
     if key is not None:
         from ..loading.runs import write_atomic

@@ -97,7 +97,7 @@ def _configure_numba_cache() -> str:
 def project(embeddings, *, method: str = "pca", dims: int = 2, fit_sample: int | None = None, seed: int = 0,
             perplexity: float = 30.0, n_neighbors: int = 15, min_dist: float = 0.1, n_epochs: int | None = None,
             placement: str = "knn", n_jobs: int = 1,
-            pca_dims: int = PCA_DIMS_BEFORE_NEIGHBOURS) -> Projection:
+            pca_dims: int = PCA_DIMS_BEFORE_NEIGHBOURS, progress=None) -> Projection:
     """Project (N, D) activations to `dims` (2 or 3) coordinates with PCA, t-SNE or UMAP.
 
     PCA's axes are fitted on at most 20k points (`PCA_FIT_SAMPLE`) and every point is projected onto them. t-SNE and
@@ -106,7 +106,12 @@ def project(embeddings, *, method: str = "pca", dims: int = 2, fit_sample: int |
     at the coordinate-wise median of its nearest fitted points (seconds for 100k points), `"transform"` uses the
     library's own `transform` (optimises every new point: umap-learn took 69 s for 20k points on a busy 2-core
     machine).
+
+    `progress(fraction, stage)` is told how far the work is, from 0 to 1, with a few words on the step; it is called
+    from inside the optimisation (openTSNE's callbacks, umap-learn's epoch loop), so an exception it raises (a
+    person cancelled) stops the projection there.
     """
+    report = progress or (lambda fraction, stage: None)
     if method not in METHODS:
         raise AnalyzerError(f"unknown projection method {method!r}: choose one of {', '.join(METHODS)}")
     if dims not in (2, 3):
@@ -146,6 +151,7 @@ def project(embeddings, *, method: str = "pca", dims: int = 2, fit_sample: int |
         return Projection(coords=coords, method=method, dims=dims, fitted=fitted, params=params,
                           timings=_rounded(timings))
 
+    report(0.0, f"PCA to {pca_dims} dimensions" if d > pca_dims else "starting")
     if d > pca_dims:
         reduced, info = _timed(timings, "pca_before", lambda: pca(x, pca_dims, seed=seed))
         params["pca_before"] = {"n_components": pca_dims, "svd_solver": info["svd_solver"],
@@ -172,14 +178,16 @@ def project(embeddings, *, method: str = "pca", dims: int = 2, fit_sample: int |
     transform_rest = reduced[rest_idx] if len(rest_idx) and placement == "transform" else None
     fit_coords, rest_coords = fit_fn(reduced[fit_idx], transform_rest, dims=dims, seed=seed, n_jobs=n_jobs,
                                      params=params, timings=timings, perplexity=perplexity, n_neighbors=n_neighbors,
-                                     min_dist=min_dist, n_epochs=n_epochs)
+                                     min_dist=min_dist, n_epochs=n_epochs, report=report)
     coords[fit_idx] = fit_coords
     if len(rest_idx) and placement == "knn":
+        report(0.97, f"placing the other {len(rest_idx):,} points")
         rest_coords = _timed(timings, "placement", lambda: place_by_neighbours(
             reduced[fit_idx], fit_coords, reduced[rest_idx], k=KNN_PLACEMENT_K, n_jobs=n_jobs))
         params["knn_placement_k"] = KNN_PLACEMENT_K
     if len(rest_idx):
         coords[rest_idx] = rest_coords
+    report(1.0, "done")
     return Projection(coords=coords, method=method, dims=dims, fitted=fitted, params=params, timings=_rounded(timings))
 
 
@@ -197,7 +205,23 @@ def place_by_neighbours(fit_x: np.ndarray, fit_coords: np.ndarray, new_x: np.nda
     return np.median(fit_coords[neighbours], axis=1).astype(np.float32)
 
 
-def _fit_tsne(fit_x, rest_x, *, dims, seed, n_jobs, params, timings, perplexity, n_epochs, **_):
+# The optimisation's share of the progress bar: the neighbours and the initialisation come before it
+OPTIMISATION_SPAN = (0.1, 0.95)
+
+
+def _optimisation_progress(report, total: int, stage: str):
+    """A callback for every `step` iterations (of `total`) that reports them inside OPTIMISATION_SPAN."""
+    low, high = OPTIMISATION_SPAN
+    done = [0]
+
+    def advance(step: int = 1) -> None:
+        done[0] = min(total, done[0] + step)
+        report(low + (high - low) * done[0] / max(total, 1), f"{stage}: iteration {done[0]} of {total}")
+
+    return advance
+
+
+def _fit_tsne(fit_x, rest_x, *, dims, seed, n_jobs, params, timings, perplexity, n_epochs, report, **_):
     from openTSNE import TSNE
 
     # openTSNE needs at least 3 * perplexity neighbours per point
@@ -206,8 +230,14 @@ def _fit_tsne(fit_x, rest_x, *, dims, seed, n_jobs, params, timings, perplexity,
     # rule) and exists only up to 2-D; Barnes-Hut otherwise (450 points: 1 s instead of 7 s of CPU)
     gradient = "fft" if dims <= 2 and len(fit_x) >= 10_000 else "bh"
     extra = {} if n_epochs is None else {"n_iter": int(n_epochs)}
+    every = 50  # each call makes openTSNE evaluate its error (KL divergence): every 10 iterations made 2 s into 27
+    probe = TSNE(n_iter=int(n_epochs)) if n_epochs is not None else TSNE()
+    advance = _optimisation_progress(report, probe.early_exaggeration_iter + probe.n_iter, "t-SNE")
     estimator = TSNE(n_components=dims, perplexity=used_perplexity, metric="euclidean", initialization="pca",
-                     negative_gradient_method=gradient, n_jobs=n_jobs, random_state=seed, verbose=False, **extra)
+                     negative_gradient_method=gradient, n_jobs=n_jobs, random_state=seed, verbose=False,
+                     callbacks=lambda iteration, error, embedding: advance(every), callbacks_every_iters=every,
+                     **extra)
+    report(OPTIMISATION_SPAN[0] / 2, f"t-SNE: affinities of {len(fit_x):,} points")
     params["tsne"] = {"library": "openTSNE", "perplexity": used_perplexity, "metric": "euclidean",
                       "initialization": "pca", "negative_gradient_method": gradient,
                       "early_exaggeration_iter": estimator.early_exaggeration_iter, "n_iter": estimator.n_iter,
@@ -216,12 +246,34 @@ def _fit_tsne(fit_x, rest_x, *, dims, seed, n_jobs, params, timings, perplexity,
     rest = None
     if rest_x is not None:
         params["tsne"]["transform_perplexity"] = min(5.0, used_perplexity)  # openTSNE's default for new points
+        report(OPTIMISATION_SPAN[1], f"t-SNE: placing the other {len(rest_x):,} points")
         rest = _timed(timings, "transform", lambda: embedding.transform(rest_x, perplexity=min(5.0, used_perplexity)))
     return np.asarray(embedding, dtype=np.float32), rest
 
 
-def _fit_umap(fit_x, rest_x, *, dims, seed, n_jobs, params, timings, n_neighbors, min_dist, n_epochs, **_):
+class _EpochStream:
+    """The file umap-learn's epoch loop writes its tqdm bar to: each "k/n" it writes is passed on as progress (the
+    only hook inside that loop), and an exception from `report` stops the loop there."""
+    def __init__(self, advance):
+        self._advance, self._seen = advance, 0
+
+    def write(self, text: str) -> None:
+        import re
+
+        counts = re.findall(r"(\d+)/(\d+)", text)
+        if counts:
+            done = int(counts[-1][0])
+            if done > self._seen:
+                self._advance(done - self._seen)
+                self._seen = done
+
+    def flush(self) -> None:
+        pass
+
+
+def _fit_umap(fit_x, rest_x, *, dims, seed, n_jobs, params, timings, n_neighbors, min_dist, n_epochs, report, **_):
     params["numba_cache_dir"] = _configure_numba_cache()
+    report(0.01, "UMAP: importing umap-learn (its first use in a process compiles code: about a minute)")
     umap = _timed(timings, "import", lambda: importlib.import_module("umap"))
     used_neighbors = int(min(n_neighbors, len(fit_x) - 1))
     # umap-learn's own choice above 10k points; below, it runs 500 epochs, which is 2.5 times the cost at 10k
@@ -230,13 +282,16 @@ def _fit_umap(fit_x, rest_x, *, dims, seed, n_jobs, params, timings, n_neighbors
     # small projection of a process compiles what the large ones need (numba caches only part of umap-learn on disk)
     estimator = umap.UMAP(n_components=dims, n_neighbors=used_neighbors, min_dist=min_dist, metric="euclidean",
                           n_epochs=used_epochs, random_state=seed, transform_seed=seed,
-                          force_approximation_algorithm=True)
+                          force_approximation_algorithm=True, verbose=False,
+                          tqdm_kwds={"disable": False, "file": _EpochStream(_optimisation_progress(
+                              report, used_epochs, "UMAP")), "mininterval": 0.2, "ascii": True})
     params["umap"] = {"library": "umap-learn", "n_neighbors": used_neighbors, "min_dist": min_dist,
                       "metric": "euclidean", "init": "spectral", "n_epochs": used_epochs, "random_state": seed,
                       "neighbours": "nn-descent"}
     with warnings.catch_warnings():
         # a fixed seed makes umap-learn single-threaded and it warns about it; reproducible maps are worth it here
         warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+        report(OPTIMISATION_SPAN[0] / 2, f"UMAP: neighbours of {len(fit_x):,} points")
         fit_coords = _timed(timings, "fit", lambda: estimator.fit_transform(fit_x))
         rest = None if rest_x is None else _timed(timings, "transform", lambda: estimator.transform(rest_x))
     return np.asarray(fit_coords, dtype=np.float32), rest
@@ -365,11 +420,13 @@ def ensure_embeddings(run, layer: str, batch_size: int = 256) -> np.ndarray:
     return collect_embeddings(model, dataset.x, layer, batch_size, run=run)
 
 
-def ensure_projection(run, layer: str | None = None, method: str = "pca", dims: int = 2, **options) -> pd.DataFrame:
+def ensure_projection(run, layer: str | None = None, method: str = "pca", dims: int = 2, *, progress=None,
+                      **options) -> pd.DataFrame:
     """The stored projection table of `layer` (default: the run's embedding layer), computing and caching it if absent.
 
     `options` go to `project` (fit_sample, perplexity, n_neighbors, ...); a cached table made with other options is
-    recomputed. Written atomically, so a reader in another session never sees half a file.
+    recomputed. Written atomically, so a reader in another session never sees half a file. `progress` is
+    `project`'s.
     """
     from ..loading.runs import write_json, write_parquet
 
@@ -391,7 +448,7 @@ def ensure_projection(run, layer: str | None = None, method: str = "pca", dims: 
     if not run.has(emb_path):
         raise AnalyzerError(f"the run has no embeddings of layer {layer!r}: collect them first with "
                             f"analyzers.explanations.projections.collect_embeddings(model, x, {layer!r}, run=run)")
-    projection = project(run.read_npy(emb_path), method=method, dims=dims, **options)
+    projection = project(run.read_npy(emb_path), method=method, dims=dims, progress=progress, **options)
     table = projection_table(run.samples["id"].to_numpy(), projection)
     write_parquet(run.file(relpath), table)
     write_json(run.file(record_path), {**_record(projection), "options": options})

@@ -115,6 +115,11 @@ def gradient_norm_traces(model, x, y, *, batch_size: int = 64, num_batches: int 
     order = np.random.default_rng(seed).permutation(len(x))
     batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(num_batches)]
     batches = [b for b in batches if len(b)]
+    # A short last batch (450 samples in 8 batches of 64 left one of 2) has gradients of another scale: it dropped
+    # every norm by orders of magnitude on the chart. It is left out unless it is the only batch.
+    partial = len(batches[-1]) if len(batches) > 1 and len(batches[-1]) < batch_size else None
+    if partial is not None:
+        batches = batches[:-1]
     layers = _parameter_layers(module)
     if not layers:
         raise AnalyzerError("the model has no parameters, so it has no gradients to trace")
@@ -235,7 +240,8 @@ def gradient_norm_traces(model, x, y, *, batch_size: int = 64, num_batches: int 
                                    "runs)" if inplace else "each parameterised layer's own output")
     flags["unhooked_layers"] = [name for name in layers if name not in named]
     flags["unused_layers"] = [name for name in layers if name in unused]
-    params = {"batch_size": batch_size, "num_batches": len(batches), "seed": seed, "mode": "eval",
+    params = {"batch_size": batch_size, "num_batches": len(batches), "dropped_partial_batch": partial, "seed": seed,
+              "mode": "eval",
               "samples": int(sum(len(b) for b in batches)), "sample_rows": np.concatenate(batches).tolist(),
               "vanishing_ratio": vanishing_ratio, "exploding_ratio": exploding_ratio}
     return GradientTraces(traces=traces, dead_units=dead, flags=flags, params=params,
@@ -282,7 +288,7 @@ def flag_layers(traces: pd.DataFrame, dead: pd.DataFrame, *, vanishing_ratio: fl
 @runs_in_worker
 def overfit_one_batch(model, x, y, *, steps: int = 200, lr: float = 3e-3, batch_size: int = 32, seed: int = 0,
                       pass_fraction: float = 0.1, near_zero: float = 0.05, device: str = "cpu",
-                      fresh: bool = True) -> OverfitResult:
+                      fresh: bool = True, time_limit_s: float | None = None, on_batch=None) -> OverfitResult:
     """Train a copy of the model with Adam on one batch and report whether its loss falls towards zero.
 
     The loaded model is never trained: a copy is (`LoadedModel.copy_module()`, which reloads a `.pt2` file's bytes).
@@ -291,7 +297,13 @@ def overfit_one_batch(model, x, y, *, steps: int = 200, lr: float = 3e-3, batch_
     labels can learn at all, and a trained model starts near zero loss, so it would pass whatever its wiring.
     `fresh=False` starts from the trained weights. Passed when the final loss is below `pass_fraction` of the
     initial loss or below `near_zero`.
+
+    `time_limit_s` stops training after that many seconds (judged on the loss reached, and said in the message): a
+    person waiting in the dashboard gets an answer in about that time whatever the model's size. `on_batch(done,
+    total)` is told each step.
     """
+    if time_limit_s is not None and not (time_limit_s > 0 and math.isfinite(time_limit_s)):
+        raise AnalyzerError(f"time_limit_s must be a positive number of seconds, got {time_limit_s}")
     if steps < 1 or batch_size < 1:
         raise AnalyzerError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
     if lr < 0 or not math.isfinite(lr):
@@ -336,7 +348,9 @@ def overfit_one_batch(model, x, y, *, steps: int = 200, lr: float = 3e-3, batch_
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             break
-        if step == steps:
+        if on_batch is not None:
+            on_batch(step, steps)
+        if step == steps or (time_limit_s is not None and time.perf_counter() - started > time_limit_s):
             break
         if optimizer is None or not loss.requires_grad:
             seconds = time.perf_counter() - started
@@ -349,11 +363,17 @@ def overfit_one_batch(model, x, y, *, steps: int = 200, lr: float = 3e-3, batch_
         optimizer.step()
     seconds = time.perf_counter() - started
     initial, final = losses[0], losses[-1]
+    trained = len(losses) - 1
+    params["steps_done"] = trained
+    if time_limit_s is not None:
+        params["time_limit_s"] = time_limit_s
+    limit = (f" (stopped at the {time_limit_s:g} s limit after {trained} of {steps} steps)" if trained < steps
+             and math.isfinite(final) else "")
     if not math.isfinite(final):
         passed, message = False, f"the loss became {final} after {len(losses) - 1} steps: lower lr or check the model"
     else:
         passed = final < pass_fraction * initial or final < near_zero
-        message = (f"loss fell from {initial:.4g} to {final:.4g} in {steps} steps, from {params['start']}" +
+        message = (f"loss fell from {initial:.4g} to {final:.4g} in {trained} steps, from {params['start']}{limit}" +
                    ("" if passed else f": it did not reach {pass_fraction:g}x the initial loss or {near_zero:g}; "
                                       f"check the labels, the loss, frozen layers or the learning rate"))
     return OverfitResult(losses=np.asarray(losses, np.float32), initial_loss=initial, final_loss=final,

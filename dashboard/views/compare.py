@@ -57,13 +57,19 @@ with right:
     if per_slice.empty:
         st.info("Neither run has slices to compare.")
     else:
-        st.caption("Error rate of both runs on every slice either run found; largest change first.")
-        shown = per_slice[["description", "size", "error_rate_a", "error_rate_b", "error_rate_delta", "run"]]
+        st.caption("Error rate of both runs on the same samples of every slice either run found; largest change "
+                   "first. Each slice is matched to the other run's slice that shares most of its samples (the "
+                   "overlap is the share of samples in either that are in both): two runs' clusters are not the same "
+                   "because they carry the same number.")
+        shown = per_slice[["description", "size", "error_rate_a", "error_rate_b", "error_rate_delta", "run",
+                           "closest_in_other_run", "overlap"]]
         st.dataframe(shown.rename(columns={"run": "found in", "error_rate_a": "error (a)", "error_rate_b": "error (b)",
-                                           "error_rate_delta": "change"}), hide_index=True,
+                                           "error_rate_delta": "change",
+                                           "closest_in_other_run": "closest slice of the other run"}),
+                     hide_index=True,
                      column_config={"description": st.column_config.TextColumn(width="medium"),
                                     **{c: st.column_config.NumberColumn(format="percent")
-                                       for c in ("error (a)", "error (b)", "change")}})
+                                       for c in ("error (a)", "error (b)", "change", "overlap")}})
 
 st.subheader("Where they disagree")
 dis = comparison.disagreements

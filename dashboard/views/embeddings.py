@@ -42,19 +42,40 @@ with st.expander("Collect another layer"):
 
 if not layer:
     st.stop()
-projection = data.projection(run, layer, method, compute=False)
+
+
+@st.fragment(run_every=1.0)
+def _watch(job) -> None:
+    """The running projection's progress, redrawn every second; the page reruns whole when it ends."""
+    if job.state != "running":
+        st.rerun(scope="app")
+    left = job.remaining_s
+    eta = f", about {components.duration(left)} left" if left is not None else ""
+    st.progress(min(max(job.fraction, 0.0), 1.0),
+                text=f"{METHOD_LABELS[job.method]} of {md(job.layer)}: {md(job.stage)} "
+                     f"({components.duration(job.elapsed_s)} so far{eta})")
+    if st.button("Cancel", key=f"emb-cancel-{job.method}-{job.layer}"):
+        job.cancel()
+        st.rerun(scope="app")
+
+
+projection = data.projection(run, layer, method)
 if projection is None:
+    job = data.projection_job(run, layer, method)
+    if job is not None and job.state == "running":
+        _watch(job)
+        st.stop()
+    if job is not None and job.state == "failed":
+        st.error(f"The {METHOD_LABELS[method]} projection of {md(layer)} failed: {md(job.error)}")
+    elif job is not None and job.state == "cancelled":
+        st.info(f"The {METHOD_LABELS[method]} projection of {md(layer)} was cancelled; nothing of it was stored.")
     st.info(f"The {METHOD_LABELS[method]} projection of {md(layer)} is not in this run yet. t-SNE and UMAP are fitted "
             f"on at most 10,000 samples (after PCA to 50 dimensions) and the rest placed into the fitted map; the "
-            f"result is stored in the run.")
+            f"result is stored in the run. It runs in the background, with its progress here; you can cancel it.")
     if st.button(f"Compute {METHOD_LABELS[method]}", type="primary", key="emb-compute"):
-        try:
-            with st.spinner(f"Computing {METHOD_LABELS[method]} of {md(layer)}… (about a minute for 10,000 samples)"):
-                projection = data.projection(run, layer, method, compute=True)
-        except AnalyzerError as exc:
-            st.error(md(exc))
-    if projection is None:
-        st.stop()
+        data.start_projection(run, layer, method)
+        st.rerun()
+    st.stop()
 
 
 def _colour_column(table: pd.DataFrame) -> tuple[pd.Series, bool, list | None]:
@@ -77,8 +98,10 @@ def _colour_column(table: pd.DataFrame) -> tuple[pd.Series, bool, list | None]:
 
 values, categorical, order = _colour_column(projection)
 table = projection[["id", "x", "y"]].reset_index(drop=True).assign(**{colour: values.to_numpy()})
+standing = state.selection()
+standing_ids = standing.value if standing is not None and standing.kind == "ids" else None
 fig = figures.embedding_figure(table, colour=colour, categorical=categorical, category_order=order,
-                               title=f"{METHOD_LABELS[method]} of {layer}")
+                               title=f"{METHOD_LABELS[method]} of {layer}", selected=standing_ids)
 event = st.plotly_chart(fig, on_select="rerun", selection_mode=("points", "box", "lasso"), key=f"emb-chart-{layer}-{method}",
                         config={"displayModeBar": True, "modeBarButtonsToRemove": ["toImage"]})
 
@@ -93,6 +116,8 @@ if sel is not None and sel.kind == "ids":
         chosen = samples["id"].to_numpy()[rows].tolist()
         state.set_gallery(chosen)
         st.subheader(f"{len(rows):,} selected samples")
+        st.caption("Marked on the chart above, whichever chart or page they were selected on; the others are "
+                   "faded.")
         sub = data.subset_metrics(run, tuple(int(r) for r in rows))
         cols = st.columns(4)
         cols[0].metric("Accuracy", f"{sub['accuracy']:.3f}")

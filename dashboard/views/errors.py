@@ -60,15 +60,21 @@ if section == SECTIONS["rank"]:
     table = components.readable_samples(run, ranked)
     if "margin" in ranked:
         table["margin"] = ranked["margin"].to_numpy()
-    st.caption(f"Top {len(table)} of this ranking.")
-    st.dataframe(table, hide_index=True, column_config=components.SAMPLE_COLUMNS, height=300)
+    ids = ranked["id"].tolist()
+    state.set_gallery(ids)
     from analyzers.evaluation.stage import errors_csv
 
+    if run.info["dataset"]["modality"] == "tabular":
+        # rows are a table either way: one table of the ranking, whose rows open an explanation (it was shown twice)
+        components.gallery(run, ids, key="rank-gallery",
+                           title=f"The {len(ids)} samples of this ranking (click one to explain it)")
+    else:
+        # the table and the gallery hold the same samples, so their counts agree (a "Top 54" sat above 48)
+        st.caption(f"The {len(table)} samples of this ranking, as a table and below as a gallery.")
+        st.dataframe(table, hide_index=True, column_config=components.SAMPLE_COLUMNS, height=300)
+        components.gallery(run, ids, key="rank-gallery", title="The samples of this ranking")
     st.download_button("Download CSV (whole ranking)", errors_csv(samples, run.probs, by=by, class_names=names),
                        file_name=f"{run.path.name}-{by}.csv", mime="text/csv", key="dl-ranking")
-    ids = ranked["id"].tolist()[:48]
-    state.set_gallery(ids)
-    components.gallery(run, ids, key="rank-gallery", title="The first samples of this ranking")
 
 # ----------------------------------------------------------------------------------------------------- slices
 elif section == SECTIONS["slice"]:

@@ -21,7 +21,7 @@ current = state.get("sample")
 if current is None or len(id_positions(samples["id"].to_numpy(), [current])) == 0:
     if current is not None:
         st.warning(f"This run has no sample with id {md(repr(current))}.")
-    current = str((gallery or data.ranking(run, "confident_wrong", 1)["id"].tolist() or samples["id"].tolist())[0])
+    current = str(gallery[0]) if gallery else data.first_sample_to_explain(run)
     state.put("sample", current)
 row = int(id_positions(samples["id"].to_numpy(), [current])[0])
 sample = samples.iloc[row]
@@ -86,18 +86,14 @@ with right:
                     key="explain-probs", config={"displayModeBar": False})
 
 # ----------------------------------------------------------------------------------------------------- attributions
-from analyzers.explanations.attributions import METHODS, list_methods  # noqa: E402
+from analyzers.explanations.attributions import METHODS, per_standard_deviation  # noqa: E402
+from analyzers.explanations.explain_run import PROBE_SIZE, sample_map, sample_scores  # noqa: E402
 
-available = [m.name for m in list_methods(modality)]
-conv_layers = [n for n, k in (run.info["model"].get("layer_kinds") or {}).items() if k.startswith("conv")]
-if not conv_layers and modality != "tokens":
-    available = [m for m in available if m != "gradcam"]
-# Grad-CAM on tokens (a text model's, or a vision transformer's patches) is never a default: a person picks it
-defaults = [m for m in ("integrated_gradients", "gradcam" if conv_layers and modality != "tokens" else "saliency")
-            if m in available]
-controls = st.columns([3, 2, 1], vertical_alignment="bottom")
-methods = controls[0].multiselect("Methods", available, default=defaults, key="explain-methods",
-                                  format_func=lambda m: METHODS[m].label)
+available, defaults, conv_layers = data.explain_methods(run)
+# the methods get the page's whole width: in a column, five chips scrolled and hid "Integrated Gradients"
+methods = st.multiselect("Methods", available, default=defaults, key="explain-methods",
+                         format_func=lambda m: METHODS[m].label)
+controls = st.columns([3, 1], vertical_alignment="bottom")
 layer = None
 gradcam_needs_layer = False
 if "gradcam" in methods:
@@ -108,7 +104,7 @@ if "gradcam" in methods:
         st.warning(f"The model's token layers could not be listed: {md(exc)}")
     AUTOMATIC = "automatic: the main path's last spatial convolution"
     choices = ([] if modality == "tokens" else [AUTOMATIC, *conv_layers]) + token_layers
-    layer = controls[1].selectbox("Grad-CAM layer", choices, key="explain-layer", index=None if modality == "tokens"
+    layer = controls[0].selectbox("Grad-CAM layer", choices, key="explain-layer", index=None if modality == "tokens"
                                   else 0, placeholder="choose a token layer",
                                   help="Convolutions give a spatial map; a layer over tokens gives one score per "
                                        "token (or per image patch). Layers that run twice are refused.")
@@ -118,9 +114,22 @@ if modality == "tokens":
     st.caption("Token ids take no gradient, so every method works through the embedding layer that looks them up: "
                "one score per token, summed over the embedding's width. A removed token (occlusion, deletion, the "
                "Integrated Gradients baseline) becomes the pad id 0 and keeps its attention mask.")
-sanity = controls[2].toggle("Sanity check", value=True, key="explain-sanity",
-                            help="Re-initialise the model's layers and measure how much the map changes "
-                                 "(Adebayo et al., 2018). Costs one map per layer; cached in the run.")
+sanity = controls[1].toggle("Sanity check", value=True, key="explain-sanity",
+                            help="Re-initialise every layer of the model and measure how much the map changes "
+                                 "(Adebayo et al., 2018). The verdict is taken once on a fixed probe set; each "
+                                 "sample then costs one more map. Cached in the run.")
+per_std = False
+if modality == "tabular":
+    spread = np.asarray(dataset.x, dtype=np.float64).std(axis=0)
+    uneven = spread.max() > 100 * max(spread[spread > 0].min(initial=spread.max()), 1e-12)
+    per_std = st.toggle("Gradients per standard deviation", value=True, key="explain-per-std",
+                        help="Saliency and SmoothGrad are gradients: per unit of each raw feature, so a feature "
+                             "measured in small numbers ranks first whatever its importance. Times each feature's "
+                             "standard deviation, they compare the features on one scale. The other methods are "
+                             "in the score's own units already.")
+    if uneven and not per_std:
+        st.warning("The features' scales differ more than 100-fold: raw gradients rank the small-scale features "
+                   "first. Turn on per standard deviation to compare them.", icon=":material/straighten:")
 targets = [("pred", f"predicted class: {components.class_name(run, pred)}")]
 if label != pred:
     targets.append(("label", f"true class: {components.class_name(run, label)}"))
@@ -147,13 +156,16 @@ def _sanity_badge(scores: dict) -> None:
         return
     flag = scores.get("sanity_flag")
     corr = scores.get("sanity_rank_corr")
-    if flag is None or corr is None:
+    probe = scores.get("sanity_mean_corr")
+    if flag is None or corr is None or probe is None:
         return
+    numbers = (f"rank correlation with the randomised model's map {probe:.2f} on average over {PROBE_SIZE} fixed "
+               f"probe samples, {corr:.2f} for this one")
     if flag:
-        st.warning(f"Sanity check failed: the map barely changes when the model is randomised (rank correlation "
-                   f"{corr:.2f}); it does not reflect what the model learned.", icon=":material/warning:")
+        st.warning(f"Sanity check failed: the maps barely change when the model is randomised ({numbers}); they do "
+                   f"not reflect what the model learned.", icon=":material/warning:")
     else:
-        st.success(f"Sanity check passed: randomising the model changes the map (rank correlation {corr:.2f}).",
+        st.success(f"Sanity check passed: randomising the model changes the maps ({numbers}).",
                    icon=":material/check_circle:")
 
 
@@ -170,15 +182,20 @@ def _draw(explanation, method: str, title: str, key: str) -> None:
                                                   title=title, width=24)
     else:
         names = run.info["dataset"].get("feature_names") or [f"feature {i}" for i in range(len(x))]
-        fig = figures.feature_attribution_figure(names, explanation.display, title=title)
+        values = explanation.display
+        if per_std and METHODS[method].per_input_unit:
+            values = per_standard_deviation(values[None], dataset.x)[0]
+            title = f"{title} (per standard deviation)"
+        fig = figures.feature_attribution_figure(names, values, title=title)
     st.plotly_chart(fig, key=key, config={"displayModeBar": False})
 
-
-from analyzers.explanations.explain_run import explain_sample  # noqa: E402
 
 if truth is not None and modality in ("image", "sequence"):
     st.caption("This dataset plants the evidence for its class: it is outlined (dotted) on the maps of images and "
                "framed (dotted) in bold letters on sequences. A faithful map concentrates there.")
+# Every map is drawn first, then the scores fill in below them: a person looks at the maps while the deletion
+# curves and the sanity check (the slower part) are computed.
+pending = []
 for method in methods:
     st.markdown(f"#### {METHODS[method].label}")
     st.caption(METHODS[method].description)
@@ -192,11 +209,21 @@ for method in methods:
             options = {"layer": layer} if method == "gradcam" and layer else {}
             try:
                 with st.spinner(f"{METHODS[method].label} for the {md(target_title)}…"):
-                    explanation = explain_sample(run, sample["id"], method, target=target, model=model,
-                                                 dataset=dataset, sanity=sanity, **options)
+                    explanation = sample_map(run, sample["id"], method, target=target, model=model, dataset=dataset,
+                                             **options)
             except AnalyzerError as exc:
                 st.error(md(exc))
                 continue
             _draw(explanation, method, target_title, key=f"map-{method}-{target}")
-            st.markdown(_scores_text(explanation.scores, method))
-            _sanity_badge(explanation.scores)
+            slot = st.empty()
+            slot.caption("Scores: computing…")
+            pending.append((explanation, options, slot))
+for explanation, options, slot in pending:
+    try:
+        scores = sample_scores(run, explanation, model=model, dataset=dataset, sanity=sanity, **options)
+    except AnalyzerError as exc:
+        slot.error(md(exc))
+        continue
+    with slot.container():
+        st.markdown(_scores_text(scores, explanation.method))
+        _sanity_badge(scores)

@@ -184,6 +184,7 @@ with analyse_tab:
                 data_path = workspace.store(data_file.name, data_file.getvalue())
                 try:
                     _run_analysis(str(model_path), str(data_path), name, arch=None if arch == "—" else arch,
+                                  file_names={"model": model_file.name, "dataset": data_file.name},
                                   overwrite=overwrite, **options)
                 except AnalyzerError as exc:  # name the files as the person called them, not as stored
                     raise AnalyzerError(str(exc).replace(str(model_path), model_file.name)
@@ -209,8 +210,8 @@ with runs_tab:
                 continue
             rows.append({"run": run_name, "status": "ok", "owner": owner_name,
                          "created": info.get("created", "").replace("T", " ")[:16],
-                         "model": info["model"]["spec"].rsplit("/", 1)[-1],
-                         "data": info["dataset"]["spec"].rsplit("/", 1)[-1],
+                         "model": components.file_label(info, "model"),
+                         "data": components.file_label(info, "dataset"),
                          "samples": info.get("num_samples"), "accuracy": info.get("accuracy"), "problem": ""})
         table = pd.DataFrame(rows)
         if not access.enabled():

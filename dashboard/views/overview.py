@@ -37,52 +37,77 @@ cols[4].metric("Calibration error (ECE)", f"{m['ece']:.3f}",
                help="Expected calibration error over 10 equal-width confidence bins.")
 
 # ------------------------------------------------------------------------------------------------------ findings
+def _finding(finding) -> None:
+    """One finding in plain words, with what it accounts for (the ranking's one scale) and a link to its samples."""
+    d = finding.details
+    if finding.kind == "slice":
+        st.markdown(f"**Errors concentrate in a group:** {md(d['description'])} — {d['size']:,} samples, error rate "
+                    f"{components.percent(d['error_rate'])} ({d['lift']:.1f}× the overall rate).")
+        link = ("errors", "See this group", f"slice:{d['index']}")
+        accounts = f"{finding.impact:.0f} errors more than the overall rate would give"
+    elif finding.kind == "confusion":
+        true, pred = components.class_name(run, d["true"]), components.class_name(run, d["pred"])
+        st.markdown(f"**Most confused:** true **{md(true)}** predicted as **{md(pred)}** {d['count']:,} times "
+                    f"({components.percent(d['share_of_true'])} of {md(true)}).")
+        link = ("confusion", "See these samples", f"cell:{d['true']}-{d['pred']}")
+        accounts = f"{d['count']:,} errors"
+    elif finding.kind == "imbalance":
+        rare = ", ".join(f"{md(components.class_name(run, c))} ({d['support'][c]:,} samples, recall "
+                         f"{components.percent(d['recall'][c])})" for c in d["rare"])
+        st.markdown(f"**Class imbalance:** the largest class has {d['ratio']:.0f}× the samples of the smallest, and "
+                    f"the rare classes are recognised less often: {rare}, against "
+                    f"{components.percent(d['overall_recall'])} overall.")
+        link = ("confusion", "See the confusion matrix", None)
+        accounts = f"{finding.impact:.0f} errors of the rare classes beyond the overall rate"
+    elif finding.kind == "calibration":
+        way = "under-confident" if d["direction"] == "under" else "over-confident"
+        st.markdown(f"**The model is {way}:** its mean confidence is {d['mean_confidence']:.2f} and its accuracy "
+                    f"{d['accuracy']:.2f} (calibration error {d['ece']:.3f}); its probabilities cannot be read as "
+                    f"chances. The reliability chart below shows where.")
+        link = None
+        accounts = (f"its confidence misstates the number of right answers by about {finding.impact:.0f} samples, "
+                    f"beyond the {d['noise_floor']:.3f} a calibrated model of this size would show")
+    else:  # label_noise
+        st.markdown(f"**Label-noise suspects:** {d['count']:,} samples that another class fits far better than their "
+                    f"own label; the strongest, id {md(d['top_id'])}, is labelled "
+                    f"{md(components.class_name(run, d['top_label']))} but looks like "
+                    f"{md(components.class_name(run, d['top_suggested']))}. The other "
+                    f"{d['errors'] - d['count']:,} errors are ordinary mistakes.")
+        link = ("errors", "Review the suspects", "suspects:top")
+        accounts = f"{d['count']:,} samples to relabel or check"
+    st.caption(f"Accounts for: {accounts}.")
+    if link is not None:
+        page, text, sel = link
+        components.page_link(page, text, **({"sel": sel} if sel else {}))
+
+
 st.subheader("Top findings")
-findings = 0
+st.caption("Ranked by how many samples each accounts for: calibration, class imbalance, error slices, confused "
+           "pairs and label-noise suspects on one scale.")
+ranked = data.findings(run)
 with st.container(border=True):
-    slices = data.optional_table(run, "slices.parquet")
-    if slices is not None and len(slices):
-        top = slices.iloc[0]
-        st.markdown(f"**Worst slice:** {md(top['description'])} — {int(top['size'])} samples, error rate "
-                    f"{top['error_rate']:.1%} ({top['lift']:.1f}× the overall rate).")
-        components.page_link("errors", "See this slice", sel="slice:0")
-        findings += 1
-    conf = data.confusion(run)
-    pairs = conf.most_confused(1)
-    if len(pairs):
-        p = pairs.iloc[0]
-        st.markdown(f"**Most confused:** true **{md(p['true_name'])}** predicted as **{md(p['pred_name'])}** "
-                    f"{int(p['count'])} times ({p['share_of_true']:.1%} of {md(p['true_name'])}).")
-        components.page_link("confusion", "See these samples", sel=f"cell:{int(p['true'])}-{int(p['pred'])}")
-        findings += 1
-    noise = data.optional_table(run, "label_noise.parquet")
-    if noise is not None and len(noise):
-        suspects = noise[noise["score"] > 0.5]
-        if len(suspects):
-            top = suspects.iloc[0]
-            st.markdown(f"**Label-noise suspects:** {len(suspects)} samples whose label the model contradicts "
-                        f"more than it supports it; the strongest, id {md(top['id'])}, is labelled "
-                        f"{md(components.class_name(run, top['label']))} but looks like "
-                        f"{md(components.class_name(run, top['suggested_label']))}.")
-            components.page_link("errors", "Review the suspects", sel="suspects:top")
-            findings += 1
+    if not ranked:
+        st.markdown("No calibration, imbalance, slice, confusion or label-noise finding in this run.")
+    for finding in ranked[:3]:
+        _finding(finding)
+    if len(ranked) > 3:
+        with st.expander(f"{len(ranked) - 3} more finding{'s' if len(ranked) > 4 else ''}"):
+            for finding in ranked[3:]:
+                _finding(finding)
     flags = data.optional_json(run, "gradients/flags.json")
-    if flags:
+    if flags:  # training health: not errors, so not on the ranking's scale
         problems = [f"{md(layer)} (vanishing)" for layer in flags.get("vanishing", [])]
         problems += [f"{md(layer)} (exploding)" for layer in flags.get("exploding", [])]
         dead = {k: v for k, v in (flags.get("dead_relu_layers") or {}).items() if v >= 0.25}
         if problems:
             st.markdown(f"**Gradients:** {', '.join(problems)}.")
         if dead:
-            st.markdown("**Dead units:** " + ", ".join(f"{md(k)} has {v:.0%} of its units never active"
-                                                         for k, v in dead.items()) + ".")
+            st.markdown("**Dead units:** " + ", ".join(f"{md(k)} has {components.percent(v)} of its units never "
+                                                         f"active" for k, v in dead.items()) + ".")
         if problems or dead:
             components.page_link("training", "See the gradient traces")
-            findings += 1
         else:
             st.markdown("**Gradients:** no vanishing or exploding layer on the loaded data.")
-    if not findings:
-        st.markdown("No slice, confusion, label-noise or gradient finding in this run.")
 
 # ---------------------------------------------------------------------------------------------------------- tables
 left, right = st.columns(2, gap="large")

@@ -55,9 +55,12 @@ else:
     params = flags.get("params", {})
     if params:
         seconds = (flags.get("timings_s") or {}).get("total")
+        partial = params.get("dropped_partial_batch")
         st.caption(f"Gradients of the loss over {params.get('num_batches', '?')} batches of "
                    f"{params.get('batch_size', '?')} samples, model in eval mode"
-                   + (f"; computed in {seconds:.1f} s." if isinstance(seconds, (int, float)) else "."))
+                   + (f"; computed in {seconds:.1f} s" if isinstance(seconds, (int, float)) else "")
+                   + (f"; a last batch of only {partial} samples was left out, its gradients being of another "
+                      f"scale." if partial else "."))
     layer_flags = {**{layer: "vanishing" for layer in vanishing}, **{layer: "exploding" for layer in exploding}}
     kind = st.segmented_control("Gradients of", ["parameters", "activations"], default="parameters",
                                 key="grad-kind") or "parameters"
@@ -74,7 +77,15 @@ else:
                    f"{flags.get('activation_capture', 'each layer output')}.")
 
     dead = data.optional_table(run, "gradients/dead_units.parquet")
-    if dead is not None and len(dead):
+    if dead is not None and len(dead) and not (dead["dead_fraction"] > 0).any():
+        st.subheader("Dead units")
+        # an all-zero bar chart is an empty frame (its axis ran from -100% to 100%): say what it would have shown
+        st.success(f"No dead units: every unit of the {len(dead)} ReLU layer{'s' if len(dead) > 1 else ''} "
+                   f"({', '.join(map(md, dead['layer']))}) was active on some traced sample.",
+                   icon=":material/check_circle:")
+    elif dead is not None and not len(dead):
+        st.caption("Dead units: the model has no ReLU layer, so none can be dead.")
+    elif dead is not None:
         st.subheader("Dead units")
         st.caption("Share of each ReLU layer's units that are never active on the loaded data.")
         st.plotly_chart(figures.bar_figure(dead["layer"], dead["dead_fraction"], x_title="layer",
@@ -84,18 +95,24 @@ else:
 
 # ------------------------------------------------------------------------------------------- overfit one batch
 st.subheader("Can the model overfit one batch?")
-st.caption("Trains a copy of the model on one batch for a few hundred steps: a model that cannot drive that loss "
-           "towards zero has a bug in its wiring, loss or labels. The loaded model is not touched.")
-cols = st.columns([1, 1, 1, 2], vertical_alignment="bottom")
+st.caption("Trains a freshly initialised copy of the model on one batch for a few hundred steps: a model that "
+           "cannot drive that loss towards zero has a bug in its wiring, loss or labels. The loaded model is not "
+           "touched. Training stops at the time limit, and is judged on the loss it reached.")
+cols = st.columns([1, 1, 1, 1, 2], vertical_alignment="bottom")
 steps_n = cols[0].number_input("Steps", 10, 2000, 200, step=50, key="overfit-steps")
 batch = cols[1].number_input("Batch size", 2, 256, 32, key="overfit-batch")
 lr = cols[2].number_input("Learning rate", 1e-5, 1.0, 3e-3, format="%.4f", key="overfit-lr")
-if cols[3].button("Run the check", key="overfit-run", type="primary"):
+limit = cols[3].number_input("Time limit (s)", 1, 600, 10, key="overfit-limit")
+if cols[4].button("Run the check", key="overfit-run", type="primary"):
+    bar = st.progress(0.0, text="Training a copy of the model on one batch…")
     try:
-        with st.spinner("Training a copy of the model on one batch…"):
-            st.session_state["overfit-result"] = (run.path.name, data.overfit(run, int(steps_n), int(batch), float(lr)))
+        result = data.overfit(run, int(steps_n), int(batch), float(lr), float(limit), _on_step=lambda done, total: (
+            bar.progress(min(done / max(total, 1), 1.0), text=f"Training a copy on one batch: step {done} of {total}")))
+        st.session_state["overfit-result"] = (run.path.name, result)
     except AnalyzerError as exc:
         st.error(md(exc))
+    finally:
+        bar.empty()
 stored = st.session_state.get("overfit-result")
 if stored and stored[0] == run.path.name:
     result = stored[1]

@@ -1,0 +1,131 @@
+"""Findings ranked on one scale: how many samples each one accounts for.
+
+Every candidate problem of a run is scored by the samples it accounts for, so that a miscalibrated model and a weak
+slice can be compared at all:
+
+- a slice: its errors beyond the overall error rate, size x (its error rate - the overall rate);
+- a most-confused pair: the errors in that cell of the confusion matrix;
+- class imbalance: the errors of the rare classes beyond the overall error rate;
+- calibration: how far the confidences are from the accuracy, in samples: N x ECE is the gap between the number of
+  samples the model expects to get right in each confidence bin and the number it gets right, summed. A finite
+  sample has some ECE even from a perfectly calibrated model, so what that model would show (labels drawn from the
+  model's own probabilities, CALIBRATION_DRAWS times) is subtracted first;
+- label-noise suspects: the samples another class fits far better than their own label (score >= STRONG_SUSPECT).
+  Such a sample is nearly always an error too, so the suspects are a finding only when they stand out from the
+  errors: at most half of them, out of at least MIN_ERRORS_FOR_NOISE errors. Otherwise they are the error list
+  under another name (digits: 3 strong suspects among its 6 errors, where a wrong label and a confident mistake
+  cannot be told apart).
+
+`rank_findings` returns them best first; the dashboard leads with the top three and words them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .metrics import check_predictions, expected_calibration_error
+
+STRONG_SUSPECT = 0.9  # another class is at least 9 times as typical for the sample as its own label
+RARE_CLASS_SHARE = 0.5  # a class with under half the mean support per class is rare
+MIN_IMBALANCE_RATIO = 3.0  # largest class support over the smallest: below this there is no imbalance finding
+MIN_ERRORS_FOR_NOISE = 20
+MIN_IMPACT = 1.0  # findings accounting for less than one sample are left out
+CALIBRATION_DRAWS = 20
+PAIRS = 3
+SLICES = 5
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str  # slice, confusion, imbalance, calibration, label_noise
+    impact: float  # the samples it accounts for (see the module docstring), the ranking's one scale
+    details: dict = field(default_factory=dict)  # what the dashboard needs to word it and link to it
+
+
+def slice_findings(slices: pd.DataFrame | None, overall_error: float) -> list:
+    if slices is None or not len(slices):
+        return []
+    out = []
+    for index, row in enumerate(slices.head(SLICES).itertuples()):
+        excess = float(row.size) * (float(row.error_rate) - overall_error)
+        out.append(Finding("slice", excess, {"index": index, "description": row.description, "size": int(row.size),
+                                              "errors": int(row.errors), "error_rate": float(row.error_rate),
+                                              "lift": float(row.lift), "source": row.source}))
+    return out
+
+
+def confusion_findings(labels: np.ndarray, pred: np.ndarray, k: int) -> list:
+    counts = np.bincount(labels * k + pred, minlength=k * k).reshape(k, k)
+    np.fill_diagonal(counts, 0)
+    support = np.bincount(labels, minlength=k)
+    order = np.argsort(-counts, axis=None, kind="stable")[:PAIRS]
+    return [Finding("confusion", float(counts.flat[i]), {"true": int(i // k), "pred": int(i % k),
+                                                         "count": int(counts.flat[i]),
+                                                         "share_of_true": float(counts.flat[i] / support[i // k])})
+            for i in order if counts.flat[i] > 0]
+
+
+def imbalance_finding(labels: np.ndarray, correct: np.ndarray, k: int) -> list:
+    support = np.bincount(labels, minlength=k)
+    present = support[support > 0]
+    if len(present) < 2 or present.max() / present.min() < MIN_IMBALANCE_RATIO:
+        return []
+    overall_error = 1.0 - correct.mean()
+    rare = np.flatnonzero((support > 0) & (support < RARE_CLASS_SHARE * support.mean()))
+    errors = np.bincount(labels[~correct], minlength=k)
+    excess = float(sum(max(0.0, errors[c] - support[c] * overall_error) for c in rare))
+    recall = {int(c): float(1 - errors[c] / support[c]) for c in rare}
+    return [Finding("imbalance", excess, {"rare": [int(c) for c in rare], "recall": recall,
+                                          "support": {int(c): int(support[c]) for c in rare},
+                                          "ratio": float(present.max() / present.min()),
+                                          "overall_recall": float(1 - overall_error)})]
+
+
+def calibration_noise_floor(probs: np.ndarray, *, draws: int = CALIBRATION_DRAWS, seed: int = 0) -> float:
+    """The mean ECE of a perfectly calibrated model with these probabilities: labels drawn from them."""
+    rng = np.random.default_rng(seed)
+    cumulative = np.cumsum(probs, axis=1)
+    values = []
+    for _ in range(draws):
+        drawn = (rng.random((len(probs), 1)) > cumulative).sum(axis=1).clip(0, probs.shape[1] - 1)
+        values.append(expected_calibration_error(drawn, probs))
+    return float(np.mean(values))
+
+
+def calibration_finding(labels: np.ndarray, probs: np.ndarray) -> list:
+    ece = expected_calibration_error(labels, probs)
+    floor = calibration_noise_floor(probs)
+    confidence = float(probs.max(axis=1).mean())
+    accuracy = float((probs.argmax(axis=1) == labels).mean())
+    return [Finding("calibration", max(0.0, ece - floor) * len(labels),
+                    {"ece": ece, "noise_floor": floor, "mean_confidence": confidence, "accuracy": accuracy,
+                     "direction": "under" if confidence < accuracy else "over"})]
+
+
+def label_noise_finding(noise: pd.DataFrame | None, errors: int) -> list:
+    if noise is None or not len(noise):
+        return []
+    strong = noise[noise["score"] >= STRONG_SUSPECT]
+    if not len(strong) or errors < MIN_ERRORS_FOR_NOISE or len(strong) > errors / 2:
+        return []  # the suspects would be the error list under another name
+    top = strong.sort_values("score", ascending=False).iloc[0]
+    return [Finding("label_noise", float(len(strong)), {"count": int(len(strong)), "errors": int(errors),
+                                                        "top_id": top["id"], "top_label": int(top["label"]),
+                                                        "top_suggested": int(top["suggested_label"])})]
+
+
+def rank_findings(samples: pd.DataFrame, probs, *, slices: pd.DataFrame | None = None,
+                  label_noise: pd.DataFrame | None = None) -> list:
+    """Every finding of a run (samples.parquet's label, pred and correct; the probabilities; the run's slices and
+    label-noise tables where it has them), most samples accounted for first; those under MIN_IMPACT are left out."""
+    labels, probs = check_predictions(samples["label"].to_numpy(), probs)
+    pred = samples["pred"].to_numpy().astype(np.int64)
+    correct = pred == labels
+    k = probs.shape[1]
+    found = (slice_findings(slices, 1.0 - correct.mean()) + confusion_findings(labels, pred, k)
+             + imbalance_finding(labels, correct, k) + calibration_finding(labels, probs)
+             + label_noise_finding(label_noise, int((~correct).sum())))
+    kept = [f for f in found if f.impact >= MIN_IMPACT]
+    return sorted(kept, key=lambda f: -f.impact)

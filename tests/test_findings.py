@@ -1,0 +1,107 @@
+"""Findings on one scale (issue 18, item 6): planted problems must lead, and suspects that are only the errors are no
+finding. References: scikit-learn's confusion matrix, hand-counted excess errors, and a simulated calibrated model."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analyzers.evaluation.findings import (MIN_ERRORS_FOR_NOISE, STRONG_SUSPECT, calibration_noise_floor,
+                                           rank_findings)
+from analyzers.evaluation.metrics import expected_calibration_error
+
+
+def _samples(labels, probs, pred=None):
+    pred = probs.argmax(1) if pred is None else pred
+    return pd.DataFrame({"id": np.arange(len(labels)).astype(str), "label": labels, "pred": pred,
+                         "correct": pred == labels})
+
+
+def _calibrated(n=2000, k=4, seed=0):
+    """Probabilities of a calibrated model: labels drawn from them."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, k)) * 5.0
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = np.array([rng.choice(k, p=p) for p in probs])
+    return labels, probs
+
+
+def test_an_under_confident_model_leads_with_calibration():
+    """The case the issue saw: ECE about 0.4 (confidence 0.45, accuracy 0.875) got no finding at all."""
+    rng = np.random.default_rng(0)
+    n, k = 400, 4
+    labels = rng.integers(0, k, n)
+    pred = np.where(rng.random(n) < 0.875, labels, (labels + 1) % k)
+    probs = np.full((n, k), 0.55 / 3)
+    probs[np.arange(n), pred] = 0.45
+    findings = rank_findings(_samples(labels, probs, pred), probs)
+    top = findings[0]
+    assert top.kind == "calibration" and top.details["direction"] == "under"
+    ece = expected_calibration_error(labels, probs)
+    assert ece == pytest.approx(abs(0.45 - (pred == labels).mean()), abs=1e-9)  # one bin holds every sample
+    assert top.impact == pytest.approx(n * (ece - top.details["noise_floor"]))
+
+
+def test_a_calibrated_model_with_a_planted_slice_leads_with_the_slice():
+    labels, probs = _calibrated()
+    samples = _samples(labels, probs)
+    overall = 1 - samples["correct"].mean()
+    # the planted slice: 100 samples of which 60 are wrong
+    slices = pd.DataFrame({"source": ["features"], "description": ["colour == red"], "size": [100], "errors": [60],
+                           "error_rate": [0.6], "lift": [0.6 / overall], "score": [1.0], "ids": [[]],
+                           "conditions": ["[]"]})
+    findings = rank_findings(samples, probs, slices=slices)
+    assert findings[0].kind == "slice" and findings[0].impact == pytest.approx(100 * (0.6 - overall))
+    calibration = next((f for f in findings if f.kind == "calibration"), None)
+    # a calibrated model's ECE is its sample's noise: little or nothing is left of it
+    assert calibration is None or calibration.impact < 0.3 * findings[0].impact
+
+
+def test_the_noise_floor_is_what_a_calibrated_model_shows():
+    labels, probs = _calibrated(n=500, seed=3)
+    floor = calibration_noise_floor(probs, draws=40)
+    assert 0 < floor < 0.1
+    assert expected_calibration_error(labels, probs) == pytest.approx(floor, abs=0.03)
+
+
+def test_confused_pairs_count_their_cell_as_scikit_learn_does():
+    from sklearn.metrics import confusion_matrix
+
+    labels, probs = _calibrated(n=600, k=3, seed=1)
+    pred = probs.argmax(1)
+    cells = confusion_matrix(labels, pred, labels=range(3))
+    np.fill_diagonal(cells, 0)
+    pairs = [f for f in rank_findings(_samples(labels, probs), probs) if f.kind == "confusion"]
+    assert pairs[0].impact == cells.max()
+    assert (pairs[0].details["true"], pairs[0].details["pred"]) == np.unravel_index(cells.argmax(), cells.shape)
+
+
+def test_class_imbalance_counts_the_rare_classes_excess_errors():
+    rng = np.random.default_rng(2)
+    labels = np.r_[np.zeros(500, int), np.ones(500, int), np.full(40, 2)]
+    pred = labels.copy()
+    pred[rng.choice(1000, 50, replace=False)] = 2  # 5% errors among the common classes
+    pred[1000:1030] = 0  # the rare class: 30 of its 40 wrong
+    probs = np.eye(3)[pred] * 0.9 + 0.1 / 3
+    found = next(f for f in rank_findings(_samples(labels, probs, pred), probs) if f.kind == "imbalance")
+    overall = (pred != labels).mean()
+    assert found.details["rare"] == [2] and found.impact == pytest.approx(30 - 40 * overall)
+    assert found.details["recall"][2] == pytest.approx(0.25)
+
+
+def test_label_noise_suspects_that_are_every_error_are_no_finding():
+    labels, probs = _calibrated(n=300, seed=4)
+    samples = _samples(labels, probs)
+    wrong = samples[~samples["correct"]]
+    assert len(wrong) >= MIN_ERRORS_FOR_NOISE
+    as_errors = pd.DataFrame({"id": wrong["id"], "score": 0.95, "label": wrong["label"],
+                              "suggested_label": wrong["pred"]})
+    assert not [f for f in rank_findings(samples, probs, label_noise=as_errors) if f.kind == "label_noise"]
+    few = as_errors.head(5).assign(score=np.linspace(STRONG_SUSPECT, 0.99, 5))
+    found = [f for f in rank_findings(samples, probs, label_noise=few) if f.kind == "label_noise"]
+    assert found and found[0].impact == 5 and found[0].details["top_id"] == few["id"].iloc[-1]
+    # with few errors there is nothing to stand out from: the same five suspects among 8 errors are no finding
+    right = samples[samples["correct"]]
+    eight = pd.concat([right, wrong.head(8)]).reset_index(drop=True)
+    assert not [f for f in rank_findings(eight, probs[eight["id"].astype(int)], label_noise=few)
+                if f.kind == "label_noise"]
