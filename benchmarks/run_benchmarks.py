@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SECTIONS = ("run", "explain_all", "interactive", "sandbox", "projections", "peer", "tabular", "startup", "dashboard",
-            "upload")
+            "upload", "waits")
 # the sections that need the generated images or the image model (prepare() makes them only for these)
 IMAGE_SECTIONS = ("run", "explain_all", "interactive", "sandbox", "projections", "peer", "dashboard")
 DEFAULT_SIZES = (10_000, 100_000)
@@ -875,9 +875,151 @@ def worker_upload(spec: dict) -> dict:
             "alert": alert, "upload_seconds": seconds}
 
 
+# The dashboard as a person waits on it (issue 18): the map within 1 s of a click (median, warm), its scores after
+# it; the overfit check bounded at about 10 s.
+WAITS_MAP_TARGET_S = 1.0
+WAITS_OVERFIT_TARGET_S = 12.0
+WAITS_NEXT_CLICKS = 8
+
+
+def _residual_gelu_cnn():
+    """A residual CNN with GELU and BatchNorm on 3x32x32 images, 10 classes: the kind of model issue 18 uploaded."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+            self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+            self.act = nn.GELU()
+
+        def forward(self, x):
+            return self.act(x + self.bn2(self.conv2(self.act(self.bn1(self.conv1(x))))))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.bn = nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32)
+            self.blocks = nn.Sequential(Block(32), Block(32), nn.Conv2d(32, 64, 3, stride=2, padding=1), Block(64),
+                                        Block(64))
+            self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.fc(self.pool(self.blocks(nn.functional.gelu(self.bn(self.stem(x))))).flatten(1))
+
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def worker_waits(spec: dict) -> dict:
+    """One stored run through AppTest, timed as a person waits: open it (the warm-up starts in the background), then
+    Explain, "Next" several times with the default methods and with every method, the overfit check, and t-SNE and
+    UMAP computed from the Embeddings page until they show. The map's time is when the page draws its first map
+    (`st.plotly_chart` with a "map-" key), before the scores."""
+    import statistics
+
+    os.environ["DASHBOARD_RUNS_DIR"] = spec["runs_dir"]
+    os.environ["DASHBOARD_RUN"] = spec["run"]
+    os.environ["DASHBOARD_WARM_UP"] = "1" if spec["warm_up"] else "0"
+    os.environ.setdefault("STREAMLIT_LOGGER_LEVEL", "error")
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from dashboard import data
+
+    marks: list = []
+    draw = st.plotly_chart
+
+    def timed_chart(*args, **kwargs):
+        if str(kwargs.get("key", "")).startswith("map-"):
+            marks.append(time.perf_counter())
+        return draw(*args, **kwargs)
+
+    st.plotly_chart = timed_chart
+
+    def timed_run(at, action=None) -> dict:
+        marks.clear()
+        t0 = time.perf_counter()
+        (action() if action is not None else at).run()
+        _raise_app_exception(at, "timed page")
+        end = time.perf_counter()
+        return {"first_map_s": (marks[0] - t0) if marks else None, "all_maps_s": (marks[-1] - t0) if marks else None,
+                "page_s": end - t0, "maps": len(marks)}
+
+    result = {"warm_up": spec["warm_up"]}
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=600)
+    t0 = time.perf_counter()
+    at.run()
+    result["overview_s"] = time.perf_counter() - t0
+    _raise_app_exception(at, "overview")
+    if spec["warm_up"]:
+        for thread in [t for t in data._warm_ups().values() if isinstance(t, threading.Thread)]:
+            thread.join(timeout=600)
+        result["warm_up_s"] = time.perf_counter() - t0
+    # a person walks a gallery: the highest-loss samples (every kind, not only the few errors)
+    at.switch_page("views/errors.py").run()
+    at.selectbox(key="errors-ranking").set_value("loss").run()
+    _raise_app_exception(at, "errors")
+    at.switch_page("views/explain.py")
+    result["explain_open"] = timed_run(at)
+    if not spec["warm_up"]:
+        return result  # without the warm-up only the first click differs: the rest is measured with it
+    clicks = []
+    for _ in range(spec["clicks"]):
+        if at.button(key="explain-next").disabled:
+            break
+        clicks.append(timed_run(at, at.button(key="explain-next").click))
+    result["next_default"] = clicks
+    methods = list(at.multiselect(key="explain-methods").options)
+    at.multiselect(key="explain-methods").set_value(methods)
+    result["all_methods_first"] = timed_run(at)
+    clicks = []
+    for _ in range(spec["clicks"]):
+        if at.button(key="explain-next").disabled:
+            break
+        clicks.append(timed_run(at, at.button(key="explain-next").click))
+    result["next_all_methods"] = clicks
+    result["methods"] = methods
+    for key in ("next_default", "next_all_methods"):
+        firsts = [c["first_map_s"] for c in result[key] if c["first_map_s"] is not None]
+        result[f"{key}_median_first_map_s"] = statistics.median(firsts) if firsts else None
+        alls = [c["all_maps_s"] for c in result[key] if c["all_maps_s"] is not None]
+        result[f"{key}_median_all_maps_s"] = statistics.median(alls) if alls else None
+        result[f"{key}_median_page_s"] = statistics.median(c["page_s"] for c in result[key]) if result[key] else None
+
+    at.switch_page("views/training.py").run()
+    t0 = time.perf_counter()
+    at.button(key="overfit-run").click().run()
+    result["overfit_s"] = time.perf_counter() - t0
+    result["overfit_message"] = next((m.value for m in list(at.success) + list(at.error)
+                                      if m.value.startswith(("Passed", "Failed"))), None)
+
+    at.switch_page("views/embeddings.py").run()
+    projector = data._projector()[0]
+    while projector._lock.locked():  # the helper's numba warm-up, started with the run, has not finished
+        time.sleep(0.2)
+    for method in ("tsne", "umap"):
+        at.segmented_control(key="emb-method").set_value(method).run()
+        t0 = time.perf_counter()
+        at.button(key="emb-compute").click().run()
+        texts, first_progress = [], None
+        while (at.get("progress") or "is not in this run yet" in "".join(str(e.value) for e in at.info)) \
+                and time.perf_counter() - t0 < 600:
+            if at.get("progress") and first_progress is None:
+                first_progress = time.perf_counter() - t0
+            texts += [str(bar.proto.text) for bar in at.get("progress")]
+            time.sleep(0.25)
+            at.run()
+        result[method] = {"seconds": time.perf_counter() - t0, "first_progress_s": first_progress,
+                          "progress_updates": len(set(texts)), "estimate_shown": any("left" in t for t in texts)}
+    projector.close()
+    return result
+
+
 WORKERS = {"run": worker_run, "explain_all": worker_explain_all, "interactive": worker_interactive,
            "sandbox": worker_sandbox, "projections": worker_projections, "peer": worker_peer,
-           "dashboard": worker_dashboard, "upload": worker_upload}
+           "dashboard": worker_dashboard, "upload": worker_upload, "waits": worker_waits}
 
 
 def worker_main(name: str, spec: dict, result_path: Path) -> int:
@@ -1356,6 +1498,70 @@ class Bench:
                       f"{result['sampled_peak_bytes'] / MB:.0f} MB); the dashboard process only, not its sandboxed "
                       f"worker; {result['upload_seconds']:.1f} s from upload to the error: {result['alert'][:160]}")
 
+
+    def waits_section(self) -> None:
+        """What a person waits for in the dashboard (issue 18), on the digits sample (a trusted built-in model, in
+        this process) and on an uploaded .pt2 residual CNN with GELU and BatchNorm (its sandboxed worker): each
+        with the background warm-up, and the uploaded one once without it."""
+        missing = missing_modules("streamlit")
+        if missing:
+            self.skipped["waits"] = f"{', '.join(missing)} not installed"
+            return
+        import numpy as np
+        import torch
+
+        from analyzers.engines.pipeline import run_analysis
+
+        folder = self.workdir / "waits"
+        runs = folder / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        model = _residual_gelu_cnn()
+        export = save_image_export(model, folder / "residual-gelu.pt2")
+        images = np.random.default_rng(0).normal(size=(450, 3, 32, 32)).astype(np.float32)
+        with torch.no_grad():
+            labels = model(torch.as_tensor(images)).argmax(1).numpy()
+        labels[::8] = (labels[::8] + 1) % 10  # some errors, so that an error opens the Explain page
+        np.savez(folder / "residual-gelu.npz", x=images, y=labels)
+        cases = {"digits": ("sample:digits", "sample:digits"),
+                 "uploaded": (str(export), str(folder / "residual-gelu.npz"))}
+        for name, (model_spec, data_spec) in cases.items():
+            run_analysis(model_spec, data_spec, runs / name)
+        for name, warm_up in (("digits", True), ("uploaded", True), ("uploaded", False)):
+            run_dir = runs / name
+            fresh = runs / f"{name}-{'warm' if warm_up else 'cold'}"
+            shutil.copytree(run_dir, fresh, ignore=shutil.ignore_patterns("explanations"))
+            label = f"{name} ({'with' if warm_up else 'without'} the warm-up)"
+            self.log(f"waits: AppTest on the {label}")
+            result = self.worker("waits", {"runs_dir": str(runs), "run": str(fresh), "warm_up": warm_up,
+                                           "clicks": WAITS_NEXT_CLICKS}, label=f"waits-{name}-{warm_up}")
+            if result is None:
+                continue
+            self.details[f"waits {label}"] = result
+            opened = result["explain_open"]
+            note = (f"the run opened {result.get('warm_up_s', 0):.1f} s before (the warm-up's time)" if warm_up
+                    else "no warm-up: the model's worker, captum and the probe set's check come with this click")
+            self.add("waits", f"{label}: first Explain, to its first map", 450, opened["first_map_s"],
+                     target=WAITS_MAP_TARGET_S if warm_up else None, target_kind="seconds",
+                     note=f"{note}; the page with every score {opened['page_s']:.2f} s")
+            if not warm_up:
+                continue
+            for key, what in (("next_default", "Next, default methods"),
+                              ("next_all_methods", f"Next, all {len(result['methods'])} methods")):
+                page, every = result[f"{key}_median_page_s"], result.get(f"{key}_median_all_maps_s")
+                self.add("waits", f"{label}: {what}, to the first map (median of {len(result[key])})", 450,
+                         result[f"{key}_median_first_map_s"], target=WAITS_MAP_TARGET_S, target_kind="seconds",
+                         note=("every map drawn: median " + (f"{every:.2f} s" if every is not None else "?")
+                               + "; the page with every score: median "
+                               + (f"{page:.2f} s" if page is not None else "not measured (no Next click)")))
+            self.add("waits", f"{label}: overfit check (defaults: 200 steps, 10 s limit)", None, result["overfit_s"],
+                     target=WAITS_OVERFIT_TARGET_S, target_kind="seconds", note=str(result["overfit_message"])[:160])
+            for method in ("tsne", "umap"):
+                entry = result[method]
+                self.add("waits", f"{label}: {method} from the Compute click until it shows", 450, entry["seconds"],
+                         note=f"first progress after {entry['first_progress_s'] or float('nan'):.1f} s, "
+                              f"{entry['progress_updates']} distinct progress lines, an estimate of the time left "
+                              f"{'shown' if entry['estimate_shown'] else 'not shown'}")
+
     # -- output
     def write(self) -> Path:
         import torch
@@ -1394,7 +1600,8 @@ class Bench:
                  ("projections", self.projections_section),
                  ("peer", lambda: self.peer_section(self.runs_dir / f"shapes-{max(self.args.sizes)}", "images")),
                  ("tabular", self.tabular_section), ("startup", self.startup_section),
-                 ("dashboard", self.dashboard_section), ("upload", self.upload_section)]
+                 ("dashboard", self.dashboard_section), ("upload", self.upload_section),
+                 ("waits", self.waits_section)]
         for name, step in steps:
             if self.wanted(name):
                 t0 = time.perf_counter()

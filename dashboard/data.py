@@ -303,16 +303,22 @@ def warm_up(run: Run) -> None:
         started = _warm_ups()
         if key in started:
             return
-        started[key] = thread = threading.Thread(target=_warm, args=(key, run), daemon=True,
-                                                 name=f"warm-up {run.path.name}")
         warm_projector = "projector" not in started
         started.setdefault("projector", "warming")
+        started[key] = thread = threading.Thread(target=_warm, args=(key, run, warm_projector), daemon=True,
+                                                 name=f"warm-up {run.path.name}")
     thread.start()
-    if warm_projector:
-        _projector()[0].warm()  # umap-learn's compile, in the helper process, once per dashboard process
 
 
-def _warm(key: str, run: Run) -> None:
+def _warm(key: str, run: Run, warm_projector: bool) -> None:
+    try:
+        _warm_explanations(key, run)
+    finally:
+        if warm_projector:  # after the explanations: on two cores, the compile would slow the first click down
+            _projector()[0].warm()  # umap-learn's compile, in the helper process, once per dashboard process
+
+
+def _warm_explanations(key: str, run: Run) -> None:
     from analyzers.explanations.explain_run import sample_map, sample_scores
 
     loaded, problem = _inputs(key, run)

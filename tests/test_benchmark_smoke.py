@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "run_benchmarks.py"
-SKIPPED = "projections,dashboard,interactive,tabular,upload"  # upload: the live-server tests cover it
+SKIPPED = "projections,dashboard,interactive,tabular,upload,waits"  # upload: the live-server tests cover it; waits: minutes
 
 
 @pytest.fixture(scope="module")

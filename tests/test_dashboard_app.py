@@ -118,6 +118,8 @@ def test_a_run_that_opens_warms_up_the_first_explanation_in_the_background(tmp_p
     runs = tmp_path / "runs"
     shutil.copytree(sample_run_dir("digits"), runs / "warm-digits")
     monkeypatch.setenv("DASHBOARD_WARM_UP", "1")
+    # the projection helper's numba compile (a minute of CPU) is measured in make bench, not here
+    monkeypatch.setattr("analyzers.engines.projector.Projector.warm", lambda self: None)
     at = _app(monkeypatch, runs, runs / "warm-digits").run()  # the Overview page: nothing there explains
     _ok(at)
     warm = [t for t in data._warm_ups().values() if getattr(t, "name", None) == "warm-up warm-digits"]

@@ -79,21 +79,69 @@ def upload_and_run(page, app_url: str, model: Path, data: Path):
     return alert
 
 
-def test_click_confusion_cell_then_explain(app_url, browser, sample_run_dir):
+STALE = ("is not in this run yet", "Scores: computing", "No run is open", "Page not found")
+
+
+def _settled(page) -> str:
+    """The page's text once its script is idle, checked for exceptions and for messages that should be gone: a
+    transient one ("Scores: computing…") may show while the script runs, but never stays."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    _wait_until_idle(page)
+    try:
+        page.wait_for_function("(stale) => !stale.some(s => document.body.innerText.includes(s))", arg=list(STALE),
+                               timeout=60_000)
+    except PlaywrightTimeout:
+        pass  # reported below, with the text
+    _wait_until_idle(page)
+    _no_exception(page)
+    text = page.locator("body").inner_text()
+    stale = [s for s in STALE if s in text]
+    assert not stale, (stale, text[-1500:])
+    return text
+
+
+def test_walk_load_a_sample_overview_a_confusion_cell_explain_and_next(app_url, browser, sample_run_dir):
+    """issue 18: Load -> sample -> Overview -> confusion cell -> Explain -> Next, as a person goes; no run is
+    replaced on the way (a name that exists is reused or refused, never silently overwritten), and no page shows a
+    stale message once it is idle."""
     from analyzers.loading.runs import open_run
 
-    run = open_run(sample_run_dir("digits"))
-    samples = run.samples
-    wrong = samples[~samples["correct"]]
-    # the most populated off-diagonal cell, else a diagonal one
-    cell = (wrong.groupby(["label", "pred"]).size().idxmax() if len(wrong)
-            else (int(samples["label"].iloc[0]), int(samples["label"].iloc[0])))
-    true, pred = int(cell[0]), int(cell[1])
-    k = len(run.class_names)
-    expected = samples[(samples["label"] == true) & (samples["pred"] == pred)]
+    existing = Path(sample_run_dir("digits"))
+    info_before = (existing / "run.json").read_bytes()
+    stamp_before = (existing / "run.json").stat().st_mtime_ns
 
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
-    page.goto(f"{app_url}/confusion")
+    page.goto(f"{app_url}/load")
+    page.get_by_role("heading", name="Load").wait_for(timeout=60_000)
+    _settled(page)
+    name_field = page.get_by_label("Run name")
+    for name in (existing.name, "digits-walk"):  # the existing run's name first: it must survive the press
+        name_field.fill(name)
+        name_field.press("Enter")
+        _wait_until_idle(page)
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.wait_for_function("() => document.body.innerText.includes('is ready') || "
+                               "document.body.innerText.includes('already exists')", timeout=180_000)
+        _wait_until_idle(page, timeout_ms=180_000)
+        assert (existing / "run.json").read_bytes() == info_before
+        assert (existing / "run.json").stat().st_mtime_ns == stamp_before
+    walk = existing.parent / "digits-walk"
+    assert (walk / "run.json").exists()
+
+    run = open_run(walk)
+    samples = run.samples
+    wrong = samples[~samples["correct"]]
+    cell = wrong.groupby(["label", "pred"]).size().idxmax()
+    true, pred = int(cell[0]), int(cell[1])
+    k, names = len(run.class_names), run.class_names
+    expected = samples[(samples["label"] == true) & (samples["pred"] == pred)]
+
+    page.goto(f"{app_url}/overview?run=digits-walk")
+    page.get_by_role("heading", name="Top findings").wait_for(timeout=60_000)
+    assert "digits-walk" in _settled(page)
+
+    page.goto(f"{app_url}/confusion?run=digits-walk")
     page.get_by_role("heading", name="Confusion matrix").wait_for(timeout=60_000)
     markers = page.locator(".js-plotly-plot .scatterlayer .trace.scatter .points path")
     markers.nth(k * k - 1).wait_for(state="attached", timeout=30_000)
@@ -102,21 +150,24 @@ def test_click_confusion_cell_then_explain(app_url, browser, sample_run_dir):
     box = marker.bounding_box()
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-    names = run.class_names
-    heading = page.get_by_role("heading", name=f"True {names[true]}, predicted {names[pred]}")
-    heading.wait_for(timeout=30_000)
-    assert f"{len(expected)} samples" in page.locator("body").inner_text()
+    page.get_by_role("heading", name=f"True {names[true]}, predicted {names[pred]}").wait_for(timeout=30_000)
+    assert f"{len(expected)} samples" in _settled(page)
     assert f"cell:{true}-{pred}" in page.url.replace("%3A", ":")
-    _no_exception(page)
 
-    first_id = str(expected.sort_values("id")["id"].iloc[0])
+    ordered = [str(i) for i in expected.sort_values("id")["id"]]
     page.get_by_role("button", name="Explain").first.click()
     page.get_by_role("heading", name="Explain a sample").wait_for(timeout=60_000)
-    page.get_by_text(f"Sample {first_id} — true {names[true]}").wait_for(timeout=60_000)
-    assert f"sample={first_id}" in page.url
-    # an attribution map with its faithfulness scores appears
-    page.get_by_text("deletion AUC").first.wait_for(timeout=120_000)
-    _no_exception(page)
+    page.get_by_text(f"Sample {ordered[0]} — true {names[true]}").wait_for(timeout=60_000)
+    assert f"sample={ordered[0]}" in page.url
+    page.get_by_text("deletion AUC").first.wait_for(timeout=120_000)  # the maps, then their scores
+    _settled(page)
+    if len(ordered) > 1:
+        page.get_by_role("button", name="Next ▶").click()
+        page.get_by_text(f"Sample 2 of {len(ordered)} in the current selection").wait_for(timeout=60_000)
+        page.get_by_text("deletion AUC").first.wait_for(timeout=120_000)
+        text = _settled(page)
+        assert f"Sample {ordered[0]} —" not in text and any(f"Sample {i} — true" in text for i in ordered[1:])
+    assert (existing / "run.json").read_bytes() == info_before  # still: nothing on the way replaced it
     page.close()
 
 

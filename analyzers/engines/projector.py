@@ -138,6 +138,9 @@ class Projector:
 # --- the helper process ----------------------------------------------------------------------------------------------
 
 def _serve() -> int:
+    # The lowest CPU priority: on two cores, the warm-up's minute of compiling (and a long projection) would
+    # otherwise halve the speed of the explanations a person is clicking through; idle cores it still gets whole.
+    os.nice(19)
     import numpy as np
 
     from ..errors import AnalyzerError

@@ -116,7 +116,10 @@ if cols[4].button("Run the check", key="overfit-run", type="primary"):
 stored = st.session_state.get("overfit-result")
 if stored and stored[0] == run.path.name:
     result = stored[1]
-    (st.success if result.passed else st.error)(("Passed: " if result.passed else "Failed: ") + result.message)
+    if not result.judged:
+        st.warning(result.message[:1].upper() + result.message[1:] + ".", icon=":material/timer:")
+    else:
+        (st.success if result.passed else st.error)(("Passed: " if result.passed else "Failed: ") + result.message)
     curve = pd.DataFrame({"step": np.arange(len(result.losses)), "loss": result.losses})
     st.plotly_chart(figures.training_curves_figure(curve, pd.DataFrame()), key="overfit-curve",
                     config={"displayModeBar": False})
