@@ -131,6 +131,12 @@ def percent(fraction: float) -> str:
     return f"{float(fraction):.1%}"
 
 
+def percent_column(label: str | None = None):
+    """A table column of shares (0..1) written as `percent` writes them: Streamlit's own "percent" format dropped
+    trailing zeros, so one column read "5.13%" beside "4%". The column's values are shares times 100."""
+    return st.column_config.NumberColumn(label, format="%.1f%%")
+
+
 def duration(seconds: float) -> str:
     """A wait as a person says it: "4 s", "1 min 05 s"."""
     seconds = max(0, int(round(seconds)))
@@ -252,7 +258,7 @@ def gallery(run: Run, ids, *, key: str, title: str | None = None) -> None:
     modality = run.info["dataset"]["modality"]
     pages = max(1, math.ceil(len(rows) / GALLERY_PAGE))
     top = st.columns([3, 1])
-    top[0].caption(f"{len(rows):,} samples · {table['correct'].mean():.1%} correct · mean confidence "
+    top[0].caption(f"{len(rows):,} samples · {percent(table['correct'].mean())} correct · mean confidence "
                    f"{table['confidence'].mean():.3f}")
     page = 1
     if pages > 1 and modality != "tabular":

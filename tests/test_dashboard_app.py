@@ -153,6 +153,33 @@ def test_findings_lead_with_what_accounts_for_most_samples(runs_dir, tmp_path, m
     assert findings[0].startswith("**The model is under-confident:**"), findings
 
 
+def test_error_rankings_show_each_sample_once_and_their_counts_agree(runs_dir, monkeypatch):
+    """issue 18, item 10: tabular errors showed the same rows in two tables; "Top 54" sat above a 48-sample
+    gallery. Item 7: one percentage format in the slices table."""
+    import json
+
+    tabular = runs_dir / "sample-tabular"
+    if tabular.exists():
+        at = _app(monkeypatch, runs_dir, tabular).run()
+        at.switch_page("views/errors.py").run()
+        at.segmented_control(key="errors-section").set_value("Error rankings").run()
+        at.selectbox(key="errors-ranking").set_value("loss").run()
+        _ok(at)
+        assert len(at.dataframe) == 1
+    at = _app(monkeypatch, runs_dir, runs_dir / "sample-digits").run()
+    at.switch_page("views/errors.py").run()
+    at.segmented_control(key="errors-section").set_value("Error rankings").run()
+    at.selectbox(key="errors-ranking").set_value("loss").run()
+    _ok(at)
+    stated = next(c.value for c in at.caption if "samples of this ranking" in c.value)
+    shown = next(c.value for c in at.caption if " correct · mean confidence" in c.value)  # the gallery's count
+    assert stated.split()[1] == shown.split()[0].replace(",", ""), (stated, shown)
+    at.segmented_control(key="errors-section").set_value("Slices").run()
+    _ok(at)
+    config = json.loads(at.dataframe[0].proto.columns)
+    assert config["error rate"]["type_config"]["format"] == "%.1f%%"
+
+
 def test_training_page_overfit_check(runs_dir, monkeypatch):
     at = _app(monkeypatch, runs_dir, runs_dir / "sample-digits").run()
     at.switch_page("views/training.py").run()

@@ -62,14 +62,16 @@ with right:
                    "overlap is the share of samples in either that are in both): two runs' clusters are not the same "
                    "because they carry the same number.")
         shown = per_slice[["description", "size", "error_rate_a", "error_rate_b", "error_rate_delta", "run",
-                           "closest_in_other_run", "overlap"]]
+                           "closest_in_other_run", "overlap"]].copy()
+        shares = ["error_rate_a", "error_rate_b", "error_rate_delta", "overlap"]
+        shown[shares] = shown[shares] * 100
         st.dataframe(shown.rename(columns={"run": "found in", "error_rate_a": "error (a)", "error_rate_b": "error (b)",
                                            "error_rate_delta": "change",
                                            "closest_in_other_run": "closest slice of the other run"}),
                      hide_index=True,
                      column_config={"description": st.column_config.TextColumn(width="medium"),
-                                    **{c: st.column_config.NumberColumn(format="percent")
-                                       for c in ("error (a)", "error (b)", "change", "overlap")}})
+                                    **{c: components.percent_column() for c in ("error (a)", "error (b)", "change",
+                                                                                "overlap")}})
 
 st.subheader("Where they disagree")
 dis = comparison.disagreements

@@ -89,13 +89,14 @@ elif section == SECTIONS["slice"]:
                    "(a shallow decision tree) and from clusters of the embeddings. Lift is the slice's error rate "
                    "over the overall error rate. Pick a row to see the slice.")
         shown = pd.DataFrame({"source": slices["source"], "description": slices["description"],
-                              "size": slices["size"], "error rate": slices["error_rate"], "lift": slices["lift"]})
+                              "size": slices["size"], "error rate": slices["error_rate"] * 100,
+                              "lift": slices["lift"]})
         for column in ("ece", "ece_rest"):
             if column in slices:
                 shown[column.replace("_", " of the ")] = slices[column]
         picked = st.dataframe(shown, hide_index=True, on_select="rerun", selection_mode="single-row",
                               key="slices-table", height=min(400, 36 * len(shown) + 40),
-                              column_config={"error rate": st.column_config.NumberColumn(format="percent"),
+                              column_config={"error rate": components.percent_column(),
                                              "lift": st.column_config.NumberColumn(format="%.2f×"),
                                              "description": st.column_config.TextColumn(width="large")})
         rows_picked = tuple(picked.selection.rows)

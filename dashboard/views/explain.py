@@ -142,9 +142,9 @@ def _scores_text(scores: dict, method: str) -> str:
     if scores.get("insertion_auc") is not None:
         parts.append(f"insertion AUC **{scores['insertion_auc']:.3f}** (higher is better)")
     if method == "integrated_gradients" and scores.get("completeness_gap") is not None:
-        parts.append(f"completeness gap **{scores['completeness_gap']:.2%}**")
+        parts.append(f"completeness gap **{components.percent(scores['completeness_gap'])}**")
     if scores.get("mass_inside") is not None:
-        parts.append(f"attribution inside the planted ground truth **{scores['mass_inside']:.0%}**")
+        parts.append(f"attribution inside the planted ground truth **{components.percent(scores['mass_inside'])}**")
     return " · ".join(parts)
 
 
