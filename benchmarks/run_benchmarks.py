@@ -965,21 +965,20 @@ def worker_waits(spec: dict) -> dict:
     result["explain_open"] = timed_run(at)
     if not spec["warm_up"]:
         return result  # without the warm-up only the first click differs: the rest is measured with it
-    clicks = []
-    for _ in range(spec["clicks"]):
-        if at.button(key="explain-next").disabled:
-            break
-        clicks.append(timed_run(at, at.button(key="explain-next").click))
-    result["next_default"] = clicks
+
+    def walk_next() -> list:
+        clicks = []
+        for _ in range(spec["clicks"]):
+            if at.button(key="explain-next").disabled:
+                break
+            clicks.append(timed_run(at, at.button(key="explain-next").click))
+        return clicks
+
+    result["next_default"] = walk_next()
     methods = list(at.multiselect(key="explain-methods").options)
     at.multiselect(key="explain-methods").set_value(methods)
     result["all_methods_first"] = timed_run(at)
-    clicks = []
-    for _ in range(spec["clicks"]):
-        if at.button(key="explain-next").disabled:
-            break
-        clicks.append(timed_run(at, at.button(key="explain-next").click))
-    result["next_all_methods"] = clicks
+    result["next_all_methods"] = walk_next()
     result["methods"] = methods
     for key in ("next_default", "next_all_methods"):
         firsts = [c["first_map_s"] for c in result[key] if c["first_map_s"] is not None]

@@ -288,7 +288,7 @@ def _warm_ups() -> dict:
     return {}
 
 
-_WARM_UPS_LOCK = threading.Lock()
+_BACKGROUND_LOCK = threading.Lock()  # the warm-up and projection registries: one starter at a time
 
 
 def warm_up(run: Run) -> None:
@@ -299,7 +299,7 @@ def warm_up(run: Run) -> None:
     if not settings().warm_up:
         return
     key = inputs_key(run.info)
-    with _WARM_UPS_LOCK:
+    with _BACKGROUND_LOCK:
         started = _warm_ups()
         if key in started:
             return
@@ -446,7 +446,7 @@ def start_projection(run: Run, layer: str, method: str):
     included): the job, to watch and cancel."""
     projector, jobs = _projector()
     key = (str(run.path.resolve()), layer, method)
-    with _WARM_UPS_LOCK:
+    with _BACKGROUND_LOCK:
         job = jobs.get(key)
         if job is None or job.state != "running":
             jobs[key] = job = projector.submit(run.path.resolve(), layer, method)

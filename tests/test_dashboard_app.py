@@ -180,6 +180,25 @@ def test_error_rankings_show_each_sample_once_and_their_counts_agree(runs_dir, m
     assert config["error rate"]["type_config"]["format"] == "%.1f%%"
 
 
+@pytest.mark.parametrize("sample", ["tabular", "digits"])
+def test_a_dead_units_chart_with_nothing_to_show_is_a_sentence(sample, runs_dir, monkeypatch):
+    """issue 18, item 7: the tabular sample's dead-units chart was an empty frame on an axis from -100% to 100%."""
+    import pandas as pd
+
+    run = runs_dir / f"sample-{sample}"
+    if not (run / "gradients" / "dead_units.parquet").exists():
+        pytest.skip(f"the {sample} run has no dead-units table")
+    dead = pd.read_parquet(run / "gradients" / "dead_units.parquet")
+    at = _app(monkeypatch, runs_dir, run).run()
+    at.switch_page("views/training.py").run()
+    _ok(at)
+    charts = [c for c in at.get("plotly_chart") if "dead" in str(c.proto.spec).lower()]
+    if len(dead) and not (dead["dead_fraction"] > 0).any():
+        assert any(m.value.startswith("No dead units") for m in at.success) and not charts
+    elif len(dead):
+        assert '"range":[0,1]' in charts[0].proto.spec.replace(" ", "")
+
+
 def test_training_page_overfit_check(runs_dir, monkeypatch):
     at = _app(monkeypatch, runs_dir, runs_dir / "sample-digits").run()
     at.switch_page("views/training.py").run()

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,6 +285,7 @@ def _cascade(model, example: np.ndarray) -> tuple[nn.Module, list, dict]:
 
 RANDOMISED_COPIES_KEPT = 2
 _RANDOMISED: "OrderedDict[tuple, object]" = OrderedDict()
+_RANDOMISED_LOCK = threading.Lock()
 
 
 def randomised_model(model, example: np.ndarray, *, seed: int = 0):
@@ -291,17 +293,19 @@ def randomised_model(model, example: np.ndarray, *, seed: int = 0):
     for the same seed. The newest RANDOMISED_COPIES_KEPT are kept in memory, so that checking one more sample
     costs one map, not one copy and one map per layer."""
     key = (model_fingerprint(model), seed)
-    if key in _RANDOMISED:
-        _RANDOMISED.move_to_end(key)
-        return _RANDOMISED[key]
-    copy, layers, subs = _cascade(model, example)
-    generator = torch.Generator().manual_seed(seed)
-    for layer in layers:
-        reinitialise(subs[layer], generator)
-    _RANDOMISED[key] = randomised = _model_like(model, copy)
-    while len(_RANDOMISED) > RANDOMISED_COPIES_KEPT:
-        _RANDOMISED.popitem(last=False)
-    return randomised
+    # one lock for the table: a trusted model is shared by every session, and two first clicks would make two copies
+    with _RANDOMISED_LOCK:
+        if key in _RANDOMISED:
+            _RANDOMISED.move_to_end(key)
+            return _RANDOMISED[key]
+        copy, layers, subs = _cascade(model, example)
+        generator = torch.Generator().manual_seed(seed)
+        for layer in layers:
+            reinitialise(subs[layer], generator)
+        _RANDOMISED[key] = randomised = _model_like(model, copy)
+        while len(_RANDOMISED) > RANDOMISED_COPIES_KEPT:
+            _RANDOMISED.popitem(last=False)
+        return randomised
 
 
 def randomised_correlation(model, inputs, method: str = "saliency", target=None, *, attributions=None,
