@@ -120,6 +120,10 @@ def test_walk_load_a_sample_overview_a_confusion_cell_explain_and_next(app_url, 
         name_field.fill(name)
         name_field.press("Enter")
         _wait_until_idle(page)
+        # a rerun keeps the previous run's elements on screen (stale) until it ends: wait for one Run button
+        page.wait_for_function("() => [...document.querySelectorAll('button')]"
+                               ".filter(b => b.innerText.trim() === 'Run').length === 1", timeout=60_000)
+        _wait_until_idle(page)
         page.get_by_role("button", name="Run", exact=True).click()
         page.wait_for_function("() => document.body.innerText.includes('is ready') || "
                                "document.body.innerText.includes('already exists')", timeout=180_000)
