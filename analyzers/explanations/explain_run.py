@@ -337,7 +337,7 @@ def _plain(value):
     return bool(value) if isinstance(value, (bool, np.bool_)) else float(value)
 
 
-def _sample_setup(run, sample_id, method, target, model, dataset, options):
+def _sample_setup(run, sample_id, method, model, dataset, options):
     from ..engines.pipeline import load_run_inputs
     from ..loading.runs import Run, open_run
 
@@ -346,9 +346,7 @@ def _sample_setup(run, sample_id, method, target, model, dataset, options):
         raise AnalyzerError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
     if model is None or dataset is None:
         model, dataset = load_run_inputs(run)
-    rows = resolve_rows(dataset, [sample_id])
-    targets = resolve_targets(run, dataset, rows, target, model.num_classes)
-    return run, model, dataset, rows, targets, method_options(method, None, options)
+    return run, model, dataset, resolve_rows(dataset, [sample_id]), method_options(method, None, options)
 
 
 def _cache_file(run, kind: str, key: dict) -> Path:
@@ -361,7 +359,8 @@ def sample_map(run, sample_id, method: str, *, target="pred", model=None, datase
     """One sample's map, without its scores (`scores` holds only Integrated Gradients' completeness gap, which
     comes with the map): what the dashboard draws first. Cached under the run's explanations/cache by (model hash,
     method, options, sample id, target class)."""
-    run, model, dataset, rows, targets, opts = _sample_setup(run, sample_id, method, target, model, dataset, options)
+    run, model, dataset, rows, opts = _sample_setup(run, sample_id, method, model, dataset, options)
+    targets = resolve_targets(run, dataset, rows, target, model.num_classes)
     key = {"model": model.sha256, "method": method, "options": opts, "id": str(sample_id),
            "target": int(targets[0]), "seed": seed}
     path = _cache_file(run, "map", key)
@@ -385,7 +384,8 @@ def sample_scores(run, explanation: SampleExplanation, *, model=None, dataset=No
     sanity check (its verdict from the run's fixed probe set, computed once per model, method and options; this
     sample's own correlation), and the planted ground truth's share. Cached like the map."""
     method, sample_id = explanation.method, explanation.id
-    run, model, dataset, rows, _, opts = _sample_setup(run, sample_id, method, "pred", model, dataset, options)
+    # the map's own target class: resolving "pred" again would read every sample's prediction on every click
+    run, model, dataset, rows, opts = _sample_setup(run, sample_id, method, model, dataset, options)
     targets = np.asarray([explanation.target_class], dtype=np.int64)
     # "scores": 3 since the sanity verdict is taken on the probe set: entries from before are recomputed
     key = {"scores": 3, "model": model.sha256, "method": method, "options": opts, "id": str(sample_id),

@@ -148,11 +148,6 @@ class SanityCheck:
     def flagged(self) -> bool:
         return _flagged(self.rank_corr[-1], self.degenerate, self.threshold)
 
-    @property
-    def sample_flags(self) -> np.ndarray:
-        """Per sample: flagged with the rest, or degenerate."""
-        return self.degenerate | self.flagged
-
 
 @dataclass(frozen=True)
 class RandomisedCorrelation:
