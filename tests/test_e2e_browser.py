@@ -67,7 +67,7 @@ def upload_and_run(page, app_url: str, model: Path, data: Path):
     # before the server holds both files ("choose both ..."): click again until the press is answered with them
     for _ in range(4):
         _wait_until_idle(page)
-        page.get_by_role("button", name="Run", exact=True).click()
+        _current(page, RUN_BUTTON).click()
         try:
             alert.first.wait_for(timeout=30_000)
         except PlaywrightTimeout:
@@ -77,6 +77,15 @@ def upload_and_run(page, app_url: str, model: Path, data: Path):
         page.wait_for_timeout(1000)
     alert.first.wait_for(timeout=30_000)
     return alert
+
+
+RUN_BUTTON = "//button[normalize-space()='Run']"
+
+
+def _current(page, xpath: str):
+    """The element of this rerun matching `xpath`: while a rerun moves the page's layout, Streamlit keeps the last
+    run's copy on screen beside the new one (inside a container marked data-stale) until the rerun ends."""
+    return page.locator(f"xpath={xpath}[not(ancestor::*[@data-stale='true'])]")
 
 
 STALE = ("is not in this run yet", "Scores: computing", "No run is open", "Page not found")
@@ -112,25 +121,24 @@ def test_walk_load_a_sample_overview_a_confusion_cell_explain_and_next(app_url, 
     stamp_before = (existing / "run.json").stat().st_mtime_ns
 
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
-    page.goto(f"{app_url}/load")
-    page.get_by_role("heading", name="Load").wait_for(timeout=60_000)
-    _settled(page)
-    name_field = page.get_by_label("Run name")
-    for name in (existing.name, "digits-walk"):  # the existing run's name first: it must survive the press
+    walk = existing.parent / "digits-walk"
+    for name in (existing.name, walk.name):  # the existing run's name first: it must survive the press
+        page.goto(f"{app_url}/load")  # a fresh page each time: a rerun keeps the last press's elements, stale
+        page.get_by_role("heading", name="Load").wait_for(timeout=60_000)
+        _settled(page)
+        name_field = page.get_by_label("Run name")
         name_field.fill(name)
         name_field.press("Enter")
         _wait_until_idle(page)
-        # a rerun keeps the previous run's elements on screen (stale) until it ends: wait for one Run button
-        page.wait_for_function("() => [...document.querySelectorAll('button')]"
-                               ".filter(b => b.innerText.trim() === 'Run').length === 1", timeout=60_000)
-        _wait_until_idle(page)
-        page.get_by_role("button", name="Run", exact=True).click()
-        page.wait_for_function("() => document.body.innerText.includes('is ready') || "
-                               "document.body.innerText.includes('already exists')", timeout=180_000)
+        _current(page, RUN_BUTTON).click()
+        # the press is answered when this rerun's page says the run is ready, or that the name is taken
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('[data-testid=\"stElementContainer\"]:not([data-stale=\"true\"])')]"
+            ".some(e => e.innerText.includes('is ready') || e.innerText.includes('already exists'))",
+            timeout=180_000)
         _wait_until_idle(page, timeout_ms=180_000)
         assert (existing / "run.json").read_bytes() == info_before
         assert (existing / "run.json").stat().st_mtime_ns == stamp_before
-    walk = existing.parent / "digits-walk"
     assert (walk / "run.json").exists()
 
     run = open_run(walk)

@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from conftest import require_chromium
-from test_e2e_browser import _no_exception, _wait_until_idle
+from test_e2e_browser import RUN_BUTTON, _current, _no_exception, _wait_until_idle
 
 pytestmark = pytest.mark.e2e
 
@@ -75,7 +75,7 @@ def test_sign_in_owner_and_view_policy_end_to_end(signed_in_app, browser):
     ben.get_by_role("heading", name="Load").wait_for(timeout=60_000)
     _wait_until_idle(ben)
     assert ben.get_by_label("Run name").first.input_value() == "sample-digits-ben"
-    ben.get_by_role("button", name="Run", exact=True).click()
+    _current(ben, RUN_BUTTON).click()
     ben.get_by_text("is ready").wait_for(timeout=180_000)
     _no_exception(ben)
     owner = json.loads((runs / "sample-digits-ben" / "run.json").read_text())["owner"]
