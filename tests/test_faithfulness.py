@@ -11,7 +11,8 @@ from torch import nn
 from analyzers import AnalyzerError, load_model
 from analyzers.loading.datasets import load_dataset
 from analyzers.explanations.attributions import explain
-from analyzers.explanations.faithfulness import (deletion_insertion, ground_truth_scores, ig_completeness, interval_mask,
+from analyzers.explanations.completeness import ig_completeness
+from analyzers.explanations.faithfulness import (deletion_insertion, ground_truth_scores, interval_mask,
                                     randomisation_check, reinitialise, spearman_rows)
 from sample_models import get_sample
 from tests.conftest import export_model

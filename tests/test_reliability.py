@@ -11,7 +11,8 @@ from torch import nn
 
 from analyzers import AnalyzerError, explain, predict, wrap_module
 from analyzers.explanations.attributions import METHODS
-from analyzers.explanations.faithfulness import deletion_insertion, ig_completeness, randomisation_check
+from analyzers.explanations.completeness import ig_completeness
+from analyzers.explanations.faithfulness import deletion_insertion, randomisation_check
 from analyzers.training.gradients import gradient_norm_traces, overfit_one_batch
 from analyzers.explanations.projections import collect_embeddings
 

@@ -34,7 +34,7 @@ RESULT_CLASSES = frozenset({
     "analyzers.engines.inference:Predictions",
     "analyzers.training.gradients:OverfitResult",
     "analyzers.training.gradients:GradientTraces",
-    "analyzers.explanations.faithfulness:IGCompleteness",
+    "analyzers.explanations.completeness:Completeness",
     "analyzers.explanations.faithfulness:DeletionInsertion",
     "analyzers.explanations.faithfulness:SanityCheck",
 })
