@@ -12,8 +12,9 @@ from analyzers import AnalyzerError, load_model
 from analyzers.loading.datasets import load_dataset
 from analyzers.explanations.attributions import explain
 from analyzers.explanations.completeness import ig_completeness
-from analyzers.explanations.faithfulness import (deletion_insertion, ground_truth_scores, interval_mask,
-                                    randomisation_check, reinitialise, spearman_rows)
+from analyzers.explanations.faithfulness import (ground_truth_scores, interval_mask, randomisation_check, reinitialise,
+                                                 spearman_rows)
+from analyzers.explanations.perturbation import deletion_insertion
 from sample_models import get_sample
 from tests.conftest import export_model
 

@@ -12,7 +12,8 @@ from torch import nn
 from analyzers import AnalyzerError, explain, predict, wrap_module
 from analyzers.explanations.attributions import METHODS
 from analyzers.explanations.completeness import ig_completeness
-from analyzers.explanations.faithfulness import deletion_insertion, randomisation_check
+from analyzers.explanations.faithfulness import randomisation_check
+from analyzers.explanations.perturbation import deletion_insertion
 from analyzers.training.gradients import gradient_norm_traces, overfit_one_batch
 from analyzers.explanations.projections import collect_embeddings
 

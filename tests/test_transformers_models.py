@@ -139,7 +139,7 @@ def test_token_attributions_match_the_eager_models_gradients(text_model):
     """Per-token scores through the embedding layer, against the eager model fed `inputs_embeds` (no Captum)."""
     from analyzers.explanations.attributions import explain, token_embedding_layer
     from analyzers.explanations.completeness import ig_completeness
-    from analyzers.explanations.faithfulness import deletion_insertion
+    from analyzers.explanations.perturbation import deletion_insertion
     from analyzers.loading.datasets import load_dataset
     from analyzers.loading.models import load_model
 

@@ -25,7 +25,8 @@ import pandas as pd
 from ..errors import AnalyzerError
 from .attributions import METHODS, explain, reduce_for_display
 from .completeness import ig_completeness
-from .faithfulness import degenerate_maps, deletion_insertion, ground_truth_scores, interval_mask, randomised_correlation
+from .faithfulness import degenerate_maps, ground_truth_scores, interval_mask, randomised_correlation
+from .perturbation import deletion_insertion
 from ..loading.runs import read_cache_entry, write_atomic, write_parquet
 from ..loading.sandbox import runs_in_worker
 

@@ -35,7 +35,7 @@ RESULT_CLASSES = frozenset({
     "analyzers.training.gradients:OverfitResult",
     "analyzers.training.gradients:GradientTraces",
     "analyzers.explanations.completeness:Completeness",
-    "analyzers.explanations.faithfulness:DeletionInsertion",
+    "analyzers.explanations.perturbation:DeletionInsertion",
     "analyzers.explanations.faithfulness:SanityCheck",
 })
 
