@@ -26,7 +26,7 @@ from ..errors import AnalyzerError
 from .attributions import METHODS, explain, reduce_for_display
 from .completeness import ig_completeness
 from .faithfulness import degenerate_maps, ground_truth_scores, interval_mask, randomised_correlation
-from .perturbation import deletion_insertion
+from .perturbation import deletion_insertion, perturbation_columns, road, road_skip_reason
 from ..loading.runs import read_cache_entry, write_atomic, write_parquet
 from ..loading.sandbox import runs_in_worker
 
@@ -132,8 +132,9 @@ def attribute_samples(model, x: np.ndarray, targets: np.ndarray, method: str, *,
 def faithfulness_table(model, x: np.ndarray, targets: np.ndarray, method: str, attr: np.ndarray, *, options: dict,
                        background: np.ndarray, mask: np.ndarray | None, batch_size: int, sanity: bool,
                        probe: np.ndarray | None, cache_dir, seed: int = 0) -> pd.DataFrame:
-    """The scores of maps already computed, one row per sample: deletion and insertion AUC, the randomisation
-    check, and the planted ground truth's share where there is one.
+    """The scores of maps already computed, one row per sample: deletion and insertion AUC (raw, normalised and
+    against a random order, `perturbation.PERTURBATION_COLUMNS`), ROAD where it applies, the randomisation check,
+    and the planted ground truth's share where there is one.
 
     The sanity verdict is taken on `probe` (cached in `cache_dir`), and each sample gets its own rank correlation
     with the fully randomised model's map: one more map per sample instead of one per layer."""
@@ -142,12 +143,17 @@ def faithfulness_table(model, x: np.ndarray, targets: np.ndarray, method: str, a
     # so it gets no faithfulness score, and it fails the sanity check.
     degenerate = degenerate_maps(attr)
     curves = deletion_insertion(model, x, attr, targets, baseline=base_choice if isinstance(base_choice, str)
-                                else "zeros", background=background, batch_size=batch_size)
+                                else "zeros", background=background, batch_size=batch_size, seed=seed)
     table = pd.DataFrame({
         "deletion_auc": np.where(degenerate, np.nan, curves.deletion_auc).astype(np.float32),
         "insertion_auc": np.where(degenerate, np.nan, curves.insertion_auc).astype(np.float32),
         "degenerate": degenerate,
     })
+    # ROAD imputes from neighbours: images and sequences only (its columns are NaN for tables and tokens)
+    debiased = road(model, x, attr, targets, batch_size=batch_size, seed=seed) \
+        if road_skip_reason(model, x) is None else None
+    for column, values in perturbation_columns(curves, debiased).items():
+        table[column] = np.where(degenerate, np.nan, values).astype(np.float32)
     if sanity:
         check_options = {**options, "background": background}
         verdict = randomised_correlation(model, probe if probe is not None else x, method, None,
