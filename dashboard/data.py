@@ -319,7 +319,7 @@ def _warm(key: str, run: Run, warm_projector: bool) -> None:
 
 
 def _warm_explanations(key: str, run: Run) -> None:
-    from analyzers.explanations.explain_run import sample_map, sample_scores
+    from analyzers.explanations.explain_run import sample_map, sample_scores, sanity_controls
 
     loaded, problem = _inputs(key, run)
     if problem is not None:
@@ -333,6 +333,7 @@ def _warm_explanations(key: str, run: Run) -> None:
             for target in targets:
                 explanation = sample_map(run, first, method, target=target, model=model, dataset=dataset)
                 sample_scores(run, explanation, model=model, dataset=dataset, sanity=True)
+        sanity_controls(run, model=model, dataset=dataset)
     except AnalyzerError as exc:
         # the page computes the same and shows this line where it applies; here it is only logged
         logging.getLogger(__name__).info("warm-up of %s stopped: %s", run.path.name, first_line(exc))

@@ -48,6 +48,7 @@ def _plain(source) -> str:
 def _text(at) -> str:
     parts = [m.value for m in at.markdown] + [m.value for m in at.caption] + [h.value for h in at.subheader]
     parts += [e.value for e in at.error] + [e.value for e in at.info] + [e.value for e in at.success]
+    parts += [e.value for e in at.warning]
     return "\n".join(_plain(p) for p in parts)
 
 
@@ -105,7 +106,13 @@ def test_explain_page_shows_maps_and_scores(runs_dir, monkeypatch):
     text = _text(at)
     assert f"Sample {sample_id}" in text
     assert "deletion AUC" in text and "insertion AUC" in text
-    assert "Sanity check" in text
+    # issue 16: the default maps (IG, Grad-CAM) get an interval verdict against the threshold shown beside it, on
+    # black-background digits IG fails as in Quantus' MPRT, and the controls show what passing and failing look like
+    assert "Sanity check failed" in text and "Sanity check passed" in text
+    assert "95% CI" in text and "against the threshold 0.50, over 16 fixed probe samples" in text
+    assert "sMPRT" in text and "eMPRT" in text
+    assert "deletion vs a random order" in text and "of the starting probability" in text and "ROAD" in text
+    assert "a random map passes" in text and "an edge detector of the input (it reads no model) fails" in text
     assert len(at.get("plotly_chart")) >= 4  # input, probabilities, two maps
 
 

@@ -147,17 +147,127 @@ def test_reinitialise_handles_modules_without_reset_parameters():
     assert torch.equal(bare.weight, again.weight)  # seeded
 
 
-def test_spearman_rows_matches_scipy_and_ignores_positions_zero_in_both_maps():
+def test_spearman_rows_is_scipys_spearman_with_ties_kept_and_optionally_drops_shared_zeros():
     from scipy.stats import spearmanr
 
     rng = np.random.default_rng(0)
     a, b = rng.random((3, 20)), rng.random((3, 20))
     expected = [spearmanr(a[i], b[i]).statistic for i in range(3)]
     np.testing.assert_allclose(spearman_rows(a, b), expected)
-    # 80 shared zeros (an input equal to the baseline) would make unrelated maps correlate
+    # 80 shared zeros (an input equal to the baseline): kept, they tie the maps together, as in Quantus' MPRT
     a0, b0 = np.concatenate([a, np.zeros((3, 80))], 1), np.concatenate([b, np.zeros((3, 80))], 1)
-    np.testing.assert_allclose(spearman_rows(a0, b0), expected)
+    np.testing.assert_allclose(spearman_rows(a0, b0), [spearmanr(a0[i], b0[i]).statistic for i in range(3)])
+    assert (spearman_rows(a0, b0) > 0.5).all()
+    np.testing.assert_allclose(spearman_rows(a0, b0, drop_shared_zeros=True), expected)
     assert spearman_rows(np.ones((1, 5)), np.arange(5.0)[None])[0] == 0.0
+
+
+def test_the_verdict_is_an_interval_against_the_threshold_on_the_absolute_correlation():
+    from analyzers.explanations.faithfulness import correlation_verdict, mean_with_interval
+
+    rng = np.random.default_rng(0)
+    none = np.zeros(16, bool)
+    low = correlation_verdict(rng.normal(0.1, 0.05, 16), none)
+    high = correlation_verdict(rng.normal(0.9, 0.05, 16), none)
+    reversed_ = correlation_verdict(rng.normal(-0.8, 0.05, 16), none)  # a reversed ranking is as tied to the input
+    straddling = correlation_verdict(rng.uniform(0.1, 0.9, 16), none)
+    assert (low.outcome, high.outcome, reversed_.outcome, straddling.outcome) == ("pass", "fail", "fail",
+                                                                                  "inconclusive")
+    assert straddling.ci_low < 0.5 < straddling.ci_high and reversed_.statistic > 0.7
+    one = correlation_verdict([0.99], [False])  # one sample has no interval: never a verdict on it
+    assert one.outcome == "inconclusive" and one.samples == 1
+    assert correlation_verdict([np.nan, np.nan], [True, True]).outcome == "fail"  # constant maps fail
+    # the percentile interval covers the true mean about as often as it says (95%) over repeated draws
+    covered = [lo <= 0.3 <= hi for lo, hi in (mean_with_interval(np.random.default_rng(s).normal(0.3, 0.2, 30),
+                                                                   n_resamples=500)[1:] for s in range(200))]
+    assert 0.88 <= np.mean(covered) <= 0.99
+    assert "threshold 0.50" in high.describe() and "16 samples" in high.describe()
+
+
+def _quantus_style_mprt(arch_maps, x, targets, fresh) -> float:
+    """The reference: Quantus' MPRT as it computes its last step, written out independently: scipy's spearmanr on
+    the flattened |maps| of the trained model and of an independently initialised model of the same architecture,
+    averaged over the samples."""
+    from scipy.stats import spearmanr
+
+    ours, theirs = np.abs(arch_maps), np.abs(fresh)
+    return float(np.mean([abs(spearmanr(ours[i].ravel(), theirs[i].ravel()).statistic) for i in range(len(x))]))
+
+
+def test_mprt_verdicts_agree_with_quantus_and_the_literature_on_black_background_digits(digits):
+    """Adebayo et al. (2018): on images with a black background, input-multiplied maps (IG, input x gradient) stay
+    correlated after randomisation and are flagged; gradients and Grad-CAM pass; a random map passes (the check is
+    necessary, not sufficient) and an edge detector of the input fails."""
+    from analyzers.explanations.faithfulness import CONTROLS, control_map, randomised_correlation
+
+    model, data = digits
+    x = data.x[np.sort(np.random.default_rng(0).choice(len(data.x), 16, replace=False))]
+    targets = model.module(torch.as_tensor(x)).argmax(1).numpy()
+    torch.manual_seed(1234)  # an independently initialised copy of the architecture: the reference's random model
+    fresh = get_sample("digits").build_model().eval()
+    expected = {"saliency": "pass", "gradcam": "pass", "input_x_gradient": "fail", "integrated_gradients": "fail",
+                "control_random": "pass", "control_edges": "fail"}
+    for method, literature in expected.items():
+        check = randomised_correlation(model, x, method, targets, smooth_samples=0)
+        verdict = check.verdict
+        if method in CONTROLS:
+            before, after = control_map(method, x, seed=0), control_map(method, x, seed=1)
+        else:
+            before = explain(model, x, targets, method)
+            after = explain(fresh, x, targets, method, **({"layer": "conv2"} if method == "gradcam" else {}))
+        if before.ndim == 4:
+            before, after = before.sum(1), after.sum(1)
+        reference = _quantus_style_mprt(before, x, targets, after)
+        assert verdict.samples == 16 and verdict.outcome == literature, (method, verdict.describe(), reference)
+        half_width = (verdict.ci_high - verdict.ci_low) / 2
+        reference_flags = reference > verdict.threshold
+        if abs(reference - verdict.threshold) > half_width:  # the reference is clear of the threshold: we agree
+            assert reference_flags == (verdict.outcome == "fail"), (method, verdict.describe(), reference)
+    # the variant that drops shared zeros would have passed IG: the reason the headline keeps the ties
+    ig = randomised_correlation(model, x, "integrated_gradients", targets, smooth_samples=0)
+    assert np.nanmean(np.abs(ig.corr_nonzero)) < 0.5 < ig.verdict.statistic
+
+
+def test_smooth_mprt_averages_maps_over_the_same_noisy_inputs_for_both_models(tiny_cnn, tiny_data, monkeypatch):
+    import analyzers.explanations.faithfulness as faithfulness
+
+    x = tiny_data[0][:6]
+    seen = []
+    real = faithfulness.explain
+    monkeypatch.setattr(faithfulness, "explain", lambda m, xs, *a, **k: seen.append(xs.copy()) or real(m, xs, *a, **k))
+    check = faithfulness.randomised_correlation(tiny_cnn, x, "saliency", None, smooth_samples=3, smooth_noise=0.2)
+    # original, randomised, then 3 noisy copies for each model; the last copy is the input itself
+    assert len(seen) == 2 + 3 + 3
+    original_copies, randomised_copies = seen[2:5], seen[5:8]
+    for a, b in zip(original_copies, randomised_copies):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(original_copies[-1], x)
+    spread = np.ptp(x.reshape(6, -1), axis=1)
+    noise = (original_copies[0] - x).reshape(6, -1)
+    np.testing.assert_allclose(noise.std(1) / spread, 0.2, rtol=0.25)
+    # by hand: the mean of the maps of the copies, for each model, then Spearman of |map|
+    randomised = faithfulness.randomised_model(tiny_cnn, x)
+    targets = tiny_cnn(torch.as_tensor(x)).argmax(1).numpy()
+    mean_a = np.mean([real(tiny_cnn, c, targets, "saliency") for c in original_copies], 0)
+    mean_b = np.mean([real(randomised, c, targets, "saliency") for c in randomised_copies], 0)
+    np.testing.assert_allclose(check.smooth_corr, spearman_rows(np.abs(mean_a).sum(1), np.abs(mean_b).sum(1)),
+                               atol=1e-6)
+
+
+def test_efficient_mprt_is_the_relative_rise_of_the_histogram_entropy():
+    from scipy.stats import entropy
+
+    from analyzers.explanations.faithfulness import _complexity_rise, discrete_entropy
+
+    rng = np.random.default_rng(0)
+    peaked = np.zeros((1, 400))
+    peaked[0, :4] = 1.0  # two histogram bins hold everything
+    spread = rng.random((1, 400))  # every bin holds about as much
+    by_hand = entropy(np.histogram(spread[0], bins=100)[0])
+    np.testing.assert_allclose(discrete_entropy(spread), [by_hand])
+    np.testing.assert_allclose(_complexity_rise(peaked, spread), (by_hand - discrete_entropy(peaked)) /
+                               discrete_entropy(peaked))
+    assert _complexity_rise(peaked, spread)[0] > 1 and _complexity_rise(spread, spread)[0] == 0
 
 
 # --- Integrated Gradients completeness ---------------------------------------------------------------------------------
@@ -351,7 +461,10 @@ def test_the_sanity_verdict_is_taken_once_on_the_probe_set_and_each_sample_costs
     first, second = (str(i) for i in run.samples["id"][[11, 12]])
     a = explain_run.explain_sample(run, first, "saliency", model=model, dataset=data)
     probe_calls = len(calls)
-    assert probe_calls == 4  # the map; the probe's maps, original and randomised; this sample's randomised map
+    from analyzers.explanations.faithfulness import SMOOTH_SAMPLES
+
+    # the map; the probe's maps, original and randomised, and their sMPRT copies; this sample's randomised map
+    assert probe_calls == 4 + 2 * SMOOTH_SAMPLES and calls[1] == calls[2] == explain_run.PROBE_SIZE == 16
     b = explain_run.explain_sample(run, second, "saliency", model=model, dataset=data)
     assert calls[probe_calls:] == [1, 1]  # the map and the randomised model's map of this one sample, nothing more
     monkeypatch.setattr(faithfulness, "explain", real_explain)
@@ -361,6 +474,9 @@ def test_the_sanity_verdict_is_taken_once_on_the_probe_set_and_each_sample_costs
     cascade = randomisation_check(model, probe, "saliency", background=explain_run.background_sample(data))
     assert a.scores["sanity_mean_corr"] == pytest.approx(cascade.mean_final_corr, abs=1e-5)
     assert a.scores["sanity_flag"] == b.scores["sanity_flag"] == cascade.flagged
+    assert a.scores["sanity_ci_low"] == pytest.approx(cascade.verdict.ci_low, abs=1e-5)
+    assert a.scores["sanity_ci_high"] == pytest.approx(cascade.verdict.ci_high, abs=1e-5)
+    assert a.scores["sanity_samples"] == 16 and not a.scores["sanity_inconclusive"]
     rows = explain_run.resolve_rows(data, [first, second])
     targets = explain_run.resolve_targets(run, data, rows, "pred", model.num_classes)
     own = randomisation_check(model, data.x[rows], "saliency", targets,

@@ -25,7 +25,7 @@ import pandas as pd
 from ..errors import AnalyzerError
 from .attributions import METHODS, explain, reduce_for_display
 from .completeness import ig_completeness
-from .faithfulness import degenerate_maps, ground_truth_scores, interval_mask, randomised_correlation
+from .faithfulness import CONTROLS, SANITY_SAMPLES, degenerate_maps, ground_truth_scores, interval_mask, randomised_correlation
 from .perturbation import deletion_insertion, perturbation_columns, road, road_skip_reason
 from ..loading.runs import read_cache_entry, write_atomic, write_parquet
 from ..loading.sandbox import runs_in_worker
@@ -34,7 +34,7 @@ EXPLANATIONS = "explanations"
 FAITHFULNESS = f"{EXPLANATIONS}/faithfulness.parquet"
 CACHE = f"{EXPLANATIONS}/cache"
 BACKGROUND_SIZE = 64
-PROBE_SIZE = 8  # samples on which the randomisation check's verdict is taken, once per model, method and options
+PROBE_SIZE = SANITY_SAMPLES  # samples on which the randomisation check's verdict is taken, once per model, method and options
 KEY_COLUMNS = ("id", "method", "target")
 
 
@@ -156,19 +156,31 @@ def faithfulness_table(model, x: np.ndarray, targets: np.ndarray, method: str, a
         table[column] = np.where(degenerate, np.nan, values).astype(np.float32)
     if sanity:
         check_options = {**options, "background": background}
-        verdict = randomised_correlation(model, probe if probe is not None else x, method, None,
-                                         batch_size=batch_size, seed=seed, cache_dir=cache_dir, **check_options)
+        # the verdict: on the probe set, once per model, method and options (cached), with sMPRT and eMPRT beside it
+        probed = randomised_correlation(model, probe if probe is not None else x, method, None,
+                                        batch_size=batch_size, seed=seed, cache_dir=cache_dir, **check_options)
+        # this sample's own correlation, for reference: one more map, no noisy copies
         own = randomised_correlation(model, x, method, targets, attributions=attr, batch_size=batch_size, seed=seed,
-                                     **check_options)
+                                     smooth_samples=0, **check_options)
+        verdict, smooth, complexity = probed.verdict, probed.smooth_verdict, probed.complexity_verdict
         table["sanity_rank_corr"] = own.corr.astype(np.float32)
-        table["sanity_mean_corr"] = np.float32(verdict.mean_corr)
-        table["sanity_flag"] = degenerate | verdict.flagged
+        table["sanity_mean_corr"] = np.float32(verdict.statistic)
+        table["sanity_ci_low"] = np.float32(verdict.ci_low)
+        table["sanity_ci_high"] = np.float32(verdict.ci_high)
+        table["sanity_samples"] = np.int64(verdict.samples)
+        table["sanity_smooth_corr"] = np.float32(smooth.statistic if smooth is not None else np.nan)
+        table["sanity_complexity_rise"] = np.float32(complexity.statistic)
+        table["sanity_flag"] = degenerate | (verdict.outcome == "fail")
+        table["sanity_inconclusive"] = ~degenerate & (verdict.outcome == "inconclusive")
     else:
-        table["sanity_rank_corr"] = np.float32(np.nan)
-        table["sanity_mean_corr"] = np.float32(np.nan)
+        for column in ("sanity_rank_corr", "sanity_mean_corr", "sanity_ci_low", "sanity_ci_high",
+                       "sanity_smooth_corr", "sanity_complexity_rise"):
+            table[column] = np.float32(np.nan)
+        table["sanity_samples"] = np.int64(0)
         # not checked (its rank correlation is NaN), except that a degenerate map fails without a check; plain
         # bools, because this table crosses from a worker, where only numeric and boolean arrays do
         table["sanity_flag"] = degenerate
+        table["sanity_inconclusive"] = np.zeros(len(table), dtype=bool)
     if mask is not None:
         truth = ground_truth_scores(attr, mask)
         table["mass_inside"] = np.where(degenerate, np.nan, truth.mass_inside).astype(np.float32)
@@ -344,15 +356,22 @@ def _plain(value):
     return bool(value) if isinstance(value, (bool, np.bool_)) else float(value)
 
 
-def _sample_setup(run, sample_id, method, model, dataset, options):
+def _opened(run, model, dataset) -> tuple:
+    """(run, model, dataset): `run` opened if it is a path, and its model and dataset loaded unless given (the
+    dashboard passes the ones it holds)."""
     from ..engines.pipeline import load_run_inputs
     from ..loading.runs import Run, open_run
 
     run = run if isinstance(run, Run) else open_run(run)
-    if method not in METHODS:
-        raise AnalyzerError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
     if model is None or dataset is None:
         model, dataset = load_run_inputs(run)
+    return run, model, dataset
+
+
+def _sample_setup(run, sample_id, method, model, dataset, options):
+    if method not in METHODS:
+        raise AnalyzerError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+    run, model, dataset = _opened(run, model, dataset)
     return run, model, dataset, resolve_rows(dataset, [sample_id]), method_options(method, None, options)
 
 
@@ -394,8 +413,8 @@ def sample_scores(run, explanation: SampleExplanation, *, model=None, dataset=No
     # the map's own target class: resolving "pred" again would read every sample's prediction on every click
     run, model, dataset, rows, opts = _sample_setup(run, sample_id, method, model, dataset, options)
     targets = np.asarray([explanation.target_class], dtype=np.int64)
-    # "scores": 3 since the sanity verdict is taken on the probe set: entries from before are recomputed
-    key = {"scores": 3, "model": model.sha256, "method": method, "options": opts, "id": str(sample_id),
+    # "scores": 4 since the verdict has its interval, sMPRT and eMPRT (issue 16): entries from before are recomputed
+    key = {"scores": 4, "model": model.sha256, "method": method, "options": opts, "id": str(sample_id),
            "target": int(targets[0]), "sanity": sanity, "seed": seed}
     path = _cache_file(run, "scores", key)
     cached = _read_cached(path, shape=dataset.attribution_shape)
@@ -411,16 +430,34 @@ def sample_scores(run, explanation: SampleExplanation, *, model=None, dataset=No
     return {**explanation.scores, **scores}
 
 
+@runs_in_worker(scratch_kwargs=("cache_dir",))
+def control_table(model, probe: np.ndarray, *, batch_size: int, cache_dir, seed: int = 0) -> pd.DataFrame:
+    """The randomisation check of the controls (`CONTROLS`, in their order) on the probe set: one row each, with
+    the mean |ρ|, its interval, and whether it failed or was inconclusive."""
+    rows = []
+    for name in CONTROLS:
+        verdict = randomised_correlation(model, probe, name, None, batch_size=batch_size, seed=seed,
+                                         cache_dir=cache_dir).verdict
+        rows.append({"mean_corr": verdict.statistic, "ci_low": verdict.ci_low, "ci_high": verdict.ci_high,
+                     "samples": verdict.samples, "flag": verdict.outcome == "fail",
+                     "inconclusive": verdict.outcome == "inconclusive"})
+    return pd.DataFrame(rows)
+
+
+def sanity_controls(run, *, model=None, dataset=None, batch_size: int = 64, seed: int = 0) -> dict:
+    """{control name: its verdict's numbers} on the run's probe set: what a map with a known verdict gets, shown
+    beside every method's (a random map passes, an edge detector of the input fails). Cached in the run."""
+    run, model, dataset = _opened(run, model, dataset)
+    table = control_table(model, probe_inputs(dataset, seed), batch_size=batch_size, cache_dir=run.file(CACHE),
+                          seed=seed)
+    return {name: {k: _plain(v) for k, v in row.items()} for name, (_, row) in zip(CONTROLS, table.iterrows())}
+
+
 def explain_sample(run, sample_id, method: str, *, target="pred", model=None, dataset=None, batch_size: int = 64,
                    sanity: bool = True, seed: int = 0, **options) -> SampleExplanation:
     """One sample's map and its faithfulness scores (`sample_map`, then `sample_scores`), both cached in the run.
     `run` is an opened Run or its path; pass the dashboard's loaded model and dataset."""
-    from ..engines.pipeline import load_run_inputs
-    from ..loading.runs import Run, open_run
-
-    run = run if isinstance(run, Run) else open_run(run)
-    if model is None or dataset is None:
-        model, dataset = load_run_inputs(run)
+    run, model, dataset = _opened(run, model, dataset)
     explanation = sample_map(run, sample_id, method, target=target, model=model, dataset=dataset,
                              batch_size=batch_size, seed=seed, **options)
     scores = sample_scores(run, explanation, model=model, dataset=dataset, batch_size=batch_size, sanity=sanity,

@@ -28,11 +28,16 @@ from ..errors import AnalyzerError
 from .attributions import _as_batch, _scores_module, _targets, explain, model_fingerprint
 from ..guard import analysis_mode, unwrap
 from ..engines.inference import module_device
+from ..loading.inputs import layout_of
 
-SANITY_THRESHOLD = 0.5  # mean |rank correlation| with the fully randomised model's map above this: flagged
+SANITY_THRESHOLD = 0.5  # mean |ρ| with the randomised model's map: a CI wholly above fails, wholly below passes
+SANITY_SAMPLES = 16  # the verdict is taken on at least this many samples (all of them when there are fewer)
+SANITY_CONFIDENCE = 0.95  # of the bootstrap interval on the mean |ρ|
+SMOOTH_SAMPLES = 10  # sMPRT: noisy copies averaged per map (Hedström et al. use 50 on ImageNet; 10 keeps a click short)
+SMOOTH_NOISE = 0.1  # sMPRT: noise std as a fraction of each sample's value range, as in Quantus' SmoothMPRT
+ENTROPY_BINS = 100  # eMPRT: histogram bins of the discrete entropy (Quantus' default when no rule is chosen)
+OUTCOMES = ("pass", "fail", "inconclusive")
 
-
-# --- randomisation sanity check ----------------------------------------------------------------------------------------
 
 def degenerate_maps(attributions) -> np.ndarray:
     """Per sample, whether its map is constant (all zero included): it ranks nothing, so it gets no faithfulness
@@ -44,19 +49,92 @@ def degenerate_maps(attributions) -> np.ndarray:
     return np.ptp(flat, axis=1) <= 1e-6 * scale
 
 
-def _flagged(corr: np.ndarray, degenerate: np.ndarray, threshold: float) -> bool:
-    """The maps barely change when the model is destroyed (mean correlation over the non-degenerate maps above
-    `threshold`), or are all constant: they do not reflect what the model learned."""
-    kept = corr[~degenerate]
-    return bool(degenerate.all()) or (len(kept) > 0 and float(np.mean(kept)) > threshold)
+def interval_outcome(ci_low: float, ci_high: float, threshold: float) -> str:
+    """'fail' when the whole interval lies above `threshold`, 'pass' when it lies wholly below, 'inconclusive' when
+    it straddles it (or is NaN): never a bare threshold on a point estimate."""
+    if not (np.isfinite(ci_low) and np.isfinite(ci_high)):
+        return "inconclusive"
+    return "fail" if ci_low > threshold else "pass" if ci_high < threshold else "inconclusive"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A mean over samples with its bootstrap interval, and what it says against a threshold."""
+    statistic: float  # mean over the samples that count (NaN when none does)
+    ci_low: float
+    ci_high: float
+    threshold: float
+    samples: int  # how many samples the mean is over
+    outcome: str  # one of OUTCOMES
+    degenerate: int = 0  # constant maps: they fail without a correlation
+
+    def describe(self, what: str = "mean |ρ|") -> str:
+        """One line: "fail: mean |ρ| 0.93 (95% CI 0.90–0.96, threshold 0.50) on 16 samples"."""
+        if not np.isfinite(self.statistic):
+            return f"{self.outcome}: every map is constant ({self.degenerate} of them)"
+        return (f"{self.outcome}: {what} {self.statistic:.2f} ({SANITY_CONFIDENCE:.0%} CI {self.ci_low:.2f}–"
+                f"{self.ci_high:.2f}, threshold {self.threshold:.2f}) on {self.samples} sample"
+                f"{'s' if self.samples != 1 else ''}")
+
+
+def mean_with_interval(values, *, confidence: float = SANITY_CONFIDENCE, seed: int = 0,
+                       n_resamples: int = 2000) -> tuple[float, float, float]:
+    """(mean, low, high): the percentile bootstrap interval of the mean (scipy.stats.bootstrap). One value has no
+    interval (NaN); identical values have a zero-width one."""
+    from scipy.stats import bootstrap
+
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    if np.ptp(values) == 0:
+        return mean, mean, mean
+    ci = bootstrap((values,), np.mean, confidence_level=confidence, n_resamples=n_resamples, method="percentile",
+                   rng=np.random.default_rng(seed)).confidence_interval
+    return mean, float(ci.low), float(ci.high)
+
+
+def correlation_verdict(corr, degenerate, *, threshold: float = SANITY_THRESHOLD, seed: int = 0) -> Verdict:
+    """The randomisation check's verdict from per-sample correlations: the mean |ρ| over the maps that are not
+    constant, with its bootstrap interval, against `threshold` (|ρ|: a map whose ranking is reversed by the
+    randomised model is as tied to the input as one that is kept). Every map constant: fail."""
+    corr = np.abs(np.asarray(corr, dtype=np.float64))
+    degenerate = np.asarray(degenerate, dtype=bool)
+    kept = corr[~degenerate & np.isfinite(corr)]
+    if len(kept) == 0:
+        outcome = "fail" if degenerate.any() else "inconclusive"
+        return Verdict(math.nan, math.nan, math.nan, threshold, 0, outcome, int(degenerate.sum()))
+    mean, low, high = mean_with_interval(kept, seed=seed)
+    return Verdict(mean, low, high, threshold, len(kept), interval_outcome(low, high, threshold),
+                   int(degenerate.sum()))
+
+
+def complexity_verdict(rise, degenerate, *, seed: int = 0) -> Verdict:
+    """eMPRT's verdict: the explanation's complexity (entropy) should rise when the model is randomised; a mean
+    relative rise whose interval is wholly above 0 passes, wholly at or below 0 fails."""
+    rise = np.asarray(rise, dtype=np.float64)
+    kept = rise[~np.asarray(degenerate, dtype=bool) & np.isfinite(rise)]
+    if len(kept) == 0:
+        return Verdict(math.nan, math.nan, math.nan, 0.0, 0, "fail" if np.any(degenerate) else "inconclusive",
+                       int(np.sum(degenerate)))
+    mean, low, high = mean_with_interval(kept, seed=seed)
+    outcome = "pass" if low > 0 else "fail" if high <= 0 else "inconclusive"
+    if not (np.isfinite(low) and np.isfinite(high)):
+        outcome = "inconclusive"
+    return Verdict(mean, low, high, 0.0, len(kept), outcome, int(np.sum(degenerate)))
 
 
 @dataclass(frozen=True)
 class SanityCheck:
     layers: tuple  # layers re-initialised, top (output) first; step k has layers[:k+1] randomised
-    rank_corr: np.ndarray  # (len(layers), N) Spearman correlation of |map| with the original map's |map|
+    rank_corr: np.ndarray  # (len(layers), N) Spearman of |map| with the original |map|, ties kept (as Quantus' MPRT)
     threshold: float
     degenerate: np.ndarray  # (N,) the original map is constant: it cannot reflect the model, so it fails
+    # (len(layers), N) the same with the positions zero in both maps left out: ours before issue 16, shown beside
+    rank_corr_nonzero: np.ndarray | None = None
 
     @property
     def final_corr(self) -> np.ndarray:
@@ -65,40 +143,63 @@ class SanityCheck:
         return np.where(self.degenerate, np.nan, self.rank_corr[-1])
 
     @property
+    def verdict(self) -> Verdict:
+        return correlation_verdict(self.rank_corr[-1], self.degenerate, threshold=self.threshold)
+
+    @property
     def mean_final_corr(self) -> float:
-        """Over the samples whose map is not degenerate (NaN when every map is)."""
-        kept = self.rank_corr[-1][~self.degenerate]
-        return float(np.mean(kept)) if len(kept) else math.nan
+        """Mean |ρ| over the samples whose map is not degenerate (NaN when every map is)."""
+        return self.verdict.statistic
 
     @property
     def flagged(self) -> bool:
-        return _flagged(self.rank_corr[-1], self.degenerate, self.threshold)
+        return self.verdict.outcome == "fail"
 
 
 @dataclass(frozen=True)
 class RandomisedCorrelation:
-    """The last step of the cascade alone: each map against the map of the fully randomised model."""
-    corr: np.ndarray  # (N,) Spearman correlation of |map| with the randomised model's |map|; NaN where degenerate
+    """The last step of the cascade alone: each map against the map of the fully randomised model (MPRT), the same
+    for maps averaged over noisy copies of the input (sMPRT), and the rise in the maps' entropy (eMPRT)."""
+    corr: np.ndarray  # (N,) Spearman of |map| with the randomised model's |map|, ties kept; NaN where degenerate
     degenerate: np.ndarray  # (N,)
     threshold: float
+    corr_nonzero: np.ndarray | None = None  # (N,) the same without the positions zero in both maps
+    smooth_corr: np.ndarray | None = None  # (N,) sMPRT (Hedström et al., 2023): maps averaged over noisy inputs
+    complexity_rise: np.ndarray | None = None  # (N,) eMPRT: (H(randomised) - H(original)) / H(original)
+
+    @property
+    def verdict(self) -> Verdict:
+        return correlation_verdict(self.corr, self.degenerate, threshold=self.threshold)
+
+    @property
+    def smooth_verdict(self) -> Verdict | None:
+        if self.smooth_corr is None:
+            return None
+        return correlation_verdict(self.smooth_corr, self.degenerate, threshold=self.threshold)
+
+    @property
+    def complexity_verdict(self) -> Verdict | None:
+        if self.complexity_rise is None:
+            return None
+        return complexity_verdict(self.complexity_rise, self.degenerate)
 
     @property
     def mean_corr(self) -> float:
-        kept = self.corr[~self.degenerate]
-        return float(np.mean(kept)) if len(kept) else math.nan
+        return self.verdict.statistic
 
     @property
     def flagged(self) -> bool:
-        return _flagged(self.corr, self.degenerate, self.threshold)
+        return self.verdict.outcome == "fail"
 
 
-def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman correlation of each row of `a` with the same row of `b`.
+def spearman_rows(a: np.ndarray, b: np.ndarray, *, drop_shared_zeros: bool = False) -> np.ndarray:
+    """Spearman correlation of each row of `a` with the same row of `b`, ties kept (scipy's spearmanr on each row,
+    as Quantus' MPRT computes it). A constant row against a varying one counts 0, two identical rows 1.
 
-    Positions where both maps are exactly zero are left out: there the method is zero by construction (an input
-    equal to the baseline, for Integrated Gradients, input x gradient or occlusion), whatever the model, and their
-    ties would make any two maps of the same input look alike. A constant row against a varying one counts 0, two
-    identical rows 1.
+    With `drop_shared_zeros` the positions where both maps are exactly zero are left out. There an input-multiplied
+    method (Integrated Gradients, input x gradient) is zero by construction whatever the model, so leaving them out
+    asks only whether the rest of the map changed; but keeping them is what the literature's check does, and is what
+    shows that such a map on a black background mostly reproduces the input (Adebayo et al., 2018).
     """
     from scipy.stats import pearsonr, rankdata
 
@@ -106,9 +207,10 @@ def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     b = np.asarray(b, dtype=np.float64).reshape(len(b), -1)
     corr = np.zeros(len(a))
     for i, (ra, rb) in enumerate(zip(a, b)):
-        keep = (ra != 0) | (rb != 0)
-        if keep.sum() >= 3:
-            ra, rb = ra[keep], rb[keep]
+        if drop_shared_zeros:
+            keep = (ra != 0) | (rb != 0)
+            if keep.sum() >= 3:
+                ra, rb = ra[keep], rb[keep]
         if np.array_equal(ra, rb):
             corr[i] = 1.0
         elif np.ptp(ra) == 0 or np.ptp(rb) == 0:
@@ -116,6 +218,38 @@ def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         else:
             corr[i] = pearsonr(rankdata(ra), rankdata(rb)).statistic
     return corr
+
+
+def discrete_entropy(maps: np.ndarray, bins: int = ENTROPY_BINS) -> np.ndarray:
+    """Per row, the Shannon entropy of the histogram of its values (eMPRT's complexity, as Quantus computes it)."""
+    from scipy.stats import entropy
+
+    flat = np.asarray(maps, dtype=np.float64).reshape(len(maps), -1)
+    return np.array([entropy(np.histogram(row, bins=bins)[0]) for row in flat])
+
+
+# --- controls: maps whose verdict is known in advance --------------------------------------------------------------
+
+CONTROLS = {
+    "control_random": "a random map, drawn afresh each time: it passes, as any map unrelated to the input would; "
+                      "passing is necessary, not sufficient",
+    "control_edges": "an edge detector of the input (Sobel for images, |x| otherwise): it ignores the model, so it "
+                     "fails",
+}
+
+
+def control_map(name: str, x: np.ndarray, *, seed: int) -> np.ndarray:
+    """The map of a control (`CONTROLS`), shaped like `x`: it reads no model."""
+    x = np.asarray(x, dtype=np.float32)
+    if name == "control_random":
+        return np.random.default_rng(seed).random(x.shape, dtype=np.float32)
+    if name == "control_edges":
+        if x.ndim == 4:  # (N, C, H, W): the Sobel gradient magnitude of each channel
+            from scipy.ndimage import sobel
+
+            return np.hypot(sobel(x, axis=2), sobel(x, axis=3)).astype(np.float32)
+        return np.abs(x)
+    raise AnalyzerError(f"unknown control {name!r}: choose one of {', '.join(CONTROLS)}")
 
 
 def _parameter_layers(module: nn.Module, x: torch.Tensor) -> list:
@@ -193,6 +327,12 @@ def _score_map(attributions, ndim: int) -> np.ndarray:
     return a.reshape(len(a), -1) if ndim == 2 else a.sum(axis=1).reshape(len(a), -1)
 
 
+def _signed_map(attributions, ndim: int) -> np.ndarray:
+    """The map per position, signs kept: summed over channels for images and sequences, as is otherwise."""
+    a = np.asarray(attributions, dtype=np.float32)
+    return a.reshape(len(a), -1) if ndim == 2 else a.sum(axis=1).reshape(len(a), -1)
+
+
 def _cascade(model, example: np.ndarray) -> tuple[nn.Module, list, dict]:
     """A copy of the model, its parameter layers top (output) first, and its submodules by name: what the cascade
     re-initialises, one more layer at each step."""
@@ -229,57 +369,118 @@ def randomised_model(model, example: np.ndarray, *, seed: int = 0):
         return randomised
 
 
+def _maps(model, x: np.ndarray, targets: np.ndarray, method, *, batch_size: int, seed: int, options: dict):
+    """The maps of `method`: a method name of `explain`, a control of `CONTROLS`, or a function (model, inputs,
+    targets) -> array."""
+    if callable(method):
+        return np.asarray(method(model, x, targets), dtype=np.float32)
+    if method in CONTROLS:
+        return control_map(method, x, seed=seed)
+    return explain(model, x, targets, method, batch_size=batch_size, seed=seed, **options)
+
+
+def _smoothed_maps(model, x: np.ndarray, targets: np.ndarray, method, *, samples: int, noise: float,
+                   batch_size: int, seed: int, noise_seed: int, options: dict) -> np.ndarray:
+    """sMPRT's maps: the mean of the maps of `samples` noisy copies of each input (noise std `noise` times the
+    sample's value range; the last copy is the input itself, as in Quantus' SmoothMPRT). The noise depends on
+    `noise_seed` only, so the original and the randomised model see the same noisy inputs."""
+    rng = np.random.default_rng([noise_seed, 1])
+    spread = np.ptp(x.reshape(len(x), -1), axis=1).reshape(-1, *([1] * (x.ndim - 1)))
+    total = None
+    for k in range(samples):
+        noisy = x if k == samples - 1 else (x + rng.normal(size=x.shape) * noise * spread).astype(x.dtype)
+        maps = _maps(model, noisy, targets, method, batch_size=batch_size, seed=seed + k, options=options)
+        total = maps.astype(np.float64) if total is None else total + maps
+    return (total / samples).astype(np.float32)
+
+
+def _complexity_rise(original: np.ndarray, randomised: np.ndarray) -> np.ndarray:
+    before, after = discrete_entropy(original), discrete_entropy(randomised)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(before > 0, (after - before) / before, np.nan)
+
+
+RANDOMISED_FIELDS = ("corr", "degenerate", "corr_nonzero", "smooth_corr", "complexity_rise")
+
+
 def randomised_correlation(model, inputs, method: str = "saliency", target=None, *, attributions=None,
                            batch_size: int = 64, threshold: float = SANITY_THRESHOLD, seed: int = 0, cache_dir=None,
+                           smooth_samples: int = SMOOTH_SAMPLES, smooth_noise: float = SMOOTH_NOISE,
                            **options) -> RandomisedCorrelation:
-    """Each map against the map of the fully randomised model (`randomised_model`): the verdict of
-    `randomisation_check` at the cost of one more map per sample. `attributions` (the original maps, already
+    """Each map against the map of the fully randomised model (`randomised_model`): MPRT's last step, the verdict
+    of `randomisation_check` at the cost of one more map per sample; beside it sMPRT (`smooth_samples` noisy copies
+    averaged per map, 0 to skip) and eMPRT (the rise of the maps' entropy).
+
+    `method` is a method of `explain` or a control of `CONTROLS`. `attributions` (the original maps, already
     computed) save one pass. With `cache_dir` the result is stored per (model, method, options, inputs) and reused:
     a fixed probe set is checked once per model, method and layer."""
+    if smooth_samples < 0:
+        raise AnalyzerError(f"smooth_samples must be 0 (no sMPRT) or more, got {smooth_samples}")
     x, _ = _as_batch(model, inputs)
     module = unwrap(model)
     with analysis_mode(module):
         targets = _targets(_scores_module(model), x, target, batch_size, module_device(module))
+    # noise on token ids means nothing: sMPRT does not apply to them
+    smooth_samples = 0 if layout_of(model).packed else smooth_samples
     key = path = None
     if cache_dir is not None:
-        key = {"check": "randomised", "model": model_fingerprint(model), "method": method, "options": options,
-               "seed": seed, "inputs": np.asarray(x), "targets": targets.tolist(), "threshold": threshold}
+        key = {"check": "randomised", "version": 2, "model": model_fingerprint(model), "method": method,
+               "options": options, "seed": seed, "inputs": np.asarray(x), "targets": targets.tolist(),
+               "smooth": [smooth_samples, smooth_noise]}
         path = _cache_path(cache_dir, key)
         from ..loading.runs import read_cache_entry
 
         cached = read_cache_entry(path)  # None when missing or damaged: recomputed
-        if cached is not None and set(cached) == {"corr", "degenerate"} and cached["corr"].shape == (len(x),) \
-                and cached["corr"].dtype.kind == "f" and cached["degenerate"].dtype == bool \
-                and cached["degenerate"].shape == (len(x),):
-            return RandomisedCorrelation(corr=cached["corr"], degenerate=cached["degenerate"], threshold=threshold)
-    original = attributions if attributions is not None else explain(model, x, targets, method,
-                                                                     batch_size=batch_size, seed=seed, **options)
+        if cached is not None and set(cached) == set(RANDOMISED_FIELDS) and all(
+                cached[f].shape == (len(x),) for f in RANDOMISED_FIELDS) and cached["degenerate"].dtype == bool \
+                and all(cached[f].dtype.kind == "f" for f in RANDOMISED_FIELDS if f != "degenerate"):
+            return RandomisedCorrelation(threshold=threshold, **{
+                f: None if f == "smooth_corr" and not smooth_samples else cached[f] for f in RANDOMISED_FIELDS})
+    settings = dict(batch_size=batch_size, seed=seed, options=options)
+    original = attributions if attributions is not None else _maps(model, x, targets, method, **settings)
     degenerate = degenerate_maps(original)
-    randomised = explain(randomised_model(model, x, seed=seed), x, targets, method, batch_size=batch_size, seed=seed,
-                         **options)
-    corr = np.where(degenerate, np.nan, spearman_rows(_score_map(original, x.ndim), _score_map(randomised, x.ndim)))
+    randomised_model_ = randomised_model(model, x, seed=seed)
+    # a control is drawn afresh for the randomised model, as a random explanation would be
+    randomised = _maps(randomised_model_, x, targets, method, **{**settings, "seed": seed + 1}) \
+        if method in CONTROLS else _maps(randomised_model_, x, targets, method, **settings)
+    before, after = _score_map(original, x.ndim), _score_map(randomised, x.ndim)
+    fields = {"corr": np.where(degenerate, np.nan, spearman_rows(before, after)),
+              "corr_nonzero": np.where(degenerate, np.nan, spearman_rows(before, after, drop_shared_zeros=True)),
+              # on the signed maps, as Quantus' eMPRT (abs=False by default)
+              "complexity_rise": np.where(degenerate, np.nan, _complexity_rise(_signed_map(original, x.ndim),
+                                                                               _signed_map(randomised, x.ndim))),
+              "smooth_corr": np.full(len(x), np.nan)}
+    if smooth_samples:
+        smooth = dict(samples=smooth_samples, noise=smooth_noise, noise_seed=seed, **settings)
+        fresh = {**smooth, "seed": seed + smooth_samples} if method in CONTROLS else smooth
+        fields["smooth_corr"] = np.where(degenerate, np.nan, spearman_rows(
+            _score_map(_smoothed_maps(model, x, targets, method, **smooth), x.ndim),
+            _score_map(_smoothed_maps(randomised_model_, x, targets, method, **fresh), x.ndim)))
     if path is not None:
         from ..loading.runs import write_atomic
 
         def _save(tmp: Path) -> None:
             with open(tmp, "wb") as fh:
-                np.savez(fh, corr=corr, degenerate=degenerate)
+                np.savez(fh, degenerate=degenerate, **{f: np.asarray(v, np.float64) for f, v in fields.items()})
 
         write_atomic(path, _save)
-    return RandomisedCorrelation(corr=corr, degenerate=degenerate, threshold=threshold)
+    if not smooth_samples:
+        fields["smooth_corr"] = None
+    return RandomisedCorrelation(degenerate=degenerate, threshold=threshold, **fields)
 
 
 def randomisation_check(model, inputs, method: str | Callable = "saliency", target=None, *, batch_size: int = 64,
                         threshold: float = SANITY_THRESHOLD, seed: int = 0, max_layers: int | None = None,
                         cache_dir=None, sample_ids=None, **options) -> SanityCheck:
-    """Cascading randomisation: re-initialise the model's layers from the output down, one more at each step, on a
-    copy, and correlate each map with the original (Spearman on |map| summed over channels).
+    """Cascading randomisation (MPRT, Adebayo et al., 2018): re-initialise the model's layers from the output down,
+    one more at each step, on a copy, and correlate each map with the original (Spearman on |map| summed over
+    channels, ties kept; the variant without the positions zero in both maps is kept beside it).
 
-    `method` is a method name of `explain` (with `options`) or a function (model, inputs, targets) -> array. Targets
-    are fixed from the original model (None: its predicted class). With `cache_dir` and `sample_ids` the result is
-    stored per (model, method, options, samples) and reused. `max_layers` limits the cascade to the top layers.
+    `method` is a method name of `explain` (with `options`), a control of `CONTROLS`, or a function (model, inputs,
+    targets) -> array. Targets are fixed from the original model (None: its predicted class). With `cache_dir` and
+    `sample_ids` the result is stored per (model, method, options, samples) and reused. `max_layers` limits the
+    cascade to the top layers.
     """
-
     x, _ = _as_batch(model, inputs)
     module = unwrap(model)
     with analysis_mode(module):
@@ -287,24 +488,21 @@ def randomisation_check(model, inputs, method: str | Callable = "saliency", targ
     name = method if isinstance(method, str) else getattr(method, "__name__", "custom")
     key = None
     if cache_dir is not None and sample_ids is not None and isinstance(method, str):
-        key = {"model": model_fingerprint(model), "method": name, "options": options, "seed": seed,
-               "ids": [str(i) for i in sample_ids], "targets": targets.tolist(), "threshold": threshold,
-               "max_layers": max_layers}
+        key = {"model": model_fingerprint(model), "method": name, "options": options, "seed": seed, "version": 2,
+               "ids": [str(i) for i in sample_ids], "targets": targets.tolist(), "max_layers": max_layers}
         from ..loading.runs import read_cache_entry
 
         cached = read_cache_entry(_cache_path(cache_dir, key))  # None when missing or damaged: recomputed
-        if cached is not None and {"layers", "rank_corr", "degenerate"} <= set(cached) and cached["rank_corr"].shape \
-                == (len(cached["layers"]), len(x)) and cached["rank_corr"].dtype.kind == "f" and \
+        if cached is not None and {"layers", "rank_corr", "rank_corr_nonzero", "degenerate"} <= set(cached) and \
+                cached["rank_corr"].shape == cached["rank_corr_nonzero"].shape == (len(cached["layers"]), len(x)) \
+                and cached["rank_corr"].dtype.kind == "f" and cached["rank_corr_nonzero"].dtype.kind == "f" and \
                 cached["degenerate"].shape == (len(x),) and cached["degenerate"].dtype == bool:
             return SanityCheck(layers=tuple(str(s) for s in cached["layers"]), rank_corr=cached["rank_corr"],
-                               threshold=threshold, degenerate=cached["degenerate"])
+                               threshold=threshold, degenerate=cached["degenerate"],
+                               rank_corr_nonzero=cached["rank_corr_nonzero"])
 
-    def attribute(m):
-        if callable(method):
-            return np.asarray(method(m, x, targets), dtype=np.float32)
-        return explain(m, x, targets, method, batch_size=batch_size, seed=seed, **options)
-
-    original_attr = attribute(model)
+    settings = dict(batch_size=batch_size, seed=seed, options=options)
+    original_attr = _maps(model, x, targets, method, **settings)
     degenerate = degenerate_maps(original_attr)
     original = _score_map(original_attr, x.ndim)
     copy, layers, subs = _cascade(model, x)
@@ -313,16 +511,22 @@ def randomisation_check(model, inputs, method: str | Callable = "saliency", targ
     generator = torch.Generator().manual_seed(seed)
     randomised = _model_like(model, copy)
     corr = np.zeros((len(layers), len(x)))
+    corr_nonzero = np.zeros_like(corr)
     for step, layer in enumerate(layers):
         reinitialise(subs[layer], generator)
-        corr[step] = spearman_rows(original, _score_map(attribute(randomised), x.ndim))
-    result = SanityCheck(layers=tuple(layers), rank_corr=corr, threshold=threshold, degenerate=degenerate)
+        step_settings = {**settings, "seed": seed + 1 + step} if method in CONTROLS else settings
+        after = _score_map(_maps(randomised, x, targets, method, **step_settings), x.ndim)
+        corr[step] = spearman_rows(original, after)
+        corr_nonzero[step] = spearman_rows(original, after, drop_shared_zeros=True)
+    result = SanityCheck(layers=tuple(layers), rank_corr=corr, threshold=threshold, degenerate=degenerate,
+                         rank_corr_nonzero=corr_nonzero)
     if key is not None:
         from ..loading.runs import write_atomic
 
         def _save(tmp: Path) -> None:
             with open(tmp, "wb") as fh:
-                np.savez(fh, layers=np.asarray(layers, dtype=str), rank_corr=corr, degenerate=degenerate)
+                np.savez(fh, layers=np.asarray(layers, dtype=str), rank_corr=corr, rank_corr_nonzero=corr_nonzero,
+                         degenerate=degenerate)
 
         write_atomic(_cache_path(cache_dir, key), _save)
     return result

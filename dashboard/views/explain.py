@@ -87,7 +87,8 @@ with right:
 
 # ----------------------------------------------------------------------------------------------------- attributions
 from analyzers.explanations.attributions import METHODS, per_standard_deviation  # noqa: E402
-from analyzers.explanations.explain_run import PROBE_SIZE, sample_map, sample_scores  # noqa: E402
+from analyzers.explanations.explain_run import sample_map, sample_scores, sanity_controls  # noqa: E402
+from analyzers.explanations.faithfulness import SANITY_THRESHOLD, SMOOTH_SAMPLES  # noqa: E402
 
 available, defaults, conv_layers = data.explain_methods(run)
 # the methods get the page's whole width: in a column, five chips scrolled and hid "Integrated Gradients"
@@ -116,8 +117,11 @@ if modality == "tokens":
                "Integrated Gradients baseline) becomes the pad id 0 and keeps its attention mask.")
 sanity = controls[1].toggle("Sanity check", value=True, key="explain-sanity",
                             help="Re-initialise every layer of the model and measure how much the map changes "
-                                 "(Adebayo et al., 2018). The verdict is taken once on a fixed probe set; each "
-                                 "sample then costs one more map. Cached in the run.")
+                                 "(Adebayo et al., 2018): Spearman's rank correlation of |map|, ties kept, as in "
+                                 "Quantus' MPRT. The verdict is taken once on a fixed probe set: it fails when the "
+                                 "95% interval of the mean |ρ| lies above the threshold, passes when it lies below, "
+                                 "and is inconclusive otherwise. Each sample then costs one more map. Cached in "
+                                 "the run.")
 per_std = False
 if modality == "tabular":
     spread = np.asarray(dataset.x, dtype=np.float64).std(axis=0)
@@ -136,16 +140,41 @@ if label != pred:
 
 
 def _scores_text(scores: dict, method: str) -> str:
+    """The perturbation scores in a line, the headline first: against a random order of the same sample, so a target
+    the model gives a low probability cannot look faithful (issue 16)."""
+    def number(name):
+        value = scores.get(name)
+        return None if value is None or not np.isfinite(value) else value
+
     parts = []
-    if scores.get("deletion_auc") is not None:
-        parts.append(f"deletion AUC **{scores['deletion_auc']:.3f}** (lower is better)")
-    if scores.get("insertion_auc") is not None:
-        parts.append(f"insertion AUC **{scores['insertion_auc']:.3f}** (higher is better)")
+    if number("deletion_vs_random") is not None:
+        parts.append(f"deletion vs a random order **{scores['deletion_vs_random']:+.2f}** of the starting probability "
+                     f"(0: no better than chance; higher is better)")
+    if number("deletion_auc") is not None:
+        relative = number("deletion_auc_norm")
+        parts.append(f"deletion AUC {scores['deletion_auc']:.3f}" +
+                     (f", {relative:.2f} of the starting probability" if relative is not None else "") +
+                     " (lower is better)")
+    if number("insertion_auc") is not None:
+        relative = number("insertion_auc_norm")
+        parts.append(f"insertion AUC {scores['insertion_auc']:.3f}" +
+                     (f", {relative:.2f} of the way from the baseline to the input" if relative is not None else "")
+                     + " (higher is better)")
+    if number("road_gap") is not None:
+        parts.append(f"ROAD (removed positions imputed from their neighbours): most relevant first "
+                     f"{scores['road_morf_auc']:.2f}, least relevant first {scores['road_lerf_auc']:.2f}, gap "
+                     f"**{scores['road_gap']:+.2f}** (higher is better)")
     if method == "integrated_gradients" and scores.get("completeness_gap") is not None:
         parts.append(f"completeness gap **{components.percent(scores['completeness_gap'])}**")
     if scores.get("mass_inside") is not None:
         parts.append(f"attribution inside the planted ground truth **{components.percent(scores['mass_inside'])}**")
     return " · ".join(parts)
+
+
+def _verdict_numbers(mean: float, low, high, samples) -> str:
+    interval = f" (95% CI {low:.2f}–{high:.2f})" if low is not None and high is not None else ""
+    return (f"mean |ρ| {mean:.2f}{interval} against the threshold {SANITY_THRESHOLD:.2f}, over "
+            f"{int(samples or 0)} fixed probe samples")
 
 
 def _sanity_badge(scores: dict) -> None:
@@ -154,19 +183,49 @@ def _sanity_badge(scores: dict) -> None:
                  "score and fails the sanity check; for Grad-CAM, choose a layer whose output has more than one "
                  "position.", icon=":material/block:")
         return
-    flag = scores.get("sanity_flag")
-    corr = scores.get("sanity_rank_corr")
-    probe = scores.get("sanity_mean_corr")
-    if flag is None or corr is None or probe is None:
+    flag, mean = scores.get("sanity_flag"), scores.get("sanity_mean_corr")
+    if flag is None or mean is None:
         return
-    numbers = (f"rank correlation with the randomised model's map {probe:.2f} on average over {PROBE_SIZE} fixed "
-               f"probe samples, {corr:.2f} for this one")
+    numbers = _verdict_numbers(mean, scores.get("sanity_ci_low"), scores.get("sanity_ci_high"),
+                               scores.get("sanity_samples"))
+    own = scores.get("sanity_rank_corr")
+    numbers += f"; this sample's ρ {own:.2f}" if own is not None else ""
+    what = "Rank correlation of |map| with the map of the fully randomised model"
     if flag:
-        st.warning(f"Sanity check failed: the maps barely change when the model is randomised ({numbers}); they do "
-                   f"not reflect what the model learned.", icon=":material/warning:")
+        st.warning(f"Sanity check failed: the maps barely change when the model is randomised. {what}: {numbers}. "
+                   f"They do not reflect what the model learned.", icon=":material/warning:")
+    elif scores.get("sanity_inconclusive"):
+        st.info(f"Sanity check inconclusive: the interval straddles the threshold. {what}: {numbers}.",
+                icon=":material/help:")
     else:
-        st.success(f"Sanity check passed: randomising the model changes the maps ({numbers}).",
+        st.success(f"Sanity check passed: randomising the model changes the maps. {what}: {numbers}.",
                    icon=":material/check_circle:")
+    beside = []
+    if scores.get("sanity_smooth_corr") is not None:
+        beside.append(f"sMPRT (maps averaged over {SMOOTH_SAMPLES} noisy copies): mean |ρ| "
+                      f"{scores['sanity_smooth_corr']:.2f}")
+    if scores.get("sanity_complexity_rise") is not None:
+        rise = scores["sanity_complexity_rise"]
+        beside.append(f"eMPRT: the map's entropy {'rises' if rise > 0 else 'does not rise'} "
+                      f"({rise:+.0%}) when the model is randomised")
+    if beside:
+        st.caption(" · ".join(beside) + " (Hedström et al., 2023).")
+
+
+def _controls_caption() -> None:
+    """What passing and failing look like: the controls' verdicts on the same probe samples."""
+    try:
+        controls = sanity_controls(run, model=model, dataset=dataset)
+    except AnalyzerError as exc:
+        st.caption(f"The sanity check's controls could not be computed: {md(exc)}")
+        return
+    words = {"control_random": "a random map", "control_edges": "an edge detector of the input (it reads no model)"}
+    parts = []
+    for name, numbers in controls.items():
+        outcome = "fails" if numbers["flag"] else "is inconclusive" if numbers["inconclusive"] else "passes"
+        parts.append(f"{words[name]} {outcome} (mean |ρ| {numbers['mean_corr']:.2f})")
+    st.caption("Controls on the same probe samples: " + "; ".join(parts) + ". Passing is necessary, not "
+               "sufficient: a random map passes too.")
 
 
 def _draw(explanation, method: str, title: str, key: str) -> None:
@@ -227,3 +286,5 @@ for explanation, options, slot in pending:
     with slot.container():
         st.markdown(_scores_text(scores, explanation.method))
         _sanity_badge(scores)
+if sanity and pending:
+    _controls_caption()
