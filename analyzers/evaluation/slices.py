@@ -9,6 +9,11 @@ Two sources:
 Slices are ranked by SliceLine's score (Sagadeeva and Boehm, 2021), which weighs the error rate against the size:
 `alpha * (error_rate / overall_error_rate - 1) - (1 - alpha) * (N / size - 1)`. Samples are sorted by id before any
 fitting, so the slices do not depend on the order of the rows.
+
+A slice that mostly lies inside a better-ranked one is that slice again, narrowed ("age > 60 and bmi > 30" under
+"age > 60", or a cluster of activations inside a rule): it is merged into the better one, which lists it in its
+`merged` column, unless it fails significantly more than the rest of the better one. Near-copies (Jaccard above
+`max_overlap`) are merged whatever their error rate.
 """
 from __future__ import annotations
 
@@ -24,9 +29,20 @@ SOURCES = ("features", "embeddings")
 OUTCOME_COLUMNS = ("id", "correct", "confidence", "loss", "margin")
 MAX_CATEGORIES = 30  # one-hot the most frequent values of a categorical column; rarer ones are left out
 MAX_DISTINCT = 200  # a text column with more distinct values (file names, free text) is not a category
-SPLIT_P_VALUE = 0.01  # a tree node is a slice only if its errors exceed its sibling's at this significance
+# A condition added to a group must mean something: a tree node is a slice only if its errors exceed its sibling's at
+# this significance, and a slice inside a better-ranked one is shown only if its errors exceed the rest of that one's.
+SPLIT_P_VALUE = 0.01
+# A slice with at least this share of its samples inside a better-ranked slice is shown by it already: a refinement
+# (the better one plus a condition) or a cluster that a rule explains. At 0.8 what the smaller slice adds, at most a
+# fifth of its samples, is too little to be a finding of its own; a near-copy threshold (Jaccard 0.9) missed these,
+# as a refinement half the size of its parent has Jaccard 0.5 with it.
+MIN_CONTAINMENT = 0.8
+MAX_OVERLAP = 0.9  # default near-copy threshold: a slice whose members have this Jaccard with a better one is merged
 MAX_FIT_ROWS = 10_000  # PCA and k-means are fitted on at most this many samples, then applied to all
-SLICE_COLUMNS = ("source", "description", "size", "errors", "error_rate", "lift", "score", "ids", "conditions")
+N_COMPONENTS = 20  # embeddings are projected on this many principal components before k-means
+SLICE_COLUMNS = ("source", "description", "size", "errors", "error_rate", "lift", "score", "ids", "conditions",
+                 "merged")
+TEXT_COLUMNS = ("source", "description", "ids", "conditions", "merged")  # stored as objects (text, or lists of ids)
 
 
 def default_min_size(n: int) -> int:
@@ -176,38 +192,46 @@ def _rule(path: list, specs: list) -> tuple[str, list]:
 # --------------------------------------------------------------------------------------------------- feature slices
 
 def feature_slices(samples: pd.DataFrame, *, class_names=None, columns=None, min_size: int | None = None,
-                   max_depth: int = 3, alpha: float = 0.95, max_slices: int = 20, max_overlap: float = 0.9,
-                   seed: int = 0) -> pd.DataFrame:
+                   max_depth: int = 3, alpha: float = 0.95, max_slices: int = 20, max_overlap: float = MAX_OVERLAP,
+                   merge_refinements: bool = True, seed: int = 0) -> pd.DataFrame:
     """Slices from a decision tree fitted to predict errors; each tree node (but the root) is a candidate.
 
     Kept: nodes with at least `min_size` samples, an error rate above the overall one and significantly above their
-    sibling's (so no condition in a rule follows noise), best score first, leaving out a slice whose members overlap
-    a better one's by more than `max_overlap` (Jaccard).
+    sibling's (so no condition in a rule follows noise), best score first. Merged into a better one (and listed in its
+    `merged` column): a slice whose members overlap a better one's by more than `max_overlap` (Jaccard) and, with
+    `merge_refinements`, one that lies inside a better one (see `MIN_CONTAINMENT`) without failing significantly more
+    than the rest of it.
     """
+    _check_samples(samples)
+    _check_ranking(alpha=alpha, max_slices=max_slices, max_overlap=max_overlap, merge_refinements=merge_refinements)
+    _, table = _by_id(samples)
+    rows = _feature_candidates(table, class_names=class_names, columns=columns, min_size=min_size,
+                               max_depth=max_depth, seed=seed)
+    return _finish(rows, table, alpha=alpha, max_slices=max_slices, max_overlap=max_overlap,
+                   merge_refinements=merge_refinements)
+
+
+def _feature_candidates(table: pd.DataFrame, *, class_names, columns, min_size, max_depth: int, seed: int) -> list:
+    """The tree's candidate slices of `table` (sorted by id): dicts with their members' row numbers in it."""
     from sklearn.tree import DecisionTreeClassifier
 
-    _check_samples(samples)
     _check_int("max_depth", max_depth, 1)
-    _check_int("max_slices", max_slices, 1)
-    if not 0 < alpha < 1:
-        raise AnalyzerError(f"alpha must lie strictly between 0 and 1, got {alpha!r}")
-    n = len(samples)
+    n = len(table)
     min_size = default_min_size(n) if min_size is None else min_size
     _check_int("min_size", min_size, 1)
-    names = _class_names(samples, class_names)
+    names = _class_names(table, class_names)
     if columns is None:
-        columns = rule_columns(samples)
+        columns = rule_columns(table)
     else:
-        unknown = [c for c in columns if c not in samples.columns]
+        unknown = [c for c in columns if c not in table.columns]
         if unknown:
             raise AnalyzerError(f"no column {', '.join(map(str, unknown))} in the samples table: choose from "
-                                f"{', '.join(map(str, rule_columns(samples)))}")
-    table = samples.iloc[_id_order(samples["id"].to_numpy())].reset_index(drop=True)
+                                f"{', '.join(map(str, rule_columns(table)))}")
     errors = ~table["correct"].to_numpy(dtype=bool)
     overall = errors.mean()
     x, specs = _encode(table, list(columns), names)
     if x.shape[1] == 0 or errors.all() or not errors.any() or n < 2 * min_size:
-        return _empty()
+        return []
     tree = DecisionTreeClassifier(max_depth=max_depth, min_samples_leaf=min_size, random_state=seed)
     tree.fit(x, errors)
     paths = tree.decision_path(x).tocsc()
@@ -228,7 +252,6 @@ def feature_slices(samples: pd.DataFrame, *, class_names=None, columns=None, min
             sibling[left], sibling[right] = right, left
     candidates = [j for j in range(1, t.node_count) if size[j] >= min_size and err[j] / size[j] > overall
                   and _worse_than(err[j], size[j], err[sibling[j]], size[sibling[j]], tests=x.shape[1])]
-    ids = table["id"].to_numpy()
     rows = []
     for j in candidates:
         path, node = [], j
@@ -243,15 +266,16 @@ def feature_slices(samples: pd.DataFrame, *, class_names=None, columns=None, min
             # of it: no feature. They narrow a feature's slice ("label == circle and background == green")
             continue
         members = paths.indices[paths.indptr[j]:paths.indptr[j + 1]]
-        rows.append({"description": description, "conditions": json.dumps(conditions), "members": members,
-                     "size": int(size[j]), "errors": int(err[j])})
-    return _finish(rows, ids, overall, n, alpha, "features", max_slices, max_overlap)
+        rows.append({"source": "features", "description": description, "conditions": json.dumps(conditions),
+                     "members": members, "size": int(size[j]), "errors": int(err[j])})
+    return rows
 
 
 def _worse_than(errors: float, size: float, other_errors: float, other_size: float, *, tests: int) -> bool:
-    """Whether a node's error rate is significantly above its sibling's (one-sided Fisher exact test, Bonferroni over
-    the `tests` columns the tree chose the split from): a split that only follows noise would add a condition that
-    means nothing to the rule."""
+    """Whether a group's error rate is significantly above another's (one-sided Fisher exact test at SPLIT_P_VALUE,
+    Bonferroni over `tests`): a tree node against its sibling, over the columns the tree chose the split from, and a
+    slice against the rest of a better slice holding it, over the candidate slices. A group that passes only by
+    chance would add a condition that means nothing (a split that follows noise, a refinement that fails no more)."""
     from scipy.stats import fisher_exact
 
     table = [[int(errors), int(size - errors)], [int(other_errors), int(other_size - other_errors)]]
@@ -269,81 +293,143 @@ def _class_names(samples: pd.DataFrame, class_names) -> list:
     return names
 
 
+def _check_ranking(*, alpha, max_slices, max_overlap, merge_refinements) -> None:
+    """The options of the ranking and merging that every source shares: checked before any fitting."""
+    if not isinstance(alpha, (int, float, np.floating)) or isinstance(alpha, bool) or not 0 < alpha < 1:
+        raise AnalyzerError(f"alpha must lie strictly between 0 and 1, got {alpha!r}")
+    _check_int("max_slices", max_slices, 1)
+    if not isinstance(max_overlap, (int, float, np.floating)) or isinstance(max_overlap, bool) \
+            or not 0 < max_overlap <= 1:
+        raise AnalyzerError(f"max_overlap (a Jaccard index) must lie in (0, 1], got {max_overlap!r}")
+    if not isinstance(merge_refinements, (bool, np.bool_)):
+        raise AnalyzerError(f"merge_refinements must be True or False, got {merge_refinements!r}")
+
+
+def _by_id(samples: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:
+    """The sorting of the samples by id, and the sorted table: every source fits on this order (so the slices do not
+    depend on the order of the rows), and their members' row numbers in it agree."""
+    order = _id_order(samples["id"].to_numpy())
+    return order, samples.iloc[order].reset_index(drop=True)
+
+
 def _empty() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=object if c in ("source", "description", "ids", "conditions")
-                                      else np.float64) for c in SLICE_COLUMNS})
+    return pd.DataFrame({c: pd.Series(dtype=object if c in TEXT_COLUMNS else np.float64) for c in SLICE_COLUMNS})
 
 
-def _finish(rows: list, ids: np.ndarray, overall: float, n: int, alpha: float, source: str, max_slices: int,
-            max_overlap: float) -> pd.DataFrame:
+def _covering_slice(candidate: np.ndarray, shown: list, masks: np.ndarray, errors: np.ndarray, *, max_overlap: float,
+                    merge_refinements: bool, tests: int) -> tuple[int | None, float]:
+    """The first of the `shown` slices (rows of `masks`, best first) that already shows the `candidate` slice (a
+    mask), and the share of the candidate's samples inside it; (None, 0.0) if none does."""
+    size = int(candidate.sum())
+    candidate_errors = int(errors[candidate].sum())
+    for row in shown:
+        inside = int((candidate & masks[row]).sum())
+        if inside / int((candidate | masks[row]).sum()) > max_overlap:
+            return row, inside / size  # a near-copy, whatever its error rate
+        if merge_refinements and inside / size >= MIN_CONTAINMENT:
+            rest = masks[row] & ~candidate
+            if not _worse_than(candidate_errors, size, int(errors[rest].sum()), int(rest.sum()), tests=tests):
+                return row, inside / size
+    return None, 0.0
+
+
+def _finish(rows: list, table: pd.DataFrame, *, alpha: float, max_slices: int, max_overlap: float,
+            merge_refinements: bool) -> pd.DataFrame:
+    """Rank candidate `rows` (of any sources, members as row numbers in `table`) by score, merge those a better one
+    shows already (see `_covering_slice`), and keep the best `max_slices` of each source."""
+    errors = ~table["correct"].to_numpy(dtype=bool)
+    n, overall = len(errors), errors.mean()
     if not rows or overall <= 0:  # an error-free model has no slice where it fails more than elsewhere
         return _empty()
     size = np.array([r["size"] for r in rows], dtype=np.float64)
     errs = np.array([r["errors"] for r in rows], dtype=np.float64)
     rate = errs / size
     score = slice_score(rate, size, overall_error=overall, n=n, alpha=alpha)
-    order = np.lexsort((np.arange(len(rows)), -size, -np.nan_to_num(score, nan=-np.inf)))
-    kept, kept_sets = [], []
+    source_rank = np.array([SOURCES.index(r["source"]) for r in rows])
+    order = np.lexsort((np.arange(len(rows)), source_rank, -size, -np.nan_to_num(score, nan=-np.inf)))
+    masks = np.zeros((len(rows), n), dtype=bool)
+    for i, r in enumerate(rows):
+        masks[i, r["members"]] = True
+    kept, merged, per_source = [], {}, dict.fromkeys(SOURCES, 0)
     for i in order:
-        members = set(rows[i]["members"].tolist())
-        if any(len(members & other) / len(members | other) > max_overlap for other in kept_sets):
-            continue
-        kept.append(i)
-        kept_sets.append(members)
-        if len(kept) == max_slices:
-            break
+        into, inside = _covering_slice(masks[i], kept, masks, errors, max_overlap=max_overlap,
+                                       merge_refinements=merge_refinements, tests=len(rows))
+        if into is not None:
+            merged[into].append({"description": rows[i]["description"], "source": rows[i]["source"],
+                                 "size": int(size[i]), "error_rate": float(rate[i]), "inside": inside})
+        elif per_source[rows[i]["source"]] < max_slices:
+            per_source[rows[i]["source"]] += 1
+            kept.append(i)
+            merged[i] = []
+    ids = table["id"].to_numpy()
     out = pd.DataFrame({
-        "source": source,
+        "source": [rows[i]["source"] for i in kept],
         "description": [rows[i]["description"] for i in kept],
         "size": size[kept].astype(np.int64),
         "errors": errs[kept].astype(np.int64),
         "error_rate": rate[kept],
-        "lift": rate[kept] / overall if overall > 0 else np.nan,
+        "lift": rate[kept] / overall,
         "score": score[kept],
         "ids": [np.sort(ids[rows[i]["members"]]).tolist() for i in kept],
         "conditions": [rows[i].get("conditions", "[]") for i in kept],
+        "merged": [json.dumps(merged[i]) for i in kept],
     })
-    extra = [k for k in rows[0] if k not in ("description", "conditions", "members", "size", "errors")]
-    for key in extra:
-        out[key] = [rows[i][key] for i in kept]
+    base = ("source", "description", "conditions", "members", "size", "errors")
+    for key in dict.fromkeys(k for r in rows for k in r if k not in base):  # e.g. a cluster's k-means index
+        out[key] = [rows[i].get(key, np.nan) for i in kept]
     return out
+
+
+def merged_slices(merged) -> list:
+    """The slices merged into one (a cell of slices.parquet's `merged` column): dicts with their description,
+    source, size, error_rate and `inside` (the share of their samples in the slice that absorbed them). Empty for
+    runs stored before slices were merged, which have no such column (pass None or NaN)."""
+    if merged is None or (isinstance(merged, float) and np.isnan(merged)):
+        return []
+    return json.loads(merged) if isinstance(merged, str) else list(merged)
 
 
 # ------------------------------------------------------------------------------------------------- embedding slices
 
 def embedding_slices(samples: pd.DataFrame, embeddings, *, class_names=None, layer: str | None = None,
-                     n_clusters: int | None = None, n_components: int = 20, min_size: int | None = None,
+                     n_clusters: int | None = None, n_components: int = N_COMPONENTS, min_size: int | None = None,
                      alpha: float = 0.95, max_slices: int = 20, seed: int = 0) -> pd.DataFrame:
     """Clusters of activations (k-means on a PCA projection) with their error rates, best score first.
 
     `embeddings` is (N, D), rows aligned with `samples`. Default `n_clusters`: N // (3 * min_size), between 2 and 30.
     Each cluster is described by its commonest label and prediction; its `cluster` column is the k-means index.
     """
+    _check_samples(samples)
+    # k-means clusters are disjoint: none is a near-copy of another, nor lies inside one
+    _check_ranking(alpha=alpha, max_slices=max_slices, max_overlap=1.0, merge_refinements=False)
+    order, table = _by_id(samples)
+    rows = _embedding_candidates(table, embeddings, order, class_names=class_names, layer=layer,
+                                 n_clusters=n_clusters, n_components=n_components, min_size=min_size, seed=seed)
+    return _finish(rows, table, alpha=alpha, max_slices=max_slices, max_overlap=1.0, merge_refinements=False)
+
+
+def _embedding_candidates(table: pd.DataFrame, embeddings, order: np.ndarray, *, class_names, layer, n_clusters,
+                          n_components: int, min_size, seed: int) -> list:
+    """The clusters worth a slice: `table` is the samples sorted by id, `order` the sorting of `embeddings`' rows."""
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
     from threadpoolctl import threadpool_limits
 
-    _check_samples(samples)
     emb = np.asarray(embeddings)
-    n = len(samples)
+    n = len(table)
     if emb.ndim != 2 or len(emb) != n:
         raise AnalyzerError(f"embeddings must be (samples, dims) with one row per sample ({n}), got {emb.shape}")
     if not np.isfinite(emb).all():
         raise AnalyzerError("embeddings hold NaN or inf: recompute them, or choose another layer")
-    if not 0 < alpha < 1:
-        raise AnalyzerError(f"alpha must lie strictly between 0 and 1, got {alpha!r}")
     _check_int("n_components", n_components, 1)
-    _check_int("max_slices", max_slices, 1)
     min_size = default_min_size(n) if min_size is None else min_size
     _check_int("min_size", min_size, 1)
     if n_clusters is None:
         n_clusters = int(np.clip(n // (3 * min_size), 2, 30))
     _check_int("n_clusters", n_clusters, 2)
     if n < n_clusters:
-        return _empty()
-    names = _class_names(samples, class_names)
-    order = _id_order(samples["id"].to_numpy())
-    table = samples.iloc[order].reset_index(drop=True)
+        return []
+    names = _class_names(table, class_names)
     emb = emb[order].astype(np.float64)
     k = min(n_components, emb.shape[1], n)
     # Fit on a fixed random subset (drawn after sorting by id) and assign every sample: linear in N. One BLAS
@@ -377,44 +463,48 @@ def embedding_slices(samples: pd.DataFrame, embeddings, *, class_names=None, lay
         description = (f"{size[c]} samples close together in {space}: "
                        f"{label_counts[c, top_label] / size[c]:.0%} labelled {_quote(names[top_label])}, "
                        f"{pred_counts[c, top_pred] / size[c]:.0%} predicted {_quote(names[top_pred])}")
-        rows.append({"description": description, "conditions": json.dumps([{"cluster": c, "layer": layer}]),
+        rows.append({"source": "embeddings", "description": description,
+                     "conditions": json.dumps([{"cluster": c, "layer": layer}]),
                      "members": by_cluster[cuts[c]:cuts[c + 1]], "size": int(size[c]), "errors": int(err[c]),
                      "cluster": c})
-    return _finish(rows, table["id"].to_numpy(), overall, n, alpha, "embeddings", max_slices, max_overlap=1.0)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------- all together
 
 def find_slices(samples: pd.DataFrame, *, embeddings=None, probs=None, class_names=None, layer: str | None = None,
                 columns=None, min_size: int | None = None, max_depth: int = 3, n_clusters: int | None = None,
-                alpha: float = 0.95, max_slices: int = 20, seed: int = 0) -> pd.DataFrame:
-    """Feature slices and (when `embeddings` are given) embedding slices, ranked together by score.
+                alpha: float = 0.95, max_slices: int = 20, merge_refinements: bool = True,
+                seed: int = 0) -> pd.DataFrame:
+    """Feature slices and (when `embeddings` are given) embedding slices, ranked together by score, at most
+    `max_slices` of each source.
 
+    Merged into a better-ranked slice of either source, and listed in its `merged` column (read it with
+    `merged_slices`): near-copies of it and, with `merge_refinements`, slices lying inside it without failing
+    significantly more than the rest of it (a rule narrowed by one more condition, a cluster that a rule explains).
     With `probs` (rows aligned with `samples`), adds each slice's calibration: `ece` inside it and `ece_rest` outside.
     """
     from .metrics import subset_calibration
 
-    parts = [feature_slices(samples, class_names=class_names, columns=columns, min_size=min_size,
-                            max_depth=max_depth, alpha=alpha, max_slices=max_slices, seed=seed)]
+    _check_samples(samples)
+    _check_ranking(alpha=alpha, max_slices=max_slices, max_overlap=MAX_OVERLAP, merge_refinements=merge_refinements)
+    order, table = _by_id(samples)
+    rows = _feature_candidates(table, class_names=class_names, columns=columns, min_size=min_size,
+                               max_depth=max_depth, seed=seed)
     if embeddings is not None:
-        parts.append(embedding_slices(samples, embeddings, class_names=class_names, layer=layer,
-                                      n_clusters=n_clusters, min_size=min_size, alpha=alpha,
-                                      max_slices=max_slices, seed=seed))
-    parts = [p for p in parts if len(p)]
-    if not parts:
-        table = _empty()
-    else:
-        table = pd.concat(parts, ignore_index=True)
-        table = table.iloc[np.lexsort((table["source"].map(SOURCES.index).to_numpy(), -table["size"].to_numpy(),
-                                       -table["score"].fillna(-np.inf).to_numpy()))].reset_index(drop=True)
-    if "cluster" in table.columns:
-        table["cluster"] = table["cluster"].fillna(-1).astype(np.int64)
+        rows += _embedding_candidates(table, embeddings, order, class_names=class_names, layer=layer,
+                                      n_clusters=n_clusters, n_components=N_COMPONENTS, min_size=min_size, seed=seed)
+    # one ranking and one merge over both sources: a cluster inside a better rule is merged into it, and back
+    slices = _finish(rows, table, alpha=alpha, max_slices=max_slices, max_overlap=MAX_OVERLAP,
+                     merge_refinements=merge_refinements)
+    if "cluster" in slices.columns:
+        slices["cluster"] = slices["cluster"].fillna(-1).astype(np.int64)
     if probs is not None:
-        masks = np.zeros((len(table), len(samples)), dtype=bool)
-        for row, members in enumerate(table["ids"]):
+        masks = np.zeros((len(slices), len(samples)), dtype=bool)
+        for row, members in enumerate(slices["ids"]):
             masks[row] = slice_mask(samples, members)
-        table["ece"], table["ece_rest"] = subset_calibration(samples["label"].to_numpy(), probs, masks)
-    return table
+        slices["ece"], slices["ece_rest"] = subset_calibration(samples["label"].to_numpy(), probs, masks)
+    return slices
 
 
 def slice_mask(samples: pd.DataFrame, ids) -> np.ndarray:

@@ -30,6 +30,15 @@ def _select(selection: Selection) -> None:
     components.fresh("errors-url-sel", selection.encode())
 
 
+def _merged_words(merged) -> str:
+    """A slice's `merged` cell in plain words: what it also covers and why that was not shown apart ("" if nothing,
+    as for runs stored before slices were merged)."""
+    from analyzers.evaluation.slices import merged_slices
+
+    return "; ".join(f"{m['description']} (merged: {m['inside']:.0%} of its {m['size']} samples are in this slice; "
+                     f"its error rate is {m['error_rate']:.0%})" for m in merged_slices(merged))
+
+
 def _metrics_block(rows: np.ndarray, label: str) -> None:
     """Metrics of a subset and its calibration against the rest of the samples."""
     if len(rows) == 0:
@@ -85,15 +94,22 @@ elif section == SECTIONS["slice"]:
     elif slices.empty:
         st.success("No slice of the data fails clearly more often than the rest.")
     else:
+        also_covers = slices["merged"].map(_merged_words) if "merged" in slices else None  # older runs: no column
+        if also_covers is not None and not also_covers.str.len().any():
+            also_covers = None
         st.caption("Groups of samples where the model fails more than on average, found from metadata and features "
                    "(a shallow decision tree) and from clusters of the embeddings. Lift is the slice's error rate "
-                   "over the overall error rate. Pick a row to see the slice.")
+                   "over the overall error rate. " + ("A slice lying mostly inside a better one, and failing no more "
+                   "than the rest of it, is merged into it and listed under \"also covers\". "
+                   if also_covers is not None else "") + "Pick a row to see the slice.")
         shown = pd.DataFrame({"source": slices["source"], "description": slices["description"],
                               "size": slices["size"], "error rate": slices["error_rate"] * 100,
                               "lift": slices["lift"]})
         for column in ("ece", "ece_rest"):
             if column in slices:
                 shown[column.replace("_", " of the ")] = slices[column]
+        if also_covers is not None:
+            shown["also covers"] = also_covers
         picked = st.dataframe(shown, hide_index=True, on_select="rerun", selection_mode="single-row",
                               key="slices-table", height=min(400, 36 * len(shown) + 40),
                               column_config={"error rate": components.percent_column(),
@@ -113,6 +129,8 @@ elif section == SECTIONS["slice"]:
             ids = list(chosen["ids"])
             state.set_gallery(ids)
             st.subheader(f"Slice {index + 1}: {md(chosen['description'])}")
+            if also_covers is not None and also_covers.iloc[index]:
+                st.caption(f"Also covers: {md(also_covers.iloc[index])}.")
             rows = id_positions(samples["id"].to_numpy(), ids)
             _metrics_block(rows, "slice")
             components.gallery(run, ids, key="slice-gallery")
