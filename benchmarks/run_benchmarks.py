@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SECTIONS = ("run", "explain_all", "interactive", "sandbox", "projections", "peer", "tabular", "startup", "dashboard",
-            "upload", "waits")
+            "upload", "waits", "trust")
 # the sections that need the generated images or the image model (prepare() makes them only for these)
 IMAGE_SECTIONS = ("run", "explain_all", "interactive", "sandbox", "projections", "peer", "dashboard")
 DEFAULT_SIZES = (10_000, 100_000)
@@ -1021,6 +1021,12 @@ WORKERS = {"run": worker_run, "explain_all": worker_explain_all, "interactive": 
            "dashboard": worker_dashboard, "upload": worker_upload, "waits": worker_waits}
 
 
+def _explain_methods() -> tuple:
+    from analyzers.explanations.attributions import METHODS
+
+    return tuple(METHODS)
+
+
 def worker_main(name: str, spec: dict, result_path: Path) -> int:
     threads = os.environ.get("BENCH_TORCH_THREADS")
     if threads:
@@ -1561,6 +1567,50 @@ class Bench:
                               f"{entry['progress_updates']} distinct progress lines, an estimate of the time left "
                               f"{'shown' if entry['estimate_shown'] else 'not shown'}")
 
+    def trust_section(self) -> None:
+        """The scores a user is told to trust (issue 16), as numbers, not timings: the randomisation check's verdicts
+        on the digits sample (black background) for every method and both controls, and the perturbation scores of
+        a low-probability target against the predicted class's."""
+        import numpy as np
+        import torch
+
+        from analyzers import load_model
+        from analyzers.explanations.attributions import explain
+        from analyzers.explanations.faithfulness import CONTROLS, randomised_correlation
+        from analyzers.explanations.perturbation import deletion_insertion
+        from analyzers.loading.datasets import load_dataset
+
+        model, data = load_model("sample:digits"), load_dataset("sample:digits")
+        probe = data.x[np.sort(np.random.default_rng(0).choice(len(data.x), 16, replace=False))]
+        methods = [m for m in ("saliency", "input_x_gradient", "integrated_gradients", "gradcam", "smoothgrad",
+                               "smoothgrad_abs", "guided_backprop", "occlusion") if m in _explain_methods()]
+        for method in [*methods, *CONTROLS]:
+            t0 = time.perf_counter()
+            check = randomised_correlation(model, probe, method, None)
+            seconds = time.perf_counter() - t0
+            verdict, smooth, complexity = check.verdict, check.smooth_verdict, check.complexity_verdict
+            self.add("trust", f"digits, MPRT: {method}", len(probe), None, value=verdict.statistic, unit="mean |rho|",
+                     note=f"{verdict.describe()}; without shared zeros {np.nanmean(np.abs(check.corr_nonzero)):.2f}; "
+                          f"sMPRT {smooth.describe() if smooth else 'n/a'}; eMPRT {complexity.describe('rise')}; "
+                          f"{seconds:.1f} s")
+        with torch.no_grad():
+            probs = torch.softmax(model.module(torch.as_tensor(data.x)), 1).numpy()
+        second = np.argsort(-probs, 1)[:, 1]
+        p_second = probs[np.arange(len(probs)), second]
+        low = np.flatnonzero((p_second > 0.01) & (p_second < 0.1))
+        cases = {"predicted class": (data.x[:200], probs[:200].argmax(1)), "a class at 0.01 < p < 0.1": (
+            data.x[low], second[low])}
+        for name in ("integrated_gradients", "gradcam", "random map"):
+            for case, (x, targets) in cases.items():
+                attr = np.random.default_rng(1).normal(size=x.shape).astype(np.float32) if name == "random map" \
+                    else explain(model, x, targets, name)
+                curves = deletion_insertion(model, x, attr, targets)
+                self.add("trust", f"digits, deletion vs random order: {name}, {case}", len(x), None,
+                         value=float(np.nanmedian(curves.deletion_vs_random)), unit="median",
+                         note=f"raw deletion AUC {np.nanmedian(curves.deletion_auc):.3f} (lower looks better), "
+                              f"normalised {np.nanmedian(curves.deletion_auc_norm):.3f}; median p(x) "
+                              f"{np.nanmedian(curves.start):.3f}")
+
     # -- output
     def write(self) -> Path:
         import torch
@@ -1600,7 +1650,7 @@ class Bench:
                  ("peer", lambda: self.peer_section(self.runs_dir / f"shapes-{max(self.args.sizes)}", "images")),
                  ("tabular", self.tabular_section), ("startup", self.startup_section),
                  ("dashboard", self.dashboard_section), ("upload", self.upload_section),
-                 ("waits", self.waits_section)]
+                 ("waits", self.waits_section), ("trust", self.trust_section)]
         for name, step in steps:
             if self.wanted(name):
                 t0 = time.perf_counter()

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "run_benchmarks.py"
-SKIPPED = "projections,dashboard,interactive,tabular,upload,waits"  # upload: the live-server tests cover it; waits: minutes
+SKIPPED = "projections,dashboard,interactive,tabular,upload,waits,trust"  # upload: the live-server tests cover it; waits: minutes; trust: tests/test_faithfulness.py checks its verdicts
 
 
 @pytest.fixture(scope="module")
