@@ -140,17 +140,23 @@ def test_slices_are_subsets_and_do_not_depend_on_row_order(n, seed):
 
 
 def _assert_none_shown_twice(slices: pd.DataFrame, samples: pd.DataFrame) -> None:
-    """No shown slice lies mostly inside a better-ranked one unless it fails significantly more than the rest of it."""
+    """No shown slice lies mostly inside a better-ranked one unless it fails significantly more than the rest of it,
+    nor holds most of a better-ranked one unless its other samples fail significantly more than the data outside
+    both."""
     from scipy.stats import fisher_exact
 
-    wrong = set(samples["id"][~samples["correct"]])
+    def worse(group: set, other: set) -> bool:
+        table = [[len(group & wrong), len(group - wrong)], [len(other & wrong), len(other - wrong)]]
+        return fisher_exact(table, alternative="greater").pvalue < SPLIT_P_VALUE
+
+    everyone, wrong = set(samples["id"]), set(samples["id"][~samples["correct"]])
     members = [set(ids) for ids in slices["ids"]]
-    for worse, inner in enumerate(members):
-        for outer in members[:worse]:
-            if len(inner & outer) / len(inner) >= MIN_CONTAINMENT:
-                rest = outer - inner
-                table = [[len(inner & wrong), len(inner - wrong)], [len(rest & wrong), len(rest - wrong)]]
-                assert fisher_exact(table, alternative="greater").pvalue < SPLIT_P_VALUE
+    for rank, shown in enumerate(members):
+        for better in members[:rank]:
+            if len(shown & better) / len(shown) >= MIN_CONTAINMENT:
+                assert worse(shown, better - shown)
+            elif len(shown & better) / len(better) >= MIN_CONTAINMENT:
+                assert worse(shown - better, everyone - shown - better)
 
 
 def test_options_are_checked():
@@ -182,14 +188,22 @@ def test_shapes_sample_top_slice_names_the_spurious_background(sample_run_dir):
 
 
 def test_rules_never_combine_label_and_prediction():
-    rng = np.random.default_rng(3)
-    n = 1500
-    label = rng.integers(0, 3, n)
-    pred = np.where(rng.random(n) < 0.8, label, rng.integers(0, 3, n))
-    samples = _table(n, 3, pred != label, label=label, background=rng.choice(["red", "green"], n))
-    samples["pred"] = pred
-    for conditions in find_slices(samples)["conditions"].dropna():
+    """Given the label, the prediction tells whether a sample is wrong: offered both, the tree split on the pair, and
+    the top slice was 'background == "green" and label == "circle" and pred == "square"' (a confusion cell, wrong by
+    definition), as on the shapes sample. The tree no longer sees the prediction when it sees the label."""
+    rng = np.random.default_rng(1)
+    n = 2000
+    label, background = rng.integers(0, 3, n), rng.choice(["red", "green", "blue"], n)
+    cue = (label == 0) & (background == "green")
+    wrong = _wrong_at(rng, cue, 0.6) | _wrong_at(rng, ~cue, 0.05)  # wrong samples are predicted label + 1
+    samples = _table(n, 101, wrong, label=label, background=background, size=rng.random(n))
+    slices = find_slices(samples, class_names=["circle", "square", "triangle"])
+    for conditions in slices["conditions"]:
         assert not {"label", "pred"} <= {c["column"] for c in json.loads(conditions)}
+    assert slices["description"][0] == 'background == "green" and label == "circle"'
+    # the prediction is still a rule's column when the label is not
+    alone = feature_slices(samples, columns=["pred", "background"], class_names=["circle", "square", "triangle"])
+    assert any("pred" in d for d in alone["description"])
 
 
 @pytest.mark.benchmark
@@ -283,7 +297,9 @@ def test_a_refinement_failing_far_more_than_the_rest_of_its_slice_stays():
     inside = set(slices["ids"][child]) & set(slices["ids"][parent])
     assert len(inside) / slices["size"][child] >= MIN_CONTAINMENT
     assert slices["error_rate"][child] > slices["error_rate"][parent] + 0.2
-    assert merged_slices(slices["merged"][parent]) == []
+    # merged into the conjunction: only the rule it narrows (smoker == "yes", failing at 3% without it), broader
+    assert [(e["relation"], e["description"]) for e in merged_slices(slices["merged"][parent])] == \
+        [("broader", 'smoker == "yes"')]
 
 
 def test_a_rule_that_mostly_lies_inside_a_better_narrower_rule_is_merged_into_it():
@@ -303,7 +319,10 @@ def test_a_rule_that_mostly_lies_inside_a_better_narrower_rule_is_merged_into_it
     assert _showing(slices, set(samples["id"][conjunction])) == []
     top = slices.iloc[0]
     assert _jaccard(top["ids"], samples["id"][narrower]) > 0.98
-    (entry,) = merged_slices(top["merged"])
+    # and the conjunction's own parent, smoker == "yes", holding all of it and failing at 3% without it: broader
+    entries = {e["relation"]: e for e in merged_slices(top["merged"])}
+    assert sorted(entries) == ["broader", "inside"] and entries["broader"]["description"] == 'smoker == "yes"'
+    entry = entries["inside"]
     conjunction_ids = set(unmerged["ids"][was_shown])
     assert entry["description"] == unmerged["description"][was_shown] and entry["size"] == len(conjunction_ids)
     assert entry["inside"] == pytest.approx(len(conjunction_ids & set(top["ids"])) / len(conjunction_ids))
@@ -317,3 +336,48 @@ def test_merged_slices_reads_old_runs_and_the_option_is_checked():
         find_slices(samples, merge_refinements="yes")
     with pytest.raises(AnalyzerError, match="max_overlap"):
         feature_slices(samples, max_overlap=0)
+
+
+def _conjunction(rest_rate: float, seed: int = 13):
+    """3000 samples failing at 40% where site == "D" (A, a fifth of them) and f0 > 0.5 (B): the rest of A fails at
+    `rest_rate`, everyone else at 3%."""
+    rng = np.random.default_rng(seed)
+    n = 3000
+    site, f0 = rng.choice(list("ABCDE"), n), rng.uniform(0, 1, n)
+    a = site == "D"
+    conjunction = a & (f0 > 0.5)
+    wrong = (_wrong_at(rng, conjunction, 0.4) | _wrong_at(rng, a & ~conjunction, rest_rate)
+             | _wrong_at(rng, ~a, 0.03))
+    samples = _table(n, seed + 100, wrong, site=site, f0=f0, f1=rng.normal(size=n))
+    return samples, set(samples["id"][a]), set(samples["id"][conjunction])
+
+
+def test_a_broader_slice_bad_only_where_it_holds_a_better_one_is_merged_into_it():
+    """The common nesting: the conjunction A and B ranks above A (its error rate is higher), A holds all of it and,
+    without it, fails at the overall rate. Only the conjunction is shown; A is listed as merged, broader."""
+    samples, a, conjunction = _conjunction(rest_rate=0.03)
+    unmerged = feature_slices(samples, merge_refinements=False)
+    assert _showing(unmerged, conjunction) == [0] and len(_showing(unmerged, a)) == 1  # both were candidates
+    slices = feature_slices(samples)
+    assert _showing(slices, conjunction) == [0] and _showing(slices, a) == []
+    assert slices["description"][0].startswith('site == "D" and f0 > 0.5')
+    (entry,) = [e for e in merged_slices(slices["merged"][0]) if e["description"] == 'site == "D"']
+    assert entry["relation"] == "broader" and entry["size"] == len(a) and entry["source"] == "features"
+    shown = set(slices["ids"][0])
+    assert entry["holds"] == pytest.approx(len(shown & a) / len(shown)) and entry["holds"] == 1.0
+    assert entry["inside"] == pytest.approx(len(shown & a) / len(a))
+    assert entry["rest_size"] == len(a - shown)
+    assert entry["rest_error_rate"] == pytest.approx(0.03, abs=0.01)
+    assert entry["outside_error_rate"] == pytest.approx(0.03, abs=0.002)
+    _assert_none_shown_twice(slices, samples)
+
+
+def test_a_broader_slice_failing_more_without_the_better_one_stays():
+    """A's other samples fail at 10% against 3% outside (one-sided Fisher p ~ 1e-10): A is a broader problem of its
+    own, shown below the conjunction and merged into nothing."""
+    samples, a, conjunction = _conjunction(rest_rate=0.1)
+    slices = feature_slices(samples)
+    assert _showing(slices, conjunction) == [0] and _showing(slices, a) == [1]
+    assert all(e["description"] != 'site == "D"' for e in merged_slices(slices["merged"][0]))
+    assert merged_slices(slices["merged"][1]) == []
+    _assert_none_shown_twice(slices, samples)

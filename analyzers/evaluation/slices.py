@@ -1,9 +1,10 @@
 """Error slices: groups of samples where the model fails far more than on average, described in words.
 
 Two sources:
-- `features`: a shallow decision tree fitted to predict errors from features, metadata, the label and the prediction;
-  every node of the tree is a candidate slice, its path turned into a rule (`label == "circle" and background ==
-  "green"`), with bounds on one column merged (`0.3 < x <= 0.5`).
+- `features`: a shallow decision tree fitted to predict errors from features, metadata and the label (or the
+  prediction, when the label is not among the columns: never both, see `_rule_features`); every node of the tree is a
+  candidate slice, its path turned into a rule (`label == "circle" and background == "green"`), with bounds on one
+  column merged (`0.3 < x <= 0.5`).
 - `embeddings`: k-means clusters of a layer's activations (after PCA), so data without metadata also gets slices.
 
 Slices are ranked by SliceLine's score (Sagadeeva and Boehm, 2021), which weighs the error rate against the size:
@@ -12,8 +13,11 @@ fitting, so the slices do not depend on the order of the rows.
 
 A slice that mostly lies inside a better-ranked one is that slice again, narrowed ("age > 60 and bmi > 30" under
 "age > 60", or a cluster of activations inside a rule): it is merged into the better one, which lists it in its
-`merged` column, unless it fails significantly more than the rest of the better one. Near-copies (Jaccard above
-`max_overlap`) are merged whatever their error rate.
+`merged` column, unless it fails significantly more than the rest of the better one. The other way round, a slice that
+holds most of a better-ranked one ("age > 60" below "age > 60 and smoker == yes", its usual place: the narrower rule
+has the higher error rate) is merged into it unless its other samples fail significantly more than the data outside
+both: failing at the overall rate without them, it is bad only because it holds the better slice. Near-copies (Jaccard
+above `max_overlap`) are merged whatever their error rate.
 """
 from __future__ import annotations
 
@@ -30,12 +34,14 @@ OUTCOME_COLUMNS = ("id", "correct", "confidence", "loss", "margin")
 MAX_CATEGORIES = 30  # one-hot the most frequent values of a categorical column; rarer ones are left out
 MAX_DISTINCT = 200  # a text column with more distinct values (file names, free text) is not a category
 # A condition added to a group must mean something: a tree node is a slice only if its errors exceed its sibling's at
-# this significance, and a slice inside a better-ranked one is shown only if its errors exceed the rest of that one's.
+# this significance, a slice inside a better-ranked one is shown only if its errors exceed the rest of that one's, and
+# a slice holding a better-ranked one only if its other samples' errors exceed those of the data outside both.
 SPLIT_P_VALUE = 0.01
 # A slice with at least this share of its samples inside a better-ranked slice is shown by it already: a refinement
 # (the better one plus a condition) or a cluster that a rule explains. At 0.8 what the smaller slice adds, at most a
 # fifth of its samples, is too little to be a finding of its own; a near-copy threshold (Jaccard 0.9) missed these,
-# as a refinement half the size of its parent has Jaccard 0.5 with it.
+# as a refinement half the size of its parent has Jaccard 0.5 with it. The same share of a better-ranked slice inside
+# a lower-ranked one makes the lower one its broader version (the parent of a refinement that ranks above it).
 MIN_CONTAINMENT = 0.8
 MAX_OVERLAP = 0.9  # default near-copy threshold: a slice whose members have this Jaccard with a better one is merged
 MAX_FIT_ROWS = 10_000  # PCA and k-means are fitted on at most this many samples, then applied to all
@@ -94,8 +100,22 @@ def _quote(value) -> str:
 
 
 def rule_columns(samples: pd.DataFrame) -> list:
-    """Columns a rule may use: features, metadata, label and prediction (not the id nor the model's scores)."""
+    """Columns a rule may use: features, metadata, label and prediction (not the id nor the model's scores; the tree
+    leaves the prediction out when the label is among them, see `_rule_features`)."""
     return [c for c in samples.columns if c not in OUTCOME_COLUMNS]
+
+
+def _rule_features(columns: list) -> list:
+    """The columns the tree may split on: all of `columns` but the prediction when the label is among them.
+
+    Given the label, the prediction tells exactly whether a sample is wrong (and so does the label given the
+    prediction), so a tree offered both splits on the pair ("label == cat and pred == dog": a cell of the confusion
+    matrix, wrong by definition) ahead of any feature that explains the errors. Pruning such rules afterwards would
+    lose the subtree below that split too, with the feature conditions the tree would have found there; without the
+    prediction the tree finds them ('background == "green" and label != "square"'). The label is kept rather than the
+    prediction as it describes the sample and not the model's output on it."""
+    columns = list(columns)
+    return [c for c in columns if c != "pred"] if "label" in columns else columns
 
 
 def _encode(samples: pd.DataFrame, columns: list, class_names: list):
@@ -200,7 +220,8 @@ def feature_slices(samples: pd.DataFrame, *, class_names=None, columns=None, min
     sibling's (so no condition in a rule follows noise), best score first. Merged into a better one (and listed in its
     `merged` column): a slice whose members overlap a better one's by more than `max_overlap` (Jaccard) and, with
     `merge_refinements`, one that lies inside a better one (see `MIN_CONTAINMENT`) without failing significantly more
-    than the rest of it.
+    than the rest of it, or holds most of a better one while its other samples fail no more than the data outside
+    both. The tree never sees the prediction when it sees the label (see `_rule_features`).
     """
     _check_samples(samples)
     _check_ranking(alpha=alpha, max_slices=max_slices, max_overlap=max_overlap, merge_refinements=merge_refinements)
@@ -229,7 +250,7 @@ def _feature_candidates(table: pd.DataFrame, *, class_names, columns, min_size, 
                                 f"{', '.join(map(str, rule_columns(table)))}")
     errors = ~table["correct"].to_numpy(dtype=bool)
     overall = errors.mean()
-    x, specs = _encode(table, list(columns), names)
+    x, specs = _encode(table, _rule_features(columns), names)
     if x.shape[1] == 0 or errors.all() or not errors.any() or n < 2 * min_size:
         return []
     tree = DecisionTreeClassifier(max_depth=max_depth, min_samples_leaf=min_size, random_state=seed)
@@ -262,8 +283,9 @@ def _feature_candidates(table: pd.DataFrame, *, class_names, columns, min_size, 
         description, conditions = _rule(path[::-1], specs)
         used = {c["column"] for c in conditions}
         if used <= {"label", "pred"}:
-            # the label or the prediction alone is a row or column of the confusion matrix, and both together a cell
-            # of it: no feature. They narrow a feature's slice ("label == circle and background == green")
+            # the label or the prediction alone is a row or column of the confusion matrix (both together, a cell of
+            # it, never come: see _rule_features): no feature. They narrow a feature's slice ("label == circle and
+            # background == green")
             continue
         members = paths.indices[paths.indptr[j]:paths.indptr[j + 1]]
         rows.append({"source": "features", "description": description, "conditions": json.dumps(conditions),
@@ -273,9 +295,11 @@ def _feature_candidates(table: pd.DataFrame, *, class_names, columns, min_size, 
 
 def _worse_than(errors: float, size: float, other_errors: float, other_size: float, *, tests: int) -> bool:
     """Whether a group's error rate is significantly above another's (one-sided Fisher exact test at SPLIT_P_VALUE,
-    Bonferroni over `tests`): a tree node against its sibling, over the columns the tree chose the split from, and a
-    slice against the rest of a better slice holding it, over the candidate slices. A group that passes only by
-    chance would add a condition that means nothing (a split that follows noise, a refinement that fails no more)."""
+    Bonferroni over `tests`): a tree node against its sibling, over the columns the tree chose the split from; a
+    slice against the rest of a better slice holding it, and the rest of a slice holding a better one against the data
+    outside both, over the candidate slices. A group that passes only by chance would add a condition that means
+    nothing (a split that follows noise, a refinement that fails no more, a broader slice bad only where it holds the
+    better one)."""
     from scipy.stats import fisher_exact
 
     table = [[int(errors), int(size - errors)], [int(other_errors), int(other_size - other_errors)]]
@@ -317,26 +341,43 @@ def _empty() -> pd.DataFrame:
 
 
 def _covering_slice(candidate: np.ndarray, shown: list, masks: np.ndarray, errors: np.ndarray, *, max_overlap: float,
-                    merge_refinements: bool, tests: int) -> tuple[int | None, float]:
+                    merge_refinements: bool, tests: int) -> tuple[int | None, dict]:
     """The first of the `shown` slices (rows of `masks`, best first) that already shows the `candidate` slice (a
-    mask), and the share of the candidate's samples inside it; (None, 0.0) if none does."""
+    mask), and how (the `merged` entry's keys but the candidate's own description, source, size and error rate); (None,
+    {}) if none does. The candidate is a near-copy of it (`relation` "copy"), lies mostly inside it ("inside", failing
+    no more than the rest of it) or holds most of it ("broader", its other samples failing no more than the data
+    outside both). `inside` is the share of the candidate's samples in the shown slice; a broader one also has
+    `holds` (the share of the shown slice in it) and the size and error rate of its other samples (`rest_size`,
+    `rest_error_rate`) and of the samples outside both (`outside_error_rate`)."""
     size = int(candidate.sum())
     candidate_errors = int(errors[candidate].sum())
     for row in shown:
-        inside = int((candidate & masks[row]).sum())
-        if inside / int((candidate | masks[row]).sum()) > max_overlap:
-            return row, inside / size  # a near-copy, whatever its error rate
-        if merge_refinements and inside / size >= MIN_CONTAINMENT:
-            rest = masks[row] & ~candidate
+        better = masks[row]
+        inside = int((candidate & better).sum())
+        if inside / int((candidate | better).sum()) > max_overlap:
+            return row, {"relation": "copy", "inside": inside / size}  # whatever its error rate
+        if not merge_refinements:
+            continue
+        if inside / size >= MIN_CONTAINMENT:
+            rest = better & ~candidate
             if not _worse_than(candidate_errors, size, int(errors[rest].sum()), int(rest.sum()), tests=tests):
-                return row, inside / size
-    return None, 0.0
+                return row, {"relation": "inside", "inside": inside / size}
+        elif inside / int(better.sum()) >= MIN_CONTAINMENT:
+            rest, outside = candidate & ~better, ~(candidate | better)
+            rest_errors, outside_errors = int(errors[rest].sum()), int(errors[outside].sum())
+            rest_size, outside_size = int(rest.sum()), int(outside.sum())
+            if not _worse_than(rest_errors, rest_size, outside_errors, outside_size, tests=tests):
+                return row, {"relation": "broader", "inside": inside / size, "holds": inside / int(better.sum()),
+                             "rest_size": rest_size, "rest_error_rate": rest_errors / max(rest_size, 1),
+                             "outside_error_rate": outside_errors / max(outside_size, 1)}
+    return None, {}
 
 
 def _finish(rows: list, table: pd.DataFrame, *, alpha: float, max_slices: int, max_overlap: float,
             merge_refinements: bool) -> pd.DataFrame:
     """Rank candidate `rows` (of any sources, members as row numbers in `table`) by score, merge those a better one
-    shows already (see `_covering_slice`), and keep the best `max_slices` of each source."""
+    shows already (see `_covering_slice`: a near-copy, a narrower or a broader version of it), and keep the best
+    `max_slices` of each source."""
     errors = ~table["correct"].to_numpy(dtype=bool)
     n, overall = len(errors), errors.mean()
     if not rows or overall <= 0:  # an error-free model has no slice where it fails more than elsewhere
@@ -352,11 +393,11 @@ def _finish(rows: list, table: pd.DataFrame, *, alpha: float, max_slices: int, m
         masks[i, r["members"]] = True
     kept, merged, per_source = [], {}, dict.fromkeys(SOURCES, 0)
     for i in order:
-        into, inside = _covering_slice(masks[i], kept, masks, errors, max_overlap=max_overlap,
-                                       merge_refinements=merge_refinements, tests=len(rows))
+        into, how = _covering_slice(masks[i], kept, masks, errors, max_overlap=max_overlap,
+                                    merge_refinements=merge_refinements, tests=len(rows))
         if into is not None:
             merged[into].append({"description": rows[i]["description"], "source": rows[i]["source"],
-                                 "size": int(size[i]), "error_rate": float(rate[i]), "inside": inside})
+                                 "size": int(size[i]), "error_rate": float(rate[i]), **how})
         elif per_source[rows[i]["source"]] < max_slices:
             per_source[rows[i]["source"]] += 1
             kept.append(i)
@@ -382,8 +423,12 @@ def _finish(rows: list, table: pd.DataFrame, *, alpha: float, max_slices: int, m
 
 def merged_slices(merged) -> list:
     """The slices merged into one (a cell of slices.parquet's `merged` column): dicts with their description,
-    source, size, error_rate and `inside` (the share of their samples in the slice that absorbed them). Empty for
-    runs stored before slices were merged, which have no such column (pass None or NaN)."""
+    source, size, error_rate, `inside` (the share of their samples in the slice that absorbed them) and `relation` to
+    it: "copy" (a near-copy), "inside" (mostly inside it) or "broader" (holding most of it, with `holds`, the share
+    of it inside the merged one, and `rest_size`, `rest_error_rate` and `outside_error_rate`: the merged one without
+    the slice's samples, and the data outside both). Runs stored before broader slices were merged have no
+    `relation` (their entries are copies or inside); those stored before any merging have no `merged` column: pass
+    None or NaN for an empty list."""
     if merged is None or (isinstance(merged, float) and np.isnan(merged)):
         return []
     return json.loads(merged) if isinstance(merged, str) else list(merged)
@@ -481,7 +526,9 @@ def find_slices(samples: pd.DataFrame, *, embeddings=None, probs=None, class_nam
 
     Merged into a better-ranked slice of either source, and listed in its `merged` column (read it with
     `merged_slices`): near-copies of it and, with `merge_refinements`, slices lying inside it without failing
-    significantly more than the rest of it (a rule narrowed by one more condition, a cluster that a rule explains).
+    significantly more than the rest of it (a rule narrowed by one more condition, a cluster that a rule explains), and
+    slices holding most of it whose other samples fail no more than the data outside both (the rule without the
+    condition that narrowed it).
     With `probs` (rows aligned with `samples`), adds each slice's calibration: `ece` inside it and `ece_rest` outside.
     """
     from .metrics import subset_calibration

@@ -7,7 +7,9 @@ Writes into the run directory:
 - `confusion.json`: counts, normalized {true, pred, all}, cells [{true, pred, count, ids}], most_confused (directed
   cells) and most_confused_pairs (either way);
 - `slices.parquet`: see `analyzers.evaluation.slices.find_slices` (source, description, size, errors, error_rate, lift, score,
-  ids, conditions, cluster, ece, ece_rest), best first;
+  ids, conditions, cluster, ece, ece_rest, merged), best first; `merged` (JSON, read it with `merged_slices`) lists the
+  slices merged into each: near-copies, slices mostly inside it failing no more than its rest, and broader slices
+  holding most of it whose other samples fail no more than the data outside both;
 - `label_noise.parquet`: see `analyzers.evaluation.label_noise.find_label_issues` (id, label, suggested_label, score, ...).
 Error rankings are views of `samples.parquet`: `analyzers.evaluation.metrics.rank_errors(samples, probs, by=...)`.
 """

@@ -35,8 +35,16 @@ def _merged_words(merged) -> str:
     as for runs stored before slices were merged)."""
     from analyzers.evaluation.slices import merged_slices
 
-    return "; ".join(f"{m['description']} (merged: {m['inside']:.0%} of its {m['size']} samples are in this slice; "
-                     f"its error rate is {m['error_rate']:.0%})" for m in merged_slices(merged))
+    def words(m: dict) -> str:
+        if m.get("relation") == "broader":  # holds most of this slice and, without it, fails as the rest does
+            return (f"{m['description']} (broader: {m['size']:,} samples failing at {m['error_rate']:.0%}, holding "
+                    f"{m['holds']:.0%} of this slice; without this slice's samples it fails at "
+                    f"{m['rest_error_rate']:.0%}, not clearly more than the rest of the data "
+                    f"({m['outside_error_rate']:.0%}))")
+        return (f"{m['description']} (merged: {m['inside']:.0%} of its {m['size']:,} samples are in this slice; "
+                f"its error rate is {m['error_rate']:.0%})")
+
+    return "; ".join(words(m) for m in merged_slices(merged))
 
 
 def _metrics_block(rows: np.ndarray, label: str) -> None:
@@ -100,8 +108,9 @@ elif section == SECTIONS["slice"]:
         st.caption("Groups of samples where the model fails more than on average, found from metadata and features "
                    "(a shallow decision tree) and from clusters of the embeddings. Lift is the slice's error rate "
                    "over the overall error rate. " + ("A slice lying mostly inside a better one, and failing no more "
-                   "than the rest of it, is merged into it and listed under \"also covers\". "
-                   if also_covers is not None else "") + "Pick a row to see the slice.")
+                   "than the rest of it, is merged into it and listed under \"also covers\"; so is a broader slice "
+                   "holding most of a better one that, without that one's samples, fails no more than the rest of "
+                   "the data. " if also_covers is not None else "") + "Pick a row to see the slice.")
         shown = pd.DataFrame({"source": slices["source"], "description": slices["description"],
                               "size": slices["size"], "error rate": slices["error_rate"] * 100,
                               "lift": slices["lift"]})
