@@ -10,11 +10,11 @@ slice can be compared at all:
   samples the model expects to get right in each confidence bin and the number it gets right, summed. A finite
   sample has some ECE even from a perfectly calibrated model, so what that model would show (labels drawn from the
   model's own probabilities, CALIBRATION_DRAWS times) is subtracted first;
-- label-noise suspects: the samples another class fits far better than their own label (score >= STRONG_SUSPECT).
-  Such a sample is nearly always an error too, so the suspects are a finding only when they stand out from the
-  errors: at most half of them, out of at least MIN_ERRORS_FOR_NOISE errors. Otherwise they are the error list
-  under another name (digits: 3 strong suspects among its 6 errors, where a wrong label and a confident mistake
-  cannot be told apart).
+- label-noise suspects: the suspects whose label is most probably wrong (label_noise's score, the estimated
+  probability that the label is wrong, >= STRONG_SUSPECT). Such a sample is nearly always an error too, so the
+  suspects are a finding only when they stand out from the errors: at most half of them, out of at least
+  MIN_ERRORS_FOR_NOISE errors. Otherwise they are the error list under another name (where a wrong label and a
+  confident mistake cannot be told apart; digits, with 6 errors, has no suspects at all).
 
 `rank_findings` returns them best first; the dashboard leads with the top three and words them.
 """
@@ -27,7 +27,7 @@ import pandas as pd
 
 from .metrics import check_predictions, expected_calibration_error
 
-STRONG_SUSPECT = 0.9  # another class is at least 9 times as typical for the sample as its own label
+STRONG_SUSPECT = 0.9  # the label is wrong with probability at least 0.9 (label_noise.label_issue_scores)
 RARE_CLASS_SHARE = 0.5  # a class with under half the mean support per class is rare
 MIN_IMBALANCE_RATIO = 3.0  # largest class support over the smallest: below this there is no imbalance finding
 MIN_ERRORS_FOR_NOISE = 20

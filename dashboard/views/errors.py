@@ -151,19 +151,31 @@ elif section == SECTIONS["suspects"]:
         components.not_in_run("Label-noise detection", "Run the evaluation analysis to score the labels.", run=run,
                               stage="evaluation")
     else:
-        suspects = noise[noise["score"] > 0.5]
-        st.caption("Samples whose given label the model contradicts: score above 0.5 means another class is more "
-                   "typical for the sample than its own label (per-class thresholds, as in confident learning).")
+        from analyzers.evaluation.label_noise import suspect_reasons
+
+        suspects = noise  # the stored suspects: as many as confident learning estimates are mislabelled
+        st.caption("The labels most probably wrong, as many as confident learning estimates are wrong: score is the "
+                   "estimated probability that the label is wrong, each class read against its own typical "
+                   "confidence and the pattern of flips in the run.")
         if suspects.empty:
-            st.success("No label-noise suspects: the model agrees with every label more than with any other class.")
+            st.success("No label-noise suspects: confident learning estimates that no label is wrong (no sample is "
+                       "confidently of another class than its label).")
         else:
             _select(Selection("suspects", "top"))
+            try:  # worded with the class names; a table without the probabilities keeps its stored words
+                reasons = suspect_reasons(suspects, class_names=names)
+            except AnalyzerError:
+                reasons = suspects["reason"] if "reason" in suspects.columns else None
             table = pd.DataFrame({"id": suspects["id"].astype(str), "label": np.asarray(names, object)[suspects["label"]],
                                   "suggested label": np.asarray(names, object)[suspects["suggested_label"]],
                                   "score": suspects["score"]})
+            if reasons is not None:
+                table["reason"] = reasons.to_numpy()
+                suspects = suspects.assign(reason=reasons.to_numpy())
             st.dataframe(table, hide_index=True, height=min(400, 36 * len(table) + 40),
                          column_config={"score": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0,
-                                                                                 format="%.3f")})
+                                                                                 format="%.3f"),
+                                        "reason": st.column_config.TextColumn(width="large")})
             from analyzers.evaluation.stage import suspects_csv
 
             st.download_button("Download CSV", suspects_csv(suspects, class_names=names),

@@ -68,8 +68,10 @@ def _finding(finding) -> None:
         accounts = (f"its confidence misstates the number of right answers by about {finding.impact:.0f} samples, "
                     f"beyond the {d['noise_floor']:.3f} a calibrated model of this size would show")
     else:  # label_noise
-        st.markdown(f"**Label-noise suspects:** {d['count']:,} samples that another class fits far better than their "
-                    f"own label; the strongest, id {md(d['top_id'])}, is labelled "
+        from analyzers.evaluation.findings import STRONG_SUSPECT
+
+        st.markdown(f"**Label-noise suspects:** {d['count']:,} samples whose label is probably wrong (estimated "
+                    f"probability at least {STRONG_SUSPECT:g}); the strongest, id {md(d['top_id'])}, is labelled "
                     f"{md(components.class_name(run, d['top_label']))} but looks like "
                     f"{md(components.class_name(run, d['top_suggested']))}. The other "
                     f"{d['errors'] - d['count']:,} errors are ordinary mistakes.")
