@@ -52,8 +52,10 @@ DAMAGE = {
                            "slices.parquet"),
     "gradient flags not lists": (lambda p: (p / "gradients" / "flags.json").write_text(
         json.dumps({"vanishing": "fc1"})), "gradients/flags.json"),
+    # one row written whole: the digits run may hold no suspect at all (confident learning estimates 0 wrong labels)
     "label-noise classes out of range": (lambda p: _rewrite_parquet(
-        p / "label_noise.parquet", lambda t: t.assign(suggested_label=-1)), "label_noise.parquet"),
+        p / "label_noise.parquet", lambda t: pd.DataFrame({"id": [0], "label": [0], "suggested_label": [-1],
+                                                           "score": [0.5]})), "label_noise.parquet"),
     "projection of other samples": (lambda p: _rewrite_parquet(
         next((p / "projections").glob("*-2d.parquet")), lambda t: t.iloc[:5]), "projections/"),
     "probabilities that do not sum to one": (lambda p: np.save(p / "probs.npy", np.load(p / "probs.npy") * 0.5),

@@ -64,7 +64,7 @@ def evaluate(samples: pd.DataFrame, probs, *, class_names=None, embeddings=None,
                          max_slices=max_slices, seed=seed)
     timings["slices"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    noise = find_label_issues(labels, probs, ids=ids)
+    noise = find_label_issues(labels, probs, ids=ids, class_names=class_names)
     timings["label_noise"] = time.perf_counter() - t0
     return {"metrics": metrics, "confusion": conf, "slices": slices, "label_noise": noise, "timings": timings}
 
