@@ -263,8 +263,24 @@ def test_default_samples_are_10k_and_5k_for_3d_tsne():
     assert project(x, method="tsne", dims=2).params["fit_sample"] == 10_000
 
 
-def test_progress_rises_to_one_and_an_exception_from_it_stops_the_optimisation():
+def test_progress_rises_to_one_and_an_exception_from_it_stops_the_optimisation(monkeypatch):
     """issue 18: t-SNE and UMAP tell how far they are from inside their optimisation, and a cancel stops them."""
+    from analyzers.explanations import projections
+
+    projections._configure_numba_cache()
+    import umap
+
+    # The progress comes from umap-learn's epoch loop, which is the same whatever found the neighbours: exact
+    # neighbours (umap-learn's own path below 4096 points) spare this test pynndescent's NN-descent compile, which
+    # took most of this test's time (a cold fit of 150 points: about 80 s with it, 20 s without, on 2 busy cores)
+    made = []
+
+    def exact_neighbours(*args, **kwargs):
+        made.append(kwargs.get("force_approximation_algorithm"))
+        return real_umap(*args, **{**kwargs, "force_approximation_algorithm": False})
+
+    real_umap = umap.UMAP
+    monkeypatch.setattr(umap, "UMAP", exact_neighbours)
     x, _ = _blobs(150)
     for method in ("tsne", "umap"):
         seen = []
@@ -280,6 +296,7 @@ def test_progress_rises_to_one_and_an_exception_from_it_stops_the_optimisation()
 
         with pytest.raises(Cancelled, match="iteration"):  # inside the iterations, not after them
             project(x, method=method, n_epochs=100, progress=cancel_halfway)
+    assert made == [True, True]  # both UMAP projections went through umap-learn, which project() asks for NN-descent
 
 
 def test_the_projection_helper_reports_progress_stores_the_same_map_and_cancels(digits_run, tmp_path):
