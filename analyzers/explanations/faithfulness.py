@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -29,6 +30,7 @@ from .attributions import _as_batch, _scores_module, _targets, explain, model_fi
 from ..guard import analysis_mode, unwrap
 from ..engines.inference import module_device
 from ..loading.inputs import layout_of
+from .perturbation import _importance
 
 SANITY_THRESHOLD = 0.5  # mean |ρ| with the randomised model's map: a CI wholly above fails, wholly below passes
 SANITY_SAMPLES = 16  # the verdict is taken on at least this many samples (all of them when there are fewer)
@@ -142,7 +144,7 @@ class SanityCheck:
         rank correlation means nothing)."""
         return np.where(self.degenerate, np.nan, self.rank_corr[-1])
 
-    @property
+    @functools.cached_property  # a bootstrap of 2000 resamples: taken once
     def verdict(self) -> Verdict:
         return correlation_verdict(self.rank_corr[-1], self.degenerate, threshold=self.threshold)
 
@@ -167,17 +169,17 @@ class RandomisedCorrelation:
     smooth_corr: np.ndarray | None = None  # (N,) sMPRT (Hedström et al., 2023): maps averaged over noisy inputs
     complexity_rise: np.ndarray | None = None  # (N,) eMPRT: (H(randomised) - H(original)) / H(original)
 
-    @property
+    @functools.cached_property  # a bootstrap of 2000 resamples: taken once
     def verdict(self) -> Verdict:
         return correlation_verdict(self.corr, self.degenerate, threshold=self.threshold)
 
-    @property
+    @functools.cached_property  # a bootstrap of 2000 resamples: taken once
     def smooth_verdict(self) -> Verdict | None:
         if self.smooth_corr is None:
             return None
         return correlation_verdict(self.smooth_corr, self.degenerate, threshold=self.threshold)
 
-    @property
+    @functools.cached_property  # a bootstrap of 2000 resamples: taken once
     def complexity_verdict(self) -> Verdict | None:
         if self.complexity_rise is None:
             return None
@@ -321,16 +323,9 @@ def _cache_path(cache_dir, key: dict) -> Path:
     return Path(cache_dir) / f"sanity-{digest}.npz"
 
 
-def _score_map(attributions, ndim: int) -> np.ndarray:
+def _score_map(attributions) -> np.ndarray:
     """|map| per position: summed over channels for images and sequences, as is for features and tokens."""
-    a = np.abs(np.asarray(attributions, dtype=np.float32))
-    return a.reshape(len(a), -1) if ndim == 2 else a.sum(axis=1).reshape(len(a), -1)
-
-
-def _signed_map(attributions, ndim: int) -> np.ndarray:
-    """The map per position, signs kept: summed over channels for images and sequences, as is otherwise."""
-    a = np.asarray(attributions, dtype=np.float32)
-    return a.reshape(len(a), -1) if ndim == 2 else a.sum(axis=1).reshape(len(a), -1)
+    return _importance(np.abs(np.asarray(attributions, dtype=np.float32)))
 
 
 def _cascade(model, example: np.ndarray) -> tuple[nn.Module, list, dict]:
@@ -443,19 +438,19 @@ def randomised_correlation(model, inputs, method: str = "saliency", target=None,
     # a control is drawn afresh for the randomised model, as a random explanation would be
     randomised = _maps(randomised_model_, x, targets, method, **{**settings, "seed": seed + 1}) \
         if method in CONTROLS else _maps(randomised_model_, x, targets, method, **settings)
-    before, after = _score_map(original, x.ndim), _score_map(randomised, x.ndim)
+    before, after = _score_map(original), _score_map(randomised)
     fields = {"corr": np.where(degenerate, np.nan, spearman_rows(before, after)),
               "corr_nonzero": np.where(degenerate, np.nan, spearman_rows(before, after, drop_shared_zeros=True)),
               # on the signed maps, as Quantus' eMPRT (abs=False by default)
-              "complexity_rise": np.where(degenerate, np.nan, _complexity_rise(_signed_map(original, x.ndim),
-                                                                               _signed_map(randomised, x.ndim))),
+              "complexity_rise": np.where(degenerate, np.nan, _complexity_rise(_importance(original),
+                                                                               _importance(randomised))),
               "smooth_corr": np.full(len(x), np.nan)}
     if smooth_samples:
         smooth = dict(samples=smooth_samples, noise=smooth_noise, noise_seed=seed, **settings)
         fresh = {**smooth, "seed": seed + smooth_samples} if method in CONTROLS else smooth
         fields["smooth_corr"] = np.where(degenerate, np.nan, spearman_rows(
-            _score_map(_smoothed_maps(model, x, targets, method, **smooth), x.ndim),
-            _score_map(_smoothed_maps(randomised_model_, x, targets, method, **fresh), x.ndim)))
+            _score_map(_smoothed_maps(model, x, targets, method, **smooth)),
+            _score_map(_smoothed_maps(randomised_model_, x, targets, method, **fresh))))
     if path is not None:
         from ..loading.runs import write_atomic
 
@@ -504,7 +499,7 @@ def randomisation_check(model, inputs, method: str | Callable = "saliency", targ
     settings = dict(batch_size=batch_size, seed=seed, options=options)
     original_attr = _maps(model, x, targets, method, **settings)
     degenerate = degenerate_maps(original_attr)
-    original = _score_map(original_attr, x.ndim)
+    original = _score_map(original_attr)
     copy, layers, subs = _cascade(model, x)
     if max_layers is not None:
         layers = layers[:max_layers]
@@ -515,7 +510,7 @@ def randomisation_check(model, inputs, method: str | Callable = "saliency", targ
     for step, layer in enumerate(layers):
         reinitialise(subs[layer], generator)
         step_settings = {**settings, "seed": seed + 1 + step} if method in CONTROLS else settings
-        after = _score_map(_maps(randomised, x, targets, method, **step_settings), x.ndim)
+        after = _score_map(_maps(randomised, x, targets, method, **step_settings))
         corr[step] = spearman_rows(original, after)
         corr_nonzero[step] = spearman_rows(original, after, drop_shared_zeros=True)
     result = SanityCheck(layers=tuple(layers), rank_corr=corr, threshold=threshold, degenerate=degenerate,
