@@ -1,9 +1,14 @@
-"""Attributions: which parts of an input a model's class score depends on, through Captum and shap.
+"""Attributions: which parts of an input a model's class score depends on, through Captum, and SHAP's expected
+gradients computed here with shap's GradientExplainer's draws (the same values, without its loop per draw).
 
 `explain(model, inputs, target, method, **options)` returns an array with the shape of `inputs` (a batch in, a batch
 out). The model is analysed in eval mode inside `analysis_mode` (locked, handed back exactly as it came) and only
 `torch.autograd.grad`-based code touches it, so parameter `.grad` is never written and two threads sharing one model
 get the same maps. `METHODS` describes every method and its options for the dashboard.
+
+The additive methods (`COMPLETE_METHODS`: Integrated Gradients and SHAP) are checked by default: their maps must sum
+to a difference of class scores, and `explain` raises n_steps / nsamples until they do (`completeness`).
+`details=True` returns an `ExplainResult`: the maps with the completeness gap and the settings that made them.
 """
 from __future__ import annotations
 
@@ -45,6 +50,13 @@ class MethodInfo:
     per_input_unit: bool = False
 
 
+# The completeness check of the additive methods (`completeness`): a map is complete when its sum misses the score
+# difference by at most the tolerance. SHAP is a Monte Carlo estimate whose error falls as 1/sqrt(nsamples): 1%
+# would take four times the draws of 2%, so its tolerance is 2%; its cap, 32 times the default draws, bounds what a
+# sample that never converges (an untrained model on noise) costs.
+IG_TOLERANCE, IG_MAX_STEPS = 0.01, 1600
+SHAP_TOLERANCE, SHAP_MAX_NSAMPLES = 0.02, 6400
+
 METHODS = {
     "saliency": MethodInfo("saliency", "Saliency", "absolute gradient of the class score with respect to the input",
                            {}, signed=False, per_input_unit=True),
@@ -52,11 +64,24 @@ METHODS = {
                                    {}),
     "integrated_gradients": MethodInfo(
         "integrated_gradients", "Integrated Gradients",
-        "gradients averaged along a path from a baseline to the input; they sum to f(input) - f(baseline)",
+        "gradients averaged along a path from a baseline to the input; they sum to f(input) - f(baseline), and "
+        f"n_steps (from 50) doubles until they do within {IG_TOLERANCE:.0%} (at most {IG_MAX_STEPS})",
         {"baseline": "zeros", "n_steps": 50, "internal_batch_size": None}),
-    "smoothgrad": MethodInfo("smoothgrad", "SmoothGrad", "saliency averaged over noisy copies of the input",
-                             {"nt_samples": 16, "stdevs": 0.15}, modalities=("image", "sequence", "tabular"),
-                             signed=False, per_input_unit=True),
+    # Smilkov et al. (2017): the signed gradient averaged over noisy copies, its magnitude shown. Captum's NoiseTunnel
+    # (nt_type="smoothgrad") over Saliency(abs=False) returns that mean of the raw gradients; the |.| is taken after.
+    "smoothgrad": MethodInfo(
+        "smoothgrad", "SmoothGrad",
+        "Smilkov et al. (2017): the gradient averaged over 16 noisy copies of the input (noise std 15% of the "
+        "value range), then its magnitude |mean ∇|; gradients whose sign flips under the noise cancel",
+        {"nt_samples": 16, "stdevs": 0.15}, modalities=("image", "sequence", "tabular"), signed=False,
+        per_input_unit=True),
+    # NoiseTunnel over Saliency(abs=True): the absolute gradient averaged, which never cancels (mean |∇| >= |mean ∇|)
+    "smoothgrad_abs": MethodInfo(
+        "smoothgrad_abs", "SmoothGrad, mean |∇|",
+        "the absolute gradient averaged over 16 noisy copies of the input (noise std 15% of the value range), "
+        "mean |∇|: never smaller than SmoothGrad's |mean ∇|, since signs cannot cancel",
+        {"nt_samples": 16, "stdevs": 0.15}, modalities=("image", "sequence", "tabular"), signed=False,
+        per_input_unit=True),
     "occlusion": MethodInfo("occlusion", "Occlusion",
                             "drop in the class score when a window of the input is replaced by the baseline",
                             {"window": None, "stride": None, "baseline": "zeros"}),
@@ -64,9 +89,39 @@ METHODS = {
                           {"layer": None}, modalities=("image", "sequence", "tokens"), needs_conv_layer=True,
                           signed=False),
     "shap": MethodInfo("shap", "SHAP (expected gradients)",
-                       "shap's GradientExplainer: gradients between the input and samples of the dataset",
+                       "shap's GradientExplainer (its estimator and draws): gradients between the input and samples "
+                       "of the dataset; they sum to f(input) - E[f(dataset)], and nsamples (from 200) doubles until "
+                       f"they do within {SHAP_TOLERANCE:.0%} (at most {SHAP_MAX_NSAMPLES})",
                        {"nsamples": 200}, modalities=("image", "sequence", "tabular"), needs_background=True),
 }
+COMPLETE_METHODS = ("integrated_gradients", "shap")  # additive: a map sums to a difference of class scores
+
+
+@dataclass(frozen=True)
+class ExplainResult:
+    """What `explain(..., details=True)` returns: the maps and what made them.
+
+    `settings` holds the options that made every map of the call, as resolved (the Grad-CAM layer chosen, the
+    SmoothGrad noise std in input units, the baseline's name, ...); `n_steps` and `nsamples` the Integrated
+    Gradients steps and SHAP draws each sample ended with (-1 for the other methods); `completeness_gap` the
+    relative gap |sum(map) - difference| / |difference| (NaN where not checked, not additive, or skipped because
+    the difference is below `min_difference`)."""
+
+    attributions: np.ndarray
+    settings: dict
+    completeness_gap: np.ndarray  # (N,)
+    n_steps: np.ndarray  # (N,) int64
+    nsamples: np.ndarray  # (N,) int64
+    difference: np.ndarray  # (N,) what the map should sum to (f(x) - f(baseline) or - E[f(background)]), or NaN
+
+    def row_settings(self, i: int) -> dict:
+        """Sample `i`'s settings: the call's, with the steps (or draws) this sample ended with."""
+        out = dict(self.settings)
+        if int(self.n_steps[i]) >= 0:
+            out["n_steps"] = int(self.n_steps[i])
+        if int(self.nsamples[i]) >= 0:
+            out["nsamples"] = int(self.nsamples[i])
+        return out
 
 
 def per_standard_deviation(attributions, x_all) -> np.ndarray:
@@ -519,11 +574,14 @@ def _attribute(method: str, scores: nn.Module, module: nn.Module, x: torch.Tenso
         attr = ca.IntegratedGradients(fn).attribute(x, baselines=base, target=target, n_steps=opts["n_steps"],
                                                     internal_batch_size=opts["internal_batch_size"])
         return attr, None
-    if method == "smoothgrad":
+    if method in ("smoothgrad", "smoothgrad_abs"):
+        # NoiseTunnel's "smoothgrad" is the mean of the inner attributions over the noisy copies: of the raw
+        # gradients (Saliency abs=False) for Smilkov et al.'s |mean ∇|, of their magnitudes for mean |∇|
         tunnel = ca.NoiseTunnel(ca.Saliency(fn))
         attr = tunnel.attribute(x, nt_type="smoothgrad", nt_samples=opts["nt_samples"], stdevs=opts["noise_std"],
-                                nt_samples_batch_size=opts["nt_batch"], target=target, abs=True)
-        return attr, None
+                                nt_samples_batch_size=opts["nt_batch"], target=target,
+                                abs=method == "smoothgrad_abs")
+        return (attr.abs() if method == "smoothgrad" else attr), None
     if method == "occlusion":
         attr = ca.Occlusion(fn).attribute(x, sliding_window_shapes=opts["window"], strides=opts["stride"],
                                           baselines=base, target=target,
@@ -539,23 +597,51 @@ def _attribute(method: str, scores: nn.Module, module: nn.Module, x: torch.Tenso
     raise AnalyzerError(f"unknown method {method!r}")  # guarded by explain(); kept for direct callers
 
 
+def _shap_draws(rng: np.random.RandomState, background_size: int, rows: int, nsamples: int):
+    """shap's draws for `rows` samples, in its order: per sample and draw, a background row, then t ~ U(0, 1)."""
+    pick, where = rng.randint, rng.random_sample  # the values of rng.choice(size) and rng.uniform(), faster
+    rind = np.empty(rows * nsamples, dtype=np.int64)
+    t = np.empty(rows * nsamples)
+    for k in range(rows * nsamples):
+        rind[k] = pick(background_size)
+        t[k] = where()
+    return rind, t
+
+
 def _shap_attribute(scores: nn.Module, x: np.ndarray, targets: np.ndarray, background: np.ndarray, *,
                     nsamples: int, batch_size: int, seed: int, device) -> np.ndarray:
-    import shap
-
-    out = np.zeros_like(x)
+    """Expected gradients as shap's GradientExplainer computes them for PyTorch (one input, one output per class,
+    no local smoothing): for each sample x, `nsamples` draws of a background row b and of t ~ U(0, 1) from numpy's
+    legacy generator seeded with `seed` for each class explained, in shap's order, and the mean over the draws of
+    grad f(t x + (1 - t) b) * (x - b) in float64. The values of `GradientExplainer(...).shap_values(x, nsamples,
+    rseed=seed)` without its Python loop of tensor copies per draw (a third of a millisecond each, which made
+    doubling nsamples cost seconds per sample): the gradients are taken `batch_size` draws at a time."""
+    out = np.zeros(x.shape, dtype=np.float64)
     bg = torch.as_tensor(background, device=device)
+    spread = (-1,) + (1,) * (x.ndim - 1)
     for cls in np.unique(targets):
         rows = np.flatnonzero(targets == cls)
-        explainer = shap.GradientExplainer(_TargetScore(scores, int(cls)), bg, batch_size=batch_size)
-        values = explainer.shap_values(torch.as_tensor(x[rows], device=device), nsamples=nsamples, rseed=seed)
-        values = np.asarray(values[0] if isinstance(values, list) else values, dtype=np.float32)
-        out[rows] = values.reshape(len(rows), *x.shape[1:])  # shap adds a trailing output axis of size 1
-    return out
+        score = _TargetScore(scores, int(cls))
+        rind, t = _shap_draws(np.random.RandomState(seed), len(background), len(rows), nsamples)
+        owner = torch.as_tensor(np.repeat(np.arange(len(rows)), nsamples), device=device)
+        picked = torch.as_tensor(rind, device=device)
+        inputs = torch.as_tensor(x[rows], device=device)
+        total = torch.zeros((len(rows), *x.shape[1:]), dtype=torch.float64, device=device)
+        for start in range(0, len(rind), batch_size):
+            sl = slice(start, start + batch_size)
+            xb, bb = inputs[owner[sl]], bg[picked[sl]]
+            # shap: t * x + (1 - t) * b with t a Python float, so each factor is rounded to float32 on its own
+            tb = torch.as_tensor(t[sl].astype(np.float32), device=device).view(spread)
+            sb = torch.as_tensor((1 - t[sl]).astype(np.float32), device=device).view(spread)
+            point = (tb * xb + sb * bb).requires_grad_()
+            grad, = torch.autograd.grad(score(point)[:, 0].sum(), point)
+            total.index_add_(0, owner[sl], grad.detach().double() * (xb - bb).double())
+        out[rows] = (total / nsamples).cpu().numpy()
+    return out.astype(np.float32)
 
 
 _RNG_LOCK = threading.Lock()  # the global generators are shared by every model: one seeded user at a time
-RANDOM_METHODS = ("smoothgrad", "shap")
+RANDOM_METHODS = ("smoothgrad", "smoothgrad_abs", "shap")
 
 
 @contextlib.contextmanager
@@ -581,23 +667,39 @@ def _private_rng(seed: int, needed: bool = True):
 def explain(model, inputs, target=None, method: str = "saliency", *, batch_size: int = 64, layer: str | None = None,
             baseline="zeros", n_steps: int = 50, internal_batch_size: int | None = None, nt_samples: int = 16,
             stdevs: float = 0.15, window=None, stride=None, nsamples: int = 200, background=None,
-            return_raw: bool = False, seed: int = 0):
+            return_raw: bool = False, seed: int = 0, check_completeness: bool = True, details: bool = False):
     """Attributions of `target` (a class index, one per sample, or None for the predicted class) for `inputs`.
 
     `model` is a LoadedModel or a plain module returning logits. Returns a float32 array shaped like `inputs`; with
-    `return_raw=True` (Grad-CAM only) a pair (upsampled map, raw layer-resolution map (N, 1, ...)).
+    `return_raw=True` (Grad-CAM only) a pair (upsampled map, raw layer-resolution map (N, 1, ...)); with
+    `details=True` an `ExplainResult` (the maps, their completeness gap, the steps or draws used and the settings;
+    its arrays always have one row per sample).
     Options: `layer` (Grad-CAM, default the last convolution); `baseline` "zeros", "blur", "mean" (of `background`)
     or an array (integrated_gradients, occlusion); `n_steps`, `internal_batch_size` (integrated_gradients);
-    `nt_samples` and `stdevs` (smoothgrad; noise std as a fraction of the value range of `background`, else of the
-    inputs); `window`, `stride` (occlusion, in input units per spatial dimension); `nsamples` and `background`
-    (shap: samples of the dataset). `seed` fixes the random draws of smoothgrad and shap.
+    `nt_samples` and `stdevs` (smoothgrad, smoothgrad_abs; noise std as a fraction of the value range of
+    `background`, else of the inputs); `window`, `stride` (occlusion, in input units per spatial dimension);
+    `nsamples` and `background` (shap: samples of the dataset). `seed` fixes the random draws of smoothgrad and shap.
+    `check_completeness` (default on): Integrated Gradients doubles `n_steps` (up to `IG_MAX_STEPS`) and SHAP
+    `nsamples` (up to `SHAP_MAX_NSAMPLES`) for each sample whose map misses its score difference by more than the
+    tolerance (`completeness.ig_completeness`, `completeness.shap_completeness`); False computes the maps at the
+    given n_steps / nsamples, unchecked.
     """
     if method not in METHODS:
         raise AnalyzerError(f"unknown attribution method {method!r}: choose one of {', '.join(METHODS)}")
-    if batch_size < 1:
-        raise AnalyzerError(f"batch_size must be at least 1, got {batch_size}")
+    for name, flag in (("check_completeness", check_completeness), ("details", details), ("return_raw", return_raw)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise AnalyzerError(f"{name} must be True or False, got {flag!r}")
+    for name, value, least in (("batch_size", batch_size, 1), ("n_steps", n_steps, 2), ("nt_samples", nt_samples, 1),
+                               ("nsamples", nsamples, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise AnalyzerError(f"{name} must be an integer of at least {least}, got {value!r}")
+    if not isinstance(stdevs, (int, float, np.number)) or not math.isfinite(stdevs) or stdevs < 0:
+        raise AnalyzerError(f"stdevs must be a finite noise level of 0 or more (a fraction of the value range), "
+                            f"got {stdevs!r}")
     if return_raw and method != "gradcam":
         raise AnalyzerError("return_raw=True applies to gradcam only (its layer-resolution map)")
+    if return_raw and details:
+        raise AnalyzerError("return_raw=True and details=True do not combine: ask for one of them")
     module = unwrap(model)
     x, single = _as_batch(model, inputs)
     info = METHODS[method]
@@ -614,9 +716,14 @@ def explain(model, inputs, target=None, method: str = "saliency", *, batch_size:
                                 f"{background.shape}")
     if info.needs_background and background is None:
         raise AnalyzerError(f"{info.label} needs background=: pass a sample of the dataset (e.g. 50-200 rows)")
+    if check_completeness and method in COMPLETE_METHODS:
+        result = _explain_complete(model, x, target, method, batch_size=batch_size, baseline=baseline,
+                                   n_steps=int(n_steps), internal_batch_size=internal_batch_size,
+                                   nsamples=int(nsamples), background=background, seed=seed)
+        if details:
+            return result
+        return result.attributions[0] if single else result.attributions
     opts = {"n_steps": int(n_steps), "layer": layer}
-    if method == "integrated_gradients" and n_steps < 2:
-        raise AnalyzerError(f"n_steps must be at least 2, got {n_steps}")
     scores = _scores_module(model)
     with analysis_mode(module):
         device = module_device(module)
@@ -626,7 +733,7 @@ def explain(model, inputs, target=None, method: str = "saliency", *, batch_size:
             base = baseline_for(x, baseline, background, layout=layout)
         if method == "integrated_gradients":
             opts["internal_batch_size"] = internal_batch_size or max(n_steps, batch_size * 8)
-        elif method == "smoothgrad":
+        elif method in ("smoothgrad", "smoothgrad_abs"):
             ref = background if background is not None else x
             opts["noise_std"] = float(stdevs) * float(ref.max() - ref.min() or 1.0)
             opts["nt_samples"] = int(nt_samples)
@@ -672,12 +779,59 @@ def explain(model, inputs, target=None, method: str = "saliency", *, batch_size:
                                 f"integrated_gradients, or check the model runs on these inputs") from exc
     if not np.isfinite(out).all():
         raise AnalyzerError(f"{info.label} produced NaN or inf attributions: check the model's outputs on these inputs")
+    if details:
+        unset = np.full(len(x), -1, dtype=np.int64)
+        return ExplainResult(
+            attributions=out, settings=_settings(method, opts, baseline=baseline, seed=seed, stdevs=stdevs,
+                                                 background=background),
+            completeness_gap=np.full(len(x), np.nan), difference=np.full(len(x), np.nan),
+            n_steps=np.full(len(x), int(n_steps)) if method == "integrated_gradients" else unset,
+            nsamples=np.full(len(x), int(nsamples)) if method == "shap" else unset)
     if single:
         out = out[0]
     if return_raw:
         raw = np.concatenate(raws)
         return out, (raw[0] if single else raw)
     return out
+
+
+def _baseline_name(baseline) -> str:
+    return baseline if isinstance(baseline, str) else "array"
+
+
+def _settings(method: str, opts: dict, *, baseline, seed: int, stdevs: float, background) -> dict:
+    """The options that made a call's maps, as resolved, in plain JSON values (what a page shows beside a map)."""
+    if method == "integrated_gradients":
+        return {"baseline": _baseline_name(baseline), "n_steps": opts["n_steps"],
+                "internal_batch_size": int(opts["internal_batch_size"])}
+    if method in ("smoothgrad", "smoothgrad_abs"):
+        return {"nt_samples": opts["nt_samples"], "stdevs": float(stdevs), "noise_std": opts["noise_std"],
+                "noise_range_of": "background" if background is not None else "inputs", "seed": int(seed)}
+    if method == "occlusion":
+        return {"baseline": _baseline_name(baseline), "window": list(opts["window"]), "stride": list(opts["stride"])}
+    if method == "gradcam":
+        return {"layer": opts["layer"], "layer_output": opts["layer_output"]}
+    if method == "shap":
+        return {"background_size": int(len(background)), "seed": int(seed)}
+    return {}
+
+
+def _explain_complete(model, x: np.ndarray, target, method: str, *, batch_size: int, baseline, n_steps: int,
+                      internal_batch_size, nsamples: int, background, seed: int) -> ExplainResult:
+    """An additive method's maps with their completeness check (`completeness`): imported here, since completeness
+    builds on this module."""
+    from .completeness import ig_completeness, shap_completeness
+
+    unset = np.full(len(x), -1, dtype=np.int64)
+    if method == "integrated_gradients":
+        done = ig_completeness(model, x, target, baseline=baseline, background=background, n_steps=n_steps,
+                               batch_size=batch_size, internal_batch_size=internal_batch_size)
+        return ExplainResult(attributions=done.attributions, settings=done.settings, completeness_gap=done.gap,
+                             difference=done.difference, n_steps=done.n_steps, nsamples=unset)
+    done = shap_completeness(model, x, target, background=background, nsamples=nsamples, batch_size=batch_size,
+                             seed=seed)
+    return ExplainResult(attributions=done.attributions, settings=done.settings, completeness_gap=done.gap,
+                         difference=done.difference, n_steps=unset, nsamples=done.nsamples)
 
 
 def model_fingerprint(model) -> str:

@@ -2,12 +2,18 @@
 sample at a time for the dashboard, cached on disk inside the run.
 
 Files written into the run directory (each atomically; new entries merged with what is there):
-- `explanations/<method>/<target>.npz`: `ids`, `targets` (class explained), `attributions` (one row per id);
+- `explanations/<method>/<target>.npz`: `ids`, `targets` (class explained), `attributions` (one row per id) and
+  `settings` (one JSON object per id, what made its map: `ExplainResult.row_settings`; older files have none);
   `<target>` is `pred`, `label` or `class-K`.
-- `explanations/faithfulness.parquet`: one row per (id, method, target) with deletion/insertion AUC, completeness gap,
-  sanity-check rank correlation and flag, and ground-truth scores where the dataset plants them.
+- `explanations/faithfulness.parquet`: one row per (id, method, target) with deletion/insertion AUC, the completeness
+  gap (Integrated Gradients and SHAP) with the steps (`ig_n_steps`) or draws (`shap_nsamples`) it ended with, the
+  `settings` (JSON) that made the map, sanity-check rank correlation and flag, and ground-truth scores where the
+  dataset plants them.
 - `explanations/cache/`: randomisation checks and single-sample explanations, keyed by model hash, method, options
-  and sample id.
+  and sample id; a map's entry holds its settings beside it.
+
+SmoothGrad was the mean of |gradient| before it was named `smoothgrad_abs` (issue 16): a stored `smoothgrad` row or
+map without settings is that variant, and is relabelled (table) or dropped (maps) when new ones are merged in.
 """
 from __future__ import annotations
 
@@ -23,8 +29,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import AnalyzerError
-from .attributions import METHODS, explain, reduce_for_display
-from .completeness import ig_completeness
+from .attributions import METHODS, ExplainResult, explain, reduce_for_display
 from .faithfulness import CONTROLS, SANITY_SAMPLES, degenerate_maps, ground_truth_scores, interval_mask, randomised_correlation
 from .perturbation import deletion_insertion, perturbation_columns, road, road_skip_reason
 from ..loading.runs import read_cache_entry, write_atomic, write_parquet
@@ -114,18 +119,18 @@ def probe_inputs(dataset, seed: int = 0, size: int = PROBE_SIZE) -> np.ndarray:
 
 @runs_in_worker
 def attribute_samples(model, x: np.ndarray, targets: np.ndarray, method: str, *, options: dict,
-                      background: np.ndarray, batch_size: int, seed: int = 0) -> tuple:
-    """The maps alone, what a person waits for: (attributions, completeness gap, steps). Integrated Gradients
-    raises its steps until it is complete (the gap is NaN and the steps -1 for the other methods)."""
-    gap = np.full(len(x), np.nan)
-    steps = np.full(len(x), -1, dtype=np.int64)
-    if method == "integrated_gradients":
-        result = ig_completeness(model, x, targets, baseline=options.get("baseline", "zeros"), background=background,
-                                 n_steps=options.get("n_steps", 50), batch_size=batch_size,
-                                 internal_batch_size=options.get("internal_batch_size"))
-        return result.attributions, result.gap, result.n_steps
-    attr = explain(model, x, targets, method, batch_size=batch_size, background=background, seed=seed, **options)
-    return attr, gap, steps
+                      background: np.ndarray, batch_size: int, seed: int = 0) -> ExplainResult:
+    """The maps alone, what a person waits for, through `explain` as the API computes them: Integrated Gradients
+    and SHAP raise their steps / draws until complete. The result holds the completeness gap (NaN for the other
+    methods), the steps or draws each sample ended with (-1 where they do not apply) and the settings."""
+    options = dict(options)
+    seed = options.pop("seed", seed)
+    return explain(model, x, targets, method, batch_size=batch_size, background=background, seed=seed, details=True,
+                   **options)
+
+
+def _settings_json(result: ExplainResult) -> list:
+    return [json.dumps(result.row_settings(i), sort_keys=True) for i in range(len(result.completeness_gap))]
 
 
 @runs_in_worker(scratch_kwargs=("cache_dir",))
@@ -155,7 +160,9 @@ def faithfulness_table(model, x: np.ndarray, targets: np.ndarray, method: str, a
     for column, values in perturbation_columns(curves, debiased).items():
         table[column] = np.where(degenerate, np.nan, values).astype(np.float32)
     if sanity:
-        check_options = {**options, "background": background}
+        # the randomised model's maps at the given n_steps / nsamples: doubling them changes no verdict and made
+        # SHAP's check on digits' probe take 500 s instead of 10 s (issue 16)
+        check_options = {**options, "background": background, "check_completeness": False}
         # the verdict: on the probe set, once per model, method and options (cached), with sMPRT and eMPRT beside it
         probed = randomised_correlation(model, probe if probe is not None else x, method, None,
                                         batch_size=batch_size, seed=seed, cache_dir=cache_dir, **check_options)
@@ -192,28 +199,42 @@ def score_samples(model, x: np.ndarray, targets: np.ndarray, method: str, *, opt
                   mask: np.ndarray | None, batch_size: int, sanity: bool, probe: np.ndarray | None, cache_dir,
                   seed: int = 0) -> tuple[np.ndarray, pd.DataFrame]:
     """Attributions of `method` for `x` and their faithfulness scores, one row per sample."""
-    attr, gap, steps = attribute_samples(model, x, targets, method, options=options, background=background,
-                                         batch_size=batch_size, seed=seed)
+    result = attribute_samples(model, x, targets, method, options=options, background=background,
+                               batch_size=batch_size, seed=seed)
+    attr = result.attributions
     table = faithfulness_table(model, x, targets, method, attr, options=options, background=background, mask=mask,
                                batch_size=batch_size, sanity=sanity, probe=probe, cache_dir=cache_dir, seed=seed)
-    table.insert(2, "completeness_gap", np.asarray(gap, dtype=np.float32))
-    table.insert(3, "ig_n_steps", np.asarray(steps, dtype=np.int64))
+    table.insert(2, "completeness_gap", np.asarray(result.completeness_gap, dtype=np.float32))
+    table.insert(3, "ig_n_steps", np.asarray(result.n_steps, dtype=np.int64))
+    table.insert(4, "shap_nsamples", np.asarray(result.nsamples, dtype=np.int64))
+    table.insert(5, "settings", _settings_json(result))
     return attr, table
 
 
-def _merge_npz(path: Path, ids: list, targets: np.ndarray, attr: np.ndarray) -> None:
+# a method whose stored rows from before settings were stored are another variant, now named otherwise
+_RENAMED = {"smoothgrad": "smoothgrad_abs"}
+
+
+def _merge_npz(path: Path, ids: list, targets: np.ndarray, attr: np.ndarray, settings: list, *,
+               drop_unsettled: bool = False) -> None:
+    """Merge maps into a stored file; `drop_unsettled` drops stored maps without settings (another variant)."""
     ids = np.asarray([str(i) for i in ids])
+    settings = np.asarray(settings, dtype=str)
     if path.exists():
         with np.load(path, allow_pickle=False) as old:
             keep = ~np.isin(old["ids"], ids)
+            old_settings = old["settings"] if "settings" in old.files else np.full(len(old["ids"]), "")
+            if drop_unsettled:
+                keep &= old_settings != ""
             if old["attributions"].shape[1:] == attr.shape[1:]:
                 ids = np.concatenate([old["ids"][keep], ids])
                 targets = np.concatenate([old["targets"][keep], targets])
                 attr = np.concatenate([old["attributions"][keep], attr])
+                settings = np.concatenate([old_settings[keep], settings])
 
     def _save(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
-            np.savez(fh, ids=ids, targets=targets, attributions=attr.astype(np.float32))
+            np.savez(fh, ids=ids, targets=targets, attributions=attr.astype(np.float32), settings=settings)
 
     write_atomic(path, _save)
 
@@ -221,6 +242,9 @@ def _merge_npz(path: Path, ids: list, targets: np.ndarray, attr: np.ndarray) -> 
 def _merge_table(path: Path, new: pd.DataFrame) -> pd.DataFrame:
     if path.exists():
         old = pd.read_parquet(path)
+        unsettled = old["settings"].isna() if "settings" in old.columns else pd.Series(True, index=old.index)
+        for name, variant in _RENAMED.items():
+            old.loc[unsettled & (old["method"] == name), "method"] = variant
         keys = set(map(tuple, new[list(KEY_COLUMNS)].astype(str).to_numpy()))
         stale = old[list(KEY_COLUMNS)].astype(str).apply(tuple, axis=1).isin(keys)
         new = pd.concat([old[~stale], new], ignore_index=True)
@@ -272,7 +296,8 @@ def explain_run(run_dir, ids, methods, *, target="pred", layer=None, batch_size:
         except AnalyzerError as exc:
             skipped[method] = str(exc)
             continue
-        _merge_npz(run.file(f"{EXPLANATIONS}/{method}/{key}.npz"), sample_ids, targets, attr)
+        _merge_npz(run.file(f"{EXPLANATIONS}/{method}/{key}.npz"), sample_ids, targets, attr,
+                   list(table["settings"]), drop_unsettled=method in _RENAMED)
         table.insert(0, "id", sample_ids)
         table.insert(1, "method", method)
         table.insert(2, "target", key)
@@ -320,29 +345,41 @@ class SampleExplanation:
     target_class: int
     attribution: np.ndarray  # one sample's shape
     display: np.ndarray  # heat map (H, W), per-position (L,) or per-feature (F,) scores
-    scores: dict  # deletion_auc, insertion_auc, completeness_gap, sanity_rank_corr, sanity_flag, mass_inside, ...
+    # completeness_gap (Integrated Gradients, SHAP; None otherwise), ig_n_steps / shap_nsamples (-1 where they do
+    # not apply), then from `sample_scores`: deletion_auc, insertion_auc, sanity_rank_corr, sanity_flag, ...
+    scores: dict
+    # what made the map (`ExplainResult.row_settings`): baseline and n_steps used, noise std and nt_samples, SHAP's
+    # nsamples used and background size, Grad-CAM's layer, occlusion's window; {} for a method without options
+    settings: dict = dataclasses.field(default_factory=dict)
 
 
-def _read_cached(path: Path, *, shape) -> tuple[np.ndarray | None, dict] | None:
-    """A cached (attribution or None, scores), or None when there is none or it is damaged (then it is recomputed)."""
+def _read_cached(path: Path, *, shape, settings: bool = False) -> tuple[np.ndarray | None, dict, dict] | None:
+    """A cached (attribution or None, scores, settings), or None when there is none or it is damaged (then it is
+    recomputed). `settings`: the entry must hold them (a map's)."""
     entry = read_cache_entry(path)
-    if entry is None or not {"scores"} <= set(entry) <= {"attribution", "scores"}:
+    if entry is None or not {"scores"} | ({"settings"} if settings else set()) <= set(entry) <= {
+            "attribution", "scores", "settings"}:
         return None
     try:
         scores = json.loads(str(entry["scores"]))
+        stored = json.loads(str(entry["settings"])) if "settings" in entry else {}
     except ValueError:
         return None
     attr = entry.get("attribution")
-    if not isinstance(scores, dict) or (attr is not None and (attr.shape != tuple(shape) or attr.dtype.kind != "f")):
+    if not isinstance(scores, dict) or not isinstance(stored, dict) or (
+            attr is not None and (attr.shape != tuple(shape) or attr.dtype.kind != "f")):
         return None
-    return attr, scores
+    return attr, scores, stored
 
 
-def _write_cached(path: Path, scores: dict, attribution: np.ndarray | None = None) -> None:
+def _write_cached(path: Path, scores: dict, attribution: np.ndarray | None = None, settings: dict | None = None
+                  ) -> None:
     def _save(tmp: Path) -> None:
         arrays = {"scores": np.asarray(json.dumps(scores))}
         if attribution is not None:
             arrays["attribution"] = attribution
+        if settings is not None:
+            arrays["settings"] = np.asarray(json.dumps(settings, sort_keys=True))
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
 
@@ -382,26 +419,31 @@ def _cache_file(run, kind: str, key: dict) -> Path:
 
 def sample_map(run, sample_id, method: str, *, target="pred", model=None, dataset=None, batch_size: int = 64,
                seed: int = 0, **options) -> SampleExplanation:
-    """One sample's map, without its scores (`scores` holds only Integrated Gradients' completeness gap, which
-    comes with the map): what the dashboard draws first. Cached under the run's explanations/cache by (model hash,
-    method, options, sample id, target class)."""
+    """One sample's map, without its scores (`scores` holds only the completeness gap of Integrated Gradients and
+    SHAP, with the steps or draws it ended with, which come with the map) and with the `settings` that made it:
+    what the dashboard draws first. Cached under the run's explanations/cache by (model hash, method, options,
+    sample id, target class)."""
     run, model, dataset, rows, opts = _sample_setup(run, sample_id, method, model, dataset, options)
     targets = resolve_targets(run, dataset, rows, target, model.num_classes)
-    key = {"model": model.sha256, "method": method, "options": opts, "id": str(sample_id),
+    # "map": 2 since SHAP is checked, settings are stored and smoothgrad is Smilkov's (issue 16): older entries,
+    # which hold mean-|gradient| maps under "smoothgrad", are recomputed
+    key = {"map": 2, "model": model.sha256, "method": method, "options": opts, "id": str(sample_id),
            "target": int(targets[0]), "seed": seed}
     path = _cache_file(run, "map", key)
-    cached = _read_cached(path, shape=dataset.attribution_shape)
+    cached = _read_cached(path, shape=dataset.attribution_shape, settings=True)
     if cached is not None and cached[0] is not None:
-        attr, scores = cached
+        attr, scores, settings = cached
     else:
-        attr, gap, steps = attribute_samples(model, dataset.x[rows], targets, method, options=opts,
-                                             background=background_sample(dataset, seed), batch_size=batch_size,
-                                             seed=seed)
-        attr = attr[0]
-        scores = {"completeness_gap": _plain(gap[0]), "ig_n_steps": int(steps[0])}
-        _write_cached(path, scores, attr)
+        result = attribute_samples(model, dataset.x[rows], targets, method, options=opts,
+                                   background=background_sample(dataset, seed), batch_size=batch_size, seed=seed)
+        attr = result.attributions[0]
+        scores = {"completeness_gap": _plain(result.completeness_gap[0]), "ig_n_steps": int(result.n_steps[0]),
+                  "shap_nsamples": int(result.nsamples[0])}
+        settings = result.row_settings(0)
+        _write_cached(path, scores, attr, settings)
     return SampleExplanation(id=str(sample_id), method=method, target_class=int(targets[0]), attribution=attr,
-                             display=reduce_for_display(attr[None], dataset.modality)[0], scores=scores)
+                             display=reduce_for_display(attr[None], dataset.modality)[0], scores=scores,
+                             settings=settings)
 
 
 def sample_scores(run, explanation: SampleExplanation, *, model=None, dataset=None, batch_size: int = 64,
@@ -413,8 +455,9 @@ def sample_scores(run, explanation: SampleExplanation, *, model=None, dataset=No
     # the map's own target class: resolving "pred" again would read every sample's prediction on every click
     run, model, dataset, rows, opts = _sample_setup(run, sample_id, method, model, dataset, options)
     targets = np.asarray([explanation.target_class], dtype=np.int64)
-    # "scores": 4 since the verdict has its interval, sMPRT and eMPRT (issue 16): entries from before are recomputed
-    key = {"scores": 4, "model": model.sha256, "method": method, "options": opts, "id": str(sample_id),
+    # "scores": 5 since smoothgrad is Smilkov's and the maps' own cache moved to "map": 2 (issue 16); 4 when the
+    # verdict got its interval, sMPRT and eMPRT: entries from before are recomputed
+    key = {"scores": 5, "model": model.sha256, "method": method, "options": opts, "id": str(sample_id),
            "target": int(targets[0]), "sanity": sanity, "seed": seed}
     path = _cache_file(run, "scores", key)
     cached = _read_cached(path, shape=dataset.attribution_shape)

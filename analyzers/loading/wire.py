@@ -34,6 +34,7 @@ RESULT_CLASSES = frozenset({
     "analyzers.engines.inference:Predictions",
     "analyzers.training.gradients:OverfitResult",
     "analyzers.training.gradients:GradientTraces",
+    "analyzers.explanations.attributions:ExplainResult",
     "analyzers.explanations.completeness:Completeness",
     "analyzers.explanations.perturbation:DeletionInsertion",
     "analyzers.explanations.faithfulness:SanityCheck",
