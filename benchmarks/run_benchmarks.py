@@ -1583,16 +1583,40 @@ class Bench:
         model, data = load_model("sample:digits"), load_dataset("sample:digits")
         probe = data.x[np.sort(np.random.default_rng(0).choice(len(data.x), 16, replace=False))]
         methods = [m for m in ("saliency", "input_x_gradient", "integrated_gradients", "gradcam", "smoothgrad",
-                               "smoothgrad_abs", "guided_backprop", "occlusion") if m in _explain_methods()]
+                               "smoothgrad_abs", "guided_backprop", "occlusion", "shap") if m in _explain_methods()]
+        background = data.x[np.random.default_rng(1).choice(len(data.x), 64, replace=False)]
         for method in [*methods, *CONTROLS]:
             t0 = time.perf_counter()
-            check = randomised_correlation(model, probe, method, None)
+            check = randomised_correlation(model, probe, method, None,
+                                           **({"background": background} if method == "shap" else {}))
             seconds = time.perf_counter() - t0
             verdict, smooth, complexity = check.verdict, check.smooth_verdict, check.complexity_verdict
             self.add("trust", f"digits, MPRT: {method}", len(probe), None, value=verdict.statistic, unit="mean |rho|",
                      note=f"{verdict.describe()}; without shared zeros {np.nanmean(np.abs(check.corr_nonzero)):.2f}; "
                           f"sMPRT {smooth.describe() if smooth else 'n/a'}; eMPRT {complexity.describe('rise')}; "
                           f"{seconds:.1f} s")
+        # completeness through the API: the additive methods' gap at their default budget, unchecked, and after the
+        # doubling that explain() applies by default
+        sample = data.x[np.sort(np.random.default_rng(2).choice(len(data.x), 64, replace=False))]
+        for method, budget, tolerance in (("integrated_gradients", "n_steps", 0.01), ("shap", "nsamples", 0.02)):
+            extra = {"background": background} if method == "shap" else {}
+            for checked in (False, True):
+                t0 = time.perf_counter()
+                result = explain(model, sample, None, method, details=True, check_completeness=checked, **extra)
+                seconds = time.perf_counter() - t0
+                if not checked:  # the gap of the unchecked maps, measured as the check measures it
+                    from analyzers.explanations.completeness import ig_completeness, shap_completeness
+                    limit = {"max_steps": 50} if method == "integrated_gradients" else {"max_nsamples": 200}
+                    gap = (ig_completeness(model, sample, **limit) if method == "integrated_gradients" else
+                           shap_completeness(model, sample, background=background, **limit)).gap
+                else:
+                    gap = result.completeness_gap
+                used = result.n_steps if method == "integrated_gradients" else result.nsamples
+                self.add("trust", f"digits, completeness gap: {method}, {'checked' if checked else 'unchecked'}",
+                         len(sample), seconds, value=float(np.nanmedian(gap)), unit="median gap",
+                         note=f"90th percentile {np.nanpercentile(gap, 90):.3f}, worst {np.nanmax(gap):.3f}; "
+                              f"{int(np.sum(gap > tolerance))} of {int(np.sum(np.isfinite(gap)))} over "
+                              f"{tolerance:.0%}; {budget} median {int(np.median(used))}, max {int(used.max())}")
         with torch.no_grad():
             probs = torch.softmax(model.module(torch.as_tensor(data.x)), 1).numpy()
         second = np.argsort(-probs, 1)[:, 1]

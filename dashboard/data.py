@@ -268,6 +268,9 @@ def explain_methods(run: Run) -> tuple[list, list, list]:
     conv_layers = [n for n, k in (run.info["model"].get("layer_kinds") or {}).items() if k.startswith("conv")]
     if not conv_layers and modality != "tokens":
         available = [m for m in available if m != "gradcam"]
+    # guided backprop overrides nn.ReLU modules' backward pass: a model without ReLU layers is not offered it
+    if not any(k.startswith("relu") for k in (run.info["model"].get("layer_kinds") or {}).values()):
+        available = [m for m in available if m != "guided_backprop"]
     defaults = [m for m in ("integrated_gradients", "gradcam" if conv_layers and modality != "tokens" else "saliency")
                 if m in available]
     return available, defaults, conv_layers

@@ -113,6 +113,12 @@ def test_explain_page_shows_maps_and_scores(runs_dir, monkeypatch):
     assert "sMPRT" in text and "eMPRT" in text
     assert "deletion vs a random order" in text and "of the starting probability" in text and "ROAD" in text
     assert "a random map passes" in text and "an edge detector of the input (it reads no model) fails" in text
+    assert "and 3 independently randomised models" in text
+    # each map shows what made it, as resolved: the steps IG's completeness check ended with, Grad-CAM's layer
+    settings = [_plain(c.value) for c in at.caption if _plain(c.value).startswith("Settings:")]
+    assert any(re.search(r"baseline zeros, \d+ steps", c) for c in settings), settings
+    assert any("layer conv2" in c for c in settings), settings
+    assert "completeness gap" in text and "misses f(input) − f(baseline)" in text
     assert len(at.get("plotly_chart")) >= 4  # input, probabilities, two maps
 
 

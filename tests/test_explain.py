@@ -329,3 +329,59 @@ def test_tabular_gradients_per_standard_deviation_rank_by_effect_not_by_units():
     np.testing.assert_allclose(scaled, raw * x.std(axis=0, dtype=np.float64), rtol=1e-5)
     assert (scaled.argmax(axis=1) == 1).all() and (raw.argmax(axis=1) == 0).all()
     assert METHODS["saliency"].per_input_unit and not METHODS["integrated_gradients"].per_input_unit
+
+
+def _guided_reference(model, x, target):
+    """Springenberg et al.'s rule written out with torch's own hooks, not Captum's: every nn.ReLU passes back only
+    the positive part of the gradient that reaches its output, where its input was positive."""
+    handles = [m.register_full_backward_hook(lambda _m, grad_in, _out: (grad_in[0].clamp(min=0),))
+               for m in model.modules() if isinstance(m, nn.ReLU)]
+    try:
+        xt = torch.as_tensor(x).clone().requires_grad_()
+        out = model(xt)
+        grad, = torch.autograd.grad(out[:, target].sum(), xt)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grad.numpy()
+
+
+def test_guided_backprop_is_springenbergs_rule_and_refuses_a_model_without_relu_modules():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 8), nn.ReLU(),
+                          nn.Linear(8, 3)).eval()
+    x = _data((1, 8, 8), 5) - 0.5
+    guided = explain(model, x, 2, "guided_backprop")
+    np.testing.assert_allclose(guided, _guided_reference(model, x, 2), rtol=1e-5, atol=1e-7)
+    plain = explain(model, x, 2, "saliency")
+    assert not np.allclose(np.abs(guided), plain)  # the rule changed the gradient (negative ones were cut)
+    assert all(not m._backward_hooks and not m._forward_hooks for m in model.modules())  # Captum's hooks are gone
+    np.testing.assert_array_equal(plain, explain(model, x, 2, "saliency"))  # later gradients are plain again
+
+    class FunctionalRelu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(x))
+
+    with pytest.raises(AnalyzerError, match="no nn.ReLU|has none"):
+        explain(FunctionalRelu().eval(), _data((5,), 2), 0, "guided_backprop")
+
+
+def test_each_maps_settings_are_described_as_they_were_resolved(tiny_cnn, tiny_data):
+    from analyzers.explanations.attributions import describe_settings
+
+    x = tiny_data[0][:2]
+    ig = explain(tiny_cnn, x, None, "integrated_gradients", n_steps=4, details=True)
+    text = describe_settings("integrated_gradients", ig.row_settings(0))
+    assert "baseline zeros" in text and f"{int(ig.n_steps[0])} steps" in text and int(ig.n_steps[0]) >= 4
+    smooth = explain(tiny_cnn, x, None, "smoothgrad", nt_samples=4, stdevs=0.2, details=True)
+    spread = float(x.max() - x.min())
+    assert describe_settings("smoothgrad", smooth.row_settings(0)) == (
+        f"4 noisy copies, noise std 0.2 × the value range of the inputs ({0.2 * spread:.3g}), seed 0")
+    cam = explain(tiny_cnn, x, None, "gradcam", details=True)
+    assert describe_settings("gradcam", cam.row_settings(0)) == "layer conv"
+    assert describe_settings("saliency", {}) == "no options"
+    assert "not stored" in describe_settings("integrated_gradients", {})

@@ -184,6 +184,34 @@ def test_the_verdict_is_an_interval_against_the_threshold_on_the_absolute_correl
     assert "threshold 0.50" in high.describe() and "16 samples" in high.describe()
 
 
+def test_the_crossed_interval_covers_the_randomised_models_spread_as_well_as_the_samples():
+    """A (models, samples) table: each randomised model shifts every sample's ρ together. Resampling the samples
+    alone ignores that shift and covers the true mean about half the time; resampling both covers it far more
+    often; with no model effect both are near the nominal 95%. One row is the one-axis interval."""
+    from analyzers.explanations.faithfulness import crossed_mean_with_interval, mean_with_interval
+
+    def coverage(model_effect):
+        crossed, samples_only = [], []
+        for s in range(200):
+            rng = np.random.default_rng(s)
+            table = 0.5 + rng.normal(0, model_effect, (3, 1)) + rng.normal(0, 0.1, (1, 16)) + rng.normal(0, 0.03,
+                                                                                                         (3, 16))
+            _, lo, hi = crossed_mean_with_interval(table, n_resamples=500)
+            crossed.append(lo <= 0.5 <= hi)
+            _, lo, hi = mean_with_interval(table.mean(0), n_resamples=500)
+            samples_only.append(lo <= 0.5 <= hi)
+        return np.mean(crossed), np.mean(samples_only)
+
+    crossed, samples_only = coverage(0.1)
+    assert samples_only < 0.65 and crossed > samples_only + 0.2
+    crossed, samples_only = coverage(0.0)
+    assert 0.88 <= crossed <= 0.99 and 0.85 <= samples_only <= 0.99
+    row = np.random.default_rng(0).random((1, 16))
+    assert crossed_mean_with_interval(row) == mean_with_interval(row[0])
+    table = np.random.default_rng(1).random((3, 16))
+    assert crossed_mean_with_interval(table)[0] == pytest.approx(table.mean())
+
+
 def _quantus_style_mprt(arch_maps, x, targets, fresh) -> float:
     """The reference: Quantus' MPRT as it computes its last step, written out independently: scipy's spearmanr on
     the flattened |maps| of the trained model and of an independently initialised model of the same architecture,
@@ -191,38 +219,47 @@ def _quantus_style_mprt(arch_maps, x, targets, fresh) -> float:
     from scipy.stats import spearmanr
 
     ours, theirs = np.abs(arch_maps), np.abs(fresh)
-    return float(np.mean([abs(spearmanr(ours[i].ravel(), theirs[i].ravel()).statistic) for i in range(len(x))]))
+    rho = np.array([abs(spearmanr(ours[i].ravel(), theirs[i].ravel()).statistic) for i in range(len(x))])
+    # a constant map (Grad-CAM of a random model, all zero after its ReLU) ranks nothing: scipy says NaN, we count 0
+    return float(np.mean(np.nan_to_num(rho, nan=0.0)))
 
 
 def test_mprt_verdicts_agree_with_quantus_and_the_literature_on_black_background_digits(digits):
     """Adebayo et al. (2018): on images with a black background, input-multiplied maps (IG, input x gradient) stay
     correlated after randomisation and are flagged; gradients and Grad-CAM pass; a random map passes (the check is
-    necessary, not sufficient) and an edge detector of the input fails."""
-    from analyzers.explanations.faithfulness import CONTROLS, control_map, randomised_correlation
+    necessary, not sufficient) and an edge detector of the input fails. Guided backprop, the paper's failing method,
+    never passes; on this two-convolution net its ρ moves with the random weights (0.31-0.61 over five draws), so the
+    verdict over three random models is not a clear fail either. The Quantus-style reference, on independently
+    initialised models of the architecture, lies inside our interval for every method."""
+    from analyzers.explanations.faithfulness import CONTROLS, SANITY_RANDOMISATIONS, control_map, randomised_correlation
 
     model, data = digits
     x = data.x[np.sort(np.random.default_rng(0).choice(len(data.x), 16, replace=False))]
     targets = model.module(torch.as_tensor(x)).argmax(1).numpy()
-    torch.manual_seed(1234)  # an independently initialised copy of the architecture: the reference's random model
-    fresh = get_sample("digits").build_model().eval()
-    expected = {"saliency": "pass", "gradcam": "pass", "input_x_gradient": "fail", "integrated_gradients": "fail",
-                "control_random": "pass", "control_edges": "fail"}
+    fresh = []
+    for k in range(SANITY_RANDOMISATIONS):  # independently initialised copies of the architecture: the reference's
+        torch.manual_seed(1234 + k)
+        fresh.append(get_sample("digits").build_model().eval())
+    expected = {"saliency": {"pass"}, "gradcam": {"pass"}, "input_x_gradient": {"fail"},
+                "integrated_gradients": {"fail"}, "guided_backprop": {"fail", "inconclusive"},
+                "control_random": {"pass"}, "control_edges": {"fail"}}
     for method, literature in expected.items():
         check = randomised_correlation(model, x, method, targets, smooth_samples=0)
         verdict = check.verdict
         if method in CONTROLS:
-            before, after = control_map(method, x, seed=0), control_map(method, x, seed=1)
+            before = control_map(method, x, seed=0)
+            afters = [control_map(method, x, seed=1 + k) for k in range(len(fresh))]
         else:
             before = explain(model, x, targets, method)
-            after = explain(fresh, x, targets, method, **({"layer": "conv2"} if method == "gradcam" else {}))
+            afters = [explain(f, x, targets, method, **({"layer": "conv2"} if method == "gradcam" else {}))
+                      for f in fresh]
         if before.ndim == 4:
-            before, after = before.sum(1), after.sum(1)
-        reference = _quantus_style_mprt(before, x, targets, after)
-        assert verdict.samples == 16 and verdict.outcome == literature, (method, verdict.describe(), reference)
-        half_width = (verdict.ci_high - verdict.ci_low) / 2
-        reference_flags = reference > verdict.threshold
-        if abs(reference - verdict.threshold) > half_width:  # the reference is clear of the threshold: we agree
-            assert reference_flags == (verdict.outcome == "fail"), (method, verdict.describe(), reference)
+            before, afters = before.sum(1), [a.sum(1) for a in afters]
+        reference = float(np.mean([_quantus_style_mprt(before, x, targets, after) for after in afters]))
+        assert verdict.samples == 16 and verdict.randomisations == SANITY_RANDOMISATIONS
+        assert verdict.outcome in literature, (method, verdict.describe(), reference)
+        assert verdict.ci_low - 0.02 <= reference <= verdict.ci_high + 0.02, (method, verdict.describe(), reference)
+        assert check.corr_draws.shape == (SANITY_RANDOMISATIONS, 16)
     # the variant that drops shared zeros would have passed IG: the reason the headline keeps the ties
     ig = randomised_correlation(model, x, "integrated_gradients", targets, smooth_samples=0)
     assert np.nanmean(np.abs(ig.corr_nonzero)) < 0.5 < ig.verdict.statistic
@@ -235,7 +272,8 @@ def test_smooth_mprt_averages_maps_over_the_same_noisy_inputs_for_both_models(ti
     seen = []
     real = faithfulness.explain
     monkeypatch.setattr(faithfulness, "explain", lambda m, xs, *a, **k: seen.append(xs.copy()) or real(m, xs, *a, **k))
-    check = faithfulness.randomised_correlation(tiny_cnn, x, "saliency", None, smooth_samples=3, smooth_noise=0.2)
+    check = faithfulness.randomised_correlation(tiny_cnn, x, "saliency", None, smooth_samples=3, smooth_noise=0.2,
+                                                randomisations=1)
     # original, randomised, then 3 noisy copies for each model; the last copy is the input itself
     assert len(seen) == 2 + 3 + 3
     original_copies, randomised_copies = seen[2:5], seen[5:8]
@@ -463,20 +501,29 @@ def test_the_sanity_verdict_is_taken_once_on_the_probe_set_and_each_sample_costs
     probe_calls = len(calls)
     from analyzers.explanations.faithfulness import SMOOTH_SAMPLES
 
-    # the map; the probe's maps, original and randomised, and their sMPRT copies; this sample's randomised map
-    assert probe_calls == 4 + 2 * SMOOTH_SAMPLES and calls[1] == calls[2] == explain_run.PROBE_SIZE == 16
+    from analyzers.explanations.faithfulness import SANITY_RANDOMISATIONS, crossed_mean_with_interval
+
+    # the map; the probe's original maps, the first randomised model's and their sMPRT copies, the other randomised
+    # models' maps; this sample's map of the first randomised model
+    assert probe_calls == 1 + 1 + SANITY_RANDOMISATIONS + 2 * SMOOTH_SAMPLES + 1
+    assert calls[1] == calls[2] == calls[-2] == explain_run.PROBE_SIZE == 16
     b = explain_run.explain_sample(run, second, "saliency", model=model, dataset=data)
     assert calls[probe_calls:] == [1, 1]  # the map and the randomised model's map of this one sample, nothing more
     monkeypatch.setattr(faithfulness, "explain", real_explain)
     monkeypatch.setattr(explain_run, "explain", real_explain)
 
     probe = explain_run.probe_inputs(data)
-    cascade = randomisation_check(model, probe, "saliency", background=explain_run.background_sample(data))
-    assert a.scores["sanity_mean_corr"] == pytest.approx(cascade.mean_final_corr, abs=1e-5)
-    assert a.scores["sanity_flag"] == b.scores["sanity_flag"] == cascade.flagged
-    assert a.scores["sanity_ci_low"] == pytest.approx(cascade.verdict.ci_low, abs=1e-5)
-    assert a.scores["sanity_ci_high"] == pytest.approx(cascade.verdict.ci_high, abs=1e-5)
-    assert a.scores["sanity_samples"] == 16 and not a.scores["sanity_inconclusive"]
+    # the verdict's models are the cascade's last steps for the seeds 0, 1 and 2
+    cascades = [randomisation_check(model, probe, "saliency", background=explain_run.background_sample(data),
+                                    seed=s) for s in range(SANITY_RANDOMISATIONS)]
+    table = np.abs([c.final_corr for c in cascades])
+    mean, low, high = crossed_mean_with_interval(table)
+    assert a.scores["sanity_mean_corr"] == pytest.approx(mean, abs=1e-5)
+    assert a.scores["sanity_flag"] == b.scores["sanity_flag"] == (low > 0.5)
+    assert a.scores["sanity_ci_low"] == pytest.approx(low, abs=1e-5)
+    assert a.scores["sanity_ci_high"] == pytest.approx(high, abs=1e-5)
+    assert a.scores["sanity_samples"] == 16 and a.scores["sanity_randomisations"] == SANITY_RANDOMISATIONS
+    assert not a.scores["sanity_inconclusive"]
     rows = explain_run.resolve_rows(data, [first, second])
     targets = explain_run.resolve_targets(run, data, rows, "pred", model.num_classes)
     own = randomisation_check(model, data.x[rows], "saliency", targets,

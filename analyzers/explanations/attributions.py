@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +89,14 @@ METHODS = {
     "gradcam": MethodInfo("gradcam", "Grad-CAM", "class-weighted activations of a convolutional layer, upsampled",
                           {"layer": None}, modalities=("image", "sequence", "tokens"), needs_conv_layer=True,
                           signed=False),
+    # the method known to fail the randomisation check (Adebayo et al., 2018), offered so a person can see what
+    # failing looks like; Captum's GuidedBackprop overrides the backward pass of nn.ReLU modules only
+    "guided_backprop": MethodInfo(
+        "guided_backprop", "Guided backprop",
+        "the gradient with every ReLU letting only positive gradients back (Springenberg et al., 2015): sharp, "
+        "but it barely depends on the later layers' weights, so it is known to fail the sanity check (Adebayo et "
+        "al., 2018); shown so you can see what failing looks like. Needs the model's ReLUs to be nn.ReLU modules",
+        {}, modalities=("image", "sequence", "tabular")),
     "shap": MethodInfo("shap", "SHAP (expected gradients)",
                        "shap's GradientExplainer (its estimator and draws): gradients between the input and samples "
                        "of the dataset; they sum to f(input) - E[f(dataset)], and nsamples (from 200) doubles until "
@@ -178,6 +187,27 @@ def _callable_scores(scores: nn.Module):
     # A model whose first operation is in place (x.relu_()) would fail on an input leaf that requires grad; a clone
     # keeps the gradient with respect to the input itself.
     return lambda x: scores(x.clone())
+
+
+class _ClonedInput(nn.Module):
+    """`scores` on a clone of its input (as `_callable_scores`), as a module: Captum's GuidedBackprop finds the
+    ReLUs to override among its model's submodules."""
+
+    def __init__(self, scores: nn.Module):
+        super().__init__()
+        self.scores = scores
+
+    def forward(self, x):
+        return self.scores(x.clone())
+
+
+def guided_backprop_skip_reason(model) -> str | None:
+    """Why guided backprop does not apply to `model`, or None: it overrides nn.ReLU modules' backward pass, and a
+    ReLU written as a function (torch.relu, F.relu, an exported graph's aten.relu) is left as a plain gradient."""
+    if any(isinstance(m, nn.ReLU) for m in unwrap(model).modules()):
+        return None
+    return ("guided backprop overrides the backward pass of nn.ReLU modules, and this model has none (its ReLUs, if "
+            "any, are functions or graph operations): choose another method")
 
 
 class _TargetScore(nn.Module):
@@ -582,6 +612,10 @@ def _attribute(method: str, scores: nn.Module, module: nn.Module, x: torch.Tenso
                                 nt_samples_batch_size=opts["nt_batch"], target=target,
                                 abs=method == "smoothgrad_abs")
         return (attr.abs() if method == "smoothgrad" else attr), None
+    if method == "guided_backprop":
+        with warnings.catch_warnings():  # its note that it sets (and removes) backward hooks on the ReLUs
+            warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU", category=UserWarning)
+            return ca.GuidedBackprop(_ClonedInput(scores)).attribute(x, target=target), None
     if method == "occlusion":
         attr = ca.Occlusion(fn).attribute(x, sliding_window_shapes=opts["window"], strides=opts["stride"],
                                           baselines=base, target=target,
@@ -714,6 +748,8 @@ def explain(model, inputs, target=None, method: str = "saliency", *, batch_size:
         if background.ndim != x.ndim or background.shape[1:] != x.shape[1:] or len(background) == 0:
             raise AnalyzerError(f"background must be samples shaped like the inputs (M, {x.shape[1:]}), got "
                                 f"{background.shape}")
+    if method == "guided_backprop" and (reason := guided_backprop_skip_reason(model)) is not None:
+        raise AnalyzerError(reason[0].upper() + reason[1:])
     if info.needs_background and background is None:
         raise AnalyzerError(f"{info.label} needs background=: pass a sample of the dataset (e.g. 50-200 rows)")
     if check_completeness and method in COMPLETE_METHODS:
@@ -814,6 +850,33 @@ def _settings(method: str, opts: dict, *, baseline, seed: int, stdevs: float, ba
     if method == "shap":
         return {"background_size": int(len(background)), "seed": int(seed)}
     return {}
+
+
+def describe_settings(method: str, settings: dict) -> str:
+    """A map's settings (`ExplainResult.row_settings`) in words, for the line under the map: what made it."""
+    if not settings:
+        return "no options" if not METHODS[method].options else "settings not stored (made before they were)"
+    words = []
+    if "baseline" in settings:
+        words.append(f"baseline {settings['baseline']}")
+    if "n_steps" in settings:
+        words.append(f"{settings['n_steps']} steps")
+    if "nt_samples" in settings:
+        words.append(f"{settings['nt_samples']} noisy copies, noise std {settings['stdevs']:g} × the value range "
+                     f"of the {settings.get('noise_range_of', 'inputs')} ({settings['noise_std']:.3g})")
+    if "window" in settings:
+        words.append(f"window {'×'.join(map(str, settings['window']))}, stride "
+                     f"{'×'.join(map(str, settings['stride']))}")
+    if "layer" in settings:
+        words.append(f"layer {settings['layer']}" + (" (its tokens)" if settings.get("layer_output") == "tokens"
+                                                      else ""))
+    if "nsamples" in settings:
+        words.append(f"{settings['nsamples']} draws")
+    if "background_size" in settings:
+        words.append(f"{settings['background_size']} background samples")
+    if "seed" in settings:
+        words.append(f"seed {settings['seed']}")
+    return ", ".join(words)
 
 
 def _explain_complete(model, x: np.ndarray, target, method: str, *, batch_size: int, baseline, n_steps: int,

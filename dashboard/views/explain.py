@@ -86,7 +86,12 @@ with right:
                     key="explain-probs", config={"displayModeBar": False})
 
 # ----------------------------------------------------------------------------------------------------- attributions
-from analyzers.explanations.attributions import METHODS, per_standard_deviation  # noqa: E402
+from analyzers.explanations.attributions import (COMPLETE_METHODS, METHODS, describe_settings,  # noqa: E402
+                                                 per_standard_deviation)
+
+# what an additive method's map must sum to: its completeness gap is the relative miss
+_SUMS_TO = {"integrated_gradients": "the map's sum misses f(input) − f(baseline) by this share",
+            "shap": "the map's sum misses f(input) − mean f(background) by this share"}
 from analyzers.explanations.explain_run import sample_map, sample_scores, sanity_controls  # noqa: E402
 from analyzers.explanations.faithfulness import SANITY_THRESHOLD, SMOOTH_SAMPLES  # noqa: E402
 
@@ -164,17 +169,19 @@ def _scores_text(scores: dict, method: str) -> str:
         parts.append(f"ROAD (removed positions imputed from their neighbours): most relevant first "
                      f"{scores['road_morf_auc']:.2f}, least relevant first {scores['road_lerf_auc']:.2f}, gap "
                      f"**{scores['road_gap']:+.2f}** (higher is better)")
-    if method == "integrated_gradients" and scores.get("completeness_gap") is not None:
-        parts.append(f"completeness gap **{components.percent(scores['completeness_gap'])}**")
+    if method in COMPLETE_METHODS and number("completeness_gap") is not None:
+        parts.append(f"completeness gap **{components.percent(scores['completeness_gap'])}** ({_SUMS_TO[method]})")
     if scores.get("mass_inside") is not None:
         parts.append(f"attribution inside the planted ground truth **{components.percent(scores['mass_inside'])}**")
     return " · ".join(parts)
 
 
-def _verdict_numbers(mean: float, low, high, samples) -> str:
+def _verdict_numbers(mean: float, low, high, samples, randomisations) -> str:
     interval = f" (95% CI {low:.2f}–{high:.2f})" if low is not None and high is not None else ""
+    models = int(randomisations or 1)
     return (f"mean |ρ| {mean:.2f}{interval} against the threshold {SANITY_THRESHOLD:.2f}, over "
-            f"{int(samples or 0)} fixed probe samples")
+            f"{int(samples or 0)} fixed probe samples" +
+            (f" and {models} independently randomised models" if models > 1 else ""))
 
 
 def _sanity_badge(scores: dict) -> None:
@@ -187,7 +194,7 @@ def _sanity_badge(scores: dict) -> None:
     if flag is None or mean is None:
         return
     numbers = _verdict_numbers(mean, scores.get("sanity_ci_low"), scores.get("sanity_ci_high"),
-                               scores.get("sanity_samples"))
+                               scores.get("sanity_samples"), scores.get("sanity_randomisations"))
     own = scores.get("sanity_rank_corr")
     numbers += f"; this sample's ρ {own:.2f}" if own is not None else ""
     what = "Rank correlation of |map| with the map of the fully randomised model"
@@ -274,6 +281,7 @@ for method in methods:
                 st.error(md(exc))
                 continue
             _draw(explanation, method, target_title, key=f"map-{method}-{target}")
+            st.caption(f"Settings: {md(describe_settings(method, explanation.settings))}")
             slot = st.empty()
             slot.caption("Scores: computing…")
             pending.append((explanation, options, slot))
