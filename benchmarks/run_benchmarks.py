@@ -1613,10 +1613,11 @@ class Bench:
                     gap = result.completeness_gap
                 used = result.n_steps if method == "integrated_gradients" else result.nsamples
                 self.add("trust", f"digits, completeness gap: {method}, {'checked' if checked else 'unchecked'}",
-                         len(sample), seconds, value=float(np.nanmedian(gap)), unit="median gap",
+                         len(sample), None, value=float(np.nanmedian(gap)), unit="median gap",
                          note=f"90th percentile {np.nanpercentile(gap, 90):.3f}, worst {np.nanmax(gap):.3f}; "
                               f"{int(np.sum(gap > tolerance))} of {int(np.sum(np.isfinite(gap)))} over "
-                              f"{tolerance:.0%}; {budget} median {int(np.median(used))}, max {int(used.max())}")
+                              f"{tolerance:.0%}; {budget} median {int(np.median(used))}, max {int(used.max())}; "
+                              f"explain() took {seconds:.2f} s")
         with torch.no_grad():
             probs = torch.softmax(model.module(torch.as_tensor(data.x)), 1).numpy()
         second = np.argsort(-probs, 1)[:, 1]
