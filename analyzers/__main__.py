@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "input_ids:int64:12,attention_mask:int64:12 (a .pt2 records its own)")
     run.add_argument("--class-names", type=_names, help="the model's class names in output order (comma-separated), "
                                                         "to match text labels and class folders by name")
+    run.add_argument("--task", choices=("classification", "binary", "regression"),
+                     help="what the model does (default: read from the labels and the model's output; asked for "
+                          "when both fit)")
     run.add_argument("--batch-size", type=int, default=256)
     run.add_argument("--label-column", default="label")
     run.add_argument("--id-column")
@@ -117,9 +120,15 @@ def _run(args) -> int:
                        mean=args.mean, std=args.std, input_shape=args.input_shape, seed=args.seed,
                        analyses=args.analyses, allow_import=True, progress=sys.stderr.isatty(),
                        isolation=args.isolation, arch_kwargs=args.arch_kwargs, class_names=args.class_names,
-                       inputs=args.inputs)
+                       inputs=args.inputs, task=args.task)
     run = open_run(out)
-    print(f"{run.info['num_samples']} samples, accuracy {run.info['accuracy']:.4f}, run stored at {out}")
+    headline = run.info.get("analyses", {}).get("evaluation", {})
+    if run.info["accuracy"] is not None:
+        score = f"accuracy {run.info['accuracy']:.4f}"
+    else:  # a regression: its error, from the evaluation summary (tasks.Task.headline)
+        score = ", ".join(f"{k.upper()} {headline[k]:.4g}" for k in ("mae", "rmse", "r2")
+                          if isinstance(headline.get(k), (int, float))) or "no accuracy"
+    print(f"{run.info['num_samples']} samples ({run.task}), {score}, run stored at {out}")
     return 0
 
 

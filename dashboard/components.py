@@ -68,12 +68,22 @@ def current_run() -> Run | None:
         st.stop()
 
 
-def require_run() -> Run:
-    """The open run, or a pointer to the Load page and stop."""
+CLASS_TASKS = ("classification", "binary")  # the tasks whose outputs are class probabilities
+
+
+def require_run(*, tasks: tuple = CLASS_TASKS) -> Run:
+    """The open run, or a pointer to the Load page and stop. `tasks`: the tasks (run.json's `task`) this page
+    draws; a run of another task is pointed to the pages that show it, never given panels that do not apply."""
     run = current_run()
     if run is None:
         st.info("No run is open. Analyse a model on the **Load** page, or open an existing run there.")
         page_link("load", "Go to Load")
+        st.stop()
+    if run.task not in tasks:
+        st.info(f"This page shows what a classifier gets wrong between classes, and this run is a "
+                f"**{md(run.task)}**: its metrics, predictions against targets, residuals, largest errors and error "
+                f"slices are on the Overview page, and Explain explains each predicted value.")
+        page_link("overview", "Go to Overview")
         st.stop()
     data.warm_up(run)
     return run
@@ -89,7 +99,8 @@ def run_caption(run: Run) -> str:
     info = run.info
     return (f"**{md(run.path.name)}** · model {md(file_label(info, 'model'))} · data "
             f"{md(file_label(info, 'dataset'))} · {info['num_samples']:,} "
-            f"{md(info['dataset']['modality'])} samples · {len(run.class_names)} classes")
+            f"{md(info['dataset']['modality'])} samples · " +
+            (f"{len(run.class_names)} classes" if run.task in CLASS_TASKS else md(run.task)))
 
 
 def header(title: str, run: Run | None, help_text: str | None = None) -> None:

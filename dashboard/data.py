@@ -135,6 +135,10 @@ def metrics(run: Run) -> dict:
     """Headline metrics and the per-class report: metrics.json if the run has it, else analyzers.evaluation.metrics on the run."""
     from analyzers.evaluation import metrics as m
 
+    task = run_task(run)
+    if not task.has_classes:  # a regression's own metrics (tasks.Regression.metrics)
+        return run.read_json("metrics.json") if run.has("metrics.json") else task.metrics(
+            run.samples["label"].to_numpy(), run.probs)
     if run.has("metrics.json"):
         stored = run.read_json("metrics.json")
         if "classification_report" in stored or "per_class" in stored:
@@ -276,11 +280,19 @@ def explain_methods(run: Run) -> tuple[list, list, list]:
     return available, defaults, conv_layers
 
 
+def run_task(run: Run):
+    """The run's task (`analyzers.evaluation.tasks`): what its outputs mean and how it ranks its errors."""
+    from analyzers.evaluation.tasks import task_named
+
+    return task_named(run.task, len(run.class_names))
+
+
 def first_sample_to_explain(run: Run) -> str:
-    """The sample the Explain page opens on when nothing is chosen: the most confident error, else the first."""
+    """The sample the Explain page opens on when nothing is chosen: the first of the task's first error ranking
+    (the most confident error; a regression's largest error), else the first sample."""
     from analyzers.evaluation.metrics import rank_errors
 
-    wrong = rank_errors(run.samples, run.probs, by="confident_wrong", limit=1)["id"].tolist()
+    wrong = rank_errors(run.samples, run.probs, by=run_task(run).rankings[0], limit=1)["id"].tolist()
     return str((wrong or run.samples["id"].tolist())[0])
 
 
@@ -330,7 +342,8 @@ def _warm_explanations(key: str, run: Run) -> None:
     model, dataset = loaded
     first = first_sample_to_explain(run)
     row = run.samples[run.samples["id"].astype(str) == first].iloc[0]
-    targets = ["pred"] if row["label"] == row["pred"] else ["pred", "label"]  # as the page explains an error
+    # as the page explains an error: the predicted class and the true one (a regression has one output)
+    targets = ["pred"] if row["label"] == row["pred"] or len(run.class_names) == 1 else ["pred", "label"]
     try:
         for method in explain_methods(run)[1]:
             for target in targets:

@@ -158,6 +158,62 @@ def per_class_figure(report: dict, class_names) -> go.Figure:
     return _layout(fig, barmode="group", height=340, legend=dict(orientation="h", y=1.12))
 
 
+# ------------------------------------------------------------------------------------------------------ regression
+
+def predicted_vs_true_figure(target, prediction, ids, *, wrong=None, max_points: int = MAX_SCATTER_POINTS
+                             ) -> go.Figure:
+    """A regression's predictions against its targets, the diagonal y = x drawn (a perfect model lies on it), the
+    samples counted as wrong (`wrong`, the largest errors) in the error colour. customdata: sample ids, so a click
+    opens the sample."""
+    target, prediction = np.asarray(target, dtype=float), np.asarray(prediction, dtype=float)
+    wrong = np.zeros(len(target), dtype=bool) if wrong is None else np.asarray(wrong, dtype=bool)
+    keep = downsample_rows(len(target), max_points, keep=np.flatnonzero(wrong))
+    ids = np.asarray(ids).astype(str)
+    fig = go.Figure()
+    for flag, name, colour in ((False, "other samples", RIGHT), (True, "largest errors", WRONG)):
+        rows = keep[wrong[keep] == flag]
+        fig.add_trace(go.Scattergl(x=target[rows], y=prediction[rows], mode="markers", name=name,
+                                   marker=dict(color=colour, size=6, opacity=0.7),
+                                   customdata=[plotly_text(i) for i in ids[rows]],
+                                   hovertemplate="id %{customdata}<br>target %{x:.4g}<br>predicted %{y:.4g}"
+                                                 "<extra></extra>"))
+    low = float(min(target.min(), prediction.min())) if len(target) else 0.0
+    high = float(max(target.max(), prediction.max())) if len(target) else 1.0
+    fig.add_trace(go.Scatter(x=[low, high], y=[low, high], mode="lines", name="y = x",
+                             line=dict(color="#888888", dash="dash"), hoverinfo="skip"))
+    fig.update_xaxes(title="target")
+    fig.update_yaxes(title="prediction")
+    return _layout(fig, height=420, legend=dict(orientation="h", y=-0.2))
+
+
+def residual_figure(prediction, residual, ids, *, max_points: int = MAX_SCATTER_POINTS) -> go.Figure:
+    """Residuals (prediction − target) against the prediction, around a zero line: a trend or a funnel is a bias
+    or an error that grows with the value. customdata: sample ids."""
+    prediction, residual = np.asarray(prediction, dtype=float), np.asarray(residual, dtype=float)
+    largest = np.flatnonzero(np.abs(residual) >= np.quantile(np.abs(residual), 0.9)) if len(residual) else None
+    keep = downsample_rows(len(prediction), max_points, keep=largest)
+    ids = np.asarray(ids).astype(str)
+    fig = go.Figure(go.Scattergl(x=prediction[keep], y=residual[keep], mode="markers",
+                                 marker=dict(color=OKABE_ITO[0], size=6, opacity=0.6),
+                                 customdata=[plotly_text(i) for i in ids[keep]],
+                                 hovertemplate="id %{customdata}<br>predicted %{x:.4g}<br>residual %{y:.4g}"
+                                               "<extra></extra>", showlegend=False))
+    fig.add_hline(y=0, line=dict(color="#888888", dash="dash"))
+    fig.update_xaxes(title="prediction")
+    fig.update_yaxes(title="residual (prediction − target)")
+    return _layout(fig, height=420)
+
+
+def error_histogram_figure(abs_error, *, bins: int = 40) -> go.Figure:
+    """How the absolute errors are spread: most near zero and a long tail is the usual shape; a second hump is a
+    group the model gets wrong."""
+    fig = go.Figure(go.Histogram(x=np.asarray(abs_error, dtype=float), nbinsx=bins, marker_color=OKABE_ITO[0],
+                                 hovertemplate="absolute error %{x}<br>%{y} samples<extra></extra>"))
+    fig.update_xaxes(title="absolute error")
+    fig.update_yaxes(title="samples")
+    return _layout(fig, height=320)
+
+
 def probabilities_figure(probs, class_names, *, label: int | None = None, pred: int | None = None) -> go.Figure:
     """The probability of every class for one sample; the true class and the prediction are marked."""
     probs = np.asarray(probs, dtype=float)

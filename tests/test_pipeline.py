@@ -74,7 +74,7 @@ def test_safetensors_state_dict_run_from_the_command_line(tmp_path, capsys):
                  "--out", str(tmp_path / "run"), "--analyses", ""])
     assert code == 0
     summary = capsys.readouterr().out
-    assert summary.startswith("450 samples, accuracy 0.9") and str(tmp_path / "run") in summary
+    assert summary.startswith("450 samples (classification), accuracy 0.9") and str(tmp_path / "run") in summary
 
 
 def test_same_model_and_data_reuse_the_run_and_a_different_one_is_refused(tmp_path):

@@ -20,18 +20,12 @@ OUTPUT_KINDS = ("logits", "probabilities", "binary_logit", "binary_probability")
 
 @dataclass(frozen=True)
 class Predictions:
-    probs: np.ndarray  # (N, K) float32
-    loss: np.ndarray | None  # (N,) float32 per-sample cross-entropy, when labels were given
+    # (N, K) float32: class probabilities, or what the model's task stores (tasks.Task.outputs_from_raw: a
+    # regression's predicted values, (N, 1))
+    probs: np.ndarray
+    loss: np.ndarray | None  # (N,) float32 per-sample loss of the task (cross-entropy, squared error), given labels
     embeddings: np.ndarray | None  # (N, D) float32 activations of `embedding_layer`, flattened per sample
     embedding_layer: str | None
-
-    @property
-    def pred(self) -> np.ndarray:
-        return self.probs.argmax(axis=1)
-
-    @property
-    def confidence(self) -> np.ndarray:
-        return self.probs.max(axis=1)
 
 
 def class_log_probs(outputs: torch.Tensor, output_kind: str) -> torch.Tensor:
@@ -45,6 +39,8 @@ def class_log_probs(outputs: torch.Tensor, output_kind: str) -> torch.Tensor:
     if output_kind == "binary_probability":
         p = outputs.clamp(1e-12, 1 - 1e-7)
         return torch.log(torch.cat([1 - p, p], dim=1))
+    if output_kind == "value":
+        raise AnalyzerError("this model predicts a value (a regression): it has no class probabilities")
     raise AnalyzerError(f"unknown output kind {output_kind!r}: expected one of {', '.join(OUTPUT_KINDS)}")
 
 
@@ -107,10 +103,13 @@ def predict(model, x, y=None, *, batch_size: int = 256, layer: str | None = None
         raise AnalyzerError(f"batch_size must be at least 1, got {batch_size}")
     if capture not in ("input", "output"):
         raise AnalyzerError(f"capture must be 'input' or 'output', got {capture!r}")
+    from ..evaluation.tasks import task_of
+
     module = unwrap(model)
     output_kind = getattr(model, "output_kind", "logits")
+    task = task_of(model)  # what the outputs mean: what is stored and which loss
     n = len(x)
-    labels = None if y is None else torch.as_tensor(np.asarray(y), dtype=torch.long)
+    labels = None if y is None else torch.as_tensor(np.asarray(y, dtype=task.label_dtype))
     probs_out, loss_out, emb_out = [], [], []
     captured = []
     handle = None
@@ -141,11 +140,10 @@ def predict(model, x, y=None, *, batch_size: int = 256, layer: str | None = None
                 if not torch.isfinite(out).all():
                     raise AnalyzerError(f"the model returned NaN or inf on samples {start}..{start + len(batch) - 1}: "
                                         f"check the inputs and weights")
-                log_p = class_log_probs(out.float(), output_kind)
-                probs_out.append(log_p.exp().cpu().numpy())
+                probs_out.append(task.outputs_from_raw(out.float(), output_kind).cpu().numpy())
                 if labels is not None:
-                    loss_out.append(F.nll_loss(log_p, labels[start:start + len(batch)].to(device),
-                                               reduction="none").cpu().numpy())
+                    loss_out.append(task.loss_from_raw(out.float(), labels[start:start + len(batch)].to(device),
+                                                       output_kind).cpu().numpy())
                 if captured:
                     emb_out.append(captured.pop().flatten(1).float().cpu().numpy())
                     captured.clear()

@@ -73,17 +73,15 @@ class RunContext:
         return target
 
 
-def build_samples_table(dataset: Dataset, predictions: Predictions) -> pd.DataFrame:
-    """One row per sample in dataset order: the core columns, then tabular features and metadata."""
-    pred = predictions.pred
-    table = pd.DataFrame({
-        "id": dataset.ids,
-        "label": dataset.y,
-        "pred": pred.astype(np.int64),
-        "confidence": predictions.confidence.astype(np.float32),
-        "loss": predictions.loss,
-        "correct": pred == dataset.y,
-    })
+def build_samples_table(dataset: Dataset, predictions: Predictions, task=None) -> pd.DataFrame:
+    """One row per sample in dataset order: the core columns (the task's: `tasks.Task.sample_columns`), then
+    tabular features and metadata. `task` defaults to classification over the outputs' columns."""
+    from ..evaluation.tasks import Classification
+
+    task = task or Classification(int(predictions.probs.shape[1]))
+    columns = task.sample_columns(dataset.y, predictions.probs)
+    table = pd.DataFrame({"id": dataset.ids, **{k: columns.pop(k) for k in ("label", "pred", "confidence")},
+                          "loss": predictions.loss, "correct": columns.pop("correct"), **columns})
     extra = {}
     if dataset.modality == "tabular" and dataset.feature_names:
         for j, name in enumerate(dataset.feature_names):
@@ -91,8 +89,8 @@ def build_samples_table(dataset: Dataset, predictions: Predictions) -> pd.DataFr
     for column in dataset.metadata.columns:
         extra[str(column)] = dataset.metadata[column].to_numpy()
     renamed = {}
-    for name, values in extra.items():
-        key = name if name not in CORE_COLUMNS and name not in renamed else f"meta_{name}"
+    for name, values in extra.items():  # a feature or metadata column never hides a column of the task's
+        key = name if name not in table.columns and name not in renamed else f"meta_{name}"
         renamed[key] = values
     if renamed:
         table = pd.concat([table, pd.DataFrame(renamed)], axis=1)
@@ -133,7 +131,7 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
                  report: Callable[[str, float], None] | None = None, stage_options: dict | None = None,
                  isolation: str = "auto", owner: dict | None = None, arch_kwargs: dict | None = None,
                  class_names: list | None = None, inputs: str | None = None,
-                 file_names: dict | None = None) -> Path:
+                 file_names: dict | None = None, task: str | None = None) -> Path:
     """Analyse a model on a dataset and store the run at `out`; returns `out`.
 
     If `out` already holds a complete run of the same model, data and parameters it is reused as it is. A different
@@ -154,6 +152,8 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
     the dashboard lets only the owner replace or delete the run.
     `file_names` (`{"model": ..., "dataset": ...}`) are the files' names as the person knows them (an upload's name,
     not the workspace's hashed copy), recorded as run.json's `model.name` and `dataset.name` for every header.
+    `task` (`analyzers.evaluation.tasks.TASK_NAMES`) says what the model does; None reads it from the labels and
+    the model's output, and asks for it when both readings fit. It is recorded as run.json's `task`.
     """
     given = None
     if not isinstance(model_spec, str):  # a model already in memory: wrap_module(...) or a plain nn.Module
@@ -192,11 +192,11 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
     report = report or (lambda stage, fraction: None)
     report("load", 0.0)
     data_options = dict(label_column=label_column, id_column=id_column, features=features, image_size=image_size,
-                        mean=mean, std=std)
+                        mean=mean, std=std, task=task)
     param_options = dict(stages=stages, batch_size=batch_size, layer=layer, seed=seed, arch=arch,
                          arch_kwargs=arch_kwargs, class_names=class_names,
                          stage_options=stage_options, label_column=label_column, id_column=id_column,
-                         features=features)
+                         features=features, task=task)
     if given is None and sandboxed(model_spec, arch, isolation):
         return _run_sandboxed(model_spec, data_spec, out, arch=arch, input_shape=input_shape, class_names=class_names,
                               data_options=data_options, param_options=param_options, device=device,
@@ -207,6 +207,7 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
                                 isolation="process", arch_kwargs=arch_kwargs, inputs=layout,
                                 class_names=tuple(class_names) if class_names else None)
     dataset = load_dataset(data_spec, model=model, **data_options)
+    model = _read_for_task(model, dataset.task)
     check_dataset(dataset, model)
     params = run_parameters(model, **param_options)
     if _reuse_or_refuse(out, model.sha256, dataset.sha256, params, overwrite):
@@ -216,7 +217,8 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
         summary = write_run_files(model, dataset, stage_dir, params=params, stages=stages, device=device,
                                   progress=progress, report=report)
         carry_derived_files(out, stage_dir, model_sha=model.sha256, dataset_sha=dataset.sha256)
-        checked = check_run_files(stage_dir, num_samples=len(dataset), num_classes=model.num_classes)
+        checked = check_run_files(stage_dir, num_samples=len(dataset), num_classes=model.num_classes,
+                                  task=dataset.task)
         write_json(stage_dir / RUN_INFO, _run_info(model_spec, data_spec, model, describe_dataset(dataset), arch,
                                                    params, summary, sandbox=None, accuracy=checked["accuracy"],
                                                    owner=owner, file_names=file_names))
@@ -225,12 +227,21 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
 
 
 def run_parameters(model, *, stages, batch_size, layer, seed, arch, stage_options, label_column, id_column,
-                   features, arch_kwargs=None, class_names=None) -> dict:
-    """The parameters a run records, and that decide whether an existing run can be reused."""
+                   features, arch_kwargs=None, class_names=None, task=None) -> dict:
+    """The parameters a run records, and that decide whether an existing run can be reused. A declared task is
+    one of them (an inferred one is not: runs from before tasks were declared are reused as they are)."""
     return {"batch_size": batch_size, "layer": layer or model.embedding_layer, "seed": seed,
             "label_column": label_column, "id_column": id_column, "features": features, "arch": arch,
             "arch_kwargs": arch_kwargs, "class_names": class_names,
-            "analyses": [name for name, _ in stages], "stage_options": stage_options or {}}
+            "analyses": [name for name, _ in stages], "stage_options": stage_options or {},
+            **({"task": task} if task is not None else {})}
+
+
+def _read_for_task(model, task_name: str):
+    """The model read for its dataset's task (`tasks.model_for_task`)."""
+    from ..evaluation.tasks import model_for_task, output_width, task_named
+
+    return model_for_task(model, task_named(task_name, output_width(model)))
 
 
 def _reuse_or_refuse(out: Path, model_sha: str, dataset_sha: str, params: dict, overwrite: bool) -> bool:
@@ -281,6 +292,7 @@ def write_run_files(model, dataset, stage_dir, *, params: dict, stages, device: 
     In a sandboxed run this runs in the worker, on the worker's model and dataset, into its scratch directory."""
     import torch
 
+    from ..evaluation.tasks import task_of
     from .inference import predict
 
     report = report or (lambda stage, fraction: None)
@@ -297,7 +309,7 @@ def write_run_files(model, dataset, stage_dir, *, params: dict, stages, device: 
                           device=device, progress=progress,
                           on_batch=lambda done, total: report("inference", done / total))
     timings["inference"] = time.perf_counter() - started
-    samples = build_samples_table(dataset, predictions)
+    samples = build_samples_table(dataset, predictions, task_of(model))
     ctx = RunContext(model=model, dataset=dataset, predictions=predictions, samples=samples,
                      stage_dir=stage_dir, params=params, progress=progress, report=report, timings=timings)
     samples.to_parquet(stage_dir / SAMPLES, index=False)
@@ -337,7 +349,8 @@ def _run_sandboxed(model_spec, data_spec, out: Path, *, arch, input_shape, data_
             copy_worker_output(model.worker.scratch / "run", stage_dir)
             carry_derived_files(out, stage_dir, model_sha=model.sha256, dataset_sha=str(dataset.get("sha256")))
             num_samples = int(dataset.get("num_samples", -1))
-            checked = check_run_files(stage_dir, num_samples=num_samples, num_classes=model.num_classes)
+            checked = check_run_files(stage_dir, num_samples=num_samples, num_classes=model.num_classes,
+                                      task=str(dataset.get("task")))
             write_json(stage_dir / RUN_INFO, _run_info(model_spec, data_spec, model, dataset, arch, params, summary,
                                                        sandbox=model.sandbox, accuracy=checked["accuracy"],
                                                        owner=owner, file_names=file_names))
@@ -370,7 +383,7 @@ def _run_info(model_spec, data_spec, model, dataset: dict, arch, params, summary
                     "ground_truth_columns": dataset["ground_truth_columns"]},
         "num_samples": int(dataset["num_samples"]),
         "class_names": [str(c) for c in summary["class_names"]],
-        "task": "classification",
+        "task": dataset.get("task", "classification"),
         "preprocessing": dataset["preprocessing"],
         "parameters": params,
         "embedding_layer": summary.get("embedding_layer"),
@@ -400,7 +413,7 @@ def load_run_inputs(run, *, allow_import: bool = False) -> tuple[LoadedModel, Da
     model_spec, data_spec, arch = info["model"]["spec"], info["dataset"]["spec"], info["model"].get("arch")
     data_options = dict(label_column=params.get("label_column", "label"), id_column=params.get("id_column"),
                         features=params.get("features"), image_size=pre.get("image_size"), mean=pre.get("mean"),
-                        std=pre.get("std"))
+                        std=pre.get("std"), task=info.get("task"))
     if sandboxed(model_spec, arch, "auto"):
         from ..loading.sandbox import open_sandboxed, worker_dataset
 
@@ -433,7 +446,7 @@ def load_run_inputs(run, *, allow_import: bool = False) -> tuple[LoadedModel, Da
     _check_unchanged(info, "model", model.sha256)
     dataset = load_dataset(data_spec, model=model, **data_options)
     _check_unchanged(info, "dataset", dataset.sha256)
-    return model, dataset
+    return _read_for_task(model, dataset.task), dataset
 
 
 def _check_unchanged(info: dict, kind: str, sha256: str) -> None:

@@ -19,6 +19,10 @@ RANKINGS = {
     "unsure_right": ("right predictions, least confident first", "confidence", True, "right"),
     "loss": ("highest loss first", "loss", False, "all"),
     "margin": ("smallest margin between the top two classes first", "margin", True, "all"),
+    # a regression's (tasks.Regression.rankings): by its error and by the sign of its residual
+    "abs_error": ("largest absolute error first", "abs_error", False, "all"),
+    "over_predicted": ("predicted most above the target first", "residual", False, "all"),
+    "under_predicted": ("predicted most below the target first", "residual", True, "all"),
 }
 DEFAULT_BINS = 10
 MAX_GROUPS = 100
@@ -345,6 +349,8 @@ def rank_errors(samples: pd.DataFrame, probs=None, *, by: str, limit: int | None
     if missing:
         raise AnalyzerError(f"the samples table lacks {', '.join(missing)}: pass a run's samples.parquet")
     _, column, ascending, which = RANKINGS[by]
+    if column not in samples.columns and column != "margin":
+        raise AnalyzerError(f"ranking by {by} needs the samples table's {column} column, which a regression run has")
     table = samples
     if by == "margin":
         if probs is None or len(probs) != len(samples):

@@ -30,7 +30,7 @@ from ..errors import AnalyzerError
 
 SOURCES = ("features", "embeddings")
 # Columns that describe the model's output on a sample rather than the sample: never used in a rule.
-OUTCOME_COLUMNS = ("id", "correct", "confidence", "loss", "margin")
+OUTCOME_COLUMNS = ("id", "correct", "confidence", "loss", "margin", "prediction", "residual", "abs_error")
 MAX_CATEGORIES = 30  # one-hot the most frequent values of a categorical column; rarer ones are left out
 MAX_DISTINCT = 200  # a text column with more distinct values (file names, free text) is not a category
 # A condition added to a group must mean something: a tree node is a slice only if its errors exceed its sibling's at
@@ -240,7 +240,7 @@ def _feature_candidates(table: pd.DataFrame, *, class_names, columns, min_size, 
     n = len(table)
     min_size = default_min_size(n) if min_size is None else min_size
     _check_int("min_size", min_size, 1)
-    names = _class_names(table, class_names)
+    names = _class_names(table, class_names) if table["label"].dtype.kind != "f" else []
     if columns is None:
         columns = rule_columns(table)
     else:
@@ -474,7 +474,7 @@ def _embedding_candidates(table: pd.DataFrame, embeddings, order: np.ndarray, *,
     _check_int("n_clusters", n_clusters, 2)
     if n < n_clusters:
         return []
-    names = _class_names(table, class_names)
+    names = _class_names(table, class_names) if table["label"].dtype.kind != "f" else []
     emb = emb[order].astype(np.float64)
     k = min(n_components, emb.shape[1], n)
     # Fit on a fixed random subset (drawn after sorting by id) and assign every sample: linear in N. One BLAS
@@ -489,25 +489,35 @@ def _embedding_candidates(table: pd.DataFrame, embeddings, order: np.ndarray, *,
         assign = kmeans.predict(reduced)
     errors = ~table["correct"].to_numpy(dtype=bool)
     overall = errors.mean()
-    labels = table["label"].to_numpy().astype(np.int64)
-    preds = table["pred"].to_numpy().astype(np.int64)
     size = np.bincount(assign, minlength=n_clusters)
     err = np.bincount(assign, weights=errors, minlength=n_clusters)
-    nk = len(names)
-    label_counts = np.bincount(assign * nk + labels, minlength=n_clusters * nk).reshape(n_clusters, nk)
-    pred_counts = np.bincount(assign * nk + preds, minlength=n_clusters * nk).reshape(n_clusters, nk)
+    # real-valued labels (a regression's targets) are described by their mean, class indices by the commonest one
+    valued = table["label"].dtype.kind == "f"
+    if valued:
+        target_mean = np.bincount(assign, weights=table["label"].to_numpy(np.float64), minlength=n_clusters)
+        pred_mean = np.bincount(assign, weights=table["pred"].to_numpy(np.float64), minlength=n_clusters)
+    else:
+        labels = table["label"].to_numpy().astype(np.int64)
+        preds = table["pred"].to_numpy().astype(np.int64)
+        nk = len(names)
+        label_counts = np.bincount(assign * nk + labels, minlength=n_clusters * nk).reshape(n_clusters, nk)
+        pred_counts = np.bincount(assign * nk + preds, minlength=n_clusters * nk).reshape(n_clusters, nk)
     by_cluster = np.argsort(assign, kind="stable")
     cuts = np.searchsorted(assign[by_cluster], np.arange(n_clusters + 1))
     rows = []
     for c in range(n_clusters):
         if size[c] < min_size or (overall > 0 and err[c] / size[c] <= overall):
             continue
-        top_label, top_pred = label_counts[c].argmax(), pred_counts[c].argmax()
         # in the user's terms, not the clustering's: what the samples are, and where they sit
         space = f"{layer}'s activations" if layer else "the model's activations"
-        description = (f"{size[c]} samples close together in {space}: "
-                       f"{label_counts[c, top_label] / size[c]:.0%} labelled {_quote(names[top_label])}, "
-                       f"{pred_counts[c, top_pred] / size[c]:.0%} predicted {_quote(names[top_pred])}")
+        if valued:
+            description = (f"{size[c]} samples close together in {space}: target {target_mean[c] / size[c]:.4g} "
+                           f"on average, predicted {pred_mean[c] / size[c]:.4g}")
+        else:
+            top_label, top_pred = label_counts[c].argmax(), pred_counts[c].argmax()
+            description = (f"{size[c]} samples close together in {space}: "
+                           f"{label_counts[c, top_label] / size[c]:.0%} labelled {_quote(names[top_label])}, "
+                           f"{pred_counts[c, top_pred] / size[c]:.0%} predicted {_quote(names[top_pred])}")
         rows.append({"source": "embeddings", "description": description,
                      "conditions": json.dumps([{"cluster": c, "layer": layer}]),
                      "members": by_cluster[cuts[c]:cuts[c + 1]], "size": int(size[c]), "errors": int(err[c]),

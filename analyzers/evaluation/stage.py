@@ -37,36 +37,51 @@ OPTIONS = {"n_bins": "calibration bins", "min_size": "smallest slice", "max_dept
 
 def evaluate(samples: pd.DataFrame, probs, *, class_names=None, embeddings=None, layer: str | None = None,
              exclude_columns=(), seed: int = 0, n_bins: int = 10, min_size: int | None = None, max_depth: int = 3,
-             n_clusters: int | None = None, alpha: float = 0.95, max_slices: int = 20) -> dict:
-    """Everything the stage writes, as objects: {"metrics": dict, "confusion": Confusion, "slices": DataFrame,
-    "label_noise": LabelNoise, "timings": dict}. Pure: usable on any subset of a run's samples."""
+             n_clusters: int | None = None, alpha: float = 0.95, max_slices: int = 20, task=None) -> dict:
+    """Everything the stage writes, as objects: {"metrics": dict, "confusion": Confusion or None, "slices":
+    DataFrame, "label_noise": LabelNoise or None, "skipped": {analysis: reason}, "timings": dict}. Pure: usable on
+    any subset of a run's samples. `task` (`tasks.Task`) defaults to classification over the columns of `probs`;
+    the confusion matrix, calibration and label noise apply to tasks with classes."""
     from .label_noise import find_label_issues
-    from .metrics import calibration_report, classification_metrics, confusion, expected_calibration_error
+    from .metrics import calibration_report, confusion, expected_calibration_error
     from .slices import find_slices, rule_columns
+    from .tasks import Classification
 
-    timings = {}
+    probs = np.asarray(probs)
+    task = task or Classification(int(probs.shape[1]))
+    timings, skipped = {}, {}
     t0 = time.perf_counter()
     labels = samples["label"].to_numpy()
     ids = samples["id"].to_numpy()
-    metrics = classification_metrics(labels, probs, class_names=class_names)
-    metrics["ece"] = expected_calibration_error(labels, probs, n_bins=n_bins, strategy="uniform")
-    metrics["ece_quantile"] = expected_calibration_error(labels, probs, n_bins=n_bins, strategy="quantile")
-    metrics["calibration"] = calibration_report(labels, probs, class_names=class_names, n_bins=n_bins)
-    timings["metrics"] = time.perf_counter() - t0
+    metrics = task.metrics(labels, probs, names=class_names)
+    conf = noise = None
+    if task.has_classes:
+        metrics["ece"] = expected_calibration_error(labels, probs, n_bins=n_bins, strategy="uniform")
+        metrics["ece_quantile"] = expected_calibration_error(labels, probs, n_bins=n_bins, strategy="quantile")
+        metrics["calibration"] = calibration_report(labels, probs, class_names=class_names, n_bins=n_bins)
+        timings["metrics"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        conf = confusion(labels, probs.argmax(1), num_classes=probs.shape[1], ids=ids, class_names=class_names)
+        timings["confusion"] = time.perf_counter() - t0
+    else:
+        timings["metrics"] = time.perf_counter() - t0
+        for name in ("confusion", "calibration", "label_noise"):
+            skipped[name] = f"a {task.name} model predicts values, not classes"
     t0 = time.perf_counter()
-    probs = np.asarray(probs)
-    conf = confusion(labels, probs.argmax(1), num_classes=probs.shape[1], ids=ids, class_names=class_names)
-    timings["confusion"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    columns = [c for c in rule_columns(samples) if c not in set(exclude_columns)]
-    slices = find_slices(samples, embeddings=embeddings, probs=probs, class_names=class_names, layer=layer,
+    # a regression's label and pred are real values, not classes: its rules may use the target (a number) instead
+    columns = [c for c in rule_columns(samples) if c not in set(exclude_columns)
+               and (task.has_classes or c not in ("label", "pred"))]
+    slices = find_slices(samples, embeddings=embeddings, probs=probs if task.has_classes else None,
+                         class_names=class_names if task.has_classes else None, layer=layer,
                          columns=columns, min_size=min_size, max_depth=max_depth, n_clusters=n_clusters, alpha=alpha,
                          max_slices=max_slices, seed=seed)
     timings["slices"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    noise = find_label_issues(labels, probs, ids=ids, class_names=class_names)
-    timings["label_noise"] = time.perf_counter() - t0
-    return {"metrics": metrics, "confusion": conf, "slices": slices, "label_noise": noise, "timings": timings}
+    if task.has_classes:
+        t0 = time.perf_counter()
+        noise = find_label_issues(labels, probs, ids=ids, class_names=class_names)
+        timings["label_noise"] = time.perf_counter() - t0
+    return {"metrics": metrics, "confusion": conf, "slices": slices, "label_noise": noise, "skipped": skipped,
+            "timings": timings}
 
 
 def evaluation_stage(ctx) -> dict:
@@ -76,24 +91,30 @@ def evaluation_stage(ctx) -> dict:
     if unknown:
         raise AnalyzerError(f"unknown evaluation options {', '.join(unknown)}: choose from {', '.join(OPTIONS)}")
     top_confused = options.pop("top_confused", 10)
+    from .tasks import task_of
+
+    task = task_of(ctx.model)
     result = evaluate(ctx.samples, ctx.predictions.probs, class_names=ctx.class_names,
                       embeddings=ctx.predictions.embeddings, layer=ctx.predictions.embedding_layer,
-                      exclude_columns=ctx.dataset.ground_truth_columns, seed=ctx.params.get("seed", 0), **options)
+                      exclude_columns=ctx.dataset.ground_truth_columns, seed=ctx.params.get("seed", 0), task=task,
+                      **options)
     write_json(ctx.path(METRICS), result["metrics"])
-    write_json(ctx.path(CONFUSION), result["confusion"].to_dict(top=top_confused))
+    if result["confusion"] is not None:
+        write_json(ctx.path(CONFUSION), result["confusion"].to_dict(top=top_confused))
     write_parquet(ctx.path(SLICES), result["slices"])
-    write_parquet(ctx.path(LABEL_NOISE), result["label_noise"].table)
+    if result["label_noise"] is not None:
+        write_parquet(ctx.path(LABEL_NOISE), result["label_noise"].table)
     slices = result["slices"]
-    return {
-        "accuracy": result["metrics"]["accuracy"],
-        "balanced_accuracy": result["metrics"]["balanced_accuracy"],
-        "ece": result["metrics"]["ece"],
-        "num_slices": int(len(slices)),
-        "top_slice": slices["description"].iloc[0] if len(slices) else None,
-        "num_label_suspects": int(len(result["label_noise"].table)),
-        "estimated_label_issues": result["label_noise"].estimated_issues,
-        "timings_s": {k: round(v, 4) for k, v in result["timings"].items()},
-    }
+    summary = {**task.headline(result["metrics"]),
+               "num_slices": int(len(slices)),
+               "top_slice": slices["description"].iloc[0] if len(slices) else None,
+               "timings_s": {k: round(v, 4) for k, v in result["timings"].items()}}
+    if task.has_classes:
+        summary.update(ece=result["metrics"]["ece"], num_label_suspects=int(len(result["label_noise"].table)),
+                       estimated_label_issues=result["label_noise"].estimated_issues)
+    if result["skipped"]:
+        summary["skipped"] = result["skipped"]
+    return summary
 
 
 # ------------------------------------------------------------------------------------------------------------ export

@@ -68,6 +68,8 @@ def resolve_rows(dataset, ids) -> np.ndarray:
 
 
 def resolve_targets(run, dataset, rows: np.ndarray, target, num_classes: int) -> np.ndarray:
+    if num_classes == 1:  # a regression's one output: its predicted value is what every map explains
+        return np.zeros(len(rows), dtype=np.int64)
     key = target_key(target)
     if key == "pred":
         samples = run.samples

@@ -43,6 +43,8 @@ class Dataset:
     extras: dict = field(default_factory=dict)  # per-sample arrays that do not fit a table, e.g. ground-truth masks
     # metadata columns holding planted answers (a sample's flipped labels): shown, never used to find explanations
     ground_truth_columns: tuple = ()
+    # the task its labels were read for (analyzers.evaluation.tasks): class indices, or real targets for regression
+    task: str = "classification"
 
     def __len__(self) -> int:
         return len(self.y)
@@ -66,12 +68,14 @@ class Dataset:
 
 def load_dataset(spec: str, *, model=None, label_column: str = "label", id_column: str | None = None,
                  features: list | None = None, image_size: tuple | None = None, mean: list | None = None,
-                 std: list | None = None) -> Dataset:
-    """Load `sample:NAME` (its test split) or a file. `model` (a LoadedModel) supplies image size, channels and names."""
+                 std: list | None = None, task: str | None = None) -> Dataset:
+    """Load `sample:NAME` (its test split) or a file. `model` (a LoadedModel) supplies image size, channels and names.
+    `task` (one of `tasks.TASK_NAMES`) says how the labels are read; None infers it from the labels and the model's
+    output (`tasks.resolve_task`), asking for it when two readings fit."""
     if not isinstance(spec, str) or not spec:
         raise AnalyzerError("no dataset given: pass sample:NAME or a .npz, .csv, .parquet or image-folder .zip file")
     if spec.startswith("sample:"):
-        return _load_sample(spec)
+        return _load_sample(spec, task=task)
     path = Path(spec)
     if not path.is_file():
         raise AnalyzerError(f"dataset file {spec!r} does not exist: check the path")
@@ -80,23 +84,23 @@ def load_dataset(spec: str, *, model=None, label_column: str = "label", id_colum
     # Read from the file itself (hashed as a stream), so a large dataset is never held twice in memory.
     return _load_source(path, name=path.name, spec=spec, digest=sha256_file(path), model=model,
                         label_column=label_column, id_column=id_column, features=features, image_size=image_size,
-                        mean=mean, std=std)
+                        mean=mean, std=std, task=task)
 
 
 def load_dataset_bytes(data: bytes, *, name: str, spec: str | None = None, model=None, label_column: str = "label",
                        id_column: str | None = None, features: list | None = None, image_size: tuple | None = None,
-                       mean: list | None = None, std: list | None = None) -> Dataset:
+                       mean: list | None = None, std: list | None = None, task: str | None = None) -> Dataset:
     """Load a dataset from the bytes of a file called `name` (an upload); see `load_dataset`."""
     if not data:
         raise AnalyzerError(f"dataset file {name!r} is empty: upload the file again")
     return _load_source(io.BytesIO(data), name=name, spec=spec or name, digest=sha256_bytes(data),
                         model=model, label_column=label_column, id_column=id_column, features=features,
-                        image_size=image_size, mean=mean, std=std)
+                        image_size=image_size, mean=mean, std=std, task=task)
 
 
 def load_dataset_file(fh, *, name: str, spec: str, model=None, label_column: str = "label",
                       id_column: str | None = None, features: list | None = None, image_size: tuple | None = None,
-                      mean: list | None = None, std: list | None = None) -> Dataset:
+                      mean: list | None = None, std: list | None = None, task: str | None = None) -> Dataset:
     """Load a dataset from an open binary file called `name` (what a sandboxed worker is handed); see
     `load_dataset`. The file is hashed as a stream, then read from the start."""
     digest = hashlib.sha256()
@@ -106,7 +110,7 @@ def load_dataset_file(fh, *, name: str, spec: str, model=None, label_column: str
         raise AnalyzerError(f"dataset file {name!r} is empty: write the file again")
     fh.seek(0)
     return _load_source(fh, name=name, spec=spec, digest=digest.hexdigest(), model=model, label_column=label_column,
-                        id_column=id_column, features=features, image_size=image_size, mean=mean, std=std)
+                        id_column=id_column, features=features, image_size=image_size, mean=mean, std=std, task=task)
 
 
 def describe_dataset(dataset: Dataset) -> dict:
@@ -117,7 +121,7 @@ def describe_dataset(dataset: Dataset) -> dict:
             "feature_names": list(dataset.feature_names) if dataset.feature_names else None,
             "metadata_columns": [str(c) for c in dataset.metadata.columns],
             "ground_truth_columns": list(dataset.ground_truth_columns),
-            "preprocessing": dict(dataset.preprocessing)}
+            "preprocessing": dict(dataset.preprocessing), "task": dataset.task}
 
 
 # What a worker may hand its parent: a loader turns at most MAX_UNCOMPRESSED_BYTES of file content into float32
@@ -135,7 +139,7 @@ def dataset_fields(dataset: Dataset) -> dict:
             "metadata": dataset.metadata, "feature_names": list(dataset.feature_names) if dataset.feature_names
             else None, "preprocessing": dict(dataset.preprocessing),
             "extras": {str(k): np.asarray(v) for k, v in dataset.extras.items()},
-            "ground_truth_columns": list(dataset.ground_truth_columns)}
+            "ground_truth_columns": list(dataset.ground_truth_columns), "task": dataset.task}
 
 
 def dataset_from_fields(fields) -> Dataset:
@@ -149,8 +153,13 @@ def dataset_from_fields(fields) -> Dataset:
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim < 2:
         raise bad("inputs are not a float32 array of samples")
     n = len(x)
-    if not isinstance(y, np.ndarray) or y.dtype != np.int64 or y.shape != (n,):
-        raise bad("labels are not one int64 per sample")
+    task = fields.get("task", "classification")
+    if task not in ("classification", "binary", "regression"):
+        raise bad("task is not one this dashboard reads")
+    label_dtype = np.float64 if task == "regression" else np.int64
+    if not isinstance(y, np.ndarray) or y.dtype != label_dtype or y.shape != (n,) or \
+            (task == "regression" and not np.isfinite(y).all()):
+        raise bad(f"labels are not one {'finite float64' if task == 'regression' else 'int64'} per sample")
     ids = fields.get("ids")
     ids = np.asarray(ids) if isinstance(ids, (list, np.ndarray)) else None
     if ids is None or ids.shape != (n,) or ids.dtype.kind not in "iuU":
@@ -173,26 +182,33 @@ def dataset_from_fields(fields) -> Dataset:
     return Dataset(x=x, y=y, ids=ids, spec=fields["spec"], sha256=fields["sha256"], class_names=names["class_names"],
                    metadata=metadata,
                    feature_names=names["feature_names"], preprocessing=fields["preprocessing"], extras=extras,
-                   ground_truth_columns=names["ground_truth_columns"] or ())
+                   ground_truth_columns=names["ground_truth_columns"] or (), task=task)
 
 
 def _load_source(source, *, name: str, spec: str, digest: str, model, label_column: str, id_column, features,
-                 image_size, mean, std) -> Dataset:
+                 image_size, mean, std, task=None) -> Dataset:
     """Load from `source`, a path or a binary file object, by the suffix of `name`."""
+    from ..evaluation.tasks import TASK_NAMES
+
+    if task is not None and task not in TASK_NAMES:
+        raise AnalyzerError(f"unknown task {task!r}: choose one of {', '.join(TASK_NAMES)}")
     suffix = Path(name).suffix.lower()
     if suffix == ".npz":
-        return _load_npz(source, name, spec, digest, model=model)
+        return _load_npz(source, name, spec, digest, model=model, task=task)
     if suffix in (".csv", ".parquet"):
         table = _read_table(source, name, suffix)
         return _from_table(table, name, spec, digest, model=model, label_column=label_column, id_column=id_column,
-                           features=features)
+                           features=features, task=task)
     if suffix == ".zip":
+        if task == "regression":
+            raise AnalyzerError(f"{name!r} is a zip of image folders, whose names are classes: a regression "
+                                f"dataset is an .npz (x and real targets y) or a table with a target column")
         return _load_image_zip(source, name, spec, digest, model=model, image_size=image_size, mean=mean, std=std)
     raise AnalyzerError(f"{name!r} is not a supported dataset file: use .npz (arrays x and y), .csv or .parquet "
                         f"(a label column), or a .zip of image folders (one folder per class)")
 
 
-def _load_sample(spec: str) -> Dataset:
+def _load_sample(spec: str, *, task: str | None = None) -> Dataset:
     from sample_models import SAMPLE_NAMES, get_sample
 
     name = spec.split(":", 1)[1]
@@ -201,16 +217,19 @@ def _load_sample(spec: str) -> Dataset:
     sample = get_sample(name)
     data = sample.load_data("test")
     x = np.ascontiguousarray(data.x, dtype=np.float32)
-    y = np.asarray(data.y, dtype=np.int64)
+    declared = getattr(sample, "task", "classification")  # a sample states its own task
+    if task is not None and task != declared and {task, declared} != {"binary", "classification"}:
+        raise AnalyzerError(f"the sample {name!r} is a {declared} sample, not {task}: leave --task out")
+    y = np.asarray(data.y, dtype=np.float64 if declared == "regression" else np.int64)
     digest = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()
     ids = np.asarray(data.ids) if data.ids is not None else np.arange(len(y))
     return Dataset(x=x, y=y, ids=ids, spec=spec, sha256=digest, class_names=sample.class_names,
                    metadata=pd.DataFrame({k: np.asarray(v) for k, v in data.metadata.items()}),
                    feature_names=data.feature_names, extras=dict(data.extras),
-                   ground_truth_columns=tuple(data.ground_truth))
+                   ground_truth_columns=tuple(data.ground_truth), task=declared)
 
 
-def _load_npz(source, name: str, spec: str, digest: str, *, model=None) -> Dataset:
+def _load_npz(source, name: str, spec: str, digest: str, *, model=None, task=None) -> Dataset:
     from .inputs import layout_of
 
     arrays = read_npz_bounded(source, name)
@@ -238,7 +257,7 @@ def _load_npz(source, name: str, spec: str, digest: str, *, model=None) -> Datas
     if y.shape != (n,):
         raise AnalyzerError(f"y in {name!r} has shape {y.shape} but x has {n} samples: y must be one label per sample")
     x = _numeric_inputs(x, name)
-    y = _integer_labels(y, name, class_names=None)
+    y, task = _task_labels(y, name, class_names=None, task=task, model=model)
     class_names = tuple(str(c) for c in arrays.pop("class_names")) if "class_names" in arrays else None
     ids = arrays.pop("ids") if "ids" in arrays else np.arange(n)
     if ids.shape != (n,):
@@ -250,7 +269,7 @@ def _load_npz(source, name: str, spec: str, digest: str, *, model=None) -> Datas
         elif value.ndim > 1 and len(value) == n:
             extras[key] = value
     return _finish(x, y, ids, spec=spec, digest=digest, class_names=class_names, metadata=pd.DataFrame(metadata),
-                   extras=extras, name=name, preprocessing=preprocessing)
+                   extras=extras, name=name, preprocessing=preprocessing, task=task)
 
 
 def read_npz_bounded(source, name: str, *, budget: int = MAX_UNCOMPRESSED_BYTES) -> dict:
@@ -354,7 +373,7 @@ def _read_table(source, name: str, suffix: str) -> pd.DataFrame:
 
 
 def _from_table(table: pd.DataFrame, name: str, spec: str, digest: str, *, model, label_column: str,
-                id_column: str | None, features: list | None) -> Dataset:
+                id_column: str | None, features: list | None, task=None) -> Dataset:
     if table.empty:
         raise AnalyzerError(f"{name!r} has no rows: a dataset needs at least one sample")
     if label_column not in table.columns:
@@ -368,7 +387,7 @@ def _from_table(table: pd.DataFrame, name: str, spec: str, digest: str, *, model
     layout = layout_of(model) if model is not None else None
     if layout is not None and layout.packed:
         return _packed_from_table(table, layout, name, spec, digest, model=model, label_column=label_column,
-                                  id_column=id_column)
+                                  id_column=id_column, task=task)
     named = tuple(getattr(model, "feature_names", None) or ()) if model is not None else ()
     if named:  # the model file names its features: columns are matched by name, in the model's order
         if features and list(features) != list(named):
@@ -399,12 +418,12 @@ def _from_table(table: pd.DataFrame, name: str, spec: str, digest: str, *, model
                             f"{model.input_shape[0]}: pass --features with the model's columns in order")
     x = _numeric_inputs(table[feature_columns].to_numpy(), name)
     class_names = model.class_names if model is not None else None
-    y = _integer_labels(table[label_column].to_numpy(), name, class_names=class_names)
+    y, task = _task_labels(table[label_column].to_numpy(), name, class_names=class_names, task=task, model=model)
     ids = table[id_column].to_numpy() if id_column else np.arange(len(table))
     meta_columns = [c for c in table.columns if c not in reserved and c not in feature_columns]
     return _finish(x, y, ids, spec=spec, digest=digest, class_names=None,
                    metadata=table[meta_columns].reset_index(drop=True), feature_names=tuple(map(str, feature_columns)),
-                   name=name, preprocessing={"feature_order": order})
+                   name=name, preprocessing={"feature_order": order}, task=task)
 
 
 def packed_columns(item) -> list:
@@ -413,7 +432,7 @@ def packed_columns(item) -> list:
 
 
 def _packed_from_table(table: pd.DataFrame, layout, name: str, spec: str, digest: str, *, model, label_column: str,
-                       id_column) -> Dataset:
+                       id_column, task=None) -> Dataset:
     """Token ids and the model's other inputs from columns `input_ids_0 ... input_ids_{L-1}`, `attention_mask_0` ..."""
     arrays, used = {}, set()
     for item in layout.inputs:
@@ -426,12 +445,13 @@ def _packed_from_table(table: pd.DataFrame, layout, name: str, spec: str, digest
         arrays[item.name] = table[columns].to_numpy().reshape(len(table), *item.shape)
         used.update(columns)
     x = _numeric_inputs(layout.pack(arrays, repr(name)), name)
-    y = _integer_labels(table[label_column].to_numpy(), name, class_names=model.class_names)
+    y, task = _task_labels(table[label_column].to_numpy(), name, class_names=model.class_names, task=task,
+                           model=model)
     ids = table[id_column].to_numpy() if id_column else np.arange(len(table))
     meta_columns = [c for c in table.columns if c not in used and c not in (label_column, id_column)]
     return _finish(x, y, ids, spec=spec, digest=digest, class_names=None,
                    metadata=table[meta_columns].reset_index(drop=True), name=name,
-                   preprocessing={"inputs": layout.to_json()})
+                   preprocessing={"inputs": layout.to_json()}, task=task)
 
 
 def _load_image_zip(source, name: str, spec: str, digest: str, *, model, image_size, mean, std) -> Dataset:
@@ -624,6 +644,19 @@ def names_to_classes(names, class_names, where: str, *, what: str = "labels") ->
     return out
 
 
+def _task_labels(y: np.ndarray, name: str, *, class_names, task, model) -> tuple[np.ndarray, str]:
+    """(labels, task name): real targets for a regression, class indices otherwise (`_integer_labels`). The task
+    is the declared one, or read from the labels and the model's output (`tasks.resolve_task`)."""
+    from ..evaluation.tasks import resolve_task
+
+    resolved = resolve_task(task, y, model)
+    if resolved.name == "regression":
+        return resolved.check_labels(y), resolved.name
+    if resolved.name == "multilabel":
+        raise AnalyzerError("multi-label datasets are not analysed yet (issue 12): use one class index per sample")
+    return _integer_labels(y, name, class_names=class_names), resolved.name
+
+
 def _integer_labels(y: np.ndarray, name: str, *, class_names) -> np.ndarray:
     if y.dtype.kind in "OUS":
         lookup = names_to_classes(y, class_names, repr(name))
@@ -644,7 +677,7 @@ def _integer_labels(y: np.ndarray, name: str, *, class_names) -> np.ndarray:
 
 
 def _finish(x, y, ids, *, spec, digest, class_names, metadata, name, feature_names=None, extras=None,
-            preprocessing=None) -> Dataset:
+            preprocessing=None, task: str = "classification") -> Dataset:
     if len(y) == 0:
         raise AnalyzerError(f"{name!r} has no samples: a dataset needs at least one")
     ids = np.asarray(ids)
@@ -655,7 +688,7 @@ def _finish(x, y, ids, *, spec, digest, class_names, metadata, name, feature_nam
         raise AnalyzerError(f"ids in {name!r} are not unique ({', '.join(dupes)} repeat): give every sample its own id")
     return Dataset(x=x, y=y, ids=ids, spec=spec, sha256=digest, class_names=class_names,
                    metadata=metadata.reset_index(drop=True), feature_names=feature_names,
-                   preprocessing=preprocessing or {}, extras=extras or {})
+                   preprocessing=preprocessing or {}, extras=extras or {}, task=task)
 
 
 def _non_finite_rows(x: np.ndarray, chunk: int = 4096) -> np.ndarray:
@@ -678,8 +711,11 @@ def check_dataset(dataset: Dataset, model) -> None:
     if dataset.sample_shape != tuple(model.input_shape):
         raise AnalyzerError(f"samples have shape {dataset.sample_shape} but the model takes {tuple(model.input_shape)}:"
                             f" reshape the data or choose the matching model")
-    low, high = int(dataset.y.min()), int(dataset.y.max())
-    if low < 0 or high >= model.num_classes:
+    if dataset.task == "regression":  # real targets, read and checked by tasks.Regression
+        low, high = 0, 0
+    else:
+        low, high = int(dataset.y.min()), int(dataset.y.max())
+    if dataset.task != "regression" and (low < 0 or high >= model.num_classes):
         raise AnalyzerError(f"labels range over {low}..{high} but the model has {model.num_classes} classes "
                             f"(0..{model.num_classes - 1}): check the labels or the model")
     if dataset.class_names is not None and len(dataset.class_names) > model.num_classes:

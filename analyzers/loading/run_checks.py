@@ -50,6 +50,7 @@ _INFO = (
     ("sandbox", "mapping?", False),
     ("embedding_layer", "text?", False),
     ("analyses", "mapping", False),
+    ("task", "text", False),  # what the model does (analyzers.evaluation.tasks); older runs: classification
     ("owner", "mapping?", False),  # who may replace or delete the run on a dashboard with sign-in; None: the operator
 )
 _MODEL = (("spec", "text", True), ("sha256", "text", True), ("input_shape", "ints", True), ("arch", "text?", False),
@@ -113,15 +114,23 @@ def check_info(info, where) -> None:
 CORE_COLUMNS = ("id", "label", "pred", "confidence", "loss", "correct")
 
 
-def check_samples(samples: pd.DataFrame, *, num_samples: int, num_classes: int, where) -> None:
+REGRESSION_COLUMNS = ("target", "prediction", "residual", "abs_error")
+
+
+def check_samples(samples: pd.DataFrame, *, num_samples: int, num_classes: int, where,
+                  task: str = "classification") -> None:
     """One row per sample with the core columns; classes index class_names; `correct` is pred == label; ids are
-    unique (links and selections name samples by id)."""
+    unique (links and selections name samples by id). A regression's label and pred are real numbers, beside its
+    target, prediction, residual and abs_error columns, which agree with them."""
     rel = "samples.parquet"
-    missing = [c for c in CORE_COLUMNS if c not in samples.columns]
+    missing = [c for c in CORE_COLUMNS + (REGRESSION_COLUMNS if task == "regression" else ()) if c not in samples]
     if missing:
         raise damaged(rel, where, f"it lacks the column{'s' * (len(missing) > 1)} {', '.join(missing)}")
     if len(samples) != num_samples:
         raise damaged(rel, where, f"it has {len(samples)} rows for {num_samples} samples")
+    if task == "regression":
+        _check_regression_samples(samples, rel, where)
+        return
     for column in ("label", "pred"):
         _check_classes(samples[column], rel, column, where, num_classes)
     for column in ("confidence", "loss"):
@@ -139,9 +148,35 @@ def check_samples(samples: pd.DataFrame, *, num_samples: int, num_classes: int, 
         raise damaged(rel, where, "two samples share an id")
 
 
-def check_probs(probs: np.ndarray, samples: pd.DataFrame, *, num_classes: int, where) -> None:
-    """(N, K) probabilities, finite, in [0, 1], rows summing to 1, whose argmax is samples.parquet's `pred`."""
+def _check_regression_samples(samples: pd.DataFrame, rel: str, where) -> None:
+    for column in ("label", "pred", "loss", "residual", "abs_error"):
+        values = samples[column]
+        if not _is_number(values) or not np.isfinite(values.to_numpy(dtype=np.float64)).all():
+            raise damaged(rel, where, f"{column!r} is not a finite number for every sample")
+    label, pred = samples["label"].to_numpy(np.float64), samples["pred"].to_numpy(np.float64)
+    if not (np.array_equal(label, samples["target"].to_numpy(np.float64))
+            and np.array_equal(pred, samples["prediction"].to_numpy(np.float64))
+            and np.allclose(samples["residual"].to_numpy(np.float64), pred - label)
+            and np.allclose(samples["abs_error"].to_numpy(np.float64), np.abs(pred - label))):
+        raise damaged(rel, where, "its target, prediction, residual and abs_error disagree with label and pred")
+    if not pd.api.types.is_bool_dtype(samples["correct"]):
+        raise damaged(rel, where, "'correct' is not true or false for every sample")
+    if samples["id"].duplicated().any():
+        raise damaged(rel, where, "two samples share an id")
+
+
+def check_probs(probs: np.ndarray, samples: pd.DataFrame, *, num_classes: int, where,
+                task: str = "classification") -> None:
+    """(N, K) probabilities, finite, in [0, 1], rows summing to 1, whose argmax is samples.parquet's `pred`; for a
+    regression, (N, 1) predicted values equal to its `pred`."""
     rel = "probs.npy"
+    if task == "regression":
+        if probs.shape != (len(samples), 1) or probs.dtype.kind != "f":
+            raise damaged(rel, where, f"its shape is {probs.shape}, not {len(samples)} samples x 1 predicted value")
+        if not np.allclose(np.asarray(probs[:, 0], np.float64), samples["pred"].to_numpy(np.float64), rtol=1e-6,
+                           atol=1e-6):
+            raise damaged(rel, where, "its predicted values disagree with samples.parquet's pred")
+        return
     if probs.ndim != 2 or probs.shape != (len(samples), num_classes):
         raise damaged(rel, where, f"its shape is {probs.shape}, not {len(samples)} samples x {num_classes} classes")
     if probs.dtype.kind != "f":
@@ -185,6 +220,10 @@ _JSON = {
                      ("ece", "number", True), ("roc_auc_ovr", "number?", False),
                      ("classification_report", "mapping", False), ("per_class", "mapping", False),
                      ("top_k_accuracy", "mapping", False)),
+    # a regression's metrics (the task's own file rules: `check_json(..., task="regression")`)
+    "metrics.json#regression": (("mse", "number", True), ("rmse", "number", True), ("mae", "number", True),
+                                ("r2", "number?", True), ("median_absolute_error", "number", True),
+                                ("mape", "number?", False)),
     "gradients/flags.json": (("vanishing", "texts", False), ("exploding", "texts", False),
                              ("dead_relu_layers", "mapping", False), ("inplace_activations", "texts", False),
                              ("thresholds", "mapping", False), ("params", "mapping", False),
@@ -225,8 +264,8 @@ def check_table(relpath: str, table: pd.DataFrame, *, num_samples: int, num_clas
         raise damaged(relpath, where, f"it has {len(table)} rows for {num_samples} samples")
 
 
-def check_json(relpath: str, obj, *, where) -> None:
-    fields = _rule(_JSON, relpath)
+def check_json(relpath: str, obj, *, where, task: str = "classification") -> None:
+    fields = _JSON.get(f"{relpath}#{task}") or _rule(_JSON, relpath)
     if fields is None:
         return
     if not isinstance(obj, dict):

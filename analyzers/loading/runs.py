@@ -238,12 +238,13 @@ def _recover_name(root: Path, name: str) -> list[str]:
     return done
 
 
-def check_run_files(stage_dir: str | Path, *, num_samples: int, num_classes: int) -> dict:
+def check_run_files(stage_dir: str | Path, *, num_samples: int, num_classes: int,
+                    task: str = "classification") -> dict:
     """Check a run's files before it is stored (a sandboxed worker wrote them, so they are not trusted), by the
     rules every reader applies (`run_checks`): the core files whole, and every analysis file present. Returns
     {"accuracy": ...}."""
     stage_dir = Path(stage_dir)
-    info = {"num_samples": num_samples, "class_names": [str(k) for k in range(num_classes)]}
+    info = {"num_samples": num_samples, "class_names": [str(k) for k in range(num_classes)], "task": task}
     run = Run(path=stage_dir, info=info)
     try:
         run.check_every_file()
@@ -251,6 +252,8 @@ def check_run_files(stage_dir: str | Path, *, num_samples: int, num_classes: int
         raise AnalyzerError(f"the analysis wrote a damaged {exc.relpath or 'run'} ({exc.why or exc}); nothing was "
                             f"stored") from exc
     samples = run.samples
+    if task == "regression":  # a real-valued prediction has no accuracy: the summary leads with its MAE
+        return {"accuracy": None}
     return {"accuracy": float(samples["correct"].mean()) if num_samples else float("nan")}
 
 
@@ -268,6 +271,11 @@ class Run:
         return list(self.info["class_names"])
 
     @property
+    def task(self) -> str:
+        """What the model does (`analyzers.evaluation.tasks`): runs from before tasks were recorded classify."""
+        return str(self.info.get("task") or "classification")
+
+    @property
     def num_samples(self) -> int:
         return int(self.info["num_samples"])
 
@@ -275,7 +283,8 @@ class Run:
     def samples(self) -> pd.DataFrame:
         if "samples" not in self._cache:
             table = self._read(SAMPLES, pd.read_parquet)
-            check_samples(table, num_samples=self.num_samples, num_classes=len(self.class_names), where=self.path)
+            check_samples(table, num_samples=self.num_samples, num_classes=len(self.class_names), where=self.path,
+                          task=self.task)
             self._cache["samples"] = table
         return self._cache["samples"]
 
@@ -283,7 +292,7 @@ class Run:
     def probs(self) -> np.ndarray:
         if "probs" not in self._cache:
             probs = self._read(PROBS, lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
-            check_probs(probs, self.samples, num_classes=len(self.class_names), where=self.path)
+            check_probs(probs, self.samples, num_classes=len(self.class_names), where=self.path, task=self.task)
             self._cache["probs"] = probs
         return self._cache["probs"]
 
@@ -292,7 +301,7 @@ class Run:
 
     def read_json(self, relpath: str):
         obj = self._read(relpath, lambda p: json.loads(p.read_text()))
-        check_json(relpath, obj, where=self.path)
+        check_json(relpath, obj, where=self.path, task=self.task)
         return obj
 
     def read_parquet(self, relpath: str) -> pd.DataFrame:

@@ -95,8 +95,11 @@ def _handle(request, state: dict, replies: int):
             with os.fdopen(os.dup(int(request["fd"])), "rb") as fh:
                 dataset = load_dataset_file(fh, name=str(request["name"]), spec=str(request["spec"]),
                                             model=state["model"], **options)
+        from ..evaluation.tasks import model_for_task, output_width, task_named
         from .datasets import check_dataset
 
+        # the model is read for the dataset's task (a regression model's output is its value), here as in the parent
+        state["model"] = model_for_task(state["model"], task_named(dataset.task, output_width(state["model"])))
         check_dataset(dataset, state["model"])
         state["dataset"] = dataset
         return describe_dataset(dataset)

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AnalyzerError, InvalidOption, first_line
 from ..guard import analysis_mode, unwrap
-from ..engines.inference import class_log_probs, on_device
+from ..engines.inference import on_device
+from ..evaluation.tasks import task_of
 from ..loading.models import layer_kinds
 from .recorder import layer_of_parameter
 from ..loading.sandbox import runs_in_worker
@@ -92,8 +92,9 @@ def _norm(tensors) -> float:
     return math.sqrt(total)
 
 
-def _loss(outputs: torch.Tensor, labels: torch.Tensor, output_kind: str) -> torch.Tensor:
-    return F.nll_loss(class_log_probs(outputs.float(), output_kind), labels)
+def _loss(outputs: torch.Tensor, labels: torch.Tensor, output_kind: str, task) -> torch.Tensor:
+    """The batch's mean training loss for the model's task (cross-entropy, or squared error for a regression)."""
+    return task.loss_from_raw(outputs.float(), labels, output_kind).mean()
 
 
 @runs_in_worker
@@ -111,6 +112,7 @@ def gradient_norm_traces(model, x, y, *, batch_size: int = 64, num_batches: int 
         raise InvalidOption(f"batch_size and num_batches must be at least 1, got {batch_size} and {num_batches}")
     module = unwrap(model)
     output_kind = getattr(model, "output_kind", "logits")
+    task = task_of(model)
     kinds = layer_kinds(model)
     x = np.asarray(x)
     labels_all = np.asarray(y)
@@ -190,10 +192,10 @@ def gradient_norm_traces(model, x, y, *, batch_size: int = 64, num_batches: int 
                 outputs_seen.clear()
                 calls.clear()
                 inputs = torch.as_tensor(x[rows_idx], dtype=torch.float32, device=device)
-                labels = torch.as_tensor(labels_all[rows_idx], dtype=torch.long, device=device)
+                labels = torch.as_tensor(labels_all[rows_idx].astype(task.label_dtype), device=device)
                 t0 = time.perf_counter()
                 try:
-                    loss = _loss(module(inputs), labels, output_kind)
+                    loss = _loss(module(inputs), labels, output_kind, task)
                 except AnalyzerError:
                     raise
                 except Exception as exc:
@@ -315,6 +317,7 @@ def overfit_one_batch(model, x, y, *, steps: int = 200, lr: float = 3e-3, batch_
         raise AnalyzerError(f"lr must be a non-negative number, got {lr}")
     original = unwrap(model)
     output_kind = getattr(model, "output_kind", "logits")
+    task = task_of(model)
     x = np.asarray(x)
     labels_all = np.asarray(y)
     if len(x) != len(labels_all) or len(x) == 0:
@@ -344,12 +347,12 @@ def overfit_one_batch(model, x, y, *, steps: int = 200, lr: float = 3e-3, batch_
     for p in trainable:
         p.requires_grad_(True)
     inputs = torch.as_tensor(x[rows], dtype=torch.float32, device=device)
-    labels = torch.as_tensor(labels_all[rows], dtype=torch.long, device=device)
+    labels = torch.as_tensor(labels_all[rows].astype(task.label_dtype), device=device)
     losses = []
     started = time.perf_counter()
     optimizer = torch.optim.Adam(trainable, lr=lr) if trainable else None
     for step in range(steps + 1):
-        loss = _loss(copy(inputs), labels, output_kind)
+        loss = _loss(copy(inputs), labels, output_kind, task)
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             break

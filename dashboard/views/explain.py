@@ -10,8 +10,9 @@ from dashboard import components, data, figures, state
 from dashboard.text import md
 from dashboard.selection import id_positions, neighbours
 
-run = components.require_run()
+run = components.require_run(tasks=(*components.CLASS_TASKS, "regression"))
 components.header("Explain a sample", run)
+task = data.run_task(run)
 samples = run.samples
 modality = run.info["dataset"]["modality"]
 
@@ -46,10 +47,15 @@ if typed:
     else:
         nav[3].error(f"No sample {md(repr(typed))} in this run.")
 
-label, pred = int(sample["label"]), int(sample["pred"])
-verdict = "✓ correct" if sample["correct"] else "✗ wrong"
-st.subheader(f"Sample {md(sample['id'])} — true {md(components.class_name(run, label))}, predicted "
-             f"{md(components.class_name(run, pred))} ({verdict}, confidence {sample['confidence']:.3f})")
+if task.has_classes:
+    label, pred = int(sample["label"]), int(sample["pred"])
+    verdict = "✓ correct" if sample["correct"] else "✗ wrong"
+    st.subheader(f"Sample {md(sample['id'])} — true {md(components.class_name(run, label))}, predicted "
+                 f"{md(components.class_name(run, pred))} ({verdict}, confidence {sample['confidence']:.3f})")
+else:  # a regression: the maps explain the predicted value
+    label = pred = 0
+    st.subheader(f"Sample {md(sample['id'])} — target {sample['target']:.4g}, predicted {sample['prediction']:.4g} "
+                 f"(residual {sample['residual']:+.4g}{', one of the largest errors' if not sample['correct'] else ''})")
 
 try:
     model, dataset = data.run_inputs(run)
@@ -81,9 +87,13 @@ with left:
     if extra:
         st.caption("Metadata: " + " · ".join(f"{md(c)} = {md(components.short(sample[c]))}" for c in extra))
 with right:
-    st.markdown("**Probability of every class**")
-    st.plotly_chart(figures.probabilities_figure(run.probs[row], run.class_names, label=label, pred=pred),
-                    key="explain-probs", config={"displayModeBar": False})
+    if task.has_classes:
+        st.markdown("**Probability of every class**")
+        st.plotly_chart(figures.probabilities_figure(run.probs[row], run.class_names, label=label, pred=pred),
+                        key="explain-probs", config={"displayModeBar": False})
+    else:
+        st.markdown(f"**Absolute error** {sample['abs_error']:.4g}, against a mean of "
+                    f"{run.samples['abs_error'].mean():.4g} over the run.")
 
 # ----------------------------------------------------------------------------------------------------- attributions
 from analyzers.explanations.attributions import (COMPLETE_METHODS, METHODS, describe_settings,  # noqa: E402
@@ -139,9 +149,12 @@ if modality == "tabular":
     if uneven and not per_std:
         st.warning("The features' scales differ more than 100-fold: raw gradients rank the small-scale features "
                    "first. Turn on per standard deviation to compare them.", icon=":material/straighten:")
-targets = [("pred", f"predicted class: {components.class_name(run, pred)}")]
-if label != pred:
-    targets.append(("label", f"true class: {components.class_name(run, label)}"))
+if task.has_classes:
+    targets = [("pred", f"predicted class: {components.class_name(run, pred)}")]
+    if label != pred:
+        targets.append(("label", f"true class: {components.class_name(run, label)}"))
+else:
+    targets = [("pred", "the predicted value")]
 
 
 def _scores_text(scores: dict, method: str) -> str:
@@ -285,6 +298,12 @@ for method in methods:
             slot = st.empty()
             slot.caption("Scores: computing…")
             pending.append((explanation, options, slot))
+if not task.has_classes:
+    # deletion, ROAD and the sanity check read class probabilities: a value's own versions are not built yet
+    for _, _, slot in pending:
+        slot.caption("Faithfulness scores (deletion, ROAD, the sanity check) are computed for classifiers; for a "
+                     "regression only the maps are shown so far.")
+    pending = []
 for explanation, options, slot in pending:
     try:
         scores = sample_scores(run, explanation, model=model, dataset=dataset, sanity=sanity, **options)

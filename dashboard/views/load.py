@@ -23,6 +23,8 @@ CLASS_NAMES_LABEL = "Class names (the model's output order)"
 CONTROLS = {"--arch": ARCH_LABEL, "--label-column": "Label column (tables)", "--id-column": "Id column (tables)",
             "--class-names": CLASS_NAMES_LABEL, "--image-size": "Image size H,W", "--mean": "Mean per channel",
             "--std": "Std per channel", "--overwrite": "Replace a run of this name", "--out": "Run name"}
+TASK_CHOICES = {"auto": "automatic (from the labels and the model)", "classification": "classification",
+                "binary": "binary classification", "regression": "regression"}
 REPLACE_HELP = ("Without it, an existing run of this name is never replaced (the same model, data and settings "
                 "just reopen it). A replaced run keeps its explanations and t-SNE/UMAP projections when the model "
                 "and data are the same files.")
@@ -151,6 +153,11 @@ with analyse_tab:
             id_column = st.text_input("Id column (tables)", key="load-id-column", placeholder="none: row numbers",
                                       help="A column naming each sample: its values become the ids you search "
                                            "and go to; it is not used as a feature or a group.")
+            task_choice = st.selectbox(
+                "Task", list(TASK_CHOICES), key="load-task", format_func=TASK_CHOICES.get,
+                help="What the model does. Automatic reads it from the labels and the model's output: whole-number "
+                     "labels with one output per class are classes, real-valued targets with one output a "
+                     "regression; when both readings fit, it asks.")
         with st.expander("Image preprocessing (image-folder zips)"):
             cols = st.columns(3)
             size_text = cols[0].text_input("Image size H,W", placeholder="from the model", key="load-size")
@@ -176,7 +183,8 @@ with analyse_tab:
                 class_names = [c.strip() for c in (class_names_text or "").split(",") if c.strip()] or None
                 options = dict(image_size=tuple(size) if size else None, mean=_numbers(mean_text, float, "Mean"),
                                std=_numbers(std_text, float, "Std"), label_column=label_column or "label",
-                               id_column=(id_column or "").strip() or None, class_names=class_names)
+                               id_column=(id_column or "").strip() or None, class_names=class_names,
+                               task=None if task_choice == "auto" else task_choice)
                 from analyzers.loading.workspace import Workspace
 
                 workspace = Workspace(settings.workspace, max_bytes=settings.max_upload_bytes)

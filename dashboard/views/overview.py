@@ -7,7 +7,7 @@ import streamlit as st
 from dashboard import components, data, figures
 from dashboard.text import md
 
-run = components.require_run()
+run = components.require_run(tasks=(*components.CLASS_TASKS, "regression"))
 components.header("Overview", run)
 sandbox = run.info.get("sandbox") or {}
 if sandbox.get("level") == "reduced":
@@ -25,6 +25,73 @@ if order and features:  # which column fed which input: a table in another order
     st.caption(f"The model was given {len(features)} features in {md(order)}: {shown}.")
 m = data.metrics(run)
 names = run.class_names
+task = data.run_task(run)
+
+
+def _regression_overview() -> None:
+    """A regression's page: its errors in the target's units, predictions against targets (click a point to
+    explain it), residuals, the error histogram, the error slices with their MAE, and the largest errors."""
+    from analyzers.evaluation.metrics import RANKINGS, rank_errors
+    from analyzers.evaluation.slices import slice_mask
+
+    cols = st.columns(5)
+    cols[0].metric("MAE", f"{m['mae']:.4g}", help="Mean absolute error, in the target's units.")
+    cols[1].metric("RMSE", f"{m['rmse']:.4g}", help="Root of the mean squared error: large errors weigh more.")
+    cols[2].metric("R²", "—" if m.get("r2") is None else f"{m['r2']:.3f}",
+                   help="Share of the target's variance the model explains (1 is perfect, 0 is the mean).")
+    cols[3].metric("Median absolute error", f"{m['median_absolute_error']:.4g}")
+    cols[4].metric("MAPE", "—" if m.get("mape") is None else components.percent(m["mape"]),
+                   help="Mean absolute percentage error; undefined when a target is 0.")
+    st.caption(f"Targets: mean {m['target_mean']:.4g}, standard deviation {m['target_std']:.4g}, over "
+               f"{m['num_samples']:,} samples. A sample counts as one of the largest errors when "
+               f"{md(task.what_is_wrong)}.")
+    samples = run.samples
+    left, right = st.columns(2, gap="large")
+    with left:
+        st.subheader("Predicted against true")
+        event = st.plotly_chart(figures.predicted_vs_true_figure(samples["target"], samples["prediction"],
+                                                                 samples["id"], wrong=~samples["correct"]),
+                                key="overview-predicted", on_select="rerun", selection_mode="points",
+                                config={"displayModeBar": False})
+        points = (event or {}).get("selection", {}).get("points", []) if event else []
+        clicked = [p.get("customdata") for p in points if p.get("customdata") is not None]
+        if clicked and components.fresh("overview-predicted", clicked[0]):
+            components.go_to("explain", sample=str(clicked[0]))
+        st.caption("Click a point to explain that sample's prediction.")
+    with right:
+        st.subheader("Residuals")
+        st.plotly_chart(figures.residual_figure(samples["prediction"], samples["residual"], samples["id"]),
+                        key="overview-residuals", config={"displayModeBar": False})
+    st.subheader("Absolute errors")
+    st.plotly_chart(figures.error_histogram_figure(samples["abs_error"]), key="overview-errors",
+                    config={"displayModeBar": False})
+    slices = data.optional_table(run, "slices.parquet")
+    st.subheader("Where the errors concentrate")
+    if slices is None or not len(slices):
+        st.markdown("No group of samples has significantly more of the largest errors than the rest.")
+    else:
+        errors = samples["abs_error"].to_numpy()
+        rows = []
+        for _, row in slices.head(10).iterrows():
+            inside = slice_mask(samples, row["ids"])
+            rows.append({"slice": row["description"], "samples": int(row["size"]),
+                         "share of largest errors": 100 * float(row["error_rate"]),
+                         "MAE inside": float(errors[inside].mean()),
+                         "MAE elsewhere": float(errors[~inside].mean()) if (~inside).any() else float("nan")})
+        st.dataframe(pd.DataFrame(rows), hide_index=True,
+                     column_config={"share of largest errors": components.percent_column(),
+                                    "MAE inside": st.column_config.NumberColumn(format="%.4g"),
+                                    "MAE elsewhere": st.column_config.NumberColumn(format="%.4g")})
+    st.subheader("Largest errors")
+    by = st.segmented_control("Order", list(task.rankings), default=task.rankings[0], key="overview-ranking",
+                              format_func=lambda r: RANKINGS[r][0]) or task.rankings[0]
+    ranked = rank_errors(samples, by=by, limit=20)
+    st.dataframe(ranked[["id", "target", "prediction", "residual", "abs_error"]], hide_index=True)
+
+
+if not task.has_classes:
+    _regression_overview()
+    st.stop()
 
 cols = st.columns(5)
 cols[0].metric("Accuracy", f"{m['accuracy']:.3f}")

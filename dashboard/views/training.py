@@ -9,7 +9,7 @@ from analyzers.errors import AnalyzerError
 from dashboard import components, data, figures
 from dashboard.text import md
 
-run = components.require_run()
+run = components.require_run(tasks=(*components.CLASS_TASKS, "regression"))  # gradients read the loss
 components.header("Training & gradients", run)
 
 # ---------------------------------------------------------------------------------------------- training log
