@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_NAMES = ("digits", "tabular", "dna", "shapes")
+SAMPLE_NAMES = ("digits", "tabular", "dna", "shapes", "prices")
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
@@ -43,6 +43,11 @@ class Sample:
     @property
     def class_names(self) -> tuple:
         return tuple(self.module.CLASS_NAMES)
+
+    @property
+    def task(self) -> str:
+        """What the sample's model does (`analyzers.evaluation.tasks`): classification unless the module says."""
+        return getattr(self.module, "TASK", "classification")
 
     @property
     def input_shape(self) -> tuple:

@@ -13,7 +13,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     for name in args.names or SAMPLE_NAMES:
         summary = get_sample(name).module.train(args.out)
-        print(f"{name}: test accuracy {summary['test_accuracy']:.4f}")
+        score = (f"test MAE {summary['test_mae']:.4f}" if "test_mae" in summary
+                 else f"test accuracy {summary['test_accuracy']:.4f}")
+        print(f"{name}: {score}")
 
 
 if __name__ == "__main__":

@@ -14,27 +14,37 @@ from torch import nn
 from analyzers.training.recorder import TrainingRecorder
 
 
-def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of `model` on arrays."""
+def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 512, *,
+             task: str = "classification") -> tuple[float, float]:
+    """(mean loss, headline score) of `model` on arrays: cross-entropy and accuracy, or for a regression the mean
+    squared error and the mean absolute error."""
     model.eval()
-    losses, hits = 0.0, 0
+    losses, score = 0.0, 0.0
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
             xb = torch.as_tensor(x[start:start + batch_size], dtype=torch.float32)
-            yb = torch.as_tensor(y[start:start + batch_size], dtype=torch.long)
             out = model(xb)
-            losses += float(F.cross_entropy(out, yb, reduction="sum"))
-            hits += int((out.argmax(1) == yb).sum())
-    return losses / len(x), hits / len(x)
+            if task == "regression":
+                yb = torch.as_tensor(y[start:start + batch_size], dtype=torch.float32)
+                losses += float(((out[:, 0] - yb) ** 2).sum())
+                score += float((out[:, 0] - yb).abs().sum())
+            else:
+                yb = torch.as_tensor(y[start:start + batch_size], dtype=torch.long)
+                losses += float(F.cross_entropy(out, yb, reduction="sum"))
+                score += int((out.argmax(1) == yb).sum())
+    return losses / len(x), score / len(x)
 
 
 def fit(name: str, build_model: Callable[[], nn.Module], train, test, *, out_dir: str | Path, epochs: int,
-        lr: float = 1e-3, batch_size: int = 64, weight_decay: float = 0.0, seed: int = 0, log_every: int = 1) -> dict:
+        lr: float = 1e-3, batch_size: int = 64, weight_decay: float = 0.0, seed: int = 0, log_every: int = 1,
+        task: str = "classification") -> dict:
     """Build a model (seeded, so its initial weights do not depend on what ran before), train it on `train` (a
     SampleData), log every step, save weights and a summary; returns the summary.
 
-    Writes `<name>.safetensors`, `<name>.log.jsonl` and `<name>.json` (test accuracy, seed, epochs) into `out_dir`.
+    Writes `<name>.safetensors`, `<name>.log.jsonl` and `<name>.json` (test accuracy, or a regression's test MAE,
+    seed, epochs) into `out_dir`. A regression (`task`) is trained on the squared error.
     """
+    regression = task == "regression"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -42,7 +52,7 @@ def fit(name: str, build_model: Callable[[], nn.Module], train, test, *, out_dir
     torch.manual_seed(seed)  # dropout and the rest of training draw the same numbers whatever the architecture drew
     rng = np.random.default_rng(seed)
     x = np.asarray(train.x, dtype=np.float32)
-    y = np.asarray(train.y, dtype=np.int64)
+    y = np.asarray(train.y, dtype=np.float32 if regression else np.int64)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = int(np.ceil(len(x) / batch_size))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
@@ -54,19 +64,21 @@ def fit(name: str, build_model: Callable[[], nn.Module], train, test, *, out_dir
             for start in range(0, len(x), batch_size):
                 idx = order[start:start + batch_size]
                 xb, yb = torch.as_tensor(x[idx]), torch.as_tensor(y[idx])
-                loss = F.cross_entropy(model(xb), yb)
+                out = model(xb)
+                loss = F.mse_loss(out[:, 0], yb) if regression else F.cross_entropy(out, yb)
                 optimizer.zero_grad()
                 loss.backward()
                 recorder.log_step(step, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
                 optimizer.step()
                 scheduler.step()
                 step += 1
-            val_loss, val_acc = evaluate(model, test.x, test.y)
-            recorder.log_validation(step, val_loss=val_loss, val_accuracy=val_acc)
+            val_loss, val_score = evaluate(model, test.x, test.y, task=task)
+            recorder.log_validation(step, val_loss=val_loss, val_accuracy=None if regression else val_score)
     model.eval()
-    _, test_accuracy = evaluate(model, test.x, test.y)
+    _, test_score = evaluate(model, test.x, test.y, task=task)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / f"{name}.safetensors"))
-    summary = {"name": name, "test_accuracy": test_accuracy, "epochs": epochs, "seed": seed, "lr": lr,
+    summary = {"name": name, "test_mae" if regression else "test_accuracy": test_score, "epochs": epochs,
+               "seed": seed, "lr": lr,
                "batch_size": batch_size, "train_size": len(x), "test_size": len(test.y)}
     (out_dir / f"{name}.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -74,7 +74,11 @@ def test_sign_in_owner_and_view_policy_end_to_end(signed_in_app, browser):
     ben.goto(f"{url}/load")
     ben.get_by_role("heading", name="Load").wait_for(timeout=60_000)
     _wait_until_idle(ben)
-    assert ben.get_by_label("Run name").first.input_value() == "sample-digits-ben"
+    # the name is filled in once the page has chosen its sample: waited for, not read at once (a busy machine
+    # read it empty in CI)
+    from playwright.sync_api import expect
+
+    expect(ben.get_by_label("Run name").first).to_have_value("sample-digits-ben", timeout=60_000)
     _current(ben, RUN_BUTTON).click()
     ben.get_by_text("is ready").wait_for(timeout=180_000)
     _no_exception(ben)

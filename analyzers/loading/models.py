@@ -190,8 +190,12 @@ def _load_sample(spec: str) -> LoadedModel:
     data = sample.weights_path.read_bytes()
     module = sample.build_model()
     load_state_dict_checked(module, read_state_dict(data, sample.weights_path.name), sample.weights_path.name)
-    return _describe(module, spec=spec, sha256=sha256_bytes(data), source="sample", input_shape=sample.input_shape,
-                     class_names=sample.class_names)
+    loaded = _describe(module, spec=spec, sha256=sha256_bytes(data), source="sample", input_shape=sample.input_shape,
+                       class_names=sample.class_names or None)
+    from ..evaluation.tasks import model_for_task, output_width, task_named
+
+    # a sample states its task: a regression sample's one output is its value, not a binary logit
+    return model_for_task(loaded, task_named(sample.task, output_width(loaded)))
 
 
 def check_arch_kwargs(arch: str | None, kwargs) -> None:
