@@ -160,6 +160,14 @@ def confusion(run: Run):
                        ids=samples["id"].to_numpy(), class_names=run.class_names)
 
 
+@st.cache_resource(hash_funcs=HASH, show_spinner=False, max_entries=32)
+def threshold_curve(run: Run, positive: int):
+    """analyzers.evaluation.thresholds.ThresholdCurve of class `positive` against the rest (read-only; shared)."""
+    from analyzers.evaluation.thresholds import threshold_curve as curve_of
+
+    return curve_of(run.samples["label"].to_numpy(), run.probs, positive=positive)
+
+
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)
 def reliability(run: Run, strategy: str = "uniform", n_bins: int = 10) -> dict:
     from analyzers.evaluation import metrics as m
@@ -167,11 +175,23 @@ def reliability(run: Run, strategy: str = "uniform", n_bins: int = 10) -> dict:
     return m.top_label_bins(run.samples["label"].to_numpy(), run.probs, n_bins=n_bins, strategy=strategy).to_dict()
 
 
+def decided_samples(run: Run) -> pd.DataFrame:
+    """The samples table with each prediction taken at the run's stored threshold (thresholds.json: the Confusion
+    page's choice), else as stored (the most probable class)."""
+    from analyzers.evaluation.thresholds import THRESHOLDS, predictions_at
+
+    stored = optional_json(run, THRESHOLDS) if run_task(run).has_classes else None
+    if not stored or not 0 <= int(stored["positive"]) < len(run.class_names):
+        return run.samples
+    pred = predictions_at(run.probs, positive=int(stored["positive"]), threshold=float(stored["threshold"]))
+    return run.samples.assign(pred=pred, correct=pred == run.samples["label"].to_numpy())
+
+
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=64)
 def ranking(run: Run, by: str, limit: int = 200) -> pd.DataFrame:
     from analyzers.evaluation.metrics import rank_errors
 
-    return rank_errors(run.samples, run.probs, by=by, limit=limit)
+    return rank_errors(decided_samples(run), run.probs, by=by, limit=limit)
 
 
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)

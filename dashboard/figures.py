@@ -158,6 +158,45 @@ def per_class_figure(report: dict, class_names) -> go.Figure:
     return _layout(fig, barmode="group", height=340, legend=dict(orientation="h", y=1.12))
 
 
+# ------------------------------------------------------------------------------------------------------ thresholds
+
+def threshold_curves_figure(curve, *, chosen: float, marks: dict) -> go.Figure:
+    """A `thresholds.ThresholdCurve` as its precision-recall and ROC curves side by side, with the chosen threshold
+    and the marked ones (`{"best F1": t, ...}`) as points on both."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+        f"Precision and recall (AP {curve.average_precision:.3f})" if curve.average_precision is not None
+        else "Precision and recall", f"ROC (AUC {curve.roc_auc:.3f})" if curve.roc_auc is not None else "ROC"))
+    finite = np.isfinite(curve.thresholds)
+    text = [f"threshold {t:.3f}" for t in curve.thresholds[finite]]
+    fig.add_trace(go.Scatter(x=curve.recall[finite], y=curve.precision[finite], mode="lines", name="precision",
+                             line=dict(color=OKABE_ITO[0]), text=text, showlegend=False,
+                             hovertemplate="%{text}<br>recall %{x:.3f}<br>precision %{y:.3f}<extra></extra>"),
+                  row=1, col=1)
+    fig.add_hline(y=curve.prevalence, line=dict(color="#888888", dash="dot"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=curve.fpr[finite], y=curve.recall[finite], mode="lines", name="ROC",
+                             line=dict(color=OKABE_ITO[0]), text=text, showlegend=False,
+                             hovertemplate="%{text}<br>false-positive rate %{x:.3f}<br>recall %{y:.3f}"
+                                           "<extra></extra>"), row=1, col=2)
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="#888888", dash="dash"),
+                             hoverinfo="skip", showlegend=False), row=1, col=2)
+    symbols = ("circle", "diamond", "square", "cross")
+    for k, (name, t) in enumerate({"chosen": chosen, **marks}.items()):
+        at = curve.at(t)
+        negatives = curve.total - curve.positives
+        colour = WRONG if name == "chosen" else OKABE_ITO[(k + 1) % len(OKABE_ITO)]
+        for col, x, y in ((1, at["recall"], at["precision"]),
+                          (2, at["fp"] / negatives if negatives else 0.0, at["recall"])):
+            fig.add_trace(go.Scatter(x=[x], y=[y], mode="markers", name=f"{name} ({t:.3f})", legendgroup=name,
+                                     showlegend=col == 1, marker=dict(size=11, color=colour, symbol=symbols[k % 4]),
+                                     hovertemplate=f"{plotly_text(name)}: threshold {t:.3f}<extra></extra>"),
+                          row=1, col=col)
+    fig.update_xaxes(title="recall", range=[0, 1.02], row=1, col=1)
+    fig.update_yaxes(title="precision", range=[0, 1.02], row=1, col=1)
+    fig.update_xaxes(title="false-positive rate", range=[0, 1.02], row=1, col=2)
+    fig.update_yaxes(title="recall", range=[0, 1.02], row=1, col=2)
+    return _layout(fig, height=400, legend=dict(orientation="h", y=-0.25))
+
+
 # ------------------------------------------------------------------------------------------------------ regression
 
 def predicted_vs_true_figure(target, prediction, ids, *, wrong=None, max_points: int = MAX_SCATTER_POINTS

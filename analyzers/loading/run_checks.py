@@ -224,6 +224,9 @@ _JSON = {
     "metrics.json#regression": (("mse", "number", True), ("rmse", "number", True), ("mae", "number", True),
                                 ("r2", "number?", True), ("median_absolute_error", "number", True),
                                 ("mape", "number?", False)),
+    # the decision threshold a person chose (thresholds.save_threshold): class `positive` when p >= `threshold`
+    "thresholds.json": (("positive", "int", True), ("threshold", "number", True), ("cost_fp", "number", False),
+                        ("cost_fn", "number", False)),
     "gradients/flags.json": (("vanishing", "texts", False), ("exploding", "texts", False),
                              ("dead_relu_layers", "mapping", False), ("inplace_activations", "texts", False),
                              ("thresholds", "mapping", False), ("params", "mapping", False),

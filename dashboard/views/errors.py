@@ -67,10 +67,16 @@ def _metrics_block(rows: np.ndarray, label: str) -> None:
 # --------------------------------------------------------------------------------------------------- rankings
 if section == SECTIONS["rank"]:
     from analyzers.evaluation.metrics import RANKINGS
+    from analyzers.evaluation.thresholds import THRESHOLDS
 
-    current = sel.value if sel is not None and sel.kind == "rank" and sel.value in RANKINGS else "confident_wrong"
-    by = st.selectbox("Ranking", list(RANKINGS), index=list(RANKINGS).index(current),
+    offered = list(data.run_task(run).rankings)  # the task's rankings: a classifier's are by confidence and margin
+    current = sel.value if sel is not None and sel.kind == "rank" and sel.value in offered else offered[0]
+    by = st.selectbox("Ranking", offered, index=offered.index(current),
                       format_func=lambda r: RANKINGS[r][0].capitalize(), key="errors-ranking")
+    chosen = data.optional_json(run, THRESHOLDS)
+    if chosen:
+        st.caption(f"Right and wrong at the run's threshold: {md(components.class_name(run, chosen['positive']))} "
+                   f"when its probability is at least {chosen['threshold']:.3f} (set on the Confusion page).")
     if by != current or sel is None or sel.kind != "rank":
         _select(Selection("rank", by))
     ranked = data.ranking(run, by, 200)
@@ -90,7 +96,8 @@ if section == SECTIONS["rank"]:
         st.caption(f"The {len(table)} samples of this ranking, as a table and below as a gallery.")
         st.dataframe(table, hide_index=True, column_config=components.SAMPLE_COLUMNS, height=300)
         components.gallery(run, ids, key="rank-gallery", title="The samples of this ranking")
-    st.download_button("Download CSV (whole ranking)", errors_csv(samples, run.probs, by=by, class_names=names),
+    st.download_button("Download CSV (whole ranking)", errors_csv(data.decided_samples(run), run.probs, by=by,
+                                                                  class_names=names),
                        file_name=f"{run.path.name}-{by}.csv", mime="text/csv", key="dl-ranking")
 
 # ----------------------------------------------------------------------------------------------------- slices

@@ -1,0 +1,199 @@
+"""Decision thresholds for one class against the rest: a binary model's positive class, or any class of a
+multi-class model (one-vs-rest). Imbalanced classes make argmax (0.5 for two classes) a poor cut: the curve of
+every threshold shows what each one costs.
+
+- `threshold_curve(labels, probs, positive=k)`: at every distinct score, the confusion counts of "class k when
+  p(k) >= t", with precision, recall, F1, the false-positive rate, and the class's prevalence; ROC AUC and average
+  precision are scikit-learn's.
+- `ThresholdCurve.at(t)`: the counts and metrics at any threshold (the slider's), and its cost at a user's prices of
+  a false positive and a false negative.
+- `ThresholdCurve.best_f1()` and `.best_cost(cost_fp, cost_fn)`: the thresholds to mark.
+- `slice_metrics_at(...)`: precision, recall and F1 inside each error slice at a chosen threshold.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import AnalyzerError
+
+
+def _check(labels, probs, positive):
+    labels = np.asarray(labels)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] < 2 or len(labels) != len(probs) or labels.ndim != 1:
+        raise AnalyzerError(f"thresholds need labels (N,) and class probabilities (N, K >= 2), got {labels.shape} "
+                            f"and {probs.shape}")
+    if isinstance(positive, bool) or not isinstance(positive, (int, np.integer)) or \
+            not 0 <= positive < probs.shape[1]:
+        raise AnalyzerError(f"the positive class must be a class index 0..{probs.shape[1] - 1}, got {positive!r}")
+    if len(labels) == 0:
+        raise AnalyzerError("no samples: select at least one")
+    return labels.astype(np.int64) == int(positive), probs[:, int(positive)]
+
+
+def _f1(precision, recall):
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+
+
+@dataclass(frozen=True)
+class ThresholdCurve:
+    """Every distinct threshold of one class's score, highest first: at `thresholds[i]` a sample is predicted
+    positive when its score is at least that. The first threshold, +inf, predicts no sample positive; the last, the
+    lowest score, predicts every one."""
+
+    positive: int
+    thresholds: np.ndarray  # (T,) descending: +inf (nothing positive), then each distinct score
+    tp: np.ndarray
+    fp: np.ndarray
+    positives: int  # samples of the class
+    total: int
+    roc_auc: float | None
+    average_precision: float | None
+
+    @property
+    def fn(self) -> np.ndarray:
+        return self.positives - self.tp
+
+    @property
+    def tn(self) -> np.ndarray:
+        return (self.total - self.positives) - self.fp
+
+    @property
+    def prevalence(self) -> float:
+        return self.positives / self.total
+
+    @property
+    def precision(self) -> np.ndarray:
+        """tp / (tp + fp); 1 where nothing is predicted positive, as scikit-learn's precision_recall_curve ends."""
+        predicted = self.tp + self.fp
+        return np.where(predicted > 0, self.tp / np.maximum(predicted, 1), 1.0)
+
+    @property
+    def recall(self) -> np.ndarray:
+        return self.tp / self.positives if self.positives else np.zeros(len(self.tp))
+
+    @property
+    def fpr(self) -> np.ndarray:
+        negatives = self.total - self.positives
+        return self.fp / negatives if negatives else np.zeros(len(self.fp))
+
+    @property
+    def f1(self) -> np.ndarray:
+        return _f1(np.where(self.tp + self.fp > 0, self.precision, 0.0), self.recall)
+
+    def cost(self, cost_fp: float = 1.0, cost_fn: float = 1.0) -> np.ndarray:
+        """The total cost at each threshold: cost_fp per false positive plus cost_fn per false negative."""
+        _check_costs(cost_fp, cost_fn)
+        return cost_fp * self.fp + cost_fn * self.fn
+
+    def _index(self, threshold: float) -> int:
+        # the last threshold still >= the given one predicts exactly the samples with score >= threshold
+        return int(np.searchsorted(-self.thresholds, -float(threshold), side="right") - 1)
+
+    def at(self, threshold: float, *, cost_fp: float = 1.0, cost_fn: float = 1.0) -> dict:
+        """Counts and metrics when the class is predicted for scores >= `threshold`."""
+        if not np.isfinite(threshold):
+            raise AnalyzerError(f"a threshold is a finite number, got {threshold!r}")
+        i = max(self._index(threshold), 0)
+        tp, fp = int(self.tp[i]), int(self.fp[i])
+        fn, tn = self.positives - tp, (self.total - self.positives) - fp
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / self.positives if self.positives else 0.0
+        return {"threshold": float(threshold), "tp": tp, "fp": fp, "fn": fn, "tn": tn, "precision": precision,
+                "recall": recall, "f1": float(_f1(np.float64(precision), np.float64(recall))),
+                "accuracy": (tp + tn) / self.total, "cost": float(cost_fp * fp + cost_fn * fn),
+                "prevalence": self.prevalence, "predicted_positive": (tp + fp) / self.total}
+
+    def best_f1(self) -> float:
+        """The threshold of the highest F1 (the highest such threshold on ties), a real score of the data."""
+        f1 = self.f1[1:]  # +inf predicts nothing: F1 0
+        return float(self.thresholds[1:][int(np.argmax(f1))]) if len(f1) else 0.5
+
+    def best_cost(self, cost_fp: float = 1.0, cost_fn: float = 1.0) -> float:
+        """The threshold of the lowest total cost (the highest such threshold on ties)."""
+        cost = self.cost(cost_fp, cost_fn)
+        i = int(np.argmin(cost))
+        return float(self.thresholds[i]) if np.isfinite(self.thresholds[i]) else float(
+            np.nextafter(self.thresholds[1], np.inf)) if len(self.thresholds) > 1 else 1.0
+
+
+def _check_costs(cost_fp, cost_fn) -> None:
+    for name, value in (("cost of a false positive", cost_fp), ("cost of a false negative", cost_fn)):
+        if not isinstance(value, (int, float, np.number)) or isinstance(value, bool) or not np.isfinite(value) \
+                or value < 0:
+            raise AnalyzerError(f"the {name} must be a number of 0 or more, got {value!r}")
+
+
+def threshold_curve(labels, probs, *, positive: int = 1) -> ThresholdCurve:
+    """The curve of class `positive` against the rest (see `ThresholdCurve`)."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    is_positive, score = _check(labels, probs, positive)
+    order = np.argsort(-score, kind="stable")
+    sorted_score, sorted_positive = score[order], is_positive[order]
+    # the last position of each distinct score: predicting ">= that score" takes every sample up to it
+    last = np.flatnonzero(np.r_[sorted_score[1:] != sorted_score[:-1], True])
+    tp = np.cumsum(sorted_positive)[last]
+    fp = (last + 1) - tp
+    positives = int(is_positive.sum())
+    both = 0 < positives < len(score)
+    return ThresholdCurve(positive=int(positive), thresholds=np.r_[np.inf, sorted_score[last]],
+                          tp=np.r_[0, tp].astype(np.int64), fp=np.r_[0, fp].astype(np.int64), positives=positives,
+                          total=int(len(score)),
+                          roc_auc=float(roc_auc_score(is_positive, score)) if both else None,
+                          average_precision=float(average_precision_score(is_positive, score)) if both else None)
+
+
+def slice_metrics_at(labels, probs, slices, samples, *, positive: int, threshold: float) -> list:
+    """Per error slice (rows of slices.parquet), the class's precision, recall and F1 inside it at `threshold`,
+    with the slice's prevalence: where the chosen threshold works and where it does not."""
+    from .slices import slice_mask
+
+    is_positive, score = _check(labels, probs, positive)
+    predicted = score >= float(threshold)
+    out = []
+    for _, row in slices.iterrows():
+        inside = slice_mask(samples, row["ids"])
+        tp = int((predicted & is_positive & inside).sum())
+        fp = int((predicted & ~is_positive & inside).sum())
+        fn = int((~predicted & is_positive & inside).sum())
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        out.append({"slice": row["description"], "samples": int(inside.sum()),
+                    "prevalence": float(is_positive[inside].mean()) if inside.any() else 0.0,
+                    "precision": precision, "recall": recall,
+                    "f1": float(_f1(np.float64(precision), np.float64(recall)))})
+    return out
+
+
+THRESHOLDS = "thresholds.json"  # in a run: the threshold a person chose, which rankings and exports then use
+
+
+def predictions_at(probs, *, positive: int, threshold: float) -> np.ndarray:
+    """The predicted class when class `positive` is predicted for p(positive) >= `threshold`, and otherwise the most
+    probable of the other classes (for two classes: the other one)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    _check(np.zeros(len(probs), dtype=np.int64), probs, positive)
+    others = probs.copy()
+    others[:, positive] = -np.inf
+    return np.where(probs[:, positive] >= float(threshold), positive, others.argmax(axis=1)).astype(np.int64)
+
+
+def save_threshold(run_dir, *, positive: int, threshold: float, num_classes: int, cost_fp: float = 1.0,
+                   cost_fn: float = 1.0) -> dict:
+    """Store the chosen threshold in the run (thresholds.json, written atomically); returns what was written."""
+    from ..loading.runs import write_json
+    from pathlib import Path
+
+    if isinstance(positive, bool) or not isinstance(positive, (int, np.integer)) or not 0 <= positive < num_classes:
+        raise AnalyzerError(f"the positive class must be a class index 0..{num_classes - 1}, got {positive!r}")
+    if not isinstance(threshold, (int, float, np.number)) or not 0 <= float(threshold) <= 1:
+        raise AnalyzerError(f"a threshold on a probability lies in [0, 1], got {threshold!r}")
+    _check_costs(cost_fp, cost_fn)
+    record = {"positive": int(positive), "threshold": float(threshold), "cost_fp": float(cost_fp),
+              "cost_fn": float(cost_fn)}
+    write_json(Path(run_dir) / THRESHOLDS, record)
+    return record
