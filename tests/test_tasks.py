@@ -94,3 +94,21 @@ def test_refusals_name_the_problem_and_the_fix():
     with pytest.raises(AnalyzerError, match="unknown task"):
         task_named("ranking", 3)
     assert isinstance(task_named("regression", 1), Regression)
+
+
+def test_a_worker_cannot_hand_over_an_unknown_task_or_non_finite_targets():
+    """The parent checks what a sandboxed worker says of its dataset: the task is one it reads, and a regression's
+    targets are finite float64 (a worker is not trusted)."""
+    import pandas as pd
+
+    from analyzers.loading.datasets import dataset_from_fields
+
+    good = {"x": np.zeros((3, 2), np.float32), "y": np.array([1.5, 2.0, 3.0]), "ids": np.arange(3),
+            "spec": "d.npz", "sha256": "0" * 64, "class_names": None, "metadata": pd.DataFrame(),
+            "feature_names": None, "preprocessing": {}, "extras": {}, "ground_truth_columns": [], "task": "regression"}
+    assert dataset_from_fields(good).task == "regression"
+    for change, words in (({"task": "ranking"}, "task is not one"),
+                          ({"y": np.array([1.5, np.nan, 3.0])}, "finite float64"),
+                          ({"task": "classification"}, "one int64 per sample")):
+        with pytest.raises(AnalyzerError, match=words):
+            dataset_from_fields({**good, **change})
