@@ -155,7 +155,8 @@ def test_walk_load_a_sample_overview_a_confusion_cell_explain_and_next(app_url, 
 
     page.goto(f"{app_url}/confusion?run=digits-walk")
     page.get_by_role("heading", name="Confusion matrix").wait_for(timeout=60_000)
-    markers = page.locator(".js-plotly-plot .scatterlayer .trace.scatter .points path")
+    # the matrix is the page's first chart (the threshold section's curves below it have markers too)
+    markers = page.locator(".js-plotly-plot").first.locator(".scatterlayer .trace.scatter .points path")
     markers.nth(k * k - 1).wait_for(state="attached", timeout=30_000)
     assert markers.count() == k * k
     marker = markers.nth(true * k + pred)  # markers are laid out row by row (true class), then by prediction
