@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from .errors import AnalyzerError
+from .evaluation.tasks import TASK_NAMES
 
 
 def _shape(text: str) -> tuple:
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "input_ids:int64:12,attention_mask:int64:12 (a .pt2 records its own)")
     run.add_argument("--class-names", type=_names, help="the model's class names in output order (comma-separated), "
                                                         "to match text labels and class folders by name")
-    run.add_argument("--task", choices=("classification", "binary", "regression"),
+    run.add_argument("--task", choices=TASK_NAMES,
                      help="what the model does (default: read from the labels and the model's output; asked for "
                           "when both fit)")
     run.add_argument("--batch-size", type=int, default=256)

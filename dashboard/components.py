@@ -69,6 +69,14 @@ def current_run() -> Run | None:
 
 
 CLASS_TASKS = ("classification", "binary")  # the tasks whose outputs are class probabilities
+# where a run of another task finds what a class-only page would show
+ELSEWHERE = {
+    "regression": "its metrics, predictions against targets, residuals, largest errors and error slices are on the "
+                  "Overview page, and Explain explains each predicted value",
+    "multilabel": "its per-label report, the labels missed together, error slices and the samples with most labels "
+                  "wrong are on the Overview page; each label's 2x2 matrix, calibration and threshold on the "
+                  "Confusion page; Explain explains each label",
+}
 
 
 def require_run(*, tasks: tuple = CLASS_TASKS) -> Run:
@@ -81,8 +89,7 @@ def require_run(*, tasks: tuple = CLASS_TASKS) -> Run:
         st.stop()
     if run.task not in tasks:
         st.info(f"This page shows what a classifier gets wrong between classes, and this run is a "
-                f"**{md(run.task)}**: its metrics, predictions against targets, residuals, largest errors and error "
-                f"slices are on the Overview page, and Explain explains each predicted value.")
+                f"**{md(run.task)}**: {ELSEWHERE.get(run.task, 'see its Overview page')}.")
         page_link("overview", "Go to Overview")
         st.stop()
     data.warm_up(run)
@@ -100,7 +107,8 @@ def run_caption(run: Run) -> str:
     return (f"**{md(run.path.name)}** · model {md(file_label(info, 'model'))} · data "
             f"{md(file_label(info, 'dataset'))} · {info['num_samples']:,} "
             f"{md(info['dataset']['modality'])} samples · " +
-            (f"{len(run.class_names)} classes" if run.task in CLASS_TASKS else md(run.task)))
+            (f"{len(run.class_names)} classes" if run.task in CLASS_TASKS else
+             f"{len(run.class_names)} labels (multi-label)" if run.task == "multilabel" else md(run.task)))
 
 
 def header(title: str, run: Run | None, help_text: str | None = None) -> None:
@@ -325,3 +333,32 @@ def download(table: pd.DataFrame, name: str, label: str = "Download CSV", key: s
 
     st.download_button(label, to_csv(table).encode(), file_name=name, mime="text/csv",
                        key=key or f"dl-{name}")
+
+
+def threshold_view(curve, threshold: float, *, cost_fp: float, cost_fn: float, positive_name: str,
+                   key: str) -> None:
+    """At `threshold` on one class's (or label's) curve: prevalence, precision, recall, F1, cost, the share predicted
+    positive, the best-F1 and lowest-cost thresholds beside 0.5, the 2x2 matrix and the PR and ROC curves."""
+    best_f1, best_cost = curve.best_f1(), curve.best_cost(cost_fp, cost_fn)
+    at = curve.at(threshold, cost_fp=cost_fp, cost_fn=cost_fn)
+    metric = st.columns(6)
+    metric[0].metric("Prevalence", percent(at["prevalence"]), help="Share of samples of this class.")
+    metric[1].metric("Precision", f"{at['precision']:.3f}")
+    metric[2].metric("Recall", f"{at['recall']:.3f}")
+    metric[3].metric("F1", f"{at['f1']:.3f}")
+    metric[4].metric("Cost", f"{at['cost']:,.4g}", help=f"{cost_fp:g} per false positive + {cost_fn:g} per false "
+                                                       f"negative.")
+    metric[5].metric("Predicted as the class", percent(at["predicted_positive"]))
+    at_half = curve.at(0.5)
+    st.caption(f"Best F1 at **{best_f1:.3f}** (F1 {curve.at(best_f1)['f1']:.3f}); lowest cost at **{best_cost:.3f}** "
+               f"(cost {curve.at(best_cost, cost_fp=cost_fp, cost_fn=cost_fn)['cost']:,.4g}); at 0.5: F1 "
+               f"{at_half['f1']:.3f}, cost {curve.at(0.5, cost_fp=cost_fp, cost_fn=cost_fn)['cost']:,.4g}.")
+    left, right = st.columns([2, 3], gap="large")
+    with left:
+        st.plotly_chart(figures.confusion_figure([[at["tn"], at["fp"]], [at["fn"], at["tp"]]],
+                                                 [f"not {positive_name}", positive_name]),
+                        key=f"{key}-confusion", config={"displayModeBar": False})
+    with right:
+        st.plotly_chart(figures.threshold_curves_figure(curve, chosen=threshold,
+                                                        marks={"best F1": best_f1, "lowest cost": best_cost}),
+                        key=f"{key}-curves", config={"displayModeBar": False})

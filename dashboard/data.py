@@ -136,9 +136,9 @@ def metrics(run: Run) -> dict:
     from analyzers.evaluation import metrics as m
 
     task = run_task(run)
-    if not task.has_classes:  # a regression's own metrics (tasks.Regression.metrics)
+    if not task.has_classes:  # a regression's or a multi-label run's own metrics (tasks.Task.metrics)
         return run.read_json("metrics.json") if run.has("metrics.json") else task.metrics(
-            run.samples["label"].to_numpy(), run.probs)
+            run.labels, run.probs, names=run.class_names)
     if run.has("metrics.json"):
         stored = run.read_json("metrics.json")
         if "classification_report" in stored or "per_class" in stored:
@@ -166,6 +166,27 @@ def threshold_curve(run: Run, positive: int):
     from analyzers.evaluation.thresholds import threshold_curve as curve_of
 
     return curve_of(run.samples["label"].to_numpy(), run.probs, positive=positive)
+
+
+@st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)
+def multilabel_report(run: Run) -> dict:
+    """A multi-label run's per-label report and co-missed labels: multilabel.json, else computed on the run
+    (`analyzers.evaluation.multilabel.multilabel_report`)."""
+    from analyzers.evaluation.multilabel import MULTILABEL, multilabel_report as report_of
+
+    stored = optional_json(run, MULTILABEL)
+    if stored is not None:
+        return stored
+    return report_of(run.labels, run.probs, names=run.class_names, threshold=run_task(run).threshold)
+
+
+@st.cache_resource(hash_funcs=HASH, show_spinner=False, max_entries=32)
+def label_curve(run: Run, label: int):
+    """ThresholdCurve of one label of a multi-label run: present against absent (read-only; shared)."""
+    from analyzers.evaluation.thresholds import threshold_curve as curve_of
+
+    p = np.asarray(run.probs[:, label], dtype=np.float64)
+    return curve_of(np.asarray(run.labels)[:, label], np.column_stack([1 - p, p]), positive=1)
 
 
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)

@@ -89,7 +89,8 @@ MIN_BIN_SAMPLES = 10  # a reliability bin of fewer samples is too noisy to draw 
 
 
 def reliability_figure(bins: dict, *, label: str = "model", other: dict | None = None,
-                       other_label: str = "rest", min_samples: int = MIN_BIN_SAMPLES) -> go.Figure:
+                       other_label: str = "rest", min_samples: int = MIN_BIN_SAMPLES,
+                       x_title: str = "confidence (top class probability)", y_title: str = "accuracy") -> go.Figure:
     """Reliability diagram from `CalibrationBins.to_dict()`: observed accuracy against mean confidence per bin, the
     diagonal of perfect calibration, and the share of samples per bin below. Each point is labelled with its count;
     the curve runs through bins of at least `min_samples`, and smaller bins are grey open markers off the curve (a
@@ -125,11 +126,22 @@ def reliability_figure(bins: dict, *, label: str = "model", other: dict | None =
         fig.add_trace(go.Bar(x=centres, y=share, width=np.diff(edges) * 0.9, marker_color=colour, opacity=0.6,
                              name=f"{name}: share of samples", showlegend=False,
                              hovertemplate="%{y:.1%} of samples<extra></extra>"), row=2, col=1)
-    fig.update_xaxes(range=[0, 1], row=2, col=1, title="confidence (top class probability)")
+    fig.update_xaxes(range=[0, 1], row=2, col=1, title=x_title)
     fig.update_xaxes(range=[0, 1], row=1, col=1)
-    fig.update_yaxes(range=[0, 1.02], title="accuracy", row=1, col=1)
+    fig.update_yaxes(range=[0, 1.02], title=y_title, row=1, col=1)
     fig.update_yaxes(title="share", tickformat=".0%", row=2, col=1)
     return _layout(fig, height=430, legend=dict(orientation="h", y=-0.25), barmode="overlay")
+
+
+def co_missed_figure(matrix, label_names) -> go.Figure:
+    """Which labels are missed together: cell (a, b) counts the samples in which both are missed (the diagonal,
+    each label's own misses); click a cell for its samples (customdata: (a, b, count), as `confusion_figure`)."""
+    fig = confusion_figure(matrix, label_names, value_label="samples")
+    fig.update_traces(hovertemplate="%{y} and %{x} both missed<br>%{customdata[2]} samples"
+                                    "<extra>click to see them</extra>", selector=dict(type="scatter"))
+    fig.update_xaxes(title="missed label")
+    fig.update_yaxes(title="missed label")
+    return fig
 
 
 def class_balance_figure(labels, pred, class_names) -> go.Figure:

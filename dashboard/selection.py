@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-KINDS = ("cell", "slice", "rank", "ids", "suspects")
+KINDS = ("cell", "slice", "rank", "ids", "suspects", "pair")  # pair: two labels missed together (multi-label)
 MAX_URL_IDS = 500  # a selection of more ids stays in the session but is not written into the link
 
 
@@ -82,11 +82,11 @@ def selected_cell(event) -> tuple[int, int] | None:
 @dataclass(frozen=True)
 class Selection:
     kind: str
-    value: object  # (true, pred) for cell, int for slice, str for rank, list of id strings for ids
+    value: object  # (true, pred) for cell, (label, label) for pair, int for slice, str for rank, list of id strings for ids
 
     def encode(self) -> str:
-        if self.kind == "cell":
-            return f"cell:{self.value[0]}-{self.value[1]}"
+        if self.kind in ("cell", "pair"):
+            return f"{self.kind}:{self.value[0]}-{self.value[1]}"
         if self.kind == "ids":
             return "ids:" + ",".join(str(v) for v in self.value)
         return f"{self.kind}:{self.value}"
@@ -101,9 +101,9 @@ def decode_selection(text: str | None) -> Selection | None:
         return None
     kind, _, value = text.partition(":")
     try:
-        if kind == "cell":
-            true, pred = value.split("-")
-            return Selection("cell", (int(true), int(pred)))
+        if kind in ("cell", "pair"):
+            first, second = value.split("-")
+            return Selection(kind, (int(first), int(second)))
         if kind == "slice":
             return Selection("slice", int(value))
         if kind in ("rank", "suspects"):

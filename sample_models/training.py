@@ -14,10 +14,19 @@ from torch import nn
 from analyzers.training.recorder import TrainingRecorder
 
 
+def _task(task: str, model_outputs: int):
+    """The task object (`analyzers.evaluation.tasks`) and the output kind its model's raw output is read as."""
+    from analyzers.evaluation.tasks import MULTILABEL_OUTPUT, VALUE_OUTPUT, task_named
+
+    kind = {"regression": VALUE_OUTPUT, "multilabel": MULTILABEL_OUTPUT}.get(task, "logits")
+    return task_named(task, model_outputs), kind
+
+
 def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 512, *,
              task: str = "classification") -> tuple[float, float]:
-    """(mean loss, headline score) of `model` on arrays: cross-entropy and accuracy, or for a regression the mean
-    squared error and the mean absolute error."""
+    """(mean loss, headline score) of `model` on arrays: the task's loss (cross-entropy, squared error, the sum of
+    the labels' binary cross-entropies) and accuracy, or for a regression the mean absolute error (for multi-label,
+    subset accuracy: every label right)."""
     model.eval()
     losses, score = 0.0, 0.0
     with torch.no_grad():
@@ -28,6 +37,11 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 512, *,
                 yb = torch.as_tensor(y[start:start + batch_size], dtype=torch.float32)
                 losses += float(((out[:, 0] - yb) ** 2).sum())
                 score += float((out[:, 0] - yb).abs().sum())
+            elif task == "multilabel":
+                task_obj, kind = _task(task, out.shape[1])
+                yb = torch.as_tensor(y[start:start + batch_size])
+                losses += float(task_obj.loss_from_raw(out, yb, kind).sum())
+                score += int((~task_obj.wrong(yb.numpy(), task_obj.outputs_from_raw(out, kind).numpy())).sum())
             else:
                 yb = torch.as_tensor(y[start:start + batch_size], dtype=torch.long)
                 losses += float(F.cross_entropy(out, yb, reduction="sum"))
@@ -42,7 +56,8 @@ def fit(name: str, build_model: Callable[[], nn.Module], train, test, *, out_dir
     SampleData), log every step, save weights and a summary; returns the summary.
 
     Writes `<name>.safetensors`, `<name>.log.jsonl` and `<name>.json` (test accuracy, or a regression's test MAE,
-    seed, epochs) into `out_dir`. A regression (`task`) is trained on the squared error.
+    seed, epochs) into `out_dir`. A regression (`task`) is trained on the squared error, a multi-label model on its
+    labels' binary cross-entropies (its test accuracy is subset accuracy).
     """
     regression = task == "regression"
     out_dir = Path(out_dir)
@@ -65,7 +80,11 @@ def fit(name: str, build_model: Callable[[], nn.Module], train, test, *, out_dir
                 idx = order[start:start + batch_size]
                 xb, yb = torch.as_tensor(x[idx]), torch.as_tensor(y[idx])
                 out = model(xb)
-                loss = F.mse_loss(out[:, 0], yb) if regression else F.cross_entropy(out, yb)
+                if task == "multilabel":  # the sum of the labels' binary cross-entropies, as the dashboard reads it
+                    task_obj, kind = _task(task, out.shape[1])
+                    loss = task_obj.loss_from_raw(out, yb, kind).mean()
+                else:
+                    loss = F.mse_loss(out[:, 0], yb) if regression else F.cross_entropy(out, yb)
                 optimizer.zero_grad()
                 loss.backward()
                 recorder.log_step(step, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])

@@ -82,6 +82,23 @@ def test_every_page_runs_on_each_sample(sample, runs_dir, monkeypatch):
             _ok(at)
             assert not at.error, (page, [e.value for e in at.error])
         return
+    if stored.task == "multilabel":  # per-label panels; the co-missed pair from the URL shows exactly its samples
+        names = stored.class_names
+        a, b = (names.index(n) for n in get_sample(sample).module.DROPPED_PAIR)
+        missed = (stored.labels == 1) & (np.asarray(stored.probs) < 0.5)
+        expected = int((missed[:, a] & missed[:, b]).sum())
+        at = _app(monkeypatch, runs_dir, run, sel=f"pair:{a}-{b}").run()
+        _ok(at)
+        assert at.metric[0].label == "Subset accuracy"
+        assert at.metric[0].value == f"{stored.read_json('metrics.json')['subset_accuracy']:.3f}"
+        assert f"{names[a]} and {names[b]} both missed — {expected} samples" in _text(at)
+        for page, title in PAGES.items():
+            at.switch_page(page).run()
+            _ok(at)
+            assert not at.error, (page, [e.value for e in at.error])
+        at.switch_page("views/confusion.py").run()
+        assert at.title[0].value == "Per-label matrices"
+        return
     wrong = samples[~samples["correct"]]
     cell = (int(wrong["label"].iloc[0]), int(wrong["pred"].iloc[0])) if len(wrong) else (0, 0)
     at = _app(monkeypatch, runs_dir, run, sel=f"cell:{cell[0]}-{cell[1]}").run()

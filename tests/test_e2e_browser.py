@@ -206,6 +206,64 @@ def test_box_selection_on_the_embedding_shows_the_samples(app_url, browser):
     page.close()
 
 
+def _threshold_matrix(page) -> list[int]:
+    """The counts the threshold section's 2x2 matrix shows, row by row (true class), as the heat map's cell labels."""
+    cells = page.locator(".st-key-threshold-confusion .js-plotly-plot .heatmaplayer text")
+    cells.nth(3).wait_for(state="attached", timeout=30_000)
+    return [int(text.replace(",", "")) for text in cells.all_text_contents()]
+
+
+def test_dragging_the_threshold_slider_on_the_fraud_sample_changes_the_matrix(app_url, browser, sample_run_dir):
+    """Issue 12: on the imbalanced fraud sample, dragging the threshold slider with the mouse from 0.5 down to about
+    0.2 moves frauds from the missed cell to the caught one. Before and after, the matrix shown is scikit-learn's
+    confusion matrix of the run's p(fraud) >= the slider's value."""
+    from sklearn.metrics import confusion_matrix
+
+    from analyzers.loading.runs import open_run
+
+    run = open_run(sample_run_dir("fraud"))  # in the runs directory the app serves
+    fraud = run.class_names.index("fraud")
+    labels, p_fraud = run.samples["label"].to_numpy(), run.probs[:, fraud]
+
+    def expected(threshold: float) -> list[int]:  # tn, fp, fn, tp: "not fraud" first, as the page lays it out
+        return confusion_matrix(labels == fraud, p_fraud >= threshold, labels=[False, True]).ravel().tolist()
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1300})
+    page.goto(f"{app_url}/confusion?run=fraud")
+    page.get_by_role("heading", name="Decision threshold: one class against the rest").wait_for(timeout=60_000)
+    slider = page.locator(".st-key-threshold-value input[type=range]")
+    slider.wait_for(state="attached", timeout=60_000)
+    _settled(page)
+    assert float(slider.input_value()) == 0.5  # no threshold stored in the run: the default
+    before = _threshold_matrix(page)
+    assert before == expected(0.5)
+
+    # a real drag: press on the thumb (the visible knob around the hidden range input's clipped wrapper), move along
+    # the track (the knob's parent), release
+    thumb = slider.locator("xpath=../..")
+    track = thumb.locator("xpath=..").bounding_box()
+    start = thumb.bounding_box()
+    page.mouse.move(start["x"] + start["width"] / 2, start["y"] + start["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(track["x"] + 0.2 * track["width"], start["y"] + start["height"] / 2, steps=12)
+    page.mouse.up()
+    page.wait_for_function("(input) => input.value !== '0.5'", arg=slider.element_handle(), timeout=30_000)
+    _settled(page)
+    threshold = float(slider.input_value())
+    assert 0.1 < threshold < 0.3, threshold  # where the mouse let go, about a fifth of the way along
+    page.wait_for_function("(before) => [...document.querySelectorAll("
+                           "'.st-key-threshold-confusion .js-plotly-plot .heatmaplayer text')]"
+                           ".map(t => t.textContent).join() !== before.join()", arg=[str(v) for v in before],
+                           timeout=30_000)
+    after = _threshold_matrix(page)
+    assert after == expected(threshold)
+    tn, fp, fn, tp = after
+    assert tp > before[3] and fn < before[2] and fp > before[1]  # more frauds caught, at the price of false alarms
+    assert tp + fn == before[3] + before[2] == int((labels == fraud).sum())
+    _no_exception(page)
+    page.close()
+
+
 def test_crafted_archive_upload_shows_one_error_and_the_server_stays_healthy(app_url, browser, tmp_path):
     """The first reported vector uploaded in a real browser: one st.error naming the refusal, the payload never runs,
     and a second session (a fresh browser context) still gets the dashboard."""

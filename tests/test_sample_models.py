@@ -33,8 +33,9 @@ def shipped_predictions(name: str):
 
 
 # shapes trains for about 25 s on 2 idle cores (minutes when they are busy): it runs with the benchmarks.
-@pytest.mark.parametrize("name", ["digits", "tabular", "dna", "prices",
-                                  pytest.param("shapes", marks=pytest.mark.benchmark)])
+@pytest.mark.parametrize("name", ["digits", "tabular", "dna", "prices", "fraud",
+                                  pytest.param("shapes", marks=pytest.mark.benchmark),
+                                  pytest.param("scenes", marks=pytest.mark.benchmark)])
 def test_retraining_reproduces_shipped_accuracy(name, tmp_path):
     sample = get_sample(name)
     summary = sample.module.train(tmp_path)
@@ -55,6 +56,9 @@ def test_retraining_reproduces_shipped_accuracy(name, tmp_path):
         out = model.eval()(torch.as_tensor(data.x))
     if regression:
         assert np.abs(out[:, 0].numpy() - data.y).mean() == pytest.approx(summary["test_mae"], rel=1e-4)
+    elif sample.task == "multilabel":  # subset accuracy: every label's sigmoid on the right side of 0.5
+        assert accuracy_score(data.y, (torch.sigmoid(out) >= 0.5).int().numpy()) == pytest.approx(
+            summary["test_accuracy"])
     else:
         assert accuracy_score(data.y, out.argmax(1).numpy()) == pytest.approx(summary["test_accuracy"])
 
@@ -90,6 +94,10 @@ def test_load_data_is_deterministic_and_ids_are_unique(name):
         assert first.x.shape[1:] == sample.input_shape
         if sample.task == "regression":  # real targets, every one finite
             assert first.x.dtype == np.float32 and first.y.dtype == np.float64 and np.isfinite(first.y).all()
+        elif sample.task == "multilabel":  # a 0/1 column per label, each label both present and absent
+            assert first.x.dtype == np.float32 and first.y.dtype == np.int64
+            assert first.y.shape == (len(first.x), len(sample.class_names)) and set(np.unique(first.y)) == {0, 1}
+            assert (first.y.min(axis=0) == 0).all() and (first.y.max(axis=0) == 1).all()
         else:
             assert first.x.dtype == np.float32 and first.y.dtype == np.int64
             assert set(np.unique(first.y)) == set(range(len(sample.class_names)))
@@ -211,3 +219,86 @@ def test_prices_model_is_wrong_where_the_feature_it_lacks_matters(sample_run_dir
                                                                      abs=8)
     assert 0 < samples.loc[~harbour, "residual"].mean() < 12
     assert "harbour_premium" in run.info["dataset"]["ground_truth_columns"]  # shown, never searched
+
+
+def shipped_fraud_probabilities(split: str):
+    """The fraud sample's `split` and the shipped model's p(fraud) on it."""
+    data = cached_test_split("fraud") if split == "test" else get_sample("fraud").load_data(split)
+    return data, predict(load_model("sample:fraud"), data.x, data.y, batch_size=1024).probs
+
+
+def test_fraud_is_rare_and_drawn_from_its_planted_probability():
+    fraud = get_sample("fraud").module
+    for split in ("train", "test"):
+        data = fraud.load_data(split)
+        assert 0.01 <= data.y.mean() <= 0.03
+        probability = data.metadata["fraud_probability"]
+        np.testing.assert_allclose(probability, fraud.fraud_probability(data.x))
+        assert probability.max() <= fraud.FRAUD_CAP
+        # the labels follow the planted chance: as many frauds as it expects, within four binomial deviations
+        assert abs(data.y.sum() - probability.sum()) <= 4 * np.sqrt((probability * (1 - probability)).sum())
+        assert "fraud_probability" in data.ground_truth
+        assert set(data.metadata["merchant_category"]) == set(fraud.MERCHANT_CATEGORIES)
+
+
+def test_fraud_threshold_tuned_on_train_beats_the_default_on_test():
+    """The planted truth: the honest model seldom gives a fraud p >= 0.5, so the default threshold misses most of
+    them; the threshold of best F1, chosen on the training split's predictions, does clearly better on the test
+    split it was not chosen on. F1 is scikit-learn's, on the thresholded predictions."""
+    from sklearn.metrics import f1_score, recall_score
+
+    from analyzers.evaluation.thresholds import threshold_curve
+
+    fraud = 1  # the positive class's index
+    assert get_sample("fraud").class_names[fraud] == "fraud"
+    train, train_probs = shipped_fraud_probabilities("train")
+    tuned = threshold_curve(train.y, train_probs, positive=fraud).best_f1()
+    assert 0.05 < tuned < 0.4  # well below the default
+
+    test, test_probs = shipped_fraud_probabilities("test")
+    curve = threshold_curve(test.y, test_probs, positive=fraud)
+    scores = {}
+    for threshold in (0.5, tuned):
+        predicted = (test_probs[:, fraud] >= threshold).astype(np.int64)
+        scores[threshold] = f1_score(test.y, predicted), recall_score(test.y, predicted)
+        assert curve.at(threshold)["f1"] == pytest.approx(scores[threshold][0])
+        assert curve.at(threshold)["recall"] == pytest.approx(scores[threshold][1])
+    (f1_default, recall_default), (f1_tuned, recall_tuned) = scores[0.5], scores[tuned]
+    assert recall_default < 0.3  # the default misses most frauds
+    assert recall_tuned > recall_default + 0.3
+    assert f1_tuned >= f1_default + 0.1  # measured: 0.43 against 0.20
+    # the probabilities are honest: as many frauds predicted in total as there are, within 20%
+    assert test_probs[:, fraud].sum() == pytest.approx(test.y.sum(), rel=0.2)
+
+
+def test_scenes_misses_the_pair_its_training_labels_dropped(sample_run_dir):
+    """The planted truth of the multi-label sample: the labelling tool dropped circle and triangle together from
+    the training images holding both, so on the test split the model misses both there. The co-missed view puts
+    that pair first, far above independent misses; the top slice is the pair's conjunction; the other labels are
+    learnt (recall >= 0.95); each label's mask covers its shape."""
+    from analyzers.loading.runs import open_run
+
+    module = get_sample("scenes").module
+    data = cached_test_split("scenes")
+    run = open_run(sample_run_dir("scenes"))
+    assert run.task == "multilabel" and run.class_names == list(module.CLASS_NAMES)
+    report = run.read_json("multilabel.json")
+    top = report["co_missed"][0]
+    assert {top["label_a"], top["label_b"]} == set(module.DROPPED_PAIR)
+    pair = data.metadata["pair_dropped_in_training"]
+    assert top["both_missed"] >= 0.9 * pair.sum() and top["lift"] > 1.5
+    assert report["co_missed"][1]["both_missed"] < 0.1 * top["both_missed"]
+    recall = {row["label"]: row["recall"] for row in report["labels"]}
+    assert all(recall[name] >= 0.95 for name in module.CLASS_NAMES if name not in module.DROPPED_PAIR)
+    slices = run.read_parquet("slices.parquet")
+    top_slice = slices["description"].iloc[0]
+    assert all(f"label_{name} == True" in top_slice for name in module.DROPPED_PAIR), top_slice
+    members = np.isin(run.samples["id"], list(slices["ids"].iloc[0]))
+    assert (members == pair).mean() > 0.98
+    # training labels hold the bug, test labels do not
+    train = get_sample("scenes").load_data("train")
+    a, b = (module.CLASS_NAMES.index(n) for n in module.DROPPED_PAIR)
+    assert not ((train.y[:, a] == 1) & (train.y[:, b] == 1)).any()
+    assert ((data.y[:, a] == 1) & (data.y[:, b] == 1)).sum() == pair.sum() > 100
+    masks = data.extras["mask"]
+    assert np.array_equal(masks.any(axis=(2, 3)), data.y == 1)

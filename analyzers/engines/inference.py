@@ -15,7 +15,7 @@ from ..loading.layers import LayerGroups, last_linear_layer
 from ..loading.models import layer_kinds
 from ..loading.sandbox import runs_in_worker
 
-OUTPUT_KINDS = ("logits", "probabilities", "binary_logit", "binary_probability")
+OUTPUT_KINDS = ("logits", "probabilities", "binary_logit", "binary_probability", "multilabel_logits")
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,8 @@ class Predictions:
 
 
 def class_log_probs(outputs: torch.Tensor, output_kind: str) -> torch.Tensor:
-    """Log class probabilities (N, K) from what the model returns; differentiable, so explanations share it."""
+    """Log class probabilities (N, K) from what the model returns; differentiable, so explanations share it. For a
+    multi-label model, each label's log probability (its rows do not sum to 1)."""
     if output_kind == "logits":
         return F.log_softmax(outputs, dim=1)
     if output_kind == "probabilities":
@@ -39,6 +40,8 @@ def class_log_probs(outputs: torch.Tensor, output_kind: str) -> torch.Tensor:
     if output_kind == "binary_probability":
         p = outputs.clamp(1e-12, 1 - 1e-7)
         return torch.log(torch.cat([1 - p, p], dim=1))
+    if output_kind == "multilabel_logits":  # each label's own log probability (a sigmoid), not one softmax
+        return F.logsigmoid(outputs)
     if output_kind == "value":
         raise AnalyzerError("this model predicts a value (a regression): it has no class probabilities")
     raise AnalyzerError(f"unknown output kind {output_kind!r}: expected one of {', '.join(OUTPUT_KINDS)}")

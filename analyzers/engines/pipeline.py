@@ -24,7 +24,7 @@ import pandas as pd
 
 from ..errors import AnalyzerError, InvalidOption, RunExists, first_line
 from ..loading.datasets import Dataset, check_dataset, describe_dataset, load_dataset
-from ..loading.runs import (PROBS, RUN_FORMAT_VERSION, RUN_INFO, SAMPLES, carry_derived_files, check_run_files,
+from ..loading.runs import (LABELS, PROBS, RUN_FORMAT_VERSION, RUN_INFO, SAMPLES, carry_derived_files, check_run_files,
                             open_run, refuse_non_run, staged_run, write_json)
 from ..loading.sandbox import runs_in_worker, sandboxed
 
@@ -73,13 +73,14 @@ class RunContext:
         return target
 
 
-def build_samples_table(dataset: Dataset, predictions: Predictions, task=None) -> pd.DataFrame:
-    """One row per sample in dataset order: the core columns (the task's: `tasks.Task.sample_columns`), then
-    tabular features and metadata. `task` defaults to classification over the outputs' columns."""
+def build_samples_table(dataset: Dataset, predictions: Predictions, task=None, class_names=None) -> pd.DataFrame:
+    """One row per sample in dataset order: the core columns (the task's: `tasks.Task.sample_columns`, which names
+    a multi-label sample's labels by `class_names`), then tabular features and metadata. `task` defaults to
+    classification over the outputs' columns."""
     from ..evaluation.tasks import Classification
 
     task = task or Classification(int(predictions.probs.shape[1]))
-    columns = task.sample_columns(dataset.y, predictions.probs)
+    columns = task.sample_columns(dataset.y, predictions.probs, names=class_names)
     table = pd.DataFrame({"id": dataset.ids, **{k: columns.pop(k) for k in ("label", "pred", "confidence")},
                           "loss": predictions.loss, "correct": columns.pop("correct"), **columns})
     extra = {}
@@ -309,11 +310,13 @@ def write_run_files(model, dataset, stage_dir, *, params: dict, stages, device: 
                           device=device, progress=progress,
                           on_batch=lambda done, total: report("inference", done / total))
     timings["inference"] = time.perf_counter() - started
-    samples = build_samples_table(dataset, predictions, task_of(model))
-    ctx = RunContext(model=model, dataset=dataset, predictions=predictions, samples=samples,
+    ctx = RunContext(model=model, dataset=dataset, predictions=predictions, samples=None,
                      stage_dir=stage_dir, params=params, progress=progress, report=report, timings=timings)
+    samples = ctx.samples = build_samples_table(dataset, predictions, task_of(model), class_names=ctx.class_names)
     samples.to_parquet(stage_dir / SAMPLES, index=False)
     np.save(stage_dir / PROBS, predictions.probs)
+    if dataset.y.ndim == 2:  # multi-hot labels: samples.parquet names them as text, the analyses read the matrix
+        np.save(stage_dir / LABELS, dataset.y.astype(np.int8))
     if predictions.embeddings is not None:
         np.save(ctx.path(f"embeddings/{params['layer']}.npy"), predictions.embeddings.astype(np.float32))
     summaries = {}

@@ -23,6 +23,8 @@ RANKINGS = {
     "abs_error": ("largest absolute error first", "abs_error", False, "all"),
     "over_predicted": ("predicted most above the target first", "residual", False, "all"),
     "under_predicted": ("predicted most below the target first", "residual", True, "all"),
+    # a multi-label model's (tasks.MultiLabel.rankings): by the share of its labels it gets wrong
+    "labels_wrong": ("most labels wrong first", "hamming_error", False, "all"),
 }
 DEFAULT_BINS = 10
 MAX_GROUPS = 100

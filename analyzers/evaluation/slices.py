@@ -30,7 +30,8 @@ from ..errors import AnalyzerError
 
 SOURCES = ("features", "embeddings")
 # Columns that describe the model's output on a sample rather than the sample: never used in a rule.
-OUTCOME_COLUMNS = ("id", "correct", "confidence", "loss", "margin", "prediction", "residual", "abs_error")
+OUTCOME_COLUMNS = ("id", "correct", "confidence", "loss", "margin", "prediction", "residual", "abs_error",
+                   "labels_wrong", "hamming_error", "missed", "false_alarms")
 MAX_CATEGORIES = 30  # one-hot the most frequent values of a categorical column; rarer ones are left out
 MAX_DISTINCT = 200  # a text column with more distinct values (file names, free text) is not a category
 # A condition added to a group must mean something: a tree node is a slice only if its errors exceed its sibling's at
@@ -124,7 +125,7 @@ def _encode(samples: pd.DataFrame, columns: list, class_names: list):
     blocks, specs = [], []
     for col in columns:
         series = samples[col]
-        if col in ("label", "pred"):
+        if col in ("label", "pred") and series.dtype.kind in "iu":  # class indices; label sets are categories
             codes = series.to_numpy()
             for k, name in enumerate(class_names):
                 blocks.append(codes == k)
@@ -240,7 +241,7 @@ def _feature_candidates(table: pd.DataFrame, *, class_names, columns, min_size, 
     n = len(table)
     min_size = default_min_size(n) if min_size is None else min_size
     _check_int("min_size", min_size, 1)
-    names = _class_names(table, class_names) if table["label"].dtype.kind != "f" else []
+    names = _class_names(table, class_names) if table["label"].dtype.kind in "iu" else []
     if columns is None:
         columns = rule_columns(table)
     else:
@@ -474,7 +475,7 @@ def _embedding_candidates(table: pd.DataFrame, embeddings, order: np.ndarray, *,
     _check_int("n_clusters", n_clusters, 2)
     if n < n_clusters:
         return []
-    names = _class_names(table, class_names) if table["label"].dtype.kind != "f" else []
+    names = _class_names(table, class_names) if table["label"].dtype.kind in "iu" else []
     emb = emb[order].astype(np.float64)
     k = min(n_components, emb.shape[1], n)
     # Fit on a fixed random subset (drawn after sorting by id) and assign every sample: linear in N. One BLAS
@@ -491,14 +492,20 @@ def _embedding_candidates(table: pd.DataFrame, embeddings, order: np.ndarray, *,
     overall = errors.mean()
     size = np.bincount(assign, minlength=n_clusters)
     err = np.bincount(assign, weights=errors, minlength=n_clusters)
-    # real-valued labels (a regression's targets) are described by their mean, class indices by the commonest one
+    # real-valued labels (a regression's targets) are described by their mean; class indices and label sets (text)
+    # by the commonest one
     valued = table["label"].dtype.kind == "f"
     if valued:
         target_mean = np.bincount(assign, weights=table["label"].to_numpy(np.float64), minlength=n_clusters)
         pred_mean = np.bincount(assign, weights=table["pred"].to_numpy(np.float64), minlength=n_clusters)
     else:
-        labels = table["label"].to_numpy().astype(np.int64)
-        preds = table["pred"].to_numpy().astype(np.int64)
+        if names:
+            labels = table["label"].to_numpy().astype(np.int64)
+            preds = table["pred"].to_numpy().astype(np.int64)
+        else:  # label sets: each distinct text is a value
+            codes, names = pd.factorize(pd.concat([table["label"], table["pred"]]).astype(str))
+            names = [str(v) for v in names]
+            labels, preds = codes[:n], codes[n:]
         nk = len(names)
         label_counts = np.bincount(assign * nk + labels, minlength=n_clusters * nk).reshape(n_clusters, nk)
         pred_counts = np.bincount(assign * nk + preds, minlength=n_clusters * nk).reshape(n_clusters, nk)

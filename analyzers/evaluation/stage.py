@@ -37,11 +37,14 @@ OPTIONS = {"n_bins": "calibration bins", "min_size": "smallest slice", "max_dept
 
 def evaluate(samples: pd.DataFrame, probs, *, class_names=None, embeddings=None, layer: str | None = None,
              exclude_columns=(), seed: int = 0, n_bins: int = 10, min_size: int | None = None, max_depth: int = 3,
-             n_clusters: int | None = None, alpha: float = 0.95, max_slices: int = 20, task=None) -> dict:
+             n_clusters: int | None = None, alpha: float = 0.95, max_slices: int = 20, task=None,
+             labels=None) -> dict:
     """Everything the stage writes, as objects: {"metrics": dict, "confusion": Confusion or None, "slices":
     DataFrame, "label_noise": LabelNoise or None, "skipped": {analysis: reason}, "timings": dict}. Pure: usable on
     any subset of a run's samples. `task` (`tasks.Task`) defaults to classification over the columns of `probs`;
-    the confusion matrix, calibration and label noise apply to tasks with classes."""
+    the confusion matrix, calibration and label noise apply to tasks with classes; the per-label report and the
+    co-missed labels (`multilabel.multilabel_report`, under "multilabel") to multi-label tasks, whose `labels` are
+    the (N, K) multi-hot matrix (samples.parquet holds them as text)."""
     from .label_noise import find_label_issues
     from .metrics import calibration_report, confusion, expected_calibration_error
     from .slices import find_slices, rule_columns
@@ -51,7 +54,7 @@ def evaluate(samples: pd.DataFrame, probs, *, class_names=None, embeddings=None,
     task = task or Classification(int(probs.shape[1]))
     timings, skipped = {}, {}
     t0 = time.perf_counter()
-    labels = samples["label"].to_numpy()
+    labels = samples["label"].to_numpy() if labels is None else np.asarray(labels)
     ids = samples["id"].to_numpy()
     metrics = task.metrics(labels, probs, names=class_names)
     conf = noise = None
@@ -66,11 +69,18 @@ def evaluate(samples: pd.DataFrame, probs, *, class_names=None, embeddings=None,
     else:
         timings["metrics"] = time.perf_counter() - t0
         for name in ("confusion", "calibration", "label_noise"):
-            skipped[name] = f"a {task.name} model predicts values, not classes"
+            skipped[name] = task.no_classes_reason
+    per_label = None
+    if task.per_label:
+        from .multilabel import multilabel_report
+
+        t0 = time.perf_counter()
+        per_label = multilabel_report(labels, probs, names=class_names, threshold=task.threshold, n_bins=n_bins)
+        timings["per_label"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     # a regression's label and pred are real values, not classes: its rules may use the target (a number) instead
     columns = [c for c in rule_columns(samples) if c not in set(exclude_columns)
-               and (task.has_classes or c not in ("label", "pred"))]
+               and (task.rules_on_labels or c not in ("label", "pred"))]
     slices = find_slices(samples, embeddings=embeddings, probs=probs if task.has_classes else None,
                          class_names=class_names if task.has_classes else None, layer=layer,
                          columns=columns, min_size=min_size, max_depth=max_depth, n_clusters=n_clusters, alpha=alpha,
@@ -81,7 +91,7 @@ def evaluate(samples: pd.DataFrame, probs, *, class_names=None, embeddings=None,
         noise = find_label_issues(labels, probs, ids=ids, class_names=class_names)
         timings["label_noise"] = time.perf_counter() - t0
     return {"metrics": metrics, "confusion": conf, "slices": slices, "label_noise": noise, "skipped": skipped,
-            "timings": timings}
+            "timings": timings, "multilabel": per_label}
 
 
 def evaluation_stage(ctx) -> dict:
@@ -97,18 +107,25 @@ def evaluation_stage(ctx) -> dict:
     result = evaluate(ctx.samples, ctx.predictions.probs, class_names=ctx.class_names,
                       embeddings=ctx.predictions.embeddings, layer=ctx.predictions.embedding_layer,
                       exclude_columns=ctx.dataset.ground_truth_columns, seed=ctx.params.get("seed", 0), task=task,
-                      **options)
+                      labels=ctx.dataset.y, **options)
     write_json(ctx.path(METRICS), result["metrics"])
     if result["confusion"] is not None:
         write_json(ctx.path(CONFUSION), result["confusion"].to_dict(top=top_confused))
     write_parquet(ctx.path(SLICES), result["slices"])
     if result["label_noise"] is not None:
         write_parquet(ctx.path(LABEL_NOISE), result["label_noise"].table)
+    if result["multilabel"] is not None:
+        from .multilabel import MULTILABEL
+
+        write_json(ctx.path(MULTILABEL), result["multilabel"])
     slices = result["slices"]
     summary = {**task.headline(result["metrics"]),
                "num_slices": int(len(slices)),
                "top_slice": slices["description"].iloc[0] if len(slices) else None,
                "timings_s": {k: round(v, 4) for k, v in result["timings"].items()}}
+    if result["multilabel"] is not None and result["multilabel"]["co_missed"]:
+        top = result["multilabel"]["co_missed"][0]
+        summary["top_co_missed"] = [top["label_a"], top["label_b"]]
     if task.has_classes:
         summary.update(ece=result["metrics"]["ece"], num_label_suspects=int(len(result["label_noise"].table)),
                        estimated_label_issues=result["label_noise"].estimated_issues)

@@ -52,7 +52,12 @@ class Task:
     # the model's outputs are class probabilities: a confusion matrix, calibration and label noise apply
     has_classes = True
     label_dtype = np.int64  # how labels are stored in a Dataset and samples.parquet
+    label_form = "int64"  # what one sample's label is, in words for a refusal
     rankings = ()  # the error rankings (metrics.RANKINGS) that apply to the task
+    per_label = False  # K independent labels: per-label matrices, calibration and thresholds apply
+    rules_on_labels = True  # slices' rules may name the label and the prediction (classes, label sets)
+    # why the class analyses (confusion matrix, top-label calibration, label noise) are skipped where they do not apply
+    no_classes_reason = ""
 
     def outputs_from_raw(self, raw, output_kind: str):
         """What a run stores per sample (probs.npy) from the model's raw output batch (a torch tensor)."""
@@ -62,9 +67,10 @@ class Task:
         """Per-sample training loss (a torch tensor) of a raw output batch against labels (a torch tensor)."""
         raise NotImplementedError
 
-    def sample_columns(self, labels, outputs) -> dict:
+    def sample_columns(self, labels, outputs, names=None) -> dict:
         """The core columns of samples.parquet besides id and loss: label, pred, confidence, correct, and the
-        task's own (regression: target, prediction, residual, abs_error)."""
+        task's own (regression: target, prediction, residual, abs_error; multi-label: labels_wrong, hamming_error,
+        missed, false_alarms). `names` are the class or label names."""
         raise NotImplementedError
 
     def headline(self, metrics: dict) -> dict:
@@ -150,7 +156,7 @@ class Classification(Task):
 
         return F.nll_loss(class_log_probs(raw, output_kind), labels.long(), reduction="none")
 
-    def sample_columns(self, labels, outputs) -> dict:
+    def sample_columns(self, labels, outputs, names=None) -> dict:
         probs = np.asarray(outputs)
         pred = self.predictions(probs).astype(np.int64)
         return {"label": np.asarray(labels), "pred": pred, "confidence": probs.max(axis=1).astype(np.float32),
@@ -170,7 +176,10 @@ class Regression(Task):
     error_name = "absolute error"
     has_classes = False
     label_dtype = np.float64
+    label_form = "finite float64"
     rankings = ("abs_error", "over_predicted", "under_predicted")
+    no_classes_reason = "a regression model predicts values, not classes"
+    rules_on_labels = False  # its label and pred are numbers: rules name the target column instead
 
     @property
     def what_is_wrong(self) -> str:
@@ -235,7 +244,7 @@ class Regression(Task):
     def loss_from_raw(self, raw, labels, output_kind: str):
         return (raw.reshape(len(raw), -1)[:, 0] - labels.to(raw.dtype)) ** 2  # squared error
 
-    def sample_columns(self, labels, outputs) -> dict:
+    def sample_columns(self, labels, outputs, names=None) -> dict:
         y = np.asarray(labels, dtype=np.float64)
         pred = self.predictions(outputs)
         residual = pred - y
@@ -252,13 +261,20 @@ class Regression(Task):
 
 @dataclass(frozen=True)
 class MultiLabel(Task):
-    """`num_outputs` independent yes/no labels; outputs are per-label probabilities (N, K)."""
+    """`num_outputs` independent yes/no labels; outputs are per-label probabilities (N, K), one sigmoid per logit."""
 
     threshold: float = 0.5
 
     name = "multilabel"
     what_is_wrong = "at least one label is predicted wrongly (a probability on the wrong side of its threshold)"
     error_name = "Hamming error"
+    has_classes = False
+    per_label = True
+    label_form = "int64 row of 0 and 1"
+    rankings = ("labels_wrong", "loss")
+    rules_on_labels = False  # its label sets are combinations: rules combine the per-label columns instead
+    no_classes_reason = ("a multi-label model gives each label its own yes or no: see the per-label matrices, "
+                         "calibration and thresholds instead")
 
     def check_labels(self, labels) -> np.ndarray:
         y = np.asarray(labels)
@@ -268,6 +284,8 @@ class MultiLabel(Task):
                                 f"0 and 1")
         if y.dtype.kind == "f":
             y = _finite_float(y, "labels")
+        elif y.dtype.kind not in "iub":
+            raise AnalyzerError(f"multi-label labels have type {y.dtype}: save y as an (N, K) array of 0 and 1")
         if not np.isin(y, (0, 1)).all():
             raise AnalyzerError("multi-label labels must be 0 or 1 (is the label absent or present): found "
                                 f"{_one_line_names(np.unique(y[~np.isin(y, (0, 1))]))}")
@@ -276,16 +294,20 @@ class MultiLabel(Task):
     def predictions(self, outputs) -> np.ndarray:
         return (np.asarray(outputs) >= self.threshold).astype(np.int64)
 
+    def label_errors(self, labels, outputs) -> np.ndarray:
+        """(N, K) bool: which labels of each sample are predicted wrongly."""
+        return self.predictions(outputs) != np.asarray(labels)
+
     def errors(self, labels, outputs) -> np.ndarray:
-        return (self.predictions(outputs) != np.asarray(labels)).mean(axis=1)
+        return self.label_errors(labels, outputs).mean(axis=1)
 
     def wrong(self, labels, outputs) -> np.ndarray:
-        return (self.predictions(outputs) != np.asarray(labels)).any(axis=1)
+        return self.label_errors(labels, outputs).any(axis=1)
 
     def metrics(self, labels, outputs, *, names=None) -> dict:
         """scikit-learn's classification_report per label (precision, recall, f1, support), accuracy_score (subset
         accuracy), hamming_loss, micro and macro roc_auc_score and average_precision_score (None where a label has
-        a single value, where they are undefined)."""
+        a single value, where they are undefined), and each label's prevalence."""
         from sklearn.metrics import (accuracy_score, average_precision_score, classification_report, hamming_loss,
                                      roc_auc_score)
 
@@ -293,6 +315,8 @@ class MultiLabel(Task):
         probs = np.asarray(outputs, dtype=np.float64)
         if probs.shape != y.shape:
             raise AnalyzerError(f"per-label probabilities of shape {probs.shape} do not match labels {y.shape}")
+        if len(y) == 0:
+            raise AnalyzerError("no samples to evaluate: select at least one sample")
         pred = self.predictions(probs)
         names = [str(n) for n in names] if names is not None else [str(i) for i in range(self.num_outputs)]
         both = ((y == 0).any(axis=0) & (y == 1).any(axis=0)).all()
@@ -304,9 +328,57 @@ class MultiLabel(Task):
             "roc_auc_macro": float(roc_auc_score(y, probs, average="macro")) if both else None,
             "average_precision_micro": float(average_precision_score(y, probs, average="micro")) if both else None,
             "average_precision_macro": float(average_precision_score(y, probs, average="macro")) if both else None,
+            "prevalence": {name: float(v) for name, v in zip(names, y.mean(axis=0))},
             "classification_report": classification_report(y, pred, target_names=names, output_dict=True,
                                                            zero_division=0),
         }
+
+    def outputs_from_raw(self, raw, output_kind: str):
+        import torch
+
+        return torch.sigmoid(raw)
+
+    def loss_from_raw(self, raw, labels, output_kind: str):
+        import torch.nn.functional as F
+
+        # the sum of the labels' binary cross-entropies: the loss a multi-label model is trained with, per sample
+        return F.binary_cross_entropy_with_logits(raw, labels.to(raw.dtype), reduction="none").sum(dim=1)
+
+    def sample_columns(self, labels, outputs, names=None) -> dict:
+        """label and pred are the sets of labels present and predicted, as text ("circle + square", "none"), so
+        `correct` is label == pred; beside them the labels wrong, missed and falsely predicted, and a yes/no
+        column per label (`label_<name>`)."""
+        y = np.asarray(labels, dtype=np.int64)
+        probs = np.asarray(outputs, dtype=np.float64)
+        pred = self.predictions(probs)
+        names = np.asarray([str(n) for n in names] if names is not None else
+                           [str(i) for i in range(self.num_outputs)], dtype=object)
+        wrong = pred != y
+        # how sure the model is of its whole answer: the mean, over labels, of the probability of what it says
+        confidence = np.where(pred == 1, probs, 1 - probs).mean(axis=1).astype(np.float32)
+        return {"label": label_sets(y, names), "pred": label_sets(pred, names), "confidence": confidence,
+                "correct": ~wrong.any(axis=1), "labels_wrong": wrong.sum(axis=1).astype(np.int64),
+                "hamming_error": wrong.mean(axis=1), "missed": label_sets(wrong & (y == 1), names, empty=""),
+                "false_alarms": label_sets(wrong & (y == 0), names, empty=""),
+                # one yes/no column per label, which slices' rules combine ("label_circle and label_triangle")
+                **{f"label_{name}": y[:, k] == 1 for k, name in enumerate(names)}}
+
+    def headline(self, metrics: dict) -> dict:
+        return {"subset_accuracy": metrics["subset_accuracy"], "hamming_loss": metrics["hamming_loss"],
+                "average_precision_macro": metrics["average_precision_macro"]}
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "threshold": float(self.threshold)}
+
+
+LABEL_SET_JOIN = " + "
+
+
+def label_sets(multi_hot, names, *, empty: str = "none") -> np.ndarray:
+    """Each row's present labels as one text, in label order ("circle + square"), `empty` for none."""
+    names = np.asarray(names, dtype=object)
+    return np.asarray([LABEL_SET_JOIN.join(names[np.flatnonzero(row)]) or empty for row in np.asarray(multi_hot)],
+                      dtype=object)
 
 
 def task_named(name: str, num_outputs: int) -> Task:
@@ -341,8 +413,8 @@ def infer_task(labels, output_width: int) -> Task:
     a count regression, or a mislabelled binary model) asks for --task rather than guess."""
     y = np.asarray(labels)
     if y.ndim == 2 and y.shape[1] > 1:
-        if y.shape[1] == output_width and np.isin(y, (0, 1)).all():
-            return MultiLabel(output_width)
+        if y.shape[1] == output_width and (np.isin(y, (0, 1)) | (y.dtype.kind == "f" and ~np.isfinite(y))).all():
+            return MultiLabel(output_width)  # missing labels are refused by its check_labels, with their row
         raise AnalyzerError(f"labels of shape {y.shape} with a model of {output_width} outputs: a multi-label "
                             f"dataset needs one 0/1 column per model output")
     flat = y.reshape(len(y))
@@ -364,6 +436,8 @@ def infer_task(labels, output_width: int) -> Task:
 
 # The model output kind that a regression model is read with: its raw output, one value per sample
 VALUE_OUTPUT = "value"
+# The output kind a multi-label model is read with: one logit per label, each label's probability its sigmoid
+MULTILABEL_OUTPUT = "multilabel_logits"
 
 
 def output_width(model) -> int:
@@ -376,8 +450,11 @@ def output_width(model) -> int:
 def task_of(model) -> Task:
     """The task a loaded model is read for (`model_for_task` set it): regression for a value output, else
     classification over its classes."""
-    if getattr(model, "output_kind", "logits") == VALUE_OUTPUT:
+    kind = getattr(model, "output_kind", "logits")
+    if kind == VALUE_OUTPUT:
         return Regression(1)
+    if kind == MULTILABEL_OUTPUT:
+        return MultiLabel(int(model.num_classes))
     return Classification(int(getattr(model, "num_classes", 2)))
 
 
@@ -387,7 +464,8 @@ def resolve_task(declared: str | None, labels, model) -> Task:
     y = np.asarray(labels)
     if declared is not None:
         if model is None:  # no output to check against: the task decides only how the labels are read
-            return task_named(declared, 1 if declared == "regression" else 2)
+            width = {"regression": 1, "multilabel": y.shape[-1] if y.ndim == 2 else 0}.get(declared, 2)
+            return task_named(declared, width)
         return task_named(declared, output_width(model))
     if model is None or y.dtype.kind in "OUSb":
         return Classification(int(getattr(model, "num_classes", 2)) if model is not None else 2)
@@ -401,4 +479,9 @@ def model_for_task(model, task: Task):
 
     if isinstance(task, Regression) and getattr(model, "output_kind", None) != VALUE_OUTPUT:
         return dataclasses.replace(model, output_kind=VALUE_OUTPUT, num_classes=1, class_names=("value",))
+    if isinstance(task, MultiLabel) and getattr(model, "output_kind", None) != MULTILABEL_OUTPUT:
+        if model.output_kind != "logits":
+            raise AnalyzerError(f"a multi-label model must return one logit per label, but this one returns "
+                                f"{model.output_kind.replace('_', ' ')}: remove its final softmax or sigmoid")
+        return dataclasses.replace(model, output_kind=MULTILABEL_OUTPUT)
     return model

@@ -178,10 +178,11 @@ def reduce_for_display(attr, modality: str | None = None) -> np.ndarray:
 
 def _scores_module(model) -> nn.Module:
     """Class scores whose softmax is the class probabilities (logits as they are; probabilities made log-probs); a
-    regression's predicted value as it is (one output: target 0 explains the prediction)."""
+    regression's predicted value as it is (one output: target 0 explains the prediction); a multi-label model's
+    logits as they are (target k explains label k's logit, whose sigmoid is its probability)."""
     module = unwrap(model)
     output_kind = getattr(model, "output_kind", "logits")
-    return module if output_kind in ("logits", "value") else ClassLogits(module, output_kind)
+    return module if output_kind in ("logits", "value", "multilabel_logits") else ClassLogits(module, output_kind)
 
 
 def _callable_scores(scores: nn.Module):

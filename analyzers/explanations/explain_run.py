@@ -83,11 +83,17 @@ def resolve_targets(run, dataset, rows: np.ndarray, target, num_classes: int) ->
     return np.full(len(rows), k, dtype=np.int64)
 
 
-def ground_truth_mask(dataset, rows: np.ndarray) -> np.ndarray | None:
+def ground_truth_mask(dataset, rows: np.ndarray, targets=None) -> np.ndarray | None:
     """The planted ground truth of these samples, if the dataset has one: an image mask (extras["mask"]) or a
-    sequence interval (metadata motif_start/motif_end)."""
+    sequence interval (metadata motif_start/motif_end). A multi-label dataset's mask has one image per label
+    (N, K, H, W): each row's mask is then that of its target label (`targets`, one per row)."""
     if "mask" in dataset.extras:
-        return np.asarray(dataset.extras["mask"])[rows].astype(bool)
+        masks = np.asarray(dataset.extras["mask"])
+        if masks.ndim == 4 and dataset.y.ndim == 2:  # one mask per label
+            if targets is None:
+                return masks[rows].any(axis=1)  # where any label is drawn
+            return masks[rows, np.asarray(targets, dtype=np.int64)].astype(bool)
+        return masks[rows].astype(bool)
     meta = dataset.metadata
     if dataset.modality == "sequence" and {"motif_start", "motif_end"} <= set(meta.columns):
         return interval_mask(meta["motif_start"].to_numpy()[rows], meta["motif_end"].to_numpy()[rows],
@@ -286,7 +292,7 @@ def explain_run(run_dir, ids, methods, *, target="pred", layer=None, batch_size:
     sample_ids = [str(dataset.ids[r]) for r in rows]
     background = background_sample(dataset, seed)
     probe = probe_inputs(dataset, seed)
-    mask = ground_truth_mask(dataset, rows)
+    mask = ground_truth_mask(dataset, rows, targets)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     tables, skipped = [], {}
     for method in methods:
@@ -467,7 +473,7 @@ def sample_scores(run, explanation: SampleExplanation, *, model=None, dataset=No
     if cached is not None:
         return {**explanation.scores, **cached[1]}
     table = faithfulness_table(model, dataset.x[rows], targets, method, explanation.attribution[None], options=opts,
-                               background=background_sample(dataset, seed), mask=ground_truth_mask(dataset, rows),
+                               background=background_sample(dataset, seed), mask=ground_truth_mask(dataset, rows, targets),
                                batch_size=batch_size, sanity=sanity,
                                probe=probe_inputs(dataset, seed) if sanity else None, cache_dir=run.file(CACHE),
                                seed=seed)

@@ -153,13 +153,19 @@ def dataset_from_fields(fields) -> Dataset:
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim < 2:
         raise bad("inputs are not a float32 array of samples")
     n = len(x)
+    from ..evaluation.tasks import TASK_NAMES, resolve_task
+
     task = fields.get("task", "classification")
-    if task not in ("classification", "binary", "regression"):
+    if task not in TASK_NAMES:
         raise bad("task is not one this dashboard reads")
-    label_dtype = np.float64 if task == "regression" else np.int64
-    if not isinstance(y, np.ndarray) or y.dtype != label_dtype or y.shape != (n,) or \
-            (task == "regression" and not np.isfinite(y).all()):
-        raise bad(f"labels are not one {'finite float64' if task == 'regression' else 'int64'} per sample")
+    label_task = resolve_task(task, y, None) if isinstance(y, np.ndarray) else None
+    try:  # the labels as the task reads them (regression: finite float64; multi-label: (N, K) 0/1; else int64)
+        ok = label_task is not None and len(y) == n and y.dtype == label_task.label_dtype and \
+            np.array_equal(label_task.check_labels(y), y)
+    except AnalyzerError:
+        ok = False
+    if not ok:
+        raise bad(f"labels are not one {label_task.label_form if label_task else 'label'} per sample")
     ids = fields.get("ids")
     ids = np.asarray(ids) if isinstance(ids, (list, np.ndarray)) else None
     if ids is None or ids.shape != (n,) or ids.dtype.kind not in "iuU":
@@ -200,9 +206,10 @@ def _load_source(source, *, name: str, spec: str, digest: str, model, label_colu
         return _from_table(table, name, spec, digest, model=model, label_column=label_column, id_column=id_column,
                            features=features, task=task)
     if suffix == ".zip":
-        if task == "regression":
-            raise AnalyzerError(f"{name!r} is a zip of image folders, whose names are classes: a regression "
-                                f"dataset is an .npz (x and real targets y) or a table with a target column")
+        if task is not None and task not in ("classification", "binary"):
+            raise AnalyzerError(f"{name!r} is a zip of image folders, whose names are classes: a {task} dataset "
+                                f"is an .npz (x and y: real targets, or a multi-hot (N, K) array)"
+                                f"{' or a table with a target column' if task == 'regression' else ''}")
         return _load_image_zip(source, name, spec, digest, model=model, image_size=image_size, mean=mean, std=std)
     raise AnalyzerError(f"{name!r} is not a supported dataset file: use .npz (arrays x and y), .csv or .parquet "
                         f"(a label column), or a .zip of image folders (one folder per class)")
@@ -217,10 +224,14 @@ def _load_sample(spec: str, *, task: str | None = None) -> Dataset:
     sample = get_sample(name)
     data = sample.load_data("test")
     x = np.ascontiguousarray(data.x, dtype=np.float32)
+    from ..evaluation.tasks import resolve_task
+
     declared = getattr(sample, "task", "classification")  # a sample states its own task
-    if task is not None and task != declared and {task, declared} != {"binary", "classification"}:
+    sample_task = resolve_task(declared, data.y, None)
+    # binary is classification's two-class case: either name fits a two-class sample
+    if task is not None and task != declared and not (sample_task.has_classes and task in ("binary", "classification")):
         raise AnalyzerError(f"the sample {name!r} is a {declared} sample, not {task}: leave --task out")
-    y = np.asarray(data.y, dtype=np.float64 if declared == "regression" else np.int64)
+    y = np.asarray(data.y, dtype=sample_task.label_dtype)
     digest = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()
     ids = np.asarray(data.ids) if data.ids is not None else np.arange(len(y))
     return Dataset(x=x, y=y, ids=ids, spec=spec, sha256=digest, class_names=sample.class_names,
@@ -254,8 +265,9 @@ def _load_npz(source, name: str, spec: str, digest: str, *, model=None, task=Non
             raise AnalyzerError(f"x in {name!r} has shape {x.shape}; expected (N, features) or (N, C, ...) ")
     y = arrays.pop("y")
     n = len(x)
-    if y.shape != (n,):
-        raise AnalyzerError(f"y in {name!r} has shape {y.shape} but x has {n} samples: y must be one label per sample")
+    if y.ndim not in (1, 2) or len(y) != n:
+        raise AnalyzerError(f"y in {name!r} has shape {y.shape} but x has {n} samples: y must be one label per "
+                            f"sample, or one 0/1 row of K labels per sample for a multi-label dataset")
     x = _numeric_inputs(x, name)
     y, task = _task_labels(y, name, class_names=None, task=task, model=model)
     class_names = tuple(str(c) for c in arrays.pop("class_names")) if "class_names" in arrays else None
@@ -650,11 +662,11 @@ def _task_labels(y: np.ndarray, name: str, *, class_names, task, model) -> tuple
     from ..evaluation.tasks import resolve_task
 
     resolved = resolve_task(task, y, model)
-    if resolved.name == "regression":
-        return resolved.check_labels(y), resolved.name
-    if resolved.name == "multilabel":
-        raise AnalyzerError("multi-label datasets are not analysed yet (issue 12): use one class index per sample")
-    return _integer_labels(y, name, class_names=class_names), resolved.name
+    if resolved.has_classes:  # class names or indices, looked up against the model's names
+        if y.ndim != 1:
+            resolved.check_labels(y)  # refused with the task's reason (one class per sample)
+        return _integer_labels(y, name, class_names=class_names), resolved.name
+    return resolved.check_labels(y), resolved.name
 
 
 def _integer_labels(y: np.ndarray, name: str, *, class_names) -> np.ndarray:
@@ -711,13 +723,12 @@ def check_dataset(dataset: Dataset, model) -> None:
     if dataset.sample_shape != tuple(model.input_shape):
         raise AnalyzerError(f"samples have shape {dataset.sample_shape} but the model takes {tuple(model.input_shape)}:"
                             f" reshape the data or choose the matching model")
-    if dataset.task == "regression":  # real targets, read and checked by tasks.Regression
-        low, high = 0, 0
-    else:
-        low, high = int(dataset.y.min()), int(dataset.y.max())
-    if dataset.task != "regression" and (low < 0 or high >= model.num_classes):
-        raise AnalyzerError(f"labels range over {low}..{high} but the model has {model.num_classes} classes "
-                            f"(0..{model.num_classes - 1}): check the labels or the model")
+    from ..evaluation.tasks import output_width, resolve_task, task_named
+
+    # the labels as the model's task reads them: class indices within its classes, finite targets, K 0/1 labels.
+    # Classes are checked against the model's own number (a dataset read without a model was taken as binary).
+    name = "classification" if resolve_task(dataset.task, dataset.y, None).has_classes else dataset.task
+    task_named(name, output_width(model)).check_labels(dataset.y)
     if dataset.class_names is not None and len(dataset.class_names) > model.num_classes:
         raise AnalyzerError(f"the dataset names {len(dataset.class_names)} classes but the model has "
                             f"{model.num_classes} outputs")

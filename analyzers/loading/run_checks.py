@@ -77,6 +77,8 @@ def _kind_ok(value, kind: str) -> bool:
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if kind == "ints":
         return isinstance(value, list) and all(_kind_ok(v, "int") for v in value)
+    if kind == "records":
+        return isinstance(value, list) and all(isinstance(v, dict) for v in value)
     raise ValueError(kind)
 
 
@@ -91,7 +93,7 @@ def _check_fields(obj: dict, fields, relpath: str, where, prefix: str = "") -> N
 
 
 _KIND_WORDS = {"text": "a string", "int": "an integer", "number": "a number", "mapping": "an object",
-               "texts": "a list of strings", "ints": "a list of integers"}
+               "texts": "a list of strings", "ints": "a list of integers", "records": "a list of objects"}
 
 
 def check_info(info, where) -> None:
@@ -115,6 +117,9 @@ CORE_COLUMNS = ("id", "label", "pred", "confidence", "loss", "correct")
 
 
 REGRESSION_COLUMNS = ("target", "prediction", "residual", "abs_error")
+MULTILABEL_COLUMNS = ("labels_wrong", "hamming_error", "missed", "false_alarms")
+# each task's own columns beside the core ones (tasks.Task.sample_columns)
+TASK_COLUMNS = {"regression": REGRESSION_COLUMNS, "multilabel": MULTILABEL_COLUMNS}
 
 
 def check_samples(samples: pd.DataFrame, *, num_samples: int, num_classes: int, where,
@@ -123,13 +128,16 @@ def check_samples(samples: pd.DataFrame, *, num_samples: int, num_classes: int, 
     unique (links and selections name samples by id). A regression's label and pred are real numbers, beside its
     target, prediction, residual and abs_error columns, which agree with them."""
     rel = "samples.parquet"
-    missing = [c for c in CORE_COLUMNS + (REGRESSION_COLUMNS if task == "regression" else ()) if c not in samples]
+    missing = [c for c in CORE_COLUMNS + TASK_COLUMNS.get(task, ()) if c not in samples]
     if missing:
         raise damaged(rel, where, f"it lacks the column{'s' * (len(missing) > 1)} {', '.join(missing)}")
     if len(samples) != num_samples:
         raise damaged(rel, where, f"it has {len(samples)} rows for {num_samples} samples")
     if task == "regression":
         _check_regression_samples(samples, rel, where)
+        return
+    if task == "multilabel":
+        _check_multilabel_samples(samples, rel, where, num_classes)
         return
     for column in ("label", "pred"):
         _check_classes(samples[column], rel, column, where, num_classes)
@@ -165,6 +173,43 @@ def _check_regression_samples(samples: pd.DataFrame, rel: str, where) -> None:
         raise damaged(rel, where, "two samples share an id")
 
 
+def _check_multilabel_samples(samples: pd.DataFrame, rel: str, where, num_labels: int) -> None:
+    for column in ("label", "pred", "missed", "false_alarms"):
+        if not all(isinstance(v, str) for v in samples[column]):
+            raise damaged(rel, where, f"{column!r} is not text (a set of labels) for every sample")
+    for column in ("confidence", "loss", "hamming_error"):
+        values = samples[column]
+        if not _is_number(values) or not np.isfinite(values.to_numpy(dtype=np.float64)).all():
+            raise damaged(rel, where, f"{column!r} is not a finite number for every sample")
+    wrong = samples["labels_wrong"]
+    if not pd.api.types.is_integer_dtype(wrong) or len(wrong) and (wrong.min() < 0 or wrong.max() > num_labels):
+        raise damaged(rel, where, f"'labels_wrong' is not a count of 0..{num_labels} labels for every sample")
+    correct = samples["correct"]
+    if not pd.api.types.is_bool_dtype(correct) or not np.array_equal(
+            correct.to_numpy(dtype=bool), samples["label"].to_numpy() == samples["pred"].to_numpy()):
+        raise damaged(rel, where, "'correct' does not say whether the predicted labels equal the true ones")
+    if samples["id"].duplicated().any():
+        raise damaged(rel, where, "two samples share an id")
+
+
+def check_label_matrix(labels: np.ndarray, samples: pd.DataFrame, *, num_labels: int, probs: np.ndarray,
+                       threshold: float, where) -> None:
+    """A multi-label run's labels.npy: (N, K) 0/1, whose disagreements with the thresholded probabilities are
+    samples.parquet's labels_wrong."""
+    rel = "labels.npy"
+    if labels.shape != (len(samples), num_labels) or labels.dtype.kind not in "iub":
+        raise damaged(rel, where, f"its shape is {labels.shape} {labels.dtype}, not {len(samples)} samples x "
+                                  f"{num_labels} labels of 0 or 1")
+    wrong = samples["labels_wrong"].to_numpy()
+    for start in range(0, len(labels), ROWS_PER_CHECK):
+        chunk = np.asarray(labels[start:start + ROWS_PER_CHECK])
+        if not np.isin(chunk, (0, 1)).all():
+            raise damaged(rel, where, "it holds values other than 0 and 1")
+        pred = np.asarray(probs[start:start + ROWS_PER_CHECK]) >= threshold
+        if not np.array_equal((pred != chunk.astype(bool)).sum(axis=1), wrong[start:start + ROWS_PER_CHECK]):
+            raise damaged(rel, where, "its labels disagree with samples.parquet's labels_wrong")
+
+
 def check_probs(probs: np.ndarray, samples: pd.DataFrame, *, num_classes: int, where,
                 task: str = "classification") -> None:
     """(N, K) probabilities, finite, in [0, 1], rows summing to 1, whose argmax is samples.parquet's `pred`; for a
@@ -181,6 +226,12 @@ def check_probs(probs: np.ndarray, samples: pd.DataFrame, *, num_classes: int, w
         raise damaged(rel, where, f"its shape is {probs.shape}, not {len(samples)} samples x {num_classes} classes")
     if probs.dtype.kind != "f":
         raise damaged(rel, where, f"it holds {probs.dtype}, not floating-point probabilities")
+    if task == "multilabel":  # each label's own probability: in [0, 1], rows need not sum to 1
+        for start in range(0, len(probs), ROWS_PER_CHECK):
+            chunk = np.asarray(probs[start:start + ROWS_PER_CHECK], dtype=np.float64)
+            if not np.isfinite(chunk).all() or (chunk < 0).any() or (chunk > 1.0001).any():
+                raise damaged(rel, where, "it holds values that are not probabilities")
+        return
     pred = samples["pred"].to_numpy()
     for start in range(0, len(probs), ROWS_PER_CHECK):
         chunk = np.asarray(probs[start:start + ROWS_PER_CHECK], dtype=np.float64)
@@ -224,6 +275,12 @@ _JSON = {
     "metrics.json#regression": (("mse", "number", True), ("rmse", "number", True), ("mae", "number", True),
                                 ("r2", "number?", True), ("median_absolute_error", "number", True),
                                 ("mape", "number?", False)),
+    # a multi-label run's metrics (tasks.MultiLabel.metrics)
+    "metrics.json#multilabel": (("subset_accuracy", "number", True), ("hamming_loss", "number", True),
+                                ("roc_auc_macro", "number?", False), ("average_precision_macro", "number?", False),
+                                ("classification_report", "mapping", True), ("prevalence", "mapping", True)),
+    # per label: its 2x2 matrix, calibration and threshold metrics, and which labels are missed together
+    "multilabel.json": (("labels", "records", True), ("co_missed", "records", True), ("threshold", "number", True)),
     # the decision threshold a person chose (thresholds.save_threshold): class `positive` when p >= `threshold`
     "thresholds.json": (("positive", "int", True), ("threshold", "number", True), ("cost_fp", "number", False),
                         ("cost_fn", "number", False)),

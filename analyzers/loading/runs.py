@@ -30,6 +30,7 @@ RUN_FORMAT_VERSION = 1
 RUN_INFO = "run.json"
 SAMPLES = "samples.parquet"
 PROBS = "probs.npy"
+LABELS = "labels.npy"  # a multi-label run's multi-hot labels (N, K); samples.parquet holds them as text
 
 
 def _temp_sibling(path: Path, tag: str) -> Path:
@@ -254,6 +255,7 @@ def check_run_files(stage_dir: str | Path, *, num_samples: int, num_classes: int
     samples = run.samples
     if task == "regression":  # a real-valued prediction has no accuracy: the summary leads with its MAE
         return {"accuracy": None}
+    # a multi-label run's `correct` is every label right: its accuracy is the subset accuracy
     return {"accuracy": float(samples["correct"].mean()) if num_samples else float("nan")}
 
 
@@ -296,6 +298,23 @@ class Run:
             self._cache["probs"] = probs
         return self._cache["probs"]
 
+    @property
+    def labels(self) -> np.ndarray:
+        """The labels as the task reads them: a multi-label run's (N, K) 0/1 matrix (labels.npy), else the label
+        column (class indices or real targets)."""
+        if "labels" not in self._cache:
+            if self.task == "multilabel":
+                from ..evaluation.tasks import MultiLabel
+                from .run_checks import check_label_matrix
+
+                labels = self._read(LABELS, lambda p: np.load(p, allow_pickle=False))
+                check_label_matrix(labels, self.samples, num_labels=len(self.class_names), probs=self.probs,
+                                   threshold=MultiLabel(len(self.class_names)).threshold, where=self.path)
+            else:
+                labels = self.samples["label"].to_numpy()
+            self._cache["labels"] = labels
+        return self._cache["labels"]
+
     def has(self, relpath: str) -> bool:
         return (self.path / relpath).exists()
 
@@ -322,10 +341,11 @@ class Run:
         """Read every file a page or an analysis may read, by its rules; raise RunDamaged for the first broken one.
         Arrays are checked from their headers (memory-mapped), so this costs one read of the tables."""
         self.probs  # reads and checks samples.parquet too
+        self.labels  # a multi-label run's labels.npy
         readers = {".parquet": self.read_parquet, ".json": self.read_json, ".npy": self.read_npy}
         for path in sorted(self.path.rglob("*")):
             relpath = path.relative_to(self.path).as_posix()
-            if relpath in (SAMPLES, PROBS, RUN_INFO) or path.suffix not in readers or any(
+            if relpath in (SAMPLES, PROBS, LABELS, RUN_INFO) or path.suffix not in readers or any(
                     part.startswith(".") for part in path.relative_to(self.path).parts) or not path.is_file():
                 continue
             readers[path.suffix](relpath)

@@ -527,12 +527,12 @@ def open_sandboxed(model_path: str | Path, *, name: str | None = None, spec: str
         model = SandboxedModel(worker=worker, sandbox=worker.support.as_dict(), **_model_fields(description))
         dataset = None
         if data_path is not None:
+            from ..evaluation.tasks import TASK_NAMES, model_for_task, output_width, task_named
+
             dataset = worker.request({"op": "load_dataset", "fd": data_fd, "name": Path(str(data_path)).name,
                                       "spec": str(data_path), "options": dict(data_options or {})})
-            if not isinstance(dataset, dict) or dataset.get("task") not in ("classification", "binary", "regression"):
+            if not isinstance(dataset, dict) or dataset.get("task") not in TASK_NAMES:
                 raise WorkerError("the worker described the dataset in an unexpected form")
-            from ..evaluation.tasks import model_for_task, output_width, task_named
-
             # as the worker did: the model is read for the dataset's task
             model = model_for_task(model, task_named(dataset["task"], output_width(model)))
         return model, dataset
@@ -581,7 +581,10 @@ def _model_fields(description) -> dict:
                 raise ValueError("its inputs do not add up to its sample shape")
     except (KeyError, TypeError, ValueError, AnalyzerError) as exc:
         raise WorkerError(f"the worker described the model in an unexpected form ({first_line(exc)})") from exc
-    if fields["output_kind"] not in ("logits", "probabilities", "binary_logit", "binary_probability", "value"):
+    from ..engines.inference import OUTPUT_KINDS
+    from ..evaluation.tasks import VALUE_OUTPUT
+
+    if fields["output_kind"] not in (*OUTPUT_KINDS, VALUE_OUTPUT):
         raise WorkerError("the worker reported an unknown output kind")
     if len(fields["class_names"]) != fields["num_classes"] or not 1 <= fields["num_classes"] <= 1_000_000:
         raise WorkerError("the worker reported class names that do not match the number of classes")

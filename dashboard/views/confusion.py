@@ -8,7 +8,45 @@ from dashboard import components, data, figures, state
 from dashboard.text import md
 from dashboard.selection import Selection, selected_cell
 
-run = components.require_run()
+run = components.require_run(tasks=(*components.CLASS_TASKS, "multilabel"))
+
+
+def per_label_page() -> None:
+    """A multi-label run: every label's 2x2 matrix and scores, then one label's threshold and calibration."""
+    components.header("Per-label matrices", run, "Each label is its own yes/no question: its 2x2 matrix at the "
+                                                 "run's threshold, its calibration, and the threshold it would need.")
+    report = data.multilabel_report(run)
+    rows = pd.DataFrame(report["labels"])
+    table = rows[["label", "prevalence", "support", "tp", "fp", "fn", "tn", "precision", "recall", "f1",
+                  "average_precision", "roc_auc", "ece", "best_f1_threshold", "best_f1"]]
+    number = st.column_config.NumberColumn(format="%.3f")
+    st.dataframe(table, hide_index=True, column_config={
+        "prevalence": components.percent_column(), "precision": number, "recall": number, "f1": number,
+        "average_precision": number, "roc_auc": number, "ece": number, "best_f1_threshold": number,
+        "best_f1": number, "tp": "true positives", "fp": "false positives", "fn": "missed", "tn": "true negatives"})
+    st.caption(f"At the run's threshold of {report['threshold']:g} on each label's probability. Prevalence is the "
+               f"share of samples holding the label.")
+    names = list(run.class_names)
+    cols = st.columns([2, 1, 1], vertical_alignment="bottom")
+    label = cols[0].selectbox("Label", list(range(len(names))), key="label-threshold-label",
+                              format_func=lambda k: names[k])
+    cost_fp = cols[1].number_input("Cost of a false positive", min_value=0.0, value=1.0, key="label-cost-fp")
+    cost_fn = cols[2].number_input("Cost of a false negative", min_value=0.0, value=1.0, key="label-cost-fn")
+    threshold = st.slider(f"Threshold on p({names[label]})", 0.0, 1.0, float(report["threshold"]), step=0.001,
+                          format="%.3f", key="label-threshold-value")
+    components.threshold_view(data.label_curve(run, int(label)), threshold, cost_fp=cost_fp, cost_fn=cost_fn,
+                              positive_name=names[label], key="label-threshold")
+    st.subheader(f"Calibration of p({md(names[label])})")
+    st.plotly_chart(figures.reliability_figure(report["labels"][label]["calibration"], label=names[label],
+                                               x_title=f"p({names[label]})", y_title="share holding the label"),
+                    key="label-reliability", config={"displayModeBar": False})
+    st.caption("Of the samples given a probability near x, the share that truly hold the label: on the diagonal, "
+               "the probability means what it says.")
+
+
+if data.run_task(run).per_label:
+    per_label_page()
+    st.stop()
 components.header("Confusion matrix", run, "Rows are the true class, columns the prediction. Click a cell to see "
                                            "its samples.")
 conf = data.confusion(run)
@@ -75,31 +113,9 @@ cost_fp = cols[1].number_input("Cost of a false positive", min_value=0.0, value=
 cost_fn = cols[2].number_input("Cost of a false negative", min_value=0.0, value=float(stored.get("cost_fn", 1.0)),
                                key="threshold-cost-fn")
 curve = data.threshold_curve(run, int(positive))
-best_f1, best_cost = curve.best_f1(), curve.best_cost(cost_fp, cost_fn)
 start = float(stored["threshold"]) if stored.get("positive") == positive and "threshold" in stored else 0.5
 threshold = st.slider("Threshold on p(class)", 0.0, 1.0, start, step=0.001, format="%.3f", key="threshold-value")
-at = curve.at(threshold, cost_fp=cost_fp, cost_fn=cost_fn)
-metric = st.columns(6)
-metric[0].metric("Prevalence", components.percent(at["prevalence"]), help="Share of samples of this class.")
-metric[1].metric("Precision", f"{at['precision']:.3f}")
-metric[2].metric("Recall", f"{at['recall']:.3f}")
-metric[3].metric("F1", f"{at['f1']:.3f}")
-metric[4].metric("Cost", f"{at['cost']:,.4g}", help=f"{cost_fp:g} per false positive + {cost_fn:g} per false "
-                                                   f"negative.")
-metric[5].metric("Predicted as the class", components.percent(at["predicted_positive"]))
-at_half = curve.at(0.5)
-st.caption(f"Best F1 at **{best_f1:.3f}** (F1 {curve.at(best_f1)['f1']:.3f}); lowest cost at **{best_cost:.3f}** "
-           f"(cost {curve.at(best_cost, cost_fp=cost_fp, cost_fn=cost_fn)['cost']:,.4g}); at 0.5: F1 "
-           f"{at_half['f1']:.3f}, cost {curve.at(0.5, cost_fp=cost_fp, cost_fn=cost_fn)['cost']:,.4g}.")
-left, right = st.columns([2, 3], gap="large")
-with left:
-    rest = f"not {names[positive]}"
-    st.plotly_chart(figures.confusion_figure([[at["tn"], at["fp"]], [at["fn"], at["tp"]]], [rest, names[positive]]),
-                    key="threshold-confusion", config={"displayModeBar": False})
-with right:
-    st.plotly_chart(figures.threshold_curves_figure(curve, chosen=threshold,
-                                                    marks={"best F1": best_f1, "lowest cost": best_cost}),
-                    key="threshold-curves", config={"displayModeBar": False})
+components.threshold_view(curve, threshold, cost_fp=cost_fp, cost_fn=cost_fn, positive_name=names[positive], key="threshold")
 slices = data.optional_table(run, "slices.parquet")
 if slices is not None and len(slices):
     st.markdown("**Inside each error slice, at this threshold**")

@@ -10,7 +10,7 @@ from dashboard import components, data, figures, state
 from dashboard.text import md
 from dashboard.selection import id_positions, neighbours
 
-run = components.require_run(tasks=(*components.CLASS_TASKS, "regression"))
+run = components.require_run(tasks=(*components.CLASS_TASKS, "regression", "multilabel"))
 components.header("Explain a sample", run)
 task = data.run_task(run)
 samples = run.samples
@@ -47,7 +47,14 @@ if typed:
     else:
         nav[3].error(f"No sample {md(repr(typed))} in this run.")
 
-if task.has_classes:
+if task.per_label:  # the maps explain one label each
+    label = pred = 0
+    wrongly = "; ".join(part for part in (f"missed {md(sample['missed'])}" if sample["missed"] else "",
+                                          f"wrongly predicted {md(sample['false_alarms'])}"
+                                          if sample["false_alarms"] else "") if part)
+    st.subheader(f"Sample {md(sample['id'])} — labels {md(sample['label'])}, predicted {md(sample['pred'])} "
+                 f"({'✓ every label right' if sample['correct'] else '✗ ' + wrongly})")
+elif task.has_classes:
     label, pred = int(sample["label"]), int(sample["pred"])
     verdict = "✓ correct" if sample["correct"] else "✗ wrong"
     st.subheader(f"Sample {md(sample['id'])} — true {md(components.class_name(run, label))}, predicted "
@@ -87,7 +94,11 @@ with left:
     if extra:
         st.caption("Metadata: " + " · ".join(f"{md(c)} = {md(components.short(sample[c]))}" for c in extra))
 with right:
-    if task.has_classes:
+    if task.per_label:
+        st.markdown("**Probability of every label** (each on its own: they need not sum to 1)")
+        st.plotly_chart(figures.probabilities_figure(run.probs[row], run.class_names), key="explain-probs",
+                        config={"displayModeBar": False})
+    elif task.has_classes:
         st.markdown("**Probability of every class**")
         st.plotly_chart(figures.probabilities_figure(run.probs[row], run.class_names, label=label, pred=pred),
                         key="explain-probs", config={"displayModeBar": False})
@@ -149,7 +160,15 @@ if modality == "tabular":
     if uneven and not per_std:
         st.warning("The features' scales differ more than 100-fold: raw gradients rank the small-scale features "
                    "first. Turn on per standard deviation to compare them.", icon=":material/straighten:")
-if task.has_classes:
+if task.per_label:  # a map per label: the wrong ones first, then those present or predicted
+    p_row = np.asarray(run.probs[row], dtype=np.float64)
+    truth_row = np.asarray(run.labels[row])
+    said = p_row >= task.threshold
+    order = sorted(range(len(run.class_names)), key=lambda k: (said[k] == truth_row[k], -p_row[k]))
+    targets = [(k, f"label {run.class_names[k]}: p = {p_row[k]:.2f}, "
+                   f"{'present' if truth_row[k] else 'absent'}{'' if said[k] == truth_row[k] else ' — wrong'}")
+               for k in order if truth_row[k] or said[k]][:3] or [(order[0], f"label {run.class_names[order[0]]}")]
+elif task.has_classes:
     targets = [("pred", f"predicted class: {components.class_name(run, pred)}")]
     if label != pred:
         targets.append(("label", f"true class: {components.class_name(run, label)}"))
@@ -298,7 +317,7 @@ for method in methods:
             slot = st.empty()
             slot.caption("Scores: computing…")
             pending.append((explanation, options, slot))
-if not task.has_classes:
+if not task.has_classes and not task.per_label:
     # deletion, ROAD and the sanity check read class probabilities: a value's own versions are not built yet
     for _, _, slot in pending:
         slot.caption("Faithfulness scores (deletion, ROAD, the sanity check) are computed for classifiers; for a "

@@ -24,7 +24,8 @@ CONTROLS = {"--arch": ARCH_LABEL, "--label-column": "Label column (tables)", "--
             "--class-names": CLASS_NAMES_LABEL, "--image-size": "Image size H,W", "--mean": "Mean per channel",
             "--std": "Std per channel", "--overwrite": "Replace a run of this name", "--out": "Run name"}
 TASK_CHOICES = {"auto": "automatic (from the labels and the model)", "classification": "classification",
-                "binary": "binary classification", "regression": "regression"}
+                "binary": "binary classification", "multilabel": "multi-label (several yes/no labels)",
+                "regression": "regression"}
 REPLACE_HELP = ("Without it, an existing run of this name is never replaced (the same model, data and settings "
                 "just reopen it). A replaced run keeps its explanations and t-SNE/UMAP projections when the model "
                 "and data are the same files.")

@@ -1,13 +1,15 @@
 """Overview: headline metrics, the top findings in plain words, per-class table, class balance, reliability."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard import components, data, figures
+from dashboard import components, data, figures, state
+from dashboard.selection import Selection, selected_cell
 from dashboard.text import md
 
-run = components.require_run(tasks=(*components.CLASS_TASKS, "regression"))
+run = components.require_run(tasks=(*components.CLASS_TASKS, "regression", "multilabel"))
 components.header("Overview", run)
 sandbox = run.info.get("sandbox") or {}
 if sandbox.get("level") == "reduced":
@@ -28,11 +30,102 @@ names = run.class_names
 task = data.run_task(run)
 
 
+def _slices_table(error_column: str, error_name: str, rate_name: str, none_found: str) -> None:
+    """The error slices, with the task's error measure inside each and elsewhere."""
+    from analyzers.evaluation.slices import slice_mask
+
+    slices = data.optional_table(run, "slices.parquet")
+    st.subheader("Where the errors concentrate")
+    if slices is None or not len(slices):
+        st.markdown(none_found)
+        return
+    samples = run.samples
+    errors = samples[error_column].to_numpy(np.float64)
+    rows = []
+    for _, row in slices.head(10).iterrows():
+        inside = slice_mask(samples, row["ids"])
+        rows.append({"slice": row["description"], "samples": int(row["size"]), rate_name: 100 * float(row["error_rate"]),
+                     f"{error_name} inside": float(errors[inside].mean()),
+                     f"{error_name} elsewhere": float(errors[~inside].mean()) if (~inside).any() else float("nan")})
+    st.dataframe(pd.DataFrame(rows), hide_index=True,
+                 column_config={rate_name: components.percent_column(),
+                                f"{error_name} inside": st.column_config.NumberColumn(format="%.4g"),
+                                f"{error_name} elsewhere": st.column_config.NumberColumn(format="%.4g")})
+
+
+def _multilabel_overview() -> None:
+    """A multi-label run's page: subset accuracy and the Hamming loss, every label's report, which labels are
+    missed together (click a cell for its samples), the error slices and the samples with most labels wrong."""
+    from analyzers.evaluation.metrics import RANKINGS, rank_errors
+
+    def score(key: str) -> str:
+        return "—" if m.get(key) is None else f"{m[key]:.3f}"
+
+    cols = st.columns(5)
+    cols[0].metric("Subset accuracy", score("subset_accuracy"), help="Share of samples with every label right.")
+    cols[1].metric("Hamming loss", score("hamming_loss"), help="Share of all sample-label pairs predicted wrongly.")
+    cols[2].metric("ROC AUC (macro)", score("roc_auc_macro"), help="Mean over labels; undefined when a label is "
+                                                                   "always present or always absent.")
+    cols[3].metric("ROC AUC (micro)", score("roc_auc_micro"), help="Over all sample-label pairs together.")
+    cols[4].metric("Average precision (macro)", score("average_precision_macro"))
+    report = m["classification_report"]
+    prevalence = m.get("prevalence", {})
+    st.subheader("Per label")
+    table = pd.DataFrame([{"label": name, "prevalence": prevalence.get(name), **report[name]} for name in names])
+    number = st.column_config.NumberColumn(format="%.3f")
+    st.dataframe(table, hide_index=True, column_config={"prevalence": components.percent_column(),
+                                                        "precision": number, "recall": number,
+                                                        "f1-score": number})
+    components.page_link("confusion", "Each label's 2x2 matrix, calibration and threshold")
+    st.subheader("Labels missed together")
+    ml = data.multilabel_report(run)
+    left, right = st.columns([3, 2], gap="large")
+    with left:
+        event = st.plotly_chart(figures.co_missed_figure(np.asarray(ml["co_missed_matrix"]), names),
+                                on_select="rerun", selection_mode="points", key="overview-co-missed",
+                                config={"displayModeBar": False})
+    clicked = selected_cell(event)
+    with right:
+        pairs = pd.DataFrame(ml["co_missed"])
+        if pairs.empty or pairs["both_missed"].max() == 0:
+            st.success("No two labels are ever missed in the same sample.")
+        else:
+            shown = pairs[pairs["both_missed"] > 0].head(10)
+            st.dataframe(pd.DataFrame({"labels": shown["label_a"] + " and " + shown["label_b"],
+                                       "both missed": shown["both_missed"], "of samples with both": shown["rate"],
+                                       "times independent misses": shown["lift"]}), hide_index=True,
+                         column_config={"of samples with both": components.percent_column(),
+                                        "times independent misses": st.column_config.NumberColumn(format="%.1f×")})
+            st.caption("Pairs missed together most often. 'Times independent misses' compares that with what each "
+                       "label's own miss rate would give if misses were unrelated: far above 1, the model misses "
+                       "the pair as a pair.")
+    if clicked is not None and components.fresh("overview-co-missed", clicked):
+        state.set_selection(Selection("pair", clicked))
+    sel = state.selection()
+    if sel is not None and sel.kind == "pair" and all(0 <= v < len(names) for v in sel.value):
+        a, b = sel.value
+        labels, probs = np.asarray(run.labels), np.asarray(run.probs)
+        missed = (labels == 1) & (probs < float(ml["threshold"]))
+        ids = run.samples["id"].to_numpy()[missed[:, a] & missed[:, b]].tolist()
+        state.set_gallery(ids)
+        title = (f"{md(names[a])} missed — {len(ids)} samples" if a == b else
+                 f"{md(names[a])} and {md(names[b])} both missed — {len(ids)} samples")
+        components.gallery(run, ids, key="co-missed-gallery", title=title)
+    _slices_table("hamming_error", "Hamming error", "share with a label wrong",
+                  "No group of samples has significantly more wrong labels than the rest.")
+    st.subheader("Most labels wrong")
+    by = st.segmented_control("Order", list(task.rankings), default=task.rankings[0], key="overview-ranking",
+                              format_func=lambda r: RANKINGS[r][0]) or task.rankings[0]
+    ranked = rank_errors(run.samples, by=by, limit=20)
+    st.dataframe(ranked[["id", "label", "pred", "missed", "false_alarms", "labels_wrong", "loss"]], hide_index=True,
+                 column_config={"label": "true labels", "pred": "predicted", "false_alarms": "predicted wrongly",
+                                "labels_wrong": "labels wrong"})
+
+
 def _regression_overview() -> None:
     """A regression's page: its errors in the target's units, predictions against targets (click a point to
     explain it), residuals, the error histogram, the error slices with their MAE, and the largest errors."""
     from analyzers.evaluation.metrics import RANKINGS, rank_errors
-    from analyzers.evaluation.slices import slice_mask
 
     cols = st.columns(5)
     cols[0].metric("MAE", f"{m['mae']:.4g}", help="Mean absolute error, in the target's units.")
@@ -65,23 +158,8 @@ def _regression_overview() -> None:
     st.subheader("Absolute errors")
     st.plotly_chart(figures.error_histogram_figure(samples["abs_error"]), key="overview-errors",
                     config={"displayModeBar": False})
-    slices = data.optional_table(run, "slices.parquet")
-    st.subheader("Where the errors concentrate")
-    if slices is None or not len(slices):
-        st.markdown("No group of samples has significantly more of the largest errors than the rest.")
-    else:
-        errors = samples["abs_error"].to_numpy()
-        rows = []
-        for _, row in slices.head(10).iterrows():
-            inside = slice_mask(samples, row["ids"])
-            rows.append({"slice": row["description"], "samples": int(row["size"]),
-                         "share of largest errors": 100 * float(row["error_rate"]),
-                         "MAE inside": float(errors[inside].mean()),
-                         "MAE elsewhere": float(errors[~inside].mean()) if (~inside).any() else float("nan")})
-        st.dataframe(pd.DataFrame(rows), hide_index=True,
-                     column_config={"share of largest errors": components.percent_column(),
-                                    "MAE inside": st.column_config.NumberColumn(format="%.4g"),
-                                    "MAE elsewhere": st.column_config.NumberColumn(format="%.4g")})
+    _slices_table("abs_error", "MAE", "share of largest errors",
+                  "No group of samples has significantly more of the largest errors than the rest.")
     st.subheader("Largest errors")
     by = st.segmented_control("Order", list(task.rankings), default=task.rankings[0], key="overview-ranking",
                               format_func=lambda r: RANKINGS[r][0]) or task.rankings[0]
@@ -89,6 +167,9 @@ def _regression_overview() -> None:
     st.dataframe(ranked[["id", "target", "prediction", "residual", "abs_error"]], hide_index=True)
 
 
+if task.per_label:
+    _multilabel_overview()
+    st.stop()
 if not task.has_classes:
     _regression_overview()
     st.stop()
