@@ -9,9 +9,11 @@ two timings taken in one process a few seconds apart. Memory is read from /proc 
 peak (clear_refs) before the stage it measures, so `os.wait4`'s max RSS, also recorded, covers only what came after.
 
 The data are generated here: shapes-like 3x32x32 images (the `shapes` sample's task: a shape on a coloured background
-whose colour is a spurious cue) at every size in `--sizes`, and a 100,000-row version of the `tabular` sample's
-table. Only the real code paths are timed: `analyzers.run_analysis`, `analyzers.explain`,
-`analyzers.explanations.projections.ensure_projection`, `analyzers.evaluation.metrics` / `analyzers.evaluation.slices`, and the dashboard through
+whose colour is a spurious cue) at every size in `--sizes`, a 100,000-row version of the `tabular` sample's
+table, and 100,000-row samples tables of a classification, a regression and a multi-label model with a planted error
+region (`make_evaluation_samples`). Only the real code paths are timed: `analyzers.run_analysis`, `analyzers.explain`,
+`analyzers.explanations.projections.ensure_projection`, `analyzers.evaluation.metrics` / `analyzers.evaluation.slices`,
+`analyzers.evaluation.stage.evaluate`, and the dashboard through
 `streamlit.testing.v1.AppTest`; the `upload` section launches the dashboard itself (`dashboard/serve.py`) and drives
 its Load page in Chromium (Playwright). A section whose module or tool does not exist yet is skipped with the reason
 recorded.
@@ -45,14 +47,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SECTIONS = ("run", "explain_all", "interactive", "sandbox", "projections", "peer", "tabular", "startup", "dashboard",
-            "upload", "waits", "trust")
+SECTIONS = ("run", "explain_all", "interactive", "sandbox", "projections", "peer", "tabular", "evaluation", "startup",
+            "dashboard", "upload", "waits", "trust")
 # the sections that need the generated images or the image model (prepare() makes them only for these)
 IMAGE_SECTIONS = ("run", "explain_all", "interactive", "sandbox", "projections", "peer", "dashboard")
 DEFAULT_SIZES = (10_000, 100_000)
 QUICK_SIZES = (300, 600)
 TABULAR_ROWS = 100_000
 QUICK_TABULAR_ROWS = 2_000
+# The evaluation stage of each task (issue 12) on a synthetic samples table: rows (full, quick), repetitions (full,
+# quick); the top slice counts as the planted region when their members' Jaccard is at least this.
+EVALUATION_ROWS = (100_000, 2_000)
+EVALUATION_REPS = (3, 1)
+EVALUATION_MIN_JACCARD = 0.7
 BATCH_SIZE = 256
 WORKER_TIMEOUT_S = 1200
 MIB = 1 << 20
@@ -196,6 +203,68 @@ def make_tabular_table(n: int, seed: int):
     table["site"] = site
     table["label"] = y
     return table
+
+
+EVALUATION_TASKS = ("classification", "regression", "multilabel")
+EVALUATION_REGIONS = tuple("ABCDE")
+EVALUATION_PLANTED = "E"  # the region where the synthetic model errs more, in every task
+EVALUATION_FEATURES = 4
+EVALUATION_CLASSES = 5  # classes of the classification table, labels of the multi-label one
+
+
+def make_evaluation_samples(task_name: str, n: int, seed: int) -> dict:
+    """A samples table as `build_samples_table` writes it (id, label, pred, confidence, loss, correct, the task's own
+    columns, then features and metadata) for a synthetic model of `task_name` on `n` rows, with the outputs and
+    labels `evaluate` takes. Four numeric features (`x0`..`x3`) and a `region` (A-E, a fifth each); in region E the
+    model errs more: a classification picks the right class with probability 0.55 instead of 0.92, a regression's
+    error has 4x the spread, a multi-label's per-label margins shrink so about 4x the labels fall on the wrong side."""
+    import numpy as np
+    import pandas as pd
+
+    from analyzers.evaluation.tasks import Classification, MultiLabel, Regression
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, (n, EVALUATION_FEATURES)).astype(np.float32)
+    region = np.asarray(EVALUATION_REGIONS)[rng.integers(0, len(EVALUATION_REGIONS), n)]
+    planted = region == EVALUATION_PLANTED
+    k = EVALUATION_CLASSES
+    if task_name == "classification":
+        task, names = Classification(k), [f"class{j}" for j in range(k)]
+        labels = rng.integers(0, k, n).astype(np.int64)
+        hit = rng.random(n) < np.where(planted, 0.55, 0.92)
+        favoured = np.where(hit, labels, (labels + rng.integers(1, k, n)) % k)
+        logits = rng.normal(0, 1, (n, k))
+        logits[np.arange(n), favoured] += 2.5 + rng.exponential(1.0, n)
+        outputs = np.exp(logits - logits.max(1, keepdims=True))
+        outputs = (outputs / outputs.sum(1, keepdims=True)).astype(np.float32)
+        loss = -np.log(np.maximum(outputs[np.arange(n), labels], 1e-12))
+        evaluate_labels = None
+    elif task_name == "regression":
+        task, names = Regression(1), None
+        labels = (2 * x[:, 0] - x[:, 1] + 0.5 * x[:, 2] * x[:, 3] + rng.normal(0, 0.5, n)).astype(np.float64)
+        outputs = (labels + rng.normal(0, np.where(planted, 4.0, 1.0))).astype(np.float32)[:, None]
+        loss = (outputs[:, 0] - labels) ** 2
+        evaluate_labels = labels
+    elif task_name == "multilabel":
+        task, names = MultiLabel(k), [f"tag{j}" for j in range(k)]
+        labels = (rng.random((n, k)) < np.linspace(0.15, 0.5, k)).astype(np.int64)
+        margin = np.where(planted, 0.6, 2.0)[:, None]
+        logits = (2 * labels - 1) * margin + rng.normal(0, 1, (n, k))
+        outputs = (1 / (1 + np.exp(-logits))).astype(np.float32)
+        p = np.clip(outputs.astype(np.float64), 1e-7, 1 - 1e-7)
+        loss = -(labels * np.log(p) + (1 - labels) * np.log(1 - p)).sum(1)
+        evaluate_labels = labels
+    else:
+        raise ValueError(f"unknown task {task_name!r}: choose from {', '.join(EVALUATION_TASKS)}")
+    ids = np.arange(n, dtype=np.int64)
+    columns = task.sample_columns(labels, outputs, names=names)
+    samples = pd.DataFrame({"id": ids, **{c: columns.pop(c) for c in ("label", "pred", "confidence")},
+                            "loss": np.asarray(loss, dtype=np.float32), "correct": columns.pop("correct"), **columns})
+    features = pd.DataFrame(x, columns=[f"x{j}" for j in range(EVALUATION_FEATURES)])
+    features["region"] = region
+    samples = pd.concat([samples, features], axis=1)
+    return {"samples": samples, "outputs": outputs, "labels": evaluate_labels, "task": task, "names": names,
+            "planted_ids": ids[planted]}
 
 
 def image_model(workdir: Path) -> dict:
@@ -580,6 +649,58 @@ def worker_peer(spec: dict) -> dict:
         if name == "ours_stored":
             result["stored_files"] = out
     result["n"] = int(len(pd.read_parquet(path / "samples.parquet", columns=["id"])))
+    return result
+
+
+def worker_evaluation(spec: dict) -> dict:
+    """`analyzers.evaluation.stage.evaluate` on synthetic samples tables of each task (`make_evaluation_samples`),
+    timed per part (its `timings`) and whole; the tasks interleaved in every repetition so a busy spell of the machine
+    falls on all of them alike. Also whether the top slice is the planted region (Jaccard of their members)."""
+    import numpy as np
+
+    from analyzers.evaluation.stage import evaluate
+
+    n, reps = spec["n"], spec["reps"]
+    tables = {}
+    for name in spec["tasks"]:
+        t0 = time.perf_counter()
+        tables[name] = make_evaluation_samples(name, n, seed=spec["seed"])
+        tables[name]["generate_s"] = time.perf_counter() - t0
+
+    def call(d, rows=None):
+        samples = d["samples"] if rows is None else d["samples"].iloc[:rows]
+        take = (lambda a: a) if rows is None else (lambda a: None if a is None else a[:rows])
+        return evaluate(samples, take(d["outputs"]), class_names=d["names"], task=d["task"], labels=take(d["labels"]))
+
+    for d in tables.values():  # once untimed on a part: module imports (scikit-learn) are start-up cost
+        call(d, rows=min(n, 2000))
+    runs = {name: [] for name in tables}
+    for _ in range(reps):
+        for name, d in tables.items():
+            gc.collect()
+            c0, t0 = time.process_time(), time.perf_counter()
+            out = call(d)
+            runs[name].append({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+                               "parts_s": dict(out["timings"])})
+            d["last"] = out
+    result = {"n": n, "reps": reps, "tasks": {}}
+    for name, d in tables.items():
+        slices, planted = d["last"]["slices"], set(d["planted_ids"].tolist())
+        top = slices.iloc[0] if len(slices) else None
+        members = set(np.asarray(top["ids"]).tolist()) if top is not None else set()
+        jaccard = len(members & planted) / max(len(members | planted), 1)
+        parts = sorted({p for r in runs[name] for p in r["parts_s"]}, key=list(runs[name][0]["parts_s"]).index)
+        result["tasks"][name] = {
+            "wall_s": statistics.median(r["wall_s"] for r in runs[name]),
+            "cpu_s": statistics.median(r["cpu_s"] for r in runs[name]),
+            "all_wall_s": [r["wall_s"] for r in runs[name]],
+            "parts_s": {p: statistics.median(r["parts_s"].get(p, 0.0) for r in runs[name]) for p in parts},
+            "generate_s": d["generate_s"], "error_rate": float(1 - d["samples"]["correct"].mean()),
+            "planted": f'region == "{EVALUATION_PLANTED}"', "planted_size": len(planted),
+            "top_slice": None if top is None else str(top["description"]),
+            "top_slice_size": len(members), "top_slice_error_rate": None if top is None else float(top["error_rate"]),
+            "top_slice_jaccard": jaccard, "planted_is_top": bool(jaccard >= EVALUATION_MIN_JACCARD),
+            "num_slices": int(len(slices))}
     return result
 
 
@@ -1018,7 +1139,8 @@ def worker_waits(spec: dict) -> dict:
 
 WORKERS = {"run": worker_run, "explain_all": worker_explain_all, "interactive": worker_interactive,
            "sandbox": worker_sandbox, "projections": worker_projections, "peer": worker_peer,
-           "dashboard": worker_dashboard, "upload": worker_upload, "waits": worker_waits}
+           "dashboard": worker_dashboard, "upload": worker_upload, "waits": worker_waits,
+           "evaluation": worker_evaluation}
 
 
 def _explain_methods() -> tuple:
@@ -1366,6 +1488,46 @@ class Bench:
                      value=round(beyond / MIB, 1), unit="MiB")
         self.peer_section(out, "tabular")
 
+    def evaluation_section(self) -> None:
+        """The evaluation stage (`analyzers.evaluation.stage.evaluate`) of a regression and a multi-label model beside
+        a classifier's, on synthetic samples tables of the same size with a planted error region: each part's time
+        and the total as a ratio to the classification total measured in the same worker."""
+        if missing_modules("analyzers.evaluation.stage", "analyzers.evaluation.tasks"):
+            self.skipped["evaluation"] = "analyzers.evaluation.stage or analyzers.evaluation.tasks does not exist yet"
+            return
+        tasks = ["classification", "regression"]
+        if not missing_modules("analyzers.evaluation.multilabel"):
+            tasks.append("multilabel")
+        else:
+            self.skipped["evaluation multilabel"] = "analyzers.evaluation.multilabel does not exist yet"
+        quick = 1 if self.args.quick else 0
+        n, reps = EVALUATION_ROWS[quick], EVALUATION_REPS[quick]
+        self.log(f"evaluation: evaluate() on {n} synthetic samples for {', '.join(tasks)}, x{reps} interleaved")
+        result = self.worker("evaluation", {"n": n, "reps": reps, "tasks": tasks, "seed": 11}, label="evaluation")
+        if result is None:
+            return
+        self.details["evaluation"] = result
+        base = result["tasks"]["classification"]
+        floor = "classification evaluate()"
+        for name in tasks:
+            r = result["tasks"][name]
+            check = (f'top slice {r["top_slice"]!r} ({r["top_slice_size"]} samples, error rate '
+                     f'{r["top_slice_error_rate"]:.2f}), Jaccard {r["top_slice_jaccard"]:.2f} with the planted '
+                     f'{r["planted"]} ({r["planted_size"]} samples): '
+                     + ("the planted region is the top slice" if r["planted_is_top"] else "PLANTED REGION NOT FOUND"))
+            self.log(f"  {name}: {check}")
+            parts = ", ".join(f"{k} {v:.2f}s" for k, v in r["parts_s"].items())
+            note = (f"{check}; parts {parts}; slices found {r['num_slices']}; samples wrong {r['error_rate']:.1%}; median of "
+                    f"{result['reps']} (" + ", ".join(f"{s:.2f}" for s in r["all_wall_s"]) + " s)")
+            if name == "classification":
+                self.add("evaluation", f"{name}: evaluate() total", n, r["wall_s"], cpu_seconds=r["cpu_s"], note=note)
+            else:
+                self.add("evaluation", f"{name}: evaluate() total", n, r["wall_s"], floor=floor,
+                         floor_seconds=base["wall_s"], cpu_seconds=r["cpu_s"], floor_cpu_seconds=base["cpu_s"],
+                         note=note)
+            for part, seconds in r["parts_s"].items():
+                self.add("evaluation", f"{name}: {part}", n, seconds, floor=floor, floor_seconds=base["wall_s"])
+
     def startup_section(self) -> None:
         self.log("startup: import torch, then import analyzers, in fresh processes")
         code = ("import json, sys, time\n"
@@ -1673,7 +1835,8 @@ class Bench:
                  ("interactive", self.interactive_section), ("sandbox", self.sandbox_section),
                  ("projections", self.projections_section),
                  ("peer", lambda: self.peer_section(self.runs_dir / f"shapes-{max(self.args.sizes)}", "images")),
-                 ("tabular", self.tabular_section), ("startup", self.startup_section),
+                 ("tabular", self.tabular_section), ("evaluation", self.evaluation_section),
+                 ("startup", self.startup_section),
                  ("dashboard", self.dashboard_section), ("upload", self.upload_section),
                  ("waits", self.waits_section), ("trust", self.trust_section)]
         for name, step in steps:

@@ -109,3 +109,21 @@ def test_bad_arguments_exit_with_a_message():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--skip", "nonsense"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "unknown section(s) nonsense" in proc.stderr
+
+
+def test_evaluation_rows_per_task_are_ratios_to_the_classification_total(quick_result):
+    _, document = quick_result
+    rows = _rows(document, "evaluation")
+    detail = document["details"]["evaluation"]
+    assert detail["n"] == 2000 and set(detail["tasks"]) == {"classification", "regression", "multilabel"}
+    (base,) = [r for r in rows if r["what"] == "classification: evaluate() total"]
+    assert base["floor"] is None and base["seconds"] > 0
+    for name, task in detail["tasks"].items():
+        assert task["planted_is_top"] is True, task  # the planted region is the top slice in every task
+        parts = {r["what"].split(": ", 1)[1] for r in rows if r["what"].startswith(f"{name}: ")}
+        assert {"evaluate() total", "metrics", "slices"} <= parts
+        assert ("per_label" in parts) == (name == "multilabel")
+    for row in rows:
+        if row is not base:
+            assert row["floor"] == "classification evaluate()" and row["floor_seconds"] == base["seconds"]
+            assert row["ratio"] == pytest.approx(row["seconds"] / row["floor_seconds"], rel=1e-2, abs=1e-3)
