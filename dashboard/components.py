@@ -171,10 +171,13 @@ def class_name(run: Run, index) -> str:
 
 
 def readable_samples(run: Run, table: pd.DataFrame) -> pd.DataFrame:
-    """The core columns with class names instead of indices, for tables a person reads."""
-    names = np.asarray(run.class_names, dtype=object)
-    out = pd.DataFrame({"id": table["id"].astype(str).to_numpy(),
-                        "label": names[table["label"].to_numpy()], "predicted": names[table["pred"].to_numpy()],
+    """The core columns with class names instead of indices, for tables a person reads (a regression's targets
+    and predictions, and a multi-label run's label sets, as they are)."""
+    label, pred = table["label"].to_numpy(), table["pred"].to_numpy()
+    if data.run_task(run).has_classes:
+        names = np.asarray(run.class_names, dtype=object)
+        label, pred = names[label], names[pred]
+    out = pd.DataFrame({"id": table["id"].astype(str).to_numpy(), "label": label, "predicted": pred,
                         "confidence": table["confidence"].to_numpy(), "loss": table["loss"].to_numpy(),
                         "correct": table["correct"].to_numpy()})
     return out

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import numpy as np
-import torch
 from torch import nn
 
 from . import SampleData
@@ -79,15 +78,9 @@ def load_data(split: str) -> SampleData:
 def train(out_dir) -> dict:
     from .training import fit
 
+    from .tabular import standardised
+
     train_data = load_data("train")
-
-    def build_standardised() -> nn.Module:
-        model = build_model()
-        # statistics of the training split only, so the test split stays unseen
-        model.standardize.mean.copy_(torch.as_tensor(train_data.x.mean(0)))
-        model.standardize.std.copy_(torch.as_tensor(train_data.x.std(0) + 1e-6))
-        return model
-
     # plain cross-entropy, no class weights: the probabilities stay honest, and the threshold is the thing to tune
-    return fit("fraud", build_standardised, train_data, load_data("test"), out_dir=out_dir, epochs=30, lr=3e-3,
+    return fit("fraud", standardised(build_model, train_data.x), train_data, load_data("test"), out_dir=out_dir, epochs=30, lr=3e-3,
                batch_size=256, weight_decay=1e-4)

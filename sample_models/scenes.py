@@ -14,15 +14,13 @@ shape is absent).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 from torch import nn
 
-from . import SampleData
+from . import SampleData, shapes
 
 TASK = "multilabel"
-CLASS_NAMES = ("circle", "square", "triangle", "cross")  # one yes/no label each
+CLASS_NAMES = ("circle", "square", "triangle", "cross")  # one yes/no label each; the first three are shapes'
 DROPPED_PAIR = ("circle", "triangle")
 IMAGE_SIZE = 32
 INPUT_SHAPE = (3, IMAGE_SIZE, IMAGE_SIZE)
@@ -34,31 +32,20 @@ SPLIT_SEEDS = {"train": 31, "test": 32}
 
 
 def build_model() -> nn.Module:
-    # one max-pooled detector per shape feature, then a linear layer per label: "circle and not triangle", which
-    # the training labels teach, is linear in such detectors
-    return nn.Sequential(OrderedDict(
-        conv1=nn.Conv2d(3, 8, 3, padding=1), relu1=nn.ReLU(), pool1=nn.MaxPool2d(2),
-        conv2=nn.Conv2d(8, 16, 3, padding=1), relu2=nn.ReLU(), pool2=nn.MaxPool2d(2),
-        conv3=nn.Conv2d(16, 32, 3, padding=1), relu3=nn.ReLU(),
-        pool=nn.AdaptiveMaxPool2d(1),
-        flatten=nn.Flatten(),
-        fc=nn.Linear(32, len(CLASS_NAMES)),
-    ))
+    # shapes' network with one logit per label: max-pooled shape detectors, then a linear layer per label, and
+    # "circle and not triangle", which the training labels teach, is linear in such detectors
+    return shapes.conv_net(len(CLASS_NAMES))
 
 
 def shape_mask(kind: int, cx: float, cy: float, radius: float) -> np.ndarray:
-    """Boolean (32, 32) mask of one shape centred at (cx, cy) in pixel coordinates."""
+    """Boolean (32, 32) mask of one shape centred at (cx, cy) in pixel coordinates: shapes' circle, square and
+    triangle (the same indices), or a plus sign."""
+    if kind < len(shapes.CLASS_NAMES):
+        return shapes.shape_mask(kind, cx, cy, radius)
     yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) + 0.5
-    dx, dy = xx - cx, yy - cy
-    name = CLASS_NAMES[kind]
-    if name == "circle":
-        return dx ** 2 + dy ** 2 <= radius ** 2
-    if name == "square":
-        return (np.abs(dx) <= radius) & (np.abs(dy) <= radius)
-    if name == "triangle":  # upright: apex at the top, base of width 2*radius at the bottom
-        return (np.abs(dy) <= radius) & (np.abs(dx) <= (dy + radius) / 2)
-    arm = radius / 3  # a plus sign
-    return ((np.abs(dx) <= arm) & (np.abs(dy) <= radius)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= radius))
+    dx, dy = np.abs(xx - cx), np.abs(yy - cy)
+    arm = radius / 3
+    return ((dx <= arm) & (dy <= radius)) | ((dy <= arm) & (dx <= radius))
 
 
 def _generate(n: int, seed: int):

@@ -29,7 +29,8 @@ SPLIT_SIZES = {"train": 3000, "test": 1000}
 SPLIT_SEEDS = {"train": 21, "test": 22}
 
 
-def build_model() -> nn.Module:
+def conv_net(num_outputs: int) -> nn.Module:
+    """Three conv blocks, global max pooling and one linear layer (also the `scenes` sample's network)."""
     # Global max pooling lets a few local shape features (corners, an apex) decide; with average pooling the
     # background colour, present at every position, won outright and the model never learnt the shapes.
     return nn.Sequential(OrderedDict(
@@ -38,8 +39,12 @@ def build_model() -> nn.Module:
         conv3=nn.Conv2d(16, 32, 3, padding=1), relu3=nn.ReLU(),
         pool=nn.AdaptiveMaxPool2d(1),
         flatten=nn.Flatten(),
-        fc=nn.Linear(32, len(CLASS_NAMES)),
+        fc=nn.Linear(32, num_outputs),
     ))
+
+
+def build_model() -> nn.Module:
+    return conv_net(len(CLASS_NAMES))
 
 
 def shape_mask(kind: int, cx: float, cy: float, radius: float) -> np.ndarray:

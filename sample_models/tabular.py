@@ -53,17 +53,21 @@ def load_data(split: str) -> SampleData:
                       feature_names=tuple(str(name) for name in bunch.feature_names))
 
 
+def standardised(build, train_x: np.ndarray):
+    """A builder of `build()`'s model with its `standardize` buffers set to the training inputs' mean and std."""
+    def build_standardised() -> nn.Module:
+        model = build()
+        # Statistics from the training split only, so the test split stays unseen.
+        model.standardize.mean.copy_(torch.as_tensor(train_x.mean(0)))
+        model.standardize.std.copy_(torch.as_tensor(train_x.std(0) + 1e-6))
+        return model
+
+    return build_standardised
+
+
 def train(out_dir) -> dict:
     from .training import fit
 
     train_data = load_data("train")
-
-    def build_standardised() -> nn.Module:
-        model = build_model()
-        # Statistics from the training split only, so the test split stays unseen.
-        model.standardize.mean.copy_(torch.as_tensor(train_data.x.mean(0)))
-        model.standardize.std.copy_(torch.as_tensor(train_data.x.std(0) + 1e-6))
-        return model
-
-    return fit("tabular", build_standardised, train_data, load_data("test"), out_dir=out_dir, epochs=40, lr=1e-3,
+    return fit("tabular", standardised(build_model, train_data.x), train_data, load_data("test"), out_dir=out_dir, epochs=40, lr=1e-3,
                batch_size=32, weight_decay=1e-2)

@@ -554,3 +554,32 @@ def test_upload_messages_speak_of_the_page_and_class_names_and_ids_are_given_the
     assert at.selectbox(key="groups-column").options == ["a", "b", "c"]
     assert any("sample_id" in _plain(c.value) and "name samples" in _plain(c.value) for c in at.caption), [
         _plain(c.value) for c in at.caption]
+
+
+@pytest.mark.parametrize("sample", ["prices", "scenes"])
+def test_errors_and_embeddings_pages_read_a_regression_or_multilabel_run_by_its_own_error(sample, runs_dir,
+                                                                                        monkeypatch):
+    """No class panels on a regression or multi-label run: Errors offers the task's rankings and its slices, the top
+    slice's mean error inside equals a direct computation on samples.parquet, and Embeddings colours by the error."""
+    from analyzers.evaluation.slices import slice_mask
+    from analyzers.loading.runs import open_run
+
+    run = runs_dir / f"sample-{sample}"
+    stored = open_run(run)
+    task_error = {"prices": "abs_error", "scenes": "hamming_error"}[sample]
+    at = _app(monkeypatch, runs_dir, run, sel="slice:0").run()
+    at.switch_page("views/errors.py").run()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    slices = stored.read_parquet("slices.parquet")
+    inside = slice_mask(stored.samples, slices["ids"].iloc[0])
+    expected = stored.samples[task_error].to_numpy()[inside].mean()
+    assert any(m.label.startswith("mean") and m.value == f"{expected:.4g}" for m in at.metric), \
+        [(m.label, m.value) for m in at.metric]
+    assert "Label-noise suspects" not in str(at.segmented_control[0].options)
+    at.switch_page("views/embeddings.py").run()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    assert at.selectbox(key="emb-colour").options[:2] == ["correct", task_error]
+    at.selectbox(key="emb-colour").set_value(task_error).run()
+    _ok(at)

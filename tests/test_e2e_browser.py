@@ -251,10 +251,11 @@ def test_dragging_the_threshold_slider_on_the_fraud_sample_changes_the_matrix(ap
     _settled(page)
     threshold = float(slider.input_value())
     assert 0.1 < threshold < 0.3, threshold  # where the mouse let go, about a fifth of the way along
-    page.wait_for_function("(before) => [...document.querySelectorAll("
+    # the new matrix alone: while Streamlit redraws, the old chart can linger beside the new one (8 cells)
+    page.wait_for_function("(before) => { const cells = [...document.querySelectorAll("
                            "'.st-key-threshold-confusion .js-plotly-plot .heatmaplayer text')]"
-                           ".map(t => t.textContent).join() !== before.join()", arg=[str(v) for v in before],
-                           timeout=30_000)
+                           ".map(t => t.textContent); return cells.length === 4 && cells.join() !== before.join(); }",
+                           arg=[str(v) for v in before], timeout=30_000)
     after = _threshold_matrix(page)
     assert after == expected(threshold)
     tn, fp, fn, tp = after

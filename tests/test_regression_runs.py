@@ -172,3 +172,31 @@ def test_every_page_opens_on_a_regression_run_and_the_overview_shows_its_errors(
     assert "— target" in text and "predicted" in text and "one of the largest errors" in text  # the largest error
     assert "for a regression only the maps are shown" in text
     assert len(at.get("plotly_chart")) >= 2  # the default maps (Integrated Gradients, saliency) of the value
+
+
+def test_a_slices_mean_error_is_tested_against_the_rest_and_its_residual_quantiles_are_its_own(sample_run_dir):
+    """On the prices sample the harbour slice's MAE is larger than elsewhere beyond doubt, a random slice of the same
+    size is not, and the residual quantiles inside are numpy's over the slice's own residuals."""
+    from scipy.stats import mannwhitneyu
+
+    from analyzers.evaluation.slices import slice_error_summary, slice_mask
+
+    run = open_run(sample_run_dir("prices"))
+    samples, slices = run.samples, run.read_parquet("slices.parquet")
+    top = slices.head(1)
+    summary = slice_error_summary(samples, top, "abs_error", quantile_column="residual")
+    inside = slice_mask(samples, top["ids"].iloc[0])
+    assert summary["mean_inside"].iloc[0] == pytest.approx(samples["abs_error"][inside].mean())
+    assert summary["mean_inside"].iloc[0] > 3 * summary["mean_elsewhere"].iloc[0]
+    assert summary["p_value"].iloc[0] < 1e-20
+    assert summary["q50"].iloc[0] == pytest.approx(np.quantile(samples["residual"][inside], 0.5))
+    assert summary["q90"].iloc[0] < 0  # the harbour flats are underpredicted almost everywhere
+    rng = np.random.default_rng(0)
+    p_random = []
+    for _ in range(20):  # random slices of the same size: no evidence, p spread over (0, 1)
+        ids = rng.choice(samples["id"].to_numpy(), size=int(inside.sum()), replace=False)
+        p_random.append(slice_error_summary(samples, pd.DataFrame({"ids": [ids]}), "abs_error")["p_value"].iloc[0])
+        member = np.isin(samples["id"], ids)
+        assert p_random[-1] == pytest.approx(mannwhitneyu(samples["abs_error"][member], samples["abs_error"][~member],
+                                                          alternative="greater").pvalue)
+    assert np.median(p_random) > 0.1 and min(p_random) > 1e-4

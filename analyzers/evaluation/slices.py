@@ -574,3 +574,31 @@ def find_slices(samples: pd.DataFrame, *, embeddings=None, probs=None, class_nam
 def slice_mask(samples: pd.DataFrame, ids) -> np.ndarray:
     """Boolean mask over `samples` rows for the given member ids (e.g. a row of slices.parquet)."""
     return np.isin(samples["id"].to_numpy(), np.asarray(list(ids)))
+
+
+def slice_error_summary(samples: pd.DataFrame, slices: pd.DataFrame, column: str, *,
+                        quantile_column: str | None = None, quantiles=(0.1, 0.5, 0.9)) -> pd.DataFrame:
+    """For each slice (rows of slices.parquet), a real-valued error measure (`column`: a regression's abs_error, a
+    multi-label run's hamming_error) inside it and elsewhere: the means, and the one-sided Mann-Whitney U p-value
+    that it is larger inside (scipy; the slices were found by the share of the largest errors, this tests the
+    measure itself). With `quantile_column` (a regression's signed residual), its `quantiles` inside each slice,
+    as columns q10, q50, q90: where the slice's predictions sit against the targets."""
+    from scipy.stats import mannwhitneyu
+
+    if column not in samples.columns:
+        raise AnalyzerError(f"no column {column!r} in the samples table: choose one of "
+                            f"{', '.join(map(str, samples.columns))}")
+    values = samples[column].to_numpy(np.float64)
+    spread = None if quantile_column is None else samples[quantile_column].to_numpy(np.float64)
+    rows = []
+    for ids in slices["ids"]:
+        inside = slice_mask(samples, ids)
+        row = {"mean_inside": float(values[inside].mean()) if inside.any() else float("nan"),
+               "mean_elsewhere": float(values[~inside].mean()) if (~inside).any() else float("nan"),
+               "p_value": float(mannwhitneyu(values[inside], values[~inside], alternative="greater").pvalue)
+               if inside.any() and (~inside).any() else float("nan")}
+        if spread is not None:
+            for q in quantiles:
+                row[f"q{round(100 * q)}"] = float(np.quantile(spread[inside], q)) if inside.any() else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows, index=slices.index)

@@ -49,6 +49,7 @@ class Task:
     name = "task"
     what_is_wrong = ""  # a sentence for the pages: what a wrong prediction is
     error_name = "error"  # what the per-sample error measure is called
+    error_column = None  # samples.parquet's column holding it, where it is more than right or wrong
     # the model's outputs are class probabilities: a confusion matrix, calibration and label noise apply
     has_classes = True
     label_dtype = np.int64  # how labels are stored in a Dataset and samples.parquet
@@ -174,6 +175,7 @@ class Regression(Task):
 
     name = "regression"
     error_name = "absolute error"
+    error_column = "abs_error"
     has_classes = False
     label_dtype = np.float64
     label_form = "finite float64"
@@ -268,6 +270,7 @@ class MultiLabel(Task):
     name = "multilabel"
     what_is_wrong = "at least one label is predicted wrongly (a probability on the wrong side of its threshold)"
     error_name = "Hamming error"
+    error_column = "hamming_error"
     has_classes = False
     per_label = True
     label_form = "int64 row of 0 and 1"

@@ -159,9 +159,11 @@ def dataset_from_fields(fields) -> Dataset:
     if task not in TASK_NAMES:
         raise bad("task is not one this dashboard reads")
     label_task = resolve_task(task, y, None) if isinstance(y, np.ndarray) else None
-    try:  # the labels as the task reads them (regression: finite float64; multi-label: (N, K) 0/1; else int64)
-        ok = label_task is not None and len(y) == n and y.dtype == label_task.label_dtype and \
-            np.array_equal(label_task.check_labels(y), y)
+    try:  # the labels as the task reads them (regression: finite float64; multi-label: (N, K) 0/1; classes: int64
+        # indices, whose range against the model the worker checked)
+        ok = label_task is not None and len(y) == n and y.dtype == label_task.label_dtype and (
+            (y.ndim == 1 and (y >= 0).all()) if label_task.has_classes else
+            np.array_equal(label_task.check_labels(y), y))
     except AnalyzerError:
         ok = False
     if not ok:

@@ -10,11 +10,12 @@ from dashboard import components, data, figures, state
 from dashboard.text import md
 from dashboard.selection import Selection, id_positions, region_mask, selected_ids
 
-run = components.require_run()
+run = components.require_run(tasks=(*components.CLASS_TASKS, "regression", "multilabel"))
 components.header("Embeddings", run, "Each point is a sample, placed by a projection of a layer's activations. "
                                      "Drag a box (or pick the lasso in the chart toolbar) to select samples.")
 samples = run.samples
 names = run.class_names
+task = data.run_task(run)
 
 layers = data.embedding_layers(run)
 if not layers:
@@ -25,7 +26,8 @@ layer = controls[0].selectbox("Layer", layers, key="emb-layer",
                               help="Activations entering the run's embedding layer, or leaving a collected layer.")
 method = controls[1].segmented_control("Projection", list(METHOD_LABELS), default="pca",
                                        format_func=METHOD_LABELS.get, key="emb-method") or "pca"
-colour_options = ["label", "prediction", "correct", "confidence", "loss", "slice"]
+colour_options = ["label", "prediction", "correct", "confidence", "loss", "slice"] if task.has_classes else \
+    ["correct", task.error_column, "loss", "label", "prediction", "slice"]  # coloured by the task's error first
 colour_options += data.grouping_columns(run, run.info["dataset"].get("metadata_columns") or [])[0]
 colour = controls[2].selectbox("Colour by", colour_options, key="emb-colour")
 
@@ -81,10 +83,11 @@ if projection is None:
 def _colour_column(table: pd.DataFrame) -> tuple[pd.Series, bool, list | None]:
     rows = id_positions(samples["id"].to_numpy(), table["id"].to_numpy())
     s = samples.iloc[rows]
-    if colour == "label":
-        return pd.Series(np.asarray(names, object)[s["label"]]), True, list(names)
-    if colour == "prediction":
-        return pd.Series(np.asarray(names, object)[s["pred"]]), True, list(names)
+    if colour in ("label", "prediction") and task.has_classes:
+        column = "label" if colour == "label" else "pred"
+        return pd.Series(np.asarray(names, object)[s[column]]), True, list(names)
+    if colour == "prediction" and "prediction" not in s:  # a multi-label run's predicted label set
+        s = s.assign(prediction=s["pred"])
     if colour == "correct":
         return pd.Series(np.where(s["correct"], "right", "wrong")), True, ["right", "wrong"]
     if colour == "slice":
@@ -118,6 +121,16 @@ if sel is not None and sel.kind == "ids":
         st.subheader(f"{len(rows):,} selected samples")
         st.caption("Marked on the chart above, whichever chart or page they were selected on; the others are "
                    "faded.")
+        if not task.has_classes:  # the task's error inside the selection, against the whole run
+            errors = samples[task.error_column].to_numpy(np.float64)
+            cols = st.columns(3)
+            cols[0].metric(f"Mean {task.error_name}", f"{errors[rows].mean():.4g}",
+                           delta=f"{errors[rows].mean() - errors.mean():+.4g} vs all", delta_color="inverse")
+            cols[1].metric("Share wrong", components.percent(1 - samples["correct"].to_numpy()[rows].mean()),
+                           help=f"Wrong: {task.what_is_wrong}.")
+            cols[2].metric("Mean loss", f"{samples['loss'].to_numpy()[rows].mean():.4g}")
+            components.gallery(run, chosen, key="emb-gallery")
+            st.stop()
         sub = data.subset_metrics(run, tuple(int(r) for r in rows))
         cols = st.columns(4)
         cols[0].metric("Accuracy", f"{sub['accuracy']:.3f}")

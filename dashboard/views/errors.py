@@ -10,13 +10,19 @@ from dashboard import components, data, figures, state
 from dashboard.text import md
 from dashboard.selection import Selection, id_positions
 
-run = components.require_run()
+run = components.require_run(tasks=(*components.CLASS_TASKS, "regression", "multilabel"))
 components.header("Errors & slices", run)
 samples = run.samples
 names = run.class_names
+task = data.run_task(run)
 sel = state.selection()
 
 SECTIONS = {"rank": "Error rankings", "slice": "Slices", "suspects": "Label-noise suspects", "groups": "Groups"}
+if not task.has_classes:  # label noise and the per-group accuracy read class probabilities
+    SECTIONS = {"rank": "Error rankings", "slice": "Slices"}
+    st.caption(f"A sample counts as wrong when {md(task.what_is_wrong)}.")
+# the error measure a non-class task's slices are read by, inside and outside (regression: its absolute error)
+ERROR_COLUMN = None if task.error_column is None else (task.error_column, f"mean {task.error_name}")
 default = SECTIONS.get(sel.kind if sel else "rank", SECTIONS["rank"])
 if (components.fresh("errors-url-sel", state.get("sel")) and sel is not None and sel.kind in SECTIONS) \
         or st.session_state.get("errors-section") is None:
@@ -50,6 +56,17 @@ def _merged_words(merged) -> str:
 def _metrics_block(rows: np.ndarray, label: str) -> None:
     """Metrics of a subset and its calibration against the rest of the samples."""
     if len(rows) == 0:
+        return
+    if ERROR_COLUMN is not None:
+        column, words = ERROR_COLUMN
+        errors = samples[column].to_numpy(np.float64)
+        inside = np.zeros(len(samples), dtype=bool)
+        inside[rows] = True
+        cols = st.columns(3)
+        cols[0].metric("Samples", f"{len(rows):,}")
+        cols[1].metric(f"{words} in {md(label)}", f"{errors[inside].mean():.4g}",
+                       delta=f"{errors[inside].mean() - errors.mean():+.4g} vs all", delta_color="inverse")
+        cols[2].metric(f"{words} of the rest", "—" if inside.all() else f"{errors[~inside].mean():.4g}")
         return
     sub = data.subset_metrics(run, tuple(int(r) for r in rows))
     cols = st.columns(4)
@@ -97,7 +114,7 @@ if section == SECTIONS["rank"]:
         st.dataframe(table, hide_index=True, column_config=components.SAMPLE_COLUMNS, height=300)
         components.gallery(run, ids, key="rank-gallery", title="The samples of this ranking")
     st.download_button("Download CSV (whole ranking)", errors_csv(data.decided_samples(run), run.probs, by=by,
-                                                                  class_names=names),
+                                                                  class_names=names if task.has_classes else None),
                        file_name=f"{run.path.name}-{by}.csv", mime="text/csv", key="dl-ranking")
 
 # ----------------------------------------------------------------------------------------------------- slices

@@ -218,9 +218,12 @@ def _verdict_numbers(mean: float, low, high, samples, randomisations) -> str:
 
 def _sanity_badge(scores: dict) -> None:
     if scores.get("degenerate"):
-        st.error("Degenerate map: it is the same everywhere (or zero), so it ranks nothing. It gets no faithfulness "
-                 "score and fails the sanity check; for Grad-CAM, choose a layer whose output has more than one "
-                 "position.", icon=":material/block:")
+        # a finding about the map, not a failure: Grad-CAM keeps positive evidence only, and a class or label the
+        # model rules out often has none
+        st.warning("Degenerate map: it is the same everywhere (or zero), so it ranks nothing. It gets no "
+                   "faithfulness score and fails the sanity check. For Grad-CAM, choose a layer whose output has more "
+                   "than one position; a class or label the model rules out often has no positive evidence to show.",
+                   icon=":material/block:")
         return
     flag, mean = scores.get("sanity_flag"), scores.get("sanity_mean_corr")
     if flag is None or mean is None:

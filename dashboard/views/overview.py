@@ -30,27 +30,33 @@ names = run.class_names
 task = data.run_task(run)
 
 
-def _slices_table(error_column: str, error_name: str, rate_name: str, none_found: str) -> None:
-    """The error slices, with the task's error measure inside each and elsewhere."""
-    from analyzers.evaluation.slices import slice_mask
+def _slices_table(error_column: str, error_name: str, rate_name: str, none_found: str,
+                  quantile_column: str | None = None) -> None:
+    """The error slices, with the task's error measure inside each and elsewhere, the p-value that it is larger
+    inside, and (`quantile_column`) that column's quantiles inside."""
+    from analyzers.evaluation.slices import slice_error_summary
 
     slices = data.optional_table(run, "slices.parquet")
     st.subheader("Where the errors concentrate")
     if slices is None or not len(slices):
         st.markdown(none_found)
         return
-    samples = run.samples
-    errors = samples[error_column].to_numpy(np.float64)
-    rows = []
-    for _, row in slices.head(10).iterrows():
-        inside = slice_mask(samples, row["ids"])
-        rows.append({"slice": row["description"], "samples": int(row["size"]), rate_name: 100 * float(row["error_rate"]),
-                     f"{error_name} inside": float(errors[inside].mean()),
-                     f"{error_name} elsewhere": float(errors[~inside].mean()) if (~inside).any() else float("nan")})
-    st.dataframe(pd.DataFrame(rows), hide_index=True,
-                 column_config={rate_name: components.percent_column(),
-                                f"{error_name} inside": st.column_config.NumberColumn(format="%.4g"),
-                                f"{error_name} elsewhere": st.column_config.NumberColumn(format="%.4g")})
+    top = slices.head(10)
+    summary = slice_error_summary(run.samples, top, error_column, quantile_column=quantile_column)
+    table = pd.DataFrame({"slice": top["description"], "samples": top["size"].astype(int),
+                          rate_name: 100 * top["error_rate"], f"{error_name} inside": summary["mean_inside"],
+                          f"{error_name} elsewhere": summary["mean_elsewhere"], "p (larger inside)": summary["p_value"]})
+    number = st.column_config.NumberColumn(format="%.4g")
+    config = {rate_name: components.percent_column(), f"{error_name} inside": number,
+              f"{error_name} elsewhere": number, "p (larger inside)": st.column_config.NumberColumn(format="%.2g")}
+    if quantile_column is not None:
+        for q in ("q10", "q50", "q90"):
+            table[f"{quantile_column} {q}"] = summary[q]
+            config[f"{quantile_column} {q}"] = number
+    st.dataframe(table, hide_index=True, column_config=config)
+    st.caption(f"p: one-sided Mann-Whitney U test that the {error_name} is larger inside the slice than elsewhere."
+               + (f" {quantile_column.capitalize()} quantiles inside the slice (10%, median, 90%): where its "
+                  f"predictions sit against the targets." if quantile_column else ""))
 
 
 def _multilabel_overview() -> None:
@@ -159,7 +165,8 @@ def _regression_overview() -> None:
     st.plotly_chart(figures.error_histogram_figure(samples["abs_error"]), key="overview-errors",
                     config={"displayModeBar": False})
     _slices_table("abs_error", "MAE", "share of largest errors",
-                  "No group of samples has significantly more of the largest errors than the rest.")
+                  "No group of samples has significantly more of the largest errors than the rest.",
+                  quantile_column="residual")
     st.subheader("Largest errors")
     by = st.segmented_control("Order", list(task.rankings), default=task.rankings[0], key="overview-ranking",
                               format_func=lambda r: RANKINGS[r][0]) or task.rankings[0]
