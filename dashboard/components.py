@@ -280,8 +280,9 @@ def gallery(run: Run, ids, *, key: str, title: str | None = None) -> None:
     modality = run.info["dataset"]["modality"]
     pages = max(1, math.ceil(len(rows) / GALLERY_PAGE))
     top = st.columns([3, 1])
-    top[0].caption(f"{len(rows):,} samples · {percent(table['correct'].mean())} correct · mean confidence "
-                   f"{table['confidence'].mean():.3f}")
+    confidence = table["confidence"].mean()  # a regression has none
+    top[0].caption(f"{len(rows):,} samples · {percent(table['correct'].mean())} correct" +
+                   (f" · mean confidence {confidence:.3f}" if confidence == confidence else ""))
     page = 1
     if pages > 1 and modality != "tabular":
         page = top[1].number_input(f"page (of {pages})", 1, pages, 1, key=f"{key}-page")
