@@ -32,10 +32,10 @@ def shipped_predictions(name: str):
     return data, predict(load_model(f"sample:{name}"), data.x, data.y, batch_size=256).probs.argmax(1)
 
 
-# shapes trains for about 25 s on 2 idle cores (minutes when they are busy): it runs with the benchmarks.
-@pytest.mark.parametrize("name", ["digits", "tabular", "dna", "prices", "fraud",
-                                  pytest.param("shapes", marks=pytest.mark.benchmark),
-                                  pytest.param("scenes", marks=pytest.mark.benchmark)])
+# Retraining takes 30-80 s per sample on 2 busy cores (shapes and scenes minutes): the suite retrains the tabular
+# sample, and `make bench` (pytest -m benchmark) every other one, so the suite stays within its 20 minutes.
+@pytest.mark.parametrize("name", ["tabular", *(pytest.param(name, marks=pytest.mark.benchmark)
+                                               for name in ("digits", "dna", "prices", "fraud", "shapes", "scenes"))])
 def test_retraining_reproduces_shipped_accuracy(name, tmp_path):
     sample = get_sample(name)
     summary = sample.module.train(tmp_path)
