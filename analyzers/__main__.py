@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="what the model does (default: read from the labels and the model's output; asked for "
                           "when both fit)")
     run.add_argument("--batch-size", type=int, default=256)
-    run.add_argument("--label-column", default="label")
+    run.add_argument("--label-column", default="label",
+                     help="a table's label column; several comma-separated 0/1 columns (e.g. circle,square) make "
+                          "a multi-label dataset, one label per column in the model's output order")
     run.add_argument("--id-column")
     run.add_argument("--features", type=_names, help="comma-separated feature columns, in the model's order")
     run.add_argument("--image-size", type=_shape, help="H,W for image zips")

@@ -137,7 +137,9 @@ def metrics(run: Run) -> dict:
 
     task = run_task(run)
     if not task.has_classes:  # a regression's or a multi-label run's own metrics (tasks.Task.metrics)
-        return run.read_json("metrics.json") if run.has("metrics.json") else task.metrics(
+        # metrics.json is taken at the task's default threshold: stored per-label thresholds are computed afresh
+        at_default = task == task_named_for(run)
+        return run.read_json("metrics.json") if run.has("metrics.json") and at_default else task.metrics(
             run.labels, run.probs, names=run.class_names)
     if run.has("metrics.json"):
         stored = run.read_json("metrics.json")
@@ -170,14 +172,17 @@ def threshold_curve(run: Run, positive: int):
 
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)
 def multilabel_report(run: Run) -> dict:
-    """A multi-label run's per-label report and co-missed labels: multilabel.json, else computed on the run
-    (`analyzers.evaluation.multilabel.multilabel_report`)."""
+    """A multi-label run's per-label report and co-missed labels at the run's thresholds: multilabel.json, else
+    computed on the run (`analyzers.evaluation.multilabel.multilabel_report`)."""
     from analyzers.evaluation.multilabel import MULTILABEL, multilabel_report as report_of
 
+    task = run_task(run)
     stored = optional_json(run, MULTILABEL)
-    if stored is not None:
+    # multilabel.json is taken at the analysis's threshold; a person's per-label thresholds since then are computed
+    if stored is not None and np.allclose(np.broadcast_to(np.asarray(stored["threshold"], dtype=np.float64),
+                                                          task.thresholds.shape), task.thresholds):
         return stored
-    return report_of(run.labels, run.probs, names=run.class_names, threshold=run_task(run).threshold)
+    return report_of(run.labels, run.probs, names=run.class_names, threshold=task.threshold)
 
 
 @st.cache_resource(hash_funcs=HASH, show_spinner=False, max_entries=32)
@@ -198,14 +203,12 @@ def reliability(run: Run, strategy: str = "uniform", n_bins: int = 10) -> dict:
 
 def decided_samples(run: Run) -> pd.DataFrame:
     """The samples table with each prediction taken at the run's stored threshold (thresholds.json: the Confusion
-    page's choice), else as stored (the most probable class)."""
-    from analyzers.evaluation.thresholds import THRESHOLDS, predictions_at
+    page's choice), else as stored (`analyzers.evaluation.thresholds.samples_at`)."""
+    from analyzers.evaluation.thresholds import THRESHOLDS, samples_at
 
-    stored = optional_json(run, THRESHOLDS) if run_task(run).has_classes else None
-    if not stored or not 0 <= int(stored["positive"]) < len(run.class_names):
-        return run.samples
-    pred = predictions_at(run.probs, positive=int(stored["positive"]), threshold=float(stored["threshold"]))
-    return run.samples.assign(pred=pred, correct=pred == run.samples["label"].to_numpy())
+    task = task_named_for(run)
+    return samples_at(run.samples, run.probs, task=task, stored=optional_json(run, THRESHOLDS),
+                      labels=run.labels if task.per_label else None, names=run.class_names)
 
 
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=64)
@@ -321,11 +324,20 @@ def explain_methods(run: Run) -> tuple[list, list, list]:
     return available, defaults, conv_layers
 
 
-def run_task(run: Run):
-    """The run's task (`analyzers.evaluation.tasks`): what its outputs mean and how it ranks its errors."""
+def task_named_for(run: Run):
+    """The run's task as run.json names it, at its default threshold."""
     from analyzers.evaluation.tasks import task_named
 
     return task_named(run.task, len(run.class_names))
+
+
+def run_task(run: Run):
+    """The run's task (`analyzers.evaluation.tasks`): what its outputs mean and how it ranks its errors, at the
+    run's stored per-label thresholds where a multi-label run has them (thresholds.json)."""
+    from analyzers.evaluation.thresholds import THRESHOLDS, task_at
+
+    task = task_named_for(run)
+    return task_at(task, optional_json(run, THRESHOLDS)) if task.per_label else task
 
 
 def first_sample_to_explain(run: Run) -> str:

@@ -255,6 +255,24 @@ def residual_figure(prediction, residual, ids, *, max_points: int = MAX_SCATTER_
     return _layout(fig, height=420)
 
 
+def coverage_figure(coverage: dict) -> go.Figure:
+    """A mean-and-variance regression's interval coverage (metrics.json's `interval_coverage`: level -> observed
+    share of targets inside that central interval) against the nominal level, with the diagonal of a calibrated
+    spread."""
+    levels = np.array([float(k) for k in coverage], dtype=float)
+    observed = np.array([float(v) for v in coverage.values()], dtype=float)
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="#888"),
+                               name="calibrated spread", hoverinfo="skip"))
+    fig.add_trace(go.Scatter(x=levels, y=observed, mode="lines+markers+text", name="model",
+                             line=dict(color=OKABE_ITO[0]), text=[f"{v:.0%}" for v in observed],
+                             textposition="top left",
+                             hovertemplate="%{x:.0%} interval holds %{y:.1%} of targets<extra></extra>"))
+    fig.update_xaxes(range=[0, 1], title="nominal level of the central interval", tickformat=".0%")
+    fig.update_yaxes(range=[0, 1.02], title="share of targets inside", tickformat=".0%")
+    fig.update_layout(height=340, margin=dict(l=10, r=10, t=10, b=10), legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
 def error_histogram_figure(abs_error, *, bins: int = 40) -> go.Figure:
     """How the absolute errors are spread: most near zero and a long tail is the usual shape; a second hump is a
     group the model gets wrong."""

@@ -16,10 +16,10 @@ from analyzers.training.recorder import TrainingRecorder
 
 def _task(task: str, model_outputs: int):
     """The task object (`analyzers.evaluation.tasks`) and the output kind its model's raw output is read as."""
-    from analyzers.evaluation.tasks import MULTILABEL_OUTPUT, VALUE_OUTPUT, task_named
+    from analyzers.evaluation.tasks import task_named
 
-    kind = {"regression": VALUE_OUTPUT, "multilabel": MULTILABEL_OUTPUT}.get(task, "logits")
-    return task_named(task, model_outputs), kind
+    task_obj = task_named(task, model_outputs)
+    return task_obj, task_obj.output_kind or "logits"  # the samples' classifiers return logits
 
 
 def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 512, *,

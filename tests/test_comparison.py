@@ -32,15 +32,16 @@ def test_compare_predictions_counts_by_hand():
     c = compare_predictions(np.arange(10, 16), labels, a, b, slices=slices, names=("old", "new"))
     s = c.summary
     assert (s["accuracy_a"], s["accuracy_b"]) == (4 / 6, 4 / 6)
-    assert (s["both_right"], s["only_a_right"], s["only_b_right"], s["both_wrong"]) == (3, 1, 1, 1)
+    assert (s["both_right"], s["better_a"], s["better_b"], s["both_wrong"]) == (3, 1, 1, 1)
     assert s["disagree"] == 3 and s["both_wrong_differently"] == 1
-    assert s["mcnemar_p"] == pytest.approx(binomtest(1, 2, 0.5).pvalue)
-    assert list(c.disagreements["id"]) == [11, 13, 15] and list(c.disagreements["right"]) == ["a", "b", "neither"]
+    assert s["paired_p"] == pytest.approx(binomtest(1, 2, 0.5).pvalue) and s["paired_test"] == "McNemar"
+    assert s["headline_a"]["accuracy"] == 4 / 6 and s["mean_error_b"] == pytest.approx(2 / 6)
+    assert list(c.disagreements["id"]) == [11, 13, 15] and list(c.disagreements["better"]) == ["a", "b", "neither"]
     row = c.per_class.set_index("class").loc[1]
     assert (row["recall_a"], row["recall_b"], row["recall_delta"]) == (0.5, 1.0, 0.5)
     sl = c.per_slice.set_index("description")
-    assert sl.loc["label == 1", "error_rate_a"] == 0.5 and sl.loc["label == 1", "error_rate_b"] == 0.0
-    assert sl.loc["label == 0", "error_rate_delta"] == 0.5
+    assert sl.loc["label == 1", "error_a"] == 0.5 and sl.loc["label == 1", "error_b"] == 0.0
+    assert sl.loc["label == 0", "error_delta"] == 0.5
     # issue 18, item 9: slices of two runs are matched by their samples (Jaccard of member ids), not their names
     both = pd.DataFrame({"description": ["cluster of a", "other of a", "cluster of b"],
                          "ids": [[10, 11, 12], [14, 15], [11, 12, 13]], "source": "embeddings", "run": ["a", "a", "b"]})
@@ -51,6 +52,61 @@ def test_compare_predictions_counts_by_hand():
     assert matched.loc["cluster of b", "closest_in_other_run"] == "cluster of a"
     with pytest.raises(AnalyzerError, match="different numbers of classes"):
         compare_predictions(np.arange(6), labels, a, np.full((6, 4), 0.25))
+
+
+def test_a_regression_comparison_is_by_absolute_error_with_the_sign_test():
+    from sklearn.metrics import mean_absolute_error, r2_score
+
+    from analyzers.evaluation.tasks import Regression
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=300)
+    a = y + rng.normal(0, 0.5, 300)
+    b = y + rng.normal(0, 0.5, 300)
+    b[:100] = y[:100] + rng.normal(0, 0.05, 100)  # b is far better on the first 100 samples, like a on the rest
+    slices = pd.DataFrame({"description": ["first hundred"], "ids": [list(range(100))], "source": "features",
+                           "run": "a"})
+    c = compare_predictions(np.arange(300), y, a, b, task=Regression(1), slices=slices)
+    s = c.summary
+    assert s["headline_a"]["mae"] == pytest.approx(mean_absolute_error(y, a))
+    assert s["headline_b"]["r2"] == pytest.approx(r2_score(y, b))
+    ea, eb = np.abs(a - y), np.abs(b - y)
+    assert (s["better_a"], s["better_b"]) == ((ea < eb).sum(), (eb < ea).sum())
+    assert s["paired_p"] == pytest.approx(binomtest(int((ea < eb).sum()), int((ea != eb).sum())).pvalue)
+    assert s["paired_test"] == "sign test" and "both_right" not in s and "accuracy_a" not in s
+    assert c.per_class.empty
+    row = c.per_slice.iloc[0]
+    assert row["error_a"] == pytest.approx(ea[:100].mean()) and row["error_b"] == pytest.approx(eb[:100].mean())
+    d = c.disagreements  # every prediction differs; the largest change of error first
+    assert len(d) == 300 and d["error_delta"].abs().is_monotonic_decreasing
+    first = int(d["id"].iloc[0])
+    assert d["error_delta"].iloc[0] == pytest.approx(eb[first] - ea[first])
+    assert d["better"].iloc[0] == ("b" if eb[first] < ea[first] else "a")
+
+
+def test_a_multilabel_comparison_is_per_label_and_by_hamming_error():
+    from sklearn.metrics import hamming_loss, precision_recall_fscore_support
+
+    from analyzers.evaluation.tasks import MultiLabel
+
+    rng = np.random.default_rng(1)
+    y = (rng.random((200, 3)) < 0.4).astype(int)
+    a = np.clip(y * 0.7 + rng.normal(0.15, 0.2, y.shape), 0, 1)
+    b = a.copy()
+    b[:, 2] = 1 - b[:, 2]  # b gets label 2 backwards
+    c = compare_predictions(np.arange(200), y, a, b, task=MultiLabel(3), class_names=["x", "y", "z"])
+    s = c.summary
+    assert s["headline_b"]["hamming_loss"] == pytest.approx(hamming_loss(y, b >= 0.5))
+    ha, hb = ((a >= 0.5) != y).mean(1), ((b >= 0.5) != y).mean(1)
+    assert (s["better_a"], s["better_b"]) == ((ha < hb).sum(), (hb < ha).sum())
+    assert s["both_right"] == ((ha == 0) & (hb == 0)).sum()
+    _, recall_b, f1_b, _ = precision_recall_fscore_support(y, b >= 0.5, zero_division=0)
+    per_label = c.per_class.set_index("name")
+    np.testing.assert_allclose(per_label["f1_b"], f1_b)
+    assert per_label["recall_delta"].abs().idxmax() == "z"
+    differ = ((a >= 0.5) != (b >= 0.5)).any(1)
+    assert set(c.disagreements["id"]) == set(np.flatnonzero(differ))
+    assert c.disagreements["label"].iloc[0] in {"none", "x", "y", "z"} or " + " in c.disagreements["label"].iloc[0]
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +178,7 @@ def test_compare_runs_and_command(two_digit_runs, tmp_path, capsys):
     assert set(c.per_slice["run"]) <= {"a", "b"}
     assert main(["compare", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
     printed = capsys.readouterr().out
-    assert "disagree on" in printed and "McNemar" in printed
+    assert "predict differently on" in printed and "McNemar" in printed
     summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
     assert summary["disagree"] == c.summary["disagree"]
     assert len(pd.read_csv(tmp_path / "cmp" / "disagreements.csv")) == c.summary["disagree"]
@@ -148,7 +204,43 @@ def test_cli_run_in_a_subprocess_then_compare(tmp_path, capsys):
     for name in ("metrics.json", "confusion.json", "slices.parquet", "label_noise.parquet"):
         assert (out / name).exists()
     assert main(["compare", str(out), str(out)]) == 0
-    assert "disagree on 0 of 600" in capsys.readouterr().out
+    assert "predict differently on 0 of 600" in capsys.readouterr().out
     assert main(["compare", str(out), str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("sample", ["prices", "scenes"])
+def test_the_compare_page_reads_a_regression_or_multilabel_pair_by_its_own_metrics(sample, tmp_path, monkeypatch,
+                                                                                   sample_run_dir):
+    """A second run of the sample's model with perturbed weights: the Compare page shows the task's headline
+    metrics of both runs (equal to compare_runs) and the samples they predict differently, without a class panel."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from analyzers.engines.pipeline import run_analysis
+    from sample_models import get_sample
+    from tests.test_dashboard_app import _app, _ok, _text
+
+    runs = tmp_path / "runs"
+    shutil.copytree(sample_run_dir(sample), runs / "a")
+    model = get_sample(sample).build_model()
+    model.load_state_dict(load_file(str(get_sample(sample).weights_path)))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 0.2 * torch.randn_like(p))
+    weights = tmp_path / "perturbed.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    run_analysis(str(weights), f"sample:{sample}", runs / "b", arch=sample, analyses=["evaluation"])
+    c = compare_runs(runs / "a", runs / "b")
+    assert c.summary["task"] == open_run(runs / "a").task and c.summary["disagree"] > 0
+    at = _app(monkeypatch, runs, runs / "a").run()
+    at.switch_page("views/compare.py").run()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    key = next(iter(c.summary["headline_b"]))
+    assert any(m.value == f"{c.summary['headline_b'][key]:.3f}" for m in at.metric), [m.value for m in at.metric]
+    assert "Where they disagree" in _text(at) and "Per class" not in _text(at)
+    assert ("Per label" in _text(at)) == (sample == "scenes")

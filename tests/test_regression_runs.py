@@ -133,7 +133,7 @@ def test_refusals_name_the_problem(regression_files, tmp_path):
     # a model with one output per class cannot be a regression
     three = nn.Sequential(nn.Linear(4, 3)).eval()
     export_model(three, torch.zeros(2, 4), tmp_path / "three.pt2")
-    with pytest.raises(AnalyzerError, match="regression needs one output per sample, but the model has 3"):
+    with pytest.raises(AnalyzerError, match=r"regression needs one output per sample \(or two: a mean and a log-variance\), but the model has 3"):
         run_analysis(str(tmp_path / "three.pt2"), str(root / "prices.npz"), tmp_path / "e", task="regression",
                      isolation="process")
     with pytest.raises(AnalyzerError, match="real numbers but the model has 3 outputs"):
@@ -164,15 +164,17 @@ def test_every_page_opens_on_a_regression_run_and_the_overview_shows_its_errors(
         at.switch_page(page).run()
         _ok(at)
         assert not at.error, (page, [e.value for e in at.error])
-        if page in ("views/confusion.py", "views/compare.py"):
+        if page == "views/confusion.py":
             assert "this run is a **regression**" in _text(at)  # pointed to the pages that show it
+        if page == "views/compare.py":  # alone on its dataset: nothing to compare with yet
+            assert "No other stored regression run" in _text(at)
         if page == "views/errors.py":  # the regression's own rankings, read by its own error
             assert "A sample counts as wrong when the absolute error is among the largest" in _text(at)
     at.switch_page("views/explain.py").run()
     _ok(at)
     text = _text(at)
     assert "— target" in text and "predicted" in text and "one of the largest errors" in text  # the largest error
-    assert "for a regression only the maps are shown" in text
+    assert "of the starting value's distance from the baseline" in text  # its maps are scored on the value
     assert len(at.get("plotly_chart")) >= 2  # the default maps (Integrated Gradients, saliency) of the value
 
 

@@ -9,7 +9,8 @@
   stands out from the labels' own miss rates.
 - `multilabel_report(...)`: both, as multilabel.json holds them.
 
-Labels are a multi-hot (N, K) 0/1 array; probabilities (N, K), one per label.
+Labels are a multi-hot (N, K) 0/1 array; probabilities (N, K), one per label; `threshold` one cut for every label
+or one per label ((K,), a run's stored thresholds.json).
 """
 from __future__ import annotations
 
@@ -37,6 +38,18 @@ def _check(labels, probs, names):
     return y.astype(np.int64), p, names
 
 
+def _cuts(threshold, num_labels: int) -> np.ndarray:
+    """(K,) per-label cuts from one threshold or one per label (tasks.MultiLabel checks and keeps them)."""
+    from .tasks import MultiLabel
+
+    return MultiLabel(num_labels, threshold=threshold).thresholds
+
+
+def _missed(y: np.ndarray, p: np.ndarray, threshold) -> np.ndarray:
+    """(N, K) 0/1: the label is present and its probability below the label's cut (a false negative)."""
+    return ((y == 1) & (p < _cuts(threshold, y.shape[1]))).astype(np.float64)
+
+
 def per_label_report(labels, probs, *, names=None, threshold: float = 0.5, n_bins: int = 10) -> list:
     """One dict per label (see the module's docstring); `tn`, `fp`, `fn`, `tp` are the 2x2 matrix's cells."""
     from sklearn.metrics import average_precision_score, multilabel_confusion_matrix, roc_auc_score
@@ -45,7 +58,7 @@ def per_label_report(labels, probs, *, names=None, threshold: float = 0.5, n_bin
     from .thresholds import _f1, threshold_curve
 
     y, p, names = _check(labels, probs, names)
-    pred = (p >= threshold).astype(np.int64)
+    pred = (p >= _cuts(threshold, y.shape[1])).astype(np.int64)
     matrices = multilabel_confusion_matrix(y, pred)  # (K, 2, 2): [[tn, fp], [fn, tp]]
     rows = []
     for k, name in enumerate(names):
@@ -74,7 +87,7 @@ def co_missed(labels, probs, *, names=None, threshold: float = 0.5) -> pd.DataFr
     were missed independently, each at its own miss rate over the samples holding it) and `lift`
     (both_missed / expected). Sorted by both_missed, then rate, highest first."""
     y, p, names = _check(labels, probs, names)
-    missed = ((y == 1) & (p < threshold)).astype(np.float64)
+    missed = _missed(y, p, threshold)
     present = y.astype(np.float64)
     together = present.T @ present  # (K, K) samples holding both labels
     both_missed = missed.T @ missed
@@ -99,16 +112,17 @@ def co_missed(labels, probs, *, names=None, threshold: float = 0.5) -> pd.DataFr
 
 def co_missed_matrix(labels, probs, *, threshold: float = 0.5) -> np.ndarray:
     """(K, K): samples in which both labels are missed (the diagonal: each label's misses)."""
-    y = np.asarray(labels)
-    missed = ((y == 1) & (np.asarray(probs) < threshold)).astype(np.int64)
+    y, p, _ = _check(labels, probs, None)
+    missed = _missed(y, p, threshold).astype(np.int64)
     return missed.T @ missed
 
 
 def multilabel_report(labels, probs, *, names=None, threshold: float = 0.5, n_bins: int = 10) -> dict:
-    """What multilabel.json holds: the threshold, `labels` (per_label_report), `co_missed` (its rows) and
-    `co_missed_matrix`."""
+    """What multilabel.json holds: the threshold (one number, or one per label), `labels` (per_label_report),
+    `co_missed` (its rows) and `co_missed_matrix`."""
+    cuts = np.asarray(threshold, dtype=np.float64)
     pairs = co_missed(labels, probs, names=names, threshold=threshold)
-    return {"threshold": float(threshold),
+    return {"threshold": cuts.tolist() if cuts.ndim else float(cuts),
             "labels": per_label_report(labels, probs, names=names, threshold=threshold, n_bins=n_bins),
             "co_missed": pairs.astype(object).where(pairs.notna(), None).to_dict("records"),
             "co_missed_matrix": co_missed_matrix(labels, probs, threshold=threshold).tolist()}

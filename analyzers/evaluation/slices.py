@@ -577,19 +577,24 @@ def slice_mask(samples: pd.DataFrame, ids) -> np.ndarray:
 
 
 def slice_error_summary(samples: pd.DataFrame, slices: pd.DataFrame, column: str, *,
-                        quantile_column: str | None = None, quantiles=(0.1, 0.5, 0.9)) -> pd.DataFrame:
+                        quantile_column: str | None = None, quantiles=(0.1, 0.5, 0.9), z_column: str | None = None,
+                        coverage_level: float = 0.9) -> pd.DataFrame:
     """For each slice (rows of slices.parquet), a real-valued error measure (`column`: a regression's abs_error, a
     multi-label run's hamming_error) inside it and elsewhere: the means, and the one-sided Mann-Whitney U p-value
     that it is larger inside (scipy; the slices were found by the share of the largest errors, this tests the
     measure itself). With `quantile_column` (a regression's signed residual), its `quantiles` inside each slice,
-    as columns q10, q50, q90: where the slice's predictions sit against the targets."""
-    from scipy.stats import mannwhitneyu
+    as columns q10, q50, q90: where the slice's predictions sit against the targets. With `z_column` (a
+    mean-and-variance regression's residual in units of its predicted spread), the share of the slice's targets
+    inside the central `coverage_level` interval, as column `coverage`: where the predicted spread is too narrow."""
+    from scipy.stats import mannwhitneyu, norm
 
     if column not in samples.columns:
         raise AnalyzerError(f"no column {column!r} in the samples table: choose one of "
                             f"{', '.join(map(str, samples.columns))}")
     values = samples[column].to_numpy(np.float64)
     spread = None if quantile_column is None else samples[quantile_column].to_numpy(np.float64)
+    covered = None if z_column is None else np.abs(samples[z_column].to_numpy(np.float64)) <= norm.ppf(
+        (1 + coverage_level) / 2)
     rows = []
     for ids in slices["ids"]:
         inside = slice_mask(samples, ids)
@@ -600,5 +605,7 @@ def slice_error_summary(samples: pd.DataFrame, slices: pd.DataFrame, column: str
         if spread is not None:
             for q in quantiles:
                 row[f"q{round(100 * q)}"] = float(np.quantile(spread[inside], q)) if inside.any() else float("nan")
+        if covered is not None:
+            row["coverage"] = float(covered[inside].mean()) if inside.any() else float("nan")
         rows.append(row)
     return pd.DataFrame(rows, index=slices.index)

@@ -4,9 +4,11 @@ the task; none of them branches on its name.
 
 - `Classification`: one class per sample out of K (K >= 2), outputs are class probabilities (N, K); wrong is a
   predicted class other than the label; the error is 0 or 1. A binary model is the case K = 2 (`name` "binary").
-- `Regression`: a real target per sample, outputs are the predicted values (N,); the error is |residual|; a sample is
-  wrong when its error is among the largest (`Regression.wrong_quantile` of the errors, 0.9 by default), since a
-  real-valued prediction is never exactly right.
+- `Regression`: a real target per sample, outputs are the predicted values (N, 1); the error is |residual|; a sample
+  is wrong when its error is among the largest (`Regression.wrong_quantile` of the errors, 0.9 by default), since a
+  real-valued prediction is never exactly right. A model of two outputs predicts a Gaussian: its mean and its
+  log-variance (the stored outputs are the mean and the variance, (N, 2)), and the metrics add how often the
+  central intervals of its predicted spread hold the target (`interval_coverage`) and the Gaussian NLL.
 - `MultiLabel`: K independent yes/no labels per sample (multi-hot (N, K)), outputs are per-label probabilities
   (N, K) thresholded at `threshold` per label; the error is the Hamming fraction (labels wrong / K); wrong is any
   label wrong (subset accuracy's complement).
@@ -23,6 +25,10 @@ import numpy as np
 from ..errors import AnalyzerError
 
 TASK_NAMES = ("classification", "binary", "multilabel", "regression")
+# The model output kind that a regression model is read with: its raw output, one value per sample
+VALUE_OUTPUT = "value"
+# The output kind a multi-label model is read with: one logit per label, each label's probability its sigmoid
+MULTILABEL_OUTPUT = "multilabel_logits"
 
 
 def _one_line_names(values, limit: int = 5) -> str:
@@ -57,8 +63,15 @@ class Task:
     rankings = ()  # the error rankings (metrics.RANKINGS) that apply to the task
     per_label = False  # K independent labels: per-label matrices, calibration and thresholds apply
     rules_on_labels = True  # slices' rules may name the label and the prediction (classes, label sets)
+    exactly_right = True  # an error of 0 is a right answer (a regression's prediction is never exactly right)
     # why the class analyses (confusion matrix, top-label calibration, label noise) are skipped where they do not apply
     no_classes_reason = ""
+    # the output kind the task reads a model's raw output as (engines.inference); None keeps the model's own
+    # (a classifier's logits, probabilities or binary logit, as loaded)
+    output_kind = None
+    # the raw output column every map explains, where it is one for every sample (a regression's predicted value,
+    # or its mean); None: a class or label chosen per map
+    value_column = None
 
     def outputs_from_raw(self, raw, output_kind: str):
         """What a run stores per sample (probs.npy) from the model's raw output batch (a torch tensor)."""
@@ -167,9 +180,17 @@ class Classification(Task):
         return {"accuracy": metrics["accuracy"], "balanced_accuracy": metrics["balanced_accuracy"]}
 
 
+# The central intervals whose coverage a mean-and-variance regression is scored on: a calibrated spread holds the
+# target in each about as often as its level says.
+COVERAGE_LEVELS = (0.5, 0.8, 0.9, 0.95)
+# The output names of a mean-and-variance regression model: its raw outputs are the mean and the log-variance
+MEAN_VARIANCE_NAMES = ("mean", "log_variance")
+
+
 @dataclass(frozen=True)
 class Regression(Task):
-    """A real-valued target; outputs are the predicted values (N,)."""
+    """A real-valued target; outputs are the predicted values (N, 1), or a Gaussian's mean and variance (N, 2) for a
+    model of two raw outputs (the mean and the log-variance)."""
 
     wrong_quantile: float = 0.9
 
@@ -182,6 +203,9 @@ class Regression(Task):
     rankings = ("abs_error", "over_predicted", "under_predicted")
     no_classes_reason = "a regression model predicts values, not classes"
     rules_on_labels = False  # its label and pred are numbers: rules name the target column instead
+    output_kind = VALUE_OUTPUT
+    exactly_right = False
+    value_column = 0  # the predicted value, or a mean-and-variance model's mean
 
     @property
     def what_is_wrong(self) -> str:
@@ -199,9 +223,31 @@ class Regression(Task):
                                 f"column to numbers, or choose --task classification for class names")
         return _finite_float(y, "targets")
 
+    @property
+    def has_variance(self) -> bool:
+        """The model predicts a spread as well as a value (two outputs: the mean and the log-variance)."""
+        return self.num_outputs == 2
+
     def predictions(self, outputs) -> np.ndarray:
         out = np.asarray(outputs, dtype=np.float64)
         return out[:, 0] if out.ndim == 2 else out
+
+    def spreads(self, outputs) -> np.ndarray | None:
+        """Each sample's predicted standard deviation (a mean-and-variance model), else None."""
+        if not self.has_variance:
+            return None
+        return np.sqrt(np.asarray(outputs, dtype=np.float64)[:, 1])
+
+    def interval_coverage(self, labels, outputs, levels=COVERAGE_LEVELS) -> dict:
+        """For each level, the share of targets inside the central interval of the predicted Gaussian
+        (mean ± z·std, z the normal quantile of (1 + level) / 2); empty for a model without a spread."""
+        from scipy.stats import norm
+
+        std = self.spreads(outputs)
+        if std is None:
+            return {}
+        z = np.abs(self.residuals(labels, outputs)) / std
+        return {f"{level:g}": float((z <= norm.ppf((1 + level) / 2)).mean()) for level in levels}
 
     def residuals(self, labels, outputs) -> np.ndarray:
         """prediction - target: positive where the model predicts too high."""
@@ -238,21 +284,46 @@ class Regression(Task):
             "mape": float(mean_absolute_percentage_error(y, pred)) if np.all(y != 0) else None,
             "target_mean": float(y.mean()),
             "target_std": float(y.std()),
+            **self._spread_metrics(y, outputs),
         }
 
+    def _spread_metrics(self, y, outputs) -> dict:
+        """A mean-and-variance model's interval coverage and mean Gaussian negative log-likelihood."""
+        if not self.has_variance:
+            return {}
+        variance = np.asarray(outputs, dtype=np.float64)[:, 1]
+        nll = 0.5 * (np.log(2 * np.pi * variance) + (y - self.predictions(outputs)) ** 2 / variance)
+        return {"interval_coverage": self.interval_coverage(y, outputs), "gaussian_nll": float(nll.mean()),
+                "mean_predicted_std": float(np.sqrt(variance).mean())}
+
     def outputs_from_raw(self, raw, output_kind: str):
-        return raw.reshape(len(raw), -1)[:, :1]  # the predicted value, (N, 1)
+        import torch
+
+        flat = raw.reshape(len(raw), -1)
+        if not self.has_variance:
+            return flat[:, :1]  # the predicted value, (N, 1)
+        return torch.stack([flat[:, 0], flat[:, 1].exp()], dim=1)  # the mean and the variance, (N, 2)
 
     def loss_from_raw(self, raw, labels, output_kind: str):
-        return (raw.reshape(len(raw), -1)[:, 0] - labels.to(raw.dtype)) ** 2  # squared error
+        import torch.nn.functional as F
+
+        flat = raw.reshape(len(raw), -1)
+        target = labels.to(raw.dtype)
+        if not self.has_variance:
+            return (flat[:, 0] - target) ** 2  # squared error
+        # the Gaussian negative log-likelihood a mean-and-variance model is trained with, per sample
+        return F.gaussian_nll_loss(flat[:, 0], target, flat[:, 1].exp(), full=True, reduction="none")
 
     def sample_columns(self, labels, outputs, names=None) -> dict:
         y = np.asarray(labels, dtype=np.float64)
         pred = self.predictions(outputs)
         residual = pred - y
+        spread = self.spreads(outputs)
         return {"label": y, "pred": pred, "confidence": np.full(len(y), np.nan, dtype=np.float32),
                 "correct": ~self.wrong(y, outputs), "target": y, "prediction": pred, "residual": residual,
-                "abs_error": np.abs(residual)}
+                "abs_error": np.abs(residual),
+                # a mean-and-variance model's predicted spread, and the residual in units of it
+                **({} if spread is None else {"predicted_std": spread, "z_score": residual / spread})}
 
     def headline(self, metrics: dict) -> dict:
         return {"mae": metrics["mae"], "rmse": metrics["rmse"], "r2": metrics["r2"]}
@@ -263,9 +334,25 @@ class Regression(Task):
 
 @dataclass(frozen=True)
 class MultiLabel(Task):
-    """`num_outputs` independent yes/no labels; outputs are per-label probabilities (N, K), one sigmoid per logit."""
+    """`num_outputs` independent yes/no labels; outputs are per-label probabilities (N, K), one sigmoid per logit.
+    `threshold` is one cut for every label (0.5 by default) or one per label (a tuple of K: thresholds.json's
+    per-label choice), each in [0, 1]."""
 
-    threshold: float = 0.5
+    threshold: float | tuple = 0.5
+
+    def __post_init__(self):
+        cuts = np.asarray(self.threshold, dtype=np.float64)
+        if cuts.ndim > 1 or (cuts.ndim == 1 and len(cuts) != self.num_outputs) or not np.all(
+                (cuts >= 0) & (cuts <= 1)):
+            raise AnalyzerError(f"a multi-label threshold is one number in [0, 1] or one per label "
+                                f"({self.num_outputs}), got {self.threshold!r}")
+        if cuts.ndim == 1:  # a tuple keeps the dataclass hashable and frozen
+            object.__setattr__(self, "threshold", tuple(float(c) for c in cuts))
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        """(K,): each label's cut."""
+        return np.broadcast_to(np.asarray(self.threshold, dtype=np.float64), (self.num_outputs,))
 
     name = "multilabel"
     what_is_wrong = "at least one label is predicted wrongly (a probability on the wrong side of its threshold)"
@@ -276,6 +363,7 @@ class MultiLabel(Task):
     label_form = "int64 row of 0 and 1"
     rankings = ("labels_wrong", "loss")
     rules_on_labels = False  # its label sets are combinations: rules combine the per-label columns instead
+    output_kind = MULTILABEL_OUTPUT
     no_classes_reason = ("a multi-label model gives each label its own yes or no: see the per-label matrices, "
                          "calibration and thresholds instead")
 
@@ -295,7 +383,7 @@ class MultiLabel(Task):
         return y.astype(np.int64)
 
     def predictions(self, outputs) -> np.ndarray:
-        return (np.asarray(outputs) >= self.threshold).astype(np.int64)
+        return (np.asarray(outputs) >= self.thresholds).astype(np.int64)
 
     def label_errors(self, labels, outputs) -> np.ndarray:
         """(N, K) bool: which labels of each sample are predicted wrongly."""
@@ -371,7 +459,8 @@ class MultiLabel(Task):
                 "average_precision_macro": metrics["average_precision_macro"]}
 
     def to_json(self) -> dict:
-        return {**super().to_json(), "threshold": float(self.threshold)}
+        cut = self.threshold
+        return {**super().to_json(), "threshold": list(cut) if isinstance(cut, tuple) else float(cut)}
 
 
 LABEL_SET_JOIN = " + "
@@ -390,10 +479,11 @@ def task_named(name: str, num_outputs: int) -> Task:
     if name not in TASK_NAMES:
         raise AnalyzerError(f"unknown task {name!r}: choose one of {', '.join(TASK_NAMES)}")
     if name == "regression":
-        if num_outputs != 1:
-            raise AnalyzerError(f"regression needs one output per sample, but the model has {num_outputs}: a model "
-                                f"with one output per class is --task classification")
-        return Regression(1)
+        if num_outputs not in (1, 2):
+            raise AnalyzerError(f"regression needs one output per sample (or two: a mean and a log-variance), but "
+                                f"the model has {num_outputs}: a model with one output per class is --task "
+                                f"classification")
+        return Regression(num_outputs)
     if name == "multilabel":
         return MultiLabel(num_outputs)
     if num_outputs == 1:  # one logit or probability: the positive class of two
@@ -433,21 +523,16 @@ def infer_task(labels, output_width: int) -> Task:
                             f"a numeric target or --task classification for classes")
     if flat.dtype.kind == "f" and not integral:
         raise AnalyzerError(f"labels are real numbers but the model has {output_width} outputs: a regression model "
-                            f"has one output; for classes use integer labels 0..{output_width - 1}")
+                            f"has one output (or two, a mean and a log-variance: say --task regression); for "
+                            f"classes use integer labels 0..{output_width - 1}")
     return Classification(output_width)
-
-
-# The model output kind that a regression model is read with: its raw output, one value per sample
-VALUE_OUTPUT = "value"
-# The output kind a multi-label model is read with: one logit per label, each label's probability its sigmoid
-MULTILABEL_OUTPUT = "multilabel_logits"
 
 
 def output_width(model) -> int:
     """The model's raw output width: 1 for one logit, probability or value per sample, else its number of
     classes."""
     kind = getattr(model, "output_kind", "logits")
-    return 1 if kind in ("binary_logit", "binary_probability", VALUE_OUTPUT) else int(model.num_classes)
+    return 1 if kind in ("binary_logit", "binary_probability") else int(model.num_classes)
 
 
 def task_of(model) -> Task:
@@ -455,7 +540,7 @@ def task_of(model) -> Task:
     classification over its classes."""
     kind = getattr(model, "output_kind", "logits")
     if kind == VALUE_OUTPUT:
-        return Regression(1)
+        return Regression(int(getattr(model, "num_classes", 1)))
     if kind == MULTILABEL_OUTPUT:
         return MultiLabel(int(model.num_classes))
     return Classification(int(getattr(model, "num_classes", 2)))
@@ -476,13 +561,17 @@ def resolve_task(declared: str | None, labels, model) -> Task:
 
 
 def model_for_task(model, task: Task):
-    """`model` read as `task` asks: a regression model's raw output is its value (output kind "value", one
-    output), not a binary logit; other tasks take the model as it was loaded."""
+    """`model` read as `task` asks: a regression model's raw output is its value (output kind "value": one output,
+    or a mean and a log-variance), not a binary logit or two class logits; a multi-label model's are one logit per
+    label; other tasks take the model as it was loaded."""
     import dataclasses
 
-    if isinstance(task, Regression) and getattr(model, "output_kind", None) != VALUE_OUTPUT:
-        return dataclasses.replace(model, output_kind=VALUE_OUTPUT, num_classes=1, class_names=("value",))
-    if isinstance(task, MultiLabel) and getattr(model, "output_kind", None) != MULTILABEL_OUTPUT:
+    if task.output_kind is None or getattr(model, "output_kind", None) == task.output_kind:
+        return model
+    if task.output_kind == VALUE_OUTPUT:
+        names = MEAN_VARIANCE_NAMES if task.has_variance else ("value",)
+        return dataclasses.replace(model, output_kind=VALUE_OUTPUT, num_classes=task.num_outputs, class_names=names)
+    if task.output_kind == MULTILABEL_OUTPUT:
         if model.output_kind != "logits":
             raise AnalyzerError(f"a multi-label model must return one logit per label, but this one returns "
                                 f"{model.output_kind.replace('_', ' ')}: remove its final softmax or sigmoid")

@@ -9,6 +9,8 @@ every threshold shows what each one costs.
   a false positive and a false negative.
 - `ThresholdCurve.best_f1()` and `.best_cost(cost_fp, cost_fn)`: the thresholds to mark.
 - `slice_metrics_at(...)`: precision, recall and F1 inside each error slice at a chosen threshold.
+- `save_threshold` / `save_label_thresholds`: the chosen cut, stored in the run (thresholds.json); `task_at` and
+  `samples_at` apply it, so the rankings and their exports use it.
 """
 from __future__ import annotations
 
@@ -169,7 +171,9 @@ def slice_metrics_at(labels, probs, slices, samples, *, positive: int, threshold
     return out
 
 
-THRESHOLDS = "thresholds.json"  # in a run: the threshold a person chose, which rankings and exports then use
+# In a run: the threshold a person chose, which rankings and exports then use. A classifier's is one class against
+# the rest ({"positive", "threshold"}); a multi-label run's is one per label ({"per_label": [...], "labels": [...]}).
+THRESHOLDS = "thresholds.json"
 
 
 def predictions_at(probs, *, positive: int, threshold: float) -> np.ndarray:
@@ -188,12 +192,64 @@ def save_threshold(run_dir, *, positive: int, threshold: float, num_classes: int
     from ..loading.runs import write_json
     from pathlib import Path
 
+    _check_probability_cut(threshold)
     if isinstance(positive, bool) or not isinstance(positive, (int, np.integer)) or not 0 <= positive < num_classes:
         raise AnalyzerError(f"the positive class must be a class index 0..{num_classes - 1}, got {positive!r}")
-    if not isinstance(threshold, (int, float, np.number)) or not 0 <= float(threshold) <= 1:
-        raise AnalyzerError(f"a threshold on a probability lies in [0, 1], got {threshold!r}")
     _check_costs(cost_fp, cost_fn)
     record = {"positive": int(positive), "threshold": float(threshold), "cost_fp": float(cost_fp),
               "cost_fn": float(cost_fn)}
     write_json(Path(run_dir) / THRESHOLDS, record)
     return record
+
+
+def _check_probability_cut(threshold, what: str = "a threshold on a probability") -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)) or \
+            not 0 <= float(threshold) <= 1:
+        raise AnalyzerError(f"{what} lies in [0, 1], got {threshold!r}")
+
+
+def save_label_thresholds(run_dir, thresholds, *, names, cost_fp: float = 1.0, cost_fn: float = 1.0) -> dict:
+    """Store a multi-label run's per-label thresholds (thresholds.json, written atomically): `thresholds` holds one
+    cut per label, in the order of `names`; returns what was written."""
+    from ..loading.runs import write_json
+    from pathlib import Path
+
+    names = [str(n) for n in names]
+    cuts = list(thresholds)
+    if len(cuts) != len(names):
+        raise AnalyzerError(f"{len(cuts)} thresholds for {len(names)} labels: give one threshold per label")
+    for name, cut in zip(names, cuts):
+        _check_probability_cut(cut, f"the threshold of label {name!r}")
+    _check_costs(cost_fp, cost_fn)
+    record = {"per_label": [float(c) for c in cuts], "labels": names, "cost_fp": float(cost_fp),
+              "cost_fn": float(cost_fn)}
+    write_json(Path(run_dir) / THRESHOLDS, record)
+    return record
+
+
+def task_at(task, stored: dict | None):
+    """The run's task as its stored thresholds.json decides: a multi-label task with each label's cut; any other
+    task as it is (a classifier's stored class is applied by `samples_at`)."""
+    import dataclasses
+
+    if not stored or not task.per_label or "per_label" not in stored:
+        return task
+    return dataclasses.replace(task, threshold=tuple(float(c) for c in stored["per_label"]))
+
+
+def samples_at(samples, probs, *, task, stored: dict | None, labels=None, names=None):
+    """samples.parquet's table with every prediction taken at the stored threshold (thresholds.json), so the
+    rankings and their exports use it: a classifier's class `positive` when p(positive) >= threshold (else the most
+    probable other class); a multi-label run's label sets, labels wrong and Hamming error at each label's cut
+    (`labels` the (N, K) matrix, `names` the label names). Without a stored threshold the table is as stored."""
+    if not stored:
+        return samples
+    if task.per_label:
+        if "per_label" not in stored:
+            return samples
+        decided = task_at(task, stored)
+        return samples.assign(**decided.sample_columns(labels, probs, names=names))
+    if not task.has_classes or "positive" not in stored or not 0 <= int(stored["positive"]) < task.num_outputs:
+        return samples
+    pred = predictions_at(probs, positive=int(stored["positive"]), threshold=float(stored["threshold"]))
+    return samples.assign(pred=pred, correct=pred == samples["label"].to_numpy())

@@ -32,6 +32,7 @@ from ..errors import AnalyzerError
 from .attributions import METHODS, ExplainResult, explain, reduce_for_display
 from .faithfulness import CONTROLS, SANITY_SAMPLES, degenerate_maps, ground_truth_scores, interval_mask, randomised_correlation
 from .perturbation import deletion_insertion, perturbation_columns, road, road_skip_reason
+from ..evaluation.tasks import VALUE_OUTPUT
 from ..loading.runs import read_cache_entry, write_atomic, write_parquet
 from ..loading.sandbox import runs_in_worker
 
@@ -68,8 +69,11 @@ def resolve_rows(dataset, ids) -> np.ndarray:
 
 
 def resolve_targets(run, dataset, rows: np.ndarray, target, num_classes: int) -> np.ndarray:
-    if num_classes == 1:  # a regression's one output: its predicted value is what every map explains
-        return np.zeros(len(rows), dtype=np.int64)
+    from ..evaluation.tasks import task_named
+
+    column = task_named(run.task, num_classes).value_column
+    if column is not None:  # a regression: its predicted value (a Gaussian's mean) is what every map explains
+        return np.full(len(rows), column, dtype=np.int64)
     key = target_key(target)
     if key == "pred":
         samples = run.samples
@@ -147,7 +151,8 @@ def faithfulness_table(model, x: np.ndarray, targets: np.ndarray, method: str, a
                        probe: np.ndarray | None, cache_dir, seed: int = 0) -> pd.DataFrame:
     """The scores of maps already computed, one row per sample: deletion and insertion AUC (raw, normalised and
     against a random order, `perturbation.PERTURBATION_COLUMNS`), ROAD where it applies, the randomisation check,
-    and the planted ground truth's share where there is one.
+    and the planted ground truth's share where there is one. A regression's curves follow its predicted value, their
+    normalised scores in units of f(x) - f(b) (`perturbation.DeletionInsertion`).
 
     The sanity verdict is taken on `probe` (cached in `cache_dir`), and each sample gets its own rank correlation
     with the fully randomised model's map: one more map per sample instead of one per layer."""
@@ -155,16 +160,25 @@ def faithfulness_table(model, x: np.ndarray, targets: np.ndarray, method: str, a
     # A constant (or all-zero) map ranks nothing: deleting "its most important pixels first" is an arbitrary order,
     # so it gets no faithfulness score, and it fails the sanity check.
     degenerate = degenerate_maps(attr)
-    curves = deletion_insertion(model, x, attr, targets, baseline=base_choice if isinstance(base_choice, str)
-                                else "zeros", background=background, batch_size=batch_size, seed=seed)
+    baseline = base_choice if isinstance(base_choice, str) else "zeros"
+    # A regression's scores are in units of f(x) - f(b) and read a signed map as evidence for that span (a magnitude
+    # map as it is), so b must be the map's own reference: SHAP's sums to f(x) - E[f(background)], whose input is
+    # the background's mean ('mean'; on the prices sample SHAP's deletion_vs_random was -0.25 against zeros, +0.68
+    # against the mean). A probability keeps the zeros it always had.
+    value = getattr(model, "output_kind", None) == VALUE_OUTPUT
+    if value and method == "shap" and "baseline" not in options:
+        baseline = "mean"
+    signed = METHODS[method].signed if method in METHODS else True
+    curves = deletion_insertion(model, x, attr, targets, baseline=baseline, background=background,
+                                batch_size=batch_size, seed=seed, signed=signed)
     table = pd.DataFrame({
         "deletion_auc": np.where(degenerate, np.nan, curves.deletion_auc).astype(np.float32),
         "insertion_auc": np.where(degenerate, np.nan, curves.insertion_auc).astype(np.float32),
         "degenerate": degenerate,
     })
     # ROAD imputes from neighbours: images and sequences only (its columns are NaN for tables and tokens)
-    debiased = road(model, x, attr, targets, batch_size=batch_size, seed=seed) \
-        if road_skip_reason(model, x) is None else None
+    debiased = road(model, x, attr, targets, batch_size=batch_size, seed=seed, baseline=baseline,
+                    background=background, signed=signed) if road_skip_reason(model, x) is None else None
     for column, values in perturbation_columns(curves, debiased).items():
         table[column] = np.where(degenerate, np.nan, values).astype(np.float32)
     if sanity:

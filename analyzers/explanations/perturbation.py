@@ -14,6 +14,12 @@ which reads as "excellent" against the 0.3 of a confident target. Divided by p(x
 order of the same sample, it is 0 for a map no better than chance and positive for one that finds what the model
 uses, whatever the starting probability; it exists for every modality (ROAD does not apply to tables or tokens) and,
 unlike the insertion scores, needs no span between two probabilities that can be nearly equal.
+
+A regression (output kind "value") explains its predicted value: the curves are the raw output (its first column),
+and since a value has no zero and no range of 1 to divide by, every normalised score is in units of the sample's own
+span f(x) - f(b), f(b) the baseline's value (`VALUE_MIN_SPAN`). A signed map is then read as evidence for that span:
+positions are ranked by attribution times the sign of f(x) - f(b), so that the order of a map that finds what the
+model uses drives the normalised curve from 1 to 0 fastest whichever side of the baseline the input lies.
 """
 from __future__ import annotations
 
@@ -29,11 +35,23 @@ from .attributions import _as_batch, _scores_module, _targets, baseline_for
 from ..guard import analysis_mode, unwrap
 from ..engines.inference import class_log_probs, module_device
 from ..loading.inputs import layout_of
+from ..evaluation.tasks import VALUE_OUTPUT  # the output kind of a regression: its curves follow the value
 
 # |p(x) - p(baseline)| below this: the insertion scores are NaN. Insertion is normalised by that span, and a span of a
 # few thousandths makes the score the ratio of two rounding errors (a low-probability target whose baseline is about
 # as (im)probable as the input).
 MIN_SPAN = 0.01
+# A value output (a regression): the normalised curve (f - f(b)) / (f(x) - f(b)) runs from 1 (nothing removed) to 0
+# (all removed), and the span f(x) - f(b) is NaN (so are all its normalised scores) when either
+#   |f(x) - f(b)| < VALUE_MIN_SPAN x R, R = max - min of the value over the sample's own deletion and insertion
+#     curves (they hold f(x) and f(b)): R stands in for a probability's range of 1, so this is MIN_SPAN's rule; a
+#     start within 1% of the range the curves cover makes the scores a ratio of the excursions to a near cancellation
+#     (features that push the value up and down by about as much), hundreds of times their usual size; or
+#   |f(x) - f(b)| <= VALUE_RTOL x max(|f(x)|, |f(b)|): float32 holds about 7 significant digits, and two values that
+#     agree to 5 of them differ by a few dozen roundings (a model that ignores the removed features, an input whose
+#     value equals the baseline's).
+VALUE_MIN_SPAN = MIN_SPAN
+VALUE_RTOL = 1e-5
 
 ROAD_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)  # the paper's curves run over 10%..90% removed
 # Noise std of the imputation, as a fraction of each sample's standard deviation. The reference implementation
@@ -51,7 +69,7 @@ CHAIN_NEIGHBOURS = (((1,), 1 / 2), ((-1,), 1 / 2))
 
 @dataclass(frozen=True)
 class DeletionInsertion:
-    """The curves and their areas. The normalised scores (properties, computed from the fields):
+    """The curves and their areas. The normalised scores (properties, computed from the fields) of a probability:
 
     - `deletion_auc_norm` = AUC of deletion(f) / p(x) = deletion_auc / p(x): the share of the starting probability
       left on average; 1 when removing changes nothing (lower is better; above 1 when removal raises it).
@@ -61,27 +79,36 @@ class DeletionInsertion:
     - `deletion_vs_random` = (random_deletion_auc - deletion_auc) / p(x): the normalised deletion AUC of the seeded
       random order minus the map's; 0 no better than chance, positive better (the headline, see the module's doc).
     - `insertion_vs_random` = (insertion_auc - random_insertion_auc) / (p(x) - p(b)): likewise for insertion.
+
+    Of a value (`value`, a regression; the curves are f, the predicted value), every score is in units of the span
+    f(x) - f(b) (NaN by the rule of VALUE_MIN_SPAN): `deletion_auc_norm` = AUC of (deletion(f) - f(b)) / (f(x) - f(b))
+    = (deletion_auc - f(b)) / (f(x) - f(b)), 1 when removing changes nothing and 0 when the first removal takes the
+    value to the baseline's (lower is better); `deletion_vs_random` = (random_deletion_auc - deletion_auc) /
+    (f(x) - f(b)), 0 no better than chance, positive better; the insertion scores as for a probability.
     """
     fractions: np.ndarray  # (S+1,) fraction of features removed / inserted
-    deletion: np.ndarray  # (N, S+1) target probability as the most-attributed features are replaced by the baseline
-    insertion: np.ndarray  # (N, S+1) target probability as they are put back into the baseline
+    deletion: np.ndarray  # (N, S+1) target probability (or value) as the most-attributed features become the baseline
+    insertion: np.ndarray  # (N, S+1) target probability (or value) as they are put back into the baseline
     deletion_auc: np.ndarray  # (N,) lower is better
     insertion_auc: np.ndarray  # (N,) higher is better
     # (N, S+1) the same with positions in a seeded random order (the same steps); None when not asked for
     random_deletion: np.ndarray | None = None
     random_insertion: np.ndarray | None = None
+    value: bool = False  # the curves are a regression's predicted value (output kind "value"), not a probability
 
     @property
     def start(self) -> np.ndarray:
-        """p(x): the target probability of the input itself (nothing removed)."""
+        """p(x): the target probability (or value) of the input itself (nothing removed)."""
         return self.deletion[:, 0]
 
     @property
     def floor(self) -> np.ndarray:
-        """p(b): the target probability of the baseline (nothing inserted)."""
+        """p(b): the target probability (or value) of the baseline (nothing inserted)."""
         return self.insertion[:, 0]
 
     def _span(self) -> np.ndarray:
+        if self.value:
+            return _value_span(self.start, self.floor, self.deletion, self.insertion)
         span = self.start.astype(np.float64) - self.floor
         return np.where(np.abs(span) < MIN_SPAN, np.nan, span)
 
@@ -91,6 +118,8 @@ class DeletionInsertion:
 
     @property
     def deletion_auc_norm(self) -> np.ndarray:
+        if self.value:  # the curve from the baseline's value up: f(b) over the whole of 0..1 is an area of f(b)
+            return ((self.deletion_auc - self.floor.astype(np.float64)) / self._span()).astype(np.float32)
         return self._per_start(self.deletion_auc)
 
     @property
@@ -109,6 +138,8 @@ class DeletionInsertion:
     def deletion_vs_random(self) -> np.ndarray:
         if self.random_deletion is None:
             return np.full(len(self.deletion), np.nan, np.float32)
+        if self.value:
+            return ((self.random_deletion_auc.astype(np.float64) - self.deletion_auc) / self._span()).astype(np.float32)
         return self._per_start(self.random_deletion_auc.astype(np.float64) - self.deletion_auc)
 
     @property
@@ -120,6 +151,19 @@ class DeletionInsertion:
 
 def _auc(curves: np.ndarray, fractions: np.ndarray) -> np.ndarray:
     return np.trapezoid(curves, fractions, axis=1).astype(np.float32)
+
+
+def _value_span(start, floor, *curves) -> np.ndarray:
+    """f(x) - f(b) per sample (float64), NaN where it is too small to divide by (the rule of VALUE_MIN_SPAN); R is
+    taken over `start`, `floor` and the `curves` (N, ...) given."""
+    start, floor = np.asarray(start, np.float64), np.asarray(floor, np.float64)
+    span = start - floor
+    values = np.concatenate([start[:, None], floor[:, None],
+                             *[np.asarray(c, np.float64).reshape(len(start), -1) for c in curves]], axis=1)
+    reach = values.max(axis=1) - values.min(axis=1)
+    size = np.maximum(np.abs(start), np.abs(floor))
+    small = (np.abs(span) < VALUE_MIN_SPAN * reach) | (np.abs(span) <= VALUE_RTOL * size) | ~np.isfinite(span)
+    return np.where(small, np.nan, span)
 
 
 def _importance(attr: np.ndarray) -> np.ndarray:
@@ -169,10 +213,42 @@ def _target_probs(module, output_kind: str, batch: np.ndarray, targets: np.ndarr
     return torch.cat(probs).numpy()
 
 
+def _target_scores(module, output_kind: str, batch: np.ndarray, targets: np.ndarray, batch_size: int,
+                   device) -> np.ndarray:
+    """What the curves follow: p(target) (`_target_probs`), or for a value output (a regression) the predicted value
+    itself, the raw output's first column (the value, or a mean-and-variance model's mean; `targets` are not
+    read)."""
+    if output_kind != VALUE_OUTPUT:
+        return _target_probs(module, output_kind, batch, targets, batch_size, device)
+    flat = torch.as_tensor(np.ascontiguousarray(batch, dtype=np.float32), device=device)
+    values = []
+    for s in range(0, len(flat), batch_size):
+        out = module(flat[s:s + batch_size]).float()
+        values.append(out.reshape(len(out), -1)[:, 0].cpu())
+    return torch.cat(values).numpy()
+
+
+def _check_signed(signed) -> None:
+    if not isinstance(signed, (bool, np.bool_)):
+        raise InvalidOption(f"signed must be True or False, got {signed!r}")
+
+
+def _directions(module, output_kind: str, x: np.ndarray, base: np.ndarray, targets: np.ndarray, signed,
+                batch_size: int, device) -> np.ndarray:
+    """(N, 1) the factor each sample's attributions are ranked by: the sign of f(x) - f(b) for a signed map of a
+    value output (its evidence for the span the scores are in units of; +1 where the span is 0), else 1."""
+    if output_kind != VALUE_OUTPUT or not signed:
+        return np.ones((len(x), 1), np.float32)
+    both = _target_scores(module, output_kind, np.concatenate([x, base]), np.concatenate([targets, targets]),
+                          batch_size, device).astype(np.float64)
+    return np.where(both[:len(x)] - both[len(x):] < 0, -1.0, 1.0).astype(np.float32)[:, None]
+
+
 def deletion_insertion(model, inputs, attributions, target=None, *, steps: int = 20, baseline="zeros",
                        background=None, batch_size: int = 64, random_order: bool = True,
-                       seed: int = 0) -> DeletionInsertion:
-    """Deletion and insertion curves of the target probability (target None: the predicted class).
+                       seed: int = 0, signed: bool = True) -> DeletionInsertion:
+    """Deletion and insertion curves of the target probability (target None: the predicted class), or of a
+    regression's predicted value (output kind "value"; see the module's doc and `DeletionInsertion`).
 
     Positions (pixels, sequence positions, features, tokens) are ranked by their attribution summed over channels,
     highest first; a removed position takes the baseline's values ("zeros", "blur", "mean" of `background`, or an
@@ -180,6 +256,10 @@ def deletion_insertion(model, inputs, attributions, target=None, *, steps: int =
 
     With `random_order` the same steps are also taken in a seeded random order of positions (per sample, from `seed`
     and the sample's content), for `deletion_vs_random` and `insertion_vs_random`; it doubles the forward passes.
+
+    `signed` (a value output only): the map's sign is the direction of each position's effect (`MethodInfo.signed`),
+    so positions are ranked by attribution times the sign of f(x) - f(b); False (magnitudes: saliency, Grad-CAM)
+    ranks them as they are. A probability's ranking is the attribution's either way.
     """
     x, _ = _as_batch(model, inputs)
     layout = layout_of(model)
@@ -190,23 +270,27 @@ def deletion_insertion(model, inputs, attributions, target=None, *, steps: int =
     _check_int("seed", seed, 0)
     if not isinstance(random_order, (bool, np.bool_)):
         raise InvalidOption(f"random_order must be True or False, got {random_order!r}")
+    _check_signed(signed)
     base = baseline_for(x, baseline, background, layout=layout)
     module = unwrap(model)
     output_kind = getattr(model, "output_kind", "logits")
-    order = np.argsort(-_importance(attr), axis=1, kind="stable")
-    positions = order.shape[1]
     fractions = np.linspace(0.0, 1.0, steps + 1)
-    counts = np.round(fractions * positions).astype(int)
-    rankings = [_ranks(order)]
-    if random_order:
-        # a random permutation read as ranks is a uniformly random order of removal
-        rankings.append(np.stack([rng.permutation(positions) for rng in _sample_rngs(x, seed)]))
     spatial = x.shape[2:] if x.ndim > 2 else x.shape[1:]
-    curves = np.zeros((2 * len(rankings), len(x), steps + 1), np.float32)
-    per_chunk = max(1, batch_size // (2 * len(rankings) * (steps + 1)))
     with analysis_mode(module), torch.no_grad():
         device = module_device(module)
         targets = _targets(_scores_module(model), x, target, batch_size, device)
+        importance = _importance(attr)
+        if output_kind == VALUE_OUTPUT:
+            importance = importance * _directions(module, output_kind, x, base, targets, signed, batch_size, device)
+        order = np.argsort(-importance, axis=1, kind="stable")
+        positions = order.shape[1]
+        counts = np.round(fractions * positions).astype(int)
+        rankings = [_ranks(order)]
+        if random_order:
+            # a random permutation read as ranks is a uniformly random order of removal
+            rankings.append(np.stack([rng.permutation(positions) for rng in _sample_rngs(x, seed)]))
+        curves = np.zeros((2 * len(rankings), len(x), steps + 1), np.float32)
+        per_chunk = max(1, batch_size // (2 * len(rankings) * (steps + 1)))
         for start in range(0, len(x), per_chunk):
             stop = min(start + per_chunk, len(x))
             xs, bs = x[start:stop, None], base[start:stop, None]
@@ -220,14 +304,15 @@ def deletion_insertion(model, inputs, attributions, target=None, *, steps: int =
                 parts += [np.where(removed, bs, xs), np.where(removed, xs, bs)]
             batch = np.concatenate(parts, axis=1)  # (n, 2 * len(rankings) * (steps + 1), ...)
             t = np.repeat(targets[start:stop], batch.shape[1])
-            picked = _target_probs(module, output_kind, batch.reshape(-1, *x.shape[1:]), t, batch_size, device)
+            picked = _target_scores(module, output_kind, batch.reshape(-1, *x.shape[1:]), t, batch_size, device)
             picked = picked.reshape(stop - start, len(parts), steps + 1)
             curves[:, start:stop] = picked.transpose(1, 0, 2)
     deletion, insertion = curves[0], curves[1]
     return DeletionInsertion(fractions=fractions, deletion=deletion, insertion=insertion,
                              deletion_auc=_auc(deletion, fractions), insertion_auc=_auc(insertion, fractions),
                              random_deletion=curves[2] if random_order else None,
-                             random_insertion=curves[3] if random_order else None)
+                             random_insertion=curves[3] if random_order else None,
+                             value=output_kind == VALUE_OUTPUT)
 
 
 # --- ROAD: RemOve And Debias -------------------------------------------------------------------------------------------
@@ -241,17 +326,32 @@ class Road:
     The areas are normalised by p(x), like `deletion_auc_norm`, so targets of any probability compare: the mean of
     p/p(x) over 0..fractions[-1] (trapezoid, p/p(x) = 1 at 0 removed, divided by fractions[-1]). MoRF low and LeRF
     high mean the map ranks what the model uses; `gap` = LeRF - MoRF, positive when it does (the symmetric summary
-    of both orders, as Blücher et al., 2024, take it)."""
+    of both orders, as Blücher et al., 2024, take it).
+
+    Of a value (`value`, a regression; the curves are f, the predicted value), a curve is read as deletion's:
+    (f - f(b)) / (f(x) - f(b)), f(b) the value of deletion's baseline (`floor`), 1 at 0 removed; NaN by the rule of
+    VALUE_MIN_SPAN, its range R taken over f(x), f(b) and both curves."""
     fractions: np.ndarray  # (F,) in (0, 1), increasing
-    start: np.ndarray  # (N,) p(x), the target probability of the input itself
-    morf: np.ndarray  # (N, F) target probability, most relevant removed first
-    lerf: np.ndarray  # (N, F) target probability, least relevant removed first
+    start: np.ndarray  # (N,) p(x), the target probability (or value) of the input itself
+    morf: np.ndarray  # (N, F) target probability (or value), most relevant removed first
+    lerf: np.ndarray  # (N, F) target probability (or value), least relevant removed first
+    floor: np.ndarray | None = None  # (N,) f(b), the baseline's value: a value output's reference (None otherwise)
+    value: bool = False  # the curves are a regression's predicted value (output kind "value"), not a probability
 
     def _area(self, curve: np.ndarray) -> np.ndarray:
+        if self.value:
+            return self._value_area(curve)
         start = self.start.astype(np.float64)[:, None]
         relative = np.divide(curve, start, out=np.full(curve.shape, np.nan), where=start > 0)
         f = np.concatenate([[0.0], self.fractions])
         relative = np.concatenate([np.where(start > 0, 1.0, np.nan), relative], axis=1)
+        return (np.trapezoid(relative, f, axis=1) / f[-1]).astype(np.float32)
+
+    def _value_area(self, curve: np.ndarray) -> np.ndarray:
+        span = _value_span(self.start, self.floor, self.morf, self.lerf)[:, None]
+        relative = (curve - np.asarray(self.floor, np.float64)[:, None]) / span
+        f = np.concatenate([[0.0], self.fractions])
+        relative = np.concatenate([np.where(np.isfinite(span), 1.0, np.nan), relative], axis=1)
         return (np.trapezoid(relative, f, axis=1) / f[-1]).astype(np.float32)
 
     @property
@@ -381,9 +481,13 @@ def noisy_linear_imputation(inputs, removed, *, noise: float = ROAD_NOISE, seed:
 
 
 def road(model, inputs, attributions, target=None, *, fractions=ROAD_FRACTIONS, noise: float = ROAD_NOISE,
-         seed: int = 0, batch_size: int = 64) -> Road:
-    """ROAD's MoRF and LeRF curves of the target probability (target None: the predicted class), for images and
-    sequences (`road_skip_reason` says why not otherwise).
+         seed: int = 0, batch_size: int = 64, baseline="zeros", background=None, signed: bool = True) -> Road:
+    """ROAD's MoRF and LeRF curves of the target probability (target None: the predicted class), or of a
+    regression's predicted value, for images and sequences (`road_skip_reason` says why not otherwise).
+
+    A value output only: `baseline` ("zeros", "blur", "mean" of `background`, or an array, as in
+    `deletion_insertion`) gives the reference value f(b) its curves are normalised by, and `signed` ranks the
+    positions by attribution times the sign of f(x) - f(b), as deletion does. A probability's ROAD uses neither.
 
     Positions are ranked as in `deletion_insertion` (attribution summed over channels), ties broken in a seeded
     random order (as the reference adds 1e-4 noise to the map: a flat region removed in raster order would carve a
@@ -398,14 +502,16 @@ def road(model, inputs, attributions, target=None, *, fractions=ROAD_FRACTIONS, 
     f = _check_fractions(fractions)
     _check_int("seed", seed, 0)
     _check_int("batch_size", batch_size, 1)
+    _check_signed(signed)
     module = unwrap(model)
     output_kind = getattr(model, "output_kind", "logits")
+    value = output_kind == VALUE_OUTPUT
+    base = baseline_for(x, baseline, background, layout=layout_of(model)) if value else None
     grid = x.shape[2:]
     importance = _importance(attr)
     positions = importance.shape[1]
     rngs = _sample_rngs(x, seed)
     tiebreak = np.stack([rng.random(positions) for rng in rngs])
-    ranks = _ranks(np.lexsort((tiebreak, -importance), axis=1))
     counts = np.minimum(np.floor(f * positions + 1e-9).astype(int), positions - 1)
     masks = 2 * len(f)
     spread = _spread(x)
@@ -414,6 +520,9 @@ def road(model, inputs, attributions, target=None, *, fractions=ROAD_FRACTIONS, 
     with analysis_mode(module), torch.no_grad():
         device = module_device(module)
         targets = _targets(_scores_module(model), x, target, batch_size, device)
+        if value:
+            importance = importance * _directions(module, output_kind, x, base, targets, signed, batch_size, device)
+        ranks = _ranks(np.lexsort((tiebreak, -importance), axis=1))
         for start in range(0, len(x), per_chunk):
             stop = min(start + per_chunk, len(x))
             r = ranks[start:stop, None, :]
@@ -428,15 +537,19 @@ def road(model, inputs, attributions, target=None, *, fractions=ROAD_FRACTIONS, 
                     eps = rngs[start + i].standard_normal(imputed.shape[1:]) * (noise * spread[start + i])
                     imputed[i] += np.where(removed[i][:, None], eps, 0.0)
             t = np.repeat(targets[start:stop], masks)
-            probs = _target_probs(module, output_kind, imputed.reshape(-1, *x.shape[1:]), t, batch_size, device)
+            probs = _target_scores(module, output_kind, imputed.reshape(-1, *x.shape[1:]), t, batch_size, device)
             curves[start:stop] = probs.reshape(stop - start, masks)
-        start_probs = _target_probs(module, output_kind, x, targets, batch_size, device)
-    return Road(fractions=f, start=start_probs, morf=curves[:, :len(f)], lerf=curves[:, len(f):])
+        start_probs = _target_scores(module, output_kind, x, targets, batch_size, device)
+        floor = _target_scores(module, output_kind, base, targets, batch_size, device) if value else None
+    return Road(fractions=f, start=start_probs, morf=curves[:, :len(f)], lerf=curves[:, len(f):], floor=floor,
+                value=value)
 
 
 # --- the per-run table's columns ---------------------------------------------------------------------------------------
 
 # Column -> what it means, in one sentence (the Explain page can show these). All normalised scores are per sample.
+# For a regression (a value output) read "target probability" as the predicted value, and p(x) and the
+# baseline-to-input span as f(x) - f(b): its normalised curves run from 1 to 0 (`DeletionInsertion`).
 PERTURBATION_COLUMNS = {
     "deletion_auc_norm": "Deletion AUC divided by the input's own target probability p(x): the share of it left on "
                          "average as the most relevant positions are removed (lower is better, 1 = no effect).",

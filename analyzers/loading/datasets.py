@@ -390,12 +390,13 @@ def _from_table(table: pd.DataFrame, name: str, spec: str, digest: str, *, model
                 id_column: str | None, features: list | None, task=None) -> Dataset:
     if table.empty:
         raise AnalyzerError(f"{name!r} has no rows: a dataset needs at least one sample")
-    if label_column not in table.columns:
-        raise AnalyzerError(f"{name!r} has no label column {label_column!r} (columns: "
-                            f"{', '.join(map(str, table.columns[:12]))}): pass --label-column")
+    label_columns = _label_columns(table, label_column, name, task=task)
     if id_column is not None and id_column not in table.columns:
         raise AnalyzerError(f"{name!r} has no id column {id_column!r}: pass an existing column to --id-column")
-    reserved = {label_column, id_column}
+    if id_column is not None and len(label_columns) > 1 and id_column in label_columns:
+        raise AnalyzerError(f"column {id_column!r} in {name!r} is both a label column and the id column: "
+                            f"drop it from --label-column or from --id-column")
+    reserved = {*label_columns, id_column}
     from .inputs import layout_of
 
     layout = layout_of(model) if model is not None else None
@@ -425,19 +426,105 @@ def _from_table(table: pd.DataFrame, name: str, spec: str, digest: str, *, model
         feature_columns = [c for c in table.columns
                            if c not in reserved and pd.api.types.is_numeric_dtype(table[c])
                            and not pd.api.types.is_bool_dtype(table[c])]
+    if len(label_columns) > 1:  # a label is never also an input
+        shared = [c for c in feature_columns if c in label_columns]
+        if shared:
+            raise AnalyzerError(f"column {shared[0]!r} in {name!r} is both a label column and a feature: drop it "
+                                f"from --label-column or from the features")
     if not feature_columns:
         raise AnalyzerError(f"{name!r} has no numeric feature columns besides the label: check the file")
     if model is not None and len(model.input_shape) == 1 and len(feature_columns) != model.input_shape[0]:
         raise AnalyzerError(f"{name!r} has {len(feature_columns)} numeric feature columns but the model takes "
                             f"{model.input_shape[0]}: pass --features with the model's columns in order")
     x = _numeric_inputs(table[feature_columns].to_numpy(), name)
-    class_names = model.class_names if model is not None else None
-    y, task = _task_labels(table[label_column].to_numpy(), name, class_names=class_names, task=task, model=model)
+    y, task, label_names = _table_labels(table, label_columns, name, task=task, model=model)
     ids = table[id_column].to_numpy() if id_column else np.arange(len(table))
     meta_columns = [c for c in table.columns if c not in reserved and c not in feature_columns]
-    return _finish(x, y, ids, spec=spec, digest=digest, class_names=None,
+    return _finish(x, y, ids, spec=spec, digest=digest, class_names=label_names,
                    metadata=table[meta_columns].reset_index(drop=True), feature_names=tuple(map(str, feature_columns)),
                    name=name, preprocessing={"feature_order": order}, task=task)
+
+
+def _label_columns(table: pd.DataFrame, label_column: str, name: str, *, task) -> list:
+    """The label columns `--label-column` names: one column, or several separated by commas (a multi-label
+    dataset, one 0/1 column per label). A column whose own name holds a comma is taken whole."""
+    listed = ", ".join(map(str, table.columns[:12])) + (", ..." if len(table.columns) > 12 else "")
+    if label_column in table.columns or "," not in str(label_column):
+        if label_column not in table.columns:
+            raise AnalyzerError(f"{name!r} has no label column {label_column!r} (columns: "
+                                f"{', '.join(map(str, table.columns[:12]))}): pass --label-column")
+        return [label_column]
+    columns = [c.strip() for c in str(label_column).split(",")]
+    if not all(columns):
+        raise AnalyzerError(f"--label-column {label_column!r} has an empty name: separate the label columns by "
+                            f"single commas, e.g. a,b,c")
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise AnalyzerError(f"--label-column names {repeated[0]!r} twice: name each label column once")
+    absent = [c for c in columns if c not in table.columns]
+    if absent:
+        raise AnalyzerError(f"{name!r} has no label column {absent[0]!r} (columns: {listed}): pass "
+                            f"--label-column with existing columns, separated by commas")
+    if task is not None and task != "multilabel":
+        raise AnalyzerError(f"{len(columns)} label columns ({', '.join(columns)}) make a multi-label dataset, "
+                            f"not {task}: pass --task multilabel (or leave --task out), or one --label-column")
+    return columns
+
+
+_TRUTH = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
+
+
+def _multi_hot(table: pd.DataFrame, columns: list, name: str) -> np.ndarray:
+    """(N, K) int64 0/1: the label columns in order, each holding only 0/1 or true/false."""
+    out = np.empty((len(table), len(columns)), dtype=np.int64)
+    for k, column in enumerate(columns):
+        values = table[column]
+        missing = values.isna().to_numpy()
+        if missing.any():
+            raise AnalyzerError(f"label column {column!r} in {name!r} has a missing value in row "
+                                f"{int(np.argmax(missing))}: give every row 0 or 1 (or true/false) in each label "
+                                f"column")
+        if pd.api.types.is_bool_dtype(values):
+            out[:, k] = values.to_numpy(dtype=bool)
+            continue
+        if pd.api.types.is_numeric_dtype(values):
+            raw = values.to_numpy(dtype=np.float64)
+            good = (raw == 0) | (raw == 1)
+            read = raw
+        else:
+            text = values.map(lambda v: str(v).strip().lower())
+            good = text.isin(list(_TRUTH)).to_numpy()
+            read = text.map(_TRUTH).to_numpy()
+        if not good.all():
+            row = int(np.argmin(good))
+            bad = values.iloc[row]
+            bad = bad.item() if isinstance(bad, np.generic) else bad
+            shown = int(bad) if isinstance(bad, float) and bad.is_integer() else bad
+            raise AnalyzerError(f"label column {column!r} in {name!r} holds {shown!r} (row {row}), not 0/1: each "
+                                f"label column of a multi-label table holds only 0 and 1 (or true and false)")
+        out[:, k] = np.asarray(read, dtype=np.float64).astype(np.int64)
+    return out
+
+
+def _table_labels(table: pd.DataFrame, columns: list, name: str, *, task, model) -> tuple:
+    """(labels, task name, label names) of a table: one label column read as `_task_labels` reads it (its names
+    are the model's), or several 0/1 columns as a multi-hot (N, K) multi-label array named by its columns."""
+    if len(columns) == 1:
+        class_names = model.class_names if model is not None else None
+        y, task = _task_labels(table[columns[0]].to_numpy(), name, class_names=class_names, task=task, model=model)
+        return y, task, None
+    y = _multi_hot(table, columns, name)
+    if model is not None:
+        from ..evaluation.tasks import output_width
+
+        width = output_width(model)
+        if width != len(columns):
+            raise AnalyzerError(f"{name!r} has {len(columns)} label columns ({', '.join(columns)}) but the model "
+                                f"has {width} output{'s' if width != 1 else ''}: a multi-label model gives one logit "
+                                f"per label column, so name as many label columns as it has outputs, in its output "
+                                f"order")
+    y, task = _task_labels(y, name, class_names=None, task="multilabel", model=model)
+    return y, task, tuple(str(c) for c in columns)
 
 
 def packed_columns(item) -> list:
@@ -458,12 +545,16 @@ def _packed_from_table(table: pd.DataFrame, layout, name: str, spec: str, digest
                                 f"{columns[0]} .. {columns[-1]}; or save the arrays in an .npz")
         arrays[item.name] = table[columns].to_numpy().reshape(len(table), *item.shape)
         used.update(columns)
+    label_columns = _label_columns(table, label_column, name, task=task)
+    shared = [c for c in label_columns if c in used] if len(label_columns) > 1 else []
+    if shared:
+        raise AnalyzerError(f"column {shared[0]!r} in {name!r} is both a label column and a model input: drop it "
+                            f"from --label-column")
     x = _numeric_inputs(layout.pack(arrays, repr(name)), name)
-    y, task = _task_labels(table[label_column].to_numpy(), name, class_names=model.class_names, task=task,
-                           model=model)
+    y, task, label_names = _table_labels(table, label_columns, name, task=task, model=model)
     ids = table[id_column].to_numpy() if id_column else np.arange(len(table))
-    meta_columns = [c for c in table.columns if c not in used and c not in (label_column, id_column)]
-    return _finish(x, y, ids, spec=spec, digest=digest, class_names=None,
+    meta_columns = [c for c in table.columns if c not in used and c not in (*label_columns, id_column)]
+    return _finish(x, y, ids, spec=spec, digest=digest, class_names=label_names,
                    metadata=table[meta_columns].reset_index(drop=True), name=name,
                    preprocessing={"inputs": layout.to_json()}, task=task)
 

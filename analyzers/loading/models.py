@@ -151,9 +151,11 @@ def load_model_bytes(data: bytes, *, name: str, spec: str | None = None, arch: s
     if suffix in STATE_DICT_SUFFIXES:
         state = read_state_dict(data, name)  # first: a pickled whole module is told so, not to pass an architecture
         if not arch:
+            from sample_models import SAMPLE_NAMES
+
             raise AnalyzerError(
                 f"{name!r} is a state dict, which holds weights but no architecture: pass --arch with a sample "
-                f"architecture (digits, tabular, dna, shapes) or package.module:callable, or upload a .pt2 export")
+                f"architecture ({', '.join(SAMPLE_NAMES)}) or package.module:callable, or upload a .pt2 export")
         module, arch_shape, arch_classes = _build_arch(arch, allow_import=allow_import, kwargs=arch_kwargs)
         load_state_dict_checked(module, state, name)
         carried = carried_names(data, name)
@@ -163,7 +165,9 @@ def load_model_bytes(data: bytes, *, name: str, spec: str | None = None, arch: s
         elif inputs is not None:
             input_shape = inputs.inputs[0].shape
         return _describe(module, spec=spec, sha256=digest, source="state_dict", input_shape=input_shape or arch_shape,
-                         class_names=class_names or carried.get("class_names") or arch_classes, input_layout=inputs,
+                         # a regression sample names no classes: its model's outputs are named by their index
+                         class_names=class_names or carried.get("class_names") or arch_classes or None,
+                         input_layout=inputs,
                          feature_names=carried.get("feature_names"))
     raise AnalyzerError(f"{name!r} is not a supported model file (.pt2 export or .safetensors/.pt state dict): "
                         f"{EXPORT_HINT}")

@@ -79,6 +79,13 @@ def _kind_ok(value, kind: str) -> bool:
         return isinstance(value, list) and all(_kind_ok(v, "int") for v in value)
     if kind == "records":
         return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+    if "|" in kind:
+        return any(_kind_ok(value, k) for k in kind.split("|"))
+    if kind == "numbers":
+        return isinstance(value, list) and all(_kind_ok(v, "number") for v in value)
+    if kind == "matrix":  # a list of equal-length lists of numbers
+        return isinstance(value, list) and all(_kind_ok(row, "numbers") for row in value) and \
+            len({len(row) for row in value}) <= 1
     raise ValueError(kind)
 
 
@@ -93,7 +100,9 @@ def _check_fields(obj: dict, fields, relpath: str, where, prefix: str = "") -> N
 
 
 _KIND_WORDS = {"text": "a string", "int": "an integer", "number": "a number", "mapping": "an object",
-               "texts": "a list of strings", "ints": "a list of integers", "records": "a list of objects"}
+               "texts": "a list of strings", "ints": "a list of integers", "records": "a list of objects",
+               "numbers": "a list of numbers", "matrix": "a matrix of numbers",
+               "number|numbers": "a number or a list of numbers"}
 
 
 def check_info(info, where) -> None:
@@ -133,34 +142,37 @@ def check_samples(samples: pd.DataFrame, *, num_samples: int, num_classes: int, 
         raise damaged(rel, where, f"it lacks the column{'s' * (len(missing) > 1)} {', '.join(missing)}")
     if len(samples) != num_samples:
         raise damaged(rel, where, f"it has {len(samples)} rows for {num_samples} samples")
+    if samples["id"].duplicated().any():
+        raise damaged(rel, where, "two samples share an id")
     if task == "regression":
         _check_regression_samples(samples, rel, where)
         return
     if task == "multilabel":
         _check_multilabel_samples(samples, rel, where, num_classes)
-        return
-    for column in ("label", "pred"):
-        _check_classes(samples[column], rel, column, where, num_classes)
-    for column in ("confidence", "loss"):
-        values = samples[column]
-        if not _is_number(values) or values.isna().any():
-            raise damaged(rel, where, f"{column!r} is not a number for every sample")
-    confidence = samples["confidence"].to_numpy()
-    if num_samples and (confidence.min() < 0 or confidence.max() > 1.0001):
-        raise damaged(rel, where, "'confidence' lies outside [0, 1]")
+        what = "the predicted labels equal the true ones"
+    else:
+        for column in ("label", "pred"):
+            _check_classes(samples[column], rel, column, where, num_classes)
+        _check_finite_numbers(samples, ("confidence", "loss"), rel, where)
+        confidence = samples["confidence"].to_numpy()
+        if num_samples and (confidence.min() < 0 or confidence.max() > 1.0001):
+            raise damaged(rel, where, "'confidence' lies outside [0, 1]")
+        what = "pred equals label"
     correct = samples["correct"]
     if not pd.api.types.is_bool_dtype(correct) or not np.array_equal(
             correct.to_numpy(dtype=bool), samples["label"].to_numpy() == samples["pred"].to_numpy()):
-        raise damaged(rel, where, "'correct' does not say whether pred equals label")
-    if samples["id"].duplicated().any():
-        raise damaged(rel, where, "two samples share an id")
+        raise damaged(rel, where, f"'correct' does not say whether {what}")
 
 
-def _check_regression_samples(samples: pd.DataFrame, rel: str, where) -> None:
-    for column in ("label", "pred", "loss", "residual", "abs_error"):
+def _check_finite_numbers(samples: pd.DataFrame, columns, rel: str, where) -> None:
+    for column in columns:
         values = samples[column]
         if not _is_number(values) or not np.isfinite(values.to_numpy(dtype=np.float64)).all():
             raise damaged(rel, where, f"{column!r} is not a finite number for every sample")
+
+
+def _check_regression_samples(samples: pd.DataFrame, rel: str, where) -> None:
+    _check_finite_numbers(samples, ("label", "pred", "loss", "residual", "abs_error"), rel, where)
     label, pred = samples["label"].to_numpy(np.float64), samples["pred"].to_numpy(np.float64)
     if not (np.array_equal(label, samples["target"].to_numpy(np.float64))
             and np.array_equal(pred, samples["prediction"].to_numpy(np.float64))
@@ -169,27 +181,16 @@ def _check_regression_samples(samples: pd.DataFrame, rel: str, where) -> None:
         raise damaged(rel, where, "its target, prediction, residual and abs_error disagree with label and pred")
     if not pd.api.types.is_bool_dtype(samples["correct"]):
         raise damaged(rel, where, "'correct' is not true or false for every sample")
-    if samples["id"].duplicated().any():
-        raise damaged(rel, where, "two samples share an id")
 
 
 def _check_multilabel_samples(samples: pd.DataFrame, rel: str, where, num_labels: int) -> None:
     for column in ("label", "pred", "missed", "false_alarms"):
         if not all(isinstance(v, str) for v in samples[column]):
             raise damaged(rel, where, f"{column!r} is not text (a set of labels) for every sample")
-    for column in ("confidence", "loss", "hamming_error"):
-        values = samples[column]
-        if not _is_number(values) or not np.isfinite(values.to_numpy(dtype=np.float64)).all():
-            raise damaged(rel, where, f"{column!r} is not a finite number for every sample")
+    _check_finite_numbers(samples, ("confidence", "loss", "hamming_error"), rel, where)
     wrong = samples["labels_wrong"]
     if not pd.api.types.is_integer_dtype(wrong) or len(wrong) and (wrong.min() < 0 or wrong.max() > num_labels):
         raise damaged(rel, where, f"'labels_wrong' is not a count of 0..{num_labels} labels for every sample")
-    correct = samples["correct"]
-    if not pd.api.types.is_bool_dtype(correct) or not np.array_equal(
-            correct.to_numpy(dtype=bool), samples["label"].to_numpy() == samples["pred"].to_numpy()):
-        raise damaged(rel, where, "'correct' does not say whether the predicted labels equal the true ones")
-    if samples["id"].duplicated().any():
-        raise damaged(rel, where, "two samples share an id")
 
 
 def check_label_matrix(labels: np.ndarray, samples: pd.DataFrame, *, num_labels: int, probs: np.ndarray,
@@ -213,14 +214,20 @@ def check_label_matrix(labels: np.ndarray, samples: pd.DataFrame, *, num_labels:
 def check_probs(probs: np.ndarray, samples: pd.DataFrame, *, num_classes: int, where,
                 task: str = "classification") -> None:
     """(N, K) probabilities, finite, in [0, 1], rows summing to 1, whose argmax is samples.parquet's `pred`; for a
-    regression, (N, 1) predicted values equal to its `pred`."""
+    regression, (N, 1) predicted values equal to its `pred`, or (N, 2) means equal to `pred` and positive variances."""
     rel = "probs.npy"
-    if task == "regression":
-        if probs.shape != (len(samples), 1) or probs.dtype.kind != "f":
-            raise damaged(rel, where, f"its shape is {probs.shape}, not {len(samples)} samples x 1 predicted value")
+    if task == "regression":  # (N, 1) values, or (N, 2) a Gaussian's mean and variance
+        width = num_classes if num_classes in (1, 2) else 1
+        if probs.shape != (len(samples), width) or probs.dtype.kind != "f":
+            raise damaged(rel, where, f"its shape is {probs.shape}, not {len(samples)} samples x "
+                                      f"{'a mean and a variance' if width == 2 else '1 predicted value'}")
         if not np.allclose(np.asarray(probs[:, 0], np.float64), samples["pred"].to_numpy(np.float64), rtol=1e-6,
                            atol=1e-6):
             raise damaged(rel, where, "its predicted values disagree with samples.parquet's pred")
+        if width == 2:
+            variance = np.asarray(probs[:, 1], np.float64)
+            if not (np.isfinite(variance).all() and (variance > 0).all()):
+                raise damaged(rel, where, "its predicted variances are not all positive finite numbers")
         return
     if probs.ndim != 2 or probs.shape != (len(samples), num_classes):
         raise damaged(rel, where, f"its shape is {probs.shape}, not {len(samples)} samples x {num_classes} classes")
@@ -274,13 +281,18 @@ _JSON = {
     # a regression's metrics (the task's own file rules: `check_json(..., task="regression")`)
     "metrics.json#regression": (("mse", "number", True), ("rmse", "number", True), ("mae", "number", True),
                                 ("r2", "number?", True), ("median_absolute_error", "number", True),
-                                ("mape", "number?", False)),
+                                ("mape", "number?", False), ("interval_coverage", "mapping", False),
+                                ("gaussian_nll", "number", False)),
     # a multi-label run's metrics (tasks.MultiLabel.metrics)
     "metrics.json#multilabel": (("subset_accuracy", "number", True), ("hamming_loss", "number", True),
                                 ("roc_auc_macro", "number?", False), ("average_precision_macro", "number?", False),
                                 ("classification_report", "mapping", True), ("prevalence", "mapping", True)),
     # per label: its 2x2 matrix, calibration and threshold metrics, and which labels are missed together
-    "multilabel.json": (("labels", "records", True), ("co_missed", "records", True), ("threshold", "number", True)),
+    "multilabel.json": (("labels", "records", True), ("co_missed", "records", True),
+                        ("threshold", "number|numbers", True), ("co_missed_matrix", "matrix", False)),
+    # a multi-label run's chosen threshold per label (thresholds.save_label_thresholds), in the labels' order
+    "thresholds.json#multilabel": (("per_label", "numbers", True), ("labels", "texts", False),
+                                   ("cost_fp", "number", False), ("cost_fn", "number", False)),
     # the decision threshold a person chose (thresholds.save_threshold): class `positive` when p >= `threshold`
     "thresholds.json": (("positive", "int", True), ("threshold", "number", True), ("cost_fp", "number", False),
                         ("cost_fn", "number", False)),
@@ -324,13 +336,51 @@ def check_table(relpath: str, table: pd.DataFrame, *, num_samples: int, num_clas
         raise damaged(relpath, where, f"it has {len(table)} rows for {num_samples} samples")
 
 
-def check_json(relpath: str, obj, *, where, task: str = "classification") -> None:
+# What each record of a JSON list holds, where a page reads its fields: multilabel.json's per-label rows
+# (multilabel.per_label_report) and its pairs (multilabel.co_missed).
+_RECORDS = {
+    "multilabel.json": {
+        "labels": (("label", "text", True), ("support", "int", True), ("prevalence", "number", True),
+                   ("tn", "int", True), ("fp", "int", True), ("fn", "int", True), ("tp", "int", True),
+                   ("precision", "number", True), ("recall", "number", True), ("f1", "number", True),
+                   ("roc_auc", "number?", True), ("average_precision", "number?", True), ("ece", "number", True),
+                   ("calibration", "mapping", True), ("best_f1_threshold", "number", True),
+                   ("best_f1", "number", True)),
+        "co_missed": (("label_a", "text", True), ("label_b", "text", True), ("together", "int", True),
+                      ("both_missed", "int", True), ("rate", "number", True), ("expected", "number", True),
+                      ("lift", "number?", True)),
+    },
+}
+
+
+def _check_per_label_lengths(relpath: str, obj: dict, where, num_labels: int) -> None:
+    """A multi-label file's per-label lists hold one entry per label (their order is the labels')."""
+    lists = {"multilabel.json": ("labels", "threshold", "co_missed_matrix"),
+             "thresholds.json": ("per_label", "labels")}.get(relpath, ())
+    for key in lists:
+        value = obj.get(key)
+        if isinstance(value, list) and len(value) != num_labels:
+            raise damaged(relpath, where, f"{key!r} holds {len(value)} entries for {num_labels} labels")
+    matrix = obj.get("co_missed_matrix") if relpath == "multilabel.json" else None
+    if matrix and any(len(row) != num_labels for row in matrix):
+        raise damaged(relpath, where, f"'co_missed_matrix' is not {num_labels} x {num_labels}")
+    cuts = obj.get("per_label" if relpath == "thresholds.json" else "threshold")
+    if cuts is not None and not all(0 <= c <= 1 for c in np.atleast_1d(np.asarray(cuts, dtype=np.float64))):
+        raise damaged(relpath, where, "a threshold lies outside [0, 1]")
+
+
+def check_json(relpath: str, obj, *, where, task: str = "classification", num_classes: int | None = None) -> None:
     fields = _JSON.get(f"{relpath}#{task}") or _rule(_JSON, relpath)
     if fields is None:
         return
     if not isinstance(obj, dict):
         raise damaged(relpath, where, "it is not a JSON object")
     _check_fields(obj, fields, relpath, where)
+    for key, record_fields in _RECORDS.get(relpath, {}).items():
+        for i, record in enumerate(obj.get(key, ())):
+            _check_fields(record, record_fields, relpath, where, prefix=f"{key}[{i}].")
+    if task == "multilabel" and num_classes is not None:
+        _check_per_label_lengths(relpath, obj, where, num_classes)
 
 
 def check_array(relpath: str, array: np.ndarray, *, num_samples: int, where) -> None:

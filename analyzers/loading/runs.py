@@ -320,7 +320,7 @@ class Run:
 
     def read_json(self, relpath: str):
         obj = self._read(relpath, lambda p: json.loads(p.read_text()))
-        check_json(relpath, obj, where=self.path, task=self.task)
+        check_json(relpath, obj, where=self.path, task=self.task, num_classes=len(self.class_names))
         return obj
 
     def read_parquet(self, relpath: str) -> pd.DataFrame:

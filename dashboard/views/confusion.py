@@ -11,6 +11,24 @@ from dashboard.selection import Selection, selected_cell
 run = components.require_run(tasks=(*components.CLASS_TASKS, "multilabel"))
 
 
+def _store_label_thresholds(cuts, names, *, cost_fp: float, cost_fn: float) -> None:
+    from analyzers.errors import AnalyzerError
+    from analyzers.evaluation.thresholds import save_label_thresholds
+    from dashboard import access
+
+    if not access.may_change(run.info.get("owner")):
+        st.error(md(access.change_refusal(run.path.name, run.info.get("owner"))))
+        return
+    try:
+        save_label_thresholds(run.path, [float(c) for c in cuts], names=names, cost_fp=float(cost_fp),
+                              cost_fn=float(cost_fn))
+    except AnalyzerError as exc:
+        st.error(md(exc))
+        return
+    data.forget_runs()  # the stored thresholds are read afresh by every page
+    st.success("Stored: " + ", ".join(f"{md(n)} when p ≥ {float(c):.3f}" for n, c in zip(names, cuts)) + ".")
+
+
 def per_label_page() -> None:
     """A multi-label run: every label's 2x2 matrix and scores, then one label's threshold and calibration."""
     components.header("Per-label matrices", run, "Each label is its own yes/no question: its 2x2 matrix at the "
@@ -24,18 +42,34 @@ def per_label_page() -> None:
         "prevalence": components.percent_column(), "precision": number, "recall": number, "f1": number,
         "average_precision": number, "roc_auc": number, "ece": number, "best_f1_threshold": number,
         "best_f1": number, "tp": "true positives", "fp": "false positives", "fn": "missed", "tn": "true negatives"})
-    st.caption(f"At the run's threshold of {report['threshold']:g} on each label's probability. Prevalence is the "
-               f"share of samples holding the label.")
+    task = data.run_task(run)
     names = list(run.class_names)
+    cuts = task.thresholds
+    at = (f"the run's threshold of {cuts[0]:g}" if not isinstance(task.threshold, tuple) else
+          "the run's own threshold for each label (" + ", ".join(f"{md(n)} {c:.3f}" for n, c in zip(names, cuts))
+          + ")")
+    st.caption(f"At {at} on each label's probability. Prevalence is the share of samples holding the label.")
     cols = st.columns([2, 1, 1], vertical_alignment="bottom")
     label = cols[0].selectbox("Label", list(range(len(names))), key="label-threshold-label",
                               format_func=lambda k: names[k])
     cost_fp = cols[1].number_input("Cost of a false positive", min_value=0.0, value=1.0, key="label-cost-fp")
     cost_fn = cols[2].number_input("Cost of a false negative", min_value=0.0, value=1.0, key="label-cost-fn")
-    threshold = st.slider(f"Threshold on p({names[label]})", 0.0, 1.0, float(report["threshold"]), step=0.001,
-                          format="%.3f", key="label-threshold-value")
+    threshold = st.slider(f"Threshold on p({names[label]})", 0.0, 1.0, float(cuts[label]), step=0.001,
+                          format="%.3f", key=f"label-threshold-value-{label}")
     components.threshold_view(data.label_curve(run, int(label)), threshold, cost_fp=cost_fp, cost_fn=cost_fn,
                               positive_name=names[label], key="label-threshold")
+    buttons = st.columns(2)
+    chosen = None
+    if buttons[0].button(f"Use this threshold for {md(names[label])}", key="label-threshold-save",
+                         help="Stored in the run (thresholds.json) beside the other labels' thresholds: the "
+                              "rankings, their CSV export and every page then read each label at its own cut."):
+        chosen = cuts.copy()
+        chosen[label] = threshold
+    if buttons[1].button("Use every label's best-F1 threshold", key="label-threshold-best",
+                         help="Each label at the threshold of its highest F1 on this run's samples."):
+        chosen = [row["best_f1_threshold"] for row in report["labels"]]
+    if chosen is not None:
+        _store_label_thresholds(chosen, names, cost_fp=cost_fp, cost_fn=cost_fn)
     st.subheader(f"Calibration of p({md(names[label])})")
     st.plotly_chart(figures.reliability_figure(report["labels"][label]["calibration"], label=names[label],
                                                x_title=f"p({names[label]})", y_title="share holding the label"),

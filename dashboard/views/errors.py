@@ -91,7 +91,11 @@ if section == SECTIONS["rank"]:
     by = st.selectbox("Ranking", offered, index=offered.index(current),
                       format_func=lambda r: RANKINGS[r][0].capitalize(), key="errors-ranking")
     chosen = data.optional_json(run, THRESHOLDS)
-    if chosen:
+    if chosen and "per_label" in chosen:
+        st.caption("Right and wrong at the run's own threshold for each label (set on the Confusion page): " +
+                   ", ".join(f"{md(name)} {cut:.3f}" for name, cut in zip(run.class_names, chosen["per_label"])) +
+                   ".")
+    elif chosen:
         st.caption(f"Right and wrong at the run's threshold: {md(components.class_name(run, chosen['positive']))} "
                    f"when its probability is at least {chosen['threshold']:.3f} (set on the Confusion page).")
     if by != current or sel is None or sel.kind != "rank":

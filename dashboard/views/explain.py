@@ -176,6 +176,11 @@ else:
     targets = [("pred", "the predicted value")]
 
 
+# a regression's scores are in units of its value's distance from the baseline's (analyzers' perturbation module)
+_OF_VALUE = not task.has_classes and not task.per_label
+_START = "of the starting value's distance from the baseline" if _OF_VALUE else "of the starting probability"
+
+
 def _scores_text(scores: dict, method: str) -> str:
     """The perturbation scores in a line, the headline first: against a random order of the same sample, so a target
     the model gives a low probability cannot look faithful (issue 16)."""
@@ -185,16 +190,18 @@ def _scores_text(scores: dict, method: str) -> str:
 
     parts = []
     if number("deletion_vs_random") is not None:
-        parts.append(f"deletion vs a random order **{scores['deletion_vs_random']:+.2f}** of the starting probability "
+        parts.append(f"deletion vs a random order **{scores['deletion_vs_random']:+.2f}** {_START} "
                      f"(0: no better than chance; higher is better)")
     if number("deletion_auc") is not None:
         relative = number("deletion_auc_norm")
-        parts.append(f"deletion AUC {scores['deletion_auc']:.3f}" +
-                     (f", {relative:.2f} of the starting probability" if relative is not None else "") +
+        raw = f"{scores['deletion_auc']:.4g} (the mean predicted value)" if _OF_VALUE else \
+            f"{scores['deletion_auc']:.3f}"
+        parts.append(f"deletion AUC {raw}" + (f", {relative:.2f} {_START}" if relative is not None else "") +
                      " (lower is better)")
     if number("insertion_auc") is not None:
         relative = number("insertion_auc_norm")
-        parts.append(f"insertion AUC {scores['insertion_auc']:.3f}" +
+        raw = f"{scores['insertion_auc']:.4g}" if _OF_VALUE else f"{scores['insertion_auc']:.3f}"
+        parts.append(f"insertion AUC {raw}" +
                      (f", {relative:.2f} of the way from the baseline to the input" if relative is not None else "")
                      + " (higher is better)")
     if number("road_gap") is not None:
@@ -320,12 +327,6 @@ for method in methods:
             slot = st.empty()
             slot.caption("Scores: computing…")
             pending.append((explanation, options, slot))
-if not task.has_classes and not task.per_label:
-    # deletion, ROAD and the sanity check read class probabilities: a value's own versions are not built yet
-    for _, _, slot in pending:
-        slot.caption("Faithfulness scores (deletion, ROAD, the sanity check) are computed for classifiers; for a "
-                     "regression only the maps are shown so far.")
-    pending = []
 for explanation, options, slot in pending:
     try:
         scores = sample_scores(run, explanation, model=model, dataset=dataset, sanity=sanity, **options)

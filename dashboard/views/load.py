@@ -150,7 +150,11 @@ with analyse_tab:
             data_file = st.file_uploader("Dataset", type=DATA_TYPES, key="load-data-file",
                                          help=".npz with arrays x and y (and optionally ids), .csv/.parquet with a "
                                               "label column, or a .zip of image folders (one folder per class).")
-            label_column = st.text_input("Label column (tables)", value="label", key="load-label")
+            label_column = st.text_input("Label column (tables)", value="label", key="load-label",
+                                         help="The column holding each row's label. Several columns separated by "
+                                              "commas (e.g. circle,square,triangle), each holding 0/1, make a "
+                                              "multi-label dataset: one label per column, in the model's output "
+                                              "order.")
             id_column = st.text_input("Id column (tables)", key="load-id-column", placeholder="none: row numbers",
                                       help="A column naming each sample: its values become the ids you search "
                                            "and go to; it is not used as a feature or a group.")

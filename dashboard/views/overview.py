@@ -31,7 +31,7 @@ task = data.run_task(run)
 
 
 def _slices_table(error_column: str, error_name: str, rate_name: str, none_found: str,
-                  quantile_column: str | None = None) -> None:
+                  quantile_column: str | None = None, z_column: str | None = None) -> None:
     """The error slices, with the task's error measure inside each and elsewhere, the p-value that it is larger
     inside, and (`quantile_column`) that column's quantiles inside."""
     from analyzers.evaluation.slices import slice_error_summary
@@ -42,20 +42,27 @@ def _slices_table(error_column: str, error_name: str, rate_name: str, none_found
         st.markdown(none_found)
         return
     top = slices.head(10)
-    summary = slice_error_summary(run.samples, top, error_column, quantile_column=quantile_column)
+    summary = slice_error_summary(run.samples, top, error_column, quantile_column=quantile_column,
+                                  z_column=z_column)
     table = pd.DataFrame({"slice": top["description"], "samples": top["size"].astype(int),
                           rate_name: 100 * top["error_rate"], f"{error_name} inside": summary["mean_inside"],
                           f"{error_name} elsewhere": summary["mean_elsewhere"], "p (larger inside)": summary["p_value"]})
     number = st.column_config.NumberColumn(format="%.4g")
     config = {rate_name: components.percent_column(), f"{error_name} inside": number,
               f"{error_name} elsewhere": number, "p (larger inside)": st.column_config.NumberColumn(format="%.2g")}
-    if quantile_column is not None:
+    if z_column is not None:  # the model predicts its spread: how often its 90% interval holds the target here
+        table["90% interval coverage"] = 100 * summary["coverage"]
+        config["90% interval coverage"] = components.percent_column()
+    elif quantile_column is not None:
         for q in ("q10", "q50", "q90"):
             table[f"{quantile_column} {q}"] = summary[q]
             config[f"{quantile_column} {q}"] = number
     st.dataframe(table, hide_index=True, column_config=config)
     st.caption(f"p: one-sided Mann-Whitney U test that the {error_name} is larger inside the slice than elsewhere."
-               + (f" {quantile_column.capitalize()} quantiles inside the slice (10%, median, 90%): where its "
+               + (" Coverage: the share of the slice's targets inside the model's own 90% interval (mean ± 1.645 "
+                  "predicted standard deviations); well below 90%, the model is too sure of itself there."
+                  if z_column else
+                  f" {quantile_column.capitalize()} quantiles inside the slice (10%, median, 90%): where its "
                   f"predictions sit against the targets." if quantile_column else ""))
 
 
@@ -67,6 +74,9 @@ def _multilabel_overview() -> None:
     def score(key: str) -> str:
         return "—" if m.get(key) is None else f"{m[key]:.3f}"
 
+    if isinstance(task.threshold, tuple):
+        st.caption("At the run's own threshold for each label (set on the Confusion page): " + ", ".join(
+            f"{md(name)} {cut:.3f}" for name, cut in zip(names, task.threshold)) + ".")
     cols = st.columns(5)
     cols[0].metric("Subset accuracy", score("subset_accuracy"), help="Share of samples with every label right.")
     cols[1].metric("Hamming loss", score("hamming_loss"), help="Share of all sample-label pairs predicted wrongly.")
@@ -111,7 +121,7 @@ def _multilabel_overview() -> None:
     if sel is not None and sel.kind == "pair" and all(0 <= v < len(names) for v in sel.value):
         a, b = sel.value
         labels, probs = np.asarray(run.labels), np.asarray(run.probs)
-        missed = (labels == 1) & (probs < float(ml["threshold"]))
+        missed = (labels == 1) & (probs < task.thresholds)
         ids = run.samples["id"].to_numpy()[missed[:, a] & missed[:, b]].tolist()
         state.set_gallery(ids)
         title = (f"{md(names[a])} missed — {len(ids)} samples" if a == b else
@@ -122,7 +132,7 @@ def _multilabel_overview() -> None:
     st.subheader("Most labels wrong")
     by = st.segmented_control("Order", list(task.rankings), default=task.rankings[0], key="overview-ranking",
                               format_func=lambda r: RANKINGS[r][0]) or task.rankings[0]
-    ranked = rank_errors(run.samples, by=by, limit=20)
+    ranked = rank_errors(data.decided_samples(run), by=by, limit=20)
     st.dataframe(ranked[["id", "label", "pred", "missed", "false_alarms", "labels_wrong", "loss"]], hide_index=True,
                  column_config={"label": "true labels", "pred": "predicted", "false_alarms": "predicted wrongly",
                                 "labels_wrong": "labels wrong"})
@@ -164,9 +174,24 @@ def _regression_overview() -> None:
     st.subheader("Absolute errors")
     st.plotly_chart(figures.error_histogram_figure(samples["abs_error"]), key="overview-errors",
                     config={"displayModeBar": False})
+    coverage = m.get("interval_coverage")
+    if coverage:  # the model predicts a mean and a variance: do its intervals hold the targets as often as claimed?
+        st.subheader("Interval coverage")
+        left, right = st.columns([3, 2], gap="large")
+        with left:
+            st.plotly_chart(figures.coverage_figure(coverage), key="overview-coverage",
+                            config={"displayModeBar": False})
+        with right:
+            st.metric("Gaussian NLL", f"{m['gaussian_nll']:.4g}", help="Mean negative log-likelihood of the targets "
+                                                                       "under the predicted Gaussians (lower is "
+                                                                       "better).")
+            st.metric("Mean predicted standard deviation", f"{m['mean_predicted_std']:.4g}")
+            st.caption("Each point: the share of targets inside the model's central interval of that level (mean ± "
+                       "the normal quantile × its predicted standard deviation). On the diagonal, its spread means "
+                       "what it says; below it, the model is overconfident.")
     _slices_table("abs_error", "MAE", "share of largest errors",
                   "No group of samples has significantly more of the largest errors than the rest.",
-                  quantile_column="residual")
+                  quantile_column="residual", z_column="z_score" if "z_score" in samples else None)
     st.subheader("Largest errors")
     by = st.segmented_control("Order", list(task.rankings), default=task.rankings[0], key="overview-ranking",
                               format_func=lambda r: RANKINGS[r][0]) or task.rankings[0]
