@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+# The quick benchmark takes about two minutes on 2 cores: `make bench` runs it (pytest -m benchmark), after the
+# benchmark itself, so the suite stays within its 20 minutes.
+pytestmark = pytest.mark.benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "run_benchmarks.py"
 SKIPPED = "projections,dashboard,interactive,tabular,upload,waits,trust"  # upload: the live-server tests cover it; waits: minutes; trust: tests/test_faithfulness.py checks its verdicts

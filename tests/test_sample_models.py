@@ -35,7 +35,7 @@ def shipped_predictions(name: str):
 # Retraining takes 30-80 s per sample on 2 busy cores (shapes and scenes minutes): the suite retrains the tabular
 # sample, and `make bench` (pytest -m benchmark) every other one, so the suite stays within its 20 minutes.
 @pytest.mark.parametrize("name", ["tabular", *(pytest.param(name, marks=pytest.mark.benchmark)
-                                               for name in ("digits", "dna", "prices", "fraud", "shapes", "scenes"))])
+                                               for name in SAMPLE_NAMES if name != "tabular")])
 def test_retraining_reproduces_shipped_accuracy(name, tmp_path):
     sample = get_sample(name)
     summary = sample.module.train(tmp_path)
