@@ -26,6 +26,7 @@ PAGES = (
     ("errors", "views/errors.py", "Errors & slices", ":material/troubleshoot:"),
     ("explain", "views/explain.py", "Explain a sample", ":material/visibility:"),
     ("embeddings", "views/embeddings.py", "Embeddings", ":material/scatter_plot:"),
+    ("network", "views/network.py", "Inside the network", ":material/hub:"),
     ("training", "views/training.py", "Training & gradients", ":material/show_chart:"),
     ("compare", "views/compare.py", "Compare runs", ":material/compare_arrows:"),
 )
@@ -47,7 +48,7 @@ home = st.Page(str(Path(__file__).parent / "views/overview.py"), title="Overview
                visibility="hidden")
 navigation = st.navigation({"": [home], "Data": [pages["load"]],
                             "Analysis": [pages[n] for n in ("overview", "confusion", "errors", "explain",
-                                                             "embeddings", "training", "compare")]})
+                                                             "embeddings", "network", "training", "compare")]})
 state.write_to_url()
 
 def _run_changed() -> None:

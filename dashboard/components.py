@@ -201,25 +201,40 @@ def sequence_letters(x: np.ndarray) -> str:
     return " ".join(str(i) for i in codes)
 
 
+def token_vocabulary(run: Run) -> list | None:
+    """The words of a token model's ids, in id order, when the run's dataset carries them (the text sample's
+    `preprocessing["vocabulary"]`); None otherwise."""
+    vocabulary = (run.info.get("preprocessing") or {}).get("vocabulary")
+    return [str(w) for w in vocabulary] if isinstance(vocabulary, list) and vocabulary else None
+
+
 def token_texts(run: Run, x: np.ndarray) -> list:
-    """A token model's sample as its token ids, in order; a position its attention mask leaves out reads "·"."""
+    """A token model's sample as its words (when the run carries a vocabulary) or its token ids, in order; a
+    position its attention mask leaves out reads "·"."""
     from analyzers.loading.inputs import InputLayout
+
+    vocabulary = token_vocabulary(run)
+
+    def word(t) -> str:
+        return vocabulary[int(t)] if vocabulary and 0 <= int(t) < len(vocabulary) else str(int(t))
 
     described = (run.info.get("preprocessing") or {}).get("inputs") or run.info["model"].get("inputs")
     if not described:
-        return [str(v) for v in np.asarray(x).round().astype(np.int64)]
+        return [word(v) for v in np.asarray(x).round().astype(np.int64)]
     layout = InputLayout.from_json(described)
     parts = layout.parts(np.asarray(x)[None])
     ids = parts[layout.inputs[0].name][0]
     mask = parts.get("attention_mask")
     mask = mask[0] if mask is not None and mask.shape[1:] == ids.shape else np.ones_like(ids)
-    return [str(int(t)) if keep else "·" for t, keep in zip(ids, mask)]
+    return [word(t) if keep else "·" for t, keep in zip(ids, mask)]
 
 
-def token_html(tokens: list) -> str:
+def token_html(tokens: list, *, words: bool = False) -> str:
+    """`tokens` as chips, headed "tokens" when they are words (`words`), else "token ids"."""
     chips = "".join(f'<span style="border:1px solid #ccc;border-radius:3px;padding:0 3px;margin:1px;'
                     f'display:inline-block">{html.escape(t)}</span>' for t in tokens)
-    return f'<div style="font-family:monospace;font-size:13px;line-height:1.8">token ids: {chips}</div>'
+    heading = "tokens" if words else "token ids"
+    return f'<div style="font-family:monospace;font-size:13px;line-height:1.8">{heading}: {chips}</div>'
 
 
 def sequence_html(letters: str) -> str:
@@ -312,7 +327,8 @@ def gallery(run: Run, ids, *, key: str, title: str | None = None) -> None:
                 mark = "✓" if row["correct"] else "✗"
                 st.markdown(f"{mark} **id {md(row['id'])}** · true {md(class_name(run, row['label']))} · "
                             f"predicted {md(class_name(run, row['pred']))} · confidence {row['confidence']:.3f}")
-                st.html(token_html(token_texts(run, x)) if modality == "tokens" else
+                st.html(token_html(token_texts(run, x), words=token_vocabulary(run) is not None)
+                        if modality == "tokens" else
                         sequence_html(sequence_letters(x)))
             if right.button("Explain", key=f"{key}-explain-{row['id']}"):
                 open_explanation(row["id"], ordered_ids)

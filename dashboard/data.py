@@ -577,3 +577,19 @@ def _id_strings(run: Run) -> frozenset:
 
 def run_has_sample(run: Run, sample_id: str) -> bool:
     return str(sample_id) in _id_strings(run)
+
+
+@st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)
+def tcav(run: Run, column: str, value: str, target: int, layers: tuple, random_sets: int = 8,
+         samples_per_set: int = 40) -> pd.DataFrame:
+    """analyzers.explanations.concepts.tcav_scores of the concept "metadata `column` is `value`" for class
+    `target` at `layers`, over the run's samples of that class (kept per session: it trains 2 × random_sets CAVs
+    per layer)."""
+    from analyzers.explanations.concepts import concept_rows, tcav_scores
+
+    model, dataset = run_inputs(run)
+    rows = concept_rows(dataset.metadata, column, value)
+    labels = np.asarray(run.labels) if run_task(run).has_classes else None
+    result = tcav_scores(model, dataset.x, concept_rows=rows, target=int(target), layers=list(layers),
+                         labels=labels, random_sets=random_sets, samples_per_set=samples_per_set)
+    return result.table()

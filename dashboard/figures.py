@@ -345,6 +345,39 @@ def to_display_image(x, *, mean=None, std=None, bands=None) -> np.ndarray:
     return x[0] if c == 1 else x.transpose(1, 2, 0)
 
 
+def band_labels(channels: int, names=None) -> tuple:
+    """Each band's name: `names` when there is one per band (a dataset that names its bands), else band 1, 2, ..."""
+    names = tuple(str(n) for n in names) if names is not None else ()
+    return names if len(names) == channels else tuple(f"band {b + 1}" for b in range(channels))
+
+
+def default_composite(names) -> tuple:
+    """The three bands (red, green, blue) a false-colour composite of a multispectral image shows first: colour
+    infrared (near-infrared as red, red as green, green as blue: vegetation shows red) when its bands are named so,
+    else bands 1, 2, 3."""
+    lowered = [str(n).lower() for n in names]
+    if all(b in lowered for b in ("nir", "red", "green")):
+        return tuple(lowered.index(b) for b in ("nir", "red", "green"))
+    return (0, 1, 2)
+
+
+def band_composite_figure(x, bands, names, *, mean=None, std=None, height: int = 320) -> go.Figure:
+    """One multispectral input (C, H, W) as a picture: one band (an index) in grey, or three (a tuple) as red, green
+    and blue, each band stretched on its own scale; titled with what shows where (`names`: one per band)."""
+    image = to_display_image(x, mean=mean, std=std, bands=bands)
+    if np.ndim(bands) == 0:
+        title = str(names[int(bands)])
+    else:
+        title = " · ".join(f"{colour} = {names[int(b)]}" for colour, b in zip(("R", "G", "B"), bands))
+    return image_figure(image, title=title, height=height)
+
+
+def band_shares_text(names, shares) -> str:
+    """Each band's share of a map's |attribution|, largest first: "nir 44% · red 32% · ..."."""
+    order = np.argsort(-np.asarray(shares, dtype=float), kind="stable")
+    return " · ".join(f"{names[b]} {float(shares[b]):.0%}" for b in order)
+
+
 def _symmetric_range(values: np.ndarray) -> float:
     m = float(np.nanmax(np.abs(values))) if values.size else 0.0
     return m or 1.0
@@ -395,7 +428,7 @@ def sequence_attribution_figure(letters: str, scores, *, signed: bool, title: st
     position = np.full(z.shape, -1)
     for i in range(n):
         z[i // width, i % width] = scores[i]
-        letter = letters[i] if i < len(letters) else ""
+        letter = plotly_text(letters[i]) if i < len(letters) else ""  # a token may be a word from the run's files
         text[i // width, i % width] = f"<b>{letter}</b>" if truth is not None and truth[i] else letter
         position[i // width, i % width] = i
     bound = _symmetric_range(scores)
@@ -543,3 +576,51 @@ def bar_figure(labels, values, *, x_title: str, y_title: str, highlight=None, pe
     # a share runs from 0 to 100%: autoscaling drew all-zero bars on an axis from -100% to 100%
     fig.update_yaxes(title=y_title, tickformat=".0%" if percent else None, range=[0, 1] if percent else None)
     return _layout(fig, title=title, height=320)
+
+
+def feature_map_grid_figure(maps, channels, strength, *, columns: int = 6) -> go.Figure:
+    """A grid of one sample's feature maps: `maps` (C, H, W) or (C, L) channels first, drawn for `channels` in that
+    order (strongest first), each titled with its channel number and response. A line map (C, L) is a 1 × L strip.
+    Each map has its own colour scale: a grid shows where each channel fires, not which fires most (the titles do)."""
+    maps = np.asarray(maps, dtype=float)
+    channels = [int(c) for c in channels]
+    rows = max(1, int(np.ceil(len(channels) / columns)))
+    fig = make_subplots(rows=rows, cols=columns, horizontal_spacing=0.01, vertical_spacing=0.06,
+                        subplot_titles=[f"#{c} · {strength[c]:.3g}" for c in channels])
+    for i, c in enumerate(channels):
+        grid = maps[c] if maps[c].ndim == 2 else maps[c][None, :]
+        hover = f"channel {c}<br>row %{{y}}, column %{{x}}<br>%{{z:.3g}}<extra></extra>"
+        fig.add_trace(go.Heatmap(z=grid, colorscale="Viridis", showscale=False, hovertemplate=hover),
+                      row=i // columns + 1, col=i % columns + 1)
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
+    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed")
+    fig.update_annotations(font_size=10)
+    fig.update_layout(height=40 + 120 * rows, margin=dict(l=4, r=4, t=30, b=4))
+    return fig
+
+
+def unit_bars_figure(units, strength, *, y_title: str = "response") -> go.Figure:
+    """The strongest units of a linear or token layer for one sample: one bar per unit, strongest first."""
+    units = [int(u) for u in units]
+    fig = go.Figure(go.Bar(x=[f"#{u}" for u in units], y=[float(strength[u]) for u in units],
+                           marker_color=OKABE_ITO[0], hovertemplate="unit %{x}<br>%{y:.3g}<extra></extra>"))
+    fig.update_xaxes(title="unit", type="category")
+    fig.update_yaxes(title=y_title)
+    fig.update_layout(height=300, margin=dict(l=10, r=10, t=10, b=10))
+    return fig
+
+
+def attention_figure(weights, labels, *, title: str | None = None, colour_title: str = "attention") -> go.Figure:
+    """A query × key attention (or rollout) matrix as a heat map: row i is how much token i draws on each token.
+    `labels` name the tokens (words, or patch numbers); hover gives both tokens and the weight."""
+    weights = np.asarray(weights, dtype=float)
+    names = [f"{i}:{plotly_text(str(t))}" for i, t in enumerate(labels)]
+    fig = go.Figure(go.Heatmap(z=weights, x=names, y=names, colorscale="Blues", zmin=0,
+                               colorbar=dict(title=colour_title, thickness=12),
+                               hovertemplate="query %{y}<br>key %{x}<br>%{z:.3f}<extra></extra>"))
+    fig.update_xaxes(title="key (attended to)", type="category", tickangle=-60, showgrid=False)
+    fig.update_yaxes(title="query (attending)", type="category", autorange="reversed", showgrid=False)
+    side = int(min(640, max(320, 18 * len(names) + 120)))
+    fig.update_layout(height=side, margin=dict(l=10, r=10, t=30 if title else 10, b=10),
+                      title=dict(text=plotly_text(title), font_size=13) if title else None)
+    return fig

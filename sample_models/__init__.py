@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_NAMES = ("digits", "tabular", "dna", "shapes", "prices", "fraud", "scenes")
+SAMPLE_NAMES = ("digits", "tabular", "dna", "shapes", "prices", "fraud", "scenes", "multispectral", "text")
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 

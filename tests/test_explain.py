@@ -13,7 +13,7 @@ from analyzers.explanations.attributions import METHODS, explain, list_methods, 
 from tests.conftest import TinyCNN, export_model
 
 # keep shap/smoothgrad/IG cheap where only shapes matter: few draws and steps, not doubled by the completeness check
-FAST = {"nsamples": 8, "nt_samples": 4, "n_steps": 8, "check_completeness": False}
+FAST = {"nsamples": 8, "nt_samples": 4, "n_steps": 8, "n_samples": 20, "check_completeness": False}
 
 
 class TinySeq(nn.Module):
@@ -91,7 +91,7 @@ def test_target_none_is_the_predicted_class_and_bad_targets_are_refused(tiny_cnn
     with pytest.raises(AnalyzerError, match="one integer per sample"):
         explain(tiny_cnn, x, [0, 1], "saliency")
     with pytest.raises(AnalyzerError, match="unknown attribution method"):
-        explain(tiny_cnn, x, None, "lime")
+        explain(tiny_cnn, x, None, "no_such_method")
     with pytest.raises(AnalyzerError, match="needs background"):
         explain(tiny_cnn, x, None, "shap")
     with pytest.raises(AnalyzerError, match="needs background"):

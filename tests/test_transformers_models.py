@@ -205,7 +205,7 @@ def test_every_token_method_runs_through_explain_run(text_run):
 
     run = text_run
     methods = [m.name for m in list_methods("tokens")]
-    assert set(methods) == {"saliency", "input_x_gradient", "integrated_gradients", "occlusion", "gradcam"}
+    assert set(methods) == {"saliency", "input_x_gradient", "integrated_gradients", "occlusion", "gradcam", "lime"}
     model, dataset = load_run_inputs(run)  # one sandboxed worker for every call below
     try:
         result = explain_run(run.path, ["0", "1"], methods, layer="model.bert.encoder.layer.0", sanity=False,

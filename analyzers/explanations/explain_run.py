@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import AnalyzerError
+from ..errors import AnalyzerError, InvalidOption
 from .attributions import METHODS, ExplainResult, explain, reduce_for_display
 from .faithfulness import CONTROLS, SANITY_SAMPLES, degenerate_maps, ground_truth_scores, interval_mask, randomised_correlation
 from .perturbation import deletion_insertion, perturbation_columns, road, road_skip_reason
@@ -315,6 +315,8 @@ def explain_run(run_dir, ids, methods, *, target="pred", layer=None, batch_size:
             attr, table = score_samples(model, x, targets, method, options=opts, background=background, mask=mask,
                                         batch_size=batch_size, sanity=sanity, probe=probe,
                                         cache_dir=run.file(CACHE), seed=seed)
+        except InvalidOption:
+            raise  # a mistyped option (LIME's n_samples, ...) is the caller's to fix, not a method that does not apply
         except AnalyzerError as exc:
             skipped[method] = str(exc)
             continue

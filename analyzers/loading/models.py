@@ -195,7 +195,9 @@ def _load_sample(spec: str) -> LoadedModel:
     module = sample.build_model()
     load_state_dict_checked(module, read_state_dict(data, sample.weights_path.name), sample.weights_path.name)
     loaded = _describe(module, spec=spec, sha256=sha256_bytes(data), source="sample", input_shape=sample.input_shape,
-                       class_names=sample.class_names or None)
+                       class_names=sample.class_names or None,
+                       # a token sample (text) takes packed rows of its ids and mask, which its module splits itself
+                       input_layout=getattr(sample.module, "INPUT_LAYOUT", None))
     from ..evaluation.tasks import model_for_task, output_width, task_named
 
     # a sample states its task: a regression sample's one output is its value, not a binary logit

@@ -38,6 +38,9 @@ RESULT_CLASSES = frozenset({
     "analyzers.explanations.completeness:Completeness",
     "analyzers.explanations.perturbation:DeletionInsertion",
     "analyzers.explanations.faithfulness:SanityCheck",
+    "analyzers.explanations.feature_maps:LayerActivations",
+    "analyzers.explanations.feature_maps:TopActivating",
+    "analyzers.explanations.concepts:TcavScores",
 })
 
 

@@ -75,17 +75,52 @@ from analyzers.explanations.explain_run import ground_truth_mask  # noqa: E402
 truth = ground_truth_mask(dataset, np.array([row]))
 truth = None if truth is None else truth[0]
 
+channels = int(np.asarray(x).shape[0]) if modality == "image" else 0
+multispectral = channels > 3  # more bands than a picture shows: one, or three in false colour, picked by name
+band_names = figures.band_labels(channels, run.info["dataset"].get("feature_names")) if multispectral else ()
+shown_bands = None
+
+
+def _picture(values) -> np.ndarray:
+    """An image input as the page shows it: the bands picked for a multispectral one, else the run's display."""
+    if not multispectral:
+        return components.display_image(run, values)
+    pre = run.info.get("preprocessing") or {}
+    return figures.to_display_image(values, mean=pre.get("mean"), std=pre.get("std"), bands=shown_bands)
+
+
 left, right = st.columns([3, 2], gap="large")
 with left:
     st.markdown("**Input**")
-    if modality == "image":
+    if multispectral:
+        COMPOSITE = "false colour: three bands as red, green and blue"
+        chosen = st.selectbox("Bands shown", [COMPOSITE, *band_names], key=f"explain-bands-{run.path.name}",
+                              help=f"These images have {channels} bands; a picture shows three at most, each band "
+                                   f"on its own scale. The maps are drawn over the same picture.")
+        if chosen == COMPOSITE:
+            default = figures.default_composite(band_names)
+            picks = st.columns(3)
+            shown_bands = tuple(pick.selectbox(f"{colour} shows", range(channels), index=default[i],
+                                               format_func=lambda b: band_names[b],
+                                               key=f"explain-band-{colour}-{run.path.name}")
+                                for i, (pick, colour) in enumerate(zip(picks, ("Red", "Green", "Blue"))))
+            st.session_state[components.BANDS_KEY] = None  # galleries show their default composite
+        else:
+            shown_bands = band_names.index(chosen)
+            st.session_state[components.BANDS_KEY] = shown_bands  # and galleries the same band
+        pre = run.info.get("preprocessing") or {}
+        st.plotly_chart(figures.band_composite_figure(x, shown_bands, band_names, mean=pre.get("mean"),
+                                                      std=pre.get("std"), height=300),
+                        key="explain-input", config={"displayModeBar": False})
+    elif modality == "image":
         components.band_choice(run, int(np.asarray(x).shape[0]))
         st.plotly_chart(figures.image_figure(components.display_image(run, x), height=300), key="explain-input",
                         config={"displayModeBar": False})
     elif modality == "sequence":
         st.html(components.sequence_html(components.sequence_letters(x)))
     elif modality == "tokens":
-        st.html(components.token_html(components.token_texts(run, x)))
+        st.html(components.token_html(components.token_texts(run, x),
+                                      words=components.token_vocabulary(run) is not None))
     else:
         names = run.info["dataset"].get("feature_names") or [f"feature {i}" for i in range(len(x))]
         st.dataframe(pd.DataFrame({"feature": names, "value": x}), hide_index=True, height=300)
@@ -138,9 +173,10 @@ if "gradcam" in methods:
     layer = None if layer == AUTOMATIC else layer
     gradcam_needs_layer = modality == "tokens" and layer is None
 if modality == "tokens":
-    st.caption("Token ids take no gradient, so every method works through the embedding layer that looks them up: "
-               "one score per token, summed over the embedding's width. A removed token (occlusion, deletion, the "
-               "Integrated Gradients baseline) becomes the pad id 0 and keeps its attention mask.")
+    st.caption("Token ids take no gradient, so the gradient methods work through the embedding layer that looks them "
+               "up: one score per token, summed over the embedding's width; occlusion and LIME remove tokens "
+               "instead. A removed token (occlusion, LIME, deletion, the Integrated Gradients baseline) becomes the "
+               "pad id 0 and keeps its attention mask.")
 sanity = controls[1].toggle("Sanity check", value=True, key="explain-sanity",
                             help="Re-initialise every layer of the model and measure how much the map changes "
                                  "(Adebayo et al., 2018): Spearman's rank correlation of |map|, ties kept, as in "
@@ -280,7 +316,7 @@ def _controls_caption() -> None:
 def _draw(explanation, method: str, title: str, key: str) -> None:
     signed = METHODS[method].signed
     if modality == "image":
-        fig = figures.image_attribution_figure(components.display_image(run, x), explanation.display, signed=signed,
+        fig = figures.image_attribution_figure(_picture(x), explanation.display, signed=signed,
                                                title=title, truth=truth)
     elif modality == "sequence":
         fig = figures.sequence_attribution_figure(components.sequence_letters(x), explanation.display, signed=signed,
@@ -296,6 +332,15 @@ def _draw(explanation, method: str, title: str, key: str) -> None:
             title = f"{title} (per standard deviation)"
         fig = figures.feature_attribution_figure(names, values, title=title)
     st.plotly_chart(fig, key=key, config={"displayModeBar": False})
+    attribution = np.asarray(explanation.attribution)
+    if multispectral and np.isfinite(attribution).all():  # which bands the map rests on
+        from analyzers.explanations.bands import band_shares
+
+        shares = band_shares(attribution[None], band_names).mean
+        if not np.isfinite(shares).all() or np.ptp(shares) < 1e-9:
+            st.caption("Every band has the same share of this map: the method does not tell bands apart.")
+        else:
+            st.caption(f"Share of |map| per band: {md(figures.band_shares_text(band_names, shares))}")
 
 
 if truth is not None and modality in ("image", "sequence"):
