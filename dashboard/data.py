@@ -319,6 +319,10 @@ def explain_methods(run: Run) -> tuple[list, list, list]:
     # guided backprop overrides nn.ReLU modules' backward pass: a model without ReLU layers is not offered it
     if not any(k.startswith("relu") for k in (run.info["model"].get("layer_kinds") or {}).values()):
         available = [m for m in available if m != "guided_backprop"]
+    # attention rollout needs attention: offered where a layer is named for it (a transformer's), and when chosen
+    # on a model without any it is skipped with that reason
+    if not any("attention" in name.lower() or "attn" in name.lower() for name in run.info["model"].get("layers") or ()):
+        available = [m for m in available if m != "attention_rollout"]
     defaults = [m for m in ("integrated_gradients", "gradcam" if conv_layers and modality != "tokens" else "saliency")
                 if m in available]
     return available, defaults, conv_layers

@@ -52,8 +52,12 @@ def test_every_method_keeps_the_input_shape_for_one_sample_and_a_batch(modality,
     model = build().eval()
     x = _data(shape, 3)
     if method not in [m.name for m in list_methods(modality)]:
-        with pytest.raises(AnalyzerError, match="does not apply to tabular"):
+        with pytest.raises(AnalyzerError, match="does not apply to (tabular|sequence)"):
             explain(model, x, method=method, background=x)
+        return
+    if method == "attention_rollout":  # these models have no attention: refused with that reason (tests/test_attention)
+        with pytest.raises(AnalyzerError, match="no attention in this model"):
+            explain(model, x, method=method)
         return
     batch = explain(model, x, method=method, background=x, batch_size=2, **FAST)
     one = explain(model, x[:1], method=method, background=x, **FAST)
@@ -160,6 +164,11 @@ def test_every_method_hands_a_train_mode_model_back_untouched(method):
     model.fc.register_forward_hook(lambda *a: None)  # the user's own hook, which must stay
     before = _snapshot(model)
     layer = "conv2" if method == "gradcam" else None
+    if method == "attention_rollout":  # no attention here: refused, and the model is still handed back untouched
+        with pytest.raises(AnalyzerError, match="no attention in this model"):
+            explain(model, x, 1, method)
+        _assert_same(before, _snapshot(model))
+        return
     first = explain(model, x, 1, method, background=x, layer=layer, **FAST)
     _assert_same(before, _snapshot(model))
     assert model.training
@@ -276,7 +285,7 @@ def test_baselines_and_occlusion_windows():
 
 
 def test_method_registry_describes_options_for_the_dashboard():
-    assert {m.name for m in list_methods("tabular")} == set(METHODS) - {"gradcam"}
+    assert {m.name for m in list_methods("tabular")} == set(METHODS) - {"gradcam", "attention_rollout"}
     assert METHODS["integrated_gradients"].options["n_steps"] == 50
     assert METHODS["shap"].needs_background and METHODS["gradcam"].needs_conv_layer
     with pytest.raises(AnalyzerError, match="not a batch"):

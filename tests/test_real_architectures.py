@@ -121,9 +121,12 @@ def test_every_stage_and_every_method_on_an_export_of_a_reused_relu_net(arch, tm
     methods = [m.name for m in list_methods("image") if m.name != "shap"]
     ids = [str(i) for i in run.samples["id"][:3]]
     result = explain_run(out, ids, methods, sanity=False)
-    # an export's ReLUs are graph operations, not nn.ReLU modules: guided backprop is skipped, saying so
-    assert list(result.skipped) == ["guided_backprop"] and "nn.ReLU" in result.skipped["guided_backprop"]
-    assert set(result.scores["method"]) == set(methods) - {"guided_backprop"}
+    # an export's ReLUs are graph operations, not nn.ReLU modules: guided backprop is skipped, saying so; a
+    # convolutional net has no attention to roll out
+    assert sorted(result.skipped) == ["attention_rollout", "guided_backprop"]
+    assert "nn.ReLU" in result.skipped["guided_backprop"]
+    assert "no attention in this model" in result.skipped["attention_rollout"]
+    assert set(result.scores["method"]) == set(methods) - {"guided_backprop", "attention_rollout"}
     gradcam = result.scores[result.scores["method"] == "gradcam"]
     assert not gradcam["degenerate"].any() and gradcam["deletion_auc"].notna().all()
     loaded = load_model(str(path), isolation="process")

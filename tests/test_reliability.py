@@ -48,7 +48,8 @@ def _state(module: nn.Module):
 ANALYSES = {
     **{f"explain:{name}": (lambda m, x, y, name=name: explain(
         m, x, None, name, layer="conv2" if name == "gradcam" else None, background=x, n_steps=8, nsamples=8,
-        nt_samples=4)) for name in METHODS},
+        nt_samples=4)) for name in METHODS if name != "attention_rollout"},  # BusyNet has no attention: see
+    # tests/test_attention.py for the model handed back untouched by the attention capture rollout reads
     "predict": lambda m, x, y: predict(m, x, y, batch_size=4, layer="fc"),
     "deletion_insertion": lambda m, x, y: deletion_insertion(m, x, np.random.default_rng(0).random(x.shape), steps=4),
     "randomisation_check": lambda m, x, y: randomisation_check(m, x[:2], "saliency"),

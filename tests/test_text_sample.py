@@ -176,3 +176,35 @@ def test_the_explain_page_draws_attributions_over_the_words(text_run, tmp_path, 
     for strip in maps:
         words = [w.replace("<b>", "").replace("</b>", "") for line in strip["text"] for w in line]
         assert words[:len(TEXT.decode(data.x[row]))] == TEXT.decode(data.x[row])
+    # attention rollout is offered beside them and drawn over the same words, with its scores
+    assert "Attention rollout" in at.multiselect(key="explain-methods").options
+    at.multiselect(key="explain-methods").set_value(["attention_rollout"]).run()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    assert any(s["data"] and s["data"][0].get("type") == "heatmap" for s in specs)
+
+
+def test_attention_rollout_is_a_map_with_the_faithfulness_scores_of_every_other(sample_run_dir, tmp_path):
+    """Rollout through explain_run on the text sample: one score per token (pads 0), the trigger first in most
+    triggered sentences, and its deletion-vs-random score beside Integrated Gradients' on the same sentences."""
+    import shutil
+
+    from analyzers.explanations.explain_run import explain_run
+    from analyzers.loading.datasets import load_dataset
+
+    run_dir = tmp_path / "text"
+    shutil.copytree(sample_run_dir("text"), run_dir)
+    dataset = load_dataset("sample:text")
+    triggered = np.flatnonzero(np.asarray(dataset.metadata["trigger"]))[:12]
+    ids = [str(dataset.ids[r]) for r in triggered]
+    result = explain_run(run_dir, ids, ["attention_rollout", "integrated_gradients"], sanity=False)
+    assert not result.skipped, result.skipped
+    with np.load(run_dir / "explanations" / "attention_rollout" / "pred.npz", allow_pickle=False) as stored:
+        maps = stored["attributions"]
+    positions = np.asarray(dataset.metadata["trigger_position"])[triggered]
+    mask = dataset.x[triggered][:, maps.shape[1]:]  # the packed rows: ids, then the attention mask
+    assert np.all(maps[mask == 0] == 0)  # a pad token draws nothing
+    assert (maps.argmax(axis=1) == positions).mean() >= 0.9
+    scores = result.scores.set_index("method")
+    assert scores.loc["attention_rollout", "deletion_vs_random"].mean() > 0  # better than removing tokens at random

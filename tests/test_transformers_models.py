@@ -60,6 +60,8 @@ def test_a_transformers_vision_model_through_every_stage_and_method(name, tmp_pa
     # an export's activations are graph operations, not nn.ReLU modules: guided backprop is skipped, saying so
     skipped = dict(result.skipped)
     assert "nn.ReLU" in skipped.pop("guided_backprop")
+    if name != "vit":  # a convolutional net has no attention to roll out; the ViT's is its map
+        assert "no attention in this model" in skipped.pop("attention_rollout")
     if name == "vit":  # its only convolution is the patch embedding: Grad-CAM on its tokens is asked for by name
         assert list(skipped) == ["gradcam"] and "patch embedding" in skipped["gradcam"]
         assert "model.vit" in skipped["gradcam"]  # it names a token layer to choose
@@ -71,7 +73,7 @@ def test_a_transformers_vision_model_through_every_stage_and_method(name, tmp_pa
         assert not skipped
         gradcam = result.scores[result.scores["method"] == "gradcam"]
         assert len(gradcam) == 2 and not gradcam["degenerate"].any()  # the default layer's maps are not constant
-    assert set(result.scores["method"]) == set(methods) - set(result.skipped) - {"guided_backprop"}
+    assert set(result.scores["method"]) == set(methods) - set(result.skipped)
 
     # the same weights as a state dict, rebuilt by an import-path architecture with keyword arguments
     again = _state_dict_run(model, "hf_architectures:vision_classifier", {"kind": name}, tmp_path / "images.npz",
@@ -205,7 +207,8 @@ def test_every_token_method_runs_through_explain_run(text_run):
 
     run = text_run
     methods = [m.name for m in list_methods("tokens")]
-    assert set(methods) == {"saliency", "input_x_gradient", "integrated_gradients", "occlusion", "gradcam", "lime"}
+    assert set(methods) == {"saliency", "input_x_gradient", "integrated_gradients", "occlusion", "gradcam", "lime",
+                            "attention_rollout"}
     model, dataset = load_run_inputs(run)  # one sandboxed worker for every call below
     try:
         result = explain_run(run.path, ["0", "1"], methods, layer="model.bert.encoder.layer.0", sanity=False,

@@ -116,6 +116,15 @@ METHODS = {
         "a text), fitted by a linear model weighted by closeness to the input; each feature's weight is spread "
         "over its positions",
         {"n_samples": LIME_SAMPLES, "kernel_width": LIME_KERNEL_WIDTH, "window": None, "baseline": "zeros"}),
+    # Abnar & Zuidema (2020) through analyzers.explanations.attention: the fused attention's weights recovered and
+    # multiplied through the layers; the same map for every class, so it says where the model looks, not why
+    "attention_rollout": MethodInfo(
+        "attention_rollout", "Attention rollout",
+        "Abnar and Zuidema (2020): each layer's attention averaged over heads, half kept for the residual, "
+        "multiplied from the first layer to the last; a token's share is the mean over the tokens' rows (an "
+        "image's patches upsampled onto it). The same map for every class: attention is where the model looks, "
+        "not an explanation on its own, so read its faithfulness score",
+        {}, modalities=("tokens", "image"), signed=False),
 }
 COMPLETE_METHODS = ("integrated_gradients", "shap")  # additive: a map sums to a difference of class scores
 
@@ -550,6 +559,8 @@ def _token_attribute(method: str, fn, module: nn.Module, embedding: str, x: torc
     import captum.attr as ca
 
     length = layout.token_length
+    if method == "attention_rollout":
+        return _rollout_tokens(module, x, layout)
     if method == "gradcam":
         return _token_gradcam(fn, resolve_layer(module, opts["layer"]), x, target, tokens=length)[0]
     if method == "lime":  # on the ids themselves, as occlusion: a removed token becomes the pad id
@@ -732,12 +743,44 @@ def _lime_tokens(fn, x: torch.Tensor, target: torch.Tensor, base: torch.Tensor, 
     return out
 
 
+def _rollout(module: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """(N, T, T) attention rollout of a batch (analyzers.explanations.attention); a model without attention is
+    refused with its reason, so the method is skipped and the others still run."""
+    from .attention import attention_rollout, attention_weights
+
+    return attention_rollout(attention_weights(module, x.detach().cpu().numpy(), batch_size=len(x)))
+
+
+def _rollout_tokens(module: nn.Module, x: torch.Tensor, layout) -> torch.Tensor:
+    """(N, L) per token: the mean over the real tokens' rows of the rollout (a padded row says nothing)."""
+    from .attention import token_relevance
+
+    rollout = _rollout(module, x)
+    if rollout.shape[-1] != layout.token_length:
+        raise AnalyzerError(f"the model attends over {rollout.shape[-1]} tokens, not its input's "
+                            f"{layout.token_length}: attention rollout cannot be read as a map of the input")
+    mask = layout.parts(x.detach().cpu().numpy()).get("attention_mask")
+    mask = mask if mask is not None and mask.shape == rollout.shape[:2] else None
+    return torch.as_tensor(token_relevance(rollout, query="mean", mask=mask), device=x.device)
+
+
+def _rollout_image(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W): a vision transformer's rollout over its patch grid, upsampled onto the image (the class
+    token's row where there is one), the same over the channels."""
+    from .attention import image_relevance
+
+    up, _ = image_relevance(_rollout(module, x), tuple(x.shape[2:]))
+    return torch.as_tensor(up, device=x.device)[:, None].expand(-1, x.shape[1], -1, -1).contiguous()
+
+
 def _attribute(method: str, scores: nn.Module, module: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
                opts: dict, base: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One batch through Captum/shap: (attributions shaped like x, Grad-CAM's raw map or None)."""
     import captum.attr as ca
 
     fn = _callable_scores(scores)
+    if method == "attention_rollout":
+        return _rollout_image(module, x), None
     if method == "saliency":
         return ca.Saliency(fn).attribute(x, target=target, abs=True), None
     if method == "input_x_gradient":
@@ -962,7 +1005,7 @@ def explain(model, inputs, target=None, method: str = "saliency", *, batch_size:
                     for start in range(0, len(x), batch_size):
                         stop = min(start + batch_size, len(x))
                         xb = torch.as_tensor(x[start:stop], device=device).requires_grad_(
-                            method not in ("occlusion", "lime"))
+                            method not in ("occlusion", "lime", "attention_rollout"))
                         tb = torch.as_tensor(targets[start:stop], device=device)
                         bb = None if base is None else torch.as_tensor(base[start:stop], device=device)
                         if modality == "tokens":  # no gradient reaches integer ids: they are explained through
