@@ -50,7 +50,8 @@ except AnalyzerError as exc:  # a layer that never runs as a module (an attentio
 def _feature_maps_and_top_samples(acts) -> None:
     """This sample's maps at the layer, then the dataset's samples that activate a chosen channel most."""
     strength, order = acts.strength[0], acts.order[0]
-    shown = int(st.slider("Channels shown", 1, min(48, len(order)), min(18, len(order)), key="network-shown"))
+    shown = 1 if len(order) == 1 else int(st.slider("Channels shown", 1, min(48, len(order)), min(18, len(order)),
+                                                    key="network-shown"))  # a one-unit layer: a regression's output
     if acts.kind == "conv":
         st.plotly_chart(figures.feature_map_grid_figure(acts.activations[0], order[:shown], strength),
                         key="network-maps", config={"displayModeBar": False})
