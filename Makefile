@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SAMPLE ?= digits
 PORT ?= 8501
+# The suite runs in this many processes (pytest-xdist), each test file in one: its cached loaders and runs are made once
+TEST_WORKERS ?= 2
 
 .PHONY: setup sandbox run test bench browser sample-runs clean
 
@@ -36,7 +38,7 @@ run: sample-runs
 	$(PY) dashboard/serve.py --port $(PORT) --runs-dir runs --run runs/sample-$(SAMPLE)
 
 test: setup browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The benchmarks, then the tests too slow for the suite's 20 minutes (marked `benchmark`: retraining the samples).
 bench: setup

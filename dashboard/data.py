@@ -204,10 +204,19 @@ def reliability(run: Run, strategy: str = "uniform", n_bins: int = 10) -> dict:
 def decided_samples(run: Run) -> pd.DataFrame:
     """The samples table with each prediction taken at the run's stored threshold (thresholds.json: the Confusion
     page's choice), else as stored (`analyzers.evaluation.thresholds.samples_at`)."""
-    from analyzers.evaluation.thresholds import THRESHOLDS, samples_at
+    from analyzers.evaluation.thresholds import THRESHOLDS
+
+    stored = optional_json(run, THRESHOLDS)
+    return _decided_samples(run, json.dumps(stored, sort_keys=True)) if stored else run.samples
+
+
+@st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)
+def _decided_samples(run: Run, stored_json: str) -> pd.DataFrame:
+    # cached by the stored thresholds' text too: a multi-label run's label sets are rebuilt row by row, once per cut
+    from analyzers.evaluation.thresholds import samples_at
 
     task = task_named_for(run)
-    return samples_at(run.samples, run.probs, task=task, stored=optional_json(run, THRESHOLDS),
+    return samples_at(run.samples, run.probs, task=task, stored=json.loads(stored_json),
                       labels=run.labels if task.per_label else None, names=run.class_names)
 
 
@@ -319,9 +328,10 @@ def explain_methods(run: Run) -> tuple[list, list, list]:
     # guided backprop overrides nn.ReLU modules' backward pass: a model without ReLU layers is not offered it
     if not any(k.startswith("relu") for k in (run.info["model"].get("layer_kinds") or {}).values()):
         available = [m for m in available if m != "guided_backprop"]
-    # attention rollout needs attention: offered where a layer is named for it (a transformer's), and when chosen
-    # on a model without any it is skipped with that reason
-    if not any("attention" in name.lower() or "attn" in name.lower() for name in run.info["model"].get("layers") or ()):
+    # attention rollout needs attention: offered where the run found some (run.json's model.attention_layers, probed
+    # when it was made); a run from before the probe, or whose probe failed, offers it, and rollout says why it
+    # does not apply when chosen on a model without attention
+    if run.info["model"].get("attention_layers") == []:
         available = [m for m in available if m != "attention_rollout"]
     defaults = [m for m in ("integrated_gradients", "gradcam" if conv_layers and modality != "tokens" else "saliency")
                 if m in available]
@@ -583,17 +593,14 @@ def run_has_sample(run: Run, sample_id: str) -> bool:
     return str(sample_id) in _id_strings(run)
 
 
-@st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)
-def tcav(run: Run, column: str, value: str, target: int, layers: tuple, random_sets: int = 8,
-         samples_per_set: int = 40) -> pd.DataFrame:
-    """analyzers.explanations.concepts.tcav_scores of the concept "metadata `column` is `value`" for class
-    `target` at `layers`, over the run's samples of that class (kept per session: it trains 2 × random_sets CAVs
-    per layer)."""
-    from analyzers.explanations.concepts import concept_rows, tcav_scores
+def tcav(run: Run, concept: dict, target: int, layers: tuple, *, concept_inputs=None, random_sets: int = 8,
+         samples_per_set: int = 40, on_batch=None) -> pd.DataFrame:
+    """analyzers.explanations.concepts.run_tcav of `concept` (a metadata value, selected ids, or concept images with
+    their decoded `concept_inputs`) for class `target` at `layers`: kept in the run (it trains 2 x random_sets CAVs
+    per layer), so a second ask, by anyone, reads it back."""
+    from analyzers.explanations.concepts import run_tcav
 
     model, dataset = run_inputs(run)
-    rows = concept_rows(dataset.metadata, column, value)
-    labels = np.asarray(run.labels) if run_task(run).has_classes else None
-    result = tcav_scores(model, dataset.x, concept_rows=rows, target=int(target), layers=list(layers),
-                         labels=labels, random_sets=random_sets, samples_per_set=samples_per_set)
-    return result.table()
+    return run_tcav(run.path, concept=concept, target=int(target), layers=list(layers), concept_inputs=concept_inputs,
+                    random_sets=random_sets, samples_per_set=samples_per_set, model=model, dataset=dataset,
+                    on_batch=on_batch).table()

@@ -22,7 +22,10 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache"))
 # Many short dashboard sessions: a background warm-up in each would compete for the two cores (the tests that are
 # about the warm-up turn it on)
 os.environ.setdefault("DASHBOARD_WARM_UP", "0")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under `make test` the tests run in TEST_WORKERS processes (pytest-xdist): one torch thread each, so the workers share
+# the cores rather than oversubscribe them; a single process (a test run by hand) takes two.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 
 
 class TinyCNN(nn.Module):

@@ -166,3 +166,110 @@ def test_the_model_is_left_as_it_was_and_bad_options_get_one_line_naming_the_fix
         concept_rows({"background": np.array(["red", "green"])}, "background", "purple")
     np.testing.assert_array_equal(concept_rows({"flag": np.array([True, False, True])}, "flag", "True"), [0, 2])
     assert issubclass(InvalidOption, AnalyzerError)
+
+
+# --- concepts of a stored run: three ways to name one, kept in the run --------------------------------------------
+
+RUN_OPTIONS = {"layers": [PLANTED_LAYER], "random_sets": SETS, "samples_per_set": PER_SET}
+
+
+@pytest.fixture(scope="module")
+def shapes_run(sample_run_dir, tmp_path_factory):
+    import shutil
+
+    path = tmp_path_factory.mktemp("tcav-run") / "shapes"
+    shutil.copytree(sample_run_dir("shapes"), path)
+    from analyzers.engines.pipeline import load_run_inputs
+    from analyzers.loading.runs import open_run
+
+    return path, *load_run_inputs(open_run(path))
+
+
+def _png_zip(folders: dict) -> bytes:
+    """A zip of concept folders: {folder: (N, 3, H, W) images in [0, 1]} as 8-bit PNGs."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for folder, images in folders.items():
+            for i, image in enumerate(images):
+                pixels = np.round(np.clip(image.transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8)
+                png = io.BytesIO()
+                Image.fromarray(pixels).save(png, format="PNG")
+                archive.writestr(f"concepts/{folder}/{i:03d}.png", png.getvalue())
+    return out.getvalue()
+
+
+def test_a_runs_concept_by_metadata_by_selection_and_by_images_finds_the_planted_cue_and_is_kept(shapes_run,
+                                                                                                 monkeypatch):
+    import analyzers.explanations.concepts as concepts
+
+    path, model, dataset = shapes_run
+    square = list(dataset.class_names).index("square")
+    calls = []
+    real = concepts.tcav_scores
+    monkeypatch.setattr(concepts, "tcav_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    by_value = concepts.run_tcav(path, concept={"kind": "metadata", "column": "background", "value": "green"},
+                                 target=square, **RUN_OPTIONS)
+    assert by_value.score[0] > 0.7 and by_value.significant[0], by_value.table()
+    # the same rows as a selection of ids give the same numbers: the same concept, however it was named
+    green = concept_rows(dataset.metadata, "background", "green")
+    by_ids = concepts.run_tcav(path, concept={"kind": "ids", "ids": [str(i) for i in dataset.ids[green]]},
+                               target=square, **RUN_OPTIONS)
+    np.testing.assert_array_equal(by_ids.concept_scores, by_value.concept_scores)
+    # the same images written as PNGs and read back as concept images (8-bit: close, not equal)
+    archive = _png_zip({"green": dataset.x[green], "red": dataset.x[concept_rows(dataset.metadata, "background",
+                                                                                 "red")[:20]]})
+    decoded = concepts.concept_folder_inputs(model, np.frombuffer(archive, np.uint8), name="concepts.zip",
+                                             image_size=None)
+    assert decoded["concepts"] == ["green", "red"]
+    images = decoded["x"][decoded["concept"] == 0]
+    np.testing.assert_allclose(images, dataset.x[green], atol=0.5 / 255 + 1e-6)
+    by_images = concepts.run_tcav(path, concept={"kind": "images", "sha256": "z" * 64, "folder": "green"},
+                                  concept_inputs=images, target=square, **RUN_OPTIONS)
+    assert by_images.score[0] > 0.7 and by_images.significant[0], by_images.table()
+    assert len(calls) == 3
+
+    # kept in the run: asked again, read back without computing; listed for the page, newest first
+    again = concepts.run_tcav(path, concept={"kind": "metadata", "column": "background", "value": "green"},
+                              target=square, **RUN_OPTIONS)
+    assert len(calls) == 3
+    np.testing.assert_array_equal(again.concept_scores, by_value.concept_scores)
+    kept = concepts.stored_tcav(path)
+    assert sorted(label for label, _, _ in kept) == sorted(["background = green",
+                                                            f"a selection of {len(green)} samples",
+                                                            "concept images: green"])
+    # another class is another result
+    concepts.run_tcav(path, concept={"kind": "metadata", "column": "background", "value": "green"},
+                      target=list(dataset.class_names).index("triangle"), **RUN_OPTIONS)
+    assert len(calls) == 4 and len(concepts.stored_tcav(path)) == 4
+
+
+def test_a_runs_concept_refuses_what_it_cannot_score_in_one_line(shapes_run, tmp_path):
+    import analyzers.explanations.concepts as concepts
+
+    path, model, _ = shapes_run
+    with pytest.raises(InvalidOption, match="kind one of metadata, ids, images"):
+        concepts.run_tcav(path, concept={"kind": "slice"}, target=0, **RUN_OPTIONS)
+    with pytest.raises(InvalidOption, match="not in this run"):
+        concepts.run_tcav(path, concept={"kind": "ids", "ids": ["no-such-id"] * 3}, target=0, **RUN_OPTIONS)
+    with pytest.raises(InvalidOption, match="decoded inputs"):
+        concepts.run_tcav(path, concept={"kind": "images", "sha256": "0", "folder": "x"}, target=0, **RUN_OPTIONS)
+    with pytest.raises(AnalyzerError, match="not inside a concept folder"):
+        import io
+        import zipfile
+
+        flat = io.BytesIO()
+        with zipfile.ZipFile(flat, "w") as archive:
+            archive.writestr("one.png", b"")
+        concepts.concept_folder_inputs(model, np.frombuffer(flat.getvalue(), np.uint8), name="flat.zip",
+                                       image_size=None)
+    stored = path / concepts.TCAV_DIR
+    stored.mkdir(parents=True, exist_ok=True)
+    (stored / "broken.npz").write_bytes(b"not an npz")
+    with pytest.raises(AnalyzerError, match=r"broken.npz .* cannot be read .*delete it"):
+        concepts.stored_tcav(path)
+    (stored / "broken.npz").unlink()

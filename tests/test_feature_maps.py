@@ -202,6 +202,26 @@ def test_the_network_page_draws_a_samples_maps_and_a_channels_top_samples(sample
         table = next(d.value for d in at.dataframe if "null_score" in d.value.columns)
         row = table.iloc[0]
         assert row["layer"] == "relu3" and bool(row["significant"]) and row["score"] > 0.7, row.to_dict()
+        assert (runs / sample / "network" / "tcav").is_dir()  # kept in the run, and listed below
+        kept = next(d.value for d in at.dataframe if "concept" in d.value.columns)
+        assert kept.iloc[0][["concept", "class", "layer"]].tolist() == ["background = green", "square", "relu3"]
+
+        # the selection as the concept (made on the Embeddings page: here the run's green-background samples)
+        from analyzers.loading.runs import open_run
+
+        green = open_run(runs / sample).samples.query("background == 'green'")["id"].astype(str).tolist()
+        at = _app(monkeypatch, runs, runs / sample, sel="ids:" + ",".join(green)).run()
+        at.switch_page("views/network.py").run()
+        at.radio(key="tcav-source").set_value("the selected samples").run()
+        assert f"The {len(green):,} samples of the current selection" in _text(at)
+        at.selectbox(key="tcav-class").set_value(1).run()
+        at.multiselect(key="tcav-layers").set_value(["relu3"]).run()
+        at.button(key="tcav-run").click().run()
+        _ok(at)
+        scored = next(d.value for d in at.dataframe if "null_score" in d.value.columns).iloc[0]
+        assert bool(scored["significant"]) and scored["score"] > 0.7
+        kept = next(d.value for d in at.dataframe if "concept" in d.value.columns)
+        assert f"a selection of {len(green)} samples" in kept["concept"].tolist() and len(kept) == 2
 
 
 def test_the_network_page_shows_the_text_samples_attention_and_its_rollout_score(sample_run_dir, tmp_path,

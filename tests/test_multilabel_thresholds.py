@@ -48,7 +48,7 @@ def test_a_task_cut_per_label_predicts_metrics_and_report_as_scikit_learn_does()
     assert report["co_missed_matrix"] == (missed.T @ missed).tolist()
     assert task.to_json()["threshold"] == list(cuts)
     for bad in ((0.5, 0.5), (0.5, 0.5, 0.5, 1.5), float("nan")):
-        with pytest.raises(AnalyzerError, match="one number in"):
+        with pytest.raises(AnalyzerError, match="one per label|must be a number in"):
             MultiLabel(4, threshold=bad)
 
 
@@ -74,7 +74,7 @@ def test_stored_cuts_decide_the_samples_table_and_their_ranking(tmp_path):
     assert task_at(base, None) is base
     with pytest.raises(AnalyzerError, match="3 thresholds for 4 labels"):
         save_label_thresholds(tmp_path, [0.3, 0.5, 0.8], names=names)
-    with pytest.raises(AnalyzerError, match=r"label 'c' lies in \[0, 1\]"):
+    with pytest.raises(AnalyzerError, match=r"label 'c' must be a number in \[0, 1\]"):
         save_label_thresholds(tmp_path, [0.3, 0.5, 1.8, 0.5], names=names)
 
 
@@ -152,3 +152,29 @@ def test_the_confusion_page_stores_one_labels_cut_and_every_best_f1_cut_for_the_
     _ok(at)
     assert not at.error, [e.value for e in at.error]
     assert "own threshold for each label" in _text(at)
+
+
+def test_the_dashboards_decided_table_is_built_once_per_stored_cut(scenes_run, monkeypatch):
+    """The label sets are rebuilt row by row: every page that reads them shares one build per stored cut, and a new
+    cut is a new build that equals samples_at's."""
+    import analyzers.evaluation.thresholds as thresholds
+    from analyzers.loading.runs import open_run
+    from dashboard import data
+
+    _, path = scenes_run
+    run = open_run(path)
+    names = list(run.class_names)
+    builds = []
+    real = thresholds.samples_at
+    monkeypatch.setattr(thresholds, "samples_at", lambda *a, **k: builds.append(1) or real(*a, **k))
+    data.forget_runs()
+    assert data.decided_samples(run) is run.samples and not builds  # no stored cut: the table as stored
+    for cut in (0.3, 0.7):
+        record = save_label_thresholds(path, [cut] * len(names), names=names)
+        data.forget_runs()  # as the Confusion page does once it stored a cut
+        first, again = data.decided_samples(run), data.decided_samples(run)
+        expected = real(run.samples, run.probs, task=MultiLabel(len(names)), stored=record, labels=run.labels,
+                        names=names)
+        __import__("pandas").testing.assert_frame_equal(first, expected)
+        __import__("pandas").testing.assert_frame_equal(again, expected)
+    assert len(builds) == 2

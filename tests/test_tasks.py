@@ -112,3 +112,23 @@ def test_a_worker_cannot_hand_over_an_unknown_task_or_non_finite_targets():
                           ({"task": "classification"}, "one int64 per sample")):
         with pytest.raises(AnalyzerError, match=words):
             dataset_from_fields({**good, **change})
+
+
+@pytest.mark.parametrize("threshold", [1.5, -0.1, float("nan"), True, "0.5", (0.1, 0.2, 2.0), (0.1, np.nan, 0.3)])
+def test_a_multilabel_threshold_out_of_zero_one_is_refused_as_a_stored_cut_is(threshold, tmp_path):
+    """One check owns a probability cut: the task refuses what saving a label's threshold refuses, with its words."""
+    from analyzers.evaluation.thresholds import save_label_thresholds
+
+    with pytest.raises(AnalyzerError, match=r"a multi-label threshold must be a number in \[0, 1\]"):
+        MultiLabel(num_outputs=3, threshold=threshold)
+    cuts = threshold if isinstance(threshold, tuple) else (threshold, 0.5, 0.5)
+    with pytest.raises(AnalyzerError, match=r"the threshold of label '.' must be a number in \[0, 1\]"):
+        save_label_thresholds(tmp_path, cuts, names="abc")
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_multilabel_threshold_is_one_cut_or_one_per_label():
+    assert MultiLabel(num_outputs=3, threshold=np.array(0.25)).thresholds.tolist() == [0.25] * 3
+    assert MultiLabel(num_outputs=3, threshold=np.array([0.1, 0.2, 0.3])).threshold == (0.1, 0.2, 0.3)
+    with pytest.raises(AnalyzerError, match=r"one per label \(3\)"):
+        MultiLabel(num_outputs=3, threshold=(0.1, 0.2))

@@ -11,6 +11,7 @@ from sklearn.metrics import accuracy_score
 
 from analyzers.engines.inference import predict
 from analyzers.loading.models import load_model
+from analyzers.loading.runs import open_run
 from sample_models import WEIGHTS_DIR, get_sample
 
 TEXT = get_sample("text").module
@@ -136,6 +137,21 @@ def test_run_analysis_of_the_sample_records_tokens_and_its_vocabulary(text_run):
     assert info["accuracy"] == pytest.approx(json.loads((WEIGHTS_DIR / "text.json").read_text())["test_accuracy"])
     assert info["analyses"]["evaluation"]["status"] == "done"
     assert {"trigger", "trigger_position", "topic_label"} <= set(info["dataset"]["ground_truth_columns"])
+
+
+def test_a_run_records_where_its_model_has_attention_and_the_explain_page_offers_rollout_only_there(
+        text_run, sample_run_dir):
+    from analyzers.explanations.attention import attention_weights
+    from dashboard.data import explain_methods
+
+    data = split()
+    found = attention_weights(shipped_model(), data.x[:2]).layers  # the probe's answer, read again on other samples
+    assert len(found) == 2 and text_run.info["model"]["attention_layers"] == list(found)
+    assert "attention_rollout" in explain_methods(text_run)[0]
+    digits = open_run(sample_run_dir("digits"))
+    assert digits.info["model"]["attention_layers"] == []  # a CNN: probed, none
+    assert "attention_rollout" not in explain_methods(digits)[0]
+    assert "integrated_gradients" in explain_methods(digits)[0]
 
 
 def test_the_dashboard_shows_sentences_as_words(text_run):

@@ -87,7 +87,7 @@ def test_predictions_at_a_threshold_and_the_stored_choice(tmp_path):
     record = save_threshold(tmp_path, positive=1, threshold=0.3, num_classes=2, cost_fp=1, cost_fn=5)
     assert json.loads((tmp_path / THRESHOLDS).read_text()) == record == {"positive": 1, "threshold": 0.3,
                                                                          "cost_fp": 1.0, "cost_fn": 5.0}
-    with pytest.raises(AnalyzerError, match=r"lies in \[0, 1\]"):
+    with pytest.raises(AnalyzerError, match=r"must be a number in \[0, 1\]"):
         save_threshold(tmp_path, positive=1, threshold=1.5, num_classes=2)
 
 

@@ -93,6 +93,44 @@ def resolve_layer(module: nn.Module, name: str) -> nn.Module:
     return modules[name]
 
 
+@contextlib.contextmanager
+def captured_layer(module: nn.Module, layer: str | None, *, capture: str = "output"):
+    """A hook on `layer` of `module` that keeps a detached clone of what enters it (`capture="input"`) or leaves it
+    ("output"; a tuple output's first element) at each call: yields (the layer, the list of captures), and removes
+    the hook on the way out. The clone: an in-place activation after the layer (ReLU(inplace=True)) would rewrite a
+    view. `layer` None yields (None, []) and hooks nothing."""
+    if capture not in ("input", "output"):
+        raise AnalyzerError(f"capture must be 'input' or 'output', got {capture!r}")
+    captured: list = []
+    if layer is None:
+        yield None, captured
+        return
+    target = resolve_layer(module, layer)
+    if capture == "input":
+        handle = target.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().clone()))
+    else:
+        handle = target.register_forward_hook(lambda _m, _a, out: captured.append(
+            (out[0] if isinstance(out, tuple) else out).detach().clone()))
+    try:
+        yield target, captured
+    finally:
+        handle.remove()
+
+
+def forward_batches(module: nn.Module, x, *, batch_size: int, device="cpu"):
+    """Yield (start, batch, output) for `module` run on `x` in batches of `batch_size` (the caller sets the mode and
+    the gradient context). Each batch is a float32 copy: rows of a read-only (memory-mapped) array become a tensor
+    torch may write. A forward that raises becomes one line naming the samples."""
+    for start in range(0, len(x), batch_size):
+        batch = torch.from_numpy(np.array(x[start:start + batch_size], dtype=np.float32)).to(device)
+        try:
+            out = module(batch)
+        except Exception as exc:
+            raise AnalyzerError(f"the model's forward failed on samples {start}..{start + len(batch) - 1} "
+                                f"({first_line(exc)}): check the inputs match what it expects") from exc
+        yield start, batch, out
+
+
 @runs_in_worker
 def predict(model, x, y=None, *, batch_size: int = 256, layer: str | None = None, capture: str = "input",
             device: str = "cpu", progress: bool = False, on_batch=None) -> Predictions:
@@ -104,7 +142,7 @@ def predict(model, x, y=None, *, batch_size: int = 256, layer: str | None = None
     """
     if batch_size < 1:
         raise AnalyzerError(f"batch_size must be at least 1, got {batch_size}")
-    if capture not in ("input", "output"):
+    if capture not in ("input", "output"):  # checked before any work, as captured_layer would on the first batch
         raise AnalyzerError(f"capture must be 'input' or 'output', got {capture!r}")
     from ..evaluation.tasks import task_of
 
@@ -114,29 +152,15 @@ def predict(model, x, y=None, *, batch_size: int = 256, layer: str | None = None
     n = len(x)
     labels = None if y is None else torch.as_tensor(np.asarray(y, dtype=task.label_dtype))
     probs_out, loss_out, emb_out = [], [], []
-    captured = []
-    handle = None
-    if layer is not None:
-        target = resolve_layer(module, layer)
-        if capture == "input":
-            # copies: an in-place activation running after the hook (ReLU(inplace=True)) would rewrite a view
-            handle = target.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().clone()))
-        else:
-            handle = target.register_forward_hook(lambda _m, _a, out: captured.append(out.detach().clone()))
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=n, desc="inference", unit="sample", leave=False)
     try:
-        with analysis_mode(module), torch.inference_mode(), on_device(module, device):
-            for start in range(0, n, batch_size):
-                batch = torch.as_tensor(np.asarray(x[start:start + batch_size]), dtype=torch.float32).to(device)
-                try:
-                    out = module(batch)
-                except Exception as exc:
-                    raise AnalyzerError(f"the model's forward failed on samples {start}..{start + len(batch) - 1} "
-                                        f"({first_line(exc)}): check the inputs match what it expects") from exc
+        with analysis_mode(module), torch.inference_mode(), on_device(module, device), \
+                captured_layer(module, layer, capture=capture) as (_, captured):
+            for start, batch, out in forward_batches(module, x, batch_size=batch_size, device=device):
                 if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != len(batch):
                     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                     raise AnalyzerError(f"the model returned {shape} for a batch of {len(batch)}; expected (N, classes)")
@@ -155,8 +179,6 @@ def predict(model, x, y=None, *, batch_size: int = 256, layer: str | None = None
                 if on_batch is not None:
                     on_batch(min(start + batch_size, n), n)
     finally:
-        if handle is not None:
-            handle.remove()
         if bar is not None:
             bar.close()
     if layer is not None and len(emb_out) != len(probs_out):

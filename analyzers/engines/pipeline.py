@@ -327,8 +327,23 @@ def write_run_files(model, dataset, stage_dir, *, params: dict, stages, device: 
         timings[name] = time.perf_counter() - t0
         report(name, 1.0)
     return {"analyses": summaries, "timings_s": {k: round(v, 4) for k, v in timings.items()},
-            "class_names": ctx.class_names,
+            "class_names": ctx.class_names, "attention_layers": attention_layers(model, dataset.x[:1]),
             "embedding_layer": params["layer"] if predictions.embeddings is not None else None}
+
+
+def attention_layers(model, x) -> list | None:
+    """The call sites whose attention weights `explanations.attention` reads, probed on the sample(s) `x`: what tells
+    the dashboard whether attention rollout applies. [] for a model without attention; None when the probe itself
+    failed (logged: the run goes on, and rollout, when chosen, gives its own reason)."""
+    from ..explanations.attention import NO_ATTENTION, attention_arrays
+
+    try:
+        return [str(name) for name in attention_arrays(model, x, batch_size=1)["layers"]]
+    except Exception as exc:  # noqa: BLE001 - a probe that fails must not abort the run it describes
+        if isinstance(exc, AnalyzerError) and str(exc).startswith(NO_ATTENTION):
+            return []
+        LOG.warning("could not tell whether the model has attention: %s", first_line(exc))
+        return None
 
 
 def _run_sandboxed(model_spec, data_spec, out: Path, *, arch, input_shape, data_options, param_options, device,
@@ -361,6 +376,11 @@ def _run_sandboxed(model_spec, data_spec, out: Path, *, arch, input_shape, data_
     return out
 
 
+def _texts_or_none(value):
+    """A list of text as it is; anything else (a sandboxed worker's summary is not trusted) None."""
+    return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+
+
 def _display_name(spec, given) -> str:
     """How a file is named to the person: the name given (as uploaded), else the last part of its spec."""
     text = given if isinstance(given, str) and given.strip() else str(spec).replace("\\", "/").rsplit("/", 1)[-1]
@@ -379,7 +399,8 @@ def _run_info(model_spec, data_spec, model, dataset: dict, arch, params, summary
                   "arch_kwargs": params.get("arch_kwargs"),
                   "input_shape": list(model.input_shape), "output_kind": model.output_kind,
                   "inputs": model.input_layout.to_json() if getattr(model, "input_layout", None) else None,
-                  "layers": list(model.layers), "layer_kinds": dict(model.layer_kinds)},
+                  "layers": list(model.layers), "layer_kinds": dict(model.layer_kinds),
+                  "attention_layers": _texts_or_none(summary.get("attention_layers"))},
         "dataset": {"spec": data_spec, "name": _display_name(data_spec, file_names.get("dataset")),
                     "sha256": dataset["sha256"], "modality": dataset["modality"],
                     "feature_names": dataset["feature_names"], "metadata_columns": dataset["metadata_columns"],

@@ -332,6 +332,13 @@ class Regression(Task):
         return {**super().to_json(), "wrong_quantile": float(self.wrong_quantile)}
 
 
+def check_probability_cut(threshold, what: str = "a threshold on a probability") -> None:
+    """Refuse a cut that is not one real number in [0, 1] (a bool, text or NaN included), naming `what` it is."""
+    if isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, (int, float, np.number)) or \
+            not 0 <= float(threshold) <= 1:
+        raise AnalyzerError(f"{what} must be a number in [0, 1], got {threshold!r}")
+
+
 @dataclass(frozen=True)
 class MultiLabel(Task):
     """`num_outputs` independent yes/no labels; outputs are per-label probabilities (N, K), one sigmoid per logit.
@@ -341,13 +348,14 @@ class MultiLabel(Task):
     threshold: float | tuple = 0.5
 
     def __post_init__(self):
-        cuts = np.asarray(self.threshold, dtype=np.float64)
-        if cuts.ndim > 1 or (cuts.ndim == 1 and len(cuts) != self.num_outputs) or not np.all(
-                (cuts >= 0) & (cuts <= 1)):
+        shape = np.shape(self.threshold)
+        if len(shape) > 1 or (len(shape) == 1 and shape[0] != self.num_outputs):
             raise AnalyzerError(f"a multi-label threshold is one number in [0, 1] or one per label "
                                 f"({self.num_outputs}), got {self.threshold!r}")
-        if cuts.ndim == 1:  # a tuple keeps the dataclass hashable and frozen
-            object.__setattr__(self, "threshold", tuple(float(c) for c in cuts))
+        for cut in np.asarray(self.threshold, dtype=object).reshape(-1):  # a 0-d array's value, an array's each
+            check_probability_cut(cut, "a multi-label threshold")
+        if shape:  # a tuple keeps the dataclass hashable and frozen
+            object.__setattr__(self, "threshold", tuple(float(c) for c in self.threshold))
 
     @property
     def thresholds(self) -> np.ndarray:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import AnalyzerError
+from .tasks import check_probability_cut
 
 
 def _check(labels, probs, positive):
@@ -192,7 +193,7 @@ def save_threshold(run_dir, *, positive: int, threshold: float, num_classes: int
     from ..loading.runs import write_json
     from pathlib import Path
 
-    _check_probability_cut(threshold)
+    check_probability_cut(threshold)
     if isinstance(positive, bool) or not isinstance(positive, (int, np.integer)) or not 0 <= positive < num_classes:
         raise AnalyzerError(f"the positive class must be a class index 0..{num_classes - 1}, got {positive!r}")
     _check_costs(cost_fp, cost_fn)
@@ -200,12 +201,6 @@ def save_threshold(run_dir, *, positive: int, threshold: float, num_classes: int
               "cost_fn": float(cost_fn)}
     write_json(Path(run_dir) / THRESHOLDS, record)
     return record
-
-
-def _check_probability_cut(threshold, what: str = "a threshold on a probability") -> None:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)) or \
-            not 0 <= float(threshold) <= 1:
-        raise AnalyzerError(f"{what} lies in [0, 1], got {threshold!r}")
 
 
 def save_label_thresholds(run_dir, thresholds, *, names, cost_fp: float = 1.0, cost_fn: float = 1.0) -> dict:
@@ -219,7 +214,7 @@ def save_label_thresholds(run_dir, thresholds, *, names, cost_fp: float = 1.0, c
     if len(cuts) != len(names):
         raise AnalyzerError(f"{len(cuts)} thresholds for {len(names)} labels: give one threshold per label")
     for name, cut in zip(names, cuts):
-        _check_probability_cut(cut, f"the threshold of label {name!r}")
+        check_probability_cut(cut, f"the threshold of label {name!r}")
     _check_costs(cost_fp, cost_fn)
     record = {"per_label": [float(c) for c in cuts], "labels": names, "cost_fp": float(cost_fp),
               "cost_fn": float(cost_fn)}

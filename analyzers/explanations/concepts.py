@@ -66,10 +66,12 @@ output) raise a one-line `InvalidOption` that names the fix.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -385,3 +387,159 @@ def tcav_scores(model, inputs, *, concept_rows=None, concept_inputs=None, target
         null_scores=null_scores, cav_accuracy=accuracy[:, :random_sets], null_cav_accuracy=accuracy[:, random_sets:],
         concept_sample=concept_sample, random_rows=random_rows, num_inputs=len(scored), concept_size=len(given),
         samples_per_set=size, random_sets=random_sets, alpha=float(alpha), correction=CORRECTION, seed=seed)
+
+
+# --- concepts of a stored run -------------------------------------------------------------------------------------
+
+TCAV_DIR = "network/tcav"  # in a run: one .npz per concept, class, layers and options scored
+CONCEPT_KINDS = ("metadata", "ids", "images")
+
+
+@runs_in_worker
+def concept_folder_inputs(model, archive, *, name: str, image_size, mean=None, std=None) -> dict:
+    """The images of a zip of concept folders (`striped/001.png`: one folder per concept), decoded for `model`'s
+    image inputs as the run's dataset was (`image_size` (H, W), `mean`, `std`; the model's channels). With a
+    sandboxed model this runs in its worker, so an uploaded archive is parsed only there. `archive`: the zip's bytes
+    as a uint8 array. Returns {"concepts": folder names, "x": (N, C, H, W) float32, "concept": (N,) index into
+    concepts}."""
+    from ..loading.datasets import read_image_folders
+
+    shape = tuple(getattr(model, "input_shape", ()) or ())
+    if len(shape) != 3:
+        raise InvalidOption(f"the model takes inputs of shape {shape}, not images: concept images apply to an image "
+                            f"model; give the concept as a metadata value or a selection")
+    data = np.asarray(archive, dtype=np.uint8).tobytes()
+    folders, x, _ = read_image_folders(data, name=name, channels=shape[0], image_size=image_size or shape[1:],
+                                       mean=mean, std=std)
+    concepts = sorted(set(folders))
+    return {"concepts": concepts, "x": x, "concept": np.asarray([concepts.index(f) for f in folders], np.int64)}
+
+
+def _tcav_path(run, key: dict) -> Path:
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return run.file(f"{TCAV_DIR}/{digest}.npz")
+
+
+def _concept_key(concept: dict) -> dict:
+    """What identifies a concept in the stored results (a long id list by its digest); refuses a malformed one."""
+    import hashlib
+
+    kind = concept.get("kind") if isinstance(concept, dict) else None
+    if kind == "metadata" and {"column", "value"} <= set(concept):
+        return {"kind": kind, "column": str(concept["column"]), "value": str(concept["value"])}
+    if kind == "ids" and isinstance(concept.get("ids"), (list, tuple)):
+        ids = sorted(str(i) for i in concept["ids"])
+        return {"kind": kind, "ids": hashlib.sha256("\n".join(ids).encode()).hexdigest(), "count": len(ids)}
+    if kind == "images" and {"sha256", "folder"} <= set(concept):
+        return {"kind": kind, "sha256": str(concept["sha256"]), "folder": str(concept["folder"])}
+    raise InvalidOption(f"a concept is a dict with kind one of {', '.join(CONCEPT_KINDS)} (metadata: column and "
+                        f"value; ids: ids; images: sha256 and folder), got {concept!r}")
+
+
+def run_tcav(run_dir, *, concept: dict, target: int, layers, concept_inputs=None, random_sets: int = 8,
+             samples_per_set: int = 40, seed: int = 0, batch_size: int = 64, model=None, dataset=None,
+             on_batch=None) -> TcavScores:
+    """`tcav_scores` of a concept over a stored run's dataset, for class `target` at `layers` (the class's samples
+    scored, when the task has classes). `concept` says what the concept is and is kept with its scores:
+    {"kind": "metadata", "column", "value"}, {"kind": "ids", "ids": sample ids} (a selection), or
+    {"kind": "images", "sha256", "folder"} with its decoded images as `concept_inputs` (`concept_folder_inputs`).
+    An optional "label" names it for a person. Kept in the run (network/tcav/<digest>.npz) and read back while the
+    model's and the data's hashes, the concept, the class, the layers and the options are those it was computed
+    with (`stored_tcav` lists them); `model`/`dataset` (already loaded) skip reloading them."""
+    import json
+
+    from ..engines.pipeline import load_run_inputs
+    from ..evaluation.tasks import task_named
+    from ..loading.runs import open_run, write_atomic
+
+    run = open_run(run_dir)
+    names = [layers] if isinstance(layers, str) else [str(n) for n in layers or ()]
+    key = {"model": run.info["model"]["sha256"], "data": run.info["dataset"]["sha256"],
+           "concept": _concept_key(concept), "target": int(target), "layers": names,
+           "random_sets": int(random_sets), "samples_per_set": int(samples_per_set), "seed": int(seed)}
+    path = _tcav_path(run, key)
+    stored = _read_tcav(path, key)
+    if stored is not None:
+        return stored[1]
+    if (concept["kind"] == "images") != (concept_inputs is not None):
+        raise InvalidOption("concept images come with their decoded inputs (concept_inputs), and only they do")
+    if model is None or dataset is None:
+        model, dataset = load_run_inputs(run)
+    rows = None
+    if concept["kind"] == "metadata":
+        rows = concept_rows(dataset.metadata, concept["column"], concept["value"])
+    elif concept["kind"] == "ids":
+        position = {str(i): r for r, i in enumerate(np.asarray(dataset.ids).tolist())}
+        missing = [str(i) for i in concept["ids"] if str(i) not in position]
+        if missing:
+            raise InvalidOption(f"{len(missing)} of the selected ids are not in this run (such as {missing[0]!r}): "
+                                f"select the concept's samples again on this run")
+        rows = np.unique([position[str(i)] for i in concept["ids"]]).astype(np.int64)
+    has_classes = task_named(run.task, len(run.class_names)).has_classes
+    result = tcav_scores(model, dataset.x, concept_rows=rows, concept_inputs=concept_inputs, target=int(target),
+                         layers=names, labels=np.asarray(dataset.y) if has_classes else None,
+                         random_sets=random_sets, samples_per_set=samples_per_set, seed=seed,
+                         batch_size=batch_size, on_batch=on_batch)
+    label = str(concept.get("label") or _concept_label(key["concept"]))
+
+    def _save(tmp: Path) -> None:
+        fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+        fields["layers"] = np.asarray(result.layers, dtype=str)
+        with open(tmp, "wb") as fh:
+            np.savez(fh, key=json.dumps(key, sort_keys=True), label=label, **fields)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, _save)
+    return result
+
+
+def _concept_label(concept_key: dict) -> str:
+    if concept_key["kind"] == "metadata":
+        return f"{concept_key['column']} = {concept_key['value']}"
+    if concept_key["kind"] == "ids":
+        return f"a selection of {concept_key['count']} samples"
+    return f"concept images: {concept_key['folder']}"
+
+
+def _read_tcav(path: Path, key: dict | None = None):
+    """(label, key, TcavScores) stored at `path`, if it is there, readable and (given `key`) computed for it."""
+    import json
+
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            stored_key = json.loads(str(stored["key"]))
+            if key is not None and stored_key != key:
+                return None
+            values = {f.name: stored[f.name] for f in dataclasses.fields(TcavScores)}
+            label = str(stored["label"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise AnalyzerError(f"{path.name} in the run's {TCAV_DIR} cannot be read ({first_line(exc)}): delete it and "
+                            f"score the concept again") from None
+    for name in ("target", "num_inputs", "concept_size", "samples_per_set", "random_sets", "seed"):
+        values[name] = int(values[name])
+    values["alpha"], values["correction"] = float(values["alpha"]), str(values["correction"])
+    values["layers"] = tuple(str(n) for n in values["layers"])
+    return (label, stored_key, TcavScores(**values)) if key is None else (label, TcavScores(**values))
+
+
+def stored_tcav(run_dir) -> list:
+    """The concepts scored on this run and kept in it, for its model and data as they are: (label, key,
+    TcavScores) each, the most recent first."""
+    from ..loading.runs import open_run
+
+    run = open_run(run_dir)
+    folder = run.file(TCAV_DIR)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True):
+        record = _read_tcav(path)
+        if record and record[1].get("model") == run.info["model"]["sha256"] \
+                and record[1].get("data") == run.info["dataset"]["sha256"]:
+            found.append(record)
+    return found

@@ -108,34 +108,22 @@ def _responses(maps, reduce: str):
 
 
 def _batches(model, inputs, layer: str, batch_size: int):
-    """Yield (start, layer output) per batch of `inputs`: one forward hook on `layer`, removed when done, in eval
-    mode without gradients. The output is cloned (an in-place activation after the layer would rewrite it)."""
+    """Yield (start, the layer, its float output) per batch of `inputs`, in eval mode without gradients
+    (`inference.captured_layer` and `forward_batches`: the hook is removed when done)."""
     import torch
 
-    from ..engines.inference import module_device, resolve_layer
+    from ..engines.inference import captured_layer, forward_batches, module_device
     from ..guard import analysis_mode, unwrap
-    from .attributions import _scores_module
 
     module = unwrap(model)
-    target = resolve_layer(module, layer)
-    scores = _scores_module(model)
-    captured = []
-    handle = target.register_forward_hook(lambda _m, _a, out: captured.append(
-        (out[0] if isinstance(out, tuple) else out).detach().float().clone()))
-    device = module_device(module)
-    try:
-        with analysis_mode(module), torch.no_grad():
-            for start in range(0, len(inputs), batch_size):
-                batch = torch.as_tensor(np.asarray(inputs[start:start + batch_size], dtype=np.float32), device=device)
-                captured.clear()
-                scores(batch)
-                if not captured:
-                    raise AnalyzerError(f"layer {layer!r} did not run during the forward pass: choose a layer the "
-                                        f"model calls")
-                # the first call of a layer that runs twice (a shared block) is the one read
-                yield start, target, captured[0]
-    finally:
-        handle.remove()
+    with analysis_mode(module), torch.no_grad(), captured_layer(module, layer) as (target, captured):
+        for start, _, _ in forward_batches(module, inputs, batch_size=batch_size, device=module_device(module)):
+            if not captured:
+                raise AnalyzerError(f"layer {layer!r} did not run during the forward pass: choose a layer the "
+                                    f"model calls")
+            # the first call of a layer that runs twice (a shared block) is the one read
+            yield start, target, captured[0].float()
+            captured.clear()
 
 
 @runs_in_worker

@@ -562,11 +562,44 @@ def _packed_from_table(table: pd.DataFrame, layout, name: str, spec: str, digest
 
 
 def _load_image_zip(source, name: str, spec: str, digest: str, *, model, image_size, mean, std) -> Dataset:
+    archive, members = _image_members(source, name, what="class")
+    names = sorted({folder for folder, _ in members})
+    if model is not None:  # folder names must name the model's classes (or their indices): never sorted order
+        folder_class = names_to_classes(names, model.class_names, repr(name), what="class folders")
+        class_names = tuple(model.class_names)
+    else:
+        folder_class = {folder: i for i, folder in enumerate(names)}
+        class_names = tuple(names)
+    channels, size = _image_geometry(model, image_size, name)
+    x, preprocessing = _decoded_members(archive, members, name, channels=channels, size=size, mean=mean, std=std)
+    folders = [folder for folder, _ in members]
+    labels = np.asarray([folder_class[f] for f in folders], dtype=np.int64)
+    return _finish(x, labels, np.asarray([info.filename for _, info in members]), spec=spec, digest=digest,
+                   class_names=class_names, metadata=pd.DataFrame({"folder": folders}), preprocessing=preprocessing,
+                   name=name)
+
+
+def read_image_folders(data: bytes, *, name: str, channels: int, image_size, mean=None, std=None,
+                       what: str = "concept") -> tuple[list, np.ndarray, list]:
+    """The images of a zip of folders (`FOLDER/IMAGE.png`, or `.npy` bands), each decoded to `channels` at
+    `image_size` (H, W) and normalised by `mean` and `std` per channel, with the bounds every dataset upload has:
+    (each image's folder, x (N, C, H, W) float32, each image's path in the zip). `what` names what a folder is in
+    the messages ("concept": a folder of concept images)."""
+    if not data:
+        raise AnalyzerError(f"{name!r} is empty: upload the zip again")
+    archive, members = _image_members(io.BytesIO(data), name, what=what)
+    x, _ = _decoded_members(archive, members, name, channels=int(channels), size=tuple(image_size), mean=mean,
+                            std=std)
+    return [folder for folder, _ in members], x, [info.filename for _, info in members]
+
+
+def _image_members(source, name: str, *, what: str):
+    """(the open zip, its images as (folder, ZipInfo) sorted by path), after its bomb and path checks."""
     try:
         archive = zipfile.ZipFile(source)
         infos = archive.infolist()
     except _ZIP_ERRORS as exc:
-        raise AnalyzerError(f"{name!r} is not a readable zip file: zip a folder with one subfolder per class") from exc
+        raise AnalyzerError(f"{name!r} is not a readable zip file: zip a folder with one subfolder per {what}") from exc
     declared = sum(i.file_size for i in infos)
     compressed = max(1, sum(i.compress_size for i in infos))
     if declared > MAX_UNCOMPRESSED_BYTES or declared / compressed > MAX_COMPRESSION_RATIO:
@@ -583,25 +616,23 @@ def _load_image_zip(source, name: str, spec: str, digest: str, *, model, image_s
             continue
         parts = [p for p in path.split("/") if p]
         if len(parts) < 2:
-            raise AnalyzerError(f"{path!r} in {name!r} is not inside a class folder: use one subfolder per class")
+            raise AnalyzerError(f"{path!r} in {name!r} is not inside a {what} folder: use one subfolder per {what}")
         members.append((parts[-2], info))
     if not members:
-        raise AnalyzerError(f"{name!r} holds no PNG or JPEG images (or .npy arrays) in class folders")
-    folders = sorted({folder for folder, _ in members})
-    if model is not None:  # folder names must name the model's classes (or their indices): never sorted order
-        folder_class = names_to_classes(folders, model.class_names, repr(name), what="class folders")
-        class_names = tuple(model.class_names)
-    else:
-        folder_class = {folder: i for i, folder in enumerate(folders)}
-        class_names = tuple(folders)
-    channels, size = _image_geometry(model, image_size, name)
+        raise AnalyzerError(f"{name!r} holds no PNG or JPEG images (or .npy arrays) in {what} folders")
+    return archive, sorted(members, key=lambda m: m[1].filename)
+
+
+def _decoded_members(archive, members: list, name: str, *, channels: int, size, mean, std):
+    """(x (N, C, H, W) float32, preprocessing) of the image members, each decoded, resized and normalised, within
+    the uncompressed-bytes budget."""
     mean_arr = _per_channel(mean, channels, 0.0, "mean")
     std_arr = _per_channel(std, channels, 1.0, "std")
     if np.any(std_arr <= 0):
         raise AnalyzerError("every --std value must be positive")
-    images, labels, ids = [], [], []
+    images = []
     budget = MAX_UNCOMPRESSED_BYTES
-    for folder, info in sorted(members, key=lambda m: m[1].filename):
+    for _, info in members:
         try:
             with archive.open(info) as fh:
                 raw = fh.read(budget + 1)
@@ -616,17 +647,13 @@ def _load_image_zip(source, name: str, spec: str, digest: str, *, model, image_s
         else:
             pixels = _decoded_image(raw, info.filename, name, channels=channels, size=size)
         images.append((pixels - mean_arr[:, None, None]) / std_arr[:, None, None])
-        labels.append(folder_class[folder])
-        ids.append(info.filename)
     shapes = {img.shape for img in images}
     if len(shapes) > 1:
         raise AnalyzerError(f"images in {name!r} have different sizes {sorted(shapes)[:3]}: pass --image-size H,W")
     x = np.stack(images).astype(np.float32)
     preprocessing = {"image_size": list(x.shape[2:]), "channels": channels, "mean": mean_arr.tolist(),
                      "std": std_arr.tolist(), "scale": "pixels / 255"}
-    metadata = pd.DataFrame({"folder": [f for f, _ in sorted(members, key=lambda m: m[1].filename)]})
-    return _finish(x, np.asarray(labels, dtype=np.int64), np.asarray(ids), spec=spec, digest=digest,
-                   class_names=class_names, metadata=metadata, preprocessing=preprocessing, name=name)
+    return x, preprocessing
 
 
 # PIL modes for the channel counts an image file can hold; more bands come as .npy arrays.

@@ -55,7 +55,7 @@ _INFO = (
 )
 _MODEL = (("spec", "text", True), ("sha256", "text", True), ("input_shape", "ints", True), ("arch", "text?", False),
           ("arch_kwargs", "mapping?", False), ("inputs", "mapping?", False),
-          ("layers", "texts", False), ("layer_kinds", "mapping", False))
+          ("layers", "texts", False), ("layer_kinds", "mapping", False), ("attention_layers", "texts?", False))
 _DATASET = (("spec", "text", True), ("sha256", "text", True), ("modality", "text", True),
             ("feature_names", "texts?", False), ("metadata_columns", "texts?", False),
             ("ground_truth_columns", "texts?", False))

@@ -101,38 +101,109 @@ if acts is not None:
 
 # ------------------------------------------------------------------------------------------------------- concepts
 st.subheader("Concepts (TCAV)")
-meta = [c for c in dataset.metadata.columns if c not in dataset.ground_truth_columns
-        and dataset.metadata[c].nunique() <= 50]
-if not meta:
-    st.caption("A concept is a set of samples named by a metadata value: this dataset has no metadata column with "
-               "a few values to name one.")
-else:
-    st.caption("Does a concept push the model towards a class? A concept is the samples sharing a metadata value; "
-               "its activation vector at a layer separates them from random samples, and its TCAV score is the "
-               "share of the class's samples whose score rises along it (Kim et al., 2018), tested against random "
-               "concepts (two-sided t-test, Bonferroni over the layers).")
-    cols = st.columns(4)
-    column = cols[0].selectbox("Metadata column", meta, key="tcav-column")
-    value = cols[1].selectbox("Value", sorted(map(str, dataset.metadata[column].dropna().unique())),
-                              key="tcav-value")
+TCAV_COLUMNS = ("score", "null_score", "p_value", "p_adjusted", "cav_accuracy")
+
+
+def _concept_choice():
+    """(the concept as run_tcav takes it, its decoded images or None), or None when the source holds no concept."""
+    import hashlib
+
+    from analyzers.explanations.concepts import concept_folder_inputs
+
+    sources = ["a metadata value", "the selected samples"] + (["concept images (a zip)"]
+                                                              if run.info["dataset"]["modality"] == "image" else [])
+    source = st.radio("The concept is", sources, horizontal=True, key="tcav-source")
+    if source == "a metadata value":
+        meta = [c for c in dataset.metadata.columns if c not in dataset.ground_truth_columns
+                and dataset.metadata[c].nunique() <= 50]
+        if not meta:
+            st.caption("This dataset has no metadata column with a few values to name a concept by.")
+            return None
+        cols = st.columns(2)
+        column = cols[0].selectbox("Metadata column", meta, key="tcav-column")
+        value = cols[1].selectbox("Value", sorted(map(str, dataset.metadata[column].dropna().unique())),
+                                  key="tcav-value")
+        return {"kind": "metadata", "column": column, "value": value, "label": f"{column} = {value}"}, None
+    if source == "the selected samples":
+        # the selection made on the Embeddings page (this page's own gallery is the top-activating samples)
+        selection = state.selection()
+        chosen = list(selection.value) if selection is not None and selection.kind == "ids" else []
+        if not chosen:
+            st.caption("No samples are selected: select some on the Embeddings page (box or lasso), then come back.")
+            return None
+        st.caption(f"The {len(chosen):,} samples of the current selection (made on the Embeddings page) are the "
+                   f"concept.")
+        return {"kind": "ids", "ids": [str(i) for i in chosen], "label": f"a selection of {len(chosen)} samples"}, None
+    upload = st.file_uploader("Concept images", type=["zip"], key="tcav-images",
+                              help="A zip with one folder per concept (striped/001.png, ...): PNG or JPEG images, "
+                                   "or .npy arrays for other band counts, read as this run's images were.")
+    if upload is None:
+        return None
+    raw = upload.getvalue()
+    pre = run.info.get("preprocessing") or {}
+    try:
+        decoded = concept_folder_inputs(model, np.frombuffer(raw, dtype=np.uint8), name=upload.name,
+                                        image_size=pre.get("image_size"), mean=pre.get("mean"), std=pre.get("std"))
+    except AnalyzerError as exc:
+        st.error(md(exc))
+        return None
+    folder = st.selectbox("Concept folder", list(decoded["concepts"]), key="tcav-folder")
+    index = list(decoded["concepts"]).index(folder)
+    images = np.asarray(decoded["x"])[np.asarray(decoded["concept"]) == index]
+    return ({"kind": "images", "sha256": hashlib.sha256(raw).hexdigest(), "folder": folder,
+             "label": f"{folder} (from {upload.name})"}, images)
+
+
+def _tcav_table(table) -> None:
+    st.dataframe(table[["layer", *TCAV_COLUMNS[:4], "significant", "cav_accuracy"]], hide_index=True,
+                 column_config={c: st.column_config.NumberColumn(format="%.3g") for c in TCAV_COLUMNS})
+
+
+def _concepts_panel() -> None:
+    st.caption("Does a concept push the model towards a class? A concept is a set of samples: those sharing a "
+               "metadata value, a selection, or images of its own. Its activation vector at a layer separates them "
+               "from random samples, and its TCAV score is the share of the class's samples whose score rises along "
+               "it (Kim et al., 2018), tested against random concepts (two-sided t-test, Bonferroni over the layers).")
+    choice = _concept_choice()
     names = run.class_names
-    target = cols[2].selectbox("Class", list(range(len(names))), key="tcav-class", format_func=lambda c: names[c])
-    concept_layers = cols[3].multiselect("Layers", layers, default=[layer], key="tcav-layers")
-    if concept_layers and st.button("Score the concept", key="tcav-run"):
-        with st.spinner("Training concept activation vectors…"):
-            try:
-                table = data.tcav(run, column, value, int(target), tuple(concept_layers))
-            except AnalyzerError as exc:
-                st.error(md(exc))
-                table = None
-        if table is not None:
-            st.dataframe(table[["layer", "score", "null_score", "p_value", "p_adjusted", "significant",
-                                "cav_accuracy"]], hide_index=True,
-                         column_config={c: st.column_config.NumberColumn(format="%.3g")
-                                        for c in ("score", "null_score", "p_value", "p_adjusted", "cav_accuracy")})
-            st.caption(f"score: the share of {md(names[target])} samples whose score rises along the concept "
-                       f"\"{md(column)} = {md(value)}\" (1: for every one); null: the same for random sets; "
-                       f"cav_accuracy near 0.5 means the layer does not tell the concept apart.")
+    cols = st.columns(2)
+    target = cols[0].selectbox("Class", list(range(len(names))), key="tcav-class", format_func=lambda c: names[c])
+    concept_layers = cols[1].multiselect("Layers", layers, default=[layer], key="tcav-layers")
+    if choice is not None and concept_layers and st.button("Score the concept", key="tcav-run"):
+        concept, images = choice
+        bar = st.progress(0.0, text="Training concept activation vectors…")
+        try:
+            table = data.tcav(run, concept, int(target), tuple(concept_layers), concept_inputs=images,
+                              on_batch=lambda done, total: bar.progress(done / max(total, 1),
+                                                                        text=f"Scoring {done:,} of {total:,} samples"))
+        except AnalyzerError as exc:
+            bar.empty()
+            st.error(md(exc))
+            return
+        bar.empty()
+        _tcav_table(table)
+        st.caption(f"score: the share of {md(names[target])} samples whose score rises along the concept "
+                   f"\"{md(concept['label'])}\" (1: for every one); null: the same for random sets; cav_accuracy "
+                   f"near 0.5 means the layer does not tell the concept apart. Kept in the run.")
+    from analyzers.explanations.concepts import stored_tcav
+
+    try:
+        kept = stored_tcav(run.path)
+    except AnalyzerError as exc:
+        st.warning(md(exc))
+        kept = []
+    if kept:
+        with st.expander(f"Concepts scored on this run ({len(kept)})"):
+            import pandas as pd
+
+            rows = [{"concept": label, "class": names[s.target] if s.target < len(names) else s.target, **row}
+                    for label, _, s in kept for row in s.table().drop(columns=["concept_scores", "null_scores"])
+                    .to_dict("records")]
+            st.dataframe(pd.DataFrame(rows), hide_index=True, key="tcav-kept",
+                         column_config={c: st.column_config.NumberColumn(format="%.3g") for c in TCAV_COLUMNS})
+
+
+_concepts_panel()
 
 # ------------------------------------------------------------------------------------------------------ attention
 from analyzers.explanations.attention import (NoAttention, attention_rollout, attention_weights,  # noqa: E402
