@@ -224,3 +224,25 @@ def test_attention_rollout_is_a_map_with_the_faithfulness_scores_of_every_other(
     assert (maps.argmax(axis=1) == positions).mean() >= 0.9
     scores = result.scores.set_index("method")
     assert scores.loc["attention_rollout", "deletion_vs_random"].mean() > 0  # better than removing tokens at random
+
+
+def test_the_text_architecture_from_a_state_dict_takes_token_rows_as_its_sample_does(tmp_path):
+    """`--arch text` with the sample's weights as an upload: the model takes the sample's token rows (ids, then the
+    mask), an .npz of input_ids and attention_mask runs through the sandbox, and every probability is the sample's."""
+    import shutil
+
+    from analyzers.engines.pipeline import run_analysis
+
+    weights = tmp_path / "text.safetensors"
+    shutil.copy(WEIGHTS_DIR / "text.safetensors", weights)
+    loaded = load_model(str(weights), arch="text")
+    assert loaded.input_layout == TEXT.INPUT_LAYOUT and loaded.input_shape == TEXT.INPUT_SHAPE
+    data = split()
+    rows = slice(0, 64)
+    np.savez(tmp_path / "tokens.npz", input_ids=data.x[rows, :TEXT.SEQUENCE_LENGTH].astype(np.int64),
+             attention_mask=data.x[rows, TEXT.SEQUENCE_LENGTH:].astype(np.int64), y=data.y[rows])
+    run = open_run(run_analysis(str(weights), str(tmp_path / "tokens.npz"), tmp_path / "run", arch="text",
+                                analyses=["evaluation"]))
+    assert run.info["dataset"]["modality"] == "tokens" and run.info["sandbox"]["level"] != "none"
+    expected = predict(shipped_model(), data.x[rows], batch_size=64).probs
+    np.testing.assert_allclose(run.probs, expected, rtol=1e-5, atol=1e-6)

@@ -159,10 +159,12 @@ def load_model_bytes(data: bytes, *, name: str, spec: str | None = None, arch: s
         module, arch_shape, arch_classes = _build_arch(arch, allow_import=allow_import, kwargs=arch_kwargs)
         load_state_dict_checked(module, state, name)
         carried = carried_names(data, name)
-        if inputs is not None and inputs.packed:
+        if inputs is None:  # a sample architecture that takes token rows (text) splits them itself, as its sample
+            inputs = _sample_layout(arch)
+        elif inputs.packed:
             accept_packed_inputs(module, inputs)
             input_shape = inputs.sample_shape
-        elif inputs is not None:
+        else:
             input_shape = inputs.inputs[0].shape
         return _describe(module, spec=spec, sha256=digest, source="state_dict", input_shape=input_shape or arch_shape,
                          # a regression sample names no classes: its model's outputs are named by their index
@@ -218,6 +220,13 @@ def check_arch_kwargs(arch: str | None, kwargs) -> None:
         json.dumps(kwargs, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise AnalyzerError(f"--arch-kwargs must hold JSON values only ({first_line(exc)})") from exc
+
+
+def _sample_layout(arch: str):
+    """The input layout of a sample architecture that declares one (the text sample's packed ids and mask)."""
+    from sample_models import SAMPLE_NAMES, get_sample
+
+    return getattr(get_sample(arch).module, "INPUT_LAYOUT", None) if arch in SAMPLE_NAMES else None
 
 
 def _build_arch(arch: str, *, allow_import: bool, kwargs: dict | None = None
