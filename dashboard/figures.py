@@ -416,6 +416,49 @@ def image_figure(image, *, title: str | None = None, height: int = 320) -> go.Fi
     return _layout(fig, title=title, height=height)
 
 
+def _frequency_label(hz: float) -> str:
+    return f"{hz / 1000:.1f}k" if hz >= 1000 else f"{hz:.0f}"
+
+
+def spectrogram_figure(spectrogram, *, sample_rate: float, hop_length: int, frequencies=None, attribution=None,
+                       signed: bool = False, title: str | None = None, opacity: float = 0.6,
+                       height: int = 320) -> go.Figure:
+    """A spectrogram (bins, frames) as a heat map: time in seconds along x (frame i at i * hop_length / sample_rate),
+    frequency along y from low to high, each bin labelled with its centre in Hz (`frequencies`, one per bin; else the
+    bin's index). With `attribution` (bins, frames) the spectrogram is drawn in grey and the map over it, half
+    transparent, on the colour scale of the image maps."""
+    spectrogram = np.asarray(spectrogram, dtype=float)
+    bins, frames = spectrogram.shape
+    times = np.arange(frames) * float(hop_length) / float(sample_rate)
+    rows = np.arange(bins)
+    named = frequencies is not None and len(frequencies) == bins
+    hz = np.asarray(frequencies, dtype=float) if named else None
+    labels = [f"{f:.0f} Hz" for f in hz] if named else [f"bin {b}" for b in rows]
+    hover = np.broadcast_to(np.asarray(labels, dtype=object)[:, None], spectrogram.shape)
+    base = dict(x=times, y=rows, customdata=hover, hoverongaps=False)
+    if attribution is None:
+        fig = go.Figure(go.Heatmap(z=spectrogram, colorscale=SEQUENTIAL, colorbar=dict(thickness=10, title="level"),
+                                   hovertemplate="%{x:.3f} s, %{customdata}<br>level %{z:.3g}<extra></extra>",
+                                   **base))
+    else:
+        attribution = np.asarray(attribution, dtype=float)
+        fig = go.Figure(go.Heatmap(z=spectrogram, colorscale=[[0.0, "#ffffff"], [1.0, "#000000"]], showscale=False,
+                                   hoverinfo="skip", **base))
+        bound = _symmetric_range(attribution)
+        fig.add_trace(go.Heatmap(z=attribution, colorscale=DIVERGING if signed else SEQUENTIAL,
+                                 zmin=-bound if signed else 0.0, zmax=bound, zmid=0 if signed else None,
+                                 opacity=opacity, colorbar=dict(thickness=10, len=0.8),
+                                 hovertemplate="%{x:.3f} s, %{customdata}<br>attribution %{z:.3g}<extra></extra>",
+                                 **base))
+    step = max(1, bins // 8)
+    ticks = rows[::step]
+    fig.update_xaxes(title="time (s)", showgrid=False, automargin=True)
+    fig.update_yaxes(title="frequency (Hz)" if named else "frequency bin", tickmode="array", tickvals=ticks,
+                     ticktext=[_frequency_label(hz[b]) for b in ticks] if named else [str(b) for b in ticks],
+                     showgrid=False, automargin=True)
+    return _layout(fig, title=title, height=height)
+
+
 def sequence_attribution_figure(letters: str, scores, *, signed: bool, title: str | None = None,
                                 width: int = 50, truth=None) -> go.Figure:
     """One coloured cell per position with its letter, wrapped into rows of `width` positions, read left to right;

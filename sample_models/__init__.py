@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_NAMES = ("digits", "tabular", "dna", "shapes", "prices", "fraud", "scenes", "multispectral", "text")
+SAMPLE_NAMES = ("digits", "tabular", "dna", "shapes", "prices", "fraud", "scenes", "multispectral", "text",
+                "audio")
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 

@@ -265,6 +265,34 @@ def test_dragging_the_threshold_slider_on_the_fraud_sample_changes_the_matrix(ap
     page.close()
 
 
+def test_the_audio_sample_explain_page_shows_its_spectrogram_and_an_audio_player(app_url, browser, sample_run_dir):
+    """Issue 13: a clip of the audio sample on the Explain page is drawn as a spectrogram (time and frequency axes)
+    beside an <audio> player holding its waveform; nothing is played."""
+    from analyzers.loading.runs import open_run
+
+    run = open_run(sample_run_dir("audio"))  # in the runs directory the app serves
+    sample_id = str(run.samples["id"].iloc[0])
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    try:
+        page.goto(f"{app_url}/explain?run=audio&sample={sample_id}")
+        page.get_by_role("heading", name="Explain a sample").wait_for(timeout=60_000)
+        player = page.locator('[data-testid="stAudio"] audio, audio[data-testid="stAudio"]').first
+        player.wait_for(state="attached", timeout=60_000)
+        assert player.get_attribute("src")  # the clip, served by the app
+        # the browser reads the clip's header (its length), and nothing plays
+        page.wait_for_function("(a) => a.readyState >= 1", arg=player.element_handle(), timeout=30_000)
+        assert player.evaluate("(a) => a.duration") == pytest.approx(0.768, abs=0.01)
+        assert player.evaluate("(a) => a.paused")
+        spectrogram = page.locator(".js-plotly-plot").first
+        spectrogram.locator(".xtitle").wait_for(state="attached", timeout=60_000)
+        assert spectrogram.locator(".xtitle").text_content() == "time (s)"  # SVG text
+        assert spectrogram.locator(".ytitle").text_content() == "frequency (Hz)"
+        assert spectrogram.locator(".heatmaplayer").count() == 1
+        _no_exception(page)
+    finally:
+        page.close()
+
+
 def test_crafted_archive_upload_shows_one_error_and_the_server_stays_healthy(app_url, browser, tmp_path):
     """The first reported vector uploaded in a real browser: one st.error naming the refusal, the payload never runs,
     and a second session (a fresh browser context) still gets the dashboard."""

@@ -238,6 +238,9 @@ def _load_sample(spec: str, *, task: str | None = None) -> Dataset:
     ids = np.asarray(data.ids) if data.ids is not None else np.arange(len(y))
     layout = getattr(sample.module, "INPUT_LAYOUT", None)  # a token sample: packed ids and mask, and its words
     preprocessing = {} if layout is None else {"inputs": layout.to_json(), "vocabulary": list(sample.module.VOCAB)}
+    spectrogram = getattr(sample.module, "spectrogram_description", None)  # an audio sample: how to draw and play it
+    if spectrogram is not None:
+        preprocessing["spectrogram"] = spectrogram()
     return Dataset(x=x, y=y, ids=ids, spec=spec, sha256=digest, class_names=sample.class_names,
                    metadata=pd.DataFrame({k: np.asarray(v) for k, v in data.metadata.items()}),
                    feature_names=data.feature_names, extras=dict(data.extras), preprocessing=preprocessing,

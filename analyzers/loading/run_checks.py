@@ -60,6 +60,11 @@ _DATASET = (("spec", "text", True), ("sha256", "text", True), ("modality", "text
             ("feature_names", "texts?", False), ("metadata_columns", "texts?", False),
             ("ground_truth_columns", "texts?", False))
 _OWNER = (("id", "text", True), ("name", "text", False))
+# preprocessing.spectrogram: an input that is a (mel) spectrogram, which the Explain page draws with a time axis
+# (frames x hop_length / sample_rate seconds) and a frequency axis (each bin's centre in Hz), and plays from the
+# dataset's extras array named by `waveform`
+_SPECTROGRAM = (("sample_rate", "int", True), ("hop_length", "int", True), ("n_fft", "int", False),
+                ("mel_frequencies_hz", "numbers", True), ("waveform", "text?", False))
 
 
 def _kind_ok(value, kind: str) -> bool:
@@ -114,10 +119,30 @@ def check_info(info, where) -> None:
     _check_fields(info["dataset"], _DATASET, "run.json", where, "dataset.")
     if info.get("owner") is not None:
         _check_fields(info["owner"], _OWNER, "run.json", where, "owner.")
+    spectrogram = (info.get("preprocessing") or {}).get("spectrogram")
+    if spectrogram is not None:
+        _check_spectrogram(spectrogram, where)
     if not info["class_names"]:
         raise damaged("run.json", where, "it names no class")
     if info["num_samples"] < 0:
         raise damaged("run.json", where, "num_samples is negative")
+
+
+def _check_spectrogram(spectrogram, where) -> None:
+    """preprocessing.spectrogram: positive whole rates and lengths, and at least one finite, non-negative, increasing
+    bin frequency (the page labels the frequency axis with them and divides by the sample rate)."""
+    prefix = "preprocessing.spectrogram."
+    if not isinstance(spectrogram, dict):
+        raise damaged("run.json", where, "preprocessing.spectrogram is not an object")
+    _check_fields(spectrogram, _SPECTROGRAM, "run.json", where, prefix)
+    for key in ("sample_rate", "hop_length", "n_fft"):
+        if key in spectrogram and spectrogram[key] <= 0:
+            raise damaged("run.json", where, f"{prefix}{key} is not positive")
+    frequencies = np.asarray(spectrogram["mel_frequencies_hz"], dtype=np.float64)
+    if frequencies.size == 0 or not np.isfinite(frequencies).all() or (frequencies < 0).any() or \
+            (np.diff(frequencies) <= 0).any():
+        raise damaged("run.json", where, f"{prefix}mel_frequencies_hz is not a list of finite, non-negative, "
+                                         f"increasing frequencies")
 
 
 # --------------------------------------------------------------------------------------- samples.parquet, probs.npy

@@ -79,6 +79,9 @@ channels = int(np.asarray(x).shape[0]) if modality == "image" else 0
 multispectral = channels > 3  # more bands than a picture shows: one, or three in false colour, picked by name
 band_names = figures.band_labels(channels, run.info["dataset"].get("feature_names")) if multispectral else ()
 shown_bands = None
+# a spectrogram input (an audio dataset says so in its preprocessing): drawn with time and frequency axes, and played
+spectrogram = (run.info.get("preprocessing") or {}).get("spectrogram") if modality == "image" and channels == 1 \
+    else None
 
 
 def _picture(values) -> np.ndarray:
@@ -87,6 +90,13 @@ def _picture(values) -> np.ndarray:
         return components.display_image(run, values)
     pre = run.info.get("preprocessing") or {}
     return figures.to_display_image(values, mean=pre.get("mean"), std=pre.get("std"), bands=shown_bands)
+
+
+def _spectrogram(values, **overlay):
+    """A spectrogram input (bins, frames) on its time and frequency axes, a map over it when `overlay` has one."""
+    return figures.spectrogram_figure(values, sample_rate=spectrogram["sample_rate"],
+                                      hop_length=spectrogram["hop_length"],
+                                      frequencies=spectrogram.get("mel_frequencies_hz"), height=300, **overlay)
 
 
 left, right = st.columns([3, 2], gap="large")
@@ -112,6 +122,13 @@ with left:
         st.plotly_chart(figures.band_composite_figure(x, shown_bands, band_names, mean=pre.get("mean"),
                                                       std=pre.get("std"), height=300),
                         key="explain-input", config={"displayModeBar": False})
+    elif spectrogram is not None:
+        st.plotly_chart(_spectrogram(x[0]), key="explain-input", config={"displayModeBar": False})
+        waveforms = dataset.extras.get(spectrogram.get("waveform") or "")
+        if waveforms is not None and len(waveforms) == len(dataset.x):
+            st.audio(np.asarray(waveforms[row], dtype=np.float32), sample_rate=int(spectrogram["sample_rate"]))
+        else:
+            st.caption("This dataset holds no waveform to play: the spectrogram alone is shown.")
     elif modality == "image":
         components.band_choice(run, int(np.asarray(x).shape[0]))
         st.plotly_chart(figures.image_figure(components.display_image(run, x), height=300), key="explain-input",
@@ -315,7 +332,9 @@ def _controls_caption() -> None:
 
 def _draw(explanation, method: str, title: str, key: str) -> None:
     signed = METHODS[method].signed
-    if modality == "image":
+    if spectrogram is not None:
+        fig = _spectrogram(x[0], attribution=explanation.display, signed=signed, title=title)
+    elif modality == "image":
         fig = figures.image_attribution_figure(_picture(x), explanation.display, signed=signed,
                                                title=title, truth=truth)
     elif modality == "sequence":
