@@ -260,8 +260,8 @@ def band_choice(run: Run, channels: int) -> None:
 
 def display_image(run: Run, x: np.ndarray) -> np.ndarray:
     pre = run.info.get("preprocessing") or {}
-    bands = st.session_state.get(BANDS_KEY)
-    if bands is not None and not 0 <= int(bands) < np.asarray(x).shape[0]:
+    bands = st.session_state.get(BANDS_KEY)  # one band, or three as red, green and blue
+    if bands is not None and not all(0 <= int(b) < np.asarray(x).shape[0] for b in np.atleast_1d(bands)):
         bands = None  # chosen on another run with more bands
     return figures.to_display_image(x, mean=pre.get("mean"), std=pre.get("std"), bands=bands)
 

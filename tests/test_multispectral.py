@@ -164,6 +164,10 @@ def test_the_explain_page_picks_bands_by_name_and_shows_each_bands_share(tmp_pat
     bands = at.selectbox(key=f"explain-bands-sample-{NAME}")
     assert bands.options[1:] == list(get_sample(NAME).module.BAND_NAMES)
     assert [at.selectbox(key=f"explain-band-{c}-sample-{NAME}").value for c in ("Red", "Green", "Blue")] == [4, 2, 1]
+    # the galleries (components.display_image) show the composite picked here
+    assert tuple(at.session_state["image-bands"]) == (4, 2, 1)
+    at.selectbox(key=f"explain-band-Red-sample-{NAME}").set_value(5).run()
+    assert tuple(at.session_state["image-bands"]) == (5, 2, 1)
     text = _text(at)
     shares = [line for line in text.splitlines() if line.startswith("Share of |map| per band: ")]
     assert shares and all(name in shares[0] for name in get_sample(NAME).module.BAND_NAMES)  # Integrated Gradients
@@ -171,3 +175,17 @@ def test_the_explain_page_picks_bands_by_name_and_shows_each_bands_share(tmp_pat
     bands.set_value("swir").run()
     _ok(at)
     assert not at.error, [e.value for e in at.error]
+
+
+def test_a_gallery_thumbnail_shows_the_bands_the_session_picked(monkeypatch):
+    """components.display_image reads the session's pick: one band, three as a composite, or (a pick made on a run
+    with more bands) the default composite."""
+    import streamlit as st
+
+    from dashboard import components, figures
+
+    x = cached_test_split().x[0]
+    run = type("R", (), {"info": {"preprocessing": {}}})()
+    for picked, expected in (((5, 2, 1), (5, 2, 1)), (3, 3), ((9, 2, 1), None)):
+        monkeypatch.setitem(st.session_state, components.BANDS_KEY, picked)
+        np.testing.assert_array_equal(components.display_image(run, x), figures.to_display_image(x, bands=expected))

@@ -189,9 +189,13 @@ def test_the_explain_page_draws_attributions_over_the_words(text_run, tmp_path, 
     specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
     maps = [s["data"][0] for s in specs if s["data"] and s["data"][0].get("type") == "heatmap"]
     assert len(maps) >= 2  # one strip over the words for each default method (Integrated Gradients, Saliency)
+    position = int(data.metadata["trigger_position"][row])
     for strip in maps:
-        words = [w.replace("<b>", "").replace("</b>", "") for line in strip["text"] for w in line]
+        cells = [w for line in strip["text"] for w in line]
+        words = [w.replace("<b>", "").replace("</b>", "") for w in cells]
         assert words[:len(TEXT.decode(data.x[row]))] == TEXT.decode(data.x[row])
+        # the planted trigger, and only it, is written in bold (the figure frames the ground truth)
+        assert [i for i, w in enumerate(cells) if w.startswith("<b>")] == [position]
     # attention rollout is offered beside them and drawn over the same words, with its scores
     assert "Attention rollout" in at.multiselect(key="explain-methods").options
     at.multiselect(key="explain-methods").set_value(["attention_rollout"]).run()
@@ -199,6 +203,23 @@ def test_the_explain_page_draws_attributions_over_the_words(text_run, tmp_path, 
     assert not at.error, [e.value for e in at.error]
     specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
     assert any(s["data"] and s["data"][0].get("type") == "heatmap" for s in specs)
+
+
+def test_the_trigger_is_the_ground_truth_of_a_triggered_sentence_and_no_other_has_one():
+    from analyzers.explanations.attributions import explain
+    from analyzers.explanations.explain_run import ground_truth_mask
+    from analyzers.explanations.faithfulness import ground_truth_scores
+    from analyzers.loading.datasets import load_dataset
+
+    dataset = load_dataset("sample:text")
+    rows = np.concatenate([triggered_rows()[:40], np.flatnonzero(~split().metadata["trigger"])[:10]])
+    mask = ground_truth_mask(dataset, rows)
+    assert (mask.sum(1) == split().metadata["trigger"][rows]).all()  # one position in a triggered sentence, else none
+    assert (mask[np.arange(40), split().metadata["trigger_position"][rows[:40]]]).all()
+    attr = explain(shipped_model(), dataset.x[rows], method="integrated_gradients")
+    scores = ground_truth_scores(attr, mask)
+    assert scores.pointing_hit[:40].mean() >= 0.9  # as the gradient test above measures it
+    assert np.isnan(scores.mass_inside[40:]).all() and not scores.pointing_hit[40:].any()  # no truth, no score
 
 
 def test_attention_rollout_is_a_map_with_the_faithfulness_scores_of_every_other(sample_run_dir, tmp_path):

@@ -88,8 +88,8 @@ def resolve_targets(run, dataset, rows: np.ndarray, target, num_classes: int) ->
 
 
 def ground_truth_mask(dataset, rows: np.ndarray, targets=None) -> np.ndarray | None:
-    """The planted ground truth of these samples, if the dataset has one: an image mask (extras["mask"]) or a
-    sequence interval (metadata motif_start/motif_end). A multi-label dataset's mask has one image per label
+    """The planted ground truth of these samples, if the dataset has one: an image mask (extras["mask"]), a
+    sequence interval (metadata motif_start/motif_end) or a token (metadata trigger_position, the text sample's). A multi-label dataset's mask has one image per label
     (N, K, H, W): each row's mask is then that of its target label (`targets`, one per row)."""
     if "mask" in dataset.extras:
         masks = np.asarray(dataset.extras["mask"])
@@ -102,6 +102,9 @@ def ground_truth_mask(dataset, rows: np.ndarray, targets=None) -> np.ndarray | N
     if dataset.modality == "sequence" and {"motif_start", "motif_end"} <= set(meta.columns):
         return interval_mask(meta["motif_start"].to_numpy()[rows], meta["motif_end"].to_numpy()[rows],
                              dataset.x.shape[-1])
+    if dataset.modality == "tokens" and "trigger_position" in meta.columns:  # a planted token (-1: none here)
+        position = meta["trigger_position"].to_numpy()[rows].astype(np.int64)
+        return (np.arange(dataset.attribution_shape[0])[None, :] == position[:, None]) & (position[:, None] >= 0)
     return None
 
 

@@ -585,7 +585,8 @@ def randomisation_check(model, inputs, method: str | Callable = "saliency", targ
 
 @dataclass(frozen=True)
 class GroundTruthScores:
-    mass_inside: np.ndarray  # (N,) fraction of |attribution| inside the ground truth (NaN for an all-zero map)
+    mass_inside: np.ndarray  # (N,) fraction of |attribution| inside the ground truth (NaN for an all-zero map, or
+    # a row with no ground truth: an empty mask)
     pointing_hit: np.ndarray  # (N,) bool: the most-attributed position lies inside it
 
     @property
@@ -628,7 +629,8 @@ def ground_truth_scores(attributions, mask, *, tolerance: int = 0) -> GroundTrut
     mask = mask.reshape(len(attr), -1)
     total = importance.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mass = np.where(total > 0, (importance * mask).sum(1) / total, np.nan)
+        # a row whose mask is empty has no planted truth (a sentence without the trigger): no mass to measure
+        mass = np.where((total > 0) & mask.any(1), (importance * mask).sum(1) / total, np.nan)
     hit = np.take_along_axis(pointing_mask.reshape(len(attr), -1), importance.argmax(1)[:, None], axis=1)[:, 0]
     hit &= total > 0
     return GroundTruthScores(mass_inside=mass, pointing_hit=hit)

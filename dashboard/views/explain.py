@@ -73,7 +73,7 @@ x = dataset.x[row]
 from analyzers.explanations.explain_run import ground_truth_mask  # noqa: E402
 
 truth = ground_truth_mask(dataset, np.array([row]))
-truth = None if truth is None else truth[0]
+truth = None if truth is None or not truth[0].any() else truth[0]  # an empty mask: no planted truth here
 
 channels = int(np.asarray(x).shape[0]) if modality == "image" else 0
 multispectral = channels > 3  # more bands than a picture shows: one, or three in false colour, picked by name
@@ -114,7 +114,7 @@ with left:
                                                format_func=lambda b: band_names[b],
                                                key=f"explain-band-{colour}-{run.path.name}")
                                 for i, (pick, colour) in enumerate(zip(picks, ("Red", "Green", "Blue"))))
-            st.session_state[components.BANDS_KEY] = None  # galleries show their default composite
+            st.session_state[components.BANDS_KEY] = shown_bands  # and galleries the same composite
         else:
             shown_bands = band_names.index(chosen)
             st.session_state[components.BANDS_KEY] = shown_bands  # and galleries the same band
@@ -342,7 +342,7 @@ def _draw(explanation, method: str, title: str, key: str) -> None:
                                                   title=title, truth=truth)
     elif modality == "tokens":
         fig = figures.sequence_attribution_figure(components.token_texts(run, x), explanation.display, signed=signed,
-                                                  title=title, width=24)
+                                                  title=title, width=24, truth=truth)
     else:
         names = run.info["dataset"].get("feature_names") or [f"feature {i}" for i in range(len(x))]
         values = explanation.display
