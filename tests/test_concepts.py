@@ -273,3 +273,35 @@ def test_a_runs_concept_refuses_what_it_cannot_score_in_one_line(shapes_run, tmp
     with pytest.raises(AnalyzerError, match=r"broken.npz .* cannot be read .*delete it"):
         concepts.stored_tcav(path)
     (stored / "broken.npz").unlink()
+
+
+def test_an_uploaded_concept_zip_is_decoded_in_the_sandboxed_worker_with_the_upload_bounds(monkeypatch):
+    """Concept images are a file someone uploaded: with a sandboxed model they are parsed only in its worker (the
+    parent's reader is broken here and never called), and the dataset reader's bounds refuse a bomb or a path out."""
+    import io
+    import zipfile
+
+    import analyzers.loading.datasets as datasets
+    from analyzers.explanations.concepts import concept_folder_inputs
+    from analyzers.loading.models import load_model
+
+    images = np.random.default_rng(0).random((4, 1, 8, 8)).astype(np.float32)
+    rgb = {"dots": np.repeat(images, 3, axis=1)}
+    archive = np.frombuffer(_png_zip(rgb), np.uint8)
+    monkeypatch.setattr(datasets, "read_image_folders", lambda *a, **k: pytest.fail("parsed in the parent"))
+    model = load_model("sample:digits", isolation="sandbox")
+    try:
+        decoded = concept_folder_inputs(model, archive, name="dots.zip", image_size=None)
+        assert decoded["concepts"] == ["dots"] and decoded["x"].shape == (4, 1, 8, 8)
+        grey = np.round(images * 255) / 255  # RGB PNGs of equal channels read back as one grey channel
+        np.testing.assert_allclose(decoded["x"], grey, atol=1 / 255 + 1e-6)
+        bombs = {"a bomb": {"dots/0.png": b"\0" * (20 << 20)}, "a path out": {"../dots/0.png": b"x"}}
+        for what, members in bombs.items():
+            raw = io.BytesIO()
+            with zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED) as out:
+                for member, content in members.items():
+                    out.writestr(member, content)
+            with pytest.raises(AnalyzerError, match="zip bomb|unsafe path"):
+                concept_folder_inputs(model, np.frombuffer(raw.getvalue(), np.uint8), name="c.zip", image_size=None)
+    finally:
+        model.close()
