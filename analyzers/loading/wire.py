@@ -41,6 +41,8 @@ RESULT_CLASSES = frozenset({
     "analyzers.explanations.feature_maps:LayerActivations",
     "analyzers.explanations.feature_maps:TopActivating",
     "analyzers.explanations.concepts:TcavScores",
+    "analyzers.data_health.robustness:RobustnessCurve",
+    "analyzers.data_health.profile:InferenceProfile",
 })
 
 

@@ -1,0 +1,1 @@
+"""Data health: shift between splits, duplicates and leakage, robustness, the inference profile."""
