@@ -23,3 +23,15 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message, for wrapping a library's error into a one-line message."""
     text = str(exc).strip().splitlines()
     return text[0][:limit] if text else type(exc).__name__
+
+
+def whole_number(value, name: str, least: int, fix: str | None = None) -> int:
+    """`value` as an int when it is a whole number (not a bool) of at least `least`; else an InvalidOption naming
+    `name` and, when given, the `fix`. Numpy integers count (they register as numbers.Integral; numpy's bool does
+    not)."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise InvalidOption(f"{name} must be a whole number of at least {least}, got {value!r}"
+                            + (f": {fix}" if fix else ""))
+    return int(value)

@@ -1,6 +1,8 @@
 """Pieces every page shares: the open run, the sample gallery, input previews, links between pages."""
 from __future__ import annotations
 
+import contextlib
+
 import html
 import math
 
@@ -241,6 +243,21 @@ def sequence_html(letters: str) -> str:
     spans = "".join(f'<span style="color:{BASE_COLOURS.get(ch, "#333")}">{html.escape(ch)}</span>' for ch in letters)
     return (f'<div style="font-family:monospace;font-size:14px;letter-spacing:1px;word-break:break-all;'
             f'line-height:1.5">{spans}</div>')
+
+
+@contextlib.contextmanager
+def progress_bar(text: str, label):
+    """A progress bar over a long call: yields `on_batch(done, total)`, which moves it and writes `label(done,
+    total)` on it; the bar is removed when the call ends, however it ends."""
+    bar = st.progress(0.0, text=text)
+
+    def on_batch(done, total) -> None:
+        bar.progress(min(done / max(total, 1), 1.0), text=label(done, total))
+
+    try:
+        yield on_batch
+    finally:
+        bar.empty()
 
 
 BANDS_KEY = "image-bands"

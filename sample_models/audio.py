@@ -235,14 +235,7 @@ def load_data(split: str) -> SampleData:
 
 
 def train(out_dir) -> dict:
-    import torch
-
     from .training import fit
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fit("audio", build_model, load_data("train"), load_data("test"), out_dir=out_dir,
-                   epochs=EPOCHS, lr=3e-3, batch_size=32)
-    finally:
-        torch.set_num_threads(threads)
+    return fit("audio", build_model, load_data("train"), load_data("test"), out_dir=out_dir,
+               epochs=EPOCHS, lr=3e-3, batch_size=32, threads=1)

@@ -176,9 +176,5 @@ def train(out_dir) -> dict:
     from .training import fit
 
     # Ops this small gain nothing from a second thread: on 2 busy cores one thread trained about 8x faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fit("text", build_model, load_data("train"), load_data("test"), out_dir=out_dir, epochs=10, lr=3e-3)
-    finally:
-        torch.set_num_threads(threads)
+    return fit("text", build_model, load_data("train"), load_data("test"), out_dir=out_dir, epochs=10, lr=3e-3,
+               threads=1)

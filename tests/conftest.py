@@ -42,6 +42,17 @@ class TinyCNN(nn.Module):
         return self.fc(self.pool(self.relu(self.conv(x))).flatten(1))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module's tests, restored afterwards: small models on two cores shared with other
+    work wait on each other with two threads (a log_softmax of 171 x 2 took 23 ms with two, 0.01 ms with one), and
+    timings then measure the waiting, not the forward."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_cnn():
     torch.manual_seed(0)

@@ -21,14 +21,7 @@ from analyzers.loading import wire
 from analyzers.loading.models import load_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Timings on two cores shared with other work: two torch threads wait on each other by tens of milliseconds
-    at random, one thread times the forward itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -27,14 +27,7 @@ NOISE = (0.25, 0.5, 1.0, 2.0)
 RISE_TOLERANCE = 0.01
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are small: on two cores shared with other work, two torch threads wait on each other (a
-    log_softmax of 171 x 2 took 23 ms with two, 0.01 ms with one), so these tests run on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

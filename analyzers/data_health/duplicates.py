@@ -71,7 +71,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import AnalyzerError, InvalidOption
+from ..errors import AnalyzerError, InvalidOption, whole_number
+from .shift import json_value
 
 KINDS = ("exact", "near", "leak", "conflicting-label")
 MATCHES = ("exact", "near")
@@ -85,27 +86,6 @@ GUMBEL_MEDIAN = -0.36651292058166435  # ln(ln 2)
 GUMBEL_MAD = 0.7670492513257083  # G(m + a) - G(m - a) = 1/2, G(z) = 1 - exp(-e^z), m = GUMBEL_MEDIAN
 EXPECTED_FALSE_ROWS = 0.5  # the threshold is the quantile below which this many rows are expected without copies
 NNDESCENT_NEIGHBORS = 30  # neighbours NN-descent builds (its default); the nearest k are kept
-
-
-def _whole(name: str, value, least: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < least:
-        raise InvalidOption(f"{name} must be a whole number of at least {least}, got {value!r}")
-    return int(value)
-
-
-def _plain(value):
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value if value is None or isinstance(value, str) else str(value)
 
 
 # -------------------------------------------------------------------------------------------------------- hashing
@@ -124,7 +104,7 @@ def _object_row_digest(row) -> bytes:
 def row_hashes(x, *, batch_size: int = HASH_BATCH) -> list:
     """SHA-256 digests (32 bytes each) of every row of `x` (an array (N, ...), a DataFrame, or a 1-D object array of
     texts), canonicalised as the module's docstring says, `batch_size` rows at a time."""
-    batch_size = _whole("batch_size", batch_size, 1)
+    batch_size = whole_number(batch_size, "batch_size", 1)
     if hasattr(x, "to_numpy") and hasattr(x, "columns"):  # a DataFrame: values with their types
         x = x.to_numpy(dtype=object)
     array = np.asarray(x)
@@ -238,13 +218,13 @@ class Duplicates:
 
     def to_json(self) -> dict:
         """The summary and every pair, plain JSON values."""
-        pairs = [{c: _plain(v) for c, v in zip(PAIR_COLUMNS, row)}
+        pairs = [{c: json_value(v) for c, v in zip(PAIR_COLUMNS, row)}
                  for row in self.pairs[list(PAIR_COLUMNS)].itertuples(index=False, name=None)]
         return {"counts": {k: int(v) for k, v in self.counts.items()},
                 "rows": {k: int(v) for k, v in self.rows.items()},
                 "leaking_rows": {str(k): int(v) for k, v in self.leaking_rows.items()},
                 "groups": int(self.groups), "largest_group": int(self.largest_group),
-                "near_threshold": _plain(self.near_threshold), "threshold_source": self.threshold_source,
+                "near_threshold": json_value(self.near_threshold), "threshold_source": self.threshold_source,
                 "search": self.search, "n": int(self.n), "k": int(self.k), "seed": int(self.seed), "pairs": pairs}
 
 
@@ -310,9 +290,9 @@ def find_duplicates(x, *, ids=None, split=None, labels=None, embeddings=None, ne
                     seed: int = 0, exact_search_limit: int = 20000) -> Duplicates:
     """Exact and near duplicate pairs of the rows of `x`, and which of them leak across `split` or carry
     conflicting `labels`; see the module's docstring for every choice."""
-    k = _whole("k", k, 1)
-    seed = _whole("seed", seed, 0)
-    exact_search_limit = _whole("exact_search_limit", exact_search_limit, 0)
+    k = whole_number(k, "k", 1)
+    seed = whole_number(seed, "seed", 0)
+    exact_search_limit = whole_number(exact_search_limit, "exact_search_limit", 0)
     if near_threshold is not None:
         if isinstance(near_threshold, (bool, np.bool_)) or not isinstance(
                 near_threshold, (int, float, np.integer, np.floating)) or not 0 <= float(near_threshold) < math.inf:

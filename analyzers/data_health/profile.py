@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import AnalyzerError, InvalidOption
+from ..errors import AnalyzerError, InvalidOption, whole_number
 from ..loading.sandbox import runs_in_worker
 
 RANGE_PREFIX = "layer::"  # the profiler range of a submodule's call
@@ -125,12 +125,6 @@ class InferenceProfile:
                              "output_bytes": self.output_bytes})
 
 
-def _whole(value, name: str, least: int, fix: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-        raise InvalidOption(f"{name} must be a whole number of at least {least}, got {value!r}: {fix}")
-    return int(value)
-
-
 def _tensor_bytes(value) -> int:
     """Bytes of the tensors in a layer's output (a tensor, or a tuple, list or dict of them)."""
     import torch
@@ -201,16 +195,16 @@ def inference_profile(model, x, *, batch_sizes=(1, 8, 32, 128), repeats: int = 2
     from ..guard import analysis_mode, unwrap
 
     try:
-        sizes = sorted({_whole(b, "batch_sizes", 1, "use sizes such as 1, 8, 32, 128") for b in batch_sizes})
+        sizes = sorted({whole_number(b, "batch_sizes", 1, "use sizes such as 1, 8, 32, 128") for b in batch_sizes})
     except TypeError:
         raise InvalidOption(f"batch_sizes must be a list of whole numbers (such as 1, 8, 32, 128), got "
                             f"{batch_sizes!r}") from None
     if not sizes:
         raise InvalidOption("batch_sizes is empty: give at least one batch size (such as 1, 8, 32, 128)")
-    repeats = _whole(repeats, "repeats", 1, "use 20 or more for a stable median")
-    warmup = _whole(warmup, "warmup", 0, "use 3, or 0 for none")
-    profile_repeats = _whole(profile_repeats, "profile_repeats", 1, "use 5")
-    profile_size = sizes[-1] if profile_batch_size is None else _whole(profile_batch_size, "profile_batch_size", 1,
+    repeats = whole_number(repeats, "repeats", 1, "use 20 or more for a stable median")
+    warmup = whole_number(warmup, "warmup", 0, "use 3, or 0 for none")
+    profile_repeats = whole_number(profile_repeats, "profile_repeats", 1, "use 5")
+    profile_size = sizes[-1] if profile_batch_size is None else whole_number(profile_batch_size, "profile_batch_size", 1,
                                                                        "use one of the batch sizes")
     if not isinstance(device, str) or not (device == "cpu" or device.startswith("cuda")):
         raise InvalidOption(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")

@@ -78,7 +78,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import AnalyzerError, InvalidOption
+from ..errors import AnalyzerError, InvalidOption, whole_number
 from ..loading.sandbox import runs_in_worker
 
 MODALITIES = {4: "image", 3: "sequence", 2: "table"}  # the inputs' number of dimensions, the batch's included
@@ -248,12 +248,6 @@ class RobustnessCurve:
         return pd.DataFrame(columns)
 
 
-def _whole(value, name: str, least: int, fix: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-        raise InvalidOption(f"{name} must be a whole number of at least {least}, got {value!r}: {fix}")
-    return int(value)
-
-
 def _strengths(values, name: str, most: float) -> np.ndarray:
     try:
         out = np.asarray(values, dtype=np.float64).reshape(-1)
@@ -407,8 +401,8 @@ def robustness_curve(model, x, y, *, perturbation: str, strengths, batch_size: i
         raise InvalidOption(f"unknown perturbation {perturbation!r}: choose one of {', '.join(PERTURBATIONS)}")
     chosen = PERTURBATIONS[perturbation]
     strengths = _strengths(strengths, "strengths", chosen.max_strength)
-    batch_size = _whole(batch_size, "batch_size", 1, "use 256, or less if memory is short")
-    seed = _whole(seed, "seed", 0, "use 0 or another non-negative integer")
+    batch_size = whole_number(batch_size, "batch_size", 1, "use 256, or less if memory is short")
+    seed = whole_number(seed, "seed", 0, "use 0 or another non-negative integer")
     task = task_of(model)
     modality, labels, names, masks = _check_inputs(model, x, y, task, slices)
     if modality not in chosen.modalities:
@@ -435,7 +429,7 @@ def perturbed_inputs(x, *, perturbation: str, strength: float, seed: int = 0, ro
         raise InvalidOption(f"unknown perturbation {perturbation!r}: choose one of {', '.join(PERTURBATIONS)}")
     chosen = PERTURBATIONS[perturbation]
     strength = float(_strengths([strength], "strength", chosen.max_strength)[-1])
-    seed = _whole(seed, "seed", 0, "use 0 or another non-negative integer")
+    seed = whole_number(seed, "seed", 0, "use 0 or another non-negative integer")
     modality = MODALITIES.get(np.ndim(x))
     if modality not in chosen.modalities:
         fitting = [name for name, p in PERTURBATIONS.items() if modality in p.modalities]
@@ -462,7 +456,7 @@ def fgsm_curve(model, x, y, *, epsilons, batch_size: int = 256, slices=None, on_
     from ..guard import unwrap
 
     strengths = _strengths(epsilons, "epsilons", math.inf)
-    batch_size = _whole(batch_size, "batch_size", 1, "use 256, or less if memory is short")
+    batch_size = whole_number(batch_size, "batch_size", 1, "use 256, or less if memory is short")
     task = task_of(model)
     modality, labels, names, masks = _check_inputs(model, x, y, task, slices)
     module = unwrap(model)

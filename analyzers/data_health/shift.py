@@ -66,7 +66,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import AnalyzerError, InvalidOption
+from ..errors import AnalyzerError, InvalidOption, whole_number
 
 ALPHA = 0.05  # significance level of the Holm-corrected per-feature tests
 CORRECTION = "holm"
@@ -78,8 +78,9 @@ FEATURE_COLUMNS = ("feature", "kind", "test", "statistic", "p_value", "p_adjuste
 SEPARATED_COLUMNS = ("side", "rank", "row", "probability")
 
 
-def _plain(value):
-    """A JSON value: floats that are not finite become None, numpy scalars Python ones."""
+def json_value(value):
+    """A JSON value of what a data-health result stores: numpy scalars as Python ones, a float that is not finite as
+    None, an array or a tuple as a list of the same; text and None as they are, anything else as its text."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, (int, np.integer)):
@@ -87,13 +88,13 @@ def _plain(value):
     if isinstance(value, (float, np.floating)):
         value = float(value)
         return value if math.isfinite(value) else None
-    return value
+    if isinstance(value, np.ndarray):
+        return [json_value(v) for v in value.tolist()]
+    if isinstance(value, (list, tuple)):
+        return [json_value(v) for v in value]
+    return value if value is None or isinstance(value, str) else str(value)
 
 
-def _whole(name: str, value, least: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < least:
-        raise InvalidOption(f"{name} must be a whole number of at least {least}, got {value!r}")
-    return int(value)
 
 
 def _level(value) -> float:
@@ -167,7 +168,7 @@ class FeatureShift:
                              "shifted": self.shifted}, columns=list(FEATURE_COLUMNS))
 
     def to_json(self) -> dict:
-        rows = [dict(zip(FEATURE_COLUMNS, (f, k, t, *map(_plain, values))))
+        rows = [dict(zip(FEATURE_COLUMNS, (f, k, t, *map(json_value, values))))
                 for f, k, t, *values in zip(self.features, self.kinds, self.tests, self.statistic, self.p_value,
                                             self.p_adjusted, self.effect, self.mean_difference, self.shifted)]
         return {"n_a": int(self.n_a), "n_b": int(self.n_b), "alpha": float(self.alpha),
@@ -393,9 +394,9 @@ class EmbeddingShift:
         top = {}
         for side in ("a", "b"):
             rows, p = self.separated(side)
-            top[f"top_{side}"] = [{"row": int(r), "probability": _plain(q)} for r, q in zip(rows, p)]
-        return {"domain_auc": _plain(self.domain_auc), "mmd": _plain(self.mmd), "mmd_p": _plain(self.mmd_p),
-                "bandwidth": _plain(self.bandwidth), "n_a": int(len(self.rows_a)), "n_b": int(len(self.rows_b)),
+            top[f"top_{side}"] = [{"row": int(r), "probability": json_value(q)} for r, q in zip(rows, p)]
+        return {"domain_auc": json_value(self.domain_auc), "mmd": json_value(self.mmd), "mmd_p": json_value(self.mmd_p),
+                "bandwidth": json_value(self.bandwidth), "n_a": int(len(self.rows_a)), "n_b": int(len(self.rows_b)),
                 "seed": int(self.seed), "folds": int(self.folds), "permutations": int(self.permutations),
                 "max_samples": int(self.max_samples), **top}
 
@@ -463,12 +464,12 @@ def embedding_shift(a, b, *, seed: int = 0, folds: int = 5, permutations: int = 
                     batch_size: int = 512, top_k: int = 10) -> EmbeddingShift:
     """A domain classifier's out-of-fold ROC AUC and the RBF-kernel MMD with its permutation p-value, of the
     embeddings `b` against `a` (2-D arrays with the same number of dimensions); see the module's docstring."""
-    seed = _whole("seed", seed, 0)
-    folds = _whole("folds", folds, 2)
-    permutations = _whole("permutations", permutations, 0)
-    max_samples = _whole("max_samples", max_samples, folds)
-    batch_size = _whole("batch_size", batch_size, 1)
-    top_k = _whole("top_k", top_k, 0)
+    seed = whole_number(seed, "seed", 0)
+    folds = whole_number(folds, "folds", 2)
+    permutations = whole_number(permutations, "permutations", 0)
+    max_samples = whole_number(max_samples, "max_samples", folds)
+    batch_size = whole_number(batch_size, "batch_size", 1)
+    top_k = whole_number(top_k, "top_k", 0)
     a, b = _embeddings(a, "a"), _embeddings(b, "b")
     if a.shape[1] != b.shape[1]:
         raise AnalyzerError(f"a has {a.shape[1]} dimensions and b {b.shape[1]}: pass embeddings of the same layer")

@@ -75,7 +75,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import AnalyzerError, InvalidOption, first_line
+from ..errors import AnalyzerError, InvalidOption, first_line, whole_number
 from ..loading.sandbox import runs_in_worker
 
 ALPHA = 0.05  # significance level, after Bonferroni's correction over the layers asked for
@@ -211,12 +211,6 @@ def _seeded_classifier(seed: int):
     return cls(seed)
 
 
-def _whole(value, name: str, least: int, fix: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-        raise InvalidOption(f"{name} must be a whole number of at least {least}, got {value!r}: {fix}")
-    return int(value)
-
-
 def _rows(value, n: int, name: str) -> np.ndarray:
     rows = np.asarray(value)
     if rows.dtype == bool and rows.shape == (n,):
@@ -254,11 +248,11 @@ def tcav_scores(model, inputs, *, concept_rows=None, concept_inputs=None, target
     from ..guard import analysis_mode, unwrap
     from .attributions import _scores_module
 
-    random_sets = _whole(random_sets, "random_sets", 2, "the t-test needs at least 2 random sets (10 or more is "
+    random_sets = whole_number(random_sets, "random_sets", 2, "the t-test needs at least 2 random sets (10 or more is "
                                                        "usual)")
-    samples_per_set = _whole(samples_per_set, "samples_per_set", MIN_SET, "use 20 to 100 samples per set")
-    batch_size = _whole(batch_size, "batch_size", 1, "use 64, or less if memory is short")
-    seed = _whole(seed, "seed", 0, "use 0 or another non-negative integer")
+    samples_per_set = whole_number(samples_per_set, "samples_per_set", MIN_SET, "use 20 to 100 samples per set")
+    batch_size = whole_number(batch_size, "batch_size", 1, "use 64, or less if memory is short")
+    seed = whole_number(seed, "seed", 0, "use 0 or another non-negative integer")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise InvalidOption(f"alpha must be a significance level between 0 and 1 (such as 0.05), got {alpha!r}")
     inputs = np.asarray(inputs)

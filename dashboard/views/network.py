@@ -71,16 +71,13 @@ def _feature_maps_and_top_samples(acts) -> None:
     channel = st.selectbox("Channel or unit", [int(c) for c in order], key="network-channel",
                            format_func=lambda c: f"#{c} (this sample: {strength[c]:.3g})")
     k = int(st.number_input("Samples per channel", 1, 50, 12, key="network-k"))
-    bar = st.progress(0.0, text="Reading the dataset…")
     try:
-        top, ids = run_top_activating(run.path, layer=layer, k=k, model=model, dataset=dataset,
-                                      on_batch=lambda done, total: bar.progress(done / max(total, 1),
-                                                                                text=f"{done:,} of {total:,} samples"))
+        with components.progress_bar("Reading the dataset…", lambda done, total: f"{done:,} of {total:,} samples") \
+                as on_batch:
+            top, ids = run_top_activating(run.path, layer=layer, k=k, model=model, dataset=dataset, on_batch=on_batch)
     except AnalyzerError as exc:
-        bar.empty()
         st.error(md(exc))
         return
-    bar.empty()
     top_ids = [str(i) for i in ids[channel]]
     responses = ", ".join(f"{s:.3g}" for s in top.scores[channel][:6]) + ("…" if k > 6 else "")
     st.caption(f"The {len(top_ids)} of {top.num_samples:,} samples whose map of channel #{channel} reaches the "
@@ -171,16 +168,14 @@ def _concepts_panel() -> None:
     concept_layers = cols[1].multiselect("Layers", layers, default=[layer], key="tcav-layers")
     if choice is not None and concept_layers and st.button("Score the concept", key="tcav-run"):
         concept, images = choice
-        bar = st.progress(0.0, text="Training concept activation vectors…")
         try:
-            table = data.tcav(run, concept, int(target), tuple(concept_layers), concept_inputs=images,
-                              on_batch=lambda done, total: bar.progress(done / max(total, 1),
-                                                                        text=f"Scoring {done:,} of {total:,} samples"))
+            with components.progress_bar("Training concept activation vectors…",
+                                         lambda done, total: f"Scoring {done:,} of {total:,} samples") as on_batch:
+                table = data.tcav(run, concept, int(target), tuple(concept_layers), concept_inputs=images,
+                                  on_batch=on_batch)
         except AnalyzerError as exc:
-            bar.empty()
             st.error(md(exc))
             return
-        bar.empty()
         _tcav_table(table)
         st.caption(f"score: the share of {md(names[target])} samples whose score rises along the concept "
                    f"\"{md(concept['label'])}\" (1: for every one); null: the same for random sets; cav_accuracy "

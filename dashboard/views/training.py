@@ -104,15 +104,13 @@ batch = cols[1].number_input("Batch size", 2, 256, 32, key="overfit-batch")
 lr = cols[2].number_input("Learning rate", 1e-5, 1.0, 3e-3, format="%.4f", key="overfit-lr")
 limit = cols[3].number_input("Time limit (s)", 1, 600, 10, key="overfit-limit")
 if cols[4].button("Run the check", key="overfit-run", type="primary"):
-    bar = st.progress(0.0, text="Training a copy of the model on one batch…")
     try:
-        result = data.overfit(run, int(steps_n), int(batch), float(lr), float(limit), _on_step=lambda done, total: (
-            bar.progress(min(done / max(total, 1), 1.0), text=f"Training a copy on one batch: step {done} of {total}")))
+        with components.progress_bar("Training a copy of the model on one batch…", lambda done, total:
+                                     f"Training a copy on one batch: step {done} of {total}") as on_step:
+            result = data.overfit(run, int(steps_n), int(batch), float(lr), float(limit), _on_step=on_step)
         st.session_state["overfit-result"] = (run.path.name, result)
     except AnalyzerError as exc:
         st.error(md(exc))
-    finally:
-        bar.empty()
 stored = st.session_state.get("overfit-result")
 if stored and stored[0] == run.path.name:
     result = stored[1]
