@@ -44,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="analyse a model on a dataset and store the run directory")
     run.add_argument("--model", required=True, help="sample:NAME, PATH.pt2, or a state dict (.safetensors/.pt)")
-    run.add_argument("--data", required=True, help="sample:NAME, .npz, .csv, .parquet or image-folder .zip")
+    run.add_argument("--data", required=True, action="append",
+                     help="sample:NAME, .npz, .csv, .parquet or image-folder .zip; for a run over splits give it once "
+                          "per split as NAME=FILE (--data train=train.npz --data test=test.npz)")
+    run.add_argument("--split-column", help="a column of the dataset that names each row's split (train, test, "
+                                            "...); a column called split is read as one unasked")
     run.add_argument("--out", required=True, help="run directory to write")
     run.add_argument("--arch", help="architecture for a state dict: a sample name or package.module:callable")
     run.add_argument("--arch-kwargs", type=_json_object, metavar="JSON",
@@ -117,13 +121,15 @@ def _run(args) -> int:
     from .engines.pipeline import run_analysis
     from .loading.runs import open_run
 
-    out = run_analysis(args.model, args.data, args.out, arch=args.arch, batch_size=args.batch_size,
+    from .loading.splits import parse_data_args
+
+    out = run_analysis(args.model, parse_data_args(args.data), args.out, arch=args.arch, batch_size=args.batch_size,
                        label_column=args.label_column, id_column=args.id_column, features=args.features,
                        layer=args.layer, device=args.device, overwrite=args.overwrite, image_size=args.image_size,
                        mean=args.mean, std=args.std, input_shape=args.input_shape, seed=args.seed,
                        analyses=args.analyses, allow_import=True, progress=sys.stderr.isatty(),
                        isolation=args.isolation, arch_kwargs=args.arch_kwargs, class_names=args.class_names,
-                       inputs=args.inputs, task=args.task)
+                       inputs=args.inputs, task=args.task, split_column=args.split_column)
     run = open_run(out)
     headline = run.info.get("analyses", {}).get("evaluation", {})
     if run.info["accuracy"] is not None:

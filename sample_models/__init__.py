@@ -5,6 +5,8 @@ Each sample is a module `sample_models.<name>` that defines:
 - `build_model() -> torch.nn.Module` (the architecture, freshly initialised);
 - `load_data(split) -> SampleData` for split "train" or "test", generated or from scikit-learn's bundled data;
 - `train(out_dir) -> dict` writing `<name>.safetensors` and `<name>.log.jsonl` (see `sample_models.training`).
+Optionally `RUN_SPLITS` (tuple of split names, e.g. ("train", "test")): a run of `sample:<name>` then holds those
+splits concatenated, with a metadata column `split` (`Sample.run_splits`; empty: the test split alone).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 SAMPLE_NAMES = ("digits", "tabular", "dna", "shapes", "prices", "fraud", "scenes", "multispectral", "text",
-                "audio")
+                "audio", "drift")
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
@@ -49,6 +51,11 @@ class Sample:
     def task(self) -> str:
         """What the sample's model does (`analyzers.evaluation.tasks`): classification unless the module says."""
         return getattr(self.module, "TASK", "classification")
+
+    @property
+    def run_splits(self) -> tuple:
+        """The splits a run of this sample holds, concatenated (empty: the test split alone)."""
+        return tuple(getattr(self.module, "RUN_SPLITS", ()))
 
     @property
     def input_shape(self) -> tuple:

@@ -200,3 +200,15 @@ def test_a_curve_crosses_the_worker_boundary_and_a_malformed_one_is_refused(digi
     np.testing.assert_array_equal(back.first_flip, digits_noise.first_flip)
     with pytest.raises(ValueError, match="malformed"):
         RobustnessCurve(**{**digits_noise.__dict__, "values": digits_noise.values[:-1]})
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 4.0])  # 4.0: a kernel of 33 taps, wider than the 8-pixel image
+def test_blur_is_scipys_gaussian_filter_on_images_and_sequences(sigma):
+    rng = np.random.default_rng(11)
+    images = rng.random((4, 3, 8, 11)).astype(np.float32)
+    blurred = perturbed_inputs(images, perturbation="blur", strength=sigma)
+    np.testing.assert_allclose(blurred, gaussian_filter(images, sigma=(0, 0, sigma, sigma), mode="nearest"),
+                               atol=1e-5)
+    sequences = rng.random((3, 4, 20)).astype(np.float32)
+    np.testing.assert_allclose(perturbed_inputs(sequences, perturbation="blur", strength=sigma),
+                               gaussian_filter(sequences, sigma=(0, 0, sigma), mode="nearest"), atol=1e-5)

@@ -195,3 +195,41 @@ def test_bad_input_and_options_are_refused_with_their_fix():
         embedding_shift(a, a, folds=1)
     with pytest.raises(InvalidOption, match="permutations"):
         embedding_shift(a, a, permutations=-1)
+
+
+def test_slice_shift_counts_each_split_and_tests_with_fisher_and_holm():
+    from scipy.stats import fisher_exact
+
+    from analyzers.data_health.shift import SLICE_SHIFT_COLUMNS, slice_shift
+
+    rng = np.random.default_rng(7)
+    n = 800
+    split = np.where(np.arange(n) < 500, "train", "test")
+    group = rng.integers(0, 4, n)
+    # group 0 grows from 5% to 60% errors in test; group 1 stays at 10%; group 2 is absent from train
+    group[(split == "train") & (group == 2)] = 3
+    rate = np.select([group == 0, group == 1, group == 2], [np.where(split == "train", 0.05, 0.6), 0.1, 0.5], 0.1)
+    correct = rng.random(n) >= rate
+    samples = pd.DataFrame({"id": np.arange(n) + 100, "correct": correct, "split": split})
+    slices = pd.DataFrame({"description": ["g == 0", "g == 1", "g == 2"], "source": ["metadata"] * 3,
+                           "ids": [samples["id"][group == g].to_numpy() for g in range(3)]})
+    table = slice_shift(slices, samples, split_a="train", split_b="test")
+    assert list(table.columns) == list(SLICE_SHIFT_COLUMNS)
+    assert table["change"].tolist() == ["grew", "same", "absent"]
+    wrong = ~correct
+    p_values = []
+    for g, row in zip(range(3), table.itertuples()):
+        a, b = (group == g) & (split == "train"), (group == g) & (split == "test")
+        assert (row.size_a, row.size_b) == (a.sum(), b.sum())
+        assert (row.errors_a, row.errors_b) == ((a & wrong).sum(), (b & wrong).sum())
+        assert row.share_a == pytest.approx(a.sum() / 500) and row.share_b == pytest.approx(b.sum() / 300)
+        share_p = fisher_exact([[a.sum(), 500 - a.sum()], [b.sum(), 300 - b.sum()]])[1]
+        assert row.share_p == pytest.approx(share_p)
+        if a.sum():
+            p_values.append(fisher_exact([[(a & wrong).sum(), (a & ~wrong).sum()],
+                                          [(b & wrong).sum(), (b & ~wrong).sum()]])[1])
+    np.testing.assert_allclose(table["error_p"][:2], p_values)
+    np.testing.assert_allclose(table["error_p_adjusted"][:2], holm(p_values))
+    assert np.isnan(table["error_p"][2]) and table["share_a"][2] == 0
+    with pytest.raises(AnalyzerError, match="no samples of split"):
+        slice_shift(slices, samples, split_a="train", split_b="validation")

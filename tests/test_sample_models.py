@@ -185,15 +185,24 @@ def test_sample_runs_end_to_end(name, tmp_path):
     from analyzers.engines.pipeline import run_analysis
     from analyzers.loading.runs import open_run
 
+    sample = get_sample(name)
     data = cached_test_split(name)
     run = open_run(run_analysis(f"sample:{name}", f"sample:{name}", tmp_path / "run", analyses=[]))
-    assert len(run.samples) == len(data.y)
+    samples = run.samples
+    splits = tuple(sample.run_splits)
+    if splits:  # a run over several splits (drift): every split's rows, in order, named in the split column
+        sizes = [len(sample.load_data(split).y) for split in splits]
+        assert len(samples) == sum(sizes)
+        assert samples["split"].tolist() == [split for split, size in zip(splits, sizes) for _ in range(size)]
+        samples = samples[samples["split"] == "test"]
+    assert len(samples) == len(data.y)
+    np.testing.assert_array_equal(samples["id"].to_numpy(), data.ids)
     assert set(data.metadata) <= set(run.samples.columns)
-    assert run.task == get_sample(name).task
+    assert run.task == sample.task
     if run.task == "regression":
-        assert run.samples["abs_error"].mean() == pytest.approx(shipped_summary(name)["test_mae"], rel=1e-4)
-    else:
-        assert run.samples["correct"].mean() == pytest.approx(shipped_summary(name)["test_accuracy"])
+        assert samples["abs_error"].mean() == pytest.approx(shipped_summary(name)["test_mae"], rel=1e-4)
+    else:  # the test split's rows: the accuracy the training script measured
+        assert samples["correct"].mean() == pytest.approx(shipped_summary(name)["test_accuracy"])
 
 
 def test_conv_layers_have_readable_names():

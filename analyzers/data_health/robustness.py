@@ -27,7 +27,9 @@ Perturbations (`PERTURBATIONS`; the inputs' modality is read from their shape: i
 - `brightness` (images): x + s·σ_c, every value of channel c raised by s of its standard deviations;
 - `contrast` (images), s in [0, 1]: m + (1 - s)(x - m), m each image's own mean per channel: 1 is a flat image;
 - `blur` (images, sequences): a Gaussian blur of sigma s pixels (samples) over the spatial axes only
-  (`scipy.ndimage.gaussian_filter`, `mode="nearest"`: the edge value extends beyond the border);
+  (`scipy.ndimage.gaussian_filter`, `mode="nearest"`: the edge value extends beyond the border). It costs 9 to 20 ms
+  per batch of 256 3x32x32 images (sigma 0.5 to 4), against 24 ms for the shapes network's forward of that batch;
+  separable torch convolutions (channels as groups) took 67 to 350 ms;
 - `occlusion` (images, sequences), s in [0, 1]: the image is cut into square cells of side
   max(2, ceil(min(H, W) / 8)) pixels (segments of max(2, ceil(L / 16)) for a sequence) and a fraction s of them,
   chosen at random per sample, is filled with each channel's mean over the data (cells at the border may be cut

@@ -53,8 +53,12 @@ dimensions, 100 permutations: AUCs 0.46 to 0.57, p-values 0.04 to 0.95, one belo
 far away (a new cluster) gives an AUC of only 0.55, the other nine tenths being alike, but MMD p = 1/201, and the
 best-separated rows of that side are all in the cluster.
 
-`shift_pair(a_name, b_name, features=..., embedding=...)` is one split pair's entry of a run's future shift.json:
+`shift_pair(a_name, b_name, features=..., embedding=...)` is one split pair's entry of a run's shift.json:
 `a`, `b`, `domain_auc`, `mmd`, `mmd_p` and the per-feature tests, plain JSON values.
+
+`slice_shift(slices, samples, split_a=, split_b=)` asks which of a run's error slices grew or shrank between two of
+its splits: per slice its share of each split and its error rate there, each change tested with Fisher's exact
+test (exact for the small counts of a slice) and Holm-corrected over the slices (see its docstring).
 
 Bad input (an empty side, different feature counts or columns, NaN or infinite values, a 1-D array) raises a
 one-line `AnalyzerError` that names the fix; bad options raise `InvalidOption` before any computation.
@@ -540,3 +544,68 @@ def shift_pair(a_name: str, b_name: str, *, features: FeatureShift | None = None
         record.update(features=feat["features"], correction=feat["correction"], alpha=feat["alpha"],
                       n_a=feat["n_a"], n_b=feat["n_b"])
     return record
+
+
+# ------------------------------------------------------------------------------------------------------ slices
+
+SLICE_SHIFT_COLUMNS = ("description", "source", "size_a", "size_b", "share_a", "share_b", "share_p",
+                       "share_p_adjusted", "errors_a", "errors_b", "error_rate_a", "error_rate_b", "error_rate_change",
+                       "error_p", "error_p_adjusted", "change")
+
+
+def slice_shift(slices, samples, *, split_a: str, split_b: str, split_column: str = "split",
+                alpha: float = ALPHA):
+    """Which error slices grew or shrank between two splits of one run: a DataFrame, one row per slice of
+    `slices` (slices.parquet: its `ids` and `description`) over `samples` (samples.parquet, with `id`, `correct`
+    and `split_column`), in the slices' order.
+
+    For each slice and each split: its size, its share of the split, its errors and error rate. Two questions get
+    Fisher's exact test (`scipy.stats.fisher_exact`, two-sided: exact on the 2 x 2 table, right for the small
+    counts a slice of an evaluation split has, where a chi-square's approximation is not): did the slice's share
+    of the split change (in the slice or not x split a or b), and did its error rate change (wrong or right x split
+    a or b, the slice's rows only). Each family is Holm-corrected over the slices (`holm`); `change` is "grew"
+    (the error rate is higher in b, p_adjusted < alpha), "shrank" (lower), "same", or "absent" (the slice has
+    no rows in one split). A slice found on the whole run may hold rows of both splits; one that exists only in
+    the evaluation split (a new background) shows as a share near 0 in a."""
+    import pandas as pd
+    from scipy.stats import fisher_exact
+
+    level = _level(alpha)
+    for column in ("id", "correct", split_column):
+        if column not in samples.columns:
+            raise AnalyzerError(f"the samples table has no {column!r} column: slice shift needs the run's samples "
+                                f"with their split")
+    if "ids" not in slices.columns:
+        raise AnalyzerError("the slices table has no 'ids' column: give slices.parquet as the run wrote it")
+    split = samples[split_column].astype(str).to_numpy()
+    in_a, in_b = split == str(split_a), split == str(split_b)
+    for name, mask in ((split_a, in_a), (split_b, in_b)):
+        if not mask.any():
+            raise AnalyzerError(f"no samples of split {name!r}: choose from {', '.join(sorted(set(split)))}")
+    wrong = ~samples["correct"].to_numpy(dtype=bool)
+    ids = samples["id"].to_numpy()
+    rows = []
+    for record in slices.to_dict("records"):
+        inside = np.isin(ids, np.asarray(list(record["ids"])))
+        size_a, size_b = int((inside & in_a).sum()), int((inside & in_b).sum())
+        errors_a, errors_b = int((inside & in_a & wrong).sum()), int((inside & in_b & wrong).sum())
+        share_p = fisher_exact([[size_a, int(in_a.sum()) - size_a], [size_b, int(in_b.sum()) - size_b]])[1]
+        error_p = fisher_exact([[errors_a, size_a - errors_a], [errors_b, size_b - errors_b]])[1] \
+            if size_a and size_b else np.nan
+        rows.append({"description": str(record.get("description", "")), "source": str(record.get("source", "")),
+                     "size_a": size_a, "size_b": size_b, "share_a": size_a / in_a.sum(),
+                     "share_b": size_b / in_b.sum(), "share_p": float(share_p), "errors_a": errors_a,
+                     "errors_b": errors_b, "error_rate_a": errors_a / size_a if size_a else np.nan,
+                     "error_rate_b": errors_b / size_b if size_b else np.nan, "error_p": float(error_p)})
+    table = pd.DataFrame(rows, columns=[c for c in SLICE_SHIFT_COLUMNS if c not in (
+        "share_p_adjusted", "error_rate_change", "error_p_adjusted", "change")])
+    table["share_p_adjusted"] = holm(table["share_p"]) if len(table) else []
+    table["error_rate_change"] = table["error_rate_b"] - table["error_rate_a"]
+    tested = table["error_p"].notna().to_numpy()
+    adjusted = np.full(len(table), np.nan)
+    if tested.any():
+        adjusted[tested] = holm(table.loc[tested, "error_p"])
+    table["error_p_adjusted"] = adjusted
+    table["change"] = np.where(~tested, "absent", np.where(
+        adjusted < level, np.where(table["error_rate_change"] > 0, "grew", "shrank"), "same"))
+    return table[list(SLICE_SHIFT_COLUMNS)]

@@ -39,6 +39,7 @@ LOG = logging.getLogger(__name__)
 # (name, "module:function", on by default). Later stages may read files that earlier ones wrote.
 STAGES = (
     ("evaluation", "analyzers.evaluation.stage:evaluation_stage", True),
+    ("data_health", "analyzers.data_health.stage:data_health_stage", True),  # reads the slices evaluation wrote
     ("projections", "analyzers.explanations.projections:projection_stage", True),
     ("gradients", "analyzers.training.gradients:gradient_stage", True),
 )
@@ -123,7 +124,7 @@ def _load_stage(target: str):
     return getattr(importlib.import_module(module_name), func)
 
 
-def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | None = None,
+def run_analysis(model_spec, data_spec: str | dict, out: str | Path, *, arch: str | None = None,
                  batch_size: int = 256, label_column: str = "label", id_column: str | None = None,
                  features: list | None = None, layer: str | None = None, device: str = "cpu",
                  overwrite: bool = False, image_size: tuple | None = None, mean: list | None = None,
@@ -132,7 +133,7 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
                  report: Callable[[str, float], None] | None = None, stage_options: dict | None = None,
                  isolation: str = "auto", owner: dict | None = None, arch_kwargs: dict | None = None,
                  class_names: list | None = None, inputs: str | None = None,
-                 file_names: dict | None = None, task: str | None = None) -> Path:
+                 file_names: dict | None = None, task: str | None = None, split_column: str | None = None) -> Path:
     """Analyse a model on a dataset and store the run at `out`; returns `out`.
 
     If `out` already holds a complete run of the same model, data and parameters it is reused as it is. A different
@@ -155,6 +156,9 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
     not the workspace's hashed copy), recorded as run.json's `model.name` and `dataset.name` for every header.
     `task` (`analyzers.evaluation.tasks.TASK_NAMES`) says what the model does; None reads it from the labels and
     the model's output, and asks for it when both readings fit. It is recorded as run.json's `task`.
+    `data_spec` may be {split name: spec} (`--data train=A --data test=B`), or one dataset whose `split_column`
+    (a column called `split` unasked) names each row's split: see `analyzers.loading.splits`. The run's samples
+    then carry a `split` column, and its analyses compare the splits.
     """
     given = None
     if not isinstance(model_spec, str):  # a model already in memory: wrap_module(...) or a plain nn.Module
@@ -190,14 +194,20 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
     if owner is not None and not (isinstance(owner, dict) and isinstance(owner.get("id"), str) and owner["id"]
                                   and isinstance(owner.get("name", ""), str)):
         raise AnalyzerError("owner must be {'id': text, 'name': text}, or None for a run made by the operator")
+    if isinstance(data_spec, dict):
+        from ..loading.splits import check_split_specs
+
+        data_spec = check_split_specs(data_spec)
+        if split_column is not None:
+            raise AnalyzerError("--split-column reads the splits of one file; with a file per split leave it out")
     report = report or (lambda stage, fraction: None)
     report("load", 0.0)
     data_options = dict(label_column=label_column, id_column=id_column, features=features, image_size=image_size,
-                        mean=mean, std=std, task=task)
+                        mean=mean, std=std, task=task, split_column=split_column)
     param_options = dict(stages=stages, batch_size=batch_size, layer=layer, seed=seed, arch=arch,
                          arch_kwargs=arch_kwargs, class_names=class_names,
                          stage_options=stage_options, label_column=label_column, id_column=id_column,
-                         features=features, task=task)
+                         features=features, task=task, split_column=split_column)
     if given is None and sandboxed(model_spec, arch, isolation):
         return _run_sandboxed(model_spec, data_spec, out, arch=arch, input_shape=input_shape, class_names=class_names,
                               data_options=data_options, param_options=param_options, device=device,
@@ -228,14 +238,15 @@ def run_analysis(model_spec, data_spec: str, out: str | Path, *, arch: str | Non
 
 
 def run_parameters(model, *, stages, batch_size, layer, seed, arch, stage_options, label_column, id_column,
-                   features, arch_kwargs=None, class_names=None, task=None) -> dict:
-    """The parameters a run records, and that decide whether an existing run can be reused. A declared task is
-    one of them (an inferred one is not: runs from before tasks were declared are reused as they are)."""
+                   features, arch_kwargs=None, class_names=None, task=None, split_column=None) -> dict:
+    """The parameters a run records, and that decide whether an existing run can be reused. A declared task, and
+    a split column, are among them when given (runs from before either existed are reused as they are)."""
     return {"batch_size": batch_size, "layer": layer or model.embedding_layer, "seed": seed,
             "label_column": label_column, "id_column": id_column, "features": features, "arch": arch,
             "arch_kwargs": arch_kwargs, "class_names": class_names,
             "analyses": [name for name, _ in stages], "stage_options": stage_options or {},
-            **({"task": task} if task is not None else {})}
+            **({"task": task} if task is not None else {}),
+            **({"split_column": split_column} if split_column is not None else {})}
 
 
 def _read_for_task(model, task_name: str):
@@ -382,14 +393,24 @@ def _texts_or_none(value):
 
 
 def _display_name(spec, given) -> str:
-    """How a file is named to the person: the name given (as uploaded), else the last part of its spec."""
+    """How a file is named to the person: the name given (as uploaded), else the last part of its spec; a file
+    per split as `train=a.npz, test=b.npz`."""
+    if isinstance(spec, dict) and not isinstance(given, str):
+        from ..loading.splits import describe_splits
+
+        return describe_splits({name: _display_name(part, None) for name, part in spec.items()})[:200]
     text = given if isinstance(given, str) and given.strip() else str(spec).replace("\\", "/").rsplit("/", 1)[-1]
     return text.strip()[:200]
 
 
 def _run_info(model_spec, data_spec, model, dataset: dict, arch, params, summary: dict, *, sandbox,
               accuracy: float, owner: dict | None = None, file_names: dict | None = None) -> dict:
+    from ..loading.splits import checked_split_sources, describe_splits
+
     file_names = file_names or {}
+    sources = checked_split_sources(dataset.get("split_sources") or [])
+    if sources is None:
+        raise AnalyzerError("the dataset's split files were described in an unexpected form; nothing was stored")
     return {
         "owner": None if owner is None else {"id": owner["id"], "name": owner.get("name") or owner["id"]},
         "format_version": RUN_FORMAT_VERSION,
@@ -401,10 +422,13 @@ def _run_info(model_spec, data_spec, model, dataset: dict, arch, params, summary
                   "inputs": model.input_layout.to_json() if getattr(model, "input_layout", None) else None,
                   "layers": list(model.layers), "layer_kinds": dict(model.layer_kinds),
                   "attention_layers": _texts_or_none(summary.get("attention_layers"))},
-        "dataset": {"spec": data_spec, "name": _display_name(data_spec, file_names.get("dataset")),
+        "dataset": {"spec": data_spec if isinstance(data_spec, str) else describe_splits(data_spec),
+                    "name": _display_name(data_spec, file_names.get("dataset")),
                     "sha256": dataset["sha256"], "modality": dataset["modality"],
                     "feature_names": dataset["feature_names"], "metadata_columns": dataset["metadata_columns"],
-                    "ground_truth_columns": dataset["ground_truth_columns"]},
+                    "ground_truth_columns": dataset["ground_truth_columns"],
+                    # a file per split: what reloads them (load_run_inputs); a worker's description is checked
+                    **({"split_sources": list(sources)} if sources else {})},
         "num_samples": int(dataset["num_samples"]),
         "class_names": [str(c) for c in summary["class_names"]],
         "task": dataset.get("task", "classification"),
@@ -435,9 +459,11 @@ def load_run_inputs(run, *, allow_import: bool = False) -> tuple[LoadedModel, Da
     params = info.get("parameters", {})
     pre = info.get("preprocessing") or {}
     model_spec, data_spec, arch = info["model"]["spec"], info["dataset"]["spec"], info["model"].get("arch")
+    if info["dataset"].get("split_sources"):  # a file per split (checked when the run was opened)
+        data_spec = {s["name"]: s["spec"] for s in info["dataset"]["split_sources"]}
     data_options = dict(label_column=params.get("label_column", "label"), id_column=params.get("id_column"),
                         features=params.get("features"), image_size=pre.get("image_size"), mean=pre.get("mean"),
-                        std=pre.get("std"), task=info.get("task"))
+                        std=pre.get("std"), task=info.get("task"), split_column=params.get("split_column"))
     if sandboxed(model_spec, arch, "auto"):
         from ..loading.sandbox import open_sandboxed, worker_dataset
 

@@ -108,6 +108,10 @@ def evaluation_stage(ctx) -> dict:
                       embeddings=ctx.predictions.embeddings, layer=ctx.predictions.embedding_layer,
                       exclude_columns=ctx.dataset.ground_truth_columns, seed=ctx.params.get("seed", 0), task=task,
                       labels=ctx.dataset.y, **options)
+    splits = split_metrics(ctx.samples, ctx.predictions.probs, ctx.dataset.y, task=task,
+                           class_names=ctx.class_names, n_bins=options.get("n_bins", 10))
+    if splits is not None:
+        result["metrics"].update(splits)
     write_json(ctx.path(METRICS), result["metrics"])
     if result["confusion"] is not None:
         write_json(ctx.path(CONFUSION), result["confusion"].to_dict(top=top_confused))
@@ -131,7 +135,43 @@ def evaluation_stage(ctx) -> dict:
                        estimated_label_issues=result["label_noise"].estimated_issues)
     if result["skipped"]:
         summary["skipped"] = result["skipped"]
+    if splits is not None and splits["split_gap"]:
+        summary["split_gap"] = splits["split_gap"]
     return summary
+
+
+def split_metrics(samples: pd.DataFrame, probs, labels, *, task, class_names=None, n_bins: int = 10) -> dict | None:
+    """metrics.json's `splits` ({split: the task's metrics on its rows, with num_samples, error_rate, mean_loss and,
+    for tasks with classes, ece}) and `split_gap` (the evaluation split against the training split,
+    `splits.train_and_eval`: per headline metric, and for the error rate and the mean loss, {train, eval, gap =
+    eval - train}; the loss gap is the overfitting indicator). None for a run over one dataset."""
+    from ..loading.splits import SPLIT_COLUMN, split_names, train_and_eval
+    from .metrics import expected_calibration_error
+
+    names = split_names(samples)
+    if not names:
+        return None
+    column = samples[SPLIT_COLUMN].astype(str).to_numpy()
+    probs, labels = np.asarray(probs), np.asarray(labels)
+    per_split = {}
+    for name in names:
+        rows = np.flatnonzero(column == name)
+        values = task.metrics(labels[rows], probs[rows], names=class_names)
+        if task.has_classes:
+            values["ece"] = expected_calibration_error(labels[rows], probs[rows], n_bins=n_bins, strategy="uniform")
+        values.update(num_samples=int(len(rows)),
+                      error_rate=float(1.0 - samples["correct"].to_numpy()[rows].mean()),
+                      mean_loss=float(np.nanmean(samples["loss"].to_numpy(dtype=np.float64)[rows])))
+        per_split[name] = values
+    train, evaluation = train_and_eval(names)
+    gap = {}
+    if train is not None:
+        gap = {"train": train, "eval": evaluation, "metrics": {}}
+        for key in (*task.headline(per_split[train]), "error_rate", "mean_loss"):
+            a, b = per_split[train].get(key), per_split[evaluation].get(key)
+            if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a is not None and b is not None:
+                gap["metrics"][key] = {"train": float(a), "eval": float(b), "gap": float(b) - float(a)}
+    return {"splits": per_split, "split_gap": gap}
 
 
 # ------------------------------------------------------------------------------------------------------------ export

@@ -8,7 +8,7 @@ import math
 import posixpath
 import zipfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,8 @@ class Dataset:
     ground_truth_columns: tuple = ()
     # the task its labels were read for (analyzers.evaluation.tasks): class indices, or real targets for regression
     task: str = "classification"
+    # a run over several split files (splits.combine_splits): each part's {name, spec, sha256, num_samples}
+    split_sources: tuple = ()
 
     def __len__(self) -> int:
         return len(self.y)
@@ -66,16 +68,29 @@ class Dataset:
         return {1: "tabular", 2: "sequence", 3: "image"}.get(self.x.ndim - 1, "other")
 
 
-def load_dataset(spec: str, *, model=None, label_column: str = "label", id_column: str | None = None,
+def load_dataset(spec, *, model=None, label_column: str = "label", id_column: str | None = None,
                  features: list | None = None, image_size: tuple | None = None, mean: list | None = None,
-                 std: list | None = None, task: str | None = None) -> Dataset:
-    """Load `sample:NAME` (its test split) or a file. `model` (a LoadedModel) supplies image size, channels and names.
+                 std: list | None = None, task: str | None = None, split_column: str | None = None) -> Dataset:
+    """Load `sample:NAME` (its test split, or every split of a sample that runs over several) or a file, or a
+    {split name: spec} mapping of them (`splits.combine_splits`, each part read with the same options).
+    `model` (a LoadedModel) supplies image size, channels and names.
     `task` (one of `tasks.TASK_NAMES`) says how the labels are read; None infers it from the labels and the model's
-    output (`tasks.resolve_task`), asking for it when two readings fit."""
+    output (`tasks.resolve_task`), asking for it when two readings fit. `split_column` names a column that holds
+    each row's split (`splits.with_split_column`; a column called `split` is read as one unasked)."""
+    options = dict(model=model, label_column=label_column, id_column=id_column, features=features,
+                   image_size=image_size, mean=mean, std=std, task=task, split_column=split_column)
+    if isinstance(spec, dict):
+        from .splits import check_split_specs, combine_splits
+
+        if split_column is not None:
+            raise AnalyzerError("--split-column reads the splits of one file; with a file per split leave it out")
+        return combine_splits({name: load_dataset(part, **options) for name, part in check_split_specs(spec).items()})
     if not isinstance(spec, str) or not spec:
         raise AnalyzerError("no dataset given: pass sample:NAME or a .npz, .csv, .parquet or image-folder .zip file")
     if spec.startswith("sample:"):
-        return _load_sample(spec, task=task)
+        from .splits import with_split_column
+
+        return with_split_column(_load_sample(spec, task=task), split_column)
     path = Path(spec)
     if not path.is_file():
         raise AnalyzerError(f"dataset file {spec!r} does not exist: check the path")
@@ -84,23 +99,25 @@ def load_dataset(spec: str, *, model=None, label_column: str = "label", id_colum
     # Read from the file itself (hashed as a stream), so a large dataset is never held twice in memory.
     return _load_source(path, name=path.name, spec=spec, digest=sha256_file(path), model=model,
                         label_column=label_column, id_column=id_column, features=features, image_size=image_size,
-                        mean=mean, std=std, task=task)
+                        mean=mean, std=std, task=task, split_column=split_column)
 
 
 def load_dataset_bytes(data: bytes, *, name: str, spec: str | None = None, model=None, label_column: str = "label",
                        id_column: str | None = None, features: list | None = None, image_size: tuple | None = None,
-                       mean: list | None = None, std: list | None = None, task: str | None = None) -> Dataset:
+                       mean: list | None = None, std: list | None = None, task: str | None = None,
+                       split_column: str | None = None) -> Dataset:
     """Load a dataset from the bytes of a file called `name` (an upload); see `load_dataset`."""
     if not data:
         raise AnalyzerError(f"dataset file {name!r} is empty: upload the file again")
     return _load_source(io.BytesIO(data), name=name, spec=spec or name, digest=sha256_bytes(data),
                         model=model, label_column=label_column, id_column=id_column, features=features,
-                        image_size=image_size, mean=mean, std=std, task=task)
+                        image_size=image_size, mean=mean, std=std, task=task, split_column=split_column)
 
 
 def load_dataset_file(fh, *, name: str, spec: str, model=None, label_column: str = "label",
                       id_column: str | None = None, features: list | None = None, image_size: tuple | None = None,
-                      mean: list | None = None, std: list | None = None, task: str | None = None) -> Dataset:
+                      mean: list | None = None, std: list | None = None, task: str | None = None,
+                      split_column: str | None = None) -> Dataset:
     """Load a dataset from an open binary file called `name` (what a sandboxed worker is handed); see
     `load_dataset`. The file is hashed as a stream, then read from the start."""
     digest = hashlib.sha256()
@@ -110,7 +127,8 @@ def load_dataset_file(fh, *, name: str, spec: str, model=None, label_column: str
         raise AnalyzerError(f"dataset file {name!r} is empty: write the file again")
     fh.seek(0)
     return _load_source(fh, name=name, spec=spec, digest=digest.hexdigest(), model=model, label_column=label_column,
-                        id_column=id_column, features=features, image_size=image_size, mean=mean, std=std, task=task)
+                        id_column=id_column, features=features, image_size=image_size, mean=mean, std=std, task=task,
+                        split_column=split_column)
 
 
 def describe_dataset(dataset: Dataset) -> dict:
@@ -121,7 +139,8 @@ def describe_dataset(dataset: Dataset) -> dict:
             "feature_names": list(dataset.feature_names) if dataset.feature_names else None,
             "metadata_columns": [str(c) for c in dataset.metadata.columns],
             "ground_truth_columns": list(dataset.ground_truth_columns),
-            "preprocessing": dict(dataset.preprocessing), "task": dataset.task}
+            "preprocessing": dict(dataset.preprocessing), "task": dataset.task,
+            "split_sources": [dict(s) for s in dataset.split_sources]}
 
 
 # What a worker may hand its parent: a loader turns at most MAX_UNCOMPRESSED_BYTES of file content into float32
@@ -139,7 +158,8 @@ def dataset_fields(dataset: Dataset) -> dict:
             "metadata": dataset.metadata, "feature_names": list(dataset.feature_names) if dataset.feature_names
             else None, "preprocessing": dict(dataset.preprocessing),
             "extras": {str(k): np.asarray(v) for k, v in dataset.extras.items()},
-            "ground_truth_columns": list(dataset.ground_truth_columns), "task": dataset.task}
+            "ground_truth_columns": list(dataset.ground_truth_columns), "task": dataset.task,
+            "split_sources": [dict(s) for s in dataset.split_sources]}
 
 
 def dataset_from_fields(fields) -> Dataset:
@@ -187,15 +207,31 @@ def dataset_from_fields(fields) -> Dataset:
     if not all(isinstance(fields.get(key), str) for key in ("spec", "sha256")) or \
             not isinstance(fields.get("preprocessing"), dict):
         raise bad("description is incomplete")
+    from .splits import checked_split_sources
+
+    sources = checked_split_sources(fields.get("split_sources") or [])
+    if sources is None:
+        raise bad("split files are not described as {name, spec, sha256, num_samples}")
     return Dataset(x=x, y=y, ids=ids, spec=fields["spec"], sha256=fields["sha256"], class_names=names["class_names"],
                    metadata=metadata,
                    feature_names=names["feature_names"], preprocessing=fields["preprocessing"], extras=extras,
-                   ground_truth_columns=names["ground_truth_columns"] or (), task=task)
+                   ground_truth_columns=names["ground_truth_columns"] or (), task=task, split_sources=sources)
 
 
 def _load_source(source, *, name: str, spec: str, digest: str, model, label_column: str, id_column, features,
-                 image_size, mean, std, task=None) -> Dataset:
-    """Load from `source`, a path or a binary file object, by the suffix of `name`."""
+                 image_size, mean, std, task=None, split_column=None) -> Dataset:
+    """Load from `source`, a path or a binary file object, by the suffix of `name`, its splits read from
+    `split_column` (`splits.with_split_column`)."""
+    from .splits import with_split_column
+
+    return with_split_column(_read_source(source, name=name, spec=spec, digest=digest, model=model,
+                                          label_column=label_column, id_column=id_column, features=features,
+                                          image_size=image_size, mean=mean, std=std, task=task,
+                                          split_column=split_column), split_column)
+
+
+def _read_source(source, *, name: str, spec: str, digest: str, model, label_column: str, id_column, features,
+                 image_size, mean, std, task=None, split_column=None) -> Dataset:
     from ..evaluation.tasks import TASK_NAMES
 
     if task is not None and task not in TASK_NAMES:
@@ -206,7 +242,7 @@ def _load_source(source, *, name: str, spec: str, digest: str, model, label_colu
     if suffix in (".csv", ".parquet"):
         table = _read_table(source, name, suffix)
         return _from_table(table, name, spec, digest, model=model, label_column=label_column, id_column=id_column,
-                           features=features, task=task)
+                           features=features, task=task, split_column=split_column)
     if suffix == ".zip":
         if task is not None and task not in ("classification", "binary"):
             raise AnalyzerError(f"{name!r} is a zip of image folders, whose names are classes: a {task} dataset "
@@ -218,16 +254,31 @@ def _load_source(source, *, name: str, spec: str, digest: str, model, label_colu
 
 
 def _load_sample(spec: str, *, task: str | None = None) -> Dataset:
+    """A sample's test split, or, for a sample that runs over several (`Sample.run_splits`), all of them with a
+    `split` column (`splits.combine_splits`)."""
     from sample_models import SAMPLE_NAMES, get_sample
 
     name = spec.split(":", 1)[1]
     if name not in SAMPLE_NAMES:
         raise AnalyzerError(f"unknown sample dataset {name!r}: choose one of {', '.join(SAMPLE_NAMES)}")
     sample = get_sample(name)
-    data = sample.load_data("test")
+    run_splits = tuple(getattr(sample, "run_splits", ()) or ())
+    if not run_splits:
+        return _sample_split(sample, spec, "test", task=task)
+    from .splits import combine_splits
+
+    combined = combine_splits({split: _sample_split(sample, f"{spec}:{split}", split, task=task)
+                               for split in run_splits})
+    # the sample is one spec (it reloads every split), not a file per split
+    return replace(combined, spec=spec, split_sources=())
+
+
+def _sample_split(sample, spec: str, split: str, *, task: str | None) -> Dataset:
+    data = sample.load_data(split)
     x = np.ascontiguousarray(data.x, dtype=np.float32)
     from ..evaluation.tasks import resolve_task
 
+    name = sample.name
     declared = getattr(sample, "task", "classification")  # a sample states its own task
     sample_task = resolve_task(declared, data.y, None)
     # binary is classification's two-class case: either name fits a two-class sample
@@ -392,7 +443,7 @@ def _read_table(source, name: str, suffix: str) -> pd.DataFrame:
 
 
 def _from_table(table: pd.DataFrame, name: str, spec: str, digest: str, *, model, label_column: str,
-                id_column: str | None, features: list | None, task=None) -> Dataset:
+                id_column: str | None, features: list | None, task=None, split_column=None) -> Dataset:
     if table.empty:
         raise AnalyzerError(f"{name!r} has no rows: a dataset needs at least one sample")
     label_columns = _label_columns(table, label_column, name, task=task)
@@ -401,7 +452,7 @@ def _from_table(table: pd.DataFrame, name: str, spec: str, digest: str, *, model
     if id_column is not None and len(label_columns) > 1 and id_column in label_columns:
         raise AnalyzerError(f"column {id_column!r} in {name!r} is both a label column and the id column: "
                             f"drop it from --label-column or from --id-column")
-    reserved = {*label_columns, id_column}
+    reserved = {*label_columns, id_column, split_column}  # a split column is never an input, even when numeric
     from .inputs import layout_of
 
     layout = layout_of(model) if model is not None else None

@@ -82,6 +82,8 @@ def _kind_ok(value, kind: str) -> bool:
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if kind == "ints":
         return isinstance(value, list) and all(_kind_ok(v, "int") for v in value)
+    if kind == "list":  # of ids, of any type the run's ids have
+        return isinstance(value, list)
     if kind == "records":
         return isinstance(value, list) and all(isinstance(v, dict) for v in value)
     if "|" in kind:
@@ -105,7 +107,7 @@ def _check_fields(obj: dict, fields, relpath: str, where, prefix: str = "") -> N
 
 
 _KIND_WORDS = {"text": "a string", "int": "an integer", "number": "a number", "mapping": "an object",
-               "texts": "a list of strings", "ints": "a list of integers", "records": "a list of objects",
+               "texts": "a list of strings", "ints": "a list of integers", "records": "a list of objects", "list": "a list",
                "numbers": "a list of numbers", "matrix": "a matrix of numbers",
                "number|numbers": "a number or a list of numbers"}
 
@@ -117,6 +119,12 @@ def check_info(info, where) -> None:
     _check_fields(info, _INFO, "run.json", where)
     _check_fields(info["model"], _MODEL, "run.json", where, "model.")
     _check_fields(info["dataset"], _DATASET, "run.json", where, "dataset.")
+    if info["dataset"].get("split_sources") is not None:  # what reloads a run over a file per split
+        from .splits import checked_split_sources
+
+        if checked_split_sources(info["dataset"]["split_sources"]) is None:
+            raise damaged("run.json", where, "dataset.split_sources is not a list of {name, spec, sha256, "
+                          "num_samples}")
     if info.get("owner") is not None:
         _check_fields(info["owner"], _OWNER, "run.json", where, "owner.")
     spectrogram = (info.get("preprocessing") or {}).get("spectrogram")
@@ -296,22 +304,28 @@ _TABLES = {
     "gradients/dead_units.parquet": ({"layer": "text", "dead_fraction": "number"}, False),
     "projections/*.parquet": ({"id": "any", "x": "number", "y": "number"}, True),
     "explanations/faithfulness.parquet": ({"id": "any", "method": "text", "target": "any"}, False),
+    # data health (analyzers.data_health.stage): the Data health page and the Overview's problems read these
+    "duplicates.parquet": ({"id_a": "any", "id_b": "any", "kind": "text", "distance": "number"}, False),
+    "outliers.parquet": ({"id": "any", "score": "number"}, True),
 }
+# a run over splits: per-split metrics and the train-test gap (stage.split_metrics), which the Overview prints
+_SPLIT_FIELDS = (("splits", "mapping", False), ("split_gap", "mapping", False))
 # JSON files: the fields a page reads, each optional unless marked required (older runs lack some).
 _JSON = {
     "metrics.json": (("accuracy", "number", True), ("balanced_accuracy", "number", True), ("log_loss", "number", True),
                      ("ece", "number", True), ("roc_auc_ovr", "number?", False),
                      ("classification_report", "mapping", False), ("per_class", "mapping", False),
-                     ("top_k_accuracy", "mapping", False)),
+                     ("top_k_accuracy", "mapping", False), *_SPLIT_FIELDS),
     # a regression's metrics (the task's own file rules: `check_json(..., task="regression")`)
     "metrics.json#regression": (("mse", "number", True), ("rmse", "number", True), ("mae", "number", True),
                                 ("r2", "number?", True), ("median_absolute_error", "number", True),
                                 ("mape", "number?", False), ("interval_coverage", "mapping", False),
-                                ("gaussian_nll", "number", False)),
+                                ("gaussian_nll", "number", False), *_SPLIT_FIELDS),
     # a multi-label run's metrics (tasks.MultiLabel.metrics)
     "metrics.json#multilabel": (("subset_accuracy", "number", True), ("hamming_loss", "number", True),
                                 ("roc_auc_macro", "number?", False), ("average_precision_macro", "number?", False),
-                                ("classification_report", "mapping", True), ("prevalence", "mapping", True)),
+                                ("classification_report", "mapping", True), ("prevalence", "mapping", True),
+                                *_SPLIT_FIELDS),
     # per label: its 2x2 matrix, calibration and threshold metrics, and which labels are missed together
     "multilabel.json": (("labels", "records", True), ("co_missed", "records", True),
                         ("threshold", "number|numbers", True), ("co_missed_matrix", "matrix", False)),
@@ -328,6 +342,10 @@ _JSON = {
     "confusion.json": (),
     "gradients/overfit_check.json": (),
     "projections/*.json": (("method", "text", False), ("options", "mapping", False)),
+    "shift.json": (("train", "text", True), ("pairs", "records", True)),
+    "outliers.json": (("method", "text", True), ("regions", "records", True)),
+    "inputs.json": (("grid_ids", "mapping", True), ("corrupted_ids", "records", True), ("flags", "records", True)),
+    "data_health.json": (("problems", "records", True), ("skipped", "mapping", False)),
 }
 # Arrays with one row per sample.
 _ARRAYS = ("embeddings/*.npy",)
@@ -364,6 +382,14 @@ def check_table(relpath: str, table: pd.DataFrame, *, num_samples: int, num_clas
 # What each record of a JSON list holds, where a page reads its fields: multilabel.json's per-label rows
 # (multilabel.per_label_report) and its pairs (multilabel.co_missed).
 _RECORDS = {
+    "shift.json": {"pairs": (("a", "text", True), ("b", "text", True), ("domain_auc", "number?", True),
+                             ("mmd", "number?", True), ("mmd_p", "number?", True), ("features", "records", True),
+                             ("embedding", "mapping?", True), ("slices", "records", False))},
+    "outliers.json": {"regions": (("size", "int", True), ("error_rate", "number?", True), ("ids", "list", True))},
+    "inputs.json": {"corrupted_ids": (("reason", "text", True),),
+                    "flags": (("code", "text", True), ("message", "text", True))},
+    "data_health.json": {"problems": (("kind", "text", True), ("title", "text", True), ("detail", "text", True),
+                                      ("ids", "list", True), ("page", "text", True), ("section", "text", False))},
     "multilabel.json": {
         "labels": (("label", "text", True), ("support", "int", True), ("prevalence", "number", True),
                    ("tn", "int", True), ("fp", "int", True), ("fn", "int", True), ("tp", "int", True),
@@ -389,7 +415,7 @@ def _check_per_label_lengths(relpath: str, obj: dict, where, num_labels: int) ->
     matrix = obj.get("co_missed_matrix") if relpath == "multilabel.json" else None
     if matrix and any(len(row) != num_labels for row in matrix):
         raise damaged(relpath, where, f"'co_missed_matrix' is not {num_labels} x {num_labels}")
-    cuts = obj.get("per_label" if relpath == "thresholds.json" else "threshold")
+    cuts = obj.get("per_label" if relpath == "thresholds.json" else "threshold") if lists else None
     if cuts is not None and not all(0 <= c <= 1 for c in np.atleast_1d(np.asarray(cuts, dtype=np.float64))):
         raise damaged(relpath, where, "a threshold lies outside [0, 1]")
 

@@ -363,7 +363,7 @@ class Run:
 
 # What is added to a run after it is made (the Explain page and `explain`; t-SNE and UMAP computed on demand): it
 # depends only on the model and the data, so a run that replaces one of the same model and data keeps it.
-DERIVED_DIRS = ("explanations", "projections")
+DERIVED_DIRS = ("explanations", "projections", "health")
 
 
 def carry_derived_files(previous: str | Path, stage: str | Path, *, model_sha: str, dataset_sha: str) -> list:

@@ -506,7 +506,13 @@ def open_sandboxed(model_path: str | Path, *, name: str | None = None, spec: str
     is_sample = str(model_path).startswith("sample:")
     model_path = Path(model_path) if not is_sample else model_path
     name = name or (model_path if is_sample else model_path.name)
-    for kind, path in (("model", None if is_sample else model_path), ("dataset", data_path)):
+    from .splits import check_split_specs
+
+    # a run over split files hands the worker one file per split ({name: path}, splits.combine_splits)
+    data_parts = None if data_path is None else (
+        check_split_specs(data_path) if isinstance(data_path, dict) else {None: data_path})
+    for kind, path in (("model", None if is_sample else model_path), *(("dataset", p) for p in
+                                                                        (data_parts or {}).values())):
         if path is not None and not str(path).startswith("sample:") and not Path(path).is_file():
             raise AnalyzerError(f"{kind} file {str(path)!r} does not exist: check the path")
     if not is_sample and model_path.suffix.lower() == ".pt2" and not unchecked_archive_for_tests:
@@ -517,8 +523,9 @@ def open_sandboxed(model_path: str | Path, *, name: str | None = None, spec: str
     worker = Worker(limits=limits, name=name)
     try:
         model_fd = None if is_sample else worker.hand_over("model", model_path)
-        data_sample = data_path is not None and str(data_path).startswith("sample:")
-        data_fd = worker.hand_over("data", data_path) if data_path is not None and not data_sample else None
+        parts = [{"split": split, "spec": str(path), "name": Path(str(path)).name,
+                  "fd": None if str(path).startswith("sample:") else worker.hand_over(f"data:{split}", path)}
+                 for split, path in (data_parts or {}).items()]
         worker.start()
         description = worker.request({"op": "load_model", "fd": model_fd, "name": name, "spec": spec or str(model_path),
                                       "arch": arch, "input_shape": list(input_shape) if input_shape else None,
@@ -529,8 +536,7 @@ def open_sandboxed(model_path: str | Path, *, name: str | None = None, spec: str
         if data_path is not None:
             from ..evaluation.tasks import TASK_NAMES, model_for_task, output_width, task_named
 
-            dataset = worker.request({"op": "load_dataset", "fd": data_fd, "name": Path(str(data_path)).name,
-                                      "spec": str(data_path), "options": dict(data_options or {})})
+            dataset = worker.request({"op": "load_dataset", "parts": parts, "options": dict(data_options or {})})
             if not isinstance(dataset, dict) or dataset.get("task") not in TASK_NAMES:
                 raise WorkerError("the worker described the dataset in an unexpected form")
             # as the worker did: the model is read for the dataset's task

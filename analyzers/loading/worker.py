@@ -87,14 +87,25 @@ def _handle(request, state: dict, replies: int):
         if state["model"] is None:
             raise AnalyzerError("internal error: the worker loads a model before a dataset")
         options = dict(request.get("options") or {})
-        if request.get("fd") is None:  # built-in sample data, from the project's own read-only files
-            from .datasets import load_dataset
+        parts = {}
+        for part in request["parts"]:  # one file, or one per split (splits.combine_splits)
+            if part.get("split") is not None and part.get("split") in parts:
+                raise AnalyzerError("internal error: a split was handed to the worker twice")
+            if part.get("fd") is None:  # built-in sample data, from the project's own read-only files
+                from .datasets import load_dataset
 
-            dataset = load_dataset(str(request["spec"]), model=state["model"], **options)
+                loaded = load_dataset(str(part["spec"]), model=state["model"], **options)
+            else:
+                with os.fdopen(os.dup(int(part["fd"])), "rb") as fh:
+                    loaded = load_dataset_file(fh, name=str(part["name"]), spec=str(part["spec"]),
+                                               model=state["model"], **options)
+            parts[part.get("split")] = loaded
+        if list(parts) == [None]:
+            dataset = parts[None]
         else:
-            with os.fdopen(os.dup(int(request["fd"])), "rb") as fh:
-                dataset = load_dataset_file(fh, name=str(request["name"]), spec=str(request["spec"]),
-                                            model=state["model"], **options)
+            from .splits import combine_splits
+
+            dataset = combine_splits(parts)
         from ..evaluation.tasks import model_for_task, output_width, task_named
         from .datasets import check_dataset
 
