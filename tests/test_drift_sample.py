@@ -137,3 +137,55 @@ def test_the_model_fails_on_the_new_background_and_not_on_the_leaks(run, truth):
     assert new < 0.85 and leaks == 1.0
     shipped = json.loads((WEIGHTS_DIR / "drift.json").read_text())
     assert test["correct"].mean() == pytest.approx(shipped["test_accuracy"])
+
+
+@pytest.fixture(scope="module")
+def split_runs(tmp_path_factory):
+    """The drift model run on each split alone, each split an .npz of its own: two runs of one model over
+    different data, as a dataset that arrives after the test run would be."""
+    from analyzers.engines.pipeline import run_analysis
+    from analyzers.loading.runs import open_run
+
+    root = tmp_path_factory.mktemp("drift-split-runs")
+    runs = {}
+    for split in drift.RUN_SPLITS:
+        data = drift.load_data(split)
+        np.savez(root / f"{split}.npz", x=data.x, y=data.y, ids=data.ids,
+                 background=np.asarray(data.metadata["background"], dtype=str))
+        runs[split] = open_run(run_analysis("sample:drift", str(root / f"{split}.npz"), root / split,
+                                            analyses=["evaluation"]))
+    return runs
+
+
+def test_shift_between_two_runs_is_the_split_runs_shift(run, split_runs):
+    """run_shift of the two single-split runs against the split run's own shift.json: the same embeddings give the
+    same AUC and MMD, and the label's chi-square is scipy's on the two label counts."""
+    from scipy.stats import chi2_contingency
+
+    from analyzers.data_health.shift import run_shift
+
+    pair = run_shift(split_runs["train"], split_runs["test"])
+    stored = json.loads(run.file("shift.json").read_text())["pairs"][0]
+    assert (pair["a"], pair["b"]) == ("train", "test")
+    assert pair["domain_auc"] == pytest.approx(stored["domain_auc"], abs=1e-9) and pair["domain_auc"] > 0.9
+    assert pair["mmd"] == pytest.approx(stored["mmd"], rel=1e-6) and pair["mmd_p"] == stored["mmd_p"]
+    features = {f["feature"]: f for f in pair["features"]}
+    assert features["background"]["shifted"]
+    counts = [np.bincount(split_runs[s].samples["label"], minlength=3) for s in drift.RUN_SPLITS]
+    assert features["label (class)"]["p_value"] == pytest.approx(chi2_contingency(counts, correction=False)[1])
+    test_ids = set(split_runs["test"].samples["id"].tolist())
+    assert {e["id"] for e in pair["embedding"]["top_b"]} <= test_ids
+
+
+def test_shift_between_runs_needs_one_model_and_two_datasets(split_runs):
+    import copy
+
+    from analyzers.data_health.shift import run_shift
+    from analyzers.errors import AnalyzerError
+
+    with pytest.raises(AnalyzerError, match="same data"):
+        run_shift(split_runs["test"], split_runs["test"])
+    other = copy.copy(split_runs["test"])
+    object.__setattr__(other, "info", {**other.info, "model": {**other.info["model"], "sha256": "0" * 64}})
+    with pytest.raises(AnalyzerError, match="different models"):
+        run_shift(split_runs["train"], other)

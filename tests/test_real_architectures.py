@@ -112,7 +112,7 @@ def test_every_stage_and_every_method_on_an_export_of_a_reused_relu_net(arch, tm
     out = run_analysis(str(path), str(tmp_path / "data.npz"), tmp_path / "run")
     run = open_run(out)
     assert {stage: summary["status"] for stage, summary in run.info["analyses"].items()} == {
-        "evaluation": "done", "projections": "done", "gradients": "done"}
+        "evaluation": "done", "data_health": "done", "projections": "done", "gradients": "done"}
     with torch.no_grad():
         direct = torch.softmax(model(torch.as_tensor(x)), dim=1).numpy()
     np.testing.assert_allclose(run.probs, direct, rtol=1e-5, atol=1e-6)

@@ -86,7 +86,7 @@ def test_a_regression_run_has_its_metrics_columns_and_planted_slice(regression_f
     jaccard = (members & region).sum() / (members | region).sum()
     assert jaccard > 0.7, (top["description"], jaccard)
     assert {stage: s["status"] for stage, s in run.info["analyses"].items()} == {
-        "evaluation": "done", "projections": "done", "gradients": "done"}
+        "evaluation": "done", "data_health": "done", "projections": "done", "gradients": "done"}
 
     # explanations explain the predicted value: Integrated Gradients sum to f(x) - f(0)
     from analyzers.explanations.attributions import explain

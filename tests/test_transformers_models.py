@@ -46,7 +46,7 @@ def test_a_transformers_vision_model_through_every_stage_and_method(name, tmp_pa
     path = export_model(model, torch.zeros(2, 3, 32, 32), tmp_path / f"{name}.pt2")
     run = open_run(run_analysis(str(path), str(tmp_path / "images.npz"), tmp_path / "run"))
     assert {stage: s["status"] for stage, s in run.info["analyses"].items()} == {
-        "evaluation": "done", "projections": "done", "gradients": "done"}
+        "evaluation": "done", "data_health": "done", "projections": "done", "gradients": "done"}
     with torch.no_grad():
         direct = torch.softmax(model(torch.as_tensor(x)), dim=1).numpy()
     np.testing.assert_allclose(run.probs, direct, rtol=1e-4, atol=1e-6)
@@ -123,7 +123,7 @@ def test_a_token_model_with_a_mask_runs_every_stage(text_model, text_run, tmp_pa
     model, root, ids, mask, y = text_model
     run = text_run
     assert {stage: s["status"] for stage, s in run.info["analyses"].items()} == {
-        "evaluation": "done", "projections": "done", "gradients": "done"}
+        "evaluation": "done", "data_health": "done", "projections": "done", "gradients": "done"}
     with torch.no_grad():  # the program was given the int64 ids and mask it was exported with
         direct = torch.softmax(_eager_scores(model, ids, mask), dim=1).numpy()
     np.testing.assert_allclose(run.probs, direct, rtol=1e-4, atol=1e-6)

@@ -56,6 +56,10 @@ best-separated rows of that side are all in the cluster.
 `shift_pair(a_name, b_name, features=..., embedding=...)` is one split pair's entry of a run's shift.json:
 `a`, `b`, `domain_auc`, `mmd`, `mmd_p` and the per-feature tests, plain JSON values.
 
+`run_shift(run_a, run_b)` is the same pair between two runs of one model over different data (their stored
+embeddings, and the data columns of their samples tables, the label among them), for a dataset that arrives after
+the model's runs were made.
+
 `slice_shift(slices, samples, split_a=, split_b=)` asks which of a run's error slices grew or shrank between two of
 its splits: per slice its share of each split and its error rate there, each change tested with Fisher's exact
 test (exact for the small counts of a slice) and Holm-corrected over the slices (see its docstring).
@@ -544,6 +548,67 @@ def shift_pair(a_name: str, b_name: str, *, features: FeatureShift | None = None
         record.update(features=feat["features"], correction=feat["correction"], alpha=feat["alpha"],
                       n_a=feat["n_a"], n_b=feat["n_b"])
     return record
+
+
+def name_top_rows(record: dict, ids_a, ids_b) -> dict:
+    """`record` (a `shift_pair`) with the `id` of each best-separated row added, from each side's ids in row order:
+    what a page's "samples that separate the splits" shows."""
+    for side, ids in (("a", np.asarray(ids_a)), ("b", np.asarray(ids_b))):
+        for entry in (record.get("embedding") or {}).get(f"top_{side}", []):
+            entry["id"] = json_value(ids[entry["row"]])
+    return record
+
+
+def run_features(run):
+    """The per-sample columns of a run's samples table that describe its data, not its model: table features and
+    metadata (not the model's outputs, the task's columns, ground truth, the split, or lists), and the label as a
+    category for a classifier (a label shift)."""
+    import pandas as pd
+
+    from ..loading.run_checks import CORE_COLUMNS, TASK_COLUMNS
+
+    samples = run.samples
+    skip = set(CORE_COLUMNS) | set(TASK_COLUMNS.get(run.task, ())) | {"split"} | \
+        set(run.info["dataset"].get("ground_truth_columns") or ())
+    columns = {}
+    for column in samples.columns:
+        values = samples[column]
+        if column in skip or values.map(lambda v: isinstance(v, (list, tuple, np.ndarray, dict))).any():
+            continue
+        columns[str(column)] = values.to_numpy()
+    if run.task in ("classification", "binary") and "label" in samples.columns:
+        names = run.class_names
+        columns["label (class)"] = np.asarray([names[int(v)] if 0 <= int(v) < len(names) else str(v)
+                                               for v in samples["label"]], dtype=object)
+    return pd.DataFrame(columns)
+
+
+def run_shift(run_a, run_b, *, seed: int = 0, permutations: int = 200, max_samples: int = 2000,
+              alpha: float = ALPHA) -> dict:
+    """Shift between two runs of one model over different data (this month's inputs against the test set): the
+    `shift_pair` of the runs' stored embeddings (the same layer of the same model: another model's embedding space
+    is another space) and of the data columns both samples tables hold (`run_features`), named after the runs'
+    directories, with the best-separated rows' ids. Raises AnalyzerError when the runs do not share their model,
+    do share their data, or store no common embedding layer."""
+    if run_a.info["model"]["sha256"] != run_b.info["model"]["sha256"]:
+        raise AnalyzerError("the two runs were made with different models, whose embeddings are different spaces: "
+                            "analyse both datasets with one model to compare the data")
+    if run_a.info["dataset"]["sha256"] == run_b.info["dataset"]["sha256"]:
+        raise AnalyzerError("the two runs hold the same data: there is no shift to measure")
+    layer = run_a.info.get("embedding_layer")
+    if not layer or layer != run_b.info.get("embedding_layer") or not run_a.has(f"embeddings/{layer}.npy") \
+            or not run_b.has(f"embeddings/{layer}.npy"):
+        raise AnalyzerError("the runs do not both store embeddings of one layer: run them again with the same "
+                            "--layer")
+    embedding = embedding_shift(np.asarray(run_a.read_npy(f"embeddings/{layer}.npy")),
+                                np.asarray(run_b.read_npy(f"embeddings/{layer}.npy")), seed=seed,
+                                permutations=permutations, max_samples=max_samples)
+    fa, fb = run_features(run_a), run_features(run_b)
+    common = [c for c in fa.columns if c in fb.columns]
+    tests = feature_shift(fa[common], fb[common], alpha=alpha) if common else None
+    record = shift_pair(run_a.path.name, run_b.path.name, features=tests, embedding=embedding)
+    record["layer"] = layer
+    return name_top_rows(record, run_a.samples["id"].to_numpy(), run_b.samples["id"].to_numpy())
 
 
 # ------------------------------------------------------------------------------------------------------ slices

@@ -152,7 +152,7 @@ def duplicates_part(ctx, points, space: str, options: dict, problems: list) -> d
 def shift_part(ctx, options: dict, problems: list) -> dict:
     from ..evaluation.stage import SLICES
     from ..loading.splits import SPLIT_COLUMN, split_names, train_and_eval
-    from .shift import embedding_shift, feature_shift, shift_pair, slice_shift
+    from .shift import embedding_shift, feature_shift, name_top_rows, shift_pair, slice_shift
 
     names = split_names(ctx.samples)
     if len(names) < 2:
@@ -174,13 +174,8 @@ def shift_part(ctx, options: dict, problems: list) -> dict:
                                     max_samples=int(options.get("max_samples", 2000)))
         tests = feature_shift(features[a].reset_index(drop=True), features[b].reset_index(drop=True)) \
             if len(features.columns) else None
-        record = shift_pair(train, other, features=tests, embedding=embedding)
         ids = np.asarray(ctx.dataset.ids)
-        # rows of each side, as the run's ids: what the page's "samples that separate the splits" shows
-        for side, mask in (("a", a), ("b", b)):
-            side_ids = ids[mask]
-            for entry in record["embedding"][f"top_{side}"]:
-                entry["id"] = _ids([side_ids[entry["row"]]])[0]
+        record = name_top_rows(shift_pair(train, other, features=tests, embedding=embedding), ids[a], ids[b])
         record["slices"] = [] if slices is None or not len(slices) else [
             {k: _json(v) for k, v in row.items()} for row in slice_shift(
                 slices, ctx.samples, split_a=train, split_b=other).to_dict("records")]
