@@ -13,7 +13,8 @@ whose colour is a spurious cue) at every size in `--sizes`, a 100,000-row versio
 table, and 100,000-row samples tables of a classification, a regression and a multi-label model with a planted error
 region (`make_evaluation_samples`). Only the real code paths are timed: `analyzers.run_analysis`, `analyzers.explain`,
 `analyzers.explanations.projections.ensure_projection`, `analyzers.evaluation.metrics` / `analyzers.evaluation.slices`,
-`analyzers.evaluation.stage.evaluate`, and the dashboard through
+`analyzers.evaluation.stage.evaluate`, `analyzers.data_health.robustness.robustness_curve` and
+`analyzers.data_health.profile.inference_profile`, and the dashboard through
 `streamlit.testing.v1.AppTest`; the `upload` section launches the dashboard itself (`dashboard/serve.py`) and drives
 its Load page in Chromium (Playwright). A section whose module or tool does not exist yet is skipped with the reason
 recorded.
@@ -22,6 +23,7 @@ recorded.
     .venv/bin/python benchmarks/run_benchmarks.py --quick --out /tmp/b  # a small smoke run
     .venv/bin/python benchmarks/run_benchmarks.py --sizes 10000 --skip projections,dashboard
     .venv/bin/python benchmarks/run_benchmarks.py --only upload                # one section alone
+    .venv/bin/python benchmarks/run_benchmarks.py --only health --sizes 10000  # robustness curves, the profile
 """
 from __future__ import annotations
 
@@ -48,9 +50,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SECTIONS = ("run", "explain_all", "interactive", "sandbox", "projections", "peer", "tabular", "evaluation", "startup",
-            "dashboard", "upload", "waits", "trust")
+            "dashboard", "upload", "waits", "trust", "health")
 # the sections that need the generated images or the image model (prepare() makes them only for these)
-IMAGE_SECTIONS = ("run", "explain_all", "interactive", "sandbox", "projections", "peer", "dashboard")
+IMAGE_SECTIONS = ("run", "explain_all", "interactive", "sandbox", "projections", "peer", "dashboard", "health")
 DEFAULT_SIZES = (10_000, 100_000)
 QUICK_SIZES = (300, 600)
 TABULAR_ROWS = 100_000
@@ -77,6 +79,16 @@ SANDBOX_RUN_TARGET_RATIO = 1.05
 UPLOAD_DECLARED_BYTES = 1 << 30
 UPLOAD_TARGET_MB = 300
 MB = 1_000_000
+# Model health (issue 14), on the image model at the smallest N: a robustness curve costs at most 1.5x the forward
+# floor per strength (strength 0, the unperturbed inputs that every curve starts at, counted as one), and the
+# inference profile's forward under the profiler agrees with a plain timing of the same forward to within 20 %.
+# Strengths asked for per perturbation (0 is added by robustness_curve); profile repetitions (full, quick).
+HEALTH_STRENGTHS = {"gaussian_noise": (0.25, 0.5, 1.0, 2.0), "occlusion": (0.1, 0.25, 0.5, 0.75),
+                    "blur": (0.5, 1.0, 2.0, 4.0)}
+HEALTH_CURVE_TARGET_RATIO = 1.5
+HEALTH_PROFILE_REPEATS = ((20, 10), (3, 3))  # (latency repeats, profiled forwards): full, quick
+HEALTH_PROFILE_BATCH_SIZES = (1, 8, 32)  # and the run's batch size, the one profiled
+HEALTH_PROFILE_TOLERANCE = 0.2
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
@@ -1137,10 +1149,111 @@ def worker_waits(spec: dict) -> dict:
     return result
 
 
+def _model_state(module) -> tuple:
+    """What an analysis must hand back unchanged: every state_dict tensor (copied) and every submodule's training
+    flag."""
+    return ({k: v.detach().clone() for k, v in module.state_dict().items()},
+            [(name, sub.training) for name, sub in module.named_modules()])
+
+
+def _model_changes(module, before: tuple) -> list:
+    """What differs from `before` (`_model_state`): changed or missing tensors, flipped training flags."""
+    import torch
+
+    tensors, flags = before
+    now = module.state_dict()
+    changed = [f"tensor {k}" for k, v in tensors.items() if k not in now or not torch.equal(now[k], v)]
+    changed += [f"tensor {k} added" for k in now if k not in tensors]
+    changed += [f"training flag of {name or 'the model'}" for (name, flag), (_, sub) in
+                zip(flags, module.named_modules()) if sub.training != flag]
+    return changed
+
+
+def _plain_forwards(module, batch, repeats: int) -> Clock:
+    """`repeats` forwards of one batch, plainly timed (eval, inference mode), after one untimed forward."""
+    import torch
+
+    module.eval()
+    with torch.inference_mode():
+        module(batch)
+        with Clock() as clock:
+            for _ in range(repeats):
+                module(batch)
+    return clock
+
+
+def worker_health(spec: dict) -> dict:
+    """Robustness curves (`robustness_curve`) per perturbation, each between two forward floors over the same rows,
+    with the model in training mode before each call and its state_dict and flags compared after; then the inference
+    profile (`inference_profile`) between two plain timings of the same forward at the profiled batch size."""
+    import numpy as np
+    import torch
+
+    import analyzers
+    from analyzers.data_health.profile import inference_profile
+    from analyzers.data_health.robustness import robustness_curve
+
+    model = analyzers.load_model(spec["model"], arch=spec.get("arch"), isolation="process")
+    module = model.module
+    with np.load(spec["data"]) as archive:
+        x = np.ascontiguousarray(archive["x"][:spec["n"]], dtype=np.float32)
+        y = np.asarray(archive["y"][:spec["n"]])
+    batch_size = spec["batch_size"]
+    warm_up(module, x, batch_size)
+    for name in spec["perturbations"]:  # first calls: scipy's import (blur), numpy's generators
+        robustness_curve(model, x[:batch_size], y[:batch_size], perturbation=name, strengths=spec["strengths"][name],
+                         batch_size=batch_size)
+    result = {"n": len(x), "curves": {}}
+    with Clock() as floor:
+        forward_floor(module, x, batch_size)
+    for name in spec["perturbations"]:
+        module.train()  # the curve must run in eval mode and hand the model back in the mode it came in
+        before = _model_state(module)
+        with Clock() as clock:
+            curve = robustness_curve(model, x, y, perturbation=name, strengths=spec["strengths"][name],
+                                     batch_size=batch_size)
+        changes = _model_changes(module, before)
+        del before
+        with Clock() as next_floor:
+            forward_floor(module, x, batch_size)
+        result["curves"][name] = {**clock.pair(), "floor_forward": fastest(floor, next_floor),
+                                  "strengths": curve.strengths.tolist(), "values": curve.values.tolist(),
+                                  "flip_rate": curve.flip_rate.tolist(), "metric": curve.metric,
+                                  "model_unchanged": not changes, "model_changes": changes[:10]}
+        floor = next_floor
+
+    size, (repeats, profile_repeats) = batch_size, spec["profile_repeats"]
+    batch = torch.from_numpy(np.ascontiguousarray(x[np.arange(size) % len(x)]))  # the batch the profile makes
+    t0 = time.perf_counter()
+    inference_profile(model, x, batch_sizes=(size,), repeats=1, warmup=0, profile_batch_size=size,
+                      profile_repeats=1)  # the profiler's one-time start (about 2 s) is not the profile's time
+    profiler_start = time.perf_counter() - t0
+    plain_before = _plain_forwards(module, batch, profile_repeats)
+    module.train()
+    before = _model_state(module)
+    with Clock() as clock:
+        profile = inference_profile(model, x, batch_sizes=(*spec["batch_sizes"], size), repeats=repeats,
+                                    profile_batch_size=size, profile_repeats=profile_repeats)
+    changes = _model_changes(module, before)
+    plain_after = _plain_forwards(module, batch, profile_repeats)
+    at = int(np.flatnonzero(profile.batch_sizes == size)[0])
+    plain = fastest(plain_before, plain_after)
+    result["profile"] = {
+        "seconds": clock.wall, "profiler_start_s": profiler_start, "batch_size": size, "repeats": repeats,
+        "profile_repeats": profile_repeats, "profiled_time_s": float(profile.profiled_time),
+        "latency_p50_s": float(profile.latency_p50[at]), "latency_p95_s": float(profile.latency_p95[at]),
+        "plain_per_forward_s": plain["wall_s"] / profile_repeats,
+        "plain_measurements_s": [t / profile_repeats for t in plain["measurements_wall_s"]],
+        "table": {str(b): {"p50_s": float(p), "p95_s": float(q)} for b, p, q in
+                  zip(profile.batch_sizes.tolist(), profile.latency_p50, profile.latency_p95)},
+        "layers": len(profile.layers), "model_unchanged": not changes, "model_changes": changes[:10]}
+    return result
+
+
 WORKERS = {"run": worker_run, "explain_all": worker_explain_all, "interactive": worker_interactive,
            "sandbox": worker_sandbox, "projections": worker_projections, "peer": worker_peer,
            "dashboard": worker_dashboard, "upload": worker_upload, "waits": worker_waits,
-           "evaluation": worker_evaluation}
+           "evaluation": worker_evaluation, "health": worker_health}
 
 
 def _explain_methods() -> tuple:
@@ -1228,12 +1341,14 @@ class Bench:
             floor_seconds: float | None = None, target: float | None = None, target_kind: str = "ratio",
             value: float | None = None, unit: str = "s", note: str = "", cpu_seconds: float | None = None,
             floor_cpu_seconds: float | None = None) -> dict:
-        """One line of the result table. `target_kind` says what `target` bounds: the ratio, seconds, or MiB.
-        The target is judged on wall time; the CPU-time ratio is reported beside it."""
+        """One line of the result table. `target_kind` says what `target` bounds: the ratio, seconds, or MiB, or
+        ("within") how far the ratio may be from 1 either way (|ratio - 1| <= target). The target is judged on wall
+        time; the CPU-time ratio is reported beside it."""
         ratio = seconds / floor_seconds if seconds is not None and floor_seconds else None
         cpu_ratio = cpu_seconds / floor_cpu_seconds if cpu_seconds is not None and floor_cpu_seconds else None
-        measured = value if value is not None else (ratio if target_kind == "ratio" else seconds)
-        met = None if target is None or measured is None else bool(measured <= target)
+        measured = value if value is not None else (ratio if target_kind in ("ratio", "within") else seconds)
+        met = (None if target is None or measured is None else
+               bool(abs(measured - 1) <= target) if target_kind == "within" else bool(measured <= target))
         row = {"section": section, "what": what, "n": n, "seconds": _round(seconds), "floor": floor,
                "floor_seconds": _round(floor_seconds), "ratio": _round(ratio), "cpu_seconds": _round(cpu_seconds),
                "floor_cpu_seconds": _round(floor_cpu_seconds), "cpu_ratio": _round(cpu_ratio),
@@ -1798,6 +1913,56 @@ class Bench:
                               f"normalised {np.nanmedian(curves.deletion_auc_norm):.3f}; median p(x) "
                               f"{np.nanmedian(curves.start):.3f}")
 
+    def health_section(self) -> None:
+        """Model health (issue 14) on the image model at the smallest N: each robustness curve against the forward
+        floor over the same rows times its number of strengths, and the inference profile against a plain timing."""
+        if missing_modules("analyzers.data_health.robustness", "analyzers.data_health.profile"):
+            self.skipped["health"] = "analyzers.data_health.robustness or .profile does not exist yet"
+            return
+        n = min(self.args.sizes)
+        quick = 1 if self.args.quick else 0
+        repeats = HEALTH_PROFILE_REPEATS[quick]
+        names = list(HEALTH_STRENGTHS)
+        self.log(f"health: robustness curves ({', '.join(names)}) on {n} images, then the inference profile")
+        spec = {"model": self.model["spec"], "arch": self.model["arch"], "data": str(self.data[n]), "n": n,
+                "batch_size": self.args.batch_size, "perturbations": names, "strengths": HEALTH_STRENGTHS,
+                "profile_repeats": repeats, "batch_sizes": [b for b in HEALTH_PROFILE_BATCH_SIZES
+                                                            if b < self.args.batch_size]}
+        result = self.worker("health", spec, label="health")
+        if result is None:
+            return
+        self.details["health"] = result
+        for name, c in result["curves"].items():
+            count, floor = len(c["strengths"]), c["floor_forward"]
+            if not c["model_unchanged"]:
+                self.log(f"  WARNING {name}: the model changed: {', '.join(c['model_changes'])}")
+            self.add("health", f"robustness curve: {name}", result["n"], c["wall_s"], floor=f"forward x {count}",
+                     floor_seconds=floor["wall_s"] * count, target=HEALTH_CURVE_TARGET_RATIO,
+                     cpu_seconds=c["cpu_s"], floor_cpu_seconds=floor["cpu_s"] * count,
+                     note=f"{count} strengths " + ", ".join(f"{s:g}" for s in c["strengths"]) + f" (0 added); "
+                          f"{c['metric']} " + ", ".join(f"{v:.3f}" for v in c["values"]) + "; model in training "
+                          "mode before the call, state_dict and training flags unchanged after: "
+                          + ("yes" if c["model_unchanged"] else "NO (" + ", ".join(c["model_changes"]) + ")"))
+        p = result["profile"]
+        unchanged = "yes" if p["model_unchanged"] else "NO (" + ", ".join(p["model_changes"]) + ")"
+        if not p["model_unchanged"]:
+            self.log(f"  WARNING profile: the model changed: {', '.join(p['model_changes'])}")
+        plain = f"plain forward ({p['batch_size']}, x{p['profile_repeats']})"
+        self.add("health", f"inference profile: forward under the profiler (batch {p['batch_size']})", p["batch_size"],
+                 p["profiled_time_s"], floor=plain, floor_seconds=p["plain_per_forward_s"],
+                 target=HEALTH_PROFILE_TOLERANCE, target_kind="within",
+                 note=f"InferenceProfile.profiled_time (seconds per forward under torch.profiler, its hooks and "
+                      f"ranges on {p['layers']} layers included) over the mean of {p['profile_repeats']} plain "
+                      f"perf_counter-timed forwards of the same batch, the faster of before and after ("
+                      + ", ".join(f"{t * 1000:.2f}" for t in p["plain_measurements_s"]) + " ms); the whole "
+                      f"profile took {p['seconds']:.2f} s, the profiler's first start {p['profiler_start_s']:.2f} s "
+                      f"apart; model unchanged: {unchanged}")
+        self.add("health", f"inference profile: latency p50 at batch {p['batch_size']}", p["batch_size"],
+                 p["latency_p50_s"], floor=plain, floor_seconds=p["plain_per_forward_s"],
+                 target=HEALTH_PROFILE_TOLERANCE, target_kind="within",
+                 note=f"median of {p['repeats']} timed forwards (p95 {p['latency_p95_s'] * 1000:.2f} ms); p50 per "
+                      "batch size: " + ", ".join(f"{b}: {v['p50_s'] * 1000:.2f} ms" for b, v in p["table"].items()))
+
     # -- output
     def write(self) -> Path:
         import torch
@@ -1838,7 +2003,7 @@ class Bench:
                  ("tabular", self.tabular_section), ("evaluation", self.evaluation_section),
                  ("startup", self.startup_section),
                  ("dashboard", self.dashboard_section), ("upload", self.upload_section),
-                 ("waits", self.waits_section), ("trust", self.trust_section)]
+                 ("waits", self.waits_section), ("trust", self.trust_section), ("health", self.health_section)]
         for name, step in steps:
             if self.wanted(name):
                 t0 = time.perf_counter()
@@ -1887,6 +2052,8 @@ def render_markdown(document: dict) -> str:
             target = f"<= {r['target']}x"
         elif r["target_kind"] == "seconds":
             target = f"<= {r['target']} s"
+        elif r["target_kind"] == "within":
+            target = f"1 ± {r['target']}x"
         else:
             target = f"<= {r['target']} {r['target_kind']}"
         met = {True: "yes", False: "**no**", None: ""}[r["met"]]

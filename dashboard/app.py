@@ -28,6 +28,7 @@ PAGES = (
     ("embeddings", "views/embeddings.py", "Embeddings", ":material/scatter_plot:"),
     ("network", "views/network.py", "Inside the network", ":material/hub:"),
     ("training", "views/training.py", "Training & gradients", ":material/show_chart:"),
+    ("health", "views/health.py", "Data health", ":material/health_and_safety:"),
     ("compare", "views/compare.py", "Compare runs", ":material/compare_arrows:"),
 )
 
@@ -48,7 +49,8 @@ home = st.Page(str(Path(__file__).parent / "views/overview.py"), title="Overview
                visibility="hidden")
 navigation = st.navigation({"": [home], "Data": [pages["load"]],
                             "Analysis": [pages[n] for n in ("overview", "confusion", "errors", "explain",
-                                                             "embeddings", "network", "training", "compare")]})
+                                                             "embeddings", "network", "training", "health",
+                                                             "compare")]})
 state.write_to_url()
 
 def _run_changed() -> None:

@@ -584,6 +584,14 @@ def comparison(run_a: Run, run_b: Run):
     return compare_runs(run_a, run_b)
 
 
+@st.cache_data(hash_funcs=HASH, show_spinner="Measuring the shift between the runs…", max_entries=8)
+def run_shift(run_a: Run, run_b: Run) -> dict:
+    """analyzers.data_health.shift.run_shift of two runs of one model over different data (read-only; shared)."""
+    from analyzers.data_health.shift import run_shift as shift_between
+
+    return shift_between(run_a, run_b)
+
+
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=32)
 def _id_strings(run: Run) -> frozenset:
     return frozenset(run.samples["id"].astype(str))

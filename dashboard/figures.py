@@ -667,3 +667,48 @@ def attention_figure(weights, labels, *, title: str | None = None, colour_title:
     fig.update_layout(height=side, margin=dict(l=10, r=10, t=30 if title else 10, b=10),
                       title=dict(text=plotly_text(title), font_size=13) if title else None)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------------- data health
+def robustness_figure(strengths, values, *, metric: str, unit: str, groups: dict | None = None,
+                      title: str | None = None, adversarial: bool = False) -> go.Figure:
+    """The metric against perturbation strength: the overall curve bold, and one thin line per group (a class, a
+    slice, a split: name -> values at the same strengths)."""
+    fig = go.Figure()
+    colours = palette(max(1, len(groups or {})))
+    for (name, curve), colour in zip((groups or {}).items(), colours):
+        fig.add_trace(go.Scatter(x=list(strengths), y=list(curve), mode="lines+markers", name=plotly_text(name)[:60],
+                                 line=dict(width=1.5, color=colour), marker=dict(size=5)))
+    fig.add_trace(go.Scatter(x=list(strengths), y=list(values), mode="lines+markers", name="all samples",
+                             line=dict(width=4, color="#000000"), marker=dict(size=8)))
+    what = "attack step ε" if adversarial else "strength"
+    return _layout(fig, title=title, xaxis_title=f"{what} ({plotly_text(unit)})", yaxis_title=plotly_text(metric),
+                   legend=dict(font=dict(size=11)))
+
+
+def latency_figure(batch_sizes, p50, p95, throughput) -> go.Figure:
+    """Latency per batch (p50 and p95, ms) and throughput (samples/s) against batch size, on log axes."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    sizes = [int(b) for b in batch_sizes]
+    fig.add_trace(go.Scatter(x=sizes, y=[1e3 * v for v in p50], name="latency p50 (ms)", mode="lines+markers",
+                             line=dict(color=OKABE_ITO[0], width=3)), secondary_y=False)
+    fig.add_trace(go.Scatter(x=sizes, y=[1e3 * v for v in p95], name="latency p95 (ms)", mode="lines+markers",
+                             line=dict(color=OKABE_ITO[0], width=1.5, dash="dash")), secondary_y=False)
+    fig.add_trace(go.Scatter(x=sizes, y=list(throughput), name="throughput (samples/s)", mode="lines+markers",
+                             line=dict(color=OKABE_ITO[1], width=3)), secondary_y=True)
+    fig.update_xaxes(type="log", title_text="batch size")
+    fig.update_yaxes(type="log", title_text="ms per batch", secondary_y=False)
+    fig.update_yaxes(type="log", title_text="samples per second", secondary_y=True)
+    return _layout(fig)
+
+
+def channel_stats_figure(channels: pd.DataFrame) -> go.Figure:
+    """Each channel's mean with its standard deviation as an error bar, and its range as a faint bar."""
+    names = [plotly_text(str(c)) for c in channels["channel"]]
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=names, y=(channels["max"] - channels["min"]).tolist(), base=channels["min"].tolist(),
+                         name="range (min to max)", marker_color="#dddddd"))
+    fig.add_trace(go.Scatter(x=names, y=channels["mean"].tolist(), mode="markers", name="mean ± std",
+                             marker=dict(size=10, color=OKABE_ITO[0]),
+                             error_y=dict(type="data", array=channels["std"].tolist(), visible=True)))
+    return _layout(fig, xaxis_title="channel", yaxis_title="value as the model receives it", height=320)

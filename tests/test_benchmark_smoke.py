@@ -131,3 +131,28 @@ def test_evaluation_rows_per_task_are_ratios_to_the_classification_total(quick_r
         if row is not base:
             assert row["floor"] == "classification evaluate()" and row["floor_seconds"] == base["seconds"]
             assert row["ratio"] == pytest.approx(row["seconds"] / row["floor_seconds"], rel=1e-2, abs=1e-3)
+
+
+def test_health_rows_are_curves_against_the_forward_floor_and_the_profile_against_a_plain_timing(quick_result):
+    _, document = quick_result
+    if "health" in document["skipped"]:
+        pytest.skip(document["skipped"]["health"])
+    rows = _rows(document, "health")
+    detail = document["details"]["health"]
+    curves = [r for r in rows if r["what"].startswith("robustness curve: ")]
+    assert {"gaussian_noise", "occlusion"} <= set(detail["curves"])
+    assert sorted(r["what"].split(": ", 1)[1] for r in curves) == sorted(detail["curves"])
+    for row in curves:
+        curve = detail["curves"][row["what"].split(": ", 1)[1]]
+        count = len(curve["strengths"])
+        assert curve["strengths"][0] == 0 and curve["model_unchanged"] is True, curve["model_changes"]
+        assert row["n"] == 200 and row["floor"] == f"forward x {count}" and row["target"] == 1.5
+        assert row["floor_seconds"] == pytest.approx(curve["floor_forward"]["wall_s"] * count, rel=1e-3)
+        assert row["ratio"] == pytest.approx(row["seconds"] / row["floor_seconds"], rel=1e-2)
+        assert row["met"] == (row["ratio"] <= 1.5)
+    profile = [r for r in rows if r["what"].startswith("inference profile: ")]
+    assert len(profile) == 2 and detail["profile"]["model_unchanged"] is True
+    for row in profile:
+        assert row["target_kind"] == "within" and row["target"] == 0.2
+        assert row["floor_seconds"] == pytest.approx(detail["profile"]["plain_per_forward_s"], rel=1e-3)
+        assert row["met"] == (abs(row["ratio"] - 1) <= 0.2)

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "dashboard" / "app.py")
 PAGES = {"views/overview.py": "Overview", "views/confusion.py": "Confusion matrix", "views/errors.py": "Errors & slices",
          "views/explain.py": "Explain a sample", "views/embeddings.py": "Embeddings",
-         "views/network.py": "Inside the network", "views/training.py": "Training & gradients", "views/compare.py": "Compare runs", "views/load.py": "Load"}
+         "views/network.py": "Inside the network", "views/training.py": "Training & gradients", "views/health.py": "Data health",
+         "views/compare.py": "Compare runs", "views/load.py": "Load"}
 
 
 def _app(monkeypatch, runs_dir: Path, default_run: Path | None = None, **query):
@@ -104,7 +105,8 @@ def test_every_page_runs_on_each_sample(sample, runs_dir, monkeypatch):
     at = _app(monkeypatch, runs_dir, run, sel=f"cell:{cell[0]}-{cell[1]}").run()
     _ok(at)
     assert at.title[0].value == "Overview"
-    assert at.metric[0].value == f"{stored.info['accuracy']:.3f}"  # the same accuracy as the run
+    # the same accuracy as the run (after the splits' own, which a run over splits shows first)
+    assert [m for m in at.metric if m.label == "Accuracy"][0].value == f"{stored.info['accuracy']:.3f}"
     # the confusion page shows exactly the cell's samples (the selection came from the URL)
     at.switch_page("views/confusion.py").run()
     _ok(at)
@@ -584,3 +586,78 @@ def test_errors_and_embeddings_pages_read_a_regression_or_multilabel_run_by_its_
     assert at.selectbox(key="emb-colour").options[:2] == ["correct", task_error]
     at.selectbox(key="emb-colour").set_value(task_error).run()
     _ok(at)
+
+
+def test_the_drift_overview_names_every_planted_problem(runs_dir, monkeypatch):
+    """Issue 14: the Overview of the planted train/test pair lists the shift, the leaks, the conflicting copies, the
+    unnormalised and the corrupted inputs, with the train-test gap, each in plain words."""
+    from analyzers.loading.runs import open_run
+
+    run = runs_dir / "sample-drift"
+    stored = open_run(run)
+    split = stored.samples["split"]
+    at = _app(monkeypatch, runs_dir, run).run()
+    _ok(at)
+    text = _text(at)
+    gap = stored.read_json("metrics.json")["split_gap"]["metrics"]["accuracy"]
+    assert [m for m in at.metric if m.label == "Accuracy: test"][0].value == f"{gap['eval']:.3f}"
+    assert gap["train"] - gap["eval"] > 0.15  # the shift costs the test split
+    for words in ("test is shifted from train (domain AUC", "leaks across splits", "copies with conflicting labels",
+                  "on a 0-255 scale, never divided by 255", "8 corrupted inputs", "exact duplicates",
+                  "near duplicates"):
+        assert words in text, words
+    assert (split == "train").sum() == 1500 and (split == "test").sum() == 600
+
+
+def test_the_data_health_page_opens_each_panel_and_computes_curves_and_the_profile(runs_dir, monkeypatch, tmp_path):
+    """Each panel of the Data health page on the drift run, a problem's gallery, a duplicate pair, then a robustness
+    curve and the inference profile computed from their buttons and kept in the run (a copy: they add files)."""
+    from analyzers.data_health.stored import stored_profile, stored_robustness
+
+    from analyzers.engines.pipeline import run_analysis
+    from sample_models import drift
+
+    runs = tmp_path / "runs"
+    shutil.copytree(runs_dir / "sample-drift", runs / "sample-drift")
+    run = runs / "sample-drift"
+    train = drift.load_data("train")  # the same model on other data: the training split alone, as its own file
+    np.savez(tmp_path / "train.npz", x=train.x, y=train.y, ids=train.ids)
+    run_analysis("sample:drift", str(tmp_path / "train.npz"), runs / "drift-train-only", analyses=["evaluation"])
+    at = _app(monkeypatch, runs, run).run()
+    at.switch_page("views/health.py").run()
+    _ok(at)
+    assert at.title[0].value == "Data health"
+    text = _text(at)
+    for heading in ("Splits", "Problems found", "Shift between splits", "Duplicates and leaks",
+                    "Outliers and sparse regions", "The inputs as the model receives them", "Robustness",
+                    "Inference profile"):
+        assert heading in [h.value for h in at.subheader], heading
+    assert "8 corrupted inputs" in text
+    at.checkbox(key="health-problems-show-0").check().run()  # the first problem's samples: the leaks
+    _ok(at)
+    first = json.loads((run / "data_health.json").read_text())["problems"][0]
+    assert first["kind"] == "duplicates:leak" and f"{len(first['ids']):,} samples ·" in _text(at)
+    at.radio(key="dup-kind").set_value("conflicting-label").run()
+    _ok(at)
+    at.selectbox(key="shift-other-run").set_value("drift-train-only").run()  # shift against another run's data
+    _ok(at)
+    assert "**sample-drift against drift-train-only** (2100 and 1500 samples)" in _text(at)
+    auc = [m for m in at.metric if m.label == "Domain classifier AUC"]
+    assert len(auc) == 2 and float(auc[1].value) > 0.6  # the white test images are half this run's rows' shift
+    at.selectbox(key="robust-perturbation").set_value("gaussian_noise").run()
+    at.number_input(key="robust-samples").set_value(300).run()
+    at.button(key="robust-compute").click().run()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    kept = stored_robustness(run)
+    assert len(kept) == 1 and kept[0][0]["perturbation"] == "gaussian_noise" and len(kept[0][2]) == 300
+    flips = len(kept[0][1].first_flipping(24))
+    assert flips > 0 and f"The {flips} samples whose prediction changes at the lowest strength" in _text(at)
+    at.radio(key="robust-lines").set_value("slices and splits").run()
+    _ok(at)
+    at.button(key="profile-compute").click().run()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    profile = stored_profile(run)
+    assert profile is not None
+    assert [m for m in at.metric if m.label == "Parameters"][0].value == f"{profile.num_params:,}"

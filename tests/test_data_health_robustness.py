@@ -212,3 +212,11 @@ def test_blur_is_scipys_gaussian_filter_on_images_and_sequences(sigma):
     sequences = rng.random((3, 4, 20)).astype(np.float32)
     np.testing.assert_allclose(perturbed_inputs(sequences, perturbation="blur", strength=sigma),
                                gaussian_filter(sequences, sigma=(0, 0, sigma), mode="nearest"), atol=1e-5)
+
+
+def test_the_noise_written_in_place_is_the_per_block_draws_whatever_the_batch_cuts():
+    from analyzers.data_health.robustness import DRAW_BLOCK, _normals, _row_draws
+
+    for start, stop in ((0, 4 * DRAW_BLOCK), (10, 137), (DRAW_BLOCK - 1, DRAW_BLOCK + 1), (5, 6)):
+        expected = _row_draws(3, start, stop, lambda rng, n: rng.standard_normal((n, 2, 5), dtype=np.float32))
+        np.testing.assert_array_equal(_normals(3, start, stop, (2, 5)), expected)

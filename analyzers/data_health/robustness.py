@@ -27,9 +27,10 @@ Perturbations (`PERTURBATIONS`; the inputs' modality is read from their shape: i
 - `brightness` (images): x + s·σ_c, every value of channel c raised by s of its standard deviations;
 - `contrast` (images), s in [0, 1]: m + (1 - s)(x - m), m each image's own mean per channel: 1 is a flat image;
 - `blur` (images, sequences): a Gaussian blur of sigma s pixels (samples) over the spatial axes only
-  (`scipy.ndimage.gaussian_filter`, `mode="nearest"`: the edge value extends beyond the border). It costs 9 to 20 ms
-  per batch of 256 3x32x32 images (sigma 0.5 to 4), against 24 ms for the shapes network's forward of that batch;
-  separable torch convolutions (channels as groups) took 67 to 350 ms;
+  (`scipy.ndimage.gaussian_filter`, `mode="nearest"`: the edge value extends beyond the border). It costs 5 to 19 ms
+  per batch of 256 3x32x32 images (sigma 0.5 to 4), against 16 to 24 ms for the shapes network's forward of that
+  batch, so on so small a network a blur curve costs about 1.6-1.8 times its forwards (`make bench`); separable
+  torch convolutions (channels as groups) took 67 to 350 ms, and two threads over halves of a batch saved 15%;
 - `occlusion` (images, sequences), s in [0, 1]: the image is cut into square cells of side
   max(2, ceil(min(H, W) / 8)) pixels (segments of max(2, ceil(L / 16)) for a sequence) and a fraction s of them,
   chosen at random per sample, is filled with each channel's mean over the data (cells at the border may be cut
@@ -124,10 +125,28 @@ def _per_channel(values: np.ndarray, ndim: int) -> np.ndarray:
     return values.reshape((1, -1) + (1,) * (ndim - 2))
 
 
+def _normals(seed: int, start: int, stop: int, shape: tuple) -> np.ndarray:
+    """The standard normal draws `_row_draws` makes for rows start..stop-1, written in place into one float32 array
+    (a whole block straight from its generator): the same values without a list of blocks, their concatenation and
+    its copy, which took half the time of a noisy batch."""
+    out = np.empty((stop - start,) + tuple(shape), dtype=np.float32)
+    for block in range(start // DRAW_BLOCK, (stop - 1) // DRAW_BLOCK + 1):
+        lo, hi = block * DRAW_BLOCK, (block + 1) * DRAW_BLOCK
+        rng = np.random.default_rng([seed, block])
+        if start <= lo and hi <= stop:
+            rng.standard_normal(out=out[lo - start:hi - start], dtype=np.float32)
+        else:  # a block the batch cuts: draw it whole, keep the batch's rows
+            whole = rng.standard_normal((DRAW_BLOCK,) + tuple(shape), dtype=np.float32)
+            keep = slice(max(start, lo), min(stop, hi))
+            out[keep.start - start:keep.stop - start] = whole[keep.start - lo:keep.stop - lo]
+    return out
+
+
 def _noise(batch, strength, ctx: _Context, start, stop):
-    z = _row_draws(ctx.seed, start, stop, lambda rng, n: rng.standard_normal((n,) + ctx.sample_shape,
-                                                                             dtype=np.float32))
-    return batch + np.float32(strength) * _per_channel(ctx.scale, batch.ndim) * z
+    z = _normals(ctx.seed, start, stop, ctx.sample_shape)
+    z *= np.float32(strength) * _per_channel(ctx.scale, batch.ndim)
+    z += batch
+    return z
 
 
 def _brightness(batch, strength, ctx: _Context, start, stop):
@@ -296,20 +315,22 @@ def _check_inputs(model, x, y, task, slices):
 def _channel_stats(x, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """(C,) mean and standard deviation of axis 1 over every row and position, in float64, chunk by chunk (the
     inputs may be memory-mapped)."""
-    axes = (0,) + tuple(range(2, np.ndim(x)))
     total = squares = 0.0
     count = 0
-    first = np.asarray(x[:chunk], dtype=np.float64)
-    shift = first.mean(axis=axes)  # a shifted sum of squares: no cancellation for data far from 0
+    first = np.asarray(x[:chunk], dtype=np.float32)
+    # a shifted sum of squares: no cancellation for data far from 0
+    shift = first.reshape(len(first), first.shape[1], -1).mean(axis=(0, 2), dtype=np.float64).astype(np.float32)
     for start in range(0, len(x), chunk):
-        part = first if start == 0 else np.asarray(x[start:start + chunk], dtype=np.float64)
-        centred = part - _per_channel(shift, part.ndim)
-        total = total + centred.sum(axis=axes)
-        squares = squares + (centred ** 2).sum(axis=axes)
+        part = first if start == 0 else np.asarray(x[start:start + chunk], dtype=np.float32)
+        # (rows, channels, positions), centred in float32 and summed in float64 along contiguous memory: a third of
+        # the time of float64 copies summed over axes (0, 2, 3)
+        centred = part.reshape(len(part), part.shape[1], -1) - shift[None, :, None]
+        total = total + centred.sum(axis=(0, 2), dtype=np.float64)
+        squares = squares + np.square(centred).sum(axis=(0, 2), dtype=np.float64)
         count += part.size // part.shape[1]
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
-    return (mean + shift).astype(np.float32), std.astype(np.float32)
+    return (mean + shift.astype(np.float64)).astype(np.float32), std.astype(np.float32)
 
 
 class _PerturbedRows:

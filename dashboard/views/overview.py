@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard import components, data, figures, state
+from dashboard import components, data, figures, health, state
 from dashboard.selection import Selection, selected_cell
 from dashboard.text import md
 
@@ -28,6 +28,11 @@ if order and features:  # which column fed which input: a table in another order
 m = data.metrics(run)
 names = run.class_names
 task = data.run_task(run)
+health.splits_panel(run, m)  # the train-test gap first: every number below mixes the splits
+if health.data_problems(run) is not None:
+    st.subheader("Data problems")
+    with st.container(border=True):
+        health.problems_panel(run, key="overview-problems", galleries=False)
 
 
 def _slices_table(error_column: str, error_name: str, rate_name: str, none_found: str,
