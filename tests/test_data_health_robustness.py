@@ -209,9 +209,11 @@ def test_blur_is_scipys_gaussian_filter_on_images_and_sequences(sigma):
     blurred = perturbed_inputs(images, perturbation="blur", strength=sigma)
     np.testing.assert_allclose(blurred, gaussian_filter(images, sigma=(0, 0, sigma, sigma), mode="nearest"),
                                atol=1e-5)
-    sequences = rng.random((3, 4, 20)).astype(np.float32)
-    np.testing.assert_allclose(perturbed_inputs(sequences, perturbation="blur", strength=sigma),
-                               gaussian_filter(sequences, sigma=(0, 0, sigma), mode="nearest"), atol=1e-5)
+    # a short sequence (one matrix product) and one longer than BLUR_MATRIX_LIMIT (scipy's own filter)
+    for length in (20, 1100):
+        sequences = rng.random((3, 4, length)).astype(np.float32)
+        np.testing.assert_allclose(perturbed_inputs(sequences, perturbation="blur", strength=sigma),
+                                   gaussian_filter(sequences, sigma=(0, 0, sigma), mode="nearest"), atol=1e-5)
 
 
 def test_the_noise_written_in_place_is_the_per_block_draws_whatever_the_batch_cuts():

@@ -27,10 +27,10 @@ Perturbations (`PERTURBATIONS`; the inputs' modality is read from their shape: i
 - `brightness` (images): x + s·σ_c, every value of channel c raised by s of its standard deviations;
 - `contrast` (images), s in [0, 1]: m + (1 - s)(x - m), m each image's own mean per channel: 1 is a flat image;
 - `blur` (images, sequences): a Gaussian blur of sigma s pixels (samples) over the spatial axes only
-  (`scipy.ndimage.gaussian_filter`, `mode="nearest"`: the edge value extends beyond the border). It costs 5 to 19 ms
-  per batch of 256 3x32x32 images (sigma 0.5 to 4), against 16 to 24 ms for the shapes network's forward of that
-  batch, so on so small a network a blur curve costs about 1.6-1.8 times its forwards (`make bench`); separable
-  torch convolutions (channels as groups) took 67 to 350 ms, and two threads over halves of a batch saved 15%;
+  (the values of `scipy.ndimage.gaussian_filter(mode="nearest")`: the edge value extends beyond the border),
+  computed as one torch matrix product per axis (`blur_matrix`): about 1 ms per batch of 256 3x32x32 images,
+  where scipy took 5 to 19 ms (sigma 0.5 to 4) against 16 to 24 ms for the shapes network's forward of that batch,
+  and separable torch convolutions 67 to 350 ms;
 - `occlusion` (images, sequences), s in [0, 1]: the image is cut into square cells of side
   max(2, ceil(min(H, W) / 8)) pixels (segments of max(2, ceil(L / 16)) for a sequence) and a fraction s of them,
   chosen at random per sample, is filled with each channel's mean over the data (cells at the border may be cut
@@ -76,8 +76,9 @@ Measured on the shipped samples' test splits (seed 0; accuracy at each strength)
 """
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -109,6 +110,9 @@ class _Context:
     mean: np.ndarray  # (C,) float32
     scale: np.ndarray  # (C,) float32, the standard deviation (1 where it is 0)
     sample_shape: tuple
+    # the noise draws of each batch (start, stop), kept from one strength to the next (the same draw, scaled) while
+    # all of them fit NOISE_CACHE_BYTES: drawing them again took most of a noisy strength's extra time
+    draws: dict = field(default_factory=dict, compare=False)
 
 
 def _row_draws(seed: int, start: int, stop: int, draw) -> np.ndarray:
@@ -142,11 +146,18 @@ def _normals(seed: int, start: int, stop: int, shape: tuple) -> np.ndarray:
     return out
 
 
+NOISE_CACHE_BYTES = 256 << 20  # noise draws kept across strengths: 10,000 3x32x32 images hold 123 MB
+
+
 def _noise(batch, strength, ctx: _Context, start, stop):
-    z = _normals(ctx.seed, start, stop, ctx.sample_shape)
-    z *= np.float32(strength) * _per_channel(ctx.scale, batch.ndim)
-    z += batch
-    return z
+    z = ctx.draws.get((start, stop))
+    if z is None:
+        z = _normals(ctx.seed, start, stop, ctx.sample_shape)
+        if sum(d.nbytes for d in ctx.draws.values()) + z.nbytes <= NOISE_CACHE_BYTES:
+            ctx.draws[(start, stop)] = z
+    out = z * (np.float32(strength) * _per_channel(ctx.scale, batch.ndim))
+    out += batch
+    return out
 
 
 def _brightness(batch, strength, ctx: _Context, start, stop):
@@ -158,11 +169,46 @@ def _contrast(batch, strength, ctx: _Context, start, stop):
     return mean + np.float32(1.0 - strength) * (batch - mean)
 
 
-def _blur(batch, strength, ctx: _Context, start, stop):
-    from scipy.ndimage import gaussian_filter
+BLUR_MATRIX_LIMIT = 1024  # an axis up to this long is blurred by one matrix product (n x n floats), a longer one by scipy
 
-    sigma = (0, 0) + (float(strength),) * (batch.ndim - 2)  # the spatial axes only, never across channels
-    return gaussian_filter(batch, sigma=sigma, mode="nearest").astype(np.float32, copy=False)
+
+@functools.lru_cache(maxsize=32)
+def blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """(n, n) float32 B with B @ v = scipy.ndimage.gaussian_filter1d(v, sigma, mode="nearest") for a length-n v:
+    scipy's kernel (exp(-x^2 / 2 sigma^2) for |x| <= int(4 sigma + 0.5), summing to 1) with each tap's index
+    clamped to the axis, which is what extending the edge value means, however wide the kernel."""
+    radius = int(4.0 * sigma + 0.5)
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    weights = np.exp(-0.5 * (offsets / sigma) ** 2)
+    weights /= weights.sum()
+    matrix, rows = np.zeros((n, n)), np.arange(n)
+    for offset, weight in zip(offsets.astype(np.int64), weights):
+        np.add.at(matrix, (rows, np.clip(rows + offset, 0, n - 1)), weight)
+    return matrix.astype(np.float32)
+
+
+def _blur(batch, strength, ctx: _Context, start, stop):
+    """A Gaussian blur of each channel over the spatial axes only (never across channels): per axis, one torch matrix
+    product with `blur_matrix` (about 1 ms for 256 3x32x32 images at any sigma, where scipy's gaussian_filter took
+    5 to 19 ms, as long as the shapes network's forward), or scipy's gaussian_filter1d for an axis longer than
+    BLUR_MATRIX_LIMIT; the values agree with scipy's to float32 rounding."""
+    import torch
+    from scipy.ndimage import gaussian_filter1d
+
+    out = np.asarray(batch, dtype=np.float32)
+    sigma = float(strength)
+    for axis in range(2, out.ndim):
+        n = out.shape[axis]
+        if n > BLUR_MATRIX_LIMIT:
+            out = gaussian_filter1d(out, sigma, axis=axis, mode="nearest").astype(np.float32, copy=False)
+            continue
+        # torch's matmul, in the thread pool the model's forward uses: numpy's BLAS starts threads of its own that
+        # kept spinning through the next forward and made it 2.5 times slower on two cores
+        matrix = torch.from_numpy(blur_matrix(n, sigma))
+        with torch.inference_mode():
+            moved = torch.from_numpy(np.ascontiguousarray(out)).movedim(axis, -1)
+            out = torch.matmul(moved, matrix.T).movedim(-1, axis).contiguous().numpy()
+    return out
 
 
 def _ranks(ctx: _Context, start: int, stop: int, count: int) -> np.ndarray:
@@ -335,7 +381,8 @@ def _channel_stats(x, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
 
 class _PerturbedRows:
     """The inputs as `forward_batches` reads them (`len`, and a slice of rows as an array), each slice perturbed at
-    one strength when it is read: nothing perturbed is kept beyond the batch."""
+    one strength when it is read: nothing perturbed is kept beyond the batch (the noise draws, unscaled, are kept
+    for the next strength while they fit NOISE_CACHE_BYTES)."""
 
     def __init__(self, x, perturb, strength: float):
         self.x, self.perturb, self.strength = x, perturb, float(strength)
