@@ -69,9 +69,13 @@ def test_the_median_latency_agrees_with_a_plain_timing_of_the_same_forward(digit
     # timed before and after, so that the load of the shared cores drifting meanwhile falls on both sides
     before = plain()
     profile = inference_profile(model, data.x, batch_sizes=(1, size), repeats=repeats, warmup=3)
-    reference = statistics.median(before + plain())
+    reference = np.array(before + plain())
     measured = profile.latency_p50[list(profile.batch_sizes).index(size)]
-    assert measured == pytest.approx(reference, rel=0.2), (measured, reference)
+    # within the spread of the plain spans, not a fixed tolerance around their median: under load on the
+    # two shared cores the median itself wanders by 20%, while a profile that timed the wrong thing (the
+    # warm-up, the whole sweep, one row) falls outside the 5th to 95th percentile by a large factor
+    low, high = np.percentile(reference, [5, 95])
+    assert low <= measured <= high, (measured, low, statistics.median(reference), high)
     assert np.all(profile.latency_p95 >= profile.latency_p50)
     np.testing.assert_allclose(profile.throughput, profile.batch_sizes / profile.latency_p50)
     assert profile.profile_batch_size == size and profile.profiled_time > 0
