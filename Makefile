@@ -8,7 +8,7 @@ PORT ?= 8501
 # The suite runs in this many processes (pytest-xdist), each test file in one: its cached loaders and runs are made once
 TEST_WORKERS ?= 2
 
-.PHONY: setup sandbox run test bench browser sample-runs clean
+.PHONY: setup sandbox ray run test bench browser sample-runs clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,14 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 setup: $(STAMP) sandbox
+
+# The Ray engine is an extra (requirements-ray.txt): the tests and benchmarks run it, `make run` does not need it.
+RAY_STAMP := $(VENV)/.installed-ray
+$(RAY_STAMP): requirements-ray.txt $(STAMP)
+	$(PY) -m pip install -q -r requirements-ray.txt
+	touch $(RAY_STAMP)
+
+ray: $(RAY_STAMP)
 
 # Untrusted models run in a bubblewrap sandbox (README: Threat model); without it the sandbox is "reduced".
 sandbox:
@@ -37,11 +45,11 @@ sample-runs: setup
 run: sample-runs
 	$(PY) dashboard/serve.py --port $(PORT) --runs-dir runs --run runs/sample-$(SAMPLE)
 
-test: setup browser
+test: setup ray browser
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The benchmarks, then the tests too slow for the suite's 20 minutes (marked `benchmark`: retraining the samples).
-bench: setup
+bench: setup ray
 	$(PY) benchmarks/run_benchmarks.py
 	$(PY) -m pytest -m benchmark
 

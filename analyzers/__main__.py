@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="analyse a model on a dataset and store the run directory")
     run.add_argument("--model", required=True, help="sample:NAME, PATH.pt2, or a state dict (.safetensors/.pt)")
     run.add_argument("--data", required=True, action="append",
-                     help="sample:NAME, .npz, .csv, .parquet or image-folder .zip; for a run over splits give it once "
+                     help="sample:NAME, .npz, .csv, .parquet, image-folder .zip, NAME.x.npy (beside NAME.y.npy), or a "
+                          "directory or glob of such shards; for a run over splits give it once "
                           "per split as NAME=FILE (--data train=train.npz --data test=test.npz)")
     run.add_argument("--split-column", help="a column of the dataset that names each row's split (train, test, "
                                             "...); a column called split is read as one unasked")
@@ -79,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--isolation", default="auto", choices=("auto", "sandbox", "process"),
                      help="where the model runs: auto (files in a sandboxed worker, built-in samples here), sandbox, "
                           "or process (only for model files you trust)")
+    run.add_argument("--engine", default="process", choices=("process", "ray"),
+                     help="where inference runs: in this process, or in a Ray Data actor pool (pip install -r "
+                          "requirements-ray.txt); the dataset may then be a directory or glob of shards")
+    run.add_argument("--ray-address", help="the Ray cluster to run on (default: start a local Ray)")
+    run.add_argument("--ray-actors", type=int, help="actors in the pool, each holding the model once "
+                                                    "(default: one fewer than the cluster's CPUs)")
 
     compare = sub.add_parser("compare", help="compare two runs on the same dataset")
     compare.add_argument("run_a")
@@ -129,7 +136,8 @@ def _run(args) -> int:
                        mean=args.mean, std=args.std, input_shape=args.input_shape, seed=args.seed,
                        analyses=args.analyses, allow_import=True, progress=sys.stderr.isatty(),
                        isolation=args.isolation, arch_kwargs=args.arch_kwargs, class_names=args.class_names,
-                       inputs=args.inputs, task=args.task, split_column=args.split_column)
+                       inputs=args.inputs, task=args.task, split_column=args.split_column, engine=args.engine,
+                       ray_address=args.ray_address, ray_actors=args.ray_actors)
     run = open_run(out)
     headline = run.info.get("analyses", {}).get("evaluation", {})
     if run.info["accuracy"] is not None:

@@ -43,6 +43,7 @@ STAGES = (
     ("projections", "analyzers.explanations.projections:projection_stage", True),
     ("gradients", "analyzers.training.gradients:gradient_stage", True),
 )
+ENGINES = ("process", "ray")
 CORE_COLUMNS = ("id", "label", "pred", "confidence", "loss", "correct")
 PACKAGES = ("torch", "numpy", "pandas", "pyarrow", "scikit-learn", "captum", "shap", "streamlit", "umap-learn",
             "openTSNE", "plotly", "safetensors")
@@ -64,14 +65,18 @@ class RunContext:
 
     @property
     def class_names(self) -> list:
-        """The dataset's class names when they fit the model, else the model's."""
-        names = self.dataset.class_names
-        return list(names) if names and len(names) == self.model.num_classes else list(self.model.class_names)
+        return run_class_names(self.model, self.dataset)
 
     def path(self, relpath: str) -> Path:
         target = self.stage_dir / relpath
         target.parent.mkdir(parents=True, exist_ok=True)
         return target
+
+
+def run_class_names(model, dataset: Dataset) -> list:
+    """The dataset's class names when they fit the model, else the model's."""
+    names = dataset.class_names
+    return list(names) if names and len(names) == model.num_classes else list(model.class_names)
 
 
 def build_samples_table(dataset: Dataset, predictions: Predictions, task=None, class_names=None) -> pd.DataFrame:
@@ -133,7 +138,8 @@ def run_analysis(model_spec, data_spec: str | dict, out: str | Path, *, arch: st
                  report: Callable[[str, float], None] | None = None, stage_options: dict | None = None,
                  isolation: str = "auto", owner: dict | None = None, arch_kwargs: dict | None = None,
                  class_names: list | None = None, inputs: str | None = None,
-                 file_names: dict | None = None, task: str | None = None, split_column: str | None = None) -> Path:
+                 file_names: dict | None = None, task: str | None = None, split_column: str | None = None,
+                 engine: str = "process", ray_address: str | None = None, ray_actors: int | None = None) -> Path:
     """Analyse a model on a dataset and store the run at `out`; returns `out`.
 
     If `out` already holds a complete run of the same model, data and parameters it is reused as it is. A different
@@ -158,8 +164,16 @@ def run_analysis(model_spec, data_spec: str | dict, out: str | Path, *, arch: st
     the model's output, and asks for it when both readings fit. It is recorded as run.json's `task`.
     `data_spec` may be {split name: spec} (`--data train=A --data test=B`), or one dataset whose `split_column`
     (a column called `split` unasked) names each row's split: see `analyzers.loading.splits`. The run's samples
-    then carry a `split` column, and its analyses compare the splits.
+    then carry a `split` column, and its analyses compare the splits. A spec that is a directory or a glob reads
+    every dataset file in it, in name order, as one dataset (`loading.shards`).
+    `engine="ray"` runs inference in a Ray Data actor pool (`engines.ray_engine`: on the cluster at `ray_address`,
+    else on a local Ray it starts, with `ray_actors` actors) and stores the samples table in parts; the model is
+    loaded and checked here first, as in-process, and each actor loads it again (a file in its own sandbox).
     """
+    if engine not in ENGINES:
+        raise AnalyzerError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if engine != "ray" and (ray_address is not None or ray_actors is not None):
+        raise AnalyzerError("--ray-address and --ray-actors apply to --engine ray only")
     given = None
     if not isinstance(model_spec, str):  # a model already in memory: wrap_module(...) or a plain nn.Module
         from torch import nn
@@ -208,15 +222,47 @@ def run_analysis(model_spec, data_spec: str | dict, out: str | Path, *, arch: st
                          arch_kwargs=arch_kwargs, class_names=class_names,
                          stage_options=stage_options, label_column=label_column, id_column=id_column,
                          features=features, task=task, split_column=split_column)
+    if engine == "ray":
+        from .ray_engine import RayInference
+
+        write_outputs = RayInference.for_run(model_spec, given=given, address=ray_address, actors=ray_actors,
+                                             arch=arch, input_shape=input_shape, class_names=class_names,
+                                             arch_kwargs=arch_kwargs, inputs=layout, allow_import=allow_import,
+                                             isolation=isolation)
+        # the model is loaded here as each actor will load it (a file: in a sandboxed worker, its archive checked)
+        # for what the run records and for the analyses after inference
+        model = given or load_model_for(model_spec, arch=arch, input_shape=input_shape, allow_import=allow_import,
+                                        isolation=isolation, arch_kwargs=arch_kwargs, inputs=layout,
+                                        class_names=class_names)
+        with contextlib.closing(model) if hasattr(model, "close") else contextlib.nullcontext():
+            return _run_here(model_spec, data_spec, out, model=model, data_options=data_options,
+                             param_options=param_options, stages=stages, arch=arch, device=device,
+                             overwrite=overwrite, progress=progress, report=report, owner=owner,
+                             file_names=file_names, write_outputs=write_outputs)
     if given is None and sandboxed(model_spec, arch, isolation):
         return _run_sandboxed(model_spec, data_spec, out, arch=arch, input_shape=input_shape, class_names=class_names,
                               data_options=data_options, param_options=param_options, device=device,
                               overwrite=overwrite, report=report, owner=owner, file_names=file_names)
+    model = given or load_model_for(model_spec, arch=arch, input_shape=input_shape, allow_import=allow_import,
+                                    isolation="process", arch_kwargs=arch_kwargs, inputs=layout,
+                                    class_names=class_names)
+    return _run_here(model_spec, data_spec, out, model=model, data_options=data_options, param_options=param_options,
+                     stages=stages, arch=arch, device=device, overwrite=overwrite, progress=progress, report=report,
+                     owner=owner, file_names=file_names, write_outputs=write_predictions)
+
+
+def load_model_for(model_spec: str, *, arch, input_shape, allow_import, isolation, arch_kwargs, inputs, class_names):
+    """`load_model` with a run's options (class names as given on the command line)."""
     from ..loading.models import load_model
 
-    model = given or load_model(model_spec, arch=arch, input_shape=input_shape, allow_import=allow_import,
-                                isolation="process", arch_kwargs=arch_kwargs, inputs=layout,
-                                class_names=tuple(class_names) if class_names else None)
+    return load_model(model_spec, arch=arch, input_shape=input_shape, allow_import=allow_import, isolation=isolation,
+                      arch_kwargs=arch_kwargs, inputs=inputs, class_names=tuple(class_names) if class_names else None)
+
+
+def _run_here(model_spec, data_spec, out: Path, *, model, data_options, param_options, stages, arch, device,
+              overwrite, progress, report, owner, file_names, write_outputs) -> Path:
+    """A run whose analyses run in this process (on `model`, which may be a sandboxed worker's), its inference by
+    `write_outputs` (`write_run_files_with`)."""
     dataset = load_dataset(data_spec, model=model, **data_options)
     model = _read_for_task(model, dataset.task)
     check_dataset(dataset, model)
@@ -225,14 +271,15 @@ def run_analysis(model_spec, data_spec: str | dict, out: str | Path, *, arch: st
         report("done", 1.0)
         return out
     with staged_run(out, replace=overwrite) as stage_dir:
-        summary = write_run_files(model, dataset, stage_dir, params=params, stages=stages, device=device,
-                                  progress=progress, report=report)
+        summary = write_run_files_with(write_outputs, model, dataset, stage_dir, params=params, stages=stages,
+                                       device=device, progress=progress, report=report)
         carry_derived_files(out, stage_dir, model_sha=model.sha256, dataset_sha=dataset.sha256)
         checked = check_run_files(stage_dir, num_samples=len(dataset), num_classes=model.num_classes,
                                   task=dataset.task)
         write_json(stage_dir / RUN_INFO, _run_info(model_spec, data_spec, model, describe_dataset(dataset), arch,
-                                                   params, summary, sandbox=None, accuracy=checked["accuracy"],
-                                                   owner=owner, file_names=file_names))
+                                                   params, summary, sandbox=getattr(model, "sandbox", None),
+                                                   accuracy=checked["accuracy"], owner=owner,
+                                                   file_names=file_names))
     report("done", 1.0)
     return out
 
@@ -302,10 +349,42 @@ def write_run_files(model, dataset, stage_dir, *, params: dict, stages, device: 
     """Inference and every stage, written into `stage_dir` (all but run.json); returns what run.json records of them.
 
     In a sandboxed run this runs in the worker, on the worker's model and dataset, into its scratch directory."""
-    import torch
+    return write_run_files_with(write_predictions, model, dataset, stage_dir, params=params, stages=stages,
+                                device=device, progress=progress, report=report)
 
+
+def write_predictions(model, dataset, stage_dir: Path, *, params: dict, device: str, progress: bool,
+                      report: Callable[[str, float], None]) -> tuple:
+    """In-process inference: the model's outputs written as one samples table, probs.npy and the embeddings.
+    Returns (Predictions, the samples table, what run.json records of the engine). An engine is a function of
+    this signature (`engines.ray_engine.RayInference`)."""
     from ..evaluation.tasks import task_of
     from .inference import predict
+
+    predictions = predict(model, dataset.x, dataset.y, batch_size=params["batch_size"], layer=params["layer"],
+                          device=device, progress=progress,
+                          on_batch=lambda done, total: report("inference", done / total))
+    samples = build_samples_table(dataset, predictions, task_of(model), class_names=run_class_names(model, dataset))
+    samples.to_parquet(stage_dir / SAMPLES, index=False)
+    np.save(stage_dir / PROBS, predictions.probs)
+    write_label_matrix(stage_dir, dataset)
+    if predictions.embeddings is not None:
+        target = stage_dir / "embeddings" / f"{params['layer']}.npy"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        np.save(target, predictions.embeddings.astype(np.float32))
+    return predictions, samples, {"name": "in-process"}
+
+
+def write_label_matrix(stage_dir: Path, dataset: Dataset) -> None:
+    """A multi-label run's multi-hot labels (labels.npy): samples.parquet names them as text, analyses read this."""
+    if dataset.y.ndim == 2:
+        np.save(stage_dir / LABELS, dataset.y.astype(np.int8))
+
+
+def write_run_files_with(write_outputs, model, dataset, stage_dir, *, params: dict, stages, device: str = "cpu",
+                         progress: bool = False, report: Callable[[str, float], None] | None = None) -> dict:
+    """`write_run_files` with the inference of `write_outputs` (`write_predictions`, or another engine's)."""
+    import torch
 
     report = report or (lambda stage, fraction: None)
     stage_dir = Path(stage_dir)
@@ -317,19 +396,11 @@ def write_run_files(model, dataset, stage_dir, *, params: dict, stages, device: 
     timings = {}
     started = time.perf_counter()
     report("inference", 0.0)
-    predictions = predict(model, dataset.x, dataset.y, batch_size=params["batch_size"], layer=params["layer"],
-                          device=device, progress=progress,
-                          on_batch=lambda done, total: report("inference", done / total))
+    predictions, samples, engine = write_outputs(model, dataset, stage_dir, params=params, device=device,
+                                                 progress=progress, report=report)
     timings["inference"] = time.perf_counter() - started
-    ctx = RunContext(model=model, dataset=dataset, predictions=predictions, samples=None,
+    ctx = RunContext(model=model, dataset=dataset, predictions=predictions, samples=samples,
                      stage_dir=stage_dir, params=params, progress=progress, report=report, timings=timings)
-    samples = ctx.samples = build_samples_table(dataset, predictions, task_of(model), class_names=ctx.class_names)
-    samples.to_parquet(stage_dir / SAMPLES, index=False)
-    np.save(stage_dir / PROBS, predictions.probs)
-    if dataset.y.ndim == 2:  # multi-hot labels: samples.parquet names them as text, the analyses read the matrix
-        np.save(stage_dir / LABELS, dataset.y.astype(np.int8))
-    if predictions.embeddings is not None:
-        np.save(ctx.path(f"embeddings/{params['layer']}.npy"), predictions.embeddings.astype(np.float32))
     summaries = {}
     for name, target in stages:
         report(name, 0.0)
@@ -339,7 +410,7 @@ def write_run_files(model, dataset, stage_dir, *, params: dict, stages, device: 
         report(name, 1.0)
     return {"analyses": summaries, "timings_s": {k: round(v, 4) for k, v in timings.items()},
             "class_names": ctx.class_names, "attention_layers": attention_layers(model, dataset.x[:1]),
-            "embedding_layer": params["layer"] if predictions.embeddings is not None else None}
+            "embedding_layer": params["layer"] if predictions.embeddings is not None else None, "engine": engine}
 
 
 def attention_layers(model, x) -> list | None:
@@ -385,6 +456,15 @@ def _run_sandboxed(model_spec, data_spec, out: Path, *, arch, input_shape, data_
                                                        owner=owner, file_names=file_names))
     report("done", 1.0)
     return out
+
+
+def _engine_record(value) -> dict:
+    """What ran the inference (`write_predictions` and the other engines say): JSON scalars under text keys only,
+    since a sandboxed worker's summary is not trusted."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return {"name": "in-process"}
+    return {str(k): v for k, v in value.items() if isinstance(k, str) and (v is None or isinstance(
+        v, (str, int, float, bool)))}
 
 
 def _texts_or_none(value):
@@ -440,6 +520,7 @@ def _run_info(model_spec, data_spec, model, dataset: dict, arch, params, summary
         "analyses": summary.get("analyses", {}),
         "timings_s": summary.get("timings_s", {}),
         "accuracy": accuracy,
+        "engine": _engine_record(summary.get("engine")),
         "sandbox": sandbox or {"level": "none", "tool": "in-process",
                                "reason": "a built-in sample or a trusted model, loaded in this process"},
     }

@@ -58,6 +58,8 @@ class Task:
     error_column = None  # samples.parquet's column holding it, where it is more than right or wrong
     # the model's outputs are class probabilities: a confusion matrix, calibration and label noise apply
     has_classes = True
+    # each sample's columns (`sample_columns`) depend on its own row alone, so a table built in parts is the whole's
+    rows_independent = True
     label_dtype = np.int64  # how labels are stored in a Dataset and samples.parquet
     label_form = "int64"  # what one sample's label is, in words for a refusal
     rankings = ()  # the error rankings (metrics.RANKINGS) that apply to the task
@@ -206,6 +208,7 @@ class Regression(Task):
     output_kind = VALUE_OUTPUT
     exactly_right = False
     value_column = 0  # the predicted value, or a mean-and-variance model's mean
+    rows_independent = False  # wrong is a quantile of every row's error
 
     @property
     def what_is_wrong(self) -> str:

@@ -86,12 +86,19 @@ def load_dataset(spec, *, model=None, label_column: str = "label", id_column: st
             raise AnalyzerError("--split-column reads the splits of one file; with a file per split leave it out")
         return combine_splits({name: load_dataset(part, **options) for name, part in check_split_specs(spec).items()})
     if not isinstance(spec, str) or not spec:
-        raise AnalyzerError("no dataset given: pass sample:NAME or a .npz, .csv, .parquet or image-folder .zip file")
+        raise AnalyzerError("no dataset given: pass sample:NAME, a .npz, .csv, .parquet or image-folder .zip "
+                            "file, a NAME.x.npy beside NAME.y.npy, or a directory or glob of such files")
     if spec.startswith("sample:"):
         from .splits import with_split_column
 
         return with_split_column(_load_sample(spec, task=task), split_column)
+    from .shards import is_sharded, load_shards
+
+    if is_sharded(spec):  # a directory or glob of files, read one by one and joined in name order
+        return load_shards(spec, load=lambda part: load_dataset(part, **options))
     path = Path(spec)
+    if spec.endswith(NPY_PAIR_SUFFIX):
+        return _load_npy_pair(path, spec=spec, model=model, task=task, split_column=split_column)
     if not path.is_file():
         raise AnalyzerError(f"dataset file {spec!r} does not exist: check the path")
     if path.stat().st_size == 0:
@@ -100,6 +107,53 @@ def load_dataset(spec, *, model=None, label_column: str = "label", id_column: st
     return _load_source(path, name=path.name, spec=spec, digest=sha256_file(path), model=model,
                         label_column=label_column, id_column=id_column, features=features, image_size=image_size,
                         mean=mean, std=std, task=task, split_column=split_column)
+
+
+# `NAME.x.npy` beside `NAME.y.npy` (and `NAME.ids.npy`, optional): inputs read memory-mapped, never copied whole
+NPY_PAIR_SUFFIX = ".x.npy"
+
+
+def npy_pair_members(path: Path) -> dict:
+    """The files of the `.npy` pair whose inputs are at `path` (`NAME.x.npy`): {"x", "y", and "ids" if present}."""
+    stem = path.name[:-len(NPY_PAIR_SUFFIX)]
+    members = {"x": path, "y": path.with_name(f"{stem}.y.npy")}
+    if path.with_name(f"{stem}.ids.npy").is_file():
+        members["ids"] = path.with_name(f"{stem}.ids.npy")
+    return members
+
+
+def _load_npy_pair(path: Path, *, spec: str, model, task, split_column) -> Dataset:
+    """A `.npy` pair: x memory-mapped (a float32 C-order file is used in place; rows are copied batch by batch
+    by inference), y and ids read whole. The hash covers every member, in a fixed order."""
+    if not path.is_file():
+        raise AnalyzerError(f"dataset file {spec!r} does not exist: check the path")
+    members = npy_pair_members(path)
+    for key, member in members.items():
+        if not member.is_file():
+            raise AnalyzerError(f"{path.name!r} has no {member.name!r} beside it: save the labels with "
+                                f"np.save({member.name!r}, y) next to the inputs")
+    digest = hashlib.sha256()
+    arrays = {}
+    for key, member in members.items():
+        digest.update(f"{key}:{sha256_file(member)};".encode())
+        try:
+            arrays[key] = np.load(member, mmap_mode="r" if key == "x" else None, allow_pickle=False)
+        except Exception as exc:  # numpy raises ValueError for a pickle and many types for a damaged header
+            raise AnalyzerError(f"{member.name!r} is not a .npy array ({first_line(exc)}): save it with np.save, "
+                                f"without object arrays") from exc
+    x, y = arrays["x"], arrays["y"]
+    if x.ndim < 2 or y.ndim not in (1, 2) or len(y) != len(x):
+        raise AnalyzerError(f"{path.name!r} holds x of shape {x.shape} and y of shape {y.shape}: x must be (N, ...) "
+                            f"and y one label per sample (or one 0/1 row of K labels)")
+    x = _numeric_inputs(x, path.name)
+    y, task = _task_labels(y, path.name, class_names=None, task=task, model=model)
+    ids = arrays.get("ids", np.arange(len(x)))
+    if ids.shape != (len(x),):
+        raise AnalyzerError(f"{members['ids'].name!r} has shape {ids.shape}; expected one id per sample ({len(x)})")
+    from .splits import with_split_column
+
+    return with_split_column(_finish(x, y, ids, spec=spec, digest=digest.hexdigest(), class_names=None,
+                                     metadata=pd.DataFrame(), name=path.name, task=task), split_column)
 
 
 def load_dataset_bytes(data: bytes, *, name: str, spec: str | None = None, model=None, label_column: str = "label",

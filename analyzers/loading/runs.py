@@ -29,8 +29,28 @@ from .run_checks import (RunDamaged, check_array, check_info, check_json, check_
 RUN_FORMAT_VERSION = 1
 RUN_INFO = "run.json"
 SAMPLES = "samples.parquet"
+# A scaled-out run's samples table in parts (`samples/part-NNNNNN.parquet`, rows in name order), in place of SAMPLES
+SAMPLES_DIR = "samples"
+SAMPLE_PART = "part-{:06d}.parquet"
 PROBS = "probs.npy"
 LABELS = "labels.npy"  # a multi-label run's multi-hot labels (N, K); samples.parquet holds them as text
+
+
+def table_parts(directory: str | Path) -> list[Path]:
+    """The parts of a table stored in parts (`part-*.parquet` under `directory`), in row order (by name)."""
+    return sorted(Path(directory).glob("part-*.parquet"))
+
+
+def read_table_parts(directory: str | Path) -> pd.DataFrame:
+    """A table stored in parts, as one DataFrame. A column all missing in one part and typed in another is read
+    with the other's type (a part is written as its rows come, and pyarrow types an all-null column as null)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = table_parts(directory)
+    if not parts:
+        raise ValueError(f"{Path(directory).name}/ holds no part-*.parquet files")
+    return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="permissive").to_pandas()
 
 
 def _temp_sibling(path: Path, tag: str) -> Path:
@@ -282,9 +302,14 @@ class Run:
         return int(self.info["num_samples"])
 
     @property
+    def sharded(self) -> bool:
+        """Whether the samples table is stored in parts (`SAMPLES_DIR`) rather than as one file."""
+        return not (self.path / SAMPLES).exists() and (self.path / SAMPLES_DIR).is_dir()
+
+    @property
     def samples(self) -> pd.DataFrame:
         if "samples" not in self._cache:
-            table = self._read(SAMPLES, pd.read_parquet)
+            table = self._read(SAMPLES_DIR, read_table_parts) if self.sharded else self._read(SAMPLES, pd.read_parquet)
             check_samples(table, num_samples=self.num_samples, num_classes=len(self.class_names), where=self.path,
                           task=self.task)
             self._cache["samples"] = table
@@ -345,7 +370,8 @@ class Run:
         readers = {".parquet": self.read_parquet, ".json": self.read_json, ".npy": self.read_npy}
         for path in sorted(self.path.rglob("*")):
             relpath = path.relative_to(self.path).as_posix()
-            if relpath in (SAMPLES, PROBS, LABELS, RUN_INFO) or path.suffix not in readers or any(
+            if relpath in (SAMPLES, PROBS, LABELS, RUN_INFO) or relpath.startswith(f"{SAMPLES_DIR}/") or \
+                    path.suffix not in readers or any(
                     part.startswith(".") for part in path.relative_to(self.path).parts) or not path.is_file():
                 continue
             readers[path.suffix](relpath)
@@ -408,7 +434,8 @@ def open_run(path: str | Path) -> Run:
         raise RunDamaged(f"{path}/run.json is not a run of format version {RUN_FORMAT_VERSION}: run the analysis "
                          f"again")
     check_info(info, path)
-    missing = [name for name in (SAMPLES, PROBS) if not (path / name).exists()]
+    missing = [name for name in (SAMPLES, PROBS) if not (path / name).exists()
+               and not (name == SAMPLES and (path / SAMPLES_DIR).is_dir())]
     if missing:
         raise RunDamaged(f"the run at {path} is damaged: {', '.join(missing)} missing; run it again with --overwrite")
     run = Run(path=path, info=info)

@@ -108,15 +108,13 @@ def combine_splits(parts: dict) -> "Dataset":
     files read with the same options do). Metadata columns are the union (a column one part lacks is missing, NaN,
     in its rows); a per-sample extra that some part lacks is dropped, with a warning. Ids are kept while they are
     unique over all parts, and otherwise each becomes `"<split>/<id>"` (text)."""
-    from .datasets import Dataset
-
     if len(parts) < 2:
         raise AnalyzerError("combining splits needs two datasets or more")
     names = [check_split_name(n) for n in parts]
     datasets = list(parts.values())
     first = datasets[0]
     for name, part in zip(names[1:], datasets[1:]):
-        what = _disagreement(first, part)
+        what = dataset_disagreement(first, part)
         if what:
             raise AnalyzerError(f"split {name!r} differs from split {names[0]!r} in its {what}: every split must be "
                                 f"the same kind of data, read with the same options")
@@ -130,31 +128,46 @@ def combine_splits(parts: dict) -> "Dataset":
     if len(pd.unique(pd.Series(joined.astype(str) if joined.dtype.kind == "O" else joined))) != len(joined):
         joined = np.concatenate([np.asarray([f"{n}/{i}" for i in part_ids.tolist()], dtype=object)
                                  for n, part_ids in zip(names, ids)])
-    # a part without metadata has a table of no rows: give it its rows (no columns) so the union keeps them
-    metadata = pd.concat([p.metadata.reset_index(drop=True) if len(p.metadata) == len(p)
-                          else pd.DataFrame(index=pd.RangeIndex(len(p))) for p in datasets],
-                         ignore_index=True, sort=False)
+    metadata = joined_metadata(datasets)
     metadata[SPLIT_COLUMN] = np.concatenate([np.full(len(p), n, dtype=object) for n, p in zip(names, datasets)])
+    sources = tuple({"name": n, "spec": str(p.spec), "sha256": p.sha256, "num_samples": int(len(p))}
+                    for n, p in zip(names, datasets))
+    digest = hashlib.sha256(json.dumps([[s["name"], s["sha256"]] for s in sources]).encode()).hexdigest()
+    return concatenate_datasets(datasets, ids=joined, metadata=metadata, sha256=digest, split_sources=sources,
+                                spec=describe_splits({n: p.spec for n, p in zip(names, datasets)}))
+
+
+def joined_metadata(datasets: list) -> pd.DataFrame:
+    """The union of the parts' metadata columns, row after row (NaN where a part lacks a column)."""
+    # a part without metadata has a table of no rows: give it its rows (no columns) so the union keeps them
+    return pd.concat([p.metadata.reset_index(drop=True) if len(p.metadata) == len(p)
+                      else pd.DataFrame(index=pd.RangeIndex(len(p))) for p in datasets], ignore_index=True, sort=False)
+
+
+def concatenate_datasets(datasets: list, *, ids, metadata: pd.DataFrame, spec: str, sha256: str,
+                         split_sources: tuple = ()) -> "Dataset":
+    """The rows of `datasets` (which agree on what a sample is: `dataset_disagreement`) one after another, under
+    the joined `ids`, `metadata`, `spec` and `sha256` the caller made. A per-sample extra that some part lacks is
+    dropped, with a warning; ground-truth columns and class names are the parts' union and first."""
+    from .datasets import Dataset
+
+    first = datasets[0]
     extras = {}
     for key in first.extras:
         if all(key in p.extras and np.asarray(p.extras[key]).shape[1:] == np.asarray(first.extras[key]).shape[1:]
                for p in datasets):
             extras[key] = np.concatenate([np.asarray(p.extras[key]) for p in datasets])
         else:
-            LOG.warning("the per-sample array %r is not in every split in the same shape: it is left out", key)
+            LOG.warning("the per-sample array %r is not in every part in the same shape: it is left out", key)
     truth = tuple(dict.fromkeys(c for p in datasets for c in p.ground_truth_columns))
-    sources = tuple({"name": n, "spec": str(p.spec), "sha256": p.sha256, "num_samples": int(len(p))}
-                    for n, p in zip(names, datasets))
-    digest = hashlib.sha256(json.dumps([[s["name"], s["sha256"]] for s in sources]).encode()).hexdigest()
     class_names = next((p.class_names for p in datasets if p.class_names), None)
-    return Dataset(x=np.concatenate([p.x for p in datasets]), y=np.concatenate([p.y for p in datasets]), ids=joined,
-                   spec=describe_splits({n: p.spec for n, p in zip(names, datasets)}), sha256=digest,
-                   class_names=class_names, metadata=metadata, feature_names=first.feature_names,
-                   preprocessing=dict(first.preprocessing), extras=extras, ground_truth_columns=truth,
-                   task=first.task, split_sources=sources)
+    return Dataset(x=np.concatenate([p.x for p in datasets]), y=np.concatenate([p.y for p in datasets]), ids=ids,
+                   spec=spec, sha256=sha256, class_names=class_names, metadata=metadata,
+                   feature_names=first.feature_names, preprocessing=dict(first.preprocessing), extras=extras,
+                   ground_truth_columns=truth, task=first.task, split_sources=split_sources)
 
 
-def _disagreement(a, b) -> str | None:
+def dataset_disagreement(a, b) -> str | None:
     if a.sample_shape != b.sample_shape:
         return f"sample shape ({b.sample_shape}, not {a.sample_shape})"
     if a.task != b.task:

@@ -1,0 +1,331 @@
+"""Inference on Ray Data (`analyzers run --engine ray`): an actor pool runs the model, the driver stores the outputs.
+
+The driver loads and checks the model and the dataset as an in-process run does: the archive policy and the
+loaders run before anything is distributed. Then Ray gets
+- the model: a built-in sample's name, or the checked file's bytes in the object store, which each actor writes
+  into its own scratch directory and loads with the same loader (`load_model`: a file runs in a sandboxed worker
+  of the actor's); a model handed over as a Python module goes as it is. No actor reads a path of the driver's, so
+  the code runs the same on a laptop's Ray and on a cluster's nodes;
+- the inputs: blocks in the object store, cut at multiples of `batch_size` from the start of the dataset, so that
+  each batch an actor runs is the batch an in-process run makes (the same rows, hence the same floats).
+
+`map_batches` runs a stateful callable class (`ModelActor`, one model per actor) with an explicit `batch_size` and an
+actor pool (`ActorPoolStrategy(size=actors)`). Outputs come back to the driver in dataset order (`iter_batches`,
+order preserved) and are written as they arrive: probabilities and embeddings into `.npy` files mapped in memory,
+the loss into memory, and the mergeable partial aggregates (`evaluation.aggregates`) of each batch summed in the
+same pass. The samples table is then written in parts (`samples/part-NNNNNN.parquet`, `runs.SAMPLES_DIR`).
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import AnalyzerError, first_line
+
+# rows per part of the samples table: parts of about this many rows keep a 10M-row run at ~150 files
+PART_ROWS = 1 << 16
+# bytes of inputs per block in the object store: large enough to amortise a task, small enough to stream
+BLOCK_BYTES = 32 << 20
+
+
+def import_ray():
+    """Ray, or one line saying how to install it (an extra: plain use of the tool does not need it)."""
+    try:
+        import ray
+        import ray.data  # noqa: F401 - Ray Data is the part used; importing it here checks the extra is whole
+    except ImportError as exc:
+        raise AnalyzerError("--engine ray needs Ray Data, which is not installed: pip install -r "
+                            "requirements-ray.txt (make test installs it)") from exc
+    return ray
+
+
+def connect(address: str | None, *, num_cpus: int | None = None):
+    """Ray, connected: to the cluster at `address`, to the Ray this process already started, or to a local Ray
+    started here with this machine's cores (or `num_cpus`)."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    try:
+        if address:
+            ray.init(address=address, **init_options())
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **init_options())
+    except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError for an address it cannot reach
+        where = f"the Ray cluster at {address!r}" if address else "a local Ray"
+        raise AnalyzerError(f"could not start or reach {where} ({first_line(exc)}): check --ray-address, or leave "
+                            f"it out to run on a local Ray") from exc
+    return ray
+
+
+def init_options() -> dict:
+    """`ray.init` options of a run's driver (a test session that starts Ray itself passes them too): the packages
+    every actor imports are shipped with the job (`py_modules`), so a cluster's nodes need not have them."""
+    import analyzers
+    import sample_models
+
+    return {"runtime_env": {"py_modules": [str(Path(analyzers.__file__).parent),
+                                           str(Path(sample_models.__file__).parent)]},
+            "log_to_driver": False, "logging_level": "WARNING"}
+
+
+@dataclass(frozen=True)
+class ModelPayload:
+    """What an actor needs to load the model: a sample's spec, or a file's checked bytes (an object reference),
+    or a module handed over in memory; and the options it was loaded with here."""
+
+    spec: str
+    sha256: str
+    file_name: str | None = None
+    file_bytes: object = None  # a ray.ObjectRef of the file's bytes
+    module: object = None  # a LoadedModel given in memory (trusted code of the caller's)
+    options: dict | None = None
+
+    def load(self):
+        from ..loading.models import load_model
+
+        if self.module is not None:
+            return self.module
+        if self.file_bytes is None:
+            return load_model(self.spec, **(self.options or {}))
+        import ray
+
+        data = ray.get(self.file_bytes)
+        scratch = Path(tempfile.mkdtemp(prefix="analyzers-actor-"))
+        local = scratch / Path(self.file_name).name
+        local.write_bytes(data)  # the actor's own copy: it never reads a path of the driver's
+        return load_model(str(local), **(self.options or {}))
+
+
+class ModelActor:
+    """One model per actor, loaded once: called on a batch of {"x", "y", "row"}, returns its rows' outputs."""
+
+    def __init__(self, payload: ModelPayload, *, task: str, layer: str | None, threads: int, device: str = "cpu"):
+        import torch
+
+        from .pipeline import _read_for_task
+
+        torch.set_num_threads(max(1, int(threads)))
+        model = payload.load()
+        if model.sha256 != payload.sha256:
+            raise AnalyzerError(f"the model an actor loaded has hash {model.sha256[:12]}, not the driver's "
+                                f"{payload.sha256[:12]}: the file changed while the run started")
+        self.model = _read_for_task(model, task)
+        self.layer = layer
+        self.device = device
+        import ray
+
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch: dict) -> dict:
+        from .inference import predict
+
+        x, y, rows = batch["x"], batch["y"], batch["row"]
+        predictions = predict(self.model, x, y, batch_size=len(x), layer=self.layer, device=self.device)
+        out = {"row": rows, "probs": predictions.probs, "loss": predictions.loss,
+               "node": np.full(len(rows), self.node)}
+        if predictions.embeddings is not None:
+            out["embedding"] = predictions.embeddings
+        return out
+
+
+@dataclass
+class RayInference:
+    """`write_outputs` of `pipeline.write_run_files_with` for a run on Ray (see the module's docstring)."""
+
+    payload: ModelPayload | None
+    payload_source: dict
+    address: str | None = None
+    actors: int | None = None
+
+    @classmethod
+    def for_run(cls, model_spec: str, *, given=None, address=None, actors=None, arch=None, input_shape=None,
+                class_names=None, arch_kwargs=None, inputs=None, allow_import=False,
+                isolation="auto") -> "RayInference":
+        """Checked options for a run; Ray itself is imported (and the payload made) when inference starts."""
+        if actors is not None and (not isinstance(actors, int) or isinstance(actors, bool) or actors < 1):
+            raise AnalyzerError(f"--ray-actors must be a whole number of at least 1, got {actors!r}")
+        import_ray()
+        options = dict(arch=arch, input_shape=tuple(input_shape) if input_shape else None,
+                       class_names=tuple(class_names) if class_names else None, allow_import=allow_import,
+                       isolation=isolation, arch_kwargs=arch_kwargs, inputs=inputs)
+        return cls(payload=None, payload_source={"spec": model_spec, "given": given, "options": options},
+                   address=address, actors=actors)
+
+    def _payload(self, ray, model) -> ModelPayload:
+        source = self.payload_source
+        if source["given"] is not None:
+            return ModelPayload(spec=str(model.spec), sha256=model.sha256, module=source["given"])
+        spec = source["spec"]
+        if spec.startswith("sample:"):
+            return ModelPayload(spec=spec, sha256=model.sha256, options=source["options"])
+        data = Path(spec).read_bytes()
+        from ..loading.hashing import sha256_bytes
+
+        if sha256_bytes(data) != model.sha256:
+            raise AnalyzerError(f"the model file {spec} changed while the run started: run it again")
+        return ModelPayload(spec=spec, sha256=model.sha256, file_name=Path(spec).name, file_bytes=ray.put(data),
+                            options=source["options"])
+
+    def __call__(self, model, dataset, stage_dir: Path, *, params: dict, device: str, progress: bool, report):
+        from ..evaluation.aggregates import PartialAggregates, group_columns
+        from ..evaluation.tasks import task_of
+        from ..loading.runs import PROBS, SAMPLE_PART, SAMPLES_DIR, write_json
+        from .inference import Predictions
+        from .pipeline import run_class_names, write_label_matrix
+
+        ray = connect(self.address)
+        started = time.perf_counter()
+        batch_size = params["batch_size"]
+        n = len(dataset)
+        cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        # fewer actors than cores: the driver decodes and writes while the actors run the model
+        actors = self.actors or max(1, min(cluster_cpus - 1, math.ceil(n / batch_size)))
+        threads = max(1, (os.cpu_count() or 1) // actors) if not self.address else 1
+        task = task_of(model)
+        names = run_class_names(model, dataset)
+        blocks = _input_blocks(ray, dataset, batch_size=batch_size, min_blocks=4 * actors)
+        payload = self._payload(ray, model)
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # outputs in dataset order: each is written where it lands
+        context.enable_progress_bars = False
+        outputs = ray.data.from_arrow_refs(blocks).map_batches(
+            ModelActor, fn_constructor_kwargs=dict(payload=payload, task=dataset.task, layer=params["layer"],
+                                                   threads=threads, device=device),
+            batch_size=batch_size, num_cpus=1,
+            # two blocks per actor at a time: one running, one arriving; the rest go to whichever actor is free
+            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
+            batch_format="numpy")
+        grouping = group_columns(dataset.metadata)
+        probs = emb = None
+        loss = np.zeros(n, dtype=np.float32)
+        total = None
+        nodes = set()
+        done = 0
+        bar = _progress_bar(n) if progress else None
+        try:
+            for batch in outputs.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=4):
+                rows = np.asarray(batch["row"])
+                start, stop = int(rows[0]), int(rows[0]) + len(rows)
+                if start != done or not np.array_equal(rows, np.arange(start, stop)):
+                    raise AnalyzerError(f"internal error: Ray returned rows {start}.. where row {done} was due")
+                if probs is None:
+                    probs = np.lib.format.open_memmap(stage_dir / PROBS, mode="w+", dtype=np.float32,
+                                                      shape=(n, batch["probs"].shape[1]))
+                probs[start:stop] = batch["probs"]
+                loss[start:stop] = batch["loss"]
+                if "embedding" in batch:
+                    if emb is None:
+                        target = stage_dir / "embeddings" / f"{params['layer']}.npy"
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        emb = np.lib.format.open_memmap(target, mode="w+", dtype=np.float32,
+                                                        shape=(n, batch["embedding"].shape[1]))
+                    emb[start:stop] = batch["embedding"]
+                part = PartialAggregates.of(task, dataset.y[start:stop], batch["probs"], batch["loss"],
+                                            groups={c: dataset.metadata[c].to_numpy()[start:stop] for c in grouping})
+                total = part if total is None else total.merge(part)
+                nodes.update(str(v) for v in np.unique(batch["node"]))
+                done = stop
+                report("inference", done / n)
+                if bar is not None:
+                    bar.update(len(rows))
+        except AnalyzerError:
+            raise
+        except Exception as exc:  # an actor's failure reaches here as a Ray error wrapping the analysis's own
+            raise AnalyzerError(f"inference on Ray failed: {_cause(exc)}") from exc
+        finally:
+            if bar is not None:
+                bar.close()
+        if done != n:
+            raise AnalyzerError(f"internal error: Ray returned {done} of {n} rows")
+        inference_s = time.perf_counter() - started
+        probs.flush()
+        del probs
+        embeddings = None
+        if emb is not None:
+            emb.flush()
+            del emb
+            embeddings = np.load(stage_dir / "embeddings" / f"{params['layer']}.npy", mmap_mode="r")
+        predictions = Predictions(probs=np.load(stage_dir / PROBS, mmap_mode="r"), loss=loss, embeddings=embeddings,
+                                  embedding_layer=params["layer"] if embeddings is not None else None)
+        write_label_matrix(stage_dir, dataset)
+        write_json(stage_dir / "aggregates.json", total.to_json())
+        samples = _write_sample_parts(stage_dir / SAMPLES_DIR, dataset, predictions, task, names,
+                                      part_name=SAMPLE_PART)
+        return predictions, samples, {"name": "ray", "actors": actors, "nodes": len(nodes), "blocks": len(blocks),
+                                      "address": self.address, "inference_s": round(inference_s, 4)}
+
+
+def _input_blocks(ray, dataset, *, batch_size: int, min_blocks: int) -> list:
+    """The dataset's inputs, labels and row numbers as Arrow blocks in the object store, each a whole number of
+    batches from the start of the dataset (so that no batch spans two blocks)."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    n = len(dataset)
+    row_bytes = max(1, int(np.prod(dataset.sample_shape)) * 4)
+    batches_per_block = max(1, min(BLOCK_BYTES // (row_bytes * batch_size), math.ceil(n / (batch_size * min_blocks))))
+    step = batches_per_block * batch_size
+    refs = []
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        y = np.asarray(dataset.y[start:stop])
+        table = pa.table({"x": ArrowTensorArray.from_numpy(np.ascontiguousarray(dataset.x[start:stop],
+                                                                                dtype=np.float32)),
+                          "y": ArrowTensorArray.from_numpy(y) if y.ndim > 1 else pa.array(y),
+                          "row": pa.array(np.arange(start, stop, dtype=np.int64))})
+        refs.append(ray.put(table))
+    return refs
+
+
+def _write_sample_parts(directory: Path, dataset, predictions, task, names, *, part_name: str):
+    """The samples table in parts of PART_ROWS rows (`runs.read_table_parts` joins them); returns it whole.
+
+    A task whose rows are independent (`Task.rows_independent`) builds each part from its rows alone; one whose
+    columns depend on every row (a regression's wrong, a quantile of all errors) builds the whole table first."""
+    import pandas as pd
+
+    from .inference import Predictions
+    from .pipeline import build_samples_table
+
+    directory.mkdir(parents=True, exist_ok=True)
+    n = len(dataset)
+    whole = None if task.rows_independent else build_samples_table(dataset, predictions, task, class_names=names)
+    parts = []
+    for index, start in enumerate(range(0, n, PART_ROWS)):
+        stop = min(start + PART_ROWS, n)
+        if whole is not None:
+            part = whole.iloc[start:stop].reset_index(drop=True)
+        else:
+            rows = Predictions(probs=np.asarray(predictions.probs[start:stop]), loss=predictions.loss[start:stop],
+                               embeddings=None, embedding_layer=None)
+            part = build_samples_table(_rows_of(dataset, start, stop), rows, task, class_names=names)
+        part.to_parquet(directory / part_name.format(index), index=False)
+        parts.append(part)
+    return whole if whole is not None else pd.concat(parts, ignore_index=True)
+
+
+def _rows_of(dataset, start: int, stop: int):
+    """The dataset's rows start..stop-1 (views of its arrays)."""
+    return replace(dataset, x=dataset.x[start:stop], y=dataset.y[start:stop], ids=dataset.ids[start:stop],
+                   metadata=dataset.metadata.iloc[start:stop].reset_index(drop=True),
+                   extras={k: v[start:stop] for k, v in dataset.extras.items()})
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="inference (ray)", unit="sample", leave=False)
+
+
+def _cause(exc: BaseException) -> str:
+    """The line of the error an actor raised (Ray wraps it in its task errors), else this error's own."""
+    seen = exc
+    while getattr(seen, "cause", None) is not None:  # ray.exceptions.RayTaskError(...).cause: what the task raised
+        seen = seen.cause
+    return first_line(seen)
