@@ -50,7 +50,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SECTIONS = ("run", "explain_all", "interactive", "sandbox", "projections", "peer", "tabular", "evaluation", "startup",
-            "dashboard", "upload", "waits", "trust", "health")
+            "dashboard", "upload", "waits", "trust", "health", "scale")
 # the sections that need the generated images or the image model (prepare() makes them only for these)
 IMAGE_SECTIONS = ("run", "explain_all", "interactive", "sandbox", "projections", "peer", "dashboard", "health")
 DEFAULT_SIZES = (10_000, 100_000)
@@ -89,6 +89,15 @@ HEALTH_CURVE_TARGET_RATIO = 1.5
 HEALTH_PROFILE_REPEATS = ((20, 10), (3, 3))  # (latency repeats, profiled forwards): full, quick
 HEALTH_PROFILE_BATCH_SIZES = (1, 8, 32)  # and the run's batch size, the one profiled
 HEALTH_PROFILE_TOLERANCE = 0.2
+# Scale (issue 15): a run of SCALE_ROWS generated digits-like samples (a .npy pair, memory-mapped) on a local Ray
+# (`--engine ray`) costs at most 1.3x the in-process run of the same rows, whole runs with the evaluation stage; the
+# run's peak RSS (the driver and every Ray worker process, summed) is at most 2 GB; the dashboard on the Ray run
+# opens each page in at most 2 s, answers a click in at most 0.5 s, and holds at most 1.5 GB. Rows (full, quick).
+SCALE_ROWS = (1_000_000, 20_000)
+SCALE_BATCH_SIZE = 4096
+SCALE_RUN_TARGET_RATIO = 1.3
+SCALE_RSS_TARGET_MB = 2000
+SCALE_PAGE_TARGET_S, SCALE_CLICK_TARGET_S, SCALE_DASHBOARD_RSS_MB = 2.0, 0.5, 1500
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
@@ -1250,10 +1259,84 @@ def worker_health(spec: dict) -> dict:
     return result
 
 
+def make_digits_rows(n: int, prefix: Path, seed: int = 0) -> Path:
+    """`n` samples like the `digits` sample's (its test images, each with Gaussian noise of 0.1) as a `.npy` pair
+    `PREFIX.x.npy` / `PREFIX.y.npy`, written in chunks: what a large evaluation set on disk looks like."""
+    import numpy as np
+
+    from analyzers.loading.datasets import load_dataset
+
+    x_path = prefix.with_name(prefix.name + ".x.npy")
+    if x_path.exists():
+        return x_path
+    rng = np.random.default_rng(seed)
+    digits = load_dataset("sample:digits")
+    x = np.lib.format.open_memmap(x_path.with_suffix(".tmp"), mode="w+", dtype=np.float32, shape=(n, 1, 8, 8))
+    y = np.empty(n, np.int64)
+    for start in range(0, n, 100_000):
+        m = min(100_000, n - start)
+        rows = rng.integers(0, len(digits), m)
+        x[start:start + m] = digits.x[rows] + rng.normal(scale=0.1, size=(m, 1, 8, 8)).astype(np.float32)
+        y[start:start + m] = digits.y[rows]
+    x.flush()
+    del x
+    np.save(prefix.with_name(prefix.name + ".y.npy"), y)
+    os.replace(x_path.with_suffix(".tmp"), x_path)
+    return x_path
+
+
+class _RssSampler(threading.Thread):
+    """Peak of the summed RSS of this process and every Ray worker process (`ray::...`), sampled every 0.2 s."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            total = rss_bytes() or 0
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit() or int(entry) == os.getpid():
+                    continue
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                        if not fh.read(5).startswith(b"ray::"):
+                            continue
+                    total += (_proc_status_kib("VmRSS", entry) or 0) * 1024
+                except OSError:
+                    continue
+            self.peak = max(self.peak, total)
+            self.stop.wait(0.2)
+
+
+def worker_scale_run(spec: dict) -> dict:
+    """One whole run (`run_analysis`) on `spec["engine"]`, its wall and CPU time, this process's peak RSS, and the
+    peak of this process and the Ray workers together."""
+    import analyzers
+
+    shutil.rmtree(spec["out"], ignore_errors=True)
+    sampler = _RssSampler()
+    sampler.start()
+    with Clock() as run:
+        analyzers.run_analysis(spec["model"], spec["data"], spec["out"], engine=spec["engine"],
+                               batch_size=spec["batch_size"], analyses=spec["analyses"])
+    sampler.stop.set()
+    sampler.join()
+    info = json.loads((Path(spec["out"]) / "run.json").read_text())
+    if spec["engine"] == "ray":
+        import ray
+
+        ray.shutdown()
+    return {"run": run.pair(), "timings_s": info.get("timings_s", {}), "engine": info.get("engine", {}),
+            "rss_peak_bytes": peak_rss_bytes(), "rss_peak_with_ray_bytes": sampler.peak,
+            "n": int(info["num_samples"])}
+
+
 WORKERS = {"run": worker_run, "explain_all": worker_explain_all, "interactive": worker_interactive,
            "sandbox": worker_sandbox, "projections": worker_projections, "peer": worker_peer,
            "dashboard": worker_dashboard, "upload": worker_upload, "waits": worker_waits,
-           "evaluation": worker_evaluation, "health": worker_health}
+           "evaluation": worker_evaluation, "health": worker_health, "scale_run": worker_scale_run}
 
 
 def _explain_methods() -> tuple:
@@ -1963,6 +2046,63 @@ class Bench:
                  note=f"median of {p['repeats']} timed forwards (p95 {p['latency_p95_s'] * 1000:.2f} ms); p50 per "
                       "batch size: " + ", ".join(f"{b}: {v['p50_s'] * 1000:.2f} ms" for b, v in p["table"].items()))
 
+    def scale_section(self) -> None:
+        """Issue 15: the same rows through the in-process engine and a local Ray (twice each, alternating, so that a
+        change in the machine's load falls on both), then the dashboard on the Ray run (sharded samples)."""
+        if missing_modules("ray"):
+            self.skipped["scale"] = "Ray is not installed (make ray)"
+            return
+        n = SCALE_ROWS[1 if self.args.quick else 0]
+        self.log(f"scale: {n} generated digits-like samples, in-process and on a local Ray")
+        data = make_digits_rows(n, self.workdir / f"digits-{n}")
+        results = {"process": [], "ray": []}
+        for attempt in range(2):
+            for engine in ("process", "ray"):
+                spec = {"engine": engine, "model": "sample:digits", "data": str(data), "batch_size": SCALE_BATCH_SIZE,
+                        "analyses": ["evaluation"], "out": str(self.runs_dir / f"scale-{engine}-{n}")}
+                result = self.worker("scale_run", spec, label=f"scale-{engine}-{attempt}")
+                if result is None:
+                    return
+                results[engine].append(result)
+        self.details["scale"] = results
+        best = {engine: min(rs, key=lambda r: r["run"]["wall_s"]) for engine, rs in results.items()}
+        here, there = best["process"], best["ray"]
+        self.add("scale", "run on a local Ray (--engine ray), per sample", n, there["run"]["wall_s"],
+                 floor="in-process run", floor_seconds=here["run"]["wall_s"], target=SCALE_RUN_TARGET_RATIO,
+                 cpu_seconds=there["run"]["cpu_s"], floor_cpu_seconds=here["run"]["cpu_s"],
+                 note="the faster of two runs each, alternating (Ray: " + ", ".join(
+                     f"{r['run']['wall_s']:.1f}" for r in results["ray"]) + " s; in-process: " + ", ".join(
+                     f"{r['run']['wall_s']:.1f}" for r in results["process"]) + " s); evaluation stage included; "
+                     f"batch {SCALE_BATCH_SIZE}; Ray: {there['engine'].get('actors')} actor(s), "
+                     f"{there['engine'].get('blocks')} blocks, inference {there['timings_s'].get('inference', 0):.1f} s "
+                     f"(of which the pipeline {there['engine'].get('inference_s', 0):.1f} s after Ray started), "
+                     f"in-process inference {here['timings_s'].get('inference', 0):.1f} s; driver CPU only")
+        for engine, result in best.items():
+            self.add("scale", f"peak RSS of the {engine} run (with its Ray workers)", n, None,
+                     target=SCALE_RSS_TARGET_MB, target_kind="MB", value=round(result["rss_peak_with_ray_bytes"] / MB),
+                     unit="MB", note=f"the driver alone {result['rss_peak_bytes'] / MB:.0f} MB (VmHWM); the "
+                                     f"inputs are a memory-mapped .npy pair of {n * 256 / MB:.0f} MB")
+        run = self.runs_dir / f"scale-ray-{n}"
+        pages = [f"views/{name}.py" for name in ("overview", "confusion", "errors", "embeddings")]
+        spec = {"runs_dir": str(self.runs_dir), "run": str(run), "timeout": 600, "pages": pages,
+                "selections": {"views/confusion.py": ["cell:0-1"], "views/errors.py": ["rank:loss", "slice:0"]},
+                "widget_pages": []}
+        self.log(f"scale: the dashboard on the {n}-sample Ray run")
+        result = self.worker("dashboard", spec, label="scale-dashboard")
+        if result is None:
+            return
+        self.details["scale-dashboard"] = result
+        self.add("scale", "dashboard: first page on the Ray run", n, result["first_page_s"],
+                 target=SCALE_PAGE_TARGET_S, target_kind="seconds")
+        for page, entry in result["pages"].items():
+            self.add("scale", f"dashboard: open {page}", n, entry["first_s"], target=SCALE_PAGE_TARGET_S,
+                     target_kind="seconds", note=entry.get("error") or f"{entry['elements']} elements")
+        for what, entry in result["selections"].items():
+            self.add("scale", f"dashboard: click {what}", n, entry["seconds"], target=SCALE_CLICK_TARGET_S,
+                     target_kind="seconds", note=entry.get("error") or "")
+        self.add("scale", "dashboard: peak RSS", n, None, target=SCALE_DASHBOARD_RSS_MB, target_kind="MB",
+                 value=round(result["worker_maxrss_bytes"] / MB), unit="MB", note="the AppTest process's ru_maxrss")
+
     # -- output
     def write(self) -> Path:
         import torch
@@ -2003,7 +2143,8 @@ class Bench:
                  ("tabular", self.tabular_section), ("evaluation", self.evaluation_section),
                  ("startup", self.startup_section),
                  ("dashboard", self.dashboard_section), ("upload", self.upload_section),
-                 ("waits", self.waits_section), ("trust", self.trust_section), ("health", self.health_section)]
+                 ("waits", self.waits_section), ("trust", self.trust_section), ("health", self.health_section),
+                 ("scale", self.scale_section)]
         for name, step in steps:
             if self.wanted(name):
                 t0 = time.perf_counter()

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analyzers.errors import AnalyzerError
+from analyzers.errors import AnalyzerError, InvalidOption
 from analyzers.evaluation.label_noise import (NOISE_STRUCTURE, calibrated_joint, class_thresholds, confident_joint,
                                               estimate_issues, find_label_issues, label_issue_scores,
                                               noise_transitions, precision_recall_at_k, suspect_reasons)
@@ -276,3 +276,28 @@ def test_bad_input():
         suspect_reasons(pd.DataFrame({"label": [0], "suggested_label": [1]}))
     with pytest.raises(AnalyzerError, match="no flipped ids"):
         precision_recall_at_k([1, 2], [])
+
+
+def test_the_three_passes_over_memory_mapped_probabilities_give_the_same_suspects_at_any_chunk_size(tmp_path):
+    """A run's probs.npy is read in chunks (thresholds, joint, scores): the result is the whole array's."""
+    rng = np.random.default_rng(5)
+    n, k = 3000, 5
+    logits = rng.normal(size=(n, k)) * 2
+    probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+    labels = rng.integers(0, k, n)
+    np.save(tmp_path / "probs.npy", probs)
+    mapped = np.load(tmp_path / "probs.npy", mmap_mode="r")
+    whole = find_label_issues(labels, probs, chunk_rows=n)
+    # the pieces, computed on the whole array by the single-pass functions
+    np.testing.assert_allclose(whole.thresholds, class_thresholds(labels, probs))
+    np.testing.assert_array_equal(whole.joint, confident_joint(labels, probs))
+    calibrated = calibrated_joint(labels, probs)
+    assert whole.estimated_issues == int(round(calibrated.sum() - np.trace(calibrated)))
+    for chunk in (1, 7, 1000):
+        for include_all in (False, True):
+            chunked = find_label_issues(labels, mapped, chunk_rows=chunk, include_all=include_all)
+            expected = whole if not include_all else find_label_issues(labels, probs, include_all=True, chunk_rows=n)
+            pd.testing.assert_frame_equal(chunked.table, expected.table)
+            np.testing.assert_array_equal(chunked.joint, whole.joint)
+    with pytest.raises(InvalidOption, match="chunk_rows must be a whole number"):
+        find_label_issues(labels, probs, chunk_rows=0)

@@ -381,3 +381,32 @@ def test_a_broader_slice_failing_more_without_the_better_one_stays():
     assert all(e["description"] != 'site == "D"' for e in merged_slices(slices["merged"][0]))
     assert merged_slices(slices["merged"][1]) == []
     _assert_none_shown_twice(slices, samples)
+
+
+def test_a_tree_fitted_on_a_stratified_sample_finds_the_planted_slice_and_counts_it_over_every_row(monkeypatch):
+    """Above MAX_TREE_ROWS the tree is fitted on a sample; the slice's size and errors are still every row's."""
+    import analyzers.evaluation.slices as slices_module
+    from analyzers.evaluation.slices import stratified_rows
+
+    rng = np.random.default_rng(4)
+    n = 40_000
+    age, city = rng.uniform(0, 100, n), rng.choice(["paris", "oslo", "lima"], n)
+    inside = (age > 60) & (city == "oslo")
+    wrong = np.where(inside, rng.random(n) < 0.7, rng.random(n) < 0.05)
+    samples = _table(n, 2, wrong, age=age, city=city)
+    from sklearn.tree import DecisionTreeClassifier
+
+    monkeypatch.setattr(slices_module, "MAX_TREE_ROWS", 4_000)  # the tree sees a tenth of the rows
+    fitted, fit = [], DecisionTreeClassifier.fit
+    monkeypatch.setattr(DecisionTreeClassifier, "fit", lambda self, x, y, *a, **k: (fitted.append(len(x)),
+                                                                                   fit(self, x, y, *a, **k))[1])
+    top = feature_slices(samples, class_names=["a", "b", "c"]).iloc[0]
+    assert fitted and max(fitted) <= 4_002
+    members = slice_mask(samples, top["ids"])
+    # the planted conjunction, counted over all 40,000 rows
+    assert {c["column"] for c in json.loads(top["conditions"])} == {"age", "city"}
+    assert (members & inside).sum() / (members | inside).sum() > 0.9
+    assert top["size"] == members.sum() and top["errors"] == int((~samples["correct"])[members].sum())
+    rows = stratified_rows(~samples["correct"].to_numpy(), 4_000, seed=0)
+    assert len(rows) == pytest.approx(4_000, abs=2) and np.all(np.diff(rows) > 0)
+    assert (~samples["correct"].to_numpy())[rows].mean() == pytest.approx(wrong.mean(), abs=0.002)

@@ -9,8 +9,9 @@ loaders run before anything is distributed. Then Ray gets
 - the inputs: blocks in the object store, cut at multiples of `batch_size` from the start of the dataset, so that
   each batch an actor runs is the batch an in-process run makes (the same rows, hence the same floats).
 
-`map_batches` runs a stateful callable class (`ModelActor`, one model per actor) with an explicit `batch_size` and an
-actor pool (`ActorPoolStrategy(size=actors)`). Outputs come back to the driver in dataset order (`iter_batches`,
+`map_batches` runs a stateful callable class (`ModelActor`, one model per actor) in an actor pool
+(`ActorPoolStrategy(size=actors)`) with an explicit `batch_size` of one block, which the actor runs in batches of the
+run's batch size: Ray's cost per call (about a millisecond) is paid per block, not per batch. Outputs come back to the driver in dataset order (`iter_batches`,
 order preserved) and are written as they arrive: probabilities and embeddings into `.npy` files mapped in memory,
 the loss into memory, and the mergeable partial aggregates (`evaluation.aggregates`) of each batch summed in the
 same pass. The samples table is then written in parts (`samples/part-NNNNNN.parquet`, `runs.SAMPLES_DIR`).
@@ -30,8 +31,9 @@ from ..errors import AnalyzerError, first_line
 
 # rows per part of the samples table: parts of about this many rows keep a 10M-row run at ~150 files
 PART_ROWS = 1 << 16
-# bytes of inputs per block in the object store: large enough to amortise a task, small enough to stream
-BLOCK_BYTES = 32 << 20
+# bytes of inputs per block in the object store: large enough to amortise Ray's cost per call (about a millisecond),
+# small enough to stream (and to show progress) in many steps
+BLOCK_BYTES = 8 << 20
 
 
 def import_ray():
@@ -105,7 +107,8 @@ class ModelPayload:
 class ModelActor:
     """One model per actor, loaded once: called on a batch of {"x", "y", "row"}, returns its rows' outputs."""
 
-    def __init__(self, payload: ModelPayload, *, task: str, layer: str | None, threads: int, device: str = "cpu"):
+    def __init__(self, payload: ModelPayload, *, task: str, layer: str | None, threads: int, batch_size: int,
+                 device: str = "cpu"):
         import torch
 
         from .pipeline import _read_for_task
@@ -117,6 +120,7 @@ class ModelActor:
                                 f"{payload.sha256[:12]}: the file changed while the run started")
         self.model = _read_for_task(model, task)
         self.layer = layer
+        self.batch_size = batch_size
         self.device = device
         import ray
 
@@ -126,7 +130,8 @@ class ModelActor:
         from .inference import predict
 
         x, y, rows = batch["x"], batch["y"], batch["row"]
-        predictions = predict(self.model, x, y, batch_size=len(x), layer=self.layer, device=self.device)
+        # a block starts at a multiple of the batch size, so these batches are the in-process run's
+        predictions = predict(self.model, x, y, batch_size=self.batch_size, layer=self.layer, device=self.device)
         out = {"row": rows, "probs": predictions.probs, "loss": predictions.loss,
                "node": np.full(len(rows), self.node)}
         if predictions.embeddings is not None:
@@ -189,15 +194,16 @@ class RayInference:
         threads = max(1, (os.cpu_count() or 1) // actors) if not self.address else 1
         task = task_of(model)
         names = run_class_names(model, dataset)
-        blocks = _input_blocks(ray, dataset, batch_size=batch_size, min_blocks=4 * actors)
+        blocks, block_rows = _input_blocks(ray, dataset, batch_size=batch_size, min_blocks=4 * actors)
         payload = self._payload(ray, model)
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # outputs in dataset order: each is written where it lands
         context.enable_progress_bars = False
         outputs = ray.data.from_arrow_refs(blocks).map_batches(
             ModelActor, fn_constructor_kwargs=dict(payload=payload, task=dataset.task, layer=params["layer"],
-                                                   threads=threads, device=device),
-            batch_size=batch_size, num_cpus=1,
+                                                   threads=threads, batch_size=batch_size, device=device),
+            # one call per block (a whole number of batches): Ray's cost per call is paid per block, not per batch
+            batch_size=block_rows, num_cpus=1,
             # two blocks per actor at a time: one running, one arriving; the rest go to whichever actor is free
             compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
             batch_format="numpy")
@@ -263,7 +269,7 @@ class RayInference:
 
 def _input_blocks(ray, dataset, *, batch_size: int, min_blocks: int) -> list:
     """The dataset's inputs, labels and row numbers as Arrow blocks in the object store, each a whole number of
-    batches from the start of the dataset (so that no batch spans two blocks)."""
+    batches from the start of the dataset (so that no batch spans two blocks), and the rows per block."""
     import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
 
@@ -280,7 +286,7 @@ def _input_blocks(ray, dataset, *, batch_size: int, min_blocks: int) -> list:
                           "y": ArrowTensorArray.from_numpy(y) if y.ndim > 1 else pa.array(y),
                           "row": pa.array(np.arange(start, stop, dtype=np.int64))})
         refs.append(ray.put(table))
-    return refs
+    return refs, step
 
 
 def _write_sample_parts(directory: Path, dataset, predictions, task, names, *, part_name: str):

@@ -46,6 +46,7 @@ from .metrics import _check_names, check_predictions
 
 EPS = 1e-12
 TINY = np.finfo(np.float64).tiny
+CHUNK_ROWS = 1 << 16  # rows of the probabilities read at a time by find_label_issues
 NOISE_STRUCTURE = 0.25  # weight of the confident joint's pattern of flips against flips spread evenly (docstring)
 TABLE_COLUMNS = ("id", "label", "suggested_label", "score", "reason", "confident", "p_label", "p_suggested",
                  "typical_p_label")
@@ -75,24 +76,36 @@ def confident_joint(labels, probs, thresholds=None) -> np.ndarray:
 def calibrated_joint(labels, probs, joint=None) -> np.ndarray:
     """The confident joint as counts of (given, true) that sum to N, each row to its label's count (float, K x K)."""
     labels, probs = check_predictions(labels, probs)
-    k = probs.shape[1]
-    joint = confident_joint(labels, probs) if joint is None else np.asarray(joint, dtype=np.float64)
+    joint = confident_joint(labels, probs) if joint is None else joint
+    return _calibrated(joint, np.bincount(labels, minlength=probs.shape[1]))
+
+
+def _calibrated(joint, label_counts) -> np.ndarray:
+    """`calibrated_joint` from the confident joint and the count of each label."""
+    joint = np.asarray(joint, dtype=np.float64)
+    k = len(joint)
     rows = joint.sum(1, keepdims=True)
-    counts = np.bincount(labels, minlength=k)[:, None]
+    counts = np.asarray(label_counts, dtype=np.float64)[:, None]
     calibrated = np.divide(joint, rows, out=np.zeros((k, k)), where=rows > 0) * counts
     total = calibrated.sum()
-    return calibrated * (len(labels) / total) if total > 0 else calibrated
+    return calibrated * (counts.sum() / total) if total > 0 else calibrated
 
 
 def estimate_issues(labels, probs, joint=None) -> int:
     """Confident learning's estimate of how many labels are wrong: the calibrated joint's off-diagonal."""
-    calibrated = calibrated_joint(labels, probs, joint)
+    return _off_diagonal(calibrated_joint(labels, probs, joint))
+
+
+def _off_diagonal(calibrated) -> int:
     return int(round(calibrated.sum() - np.trace(calibrated)))
 
 
 def noise_transitions(labels, probs, joint=None) -> np.ndarray:
     """T[i, j] = P(label i | true class j), from the calibrated joint, its pattern weighted by NOISE_STRUCTURE."""
-    calibrated = calibrated_joint(labels, probs, joint)
+    return _transitions(calibrated_joint(labels, probs, joint))
+
+
+def _transitions(calibrated) -> np.ndarray:
     k = len(calibrated)
     columns = calibrated.sum(0, keepdims=True)
     measured = np.divide(calibrated, columns, out=np.eye(k), where=columns > 0)
@@ -171,37 +184,63 @@ class LabelNoise:
         return self.table.head(k)
 
 
-def find_label_issues(labels, probs, *, ids=None, class_names=None, include_all: bool = False) -> LabelNoise:
+def find_label_issues(labels, probs, *, ids=None, class_names=None, include_all: bool = False,
+                      chunk_rows: int = CHUNK_ROWS) -> LabelNoise:
     """The suspects: the `estimated_issues` highest-scoring samples (module docstring), or every sample, ranked,
     with `include_all`. `class_names` words the reasons (default: class indices).
 
     `confident` marks samples in the confident joint's off-diagonal (another class at or above its threshold).
+    `probs` is read in three passes of `chunk_rows` rows (it may be a run's memory-mapped probs.npy): the class
+    thresholds, then the confident joint under them, then each sample's score, keeping only the suspects; so no
+    N x K temporary is made, and the result does not depend on `chunk_rows`.
     """
     if not isinstance(include_all, (bool, np.bool_)):
         raise InvalidOption(f"include_all must be True or False, got {include_all!r}")
-    labels, probs = check_predictions(labels, probs)
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
+        raise InvalidOption(f"chunk_rows must be a whole number of at least 1, got {chunk_rows!r}")
+    labels = np.asarray(labels)
+    if np.ndim(probs) != 2 or len(probs) != len(labels):
+        check_predictions(labels, probs)  # says which of the two is malformed
     n, k = probs.shape
     names = None if class_names is None else _check_names(class_names, k)
     ids = np.arange(n) if ids is None else np.asarray(ids)
     if ids.shape != (n,):
         raise AnalyzerError(f"ids must have one entry per sample ({n}), got shape {ids.shape}: pass one id per row")
-    thresholds = class_thresholds(labels, probs)
-    joint = confident_joint(labels, probs, thresholds)
-    transitions = noise_transitions(labels, probs, joint)
-    estimated = estimate_issues(labels, probs, joint)
-    odds, suggested = _log_odds(labels, probs, thresholds, transitions)
+    chunks = [(a, min(a + chunk_rows, n)) for a in range(0, max(n, 1), chunk_rows)]
+
+    def rows(a, b):
+        return check_predictions(labels[a:b], probs[a:b])
+
+    count, total = np.zeros(k), np.zeros(k)
+    for a, b in chunks:  # pass 1: the class thresholds
+        y, p = rows(a, b)
+        count += np.bincount(y, minlength=k)
+        total += np.bincount(y, weights=p[np.arange(len(y)), y], minlength=k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        thresholds = np.where(count > 0, np.maximum(total / np.where(count > 0, count, 1), EPS), 1.0)
+    joint = np.zeros((k, k), dtype=np.int64)
+    for a, b in chunks:  # pass 2: the confident joint under those thresholds
+        joint += confident_joint(*rows(a, b), thresholds)
+    calibrated = _calibrated(joint, count)
+    transitions, estimated = _transitions(calibrated), _off_diagonal(calibrated)
+    keep = n if include_all else estimated
     from scipy.special import expit
 
-    above = probs >= thresholds
-    likely = np.where(above, probs, -1.0).argmax(1)
-    rows = np.arange(n)
-    table = pd.DataFrame({"id": ids, "label": labels, "suggested_label": suggested.astype(np.int64),
-                          "score": expit(odds), "confident": above.any(1) & (likely != labels),
-                          "p_label": probs[rows, labels], "p_suggested": probs[rows, suggested],
-                          "typical_p_label": thresholds[labels], "_odds": odds})
-    table = table.sort_values(["_odds", "id"], ascending=[False, True], kind="stable")
-    if not include_all:
-        table = table.head(estimated)
+    parts = []
+    for a, b in chunks:  # pass 3: every sample's odds, keeping the `keep` best of each chunk
+        y, p = rows(a, b)
+        odds, suggested = _log_odds(y, p, thresholds, transitions)
+        order = np.lexsort((ids[a:b], -odds))[:keep]  # by odds, then id: the order of the whole table
+        above = p[order] >= thresholds
+        likely = np.where(above, p[order], -1.0).argmax(1)
+        at = np.arange(len(order))
+        parts.append(pd.DataFrame({
+            "id": ids[a:b][order], "label": y[order], "suggested_label": suggested[order].astype(np.int64),
+            "score": expit(odds[order]), "confident": above.any(1) & (likely != y[order]),
+            "p_label": p[order][at, y[order]], "p_suggested": p[order][at, suggested[order]],
+            "typical_p_label": thresholds[y[order]], "_odds": odds[order]}))
+    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*TABLE_COLUMNS, "_odds"])
+    table = table.sort_values(["_odds", "id"], ascending=[False, True], kind="stable").head(keep)
     table = table.drop(columns="_odds").reset_index(drop=True)
     table.insert(4, "reason", suspect_reasons(table, class_names=names))
     return LabelNoise(table=table, thresholds=thresholds, joint=joint, transitions=transitions,

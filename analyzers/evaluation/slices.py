@@ -46,6 +46,9 @@ SPLIT_P_VALUE = 0.01
 MIN_CONTAINMENT = 0.8
 MAX_OVERLAP = 0.9  # default near-copy threshold: a slice whose members have this Jaccard with a better one is merged
 MAX_FIT_ROWS = 10_000  # PCA and k-means are fitted on at most this many samples, then applied to all
+# The tree is fitted on at most this many samples, drawn with the overall error rate kept (stratified), and every
+# node's size and errors are then counted over all rows: a 10M-row run fits in the memory and time of a 1M-row one
+MAX_TREE_ROWS = 1_000_000
 N_COMPONENTS = 20  # embeddings are projected on this many principal components before k-means
 SLICE_COLUMNS = ("source", "description", "size", "errors", "error_rate", "lift", "score", "ids", "conditions",
                  "merged")
@@ -254,9 +257,12 @@ def _feature_candidates(table: pd.DataFrame, *, class_names, columns, min_size, 
     x, specs = _encode(table, _rule_features(columns), names)
     if x.shape[1] == 0 or errors.all() or not errors.any() or n < 2 * min_size:
         return []
-    tree = DecisionTreeClassifier(max_depth=max_depth, min_samples_leaf=min_size, random_state=seed)
-    tree.fit(x, errors)
-    paths = tree.decision_path(x).tocsc()
+    fit_rows = stratified_rows(errors, MAX_TREE_ROWS, seed=seed)
+    # a leaf of the sample holds min_size samples of all rows in proportion
+    leaf = max(1, int(np.ceil(min_size * len(fit_rows) / n)))
+    tree = DecisionTreeClassifier(max_depth=max_depth, min_samples_leaf=leaf, random_state=seed)
+    tree.fit(x[fit_rows], errors[fit_rows])
+    paths = tree.decision_path(x).tocsc()  # every row: the slices' sizes and errors are counts over all of them
     size = np.diff(paths.indptr)
     err = np.asarray(paths.T @ errors.astype(np.float64)).ravel()
     t = tree.tree_
@@ -292,6 +298,20 @@ def _feature_candidates(table: pd.DataFrame, *, class_names, columns, min_size, 
         rows.append({"source": "features", "description": description, "conditions": json.dumps(conditions),
                      "members": members, "size": int(size[j]), "errors": int(err[j])})
     return rows
+
+
+def stratified_rows(labels: np.ndarray, limit: int, *, seed: int = 0) -> np.ndarray:
+    """Row numbers of at most `limit` rows, each value of `labels` (errors: True/False) kept at its share, in row
+    order; all rows when there are no more than `limit`."""
+    n = len(labels)
+    if n <= limit:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for value in np.unique(labels):
+        rows = np.flatnonzero(labels == value)
+        chosen.append(rng.choice(rows, size=max(1, int(round(len(rows) * limit / n))), replace=False))
+    return np.sort(np.concatenate(chosen))
 
 
 def _worse_than(errors: float, size: float, other_errors: float, other_size: float, *, tests: int) -> bool:
