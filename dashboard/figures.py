@@ -23,6 +23,7 @@ CELLS = [[0.0, "#ffffff"], [1e-9, "#deebf7"], [0.25, "#9ecae1"], [0.5, "#4292c6"
 DIVERGING = "RdBu_r"
 RIGHT, WRONG = "#0072B2", "#D55E00"
 MAX_SCATTER_POINTS = 30_000
+MAX_CURVE_POINTS = 2_000  # points of a PR or ROC line drawn; its first and last are always among them
 FONT = dict(size=13)
 
 
@@ -178,7 +179,9 @@ def threshold_curves_figure(curve, *, chosen: float, marks: dict) -> go.Figure:
     fig = make_subplots(rows=1, cols=2, subplot_titles=(
         f"Precision and recall (AP {curve.average_precision:.3f})" if curve.average_precision is not None
         else "Precision and recall", f"ROC (AUC {curve.roc_auc:.3f})" if curve.roc_auc is not None else "ROC"))
-    finite = np.isfinite(curve.thresholds)
+    finite = np.flatnonzero(np.isfinite(curve.thresholds))
+    if len(finite) > MAX_CURVE_POINTS:  # a million distinct scores draw the same line through 2,000 of them
+        finite = finite[np.unique(np.linspace(0, len(finite) - 1, MAX_CURVE_POINTS).round().astype(int))]
     text = [f"threshold {t:.3f}" for t in curve.thresholds[finite]]
     fig.add_trace(go.Scatter(x=curve.recall[finite], y=curve.precision[finite], mode="lines", name="precision",
                              line=dict(color=OKABE_ITO[0]), text=text, showlegend=False,

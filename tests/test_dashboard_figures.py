@@ -146,3 +146,21 @@ def test_layer_colours_are_distinct_and_log_axes_show_decades():
     fig = figures.grad_norm_figure(table)
     assert len({t.line.color for t in fig.data}) == 13
     assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.dtick == 1
+
+
+def test_a_threshold_curve_of_many_scores_is_drawn_through_a_bounded_number_of_its_own_points():
+    from analyzers.evaluation.thresholds import threshold_curve
+
+    rng = np.random.default_rng(0)
+    n = 50_000
+    logits = rng.normal(size=(n, 2))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    curve = threshold_curve(rng.integers(0, 2, n), probs, positive=1)
+    fig = figures.threshold_curves_figure(curve, chosen=0.5, marks={})
+    pr, roc = fig.data[0], fig.data[1]
+    assert len(curve.thresholds) > 10 * figures.MAX_CURVE_POINTS and len(pr.x) <= figures.MAX_CURVE_POINTS
+    finite = np.isfinite(curve.thresholds)
+    recall, precision, fpr = curve.recall[finite], curve.precision[finite], curve.fpr[finite]
+    assert (pr.x[0], pr.x[-1]) == (recall[0], recall[-1]) and (roc.x[0], roc.x[-1]) == (fpr[0], fpr[-1])
+    drawn = {(x, y) for x, y in zip(recall, precision)}
+    assert all((x, y) in drawn for x, y in zip(pr.x, pr.y))  # points of the curve, none made up

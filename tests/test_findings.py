@@ -131,3 +131,13 @@ def test_planted_flips_are_a_label_noise_finding_and_a_clean_run_is_not():
         clean = _samples(true, probs)
         quiet = find_label_issues(true, probs, ids=clean["id"].to_numpy()).table
         assert (quiet["score"] >= STRONG_SUSPECT).sum() <= 2  # measured: 0, 1, 1
+
+
+def test_the_noise_floor_is_the_mean_ece_of_labels_drawn_from_the_probabilities():
+    """Reference: labels drawn from each row's distribution, scored by expected_calibration_error, 1000 draws."""
+    labels, probs = _calibrated(n=2000, seed=7)
+    rng = np.random.default_rng(11)
+    cumulative = np.cumsum(probs, axis=1)
+    drawn = [(rng.random((len(probs), 1)) > cumulative).sum(axis=1).clip(0, probs.shape[1] - 1) for _ in range(1000)]
+    reference = np.mean([expected_calibration_error(d, probs) for d in drawn])
+    assert calibration_noise_floor(probs, draws=1000) == pytest.approx(reference, rel=0.04)
