@@ -151,7 +151,10 @@ def predict(model, x, y=None, *, batch_size: int = 256, layer: str | None = None
     task = task_of(model)  # what the outputs mean: what is stored and which loss
     n = len(x)
     labels = None if y is None else torch.as_tensor(np.asarray(y, dtype=task.label_dtype))
-    probs_out, loss_out, emb_out = [], [], []
+    # filled batch by batch, allocated at the first batch (when the widths are known): no list of batches and no
+    # concatenated copy beside it, which doubled a million-row run's embeddings
+    probs_out = loss_out = emb_out = None
+    batches = embedded = 0
     bar = None
     if progress:
         from tqdm import tqdm
@@ -167,13 +170,23 @@ def predict(model, x, y=None, *, batch_size: int = 256, layer: str | None = None
                 if not torch.isfinite(out).all():
                     raise AnalyzerError(f"the model returned NaN or inf on samples {start}..{start + len(batch) - 1}: "
                                         f"check the inputs and weights")
-                probs_out.append(task.outputs_from_raw(out.float(), output_kind).cpu().numpy())
+                stop = start + len(batch)
+                outputs = task.outputs_from_raw(out.float(), output_kind).cpu().numpy()
+                if probs_out is None:
+                    probs_out = np.empty((n, outputs.shape[1]), dtype=np.float32)
+                    loss_out = None if labels is None else np.empty(n, dtype=np.float32)
+                probs_out[start:stop] = outputs
                 if labels is not None:
-                    loss_out.append(task.loss_from_raw(out.float(), labels[start:start + len(batch)].to(device),
-                                                       output_kind).cpu().numpy())
+                    loss_out[start:stop] = task.loss_from_raw(out.float(), labels[start:stop].to(device),
+                                                              output_kind).cpu().numpy()
+                batches += 1
                 if captured:
-                    emb_out.append(captured.pop().flatten(1).float().cpu().numpy())
+                    activations = captured.pop().flatten(1).float().cpu().numpy()
                     captured.clear()
+                    if emb_out is None:
+                        emb_out = np.empty((n, activations.shape[1]), dtype=np.float32)
+                    emb_out[start:stop] = activations
+                    embedded += 1
                 if bar is not None:
                     bar.update(len(batch))
                 if on_batch is not None:
@@ -181,12 +194,10 @@ def predict(model, x, y=None, *, batch_size: int = 256, layer: str | None = None
     finally:
         if bar is not None:
             bar.close()
-    if layer is not None and len(emb_out) != len(probs_out):
+    if layer is not None and embedded != batches:
         raise AnalyzerError(f"layer {layer!r} did not run during the forward pass: choose a layer the model calls")
     empty_k = getattr(model, "num_classes", 0)
     return Predictions(
-        probs=np.concatenate(probs_out).astype(np.float32) if probs_out else np.zeros((0, empty_k), np.float32),
-        loss=np.concatenate(loss_out).astype(np.float32) if loss_out else None,
-        embeddings=np.concatenate(emb_out) if emb_out else None,
-        embedding_layer=layer,
+        probs=probs_out if probs_out is not None else np.zeros((0, empty_k), np.float32),
+        loss=loss_out, embeddings=emb_out if batches else None, embedding_layer=layer,
     )

@@ -371,7 +371,7 @@ def write_predictions(model, dataset, stage_dir: Path, *, params: dict, device: 
     if predictions.embeddings is not None:
         target = stage_dir / "embeddings" / f"{params['layer']}.npy"
         target.parent.mkdir(parents=True, exist_ok=True)
-        np.save(target, predictions.embeddings.astype(np.float32))
+        np.save(target, np.asarray(predictions.embeddings, dtype=np.float32))  # float32 already: no copy
     return predictions, samples, {"name": "in-process"}
 
 

@@ -49,6 +49,7 @@ MAX_FIT_ROWS = 10_000  # PCA and k-means are fitted on at most this many samples
 # The tree is fitted on at most this many samples, drawn with the overall error rate kept (stratified), and every
 # node's size and errors are then counted over all rows: a 10M-row run fits in the memory and time of a 1M-row one
 MAX_TREE_ROWS = 1_000_000
+ASSIGN_CHUNK_ROWS = 1 << 16  # rows projected and assigned to a cluster at a time
 N_COMPONENTS = 20  # embeddings are projected on this many principal components before k-means
 SLICE_COLUMNS = ("source", "description", "size", "errors", "error_rate", "lift", "score", "ids", "conditions",
                  "merged")
@@ -496,18 +497,25 @@ def _embedding_candidates(table: pd.DataFrame, embeddings, order: np.ndarray, *,
     if n < n_clusters:
         return []
     names = _class_names(table, class_names) if table["label"].dtype.kind in "iu" else []
-    emb = emb[order].astype(np.float64)
     k = min(n_components, emb.shape[1], n)
-    # Fit on a fixed random subset (drawn after sorting by id) and assign every sample: linear in N. One BLAS
-    # thread: on a shared machine, threads spinning for cores cost PCA and k-means ten times more than they save.
+
+    def rows_of(positions):  # the embeddings of these positions of the id-sorted table, as float64
+        return np.asarray(emb[order[positions]], dtype=np.float64)
+
+    # Fit on a fixed random subset (drawn after sorting by id) and assign every sample in chunks: linear in N, and
+    # no N x D float64 copy (a million 64-wide embeddings would take 512 MB). One BLAS thread: on a shared machine,
+    # threads spinning for cores cost PCA and k-means ten times more than they save.
     fit_rows = np.sort(np.random.default_rng(seed).permutation(n)[:MAX_FIT_ROWS])
+    chunks = [np.arange(a, min(a + ASSIGN_CHUNK_ROWS, n)) for a in range(0, n, ASSIGN_CHUNK_ROWS)]
     with threadpool_limits(1):
         if k < emb.shape[1]:
-            reduced = PCA(n_components=k, random_state=seed).fit(emb[fit_rows]).transform(emb)
+            pca = PCA(n_components=k, random_state=seed).fit(rows_of(fit_rows))
+            reduce = pca.transform
         else:
-            reduced = emb - emb.mean(0)
-        kmeans = KMeans(n_clusters=n_clusters, n_init=1, random_state=seed).fit(reduced[fit_rows])
-        assign = kmeans.predict(reduced)
+            mean = sum(rows_of(c).sum(0) for c in chunks) / n
+            reduce = (lambda block: block - mean)
+        kmeans = KMeans(n_clusters=n_clusters, n_init=1, random_state=seed).fit(reduce(rows_of(fit_rows)))
+        assign = np.concatenate([kmeans.predict(reduce(rows_of(c))) for c in chunks])
     errors = ~table["correct"].to_numpy(dtype=bool)
     overall = errors.mean()
     size = np.bincount(assign, minlength=n_clusters)
