@@ -191,7 +191,11 @@ class RayInference:
         cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         # fewer actors than cores: the driver decodes and writes while the actors run the model
         actors = self.actors or max(1, min(cluster_cpus - 1, math.ceil(n / batch_size)))
-        threads = max(1, (os.cpu_count() or 1) // actors) if not self.address else 1
+        import torch
+
+        # on a local Ray the actors together take the threads this process would take for an in-process run
+        # (a test process sharing the cores with another takes one); on a cluster, one per actor's CPU
+        threads = max(1, torch.get_num_threads() // actors) if not self.address else 1
         task = task_of(model)
         names = run_class_names(model, dataset)
         blocks, block_rows = _input_blocks(ray, dataset, batch_size=batch_size, min_blocks=4 * actors)
