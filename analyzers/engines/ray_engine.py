@@ -143,8 +143,7 @@ class ModelActor:
 class RayInference:
     """`write_outputs` of `pipeline.write_run_files_with` for a run on Ray (see the module's docstring)."""
 
-    payload: ModelPayload | None
-    payload_source: dict
+    model_source: dict  # what `_payload` makes the actors' ModelPayload from: the spec, a given module, the options
     address: str | None = None
     actors: int | None = None
 
@@ -159,11 +158,11 @@ class RayInference:
         options = dict(arch=arch, input_shape=tuple(input_shape) if input_shape else None,
                        class_names=tuple(class_names) if class_names else None, allow_import=allow_import,
                        isolation=isolation, arch_kwargs=arch_kwargs, inputs=inputs)
-        return cls(payload=None, payload_source={"spec": model_spec, "given": given, "options": options},
+        return cls(model_source={"spec": model_spec, "given": given, "options": options},
                    address=address, actors=actors)
 
     def _payload(self, ray, model) -> ModelPayload:
-        source = self.payload_source
+        source = self.model_source
         if source["given"] is not None:
             return ModelPayload(spec=str(model.spec), sha256=model.sha256, module=source["given"])
         spec = source["spec"]
@@ -211,7 +210,8 @@ class RayInference:
             # two blocks per actor at a time: one running, one arriving; the rest go to whichever actor is free
             compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
             batch_format="numpy")
-        grouping = group_columns(dataset.metadata)
+        # each column's values once: a block takes its rows of them
+        groups = {column: dataset.metadata[column].to_numpy() for column in group_columns(dataset.metadata)}
         probs = emb = None
         loss = np.zeros(n, dtype=np.float32)
         total = None
@@ -237,7 +237,7 @@ class RayInference:
                                                         shape=(n, batch["embedding"].shape[1]))
                     emb[start:stop] = batch["embedding"]
                 part = PartialAggregates.of(task, dataset.y[start:stop], batch["probs"], batch["loss"],
-                                            groups={c: dataset.metadata[c].to_numpy()[start:stop] for c in grouping})
+                                            groups={c: values[start:stop] for c, values in groups.items()})
                 total = part if total is None else total.merge(part)
                 nodes.update(str(v) for v in np.unique(batch["node"]))
                 done = stop
