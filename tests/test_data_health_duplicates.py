@@ -134,38 +134,67 @@ def test_no_copies_no_pairs_and_a_given_threshold_is_used():
     assert 2000 <= wide.counts["near"] <= 4000  # every row with its 2 nearest, each pair once
 
 
-def test_the_approximate_search_path_gives_the_same_pairs_through_its_graph(planted, monkeypatch):
-    """The NN-descent branch's handling (its graph cut to k, the row itself dropped wherever it is, missing
-    neighbours marked -1) with a stand-in that returns the exact graph in NN-descent's layout; the real library is
-    compared in the benchmark test below (its numba compile takes about a minute per process)."""
-    import pynndescent
-    from sklearn.neighbors import NearestNeighbors
-
-    class ExactGraph:
-        def __init__(self, data, *, metric, n_neighbors, random_state):
-            assert metric == "euclidean" and random_state == 0 and n_neighbors >= 6
-            distances, rows = NearestNeighbors(n_neighbors=n_neighbors).fit(data).kneighbors(data)
-            rows[::97, -1], distances[::97, -1] = -1, np.inf  # neighbours it did not find
-            self.neighbor_graph = (rows.astype(np.int32), distances.astype(np.float32))
-
-    monkeypatch.setattr(pynndescent, "NNDescent", ExactGraph)
+def test_the_hnsw_search_finds_the_same_planted_pairs_as_exact_search(planted):
     x, ids, split, labels, truth, exact = planted
     approximate = find_duplicates(x, ids=ids, split=split, labels=labels, exact_search_limit=100)
-    assert approximate.search == "nndescent"
-    assert approximate.table()[["id_a", "id_b", "kind"]].equals(exact.table()[["id_a", "id_b", "kind"]])
-
-
-@pytest.mark.benchmark
-def test_pynndescent_finds_the_same_planted_pairs_as_exact_search(planted):
-    """Slow (pynndescent compiles its NN-descent with numba in every process: about a minute); `make bench`."""
-    x, ids, split, labels, truth, exact = planted
-    approximate = find_duplicates(x, ids=ids, split=split, labels=labels, exact_search_limit=100)
-    assert approximate.search == "nndescent"
+    assert approximate.search == "hnsw" and exact.search == "exact"
     for kind in KINDS:
         assert _found(approximate, kind) & truth[kind] == _found(exact, kind) & truth[kind], kind
     assert _found(approximate, "exact") == truth["exact"]
     # measured: the whole table, nothing but the planted pairs, as by exact search
     assert approximate.table()[["id_a", "id_b", "kind"]].equals(exact.table()[["id_a", "id_b", "kind"]])
+
+
+def _distance_recall(rows, points, k: int) -> float:
+    """Share of the neighbours found that lie no farther than the true k-th nearest (ties count as found)."""
+    from scipy.spatial.distance import cdist
+
+    full = cdist(points, points)
+    np.fill_diagonal(full, np.inf)
+    kth = np.sort(full, axis=1)[:, k - 1]
+    return float(np.mean(np.take_along_axis(full, np.maximum(rows, 0), 1) <= kth[:, None] * (1 + 1e-9)))
+
+
+@pytest.mark.parametrize("case", ["clusters", "copies"])
+def test_nearest_neighbours_against_a_brute_force_distance_matrix(case):
+    """Both searches against scipy's full distance matrix: the exact one row for row, the HNSW graph with a recall
+    of at least 0.98 of the 5 nearest; the distances are the float64 ones of the points found. "copies" holds 500
+    identical rows, on which a plain HNSW graph found 6% of the other rows' neighbours."""
+    from analyzers.data_health.duplicates import nearest_neighbours
+
+    rng = np.random.default_rng(5)
+    if case == "clusters":
+        points = rng.normal(size=(2000, 16)) + 6 * rng.integers(0, 4, size=(2000, 1))
+    else:
+        points = np.concatenate([rng.normal(size=(1500, 16)), np.zeros((500, 16))])
+    full = cdist(points, points)
+    np.fill_diagonal(full, np.inf)
+    rows, distances, search = nearest_neighbours(points, 5)
+    assert search == "exact" and rows.shape == (2000, 5)
+    np.testing.assert_allclose(distances, np.sort(full, axis=1)[:, :5], rtol=1e-12, atol=1e-12)
+    assert _distance_recall(rows, points, 5) == 1.0
+    rows, distances, search = nearest_neighbours(points, 5, exact_search_limit=100)
+    assert search == "hnsw" and rows.shape == (2000, 5)
+    recall = _distance_recall(rows, points, 5)
+    assert recall >= 0.98, recall
+    np.testing.assert_allclose(distances, np.take_along_axis(full, rows, 1), rtol=1e-12)
+    assert (np.diff(distances, axis=1) >= 0).all()  # nearest first
+    assert not (rows == np.arange(2000)[:, None]).any()  # never the row itself
+    if case == "copies":  # each zero row's neighbours are other zero rows at distance 0
+        assert (rows[1500:] >= 1500).all() and (distances[1500:] == 0).all()
+    again, _, _ = nearest_neighbours(points, 5, exact_search_limit=100)
+    assert (again == rows).all()  # the same graph on every call
+
+
+def test_given_neighbours_are_reused_and_checked(planted):
+    from analyzers.data_health.duplicates import nearest_neighbours
+
+    x, ids, split, labels, truth, exact = planted
+    table = nearest_neighbours(np.asarray(x, dtype=np.float64).reshape(len(x), -1), 10)
+    reused = find_duplicates(x, ids=ids, split=split, labels=labels, neighbours=table)
+    assert reused.table()[["id_a", "id_b", "kind"]].equals(exact.table()[["id_a", "id_b", "kind"]])
+    with pytest.raises(AnalyzerError, match="do not fit"):
+        find_duplicates(x, ids=ids, neighbours=(table[0][:10], table[1][:10], "exact"))
 
 
 def test_large_groups_are_stars_and_hashes_are_canonical():

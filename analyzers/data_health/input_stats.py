@@ -121,7 +121,17 @@ class _ChannelSums:
     def add(self, chunk: np.ndarray, sign: int = 1) -> None:
         if not len(chunk):
             return
-        values = np.moveaxis(chunk, 1, 0).reshape(chunk.shape[1], -1).astype(np.float64)
+        values = np.moveaxis(chunk, 1, 0).reshape(chunk.shape[1], -1)
+        if np.isfinite(values).all():  # the usual chunk: no masks, and float64 only where the sums need it
+            self.count += sign * values.shape[1]
+            self.total += sign * values.sum(1, dtype=np.float64)
+            wide = values.astype(np.float64)
+            self.squares += sign * np.einsum("ij,ij->i", wide, wide)
+            if sign > 0:
+                self.low = np.minimum(self.low, values.min(1))
+                self.high = np.maximum(self.high, values.max(1))
+            return
+        values = values.astype(np.float64)
         finite = np.isfinite(values)
         values = np.where(finite, values, 0.0)
         self.count += sign * finite.sum(1)
@@ -221,18 +231,34 @@ def input_stats(x, *, labels=None, class_names=None, reference=None, expected_me
             others.add(chunk[~inside])
         elif expected_mean is not None:
             others.add(chunk)
-        rows = chunk.reshape(len(chunk), -1).astype(np.float64)
+        span = slice(start, start + len(chunk))
+        flat = chunk.reshape(len(chunk), -1)
+        if np.isfinite(flat).all():  # the usual chunk: each statistic in one pass, float64 where it sums
+            finite[span] = True
+            lows[span], highs[span] = flat.min(1), flat.max(1)
+            wide = flat.astype(np.float64)
+            centred = wide - wide.mean(1, keepdims=True)  # two passes, as numpy's std: no cancellation
+            stds[span] = np.sqrt(np.einsum("ij,ij->i", centred, centred) / flat.shape[1])
+            del wide, centred
+            if spatial:
+                steps = np.abs(np.diff(chunk, axis=-1)).reshape(len(chunk), -1)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    rough[span] = steps.mean(1, dtype=np.float64) / (MEAN_ABS_DIFF * stds[span])
+            integral += int(np.count_nonzero(flat == np.round(flat)))
+            total_values += int(flat.size)
+            continue
+        rows = flat.astype(np.float64)
         ok = np.isfinite(rows)
-        finite[start:start + len(chunk)] = ok.all(1)
+        finite[span] = ok.all(1)
         clean = np.where(ok, rows, np.nan)
-        lows[start:start + len(chunk)] = np.nanmin(np.where(ok.any(1, keepdims=True), clean, 0.0), axis=1)
-        highs[start:start + len(chunk)] = np.nanmax(np.where(ok.any(1, keepdims=True), clean, 0.0), axis=1)
-        stds[start:start + len(chunk)] = np.nanstd(np.where(ok.any(1, keepdims=True), clean, 0.0), axis=1)
+        lows[span] = np.nanmin(np.where(ok.any(1, keepdims=True), clean, 0.0), axis=1)
+        highs[span] = np.nanmax(np.where(ok.any(1, keepdims=True), clean, 0.0), axis=1)
+        stds[span] = np.nanstd(np.where(ok.any(1, keepdims=True), clean, 0.0), axis=1)
         if spatial:
             steps = np.abs(np.diff(np.where(np.isfinite(chunk), chunk, 0.0).astype(np.float64), axis=-1))
             mean_step = steps.reshape(len(chunk), -1).mean(1)
             with np.errstate(divide="ignore", invalid="ignore"):
-                rough[start:start + len(chunk)] = mean_step / (MEAN_ABS_DIFF * stds[start:start + len(chunk)])
+                rough[span] = mean_step / (MEAN_ABS_DIFF * stds[span])
         integral += int((ok & (rows == np.round(rows))).sum())
         total_values += int(ok.sum())
     channels = sums.table()

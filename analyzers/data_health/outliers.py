@@ -7,8 +7,8 @@ embeddings, or the flattened inputs) by how isolated it is; a higher score is mo
   reference, a test row scores how far it lies from anything the model was trained on, so a test-only cluster (a
   new background) scores high even when it is dense in itself. The mean of k distances rather than the k-th alone
   (the "kth" and "mean" variants of kNN outlier detection, Ramaswamy et al. 2000 and Angiulli and Pizzuti 2002)
-  is steadier at small k; k = 10 by default. The search is `duplicates.nearest_neighbours` (exact scikit-learn up
-  to `exact_search_limit` rows, NN-descent above) without a reference, and scikit-learn's `NearestNeighbors`
+  is steadier at small k; k = 10 by default. The search is `duplicates.nearest_neighbours` (exact up to
+  `exact_search_limit` rows, an HNSW graph above) without a reference, and scikit-learn's `NearestNeighbors`
   fitted on the reference rows with one.
 - "isolation_forest": scikit-learn's `IsolationForest(random_state=seed)` fitted on the reference rows; the score
   is minus its `score_samples` (the forest's anomaly score s in (0, 1], higher more anomalous).
@@ -58,7 +58,7 @@ class Outliers:
     k: int | None  # neighbours per row (knn), None for the forest
     contamination: float
     reference_rows: int  # rows the scores are measured against
-    search: str  # "exact", "nndescent" or "isolation_forest"
+    search: str  # "exact", "hnsw" or "isolation_forest"
     regions: object = None  # pandas DataFrame of REGION_COLUMNS, sorted by density score (sparsest first)
     ids: np.ndarray | None = None
 
@@ -104,12 +104,13 @@ def _mask(value, n: int, name: str) -> np.ndarray | None:
     return mask
 
 
-def _knn_scores(z: np.ndarray, reference: np.ndarray | None, k: int, seed: int, exact_search_limit: int):
+def _knn_scores(z: np.ndarray, reference: np.ndarray | None, k: int, seed: int, exact_search_limit: int,
+                neighbours=None):
     """(mean distance to the k nearest reference rows, k used, search)."""
-    from .duplicates import nearest_neighbours
+    from .duplicates import neighbours_of
 
     if reference is None:
-        _, distances, search = nearest_neighbours(z, k, seed=seed, exact_search_limit=exact_search_limit)
+        _, distances, search = neighbours_of(z, k, neighbours, seed=seed, exact_search_limit=exact_search_limit)
         return distances.mean(axis=1), distances.shape[1], search
     from sklearn.neighbors import NearestNeighbors
 
@@ -169,10 +170,12 @@ def _regions(z, scores, errors, reference, n_regions, seed, alpha):
 
 def find_outliers(points, *, errors=None, reference=None, ids=None, method: str = "knn", k: int = 10,
                   contamination: float = 0.01, n_regions: int | None = None, seed: int = 0,
-                  alpha: float = ALPHA, exact_search_limit: int = 20000) -> Outliers:
+                  alpha: float = ALPHA, exact_search_limit: int = 20000, neighbours=None) -> Outliers:
     """Outlier scores of `points` (N rows, any trailing shape) and, given `errors` (N booleans, True where the
     model is wrong), the low-density regions where it fails; see the module's docstring. `reference` (N booleans)
-    names the rows the scores are measured against, for example the training split."""
+    names the rows the scores are measured against, for example the training split. `neighbours`, a result of
+    `duplicates.nearest_neighbours` for the same points with at least `k` neighbours, is reused by the kNN score
+    without a reference instead of searching again."""
     if method not in METHODS:
         raise InvalidOption(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if not 0 < float(contamination) < 0.5:
@@ -188,7 +191,7 @@ def find_outliers(points, *, errors=None, reference=None, ids=None, method: str 
         reference = None
     ref_count = n if reference is None else int(reference.sum())
     if method == "knn":
-        scores, used_k, search = _knn_scores(z, reference, k, seed, exact_search_limit)
+        scores, used_k, search = _knn_scores(z, reference, k, seed, exact_search_limit, neighbours)
     else:
         from sklearn.ensemble import IsolationForest
 

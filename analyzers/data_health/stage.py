@@ -40,6 +40,7 @@ OUTLIER_SUMMARY = "outliers.json"
 INPUTS = "inputs.json"
 DATA_HEALTH = "data_health.json"
 PARTS = ("duplicates", "shift", "outliers", "inputs")
+OUTLIER_K = 10  # neighbours the outlier score averages over
 MAX_IDS = 200  # ids listed with one problem: the gallery pages through them
 SHIFT_AUC = 0.75  # a domain AUC above this is a shift worth naming (0.5: the splits cannot be told apart)
 # stage_options["data_health"] keys and what they go to
@@ -114,7 +115,7 @@ def _ids(values, limit: int = MAX_IDS) -> list:
     return [json_value(v) for v in list(values)[:limit]]
 
 
-def duplicates_part(ctx, points, space: str, options: dict, problems: list) -> dict:
+def duplicates_part(ctx, points, space: str, options: dict, problems: list, neighbours=None) -> dict:
     from ..loading.splits import SPLIT_COLUMN
     from .duplicates import find_duplicates
 
@@ -123,7 +124,7 @@ def duplicates_part(ctx, points, space: str, options: dict, problems: list) -> d
     labels = ctx.dataset.y if ctx.dataset.y.ndim == 1 else np.asarray([str(r.tolist()) for r in ctx.dataset.y])
     found = find_duplicates(flat_rows(ctx.dataset.x), ids=np.asarray(ctx.dataset.ids), split=split, labels=labels,
                             embeddings=None if space == "inputs" else points, k=int(options.get("k", 5)),
-                            seed=int(ctx.params.get("seed", 0)))
+                            seed=int(ctx.params.get("seed", 0)), neighbours=neighbours)
     table = found.table().drop(columns=["row_a", "row_b"])
     for column in ("label_a", "label_b"):  # a class index, or a label set as text: one type per column
         table[column] = table[column].map(lambda v: None if v is None else str(v) if not isinstance(
@@ -203,14 +204,15 @@ def _json(value):
     return json_value(value)
 
 
-def outliers_part(ctx, points, space: str, options: dict, problems: list) -> dict:
+def outliers_part(ctx, points, space: str, options: dict, problems: list, neighbours=None) -> dict:
     from .outliers import find_outliers
 
     errors = ~ctx.samples["correct"].to_numpy(dtype=bool)
     found = find_outliers(points, errors=errors, ids=np.asarray(ctx.dataset.ids), reference=training_rows(ctx),
                           method=options.get("outlier_method", "knn"),
                           contamination=float(options.get("contamination", 0.01)),
-                          k=min(10, len(points) - 1), seed=int(ctx.params.get("seed", 0)))
+                          k=min(OUTLIER_K, len(points) - 1), seed=int(ctx.params.get("seed", 0)),
+                          neighbours=neighbours if training_rows(ctx) is None else None)
     table = pd.DataFrame({"id": ctx.samples["id"].to_numpy(), "score": found.scores.astype(np.float64),
                           "flagged": found.flagged.astype(bool)})
     write_parquet(ctx.path(OUTLIERS), table)
@@ -271,9 +273,19 @@ def data_health_stage(ctx) -> dict:
     options = _options(ctx.params)
     points, space = search_points(ctx, options.get("near_space", "embeddings"))
     problems, skipped, summary = [], {}, {}
-    parts = (("duplicates", lambda: duplicates_part(ctx, points, space, options, problems)),
+    found = {}
+
+    def neighbours():  # one search for the near duplicates and the outliers, on the same points, at the larger k
+        from .duplicates import nearest_neighbours
+
+        if "table" not in found and len(points) > 1 and np.asarray(points).dtype.kind in "biuf":
+            found["table"] = nearest_neighbours(points, max(int(options.get("k", 5)), OUTLIER_K),
+                                                seed=int(ctx.params.get("seed", 0)))
+        return found.get("table")
+
+    parts = (("duplicates", lambda: duplicates_part(ctx, points, space, options, problems, neighbours())),
              ("shift", lambda: shift_part(ctx, options, problems)),
-             ("outliers", lambda: outliers_part(ctx, points, space, options, problems)),
+             ("outliers", lambda: outliers_part(ctx, points, space, options, problems, neighbours())),
              ("inputs", lambda: inputs_part(ctx, problems)))
     for name, part in parts:
         if ctx.report:
