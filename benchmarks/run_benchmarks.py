@@ -601,7 +601,8 @@ def worker_projections(spec: dict) -> dict:
         params = record.get("params", {})
         result[method] = {"seconds": clock.wall, "cpu_s": clock.cpu, "rows": len(table), "n_fitted": params.get("n_fitted"),
                           "sampled": params.get("sampled"), "placement": params.get("placement"),
-                          "timings_s": record.get("timings_s", {})}
+                          "timings_s": record.get("timings_s", {}),
+                          "kl_divergence": (params.get("tsne") or {}).get("kl_divergence")}
     return result
 
 
@@ -1493,6 +1494,16 @@ class Bench:
             if "gradients" in timings:
                 self.add("run", "gradient-norm traces (fixed batches, reported apart)", n, gradients,
                          floor="forward", floor_seconds=floor["wall_s"])
+            if "data_health" in timings:
+                # the data-health stage (issue 14) came after issue 15 set the 1.5x target on the run of the other
+                # stages: both readings are reported
+                health = float(timings["data_health"])
+                self.add("run", "data-health stage (duplicates, outliers, input statistics)", n, health,
+                         floor="forward", floor_seconds=floor["wall_s"])
+                self.add("run", "analyzers run but gradient traces and data health", n,
+                         run["wall_s"] - gradients - health, floor="forward", floor_seconds=floor["wall_s"],
+                         target=1.5, cpu_seconds=run["cpu_s"] - (gradients + health) * run["cpu_s"] / max(
+                             run["wall_s"], 1e-9), floor_cpu_seconds=floor["cpu_s"])
             beyond = result["rss_peak_bytes"] - result["rss_baseline_bytes"] - result["dataset_bytes"]
             loading = result["load_dataset"]["rss_peak_bytes"] - result["rss_baseline_bytes"] - result["dataset_bytes"]
             self.add("memory", "run peak RSS beyond the dataset", n, None, target=1536, target_kind="MiB",
@@ -1625,11 +1636,15 @@ class Bench:
             if "umap_warmup_s" in result:
                 self.add("projections", "UMAP warm-up (import umap, numba compile or cache load)", n,
                          result["umap_warmup_s"], note="reported apart, not part of the fit")
-            target = 30.0 if n <= 10_000 else 60.0
             for method in ("tsne", "umap"):
                 r = result[method]
+                # issue 15: t-SNE on 10k within 15 s (it took 28.5 s), at the KL divergence it had +- 5% (1.496 on
+                # these embeddings, one thread, openTSNE's 3 interpolation points)
+                target = (15.0 if method == "tsne" else 30.0) if n <= 10_000 else 60.0
                 how = (f"fitted on {r['n_fitted']} of {r['rows']}, rest placed by {r['placement']}" if r["sampled"]
                        else f"fitted on all {r['rows']}")
+                if r.get("kl_divergence") is not None:
+                    how += f"; KL divergence {r['kl_divergence']:.4f}"
                 self.add("projections", f"{method} 2-D", n, r["seconds"], floor="forward",
                          floor_seconds=floors.get("forward_s"), target=target, target_kind="seconds",
                          cpu_seconds=r["cpu_s"], floor_cpu_seconds=floors.get("forward_cpu_s"),

@@ -172,6 +172,24 @@ def test_real_npz_files_read_exactly_as_numpy_reads_them(tmp_path):
                 np.testing.assert_array_equal(ours[key], reference[key])
 
 
+def test_a_damaged_byte_in_an_uncompressed_member_fails_its_checksum(tmp_path):
+    """np.savez stores members uncompressed, and those are read straight from the file into the array: the
+    member's CRC is still checked, as zipfile would, so a flipped bit is one line, not wrong inputs; the same
+    bytes from memory (an upload) read through zipfile give zipfile's verdict."""
+    x = np.random.default_rng(1).random((64, 3, 8, 8), dtype=np.float32)
+    path = tmp_path / "stored.npz"
+    np.savez(path, x=x, y=np.arange(64) % 3)
+    np.testing.assert_array_equal(load_dataset(str(path)).x, x)
+    data = bytearray(path.read_bytes())
+    at = data.index(x.tobytes()[:64]) + 1000
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(AnalyzerError, match=r"'x.npy' in 'stored.npz' fails its checksum: the file is damaged"):
+        load_dataset(str(path))
+    with pytest.raises(AnalyzerError, match="damaged"):
+        read_npz_bounded(io.BytesIO(bytes(data)), "stored.npz")
+
+
 def test_ragged_csv_rows_and_huge_floats_get_messages_that_say_so(tmp_path):
     ragged = tmp_path / "ragged.csv"
     ragged.write_text("a,b,label\n1,2,0\n3,4\n5,6,1\n")

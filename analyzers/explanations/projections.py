@@ -28,6 +28,7 @@ DEFAULT_FIT_SAMPLE = 10_000
 # 3-D t-SNE has no FFT gradient: Barnes-Hut on 10k points took 67 s of CPU (2-D FFT: 15 s), so it fits on fewer
 TSNE_3D_FIT_SAMPLE = 5_000
 PCA_DIMS_BEFORE_NEIGHBOURS = 50  # t-SNE and UMAP see the top principal components, not the raw activations
+FFT_INTERPOLATION_POINTS = 2  # t-SNE's FFT gradient: interpolation points per interval (see _fit_tsne)
 NUMBA_CACHE_DIR = Path(__file__).resolve().parents[1] / ".numba_cache"
 AXES = ("x", "y", "z")
 KNN_PLACEMENT_K = 10
@@ -229,6 +230,10 @@ def _fit_tsne(fit_x, rest_x, *, dims, seed, n_jobs, params, timings, perplexity,
     # FFT interpolation has a fixed cost per iteration that only pays off from about 10k points (openTSNE's own
     # rule) and exists only up to 2-D; Barnes-Hut otherwise (450 points: 1 s instead of 7 s of CPU)
     gradient = "fft" if dims <= 2 and len(fit_x) >= 10_000 else "bh"
+    # FFT interpolation on 2 points per interval, not openTSNE's 3: on the shapes sample's 10k embeddings (one
+    # thread) 14.2 s instead of 42.2 s, at a KL divergence of 1.560 against 1.496 (+4.3%). Fewer iterations cost
+    # more KL for the time saved (250 late iterations instead of 500: +4.8% for 2.6x less).
+    interpolation = {"n_interpolation_points": FFT_INTERPOLATION_POINTS} if gradient == "fft" else {}
     extra = {} if n_epochs is None else {"n_iter": int(n_epochs)}
     every = 50  # each call makes openTSNE evaluate its error (KL divergence): every 10 iterations made 2 s into 27
     probe = TSNE(n_iter=int(n_epochs)) if n_epochs is not None else TSNE()
@@ -236,13 +241,14 @@ def _fit_tsne(fit_x, rest_x, *, dims, seed, n_jobs, params, timings, perplexity,
     estimator = TSNE(n_components=dims, perplexity=used_perplexity, metric="euclidean", initialization="pca",
                      negative_gradient_method=gradient, n_jobs=n_jobs, random_state=seed, verbose=False,
                      callbacks=lambda iteration, error, embedding: advance(every), callbacks_every_iters=every,
-                     **extra)
+                     **interpolation, **extra)
     report(OPTIMISATION_SPAN[0] / 2, f"t-SNE: affinities of {len(fit_x):,} points")
     params["tsne"] = {"library": "openTSNE", "perplexity": used_perplexity, "metric": "euclidean",
                       "initialization": "pca", "negative_gradient_method": gradient,
                       "early_exaggeration_iter": estimator.early_exaggeration_iter, "n_iter": estimator.n_iter,
-                      "learning_rate": "auto", "neighbors": estimator.neighbors}
+                      "learning_rate": "auto", "neighbors": estimator.neighbors, **interpolation}
     embedding = _timed(timings, "fit", lambda: estimator.fit(fit_x))
+    params["tsne"]["kl_divergence"] = float(embedding.kl_divergence)  # the fit's error, as openTSNE reports it
     rest = None
     if rest_x is not None:
         params["tsne"]["transform_perplexity"] = min(5.0, used_perplexity)  # openTSNE's default for new points
