@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..arrays import empty_array
 from ..errors import AnalyzerError, InvalidOption, first_line
 from ..guard import analysis_mode, unwrap
 from ..engines.inference import ClassLogits, module_device, resolve_layer
@@ -885,6 +886,11 @@ def _private_rng(seed: int, needed: bool = True):
             np.random.set_state(state)
 
 
+# methods whose maps come from gradients with respect to the inputs (or a layer's output), never the weights'
+INPUT_GRADIENT_METHODS = frozenset({"saliency", "input_x_gradient", "integrated_gradients", "smoothgrad",
+                                    "smoothgrad_abs", "gradcam"})
+
+
 @runs_in_worker
 def explain(model, inputs, target=None, method: str = "saliency", *, batch_size: int = 64, layer: str | None = None,
             baseline="zeros", n_steps: int = 50, internal_batch_size: int | None = None, nt_samples: int = 16,
@@ -994,7 +1000,13 @@ def explain(model, inputs, target=None, method: str = "saliency", *, batch_size:
                                                         tokens=layout.token_length if layout.packed else None)
         embedding = token_embedding_layer(model, x) if modality == "tokens" and method not in ("gradcam", "lime") \
             else None
-        out = np.zeros((len(x), layout.token_length) if modality == "tokens" else x.shape, dtype=np.float32)
+        if modality != "tokens" and method in INPUT_GRADIENT_METHODS:
+            # no map needs a weight's gradient: frozen weights keep autograd from recording for them (saliency at
+            # 100k: 1.32x the bare forward+backward, which freezes them too); analysis_mode restores them
+            for parameter in module.parameters():
+                parameter.requires_grad_(False)
+        # every row is written below (SHAP replaces it whole): no zeros to write first
+        out = empty_array((len(x), layout.token_length) if modality == "tokens" else x.shape, dtype=np.float32)
         raws = []
         try:
             with _private_rng(seed, needed=method in RANDOM_METHODS):
@@ -1014,7 +1026,11 @@ def explain(model, inputs, target=None, method: str = "saliency", *, batch_size:
                                                          layout, opts=opts, base=bb), None
                         else:
                             attr, raw = _attribute(method, scores, module, xb, tb, opts=opts, base=bb)
-                        out[start:stop] = attr.detach().float().cpu().numpy()
+                        block = torch.from_numpy(out[start:stop])
+                        block.copy_(attr.detach())  # torch's copy, on its threads, straight into the result
+                        if not bool(torch.isfinite(block).all()):  # checked while in cache, not in a pass after
+                            raise AnalyzerError(f"{info.label} produced NaN or inf attributions: check the model's "
+                                                f"outputs on these inputs")
                         if raw is not None:
                             raws.append(raw.detach().float().cpu().numpy())
         except AnalyzerError:
@@ -1022,7 +1038,7 @@ def explain(model, inputs, target=None, method: str = "saliency", *, batch_size:
         except RuntimeError as exc:
             raise AnalyzerError(f"{info.label} failed on this model ({first_line(exc)}): try saliency or "
                                 f"integrated_gradients, or check the model runs on these inputs") from exc
-    if not np.isfinite(out).all():
+    if method == "shap" and not np.isfinite(out).all():  # the loop above checked each block of the others
         raise AnalyzerError(f"{info.label} produced NaN or inf attributions: check the model's outputs on these inputs")
     if details:
         unset = np.full(len(x), -1, dtype=np.int64)

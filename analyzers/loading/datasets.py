@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..arrays import empty_array
 from ..errors import AnalyzerError, first_line
 from .hashing import sha256_bytes, sha256_file
 
@@ -476,7 +477,7 @@ def _read_stored_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, shape, 
         fields[zipfile._FH_EXTRA_FIELD_LENGTH]
     handle.seek(start)
     header = handle.read(offset)
-    flat = np.empty(math.prod(shape), dtype=dtype)
+    flat = empty_array(math.prod(shape), dtype=dtype)
     view = memoryview(flat.view(np.uint8)) if nbytes else memoryview(b"")
     filled = 0
     while filled < nbytes:
@@ -524,7 +525,7 @@ def _npy_header(fh, member: str, name: str):
 
 
 def _read_npy_data(fh, shape: tuple, fortran: bool, dtype, nbytes: int, member: str, name: str) -> np.ndarray:
-    flat = np.empty(math.prod(shape), dtype=dtype)
+    flat = empty_array(math.prod(shape), dtype=dtype)
     view = memoryview(flat.view(np.uint8)) if nbytes else memoryview(b"")
     filled = 0
     while filled < nbytes:
