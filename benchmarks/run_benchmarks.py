@@ -760,6 +760,8 @@ def worker_dashboard(spec: dict) -> dict:
             entry["error"] = str(at.exception[0].value).splitlines()[0]
         result["pages"][page] = entry
         for selection in spec["selections"].get(page, []):
+            if spec.get("pause_s") and not result["selections"]:
+                time.sleep(spec["pause_s"])  # a person looking at the page before the first click
             _select(at, selection)
             t0 = time.perf_counter()
             at.run()
@@ -1819,8 +1821,19 @@ class Bench:
                 self.errors[f"dashboard {what}"] = entry["error"]
             first = ("; the session's first gallery: it loads the model and the inputs (st.cache_resource) to draw "
                      "thumbnails" if i == 0 else "")
-            self.add("dashboard", f"selection change: {what}", n, entry["seconds"], target=0.5, target_kind="seconds",
-                     note=f"{entry.get('elements', '?')} elements after{first}")
+            # issue 15: a click within 0.5 s, the first slice click within 0.3 s
+            target = 0.3 if " slice:" in what else 0.5
+            self.add("dashboard", f"selection change: {what}", n, entry["seconds"], target=target,
+                     target_kind="seconds", note=f"{entry.get('elements', '?')} elements after{first}")
+        # the same first gallery click in a fresh process, 3 s after the Confusion page opened: the click above
+        # comes about 2 s after the process started, while the warm-up still imports torch and loads the inputs
+        paused = self.worker("dashboard", {**spec, "pages": ["views/confusion.py"],
+                                           "selections": {"views/confusion.py": ["cell:0-1"]}, "pause_s": 3.0,
+                                           "widget_pages": []}, label="dashboard-paused")
+        if paused is not None and paused["selections"]:
+            what, entry = next(iter(paused["selections"].items()))
+            self.add("dashboard", f"first gallery click 3 s after the page opened: {what}", n, entry["seconds"],
+                     target=0.5, target_kind="seconds", note="fresh process; the warm-up had 3 s more")
 
     def upload_section(self) -> None:
         """The dashboard process's peak RSS above idle while it refuses a `.pt2` with a dataset whose header declares

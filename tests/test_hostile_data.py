@@ -190,6 +190,28 @@ def test_a_damaged_byte_in_an_uncompressed_member_fails_its_checksum(tmp_path):
         read_npz_bounded(io.BytesIO(bytes(data)), "stored.npz")
 
 
+def test_a_memory_mapped_npz_reads_as_numpy_and_writes_never_reach_the_file(tmp_path):
+    """load_dataset(memory_map=True), as a run's reload uses it: an uncompressed member is mapped copy-on-write,
+    a compressed one read as ever; both equal np.load's arrays, and a write into the inputs stays in memory."""
+    rng = np.random.default_rng(2)
+    x, y = rng.random((40, 3, 8, 8), dtype=np.float32), np.arange(40) % 4
+    for save in (np.savez, np.savez_compressed):
+        path = tmp_path / f"{save.__name__}.npz"
+        save(path, x=x, y=y)
+        before = path.read_bytes()
+        mapped = load_dataset(str(path), memory_map=True)
+        assert mapped.sha256 == load_dataset(str(path)).sha256
+        np.testing.assert_array_equal(mapped.x, x)
+        np.testing.assert_array_equal(mapped.y, y)
+        under, bases = mapped.x, []
+        while under is not None:
+            bases.append(type(under))
+            under = getattr(under, "base", None)
+        assert (np.memmap in bases) == (save is np.savez)  # mapped where stored, read where deflated
+        mapped.x[0] = -1.0
+        assert path.read_bytes() == before
+
+
 def test_ragged_csv_rows_and_huge_floats_get_messages_that_say_so(tmp_path):
     ragged = tmp_path / "ragged.csv"
     ragged.write_text("a,b,label\n1,2,0\n3,4\n5,6,1\n")

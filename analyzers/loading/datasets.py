@@ -72,15 +72,20 @@ class Dataset:
 
 def load_dataset(spec, *, model=None, label_column: str = "label", id_column: str | None = None,
                  features: list | None = None, image_size: tuple | None = None, mean: list | None = None,
-                 std: list | None = None, task: str | None = None, split_column: str | None = None) -> Dataset:
+                 std: list | None = None, task: str | None = None, split_column: str | None = None,
+                 memory_map: bool = False) -> Dataset:
     """Load `sample:NAME` (its test split, or every split of a sample that runs over several) or a file, or a
     {split name: spec} mapping of them (`splits.combine_splits`, each part read with the same options).
     `model` (a LoadedModel) supplies image size, channels and names.
     `task` (one of `tasks.TASK_NAMES`) says how the labels are read; None infers it from the labels and the model's
     output (`tasks.resolve_task`), asking for it when two readings fit. `split_column` names a column that holds
-    each row's split (`splits.with_split_column`; a column called `split` is read as one unasked)."""
+    each row's split (`splits.with_split_column`; a column called `split` is read as one unasked).
+    `memory_map` maps the arrays of an uncompressed `.npz` on disk copy-on-write instead of reading them (a
+    reload whose file hash is then checked against the run's, as `load_run_inputs` does: the member's CRC is not
+    read); other files are read as ever."""
     options = dict(model=model, label_column=label_column, id_column=id_column, features=features,
-                   image_size=image_size, mean=mean, std=std, task=task, split_column=split_column)
+                   image_size=image_size, mean=mean, std=std, task=task, split_column=split_column,
+                   memory_map=memory_map)
     if isinstance(spec, dict):
         from .splits import check_split_specs, combine_splits
 
@@ -112,7 +117,7 @@ def load_dataset(spec, *, model=None, label_column: str = "label", id_column: st
         hashing = pool.submit(sha256_file, path)
         dataset = _load_source(path, name=path.name, spec=spec, digest="", model=model, label_column=label_column,
                                id_column=id_column, features=features, image_size=image_size, mean=mean, std=std,
-                               task=task, split_column=split_column)
+                               task=task, split_column=split_column, memory_map=memory_map)
         return replace(dataset, sha256=hashing.result())
 
 
@@ -280,7 +285,7 @@ def dataset_from_fields(fields) -> Dataset:
 
 
 def _load_source(source, *, name: str, spec: str, digest: str, model, label_column: str, id_column, features,
-                 image_size, mean, std, task=None, split_column=None) -> Dataset:
+                 image_size, mean, std, task=None, split_column=None, memory_map: bool = False) -> Dataset:
     """Load from `source`, a path or a binary file object, by the suffix of `name`, its splits read from
     `split_column` (`splits.with_split_column`)."""
     from .splits import with_split_column
@@ -288,18 +293,18 @@ def _load_source(source, *, name: str, spec: str, digest: str, model, label_colu
     return with_split_column(_read_source(source, name=name, spec=spec, digest=digest, model=model,
                                           label_column=label_column, id_column=id_column, features=features,
                                           image_size=image_size, mean=mean, std=std, task=task,
-                                          split_column=split_column), split_column)
+                                          split_column=split_column, memory_map=memory_map), split_column)
 
 
 def _read_source(source, *, name: str, spec: str, digest: str, model, label_column: str, id_column, features,
-                 image_size, mean, std, task=None, split_column=None) -> Dataset:
+                 image_size, mean, std, task=None, split_column=None, memory_map: bool = False) -> Dataset:
     from ..evaluation.tasks import TASK_NAMES
 
     if task is not None and task not in TASK_NAMES:
         raise AnalyzerError(f"unknown task {task!r}: choose one of {', '.join(TASK_NAMES)}")
     suffix = Path(name).suffix.lower()
     if suffix == ".npz":
-        return _load_npz(source, name, spec, digest, model=model, task=task)
+        return _load_npz(source, name, spec, digest, model=model, task=task, memory_map=memory_map)
     if suffix in (".csv", ".parquet"):
         table = _read_table(source, name, suffix)
         return _from_table(table, name, spec, digest, model=model, label_column=label_column, id_column=id_column,
@@ -359,10 +364,11 @@ def _sample_split(sample, spec: str, split: str, *, task: str | None) -> Dataset
                    ground_truth_columns=tuple(data.ground_truth), task=declared)
 
 
-def _load_npz(source, name: str, spec: str, digest: str, *, model=None, task=None) -> Dataset:
+def _load_npz(source, name: str, spec: str, digest: str, *, model=None, task=None,
+              memory_map: bool = False) -> Dataset:
     from .inputs import layout_of
 
-    arrays = read_npz_bounded(source, name)
+    arrays = read_npz_bounded(source, name, memory_map=memory_map)
     layout = layout_of(model) if model is not None else None
     preprocessing = {}
     if layout is not None and layout.packed:  # token ids and the model's other inputs, each under its own name
@@ -403,14 +409,15 @@ def _load_npz(source, name: str, spec: str, digest: str, *, model=None, task=Non
                    extras=extras, name=name, preprocessing=preprocessing, task=task)
 
 
-def read_npz_bounded(source, name: str, *, budget: int = MAX_UNCOMPRESSED_BYTES) -> dict:
+def read_npz_bounded(source, name: str, *, budget: int = MAX_UNCOMPRESSED_BYTES, memory_map: bool = False) -> dict:
     """Every array of an `.npz`, read without trusting any size in it and without unpickling.
 
     `np.load` allocates what a member's `.npy` header declares and inflates as much as the stream holds: an 8 MB
     deflate bomb then takes 8 GiB and a header declaring 4 TiB ends in a MemoryError. Here every header is parsed
     first; the arrays' declared bytes, all together, must fit `budget` and each member's size in the zip directory
     before anything is allocated; then exactly the declared bytes are inflated into each array (a longer stream is
-    never read, a shorter one is refused).
+    never read, a shorter one is refused). With `memory_map`, an uncompressed member of a file on disk is mapped
+    copy-on-write (its pages read when used; writes stay in this process), its CRC not read.
     """
     try:
         archive = zipfile.ZipFile(source)
@@ -443,7 +450,8 @@ def read_npz_bounded(source, name: str, *, budget: int = MAX_UNCOMPRESSED_BYTES)
             headers[key] = (info, shape, fortran, dtype, offset, nbytes)
         arrays = {}
         for key, (info, shape, fortran, dtype, offset, nbytes) in headers.items():  # second pass: the data
-            stored = _read_stored_member(archive, info, shape, fortran, dtype, offset, nbytes, name)
+            stored = _read_stored_member(archive, info, shape, fortran, dtype, offset, nbytes, name,
+                                         memory_map=memory_map)
             if stored is not None:
                 arrays[key] = stored
                 continue
@@ -454,7 +462,7 @@ def read_npz_bounded(source, name: str, *, budget: int = MAX_UNCOMPRESSED_BYTES)
 
 
 def _read_stored_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, shape, fortran, dtype, offset: int,
-                        nbytes: int, name: str) -> np.ndarray | None:
+                        nbytes: int, name: str, *, memory_map: bool = False) -> np.ndarray | None:
     """An uncompressed member (`np.savez`, not `savez_compressed`) of an archive on disk, read straight into its
     array from the file, its CRC checked as zipfile would; None for a compressed or in-memory member, which
     zipfile reads. zipfile's reader copies a member several times over: 1.2 GB of images took 8.8 s through it
@@ -475,6 +483,9 @@ def _read_stored_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, shape, 
     fields = zipfile.struct.unpack(zipfile.structFileHeader, local)
     start = info.header_offset + zipfile.sizeFileHeader + fields[zipfile._FH_FILENAME_LENGTH] + \
         fields[zipfile._FH_EXTRA_FIELD_LENGTH]
+    if memory_map and nbytes and isinstance(archive.filename, str) and not dtype.hasobject:
+        return np.memmap(archive.filename, dtype=dtype, mode="c", offset=start + offset, shape=shape,
+                         order="F" if fortran else "C")
     handle.seek(start)
     header = handle.read(offset)
     flat = empty_array(math.prod(shape), dtype=dtype)
