@@ -21,6 +21,7 @@ PAGES: dict = {}  # name -> st.Page, filled by app.py on every rerun
 BASE_COLOURS = {"A": "#009E73", "C": "#0072B2", "G": "#E69F00", "T": "#D55E00"}  # Okabe-Ito
 ALPHABETS = {4: "ACGT", 20: "ACDEFGHIKLMNPQRSTVWY"}
 GALLERY_PAGE = 24
+TABLE_PAGE = 500  # rows of a tabular gallery per page: a slice of 500k rows is never one table sent to the browser
 
 
 def go_to(name: str, **params) -> None:
@@ -310,15 +311,16 @@ def gallery(run: Run, ids, *, key: str, title: str | None = None) -> None:
     table = run.samples.iloc[rows]
     ordered_ids = table["id"].tolist()
     modality = run.info["dataset"]["modality"]
-    pages = max(1, math.ceil(len(rows) / GALLERY_PAGE))
+    size = TABLE_PAGE if modality == "tabular" else GALLERY_PAGE
+    pages = max(1, math.ceil(len(rows) / size))
     top = st.columns([3, 1])
     confidence = table["confidence"].mean()  # a regression has none
     top[0].caption(f"{len(rows):,} samples · {percent(table['correct'].mean())} correct" +
                    (f" · mean confidence {confidence:.3f}" if confidence == confidence else ""))
     page = 1
-    if pages > 1 and modality != "tabular":
+    if pages > 1:
         page = top[1].number_input(f"page (of {pages})", 1, pages, 1, key=f"{key}-page")
-    shown = table.iloc[(page - 1) * GALLERY_PAGE: page * GALLERY_PAGE]
+    shown = table.iloc[(page - 1) * size: page * size]
     try:
         inputs = data.sample_inputs(run, shown.index.to_numpy()) if modality != "tabular" else None
     except AnalyzerError as exc:
@@ -350,9 +352,9 @@ def gallery(run: Run, ids, *, key: str, title: str | None = None) -> None:
             if right.button("Explain", key=f"{key}-explain-{row['id']}"):
                 open_explanation(row["id"], ordered_ids)
     else:
-        readable = readable_samples(run, table)
-        extra = [c for c in table.columns if c not in ("id", "label", "pred", "confidence", "loss", "correct")]
-        full = pd.concat([readable.reset_index(drop=True), table[extra].reset_index(drop=True)], axis=1)
+        readable = readable_samples(run, shown)
+        extra = [c for c in shown.columns if c not in ("id", "label", "pred", "confidence", "loss", "correct")]
+        full = pd.concat([readable.reset_index(drop=True), shown[extra].reset_index(drop=True)], axis=1)
         event = st.dataframe(full, hide_index=True, column_config=SAMPLE_COLUMNS, on_select="rerun",
                              selection_mode="single-row", key=f"{key}-table", height=min(420, 36 * len(full) + 40))
         picked = event.selection.rows if event is not None else []

@@ -363,6 +363,25 @@ def test_crafted_archive_upload_is_one_error_and_a_second_session_is_fine(vector
         second.switch_page(page).run()
         _ok(second)
 
+def test_a_tabular_gallery_pages_through_its_rows(runs_dir, monkeypatch):
+    """issue 15: a table of samples is sent a page at a time (a slice of 500k rows was one table)."""
+    from analyzers.loading.runs import open_run
+    from dashboard import components
+
+    tabular = runs_dir / "sample-tabular"
+    if not tabular.exists():
+        pytest.skip("the tabular sample has no shipped weights here")
+    monkeypatch.setattr(components, "TABLE_PAGE", 7)
+    chosen = [str(i) for i in open_run(tabular).samples["id"].iloc[:20]]
+    at = _app(monkeypatch, runs_dir, tabular, sel="ids:" + ",".join(chosen)).run()
+    at.switch_page("views/embeddings.py").run()
+    _ok(at)
+    assert [str(i) for i in at.dataframe(key="emb-gallery-table").value["id"]] == chosen[:7]
+    at.number_input(key="emb-gallery-page").set_value(3).run()
+    _ok(at)
+    assert [str(i) for i in at.dataframe(key="emb-gallery-table").value["id"]] == chosen[14:]
+
+
 def test_embedding_selection_shows_its_samples_and_metrics(runs_dir, monkeypatch):
     from analyzers.loading.runs import open_run
 
