@@ -522,17 +522,38 @@ def downsample_rows(n: int, max_points: int = MAX_SCATTER_POINTS, *, keep=None, 
     return np.sort(rows)
 
 
+DENSITY_BINS = 160  # bins per axis of the density under a projection too large to draw point by point
+
+
+def density_trace(x: np.ndarray, y: np.ndarray, *, bins: int = DENSITY_BINS) -> go.Heatmap:
+    """Every point counted in a `bins` x `bins` grid (numpy's histogram2d), drawn on a log scale in greys, empty
+    cells left clear; each cell's count is its customdata (the hover says it)."""
+    finite = np.isfinite(x) & np.isfinite(y)
+    counts, x_edges, y_edges = np.histogram2d(x[finite], y[finite], bins=bins)
+    z = np.where(counts > 0, np.log10(np.maximum(counts, 1)) + 1.0, np.nan).T  # rows of the heatmap are y
+    return go.Heatmap(x=(x_edges[:-1] + x_edges[1:]) / 2, y=(y_edges[:-1] + y_edges[1:]) / 2, z=z,
+                      customdata=counts.T.astype(np.int64), colorscale="Greys", zmin=0.0, showscale=False,
+                      hovertemplate="%{customdata:,} samples here<extra>density</extra>", name="density",
+                      zsmooth=False, hoverongaps=False)
+
+
 def embedding_figure(table: pd.DataFrame, *, colour: str, categorical: bool, title: str | None = None,
-                     max_points: int = MAX_SCATTER_POINTS, category_order=None, selected=None) -> go.Figure:
+                     max_points: int | None = None, category_order=None, selected=None) -> go.Figure:
     """A WebGL scatter of a projection table (columns x, y, id and `colour`), each point's id in customdata.
 
-    Categories get one trace each; a number is drawn on the Cividis scale. Tables larger than `max_points` are drawn
-    as a fixed random sample (the title says so); a box or lasso selection still selects by region on every point.
+    Categories get one trace each; a number is drawn on the Cividis scale. A table larger than `max_points` is drawn
+    (default MAX_SCATTER_POINTS) as the density of every point (`density_trace`, first) under a fixed random sample
+    of them (the title says so);
+    a box or lasso selection still selects by region on every point.
     `selected` ids (a selection made elsewhere: another projection, another page) are drawn bold, the rest faded.
     """
-    rows = downsample_rows(len(table), max_points)
+    rows = downsample_rows(len(table), MAX_SCATTER_POINTS if max_points is None else max_points)
     shown = table.iloc[rows]
     fig = go.Figure()
+    dense = len(rows) < len(table)
+    if dense:  # every point counted, under the ones drawn: where the rest lie is never guessed from a sample
+        fig.add_trace(density_trace(table["x"].to_numpy(np.float64), table["y"].to_numpy(np.float64)))
+    point_size, point_opacity = (4, 0.55) if dense else (6, 0.8)
     if categorical:
         values = shown[colour].astype(str)
         cats = [str(c) for c in (category_order if category_order is not None else sorted(values.unique()))]
@@ -541,26 +562,31 @@ def embedding_figure(table: pd.DataFrame, *, colour: str, categorical: bool, tit
             if part.empty:
                 continue
             fig.add_trace(go.Scattergl(x=part["x"], y=part["y"], mode="markers", name=plotly_text(cat),
-                                       marker=dict(size=6, color=col, opacity=0.8), customdata=part["id"],
+                                       marker=dict(size=point_size, color=col, opacity=point_opacity),
+                                       customdata=part["id"],
                                        text=part["id"].astype(str).map(plotly_text),
                                        hovertemplate="id %{text}<br>"
                                                      + f"{plotly_text(colour)} {plotly_text(cat)}<extra></extra>"))
     else:
         values = pd.to_numeric(shown[colour], errors="coerce")
         fig.add_trace(go.Scattergl(x=shown["x"], y=shown["y"], mode="markers", name=plotly_text(colour),
-                                   marker=dict(size=6, color=values, colorscale=SEQUENTIAL, showscale=True,
-                                               colorbar=dict(title=plotly_text(colour), thickness=12), opacity=0.85),
+                                   marker=dict(size=point_size, color=values, colorscale=SEQUENTIAL, showscale=True,
+                                               colorbar=dict(title=plotly_text(colour), thickness=12),
+                                               opacity=min(0.85, point_opacity + 0.05)),
                                    customdata=shown["id"], text=shown["id"].astype(str).map(plotly_text),
                                    hovertemplate="id %{text}<br>" + plotly_text(colour)
                                                  + " %{marker.color:.3g}<extra></extra>"))
     if selected is not None:
         chosen = {str(i) for i in selected}
         for trace in fig.data:
+            if trace.type != "scattergl":
+                continue
             trace.selectedpoints = [i for i, sample in enumerate(trace.customdata) if str(sample) in chosen]
             trace.selected = dict(marker=dict(opacity=1.0))
             trace.unselected = dict(marker=dict(opacity=0.12))
-    if len(rows) < len(table):
-        title = f"{title or ''} — {len(rows):,} of {len(table):,} points drawn".strip(" —")
+    if dense:
+        title = (f"{title or ''} — the density of all {len(table):,} points, {len(rows):,} of them drawn "
+                 f"(select a region, then zoom to it for every point)").strip(" —")
     fig.update_xaxes(title="component 1", showgrid=False, zeroline=False)
     fig.update_yaxes(title="component 2", showgrid=False, zeroline=False)
     # dragging draws a selection box at once (checked in Chromium: Streamlit otherwise starts in pan mode)

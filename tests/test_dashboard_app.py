@@ -382,6 +382,37 @@ def test_a_tabular_gallery_pages_through_its_rows(runs_dir, monkeypatch):
     assert [str(i) for i in at.dataframe(key="emb-gallery-table").value["id"]] == chosen[14:]
 
 
+def test_a_large_projection_is_a_density_that_zooms_to_its_selection(runs_dir, monkeypatch):
+    """issue 15: past MAX_SCATTER_POINTS the Embeddings chart is the density of every point under a sample; a
+    selection small enough is drawn point by point when zoomed to (here the limit is lowered to 100 points)."""
+    import json
+
+    from analyzers.loading.runs import open_run
+    from dashboard import figures
+
+    monkeypatch.setattr(figures, "MAX_SCATTER_POINTS", 100)
+    run = runs_dir / "sample-digits"
+    chosen = [str(i) for i in open_run(run).samples["id"].iloc[::9].head(60)]
+    at = _app(monkeypatch, runs_dir, run, sel="ids:" + ",".join(chosen)).run()
+    at.switch_page("views/embeddings.py").run()
+    _ok(at)
+    kinds = [trace["type"] for trace in json.loads(at.get("plotly_chart")[0].proto.spec)["data"]]
+    assert kinds[0] == "heatmap" and set(kinds[1:]) == {"scattergl"}
+    at.toggle(key="emb-zoom").set_value(True).run()
+    _ok(at)
+    traces = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
+    assert {trace["type"] for trace in traces} == {"scattergl"}
+    import base64
+
+    def ids_of(trace):
+        value = trace["customdata"]
+        if isinstance(value, dict):  # plotly 6 packs numbers as {"dtype", "bdata"}
+            value = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+        return [str(v) for v in value]
+
+    assert sorted(i for trace in traces for i in ids_of(trace)) == sorted(chosen)
+
+
 def test_embedding_selection_shows_its_samples_and_metrics(runs_dir, monkeypatch):
     from analyzers.loading.runs import open_run
 

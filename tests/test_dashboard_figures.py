@@ -105,7 +105,27 @@ def test_embedding_scatter_carries_ids_and_downsamples_big_tables():
     for trace in fig.data:  # each point's id sits on its own coordinates
         assert np.array_equal(np.asarray(trace.customdata) - 100, np.asarray(trace.x))
     small = figures.embedding_figure(table, colour="x", categorical=False, max_points=20)
-    assert len(small.data[0].x) == 20 and "20 of 50" in small.layout.title.text
+    (points,) = [t for t in small.data if t.type == "scattergl"]
+    assert len(points.x) == 20 and "all 50 points, 20 of them drawn" in small.layout.title.text
+
+
+def test_a_projection_too_large_to_draw_is_a_density_of_every_point():
+    """issue 15: above max_points every point is counted (numpy's histogram2d, the reference), under a sample."""
+    rng = np.random.default_rng(4)
+    n = 5000
+    x, y = np.r_[rng.normal(size=n - 500), rng.normal(8, 0.2, 500)], rng.normal(size=n)
+    table = pd.DataFrame({"id": np.arange(n), "x": x, "y": y, "label": np.where(x > 4, "far", "near")})
+    fig = figures.embedding_figure(table, colour="label", categorical=True, max_points=300)
+    density, *points = fig.data
+    assert density.type == "heatmap" and all(t.type == "scattergl" for t in points)
+    counts, _, _ = np.histogram2d(x, y, bins=figures.DENSITY_BINS)
+    np.testing.assert_array_equal(np.asarray(density.customdata), counts.T)
+    assert np.asarray(density.customdata).sum() == n  # the 4,700 points not drawn are counted too
+    z = np.asarray(density.z, dtype=float)
+    assert np.isnan(z[counts.T == 0]).all() and (np.diff(np.sort(z[counts.T > 0])) >= 0).all()
+    assert sum(len(t.x) for t in points) == 300
+    whole = figures.embedding_figure(table.head(300), colour="label", categorical=True, max_points=300)
+    assert all(t.type == "scattergl" for t in whole.data)  # small enough: points only, no density
 
 
 def test_downsample_is_fixed_and_keeps_requested_rows():

@@ -103,8 +103,14 @@ values, categorical, order = _colour_column(projection)
 table = projection[["id", "x", "y"]].reset_index(drop=True).assign(**{colour: values.to_numpy()})
 standing = state.selection()
 standing_ids = standing.value if standing is not None and standing.kind == "ids" else None
+title = f"{METHOD_LABELS[method]} of {layer}"
+if len(table) > figures.MAX_SCATTER_POINTS and standing_ids and len(standing_ids) <= figures.MAX_SCATTER_POINTS:
+    # the density view's zoom: the selected region drawn point by point (plotly's own zoom never reaches here)
+    if st.toggle(f"Zoom to the {len(standing_ids):,} selected samples, every point drawn", key="emb-zoom"):
+        table = table[table["id"].astype(str).isin({str(i) for i in standing_ids})].reset_index(drop=True)
+        title += " — the selection"
 fig = figures.embedding_figure(table, colour=colour, categorical=categorical, category_order=order,
-                               title=f"{METHOD_LABELS[method]} of {layer}", selected=standing_ids)
+                               title=title, selected=standing_ids)
 event = st.plotly_chart(fig, on_select="rerun", selection_mode=("points", "box", "lasso"), key=f"emb-chart-{layer}-{method}",
                         config={"displayModeBar": True, "modeBarButtonsToRemove": ["toImage"]})
 
