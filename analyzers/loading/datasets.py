@@ -488,15 +488,8 @@ def _read_stored_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, shape, 
                          order="F" if fortran else "C")
     handle.seek(start)
     header = handle.read(offset)
-    flat = empty_array(math.prod(shape), dtype=dtype)
+    flat = _filled(handle, shape, dtype, nbytes, info.filename, name)
     view = memoryview(flat.view(np.uint8)) if nbytes else memoryview(b"")
-    filled = 0
-    while filled < nbytes:
-        count = handle.readinto(view[filled:])
-        if not count:
-            raise AnalyzerError(f"{info.filename!r} in {name!r} ends after {filled:,} of its {nbytes:,} bytes: the "
-                                f"file is truncated; write it again")
-        filled += count
     # bytes after the array (none from np.savez) are never read, as zipfile never reads them: the CRC covers the
     # whole member, so it is checked where the array fills it, as zipfile checks it at the member's end
     if info.file_size == offset + nbytes and zlib.crc32(view, zlib.crc32(header)) != info.CRC:
@@ -535,7 +528,8 @@ def _npy_header(fh, member: str, name: str):
     return tuple(shape), bool(fortran), dtype
 
 
-def _read_npy_data(fh, shape: tuple, fortran: bool, dtype, nbytes: int, member: str, name: str) -> np.ndarray:
+def _filled(fh, shape: tuple, dtype, nbytes: int, member: str, name: str) -> np.ndarray:
+    """A flat array of `shape`'s size read from `fh`, exactly `nbytes`; a stream that ends first is refused."""
     flat = empty_array(math.prod(shape), dtype=dtype)
     view = memoryview(flat.view(np.uint8)) if nbytes else memoryview(b"")
     filled = 0
@@ -545,7 +539,11 @@ def _read_npy_data(fh, shape: tuple, fortran: bool, dtype, nbytes: int, member: 
             raise AnalyzerError(f"{member!r} in {name!r} ends after {filled:,} of its {nbytes:,} bytes: the file is "
                                 f"truncated; write it again")
         filled += count
-    return flat.reshape(shape, order="F" if fortran else "C")
+    return flat
+
+
+def _read_npy_data(fh, shape: tuple, fortran: bool, dtype, nbytes: int, member: str, name: str) -> np.ndarray:
+    return _filled(fh, shape, dtype, nbytes, member, name).reshape(shape, order="F" if fortran else "C")
 
 
 def _read_table(source, name: str, suffix: str) -> pd.DataFrame:
