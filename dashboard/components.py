@@ -302,7 +302,7 @@ def open_explanation(sample_id, gallery: list | None = None) -> None:
 def gallery(run: Run, ids, *, key: str, title: str | None = None) -> None:
     """The samples `ids` as the run's modality shows best, with their confidence; a click opens an explanation."""
     ids = list(ids)
-    rows = id_positions(run.samples["id"].to_numpy(), ids)
+    rows = id_positions(data.id_index(run), ids)
     if title:
         st.subheader(title)
     if len(rows) == 0:

@@ -81,7 +81,7 @@ if projection is None:
 
 
 def _colour_column(table: pd.DataFrame) -> tuple[pd.Series, bool, list | None]:
-    rows = id_positions(samples["id"].to_numpy(), table["id"].to_numpy())
+    rows = id_positions(data.id_index(run), table["id"].to_numpy())
     s = samples.iloc[rows]
     if colour in ("label", "prediction") and task.has_classes:
         column = "label" if colour == "label" else "pred"
@@ -120,7 +120,7 @@ if components.fresh(f"emb-sel-{layer}-{method}", tuple(map(str, ids)) or None):
     state.set_selection(Selection("ids", [str(i) for i in ids]), ids)
 sel = state.selection()
 if sel is not None and sel.kind == "ids":
-    rows = id_positions(samples["id"].to_numpy(), sel.value)
+    rows = id_positions(data.id_index(run), sel.value)
     if len(rows):
         chosen = samples["id"].to_numpy()[rows].tolist()
         state.set_gallery(chosen)

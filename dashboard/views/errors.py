@@ -168,7 +168,7 @@ elif section == SECTIONS["slice"]:
             st.subheader(f"Slice {index + 1}: {md(chosen['description'])}")
             if also_covers is not None and also_covers.iloc[index]:
                 st.caption(f"Also covers: {md(also_covers.iloc[index])}.")
-            rows = id_positions(samples["id"].to_numpy(), ids)
+            rows = id_positions(data.id_index(run), ids)
             _metrics_block(rows, "slice")
             components.gallery(run, ids, key="slice-gallery")
 

@@ -19,12 +19,12 @@ modality = run.info["dataset"]["modality"]
 # ------------------------------------------------------------------------------------------------- which sample
 gallery = state.gallery_ids()
 current = state.get("sample")
-if current is None or len(id_positions(samples["id"].to_numpy(), [current])) == 0:
+if current is None or len(id_positions(data.id_index(run), [current])) == 0:
     if current is not None:
         st.warning(f"This run has no sample with id {md(repr(current))}.")
     current = str(gallery[0]) if gallery else data.first_sample_to_explain(run)
     state.put("sample", current)
-row = int(id_positions(samples["id"].to_numpy(), [current])[0])
+row = int(id_positions(data.id_index(run), [current])[0])
 sample = samples.iloc[row]
 
 nav = st.columns([1, 1, 3, 2], vertical_alignment="bottom")
@@ -40,7 +40,7 @@ if gallery and str(current) in [str(i) for i in gallery]:
                    f"selection")
 typed = nav[3].text_input("Go to sample id", value="", key="explain-goto", placeholder="id")
 if typed:
-    if len(id_positions(samples["id"].to_numpy(), [typed])):
+    if len(id_positions(data.id_index(run), [typed])):
         state.put("sample", typed)
         st.session_state.pop("explain-goto", None)
         st.rerun()
