@@ -86,3 +86,5 @@ except Exception as exc:  # the last line of defence: one readable line, never S
     LOG.exception("the %s page failed", navigation.url_path or "default")
     st.error(f"This page failed: {md(data.error_message(exc))}. Other pages and runs are not affected; the details "
              f"are in the server's log.")
+finally:  # also after st.stop() and a rerun
+    data.page_drawn()
