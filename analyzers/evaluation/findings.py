@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .metrics import check_predictions, expected_calibration_error
+from .metrics import check_predictions
 
 STRONG_SUSPECT = 0.9  # the label is wrong with probability at least 0.9 (label_noise.label_issue_scores)
 RARE_CLASS_SHARE = 0.5  # a class with under half the mean support per class is rare
@@ -89,10 +89,14 @@ def calibration_noise_floor(probs: np.ndarray, *, draws: int = CALIBRATION_DRAWS
     Only whether the drawn label is the predicted class enters the top-label ECE, and that happens with probability
     the confidence: each draw is one Bernoulli(confidence) per sample, over confidence bins found once (so a
     million rows cost a few bincounts per draw, not a draw over every class)."""
+    return _noise_floor(np.asarray(probs, dtype=np.float64).max(axis=1), draws=draws, seed=seed)
+
+
+def _noise_floor(confidence: np.ndarray, *, draws: int, seed: int) -> float:
+    """`calibration_noise_floor` from each sample's confidence (its top probability)."""
     from .metrics import DEFAULT_BINS, calibration_bins
 
     rng = np.random.default_rng(seed)
-    confidence = np.asarray(probs, dtype=np.float64).max(axis=1)
     # the bins of metrics.calibration_bins (uniform edges), found once
     edges = calibration_bins(np.zeros(1), np.zeros(1), n_bins=DEFAULT_BINS).edges
     which = np.searchsorted(edges[1:-1], confidence)
@@ -106,14 +110,18 @@ def calibration_noise_floor(probs: np.ndarray, *, draws: int = CALIBRATION_DRAWS
     return float(np.mean(values))
 
 
-def calibration_finding(labels: np.ndarray, probs: np.ndarray) -> list:
-    ece = expected_calibration_error(labels, probs)
-    floor = calibration_noise_floor(probs)
-    confidence = float(probs.max(axis=1).mean())
-    accuracy = float((probs.argmax(axis=1) == labels).mean())
-    return [Finding("calibration", max(0.0, ece - floor) * len(labels),
-                    {"ece": ece, "noise_floor": floor, "mean_confidence": confidence, "accuracy": accuracy,
-                     "direction": "under" if confidence < accuracy else "over"})]
+def calibration_finding(top_right: np.ndarray, confidence: np.ndarray) -> list:
+    """The calibration finding from whether each sample's top class is its label and the top probability (what
+    `metrics.expected_calibration_error` reads from the probabilities, taken once for every part here)."""
+    from .metrics import calibration_bins
+
+    ece = calibration_bins(top_right, confidence).ece
+    floor = _noise_floor(confidence, draws=CALIBRATION_DRAWS, seed=0)
+    mean_confidence = float(confidence.mean())
+    accuracy = float(top_right.mean())
+    return [Finding("calibration", max(0.0, ece - floor) * len(confidence),
+                    {"ece": ece, "noise_floor": floor, "mean_confidence": mean_confidence, "accuracy": accuracy,
+                     "direction": "under" if mean_confidence < accuracy else "over"})]
 
 
 def label_noise_finding(noise: pd.DataFrame | None, errors: int) -> list:
@@ -137,7 +145,8 @@ def rank_findings(samples: pd.DataFrame, probs, *, slices: pd.DataFrame | None =
     correct = pred == labels
     k = probs.shape[1]
     found = (slice_findings(slices, 1.0 - correct.mean()) + confusion_findings(labels, pred, k)
-             + imbalance_finding(labels, correct, k) + calibration_finding(labels, probs)
+             + imbalance_finding(labels, correct, k)
+             + calibration_finding(probs.argmax(axis=1) == labels, probs.max(axis=1))
              + label_noise_finding(label_noise, int((~correct).sum())))
     kept = [f for f in found if f.impact >= MIN_IMPACT]
     return sorted(kept, key=lambda f: -f.impact)
