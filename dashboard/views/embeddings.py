@@ -81,7 +81,10 @@ if projection is None:
 
 
 def _colour_column(table: pd.DataFrame) -> tuple[pd.Series, bool, list | None]:
-    rows = id_positions(data.id_index(run), table["id"].to_numpy())
+    ids, own = table["id"].to_numpy(), samples["id"].to_numpy()
+    # a projection of every sample lists them in the samples' order: no lookup (1M ids as text took 0.6 s)
+    rows = np.arange(len(own)) if len(ids) == len(own) and np.array_equal(ids, own) else \
+        id_positions(data.id_index(run), ids)
     s = samples.iloc[rows]
     if colour in ("label", "prediction") and task.has_classes:
         column = "label" if colour == "label" else "pred"
