@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import pickle
 import shutil
+import struct
 import subprocess
 import sys
 import tracemalloc
@@ -210,6 +211,32 @@ def test_a_memory_mapped_npz_reads_as_numpy_and_writes_never_reach_the_file(tmp_
         assert (np.memmap in bases) == (save is np.savez)  # mapped where stored, read where deflated
         mapped.x[0] = -1.0
         assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("memory_map", [False, True])
+def test_an_uncompressed_member_declaring_more_than_the_file_holds_takes_no_memory(tmp_path, memory_map):
+    """A stored member read straight from the file: 1.5 GB declared in its header and the zip directory, 64 bytes
+    held. It is refused as truncated before its array is allocated (a populated mapping would have taken the
+    1.5 GB at once), and a memory map never reaches past the end of the file (numpy's raw ValueError)."""
+    path = tmp_path / "short-stored.npz"
+    npz_with_members(path, {"x.npy": (npy_header((3 << 27,)), bytes(64), 0), "y.npy": _labels(4)}, deflate=False)
+    data = bytearray(path.read_bytes())
+    entry = data.index(b"PK\x01\x02")  # the x member's central entry: its sizes say 1.5 GB too
+    declared = len(npy_header((3 << 27,))) + (3 << 29)
+    data[entry + 20:entry + 28] = struct.pack("<II", declared, declared)
+    extra = entry + 46 + len("x.npy")  # the zip64 extra field (force_zip64) holds the sizes as well
+    if data[extra:extra + 2] == b"\x01\x00":
+        data[extra + 4:extra + 20] = struct.pack("<QQ", declared, declared)
+    path.write_bytes(bytes(data))
+    code = ("import resource, sys; from analyzers.loading.datasets import read_npz_bounded; "
+            "from analyzers.errors import AnalyzerError\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            f"try:\n    read_npz_bounded({str(path)!r}, 'short-stored.npz', memory_map={memory_map})\n"
+            "except AnalyzerError as exc:\n    print('refused:', exc)\n"
+            "print('grew_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert "ends after" in out.stdout and "the file is truncated" in out.stdout, out.stdout + out.stderr
+    assert int(out.stdout.split("grew_kib")[1]) < 100 << 10, out.stdout  # under 100 MiB, not 1.5 GB
 
 
 def test_ragged_csv_rows_and_huge_floats_get_messages_that_say_so(tmp_path):

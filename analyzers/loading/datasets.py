@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import io
 import math
+import os
 import posixpath
 import zipfile
 import zlib
@@ -483,12 +484,18 @@ def _read_stored_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, shape, 
     fields = zipfile.struct.unpack(zipfile.structFileHeader, local)
     start = info.header_offset + zipfile.sizeFileHeader + fields[zipfile._FH_FILENAME_LENGTH] + \
         fields[zipfile._FH_EXTRA_FIELD_LENGTH]
+    # the bytes must be in the file before any memory is taken for them: a few hundred bytes declaring 2 GB would
+    # otherwise have the whole mapping populated (or a memory map reach past the end of the file)
+    held = max(0, os.fstat(handle.fileno()).st_size - start - offset)
+    if held < nbytes:
+        raise AnalyzerError(f"{info.filename!r} in {name!r} ends after {held:,} of its {nbytes:,} bytes: the file is "
+                            f"truncated; write it again")
     if memory_map and nbytes and isinstance(archive.filename, str) and not dtype.hasobject:
         return np.memmap(archive.filename, dtype=dtype, mode="c", offset=start + offset, shape=shape,
                          order="F" if fortran else "C")
     handle.seek(start)
     header = handle.read(offset)
-    flat = _filled(handle, shape, dtype, nbytes, info.filename, name)
+    flat = _filled(handle, shape, dtype, nbytes, info.filename, name, allocate=empty_array)
     view = memoryview(flat.view(np.uint8)) if nbytes else memoryview(b"")
     # bytes after the array (none from np.savez) are never read, as zipfile never reads them: the CRC covers the
     # whole member, so it is checked where the array fills it, as zipfile checks it at the member's end
@@ -528,9 +535,11 @@ def _npy_header(fh, member: str, name: str):
     return tuple(shape), bool(fortran), dtype
 
 
-def _filled(fh, shape: tuple, dtype, nbytes: int, member: str, name: str) -> np.ndarray:
-    """A flat array of `shape`'s size read from `fh`, exactly `nbytes`; a stream that ends first is refused."""
-    flat = empty_array(math.prod(shape), dtype=dtype)
+def _filled(fh, shape: tuple, dtype, nbytes: int, member: str, name: str, *, allocate=np.empty) -> np.ndarray:
+    """A flat array of `shape`'s size read from `fh`, exactly `nbytes`; a stream that ends first is refused.
+    `allocate` is np.empty (pages taken as the bytes arrive: a deflated stream may end short of what it declares)
+    or `arrays.empty_array` where the bytes are known to be there."""
+    flat = allocate(math.prod(shape), dtype=dtype)
     view = memoryview(flat.view(np.uint8)) if nbytes else memoryview(b"")
     filled = 0
     while filled < nbytes:
