@@ -239,6 +239,18 @@ def test_an_uncompressed_member_declaring_more_than_the_file_holds_takes_no_memo
     assert int(out.stdout.split("grew_kib")[1]) < 100 << 10, out.stdout  # under 100 MiB, not 1.5 GB
 
 
+def test_a_npy_header_cut_inside_its_dict_is_one_line():
+    """numpy's header parser raised tokenize's TokenError (not a ValueError) on an unclosed bracket."""
+    body = b"{'descr': '<f4', 'fortran_order': False, 'shape': (3,"
+    body += b" " * (118 - len(body)) + b"\n"
+    member = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("x.npy", member)
+    with pytest.raises(AnalyzerError, match=r"'x.npy' in 'cut.npz' is not a .npy array"):
+        read_npz_bounded(io.BytesIO(archive.getvalue()), "cut.npz")
+
+
 def test_ragged_csv_rows_and_huge_floats_get_messages_that_say_so(tmp_path):
     ragged = tmp_path / "ragged.csv"
     ragged.write_text("a,b,label\n1,2,0\n3,4\n5,6,1\n")

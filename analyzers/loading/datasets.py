@@ -8,6 +8,7 @@ import io
 import math
 import os
 import posixpath
+import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass, field, replace
@@ -524,7 +525,7 @@ def _npy_header(fh, member: str, name: str):
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
         else:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-    except (ValueError, EOFError, SyntaxError, TypeError) as exc:
+    except (ValueError, EOFError, SyntaxError, TypeError, tokenize.TokenError) as exc:  # a header cut mid-dict
         raise AnalyzerError(f"{member!r} in {name!r} is not a .npy array ({first_line(exc)}); a pickled member is "
                             f"never read: save plain numeric and string arrays with np.savez") from exc
     if dtype.hasobject:
