@@ -89,6 +89,7 @@ EXPECTED_FALSE_ROWS = 0.5  # the threshold is the quantile below which this many
 # 40 / 32 the 10 nearest of the shapes sample's 100k embeddings came back with recall 0.998 in 2.0 s on two cores
 # (32 / 80 / 64: 0.9999 in 4.1 s). pynndescent, used before, compiled numba code for 20-80 s in every process.
 HNSW_LINKS, HNSW_BUILD, HNSW_SEARCH = 16, 40, 32
+DISTANCE_BATCH = 1024  # rows whose neighbour distances are recomputed in float64 at a time
 
 
 # -------------------------------------------------------------------------------------------------------- hashing
@@ -156,10 +157,11 @@ def nearest_neighbours(points: np.ndarray, k: int, *, seed: int = 0, exact_searc
     found = rows >= 0
     partner = np.where(found, rows, 0)
     distances = np.empty(rows.shape)
-    for start in range(0, n, HASH_BATCH):  # exact float64 distances of the pairs found, a batch at a time
-        block = np.asarray(flat[start:start + HASH_BATCH], dtype=np.float64)[:, None, :]
-        others = np.asarray(flat[partner[start:start + HASH_BATCH]], dtype=np.float64)
-        distances[start:start + HASH_BATCH] = np.sqrt(((others - block) ** 2).sum(-1))
+    for start in range(0, n, DISTANCE_BATCH):  # exact float64 distances of the pairs found, a batch at a time
+        stop = start + DISTANCE_BATCH
+        block = np.asarray(flat[start:stop], dtype=np.float64)[:, None, :]
+        others = np.asarray(flat[partner[start:stop]], dtype=np.float64)
+        distances[start:stop] = np.sqrt(((others - block) ** 2).sum(-1))
     distances[~found] = np.inf
     rows = np.asarray(rows, dtype=np.int64)
     # drop each row itself (not always first: exact copies tie with it at distance 0), else its farthest neighbour

@@ -24,6 +24,7 @@ its reason in `data_health.json`, and the others are still written):
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -273,15 +274,13 @@ def data_health_stage(ctx) -> dict:
     options = _options(ctx.params)
     points, space = search_points(ctx, options.get("near_space", "embeddings"))
     problems, skipped, summary = [], {}, {}
-    found = {}
-
+    @functools.cache
     def neighbours():  # one search for the near duplicates and the outliers, on the same points, at the larger k
         from .duplicates import nearest_neighbours
 
-        if "table" not in found and len(points) > 1 and np.asarray(points).dtype.kind in "biuf":
-            found["table"] = nearest_neighbours(points, max(int(options.get("k", 5)), OUTLIER_K),
-                                                seed=int(ctx.params.get("seed", 0)))
-        return found.get("table")
+        if len(points) < 2 or np.asarray(points).dtype.kind not in "biuf":
+            return None
+        return nearest_neighbours(points, max(int(options.get("k", 5)), OUTLIER_K), seed=int(ctx.params.get("seed", 0)))
 
     parts = (("duplicates", lambda: duplicates_part(ctx, points, space, options, problems, neighbours())),
              ("shift", lambda: shift_part(ctx, options, problems)),

@@ -1,7 +1,6 @@
 """Loading datasets (`sample:NAME`, `.npz`, `.csv`, `.parquet`, image-folder `.zip`) and checking them against a model."""
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import hashlib
 import io
@@ -19,7 +18,7 @@ import pandas as pd
 
 from ..arrays import empty_array
 from ..errors import AnalyzerError, first_line
-from .hashing import sha256_bytes, sha256_file
+from .hashing import prefetch_sha256_file, sha256_bytes, sha256_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # A zip bomb is refused before it is inflated (declared size) and while it is read (actual size).
@@ -114,13 +113,12 @@ def load_dataset(spec, *, model=None, label_column: str = "label", id_column: st
         raise AnalyzerError(f"dataset file {path.name!r} is empty: write the file again")
     # Read from the file itself (hashed as a stream), so a large dataset is never held twice in memory. The hash
     # runs in a thread beside the reading (hashlib and the file reads release the GIL): 1.2 GB took 0.8 s to hash
-    # and as long again to read, one after the other.
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dataset-hash") as pool:
-        hashing = pool.submit(sha256_file, path)
-        dataset = _load_source(path, name=path.name, spec=spec, digest="", model=model, label_column=label_column,
-                               id_column=id_column, features=features, image_size=image_size, mean=mean, std=std,
-                               task=task, split_column=split_column, memory_map=memory_map)
-        return replace(dataset, sha256=hashing.result())
+    # and as long again to read, one after the other. sha256_file then waits for that hash.
+    prefetch_sha256_file(path)
+    dataset = _load_source(path, name=path.name, spec=spec, digest="", model=model, label_column=label_column,
+                           id_column=id_column, features=features, image_size=image_size, mean=mean, std=std,
+                           task=task, split_column=split_column, memory_map=memory_map)
+    return replace(dataset, sha256=sha256_file(path))
 
 
 # `NAME.x.npy` beside `NAME.y.npy` (and `NAME.ids.npy`, optional): inputs read memory-mapped, never copied whole
