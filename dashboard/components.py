@@ -308,19 +308,20 @@ def gallery(run: Run, ids, *, key: str, title: str | None = None) -> None:
     if len(rows) == 0:
         st.info("No samples here.")
         return
-    table = run.samples.iloc[rows]
-    ordered_ids = table["id"].tolist()
+    # the gallery pages through ids: its counts come from the kept columns, and only the page's rows are read
+    samples = run.sample_table
+    ordered_ids = samples["id"].to_numpy()[rows].tolist()
     modality = run.info["dataset"]["modality"]
     size = TABLE_PAGE if modality == "tabular" else GALLERY_PAGE
     pages = max(1, math.ceil(len(rows) / size))
     top = st.columns([3, 1])
-    confidence = table["confidence"].mean()  # a regression has none
-    top[0].caption(f"{len(rows):,} samples · {percent(table['correct'].mean())} correct" +
+    confidence = samples["confidence"].to_numpy(np.float64)[rows].mean()  # a regression has none
+    top[0].caption(f"{len(rows):,} samples · {percent(samples['correct'].to_numpy()[rows].mean())} correct" +
                    (f" · mean confidence {confidence:.3f}" if confidence == confidence else ""))
     page = 1
     if pages > 1:
         page = top[1].number_input(f"page (of {pages})", 1, pages, 1, key=f"{key}-page")
-    shown = table.iloc[(page - 1) * size: page * size]
+    shown = samples.rows(rows[(page - 1) * size: page * size])
     try:
         inputs = data.sample_inputs(run, shown.index.to_numpy()) if modality != "tabular" else None
     except AnalyzerError as exc:

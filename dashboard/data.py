@@ -146,17 +146,16 @@ def metrics(run: Run) -> dict:
         if "classification_report" in stored or "per_class" in stored:
             stored.setdefault("classification_report", stored.get("per_class"))
             return stored
-    labels = run.samples["label"].to_numpy()
+    labels = run.sample_table["label"].to_numpy()
     result = m.classification_metrics(labels, run.probs, class_names=run.class_names)
     result["ece"] = m.expected_calibration_error(labels, run.probs)
     return result
 
 
-@st.cache_resource(hash_funcs=HASH, show_spinner=False, max_entries=16)
-def id_index(run: Run) -> pd.Index:
-    """The run's sample ids as text, indexed once per run (read-only; shared): what `selection.id_positions` looks
-    ids up in. Building it took 0.4 s at 1M rows, and a slice click did it three times."""
-    return pd.Index(run.samples["id"].astype(str).to_numpy(dtype=object))
+def id_index(run: Run):
+    """What `selection.id_positions` looks the run's ids up in: its samples table, which finds ids in one pass over
+    them as text (an index of every id as text took 0.4 s to build at 1M rows, and 0.7 GB at 10M)."""
+    return run.sample_table
 
 
 @st.cache_resource(hash_funcs=HASH, show_spinner=False, max_entries=16)
@@ -164,7 +163,7 @@ def confusion(run: Run):
     """analyzers.evaluation.metrics.Confusion of the run (read-only; shared)."""
     from analyzers.evaluation import metrics as m
 
-    samples = run.samples
+    samples = run.sample_table
     return m.confusion(samples["label"].to_numpy(), samples["pred"].to_numpy(), num_classes=len(run.class_names),
                        ids=samples["id"].to_numpy(), class_names=run.class_names)
 
@@ -174,7 +173,7 @@ def threshold_curve(run: Run, positive: int):
     """analyzers.evaluation.thresholds.ThresholdCurve of class `positive` against the rest (read-only; shared)."""
     from analyzers.evaluation.thresholds import threshold_curve as curve_of
 
-    return curve_of(run.samples["label"].to_numpy(), run.probs, positive=positive)
+    return curve_of(run.sample_table["label"].to_numpy(), run.probs, positive=positive)
 
 
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)
@@ -205,16 +204,17 @@ def label_curve(run: Run, label: int):
 def reliability(run: Run, strategy: str = "uniform", n_bins: int = 10) -> dict:
     from analyzers.evaluation import metrics as m
 
-    return m.top_label_bins(run.samples["label"].to_numpy(), run.probs, n_bins=n_bins, strategy=strategy).to_dict()
+    return m.top_label_bins(run.sample_table["label"].to_numpy(), run.probs, n_bins=n_bins, strategy=strategy).to_dict()
 
 
-def decided_samples(run: Run) -> pd.DataFrame:
+def decided_samples(run: Run):
     """The samples table with each prediction taken at the run's stored threshold (thresholds.json: the Confusion
-    page's choice), else as stored (`analyzers.evaluation.thresholds.samples_at`)."""
+    page's choice; a DataFrame), else as stored (the run's `SampleTable`, read column by column)
+    (`analyzers.evaluation.thresholds.samples_at`)."""
     from analyzers.evaluation.thresholds import THRESHOLDS
 
     stored = optional_json(run, THRESHOLDS)
-    return _decided_samples(run, json.dumps(stored, sort_keys=True)) if stored else run.samples
+    return _decided_samples(run, json.dumps(stored, sort_keys=True)) if stored else run.sample_table
 
 
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)
@@ -239,7 +239,7 @@ def findings(run: Run) -> list:
     """analyzers.evaluation.findings.rank_findings on the run, with its slices and label-noise tables."""
     from analyzers.evaluation.findings import rank_findings
 
-    return rank_findings(run.samples, run.probs, slices=optional_table(run, "slices.parquet"),
+    return rank_findings(run.sample_table, run.probs, slices=optional_table(run, "slices.parquet"),
                          label_noise=optional_table(run, "label_noise.parquet"))
 
 
@@ -247,7 +247,7 @@ def findings(run: Run) -> list:
 def group_table(run: Run, column: str, bins: int = 5) -> pd.DataFrame:
     from analyzers.evaluation.metrics import group_metrics
 
-    return group_metrics(run.samples, run.probs, column, bins=bins)
+    return group_metrics(run.sample_table, run.probs, column, bins=bins)
 
 
 def optional_table(run: Run, relpath: str) -> pd.DataFrame | None:
@@ -278,8 +278,8 @@ def subset_metrics(run: Run, rows: tuple) -> dict:
     from analyzers.evaluation import metrics as m
 
     rows = np.asarray(rows, dtype=np.int64)
-    correct = run.samples["correct"].to_numpy(dtype=bool)
-    confidence = run.samples["confidence"].to_numpy(dtype=np.float64)
+    correct = run.sample_table["correct"].to_numpy(dtype=bool)
+    confidence = run.sample_table["confidence"].to_numpy(dtype=np.float64)
     member = np.zeros(len(correct), dtype=bool)
     member[rows] = True
     inside = m.calibration_bins(correct[member], confidence[member]) if member.any() else None
@@ -370,8 +370,8 @@ def first_sample_to_explain(run: Run) -> str:
     (the most confident error; a regression's largest error), else the first sample."""
     from analyzers.evaluation.metrics import rank_errors
 
-    wrong = rank_errors(run.samples, run.probs, by=run_task(run).rankings[0], limit=1)["id"].tolist()
-    return str((wrong or run.samples["id"].tolist())[0])
+    wrong = rank_errors(run.sample_table, run.probs, by=run_task(run).rankings[0], limit=1)["id"].tolist()
+    return str((wrong or [run.sample_table["id"].iloc[0]])[0])
 
 
 @st.cache_resource(show_spinner=False)
@@ -443,7 +443,7 @@ def _warm_explanations(key: str, run: Run) -> None:
 
     model, dataset = loaded
     first = first_sample_to_explain(run)
-    row = run.samples[run.samples["id"].astype(str) == first].iloc[0]
+    row = run.sample_table.rows(run.sample_table.positions([first])).iloc[0]
     # as the page explains an error: the predicted class and the true one (a regression has one output)
     targets = ["pred"] if row["label"] == row["pred"] or len(run.class_names) == 1 else ["pred", "label"]
     try:
@@ -470,7 +470,7 @@ def grouping_columns(run: Run, columns) -> tuple[list, list]:
     """(usable, left out) among `columns` for grouping and colouring: numbers are binned, so all are usable; a text
     column with more than MAX_TEXT_GROUPS values, or one value per sample, names samples rather than groups (an id
     such as a wine CSV's sample_id made 72 groups of one, headlined "accuracy gap 1.000")."""
-    samples = run.samples
+    samples = run.sample_table
     usable, left_out = [], []
     for column in columns:
         if column not in samples.columns:
@@ -591,12 +591,12 @@ def slice_membership(run: Run, top: int = 8) -> pd.Series:
     from analyzers.evaluation.slices import slice_mask
 
     slices = optional_table(run, "slices.parquet")
-    out = pd.Series(["no slice"] * len(run.samples), dtype=object)
+    out = pd.Series(["no slice"] * run.num_samples, dtype=object)
     if slices is None:
         return out
     for number, (_, s) in reversed(list(enumerate(slices.head(top).iterrows()))):
         text = s["description"] if len(s["description"]) <= 48 else s["description"][:47] + "…"
-        out[slice_mask(run.samples, s["ids"])] = f"{number + 1}: {text}"
+        out[slice_mask(run.sample_table, s["ids"])] = f"{number + 1}: {text}"
     return out
 
 
@@ -627,13 +627,8 @@ def run_shift(run_a: Run, run_b: Run) -> dict:
     return shift_between(run_a, run_b)
 
 
-@st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=32)
-def _id_strings(run: Run) -> frozenset:
-    return frozenset(run.samples["id"].astype(str))
-
-
 def run_has_sample(run: Run, sample_id: str) -> bool:
-    return str(sample_id) in _id_strings(run)
+    return run.sample_table.has_id(sample_id)
 
 
 def tcav(run: Run, concept: dict, target: int, layers: tuple, *, concept_inputs=None, random_sets: int = 8,

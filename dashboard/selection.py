@@ -118,8 +118,10 @@ def decode_selection(text: str | None) -> Selection | None:
 
 def id_positions(all_ids, wanted) -> np.ndarray:
     """Row positions in `all_ids` of the ids in `wanted`, in the order of `wanted`; ids are compared as strings
-    (a URL or a browser hands them back as text or JSON numbers). Unknown ids are dropped. `all_ids` may be the
-    ids already indexed as text (`dashboard.data.id_index`, built once per run)."""
+    (a URL or a browser hands them back as text or JSON numbers). Unknown ids are dropped. `all_ids` may be a
+    run's samples table (`dashboard.data.id_index`), which finds them without an index of every id."""
+    if hasattr(all_ids, "positions"):
+        return all_ids.positions(wanted)
     index = all_ids if isinstance(all_ids, pd.Index) else pd.Index(pd.Series(np.asarray(all_ids)).astype(str))
     codes = index.get_indexer(pd.Series(list(wanted), dtype=object).astype(str))
     return codes[codes >= 0]

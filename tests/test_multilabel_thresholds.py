@@ -168,7 +168,7 @@ def test_the_dashboards_decided_table_is_built_once_per_stored_cut(scenes_run, m
     real = thresholds.samples_at
     monkeypatch.setattr(thresholds, "samples_at", lambda *a, **k: builds.append(1) or real(*a, **k))
     data.forget_runs()
-    assert data.decided_samples(run) is run.samples and not builds  # no stored cut: the table as stored
+    assert data.decided_samples(run) is run.sample_table and not builds  # no stored cut: the table as stored
     for cut in (0.3, 0.7):
         record = save_label_thresholds(path, [cut] * len(names), names=names)
         data.forget_runs()  # as the Confusion page does once it stored a cut

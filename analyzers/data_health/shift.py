@@ -567,7 +567,7 @@ def run_features(run):
 
     from ..loading.run_checks import CORE_COLUMNS, TASK_COLUMNS
 
-    samples = run.samples
+    samples = run.sample_table
     skip = set(CORE_COLUMNS) | set(TASK_COLUMNS.get(run.task, ())) | {"split"} | \
         set(run.info["dataset"].get("ground_truth_columns") or ())
     columns = {}
@@ -608,7 +608,7 @@ def run_shift(run_a, run_b, *, seed: int = 0, permutations: int = 200, max_sampl
     tests = feature_shift(fa[common], fb[common], alpha=alpha) if common else None
     record = shift_pair(run_a.path.name, run_b.path.name, features=tests, embedding=embedding)
     record["layer"] = layer
-    return name_top_rows(record, run_a.samples["id"].to_numpy(), run_b.samples["id"].to_numpy())
+    return name_top_rows(record, run_a.sample_table["id"].to_numpy(), run_b.sample_table["id"].to_numpy())
 
 
 # ------------------------------------------------------------------------------------------------------ slices

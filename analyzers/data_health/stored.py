@@ -96,7 +96,7 @@ def _slice_masks(run, rows: np.ndarray) -> dict:
     """name -> boolean mask over `rows`: the run's top error slices and its splits."""
     from ..loading.splits import SPLIT_COLUMN, split_names
 
-    samples = run.samples
+    samples = run.sample_table
     masks = {}
     ids = samples["id"].astype(str).to_numpy()[rows]
     if run.has("slices.parquet"):

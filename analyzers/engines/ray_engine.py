@@ -294,7 +294,7 @@ def _input_blocks(ray, dataset, *, batch_size: int, min_blocks: int) -> list:
 
 
 def _write_sample_parts(directory: Path, dataset, predictions, task, names, *, part_name: str):
-    """The samples table in parts of PART_ROWS rows (`runs.read_table_parts` joins them); returns it whole.
+    """The samples table in parts of PART_ROWS rows (`sample_table.SampleTable` reads them as one); returns it whole.
 
     A task whose rows are independent (`Task.rows_independent`) builds each part from its rows alone; one whose
     columns depend on every row (a regression's wrong, a quantile of all errors) builds the whole table first."""

@@ -316,8 +316,14 @@ def confusion(labels, pred, *, num_classes: int, ids=None, class_names=None) -> 
     names = tuple(_check_names(class_names, num_classes))
     code = labels.astype(np.int64) * num_classes + pred.astype(np.int64)
     counts = np.bincount(code, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-    # Sort by (cell, id) once and cut at cell boundaries: no per-sample Python loop.
-    order = np.lexsort((ids, code))
+    # Sort by (cell, id) once and cut at cell boundaries: no per-sample Python loop. Ids that increase already
+    # (positions, the default) need only a stable sort by cell, a radix sort on 16-bit cells: 0.1 s at 10M rows,
+    # against 0.75 s for the lexsort.
+    increasing = ids.dtype.kind in "iu" and len(ids) > 1 and bool((ids[1:] > ids[:-1]).all())
+    if increasing and num_classes * num_classes <= np.iinfo(np.uint16).max:
+        order = np.argsort(code.astype(np.uint16), kind="stable")
+    else:
+        order = np.lexsort((ids, code))
     sorted_code = code[order]
     starts = np.flatnonzero(np.r_[True, sorted_code[1:] != sorted_code[:-1]]) if len(code) else np.array([], int)
     cells = {}
@@ -338,8 +344,12 @@ def margins(probs) -> np.ndarray:
     return top2[:, 0] - top2[:, 1]
 
 
-def rank_errors(samples: pd.DataFrame, probs=None, *, by: str, limit: int | None = None) -> pd.DataFrame:
+def rank_errors(samples, probs=None, *, by: str, limit: int | None = None) -> pd.DataFrame:
     """A sorted view of the samples table (`RANKINGS` names the orders); ties are broken by id.
+
+    `samples` is a DataFrame or a run's `SampleTable` (read column by column). With a `limit`, only the rows that
+    can reach it are read and sorted: those at least as far up as the limit-th value, which holds every row of the
+    top `limit` by (value, id). A 10M-row ranking reads four columns and a page of rows.
 
     "margin" needs `probs` (rows aligned with `samples`) and adds a `margin` column.
     """
@@ -353,15 +363,31 @@ def rank_errors(samples: pd.DataFrame, probs=None, *, by: str, limit: int | None
     _, column, ascending, which = RANKINGS[by]
     if column not in samples.columns and column != "margin":
         raise AnalyzerError(f"ranking by {by} needs the samples table's {column} column, which a regression run has")
-    table = samples
     if by == "margin":
         if probs is None or len(probs) != len(samples):
             raise AnalyzerError("ranking by margin needs probs with one row per sample (run.probs)")
-        table = samples.assign(margin=margins(probs))
-    if which != "all":
-        table = table[table["correct"].to_numpy() == (which == "right")]
+        values = margins(probs)
+    else:
+        values = samples[column].to_numpy(np.float64)
+    eligible = np.ones(len(values), dtype=bool) if which == "all" else \
+        samples["correct"].to_numpy(dtype=bool) == (which == "right")
+    rows = np.flatnonzero(eligible & _within_reach(values, eligible, ascending, limit))
+    table = samples.rows(rows) if hasattr(samples, "rows") else samples.iloc[rows]
+    if by == "margin":
+        table = table.assign(margin=values[rows])
     table = table.sort_values([column, "id"], ascending=[ascending, True], kind="stable")
     return table.head(limit) if limit else table
+
+
+def _within_reach(values: np.ndarray, eligible: np.ndarray, ascending: bool, limit: int | None) -> np.ndarray:
+    """Rows whose value is at least as far up as the `limit`-th eligible one (sorting puts missing values last,
+    so they can reach the limit only when fewer than `limit` values are known): every row, without a limit."""
+    known = eligible & ~np.isnan(values)
+    if limit is None or known.sum() <= limit:
+        return np.ones(len(values), dtype=bool)
+    ranked = values[known] if ascending else -values[known]
+    cut = np.partition(ranked, limit - 1)[limit - 1]
+    return known & ((values <= cut) if ascending else (-values <= cut))
 
 
 # ---------------------------------------------------------------------------------------------------- group metrics

@@ -408,8 +408,8 @@ def collect_embeddings(model, x, layer: str, batch_size: int = 256, *, run=None,
     predictions = predict(model, x, batch_size=batch_size, layer=layer, capture="output", device=device)
     embeddings = predictions.embeddings.astype(np.float32, copy=False)
     if run is not None:
-        if len(embeddings) != len(run.samples):
-            raise AnalyzerError(f"{len(embeddings)} inputs given but the run has {len(run.samples)} samples: pass the "
+        if len(embeddings) != run.num_samples:
+            raise AnalyzerError(f"{len(embeddings)} inputs given but the run has {run.num_samples} samples: pass the "
                                 f"run's dataset (analyzers.load_run_inputs)")
         write_npy(run.file(relpath), embeddings)
     return embeddings
@@ -455,7 +455,7 @@ def ensure_projection(run, layer: str | None = None, method: str = "pca", dims: 
         raise AnalyzerError(f"the run has no embeddings of layer {layer!r}: collect them first with "
                             f"analyzers.explanations.projections.collect_embeddings(model, x, {layer!r}, run=run)")
     projection = project(run.read_npy(emb_path), method=method, dims=dims, progress=progress, **options)
-    table = projection_table(run.samples["id"].to_numpy(), projection)
+    table = projection_table(run.sample_table["id"].to_numpy(), projection)
     write_parquet(run.file(relpath), table)
     write_json(run.file(record_path), {**_record(projection), "options": options})
     return table

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import AnalyzerError, RunExists, first_line
+from .sample_table import SampleTable
 from .run_checks import (RunDamaged, check_array, check_info, check_json, check_probs,
                          check_samples, check_table, damaged)
 
@@ -39,18 +40,6 @@ LABELS = "labels.npy"  # a multi-label run's multi-hot labels (N, K); samples.pa
 def table_parts(directory: str | Path) -> list[Path]:
     """The parts of a table stored in parts (`part-*.parquet` under `directory`), in row order (by name)."""
     return sorted(Path(directory).glob("part-*.parquet"))
-
-
-def read_table_parts(directory: str | Path) -> pd.DataFrame:
-    """A table stored in parts, as one DataFrame. A column all missing in one part and typed in another is read
-    with the other's type (a part is written as its rows come, and pyarrow types an all-null column as null)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    parts = table_parts(directory)
-    if not parts:
-        raise ValueError(f"{Path(directory).name}/ holds no part-*.parquet files")
-    return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="permissive").to_pandas()
 
 
 def _temp_sibling(path: Path, tag: str) -> Path:
@@ -272,11 +261,10 @@ def check_run_files(stage_dir: str | Path, *, num_samples: int, num_classes: int
     except RunDamaged as exc:
         raise AnalyzerError(f"the analysis wrote a damaged {exc.relpath or 'run'} ({exc.why or exc}); nothing was "
                             f"stored") from exc
-    samples = run.samples
     if task == "regression":  # a real-valued prediction has no accuracy: the summary leads with its MAE
         return {"accuracy": None}
     # a multi-label run's `correct` is every label right: its accuracy is the subset accuracy
-    return {"accuracy": float(samples["correct"].mean()) if num_samples else float("nan")}
+    return {"accuracy": float(run.sample_table["correct"].mean()) if num_samples else float("nan")}
 
 
 @dataclass(frozen=True)
@@ -307,19 +295,30 @@ class Run:
         return not (self.path / SAMPLES).exists() and (self.path / SAMPLES_DIR).is_dir()
 
     @property
-    def samples(self) -> pd.DataFrame:
-        if "samples" not in self._cache:
-            table = self._read(SAMPLES_DIR, read_table_parts) if self.sharded else self._read(SAMPLES, pd.read_parquet)
+    def sample_table(self) -> SampleTable:
+        """The samples table, checked, read column by column (`sample_table.SampleTable`): what the dashboard
+        reads, so that a 10M-row run never sits whole in memory."""
+        if "sample_table" not in self._cache:
+            relpath = SAMPLES_DIR if self.sharded else SAMPLES
+            table = self._read(relpath, lambda p: SampleTable(table_parts(p) if self.sharded else [p],
+                                                              where=self.path, relpath=relpath))
             check_samples(table, num_samples=self.num_samples, num_classes=len(self.class_names), where=self.path,
                           task=self.task)
-            self._cache["samples"] = table
+            self._cache["sample_table"] = table
+        return self._cache["sample_table"]
+
+    @property
+    def samples(self) -> pd.DataFrame:
+        """The whole samples table, for the analyses of a run (the dashboard reads `sample_table`'s columns)."""
+        if "samples" not in self._cache:
+            self._cache["samples"] = self.sample_table.to_frame()
         return self._cache["samples"]
 
     @property
     def probs(self) -> np.ndarray:
         if "probs" not in self._cache:
             probs = self._read(PROBS, lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
-            check_probs(probs, self.samples, num_classes=len(self.class_names), where=self.path, task=self.task)
+            check_probs(probs, self.sample_table, num_classes=len(self.class_names), where=self.path, task=self.task)
             self._cache["probs"] = probs
         return self._cache["probs"]
 
@@ -333,10 +332,10 @@ class Run:
                 from .run_checks import check_label_matrix
 
                 labels = self._read(LABELS, lambda p: np.load(p, allow_pickle=False))
-                check_label_matrix(labels, self.samples, num_labels=len(self.class_names), probs=self.probs,
+                check_label_matrix(labels, self.sample_table, num_labels=len(self.class_names), probs=self.probs,
                                    threshold=MultiLabel(len(self.class_names)).threshold, where=self.path)
             else:
-                labels = self.samples["label"].to_numpy()
+                labels = self.sample_table["label"].to_numpy()
             self._cache["labels"] = labels
         return self._cache["labels"]
 
@@ -365,7 +364,7 @@ class Run:
     def check_every_file(self) -> None:
         """Read every file a page or an analysis may read, by its rules; raise RunDamaged for the first broken one.
         Arrays are checked from their headers (memory-mapped), so this costs one read of the tables."""
-        self.probs  # reads and checks samples.parquet too
+        self.probs  # reads and checks samples.parquet's core columns too
         self.labels  # a multi-label run's labels.npy
         readers = {".parquet": self.read_parquet, ".json": self.read_json, ".npy": self.read_npy}
         for path in sorted(self.path.rglob("*")):

@@ -13,7 +13,7 @@ from dashboard.selection import Selection, id_positions, region_mask, selected_i
 run = components.require_run(tasks=(*components.CLASS_TASKS, "regression", "multilabel"))
 components.header("Embeddings", run, "Each point is a sample, placed by a projection of a layer's activations. "
                                      "Drag a box (or pick the lasso in the chart toolbar) to select samples.")
-samples = run.samples
+samples = run.sample_table
 names = run.class_names
 task = data.run_task(run)
 
@@ -85,7 +85,8 @@ def _colour_column(table: pd.DataFrame) -> tuple[pd.Series, bool, list | None]:
     # a projection of every sample lists them in the samples' order: no lookup (1M ids as text took 0.6 s)
     rows = np.arange(len(own)) if len(ids) == len(own) and np.array_equal(ids, own) else \
         id_positions(data.id_index(run), ids)
-    s = samples.iloc[rows]
+    # the columns a colour may read, not the table: a 10M-row run keeps a handful of columns
+    s = samples.frame([c for c in ("label", "pred", "correct", "prediction", colour) if c in samples]).iloc[rows]
     if colour in ("label", "prediction") and task.has_classes:
         column = "label" if colour == "label" else "pred"
         return pd.Series(np.asarray(names, object)[s[column]]), True, list(names)

@@ -12,7 +12,7 @@ from dashboard.selection import Selection, id_positions
 
 run = components.require_run(tasks=(*components.CLASS_TASKS, "regression", "multilabel"))
 components.header("Errors & slices", run)
-samples = run.samples
+samples = run.sample_table
 names = run.class_names
 task = data.run_task(run)
 sel = state.selection()

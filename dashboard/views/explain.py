@@ -13,7 +13,7 @@ from dashboard.selection import id_positions, neighbours
 run = components.require_run(tasks=(*components.CLASS_TASKS, "regression", "multilabel"))
 components.header("Explain a sample", run)
 task = data.run_task(run)
-samples = run.samples
+samples = run.sample_table
 modality = run.info["dataset"]["modality"]
 
 # ------------------------------------------------------------------------------------------------- which sample
@@ -25,7 +25,7 @@ if current is None or len(id_positions(data.id_index(run), [current])) == 0:
     current = str(gallery[0]) if gallery else data.first_sample_to_explain(run)
     state.put("sample", current)
 row = int(id_positions(data.id_index(run), [current])[0])
-sample = samples.iloc[row]
+sample = samples.rows([row]).iloc[0]
 
 nav = st.columns([1, 1, 3, 2], vertical_alignment="bottom")
 prev_id, next_id = neighbours(gallery, current)
@@ -156,7 +156,7 @@ with right:
                         key="explain-probs", config={"displayModeBar": False})
     else:
         st.markdown(f"**Absolute error** {sample['abs_error']:.4g}, against a mean of "
-                    f"{run.samples['abs_error'].mean():.4g} over the run.")
+                    f"{samples['abs_error'].mean():.4g} over the run.")
 
 # ----------------------------------------------------------------------------------------------------- attributions
 from analyzers.explanations.attributions import (COMPLETE_METHODS, METHODS, describe_settings,  # noqa: E402

@@ -25,7 +25,7 @@ default = convs[-1] if convs else layers[0]
 layer = st.selectbox("Layer", layers, index=layers.index(default), key="network-layer",
                      format_func=lambda n: f"{n} ({kinds.get(n, '?')})")
 
-samples = run.samples
+samples = run.sample_table
 current = state.get("sample")
 if current is None or len(id_positions(data.id_index(run), [current])) == 0:
     current = data.first_sample_to_explain(run)
@@ -86,7 +86,7 @@ def _feature_maps_and_top_samples(acts) -> None:
     if components.fresh("network-top", (layer, channel, k)):
         state.set_gallery(top_ids)
     components.gallery(run, top_ids, key="network-gallery", title=None)
-    table = samples.iloc[id_positions(data.id_index(run), top_ids)]
+    table = samples.rows(id_positions(data.id_index(run), top_ids))
     has_classes = data.run_task(run).has_classes
     labels = table["label"].map(lambda v: components.class_name(run, v) if has_classes else components.short(v))
     st.caption(f"Of these, {int(table['correct'].sum())} are right; their labels: " +

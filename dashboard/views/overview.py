@@ -47,7 +47,7 @@ def _slices_table(error_column: str, error_name: str, rate_name: str, none_found
         st.markdown(none_found)
         return
     top = slices.head(10)
-    summary = slice_error_summary(run.samples, top, error_column, quantile_column=quantile_column,
+    summary = slice_error_summary(run.sample_table, top, error_column, quantile_column=quantile_column,
                                   z_column=z_column)
     table = pd.DataFrame({"slice": top["description"], "samples": top["size"].astype(int),
                           rate_name: 100 * top["error_rate"], f"{error_name} inside": summary["mean_inside"],
@@ -127,7 +127,7 @@ def _multilabel_overview() -> None:
         a, b = sel.value
         labels, probs = np.asarray(run.labels), np.asarray(run.probs)
         missed = (labels == 1) & (probs < task.thresholds)
-        ids = run.samples["id"].to_numpy()[missed[:, a] & missed[:, b]].tolist()
+        ids = run.sample_table["id"].to_numpy()[missed[:, a] & missed[:, b]].tolist()
         state.set_gallery(ids)
         title = (f"{md(names[a])} missed — {len(ids)} samples" if a == b else
                  f"{md(names[a])} and {md(names[b])} both missed — {len(ids)} samples")
@@ -159,7 +159,7 @@ def _regression_overview() -> None:
     st.caption(f"Targets: mean {m['target_mean']:.4g}, standard deviation {m['target_std']:.4g}, over "
                f"{m['num_samples']:,} samples. A sample counts as one of the largest errors when "
                f"{md(task.what_is_wrong)}.")
-    samples = run.samples
+    samples = run.sample_table
     left, right = st.columns(2, gap="large")
     with left:
         st.subheader("Predicted against true")
@@ -311,7 +311,7 @@ with left:
     st.caption(" · ".join(f"{md(k)}: F1 {v['f1-score']:.3f}" for k, v in averages.items()))
 with right:
     st.subheader("Class balance")
-    st.plotly_chart(figures.class_balance_figure(run.samples["label"], run.samples["pred"], names),
+    st.plotly_chart(figures.class_balance_figure(run.sample_table["label"], run.sample_table["pred"], names),
                     key="overview-balance", config={"displayModeBar": False})
 
 left, right = st.columns(2, gap="large")
