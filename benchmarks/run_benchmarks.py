@@ -50,7 +50,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SECTIONS = ("run", "explain_all", "interactive", "sandbox", "projections", "peer", "tabular", "evaluation", "startup",
-            "dashboard", "upload", "waits", "trust", "health", "scale")
+            "dashboard", "upload", "waits", "trust", "health", "scale", "tables")
 # the sections that need the generated images or the image model (prepare() makes them only for these)
 IMAGE_SECTIONS = ("run", "explain_all", "interactive", "sandbox", "projections", "peer", "dashboard", "health")
 DEFAULT_SIZES = (10_000, 100_000)
@@ -98,6 +98,9 @@ SCALE_BATCH_SIZE = 4096
 SCALE_RUN_TARGET_RATIO = 1.3
 SCALE_RSS_TARGET_MB = 2000
 SCALE_PAGE_TARGET_S, SCALE_CLICK_TARGET_S, SCALE_DASHBOARD_RSS_MB = 2.0, 0.5, 1500
+# The dashboard at 10M rows of the run tables (issue 15): a run of TABLE_ROWS generated rows like the `tabular`
+# sample's, through its small model in-process, then the same pages and clicks as at 1M (rows: full, quick)
+TABLE_ROWS = (10_000_000, 20_000)
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
@@ -1313,6 +1316,33 @@ class _RssSampler(threading.Thread):
             self.stop.wait(0.2)
 
 
+def make_tabular_rows(n: int, prefix: Path, seed: int = 0) -> Path:
+    """`n` rows like the `tabular` sample's test rows (each feature with Gaussian noise of a tenth of its spread) as
+    a `.npy` pair `PREFIX.x.npy` / `PREFIX.y.npy`, written in chunks."""
+    import numpy as np
+
+    from analyzers.loading.datasets import load_dataset
+
+    x_path = prefix.with_name(prefix.name + ".x.npy")
+    if x_path.exists():
+        return x_path
+    rng = np.random.default_rng(seed)
+    base = load_dataset("sample:tabular")
+    spread = base.x.std(axis=0).astype(np.float32)
+    x = np.lib.format.open_memmap(x_path.with_suffix(".tmp"), mode="w+", dtype=np.float32, shape=(n,) + base.x.shape[1:])
+    y = np.empty(n, np.int64)
+    for start in range(0, n, 500_000):
+        m = min(500_000, n - start)
+        rows = rng.integers(0, len(base), m)
+        x[start:start + m] = base.x[rows] + rng.normal(size=(m,) + base.x.shape[1:]).astype(np.float32) * spread / 10
+        y[start:start + m] = base.y[rows]
+    x.flush()
+    del x
+    np.save(prefix.with_name(prefix.name + ".y.npy"), y)
+    os.replace(x_path.with_suffix(".tmp"), x_path)
+    return x_path
+
+
 def worker_scale_run(spec: dict) -> dict:
     """One whole run (`run_analysis`) on `spec["engine"]`, its wall and CPU time, this process's peak RSS, and the
     peak of this process and the Ray workers together."""
@@ -2110,25 +2140,48 @@ class Bench:
                      target=SCALE_RSS_TARGET_MB, target_kind="MB", value=round(result["rss_peak_with_ray_bytes"] / MB),
                      unit="MB", note=f"the driver alone {result['rss_peak_bytes'] / MB:.0f} MB (VmHWM); the "
                                      f"inputs are a memory-mapped .npy pair of {n * 256 / MB:.0f} MB")
-        run = self.runs_dir / f"scale-ray-{n}"
+        self.dashboard_rows("scale", self.runs_dir / f"scale-ray-{n}", n)
+
+    def tables_section(self) -> None:
+        """Issue 15: the dashboard on TABLE_ROWS rows of run tables. The rows are generated like the `tabular`
+        sample's test rows and predicted by its small model (in-process; the evaluation stage only), so that every
+        page has real predictions, slices, a confusion matrix and a projection to read."""
+        n = TABLE_ROWS[1 if self.args.quick else 0]
+        self.log(f"tables: {n} generated tabular rows, their run, then the dashboard on it")
+        data = make_tabular_rows(n, self.workdir / f"tabular-rows-{n}")
+        out = self.runs_dir / f"tables-{n}"
+        spec = {"engine": "process", "model": "sample:tabular", "data": str(data), "batch_size": SCALE_BATCH_SIZE,
+                "analyses": ["evaluation"], "out": str(out)}
+        made = self.worker("scale_run", spec, label="tables-run")
+        if made is None:
+            return
+        self.details["tables-run"] = made
+        self.add("tables", "in-process run of the generated rows (evaluation stage)", n, made["run"]["wall_s"],
+                 cpu_seconds=made["run"]["cpu_s"], note=f"peak RSS {made['rss_peak_bytes'] / MB:.0f} MB; the inputs "
+                                                        f"are a memory-mapped .npy pair of {n * 120 / MB:.0f} MB")
+        self.dashboard_rows("tables", out, n)
+
+    def dashboard_rows(self, section: str, run: Path, n: int) -> None:
+        """The dashboard on `run` through AppTest: the first page, each page, a cell, a ranking and a slice click,
+        and the peak RSS, against the issue's targets at scale."""
         pages = [f"views/{name}.py" for name in ("overview", "confusion", "errors", "embeddings")]
         spec = {"runs_dir": str(self.runs_dir), "run": str(run), "timeout": 600, "pages": pages,
                 "selections": {"views/confusion.py": ["cell:0-1"], "views/errors.py": ["rank:loss", "slice:0"]},
                 "widget_pages": []}
-        self.log(f"scale: the dashboard on the {n}-sample Ray run")
-        result = self.worker("dashboard", spec, label="scale-dashboard")
+        self.log(f"{section}: the dashboard on the {n}-sample run")
+        result = self.worker("dashboard", spec, label=f"{section}-dashboard")
         if result is None:
             return
-        self.details["scale-dashboard"] = result
-        self.add("scale", "dashboard: first page on the Ray run", n, result["first_page_s"],
+        self.details[f"{section}-dashboard"] = result
+        self.add(section, f"dashboard: first page on the {run.name} run", n, result["first_page_s"],
                  target=SCALE_PAGE_TARGET_S, target_kind="seconds")
         for page, entry in result["pages"].items():
-            self.add("scale", f"dashboard: open {page}", n, entry["first_s"], target=SCALE_PAGE_TARGET_S,
+            self.add(section, f"dashboard: open {page}", n, entry["first_s"], target=SCALE_PAGE_TARGET_S,
                      target_kind="seconds", note=entry.get("error") or f"{entry['elements']} elements")
         for what, entry in result["selections"].items():
-            self.add("scale", f"dashboard: click {what}", n, entry["seconds"], target=SCALE_CLICK_TARGET_S,
+            self.add(section, f"dashboard: click {what}", n, entry["seconds"], target=SCALE_CLICK_TARGET_S,
                      target_kind="seconds", note=entry.get("error") or "")
-        self.add("scale", "dashboard: peak RSS", n, None, target=SCALE_DASHBOARD_RSS_MB, target_kind="MB",
+        self.add(section, "dashboard: peak RSS", n, None, target=SCALE_DASHBOARD_RSS_MB, target_kind="MB",
                  value=round(result["worker_maxrss_bytes"] / MB), unit="MB", note="the AppTest process's ru_maxrss")
 
     # -- output
@@ -2172,7 +2225,7 @@ class Bench:
                  ("startup", self.startup_section),
                  ("dashboard", self.dashboard_section), ("upload", self.upload_section),
                  ("waits", self.waits_section), ("trust", self.trust_section), ("health", self.health_section),
-                 ("scale", self.scale_section)]
+                 ("scale", self.scale_section), ("tables", self.tables_section)]
         for name, step in steps:
             if self.wanted(name):
                 t0 = time.perf_counter()

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "run_benchmarks.py"
-SKIPPED = "projections,dashboard,interactive,tabular,upload,waits,trust"  # upload: the live-server tests cover it; waits: minutes; trust: tests/test_faithfulness.py checks its verdicts
+SKIPPED = "projections,dashboard,interactive,tabular,upload,waits,trust,tables"  # tables: the scale section runs the same dashboard walk; upload: the live-server tests cover it; waits: minutes; trust: tests/test_faithfulness.py checks its verdicts
 
 
 @pytest.fixture(scope="module")
