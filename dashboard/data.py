@@ -270,11 +270,12 @@ def _optional_json(run: Run, relpath: str):
 
 
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=64)
-def subset_metrics(run: Run, rows: tuple) -> dict:
+def subset_metrics(run: Run, rows: np.ndarray) -> dict:
     """Accuracy, mean confidence and top-label calibration of the samples at `rows`, inside against outside them
     (`metrics.calibration_bins` of the stored `correct` against `confidence`, the top label's probability: what
     `metrics.top_label_bins` reads from the probabilities, without checking and copying all of them per click;
-    the full classification report took 0.9 s of a 50k-sample slice's click at 100k and is shown nowhere)."""
+    the full classification report took 0.9 s of a 50k-sample slice's click at 100k and is shown nowhere). `rows`
+    is an array, which the cache keys by its bytes: a tuple of a 10M-row run's slice took seconds to hash."""
     from analyzers.evaluation import metrics as m
 
     rows = np.asarray(rows, dtype=np.int64)
@@ -585,19 +586,32 @@ def collect_layer(run: Run, layer: str) -> None:
     collect_embeddings(model, dataset.x, layer, run=run)
 
 
-@st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)
-def slice_membership(run: Run, top: int = 8) -> pd.Series:
-    """Per sample (in samples.parquet order), the best-ranked of the top slices holding it, or "no slice"."""
+@st.cache_resource(hash_funcs=HASH, show_spinner=False, max_entries=16)
+def slice_rows(run: Run, top: int = 10) -> list:
+    """The member positions of each of the run's top slices (read-only; shared): found once per run, not per
+    threshold or per colouring (ten slices of a 10M-row run took 2.6 s)."""
     from analyzers.evaluation.slices import slice_mask
 
     slices = optional_table(run, "slices.parquet")
-    out = pd.Series(["no slice"] * run.num_samples, dtype=object)
     if slices is None:
-        return out
-    for number, (_, s) in reversed(list(enumerate(slices.head(top).iterrows()))):
-        text = s["description"] if len(s["description"]) <= 48 else s["description"][:47] + "…"
-        out[slice_mask(run.sample_table, s["ids"])] = f"{number + 1}: {text}"
-    return out
+        return []
+    return [np.flatnonzero(slice_mask(run.sample_table, ids)) for ids in slices.head(top)["ids"]]
+
+
+@st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)
+def slice_membership(run: Run, top: int = 8) -> pd.Series:
+    """Per sample (in samples.parquet order), the best-ranked of the top slices holding it, or "no slice"."""
+    slices = optional_table(run, "slices.parquet")
+    names, codes = ["no slice"], np.zeros(run.num_samples, dtype=np.int16)
+    if slices is not None:
+        members = slice_rows(run, max(top, 10))
+        for number, (_, s) in enumerate(slices.head(top).iterrows()):
+            text = s["description"] if len(s["description"]) <= 48 else s["description"][:47] + "…"
+            names.append(f"{number + 1}: {text}")
+        for number in reversed(range(len(names) - 1)):  # the best-ranked slice last, so that it wins
+            codes[members[number]] = number + 1
+    # categories: a text per sample took 80 MB and a second at 10M rows
+    return pd.Series(pd.Categorical.from_codes(codes, categories=names))
 
 
 @st.cache_resource(hash_funcs=HASH, show_spinner=False, max_entries=16)

@@ -525,11 +525,30 @@ def downsample_rows(n: int, max_points: int = MAX_SCATTER_POINTS, *, keep=None, 
 DENSITY_BINS = 160  # bins per axis of the density under a projection too large to draw point by point
 
 
+def _bin_indices(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """(each value's bin, the edges) over `bins` equal bins from the minimum to the maximum, as numpy's histogram
+    bins them: the last bin holds the maximum, one value spans min - 0.5 to max + 0.5, and a value on an edge
+    belongs to the bin above it."""
+    low, high = (float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)
+    if low == high:
+        low, high = low - 0.5, high + 0.5
+    edges = np.linspace(low, high, bins + 1)
+    index = ((values - low) * (bins / (high - low))).astype(np.int64)
+    index = np.clip(index, 0, bins - 1)
+    # the arithmetic can land one bin off at an edge: correct against the edges themselves, as numpy does
+    index -= values < edges[index]
+    index += (values >= edges[index + 1]) & (index != bins - 1)
+    return index, edges
+
+
 def density_trace(x: np.ndarray, y: np.ndarray, *, bins: int = DENSITY_BINS) -> go.Heatmap:
-    """Every point counted in a `bins` x `bins` grid (numpy's histogram2d), drawn on a log scale in greys, empty
+    """Every point counted in a `bins` x `bins` grid (as numpy's histogram2d counts), drawn on a log scale in greys, empty
     cells left clear; each cell's count is its customdata (the hover says it)."""
     finite = np.isfinite(x) & np.isfinite(y)
-    counts, x_edges, y_edges = np.histogram2d(x[finite], y[finite], bins=bins)
+    x, y = x[finite], y[finite]
+    (ix, x_edges), (iy, y_edges) = _bin_indices(x, bins), _bin_indices(y, bins)
+    # one bincount of the cells: histogram2d's general binning took 6.6 s at 10M points
+    counts = np.bincount(ix * bins + iy, minlength=bins * bins).reshape(bins, bins).astype(np.float64)
     z = np.where(counts > 0, np.log10(np.maximum(counts, 1)) + 1.0, np.nan).T  # rows of the heatmap are y
     return go.Heatmap(x=(x_edges[:-1] + x_edges[1:]) / 2, y=(y_edges[:-1] + y_edges[1:]) / 2, z=z,
                       customdata=counts.T.astype(np.int64), colorscale="Greys", zmin=0.0, showscale=False,

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
 KINDS = ("cell", "slice", "rank", "ids", "suspects", "pair")  # pair: two labels missed together (multi-label)
 MAX_URL_IDS = 500  # a selection of more ids stays in the session but is not written into the link
@@ -118,13 +117,14 @@ def decode_selection(text: str | None) -> Selection | None:
 
 def id_positions(all_ids, wanted) -> np.ndarray:
     """Row positions in `all_ids` of the ids in `wanted`, in the order of `wanted`; ids are compared as strings
-    (a URL or a browser hands them back as text or JSON numbers). Unknown ids are dropped. `all_ids` may be a
-    run's samples table (`dashboard.data.id_index`), which finds them without an index of every id."""
+    (a URL or a browser hands them back as text or JSON numbers). Unknown ids are dropped. `all_ids` is an array
+    of ids (`analyzers.loading.sample_table.positions_of`) or a run's samples table (`dashboard.data.id_index`),
+    which finds them without an index of every id."""
     if hasattr(all_ids, "positions"):
         return all_ids.positions(wanted)
-    index = all_ids if isinstance(all_ids, pd.Index) else pd.Index(pd.Series(np.asarray(all_ids)).astype(str))
-    codes = index.get_indexer(pd.Series(list(wanted), dtype=object).astype(str))
-    return codes[codes >= 0]
+    from analyzers.loading.sample_table import positions_of
+
+    return positions_of(np.asarray(all_ids), list(wanted))
 
 
 def ids_in_box(coords: np.ndarray, box: dict) -> np.ndarray:

@@ -55,11 +55,15 @@ def parted(tmp_path):
 
 def test_columns_and_rows_equal_the_whole_table_read_by_pandas(parted):
     table, parts = parted
+    rows = np.array([99, 0, 23, 22, 57, 57, 63, 1])  # across parts and row groups, out of order, one twice
+    fresh = SampleTable(parts.files)
+    pd.testing.assert_frame_equal(fresh.rows(rows), table.iloc[rows].set_axis(rows))  # every column from the files
+    fresh["loss"], fresh["colour"]
+    pd.testing.assert_frame_equal(fresh.rows(rows), table.iloc[rows].set_axis(rows))  # some from memory
     assert len(parts) == len(table) and parts.columns == list(table.columns)
     for name in table.columns:
         pd.testing.assert_series_equal(parts[name], table[name], check_names=True)
-    rows = np.array([99, 0, 23, 22, 57, 57, 63, 1])  # across parts and row groups, out of order, one twice
-    pd.testing.assert_frame_equal(parts.rows(rows), table.iloc[rows].set_axis(rows))
+    pd.testing.assert_frame_equal(parts.rows(rows), table.iloc[rows].set_axis(rows))  # all from memory
     assert len(parts.rows([])) == 0 and list(parts.rows([]).columns) == list(table.columns)
     with pytest.raises(IndexError):
         parts.rows([100])

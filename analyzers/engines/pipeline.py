@@ -25,8 +25,8 @@ import pandas as pd
 
 from ..errors import AnalyzerError, InvalidOption, RunExists, first_line
 from ..loading.datasets import Dataset, check_dataset, describe_dataset, load_dataset
-from ..loading.runs import (LABELS, PROBS, RUN_FORMAT_VERSION, RUN_INFO, SAMPLES, carry_derived_files, check_run_files,
-                            open_run, refuse_non_run, staged_run, write_json)
+from ..loading.runs import (LABELS, PROBS, RUN_FORMAT_VERSION, RUN_INFO, SAMPLE_ROW_GROUP, SAMPLES,
+                            carry_derived_files, check_run_files, open_run, refuse_non_run, staged_run, write_json)
 from ..loading.sandbox import runs_in_worker, sandboxed
 
 if TYPE_CHECKING:
@@ -373,7 +373,7 @@ def write_predictions(model, dataset, stage_dir: Path, *, params: dict, device: 
                           device=device, progress=progress,
                           on_batch=lambda done, total: report("inference", done / total))
     samples = build_samples_table(dataset, predictions, task_of(model), class_names=run_class_names(model, dataset))
-    samples.to_parquet(stage_dir / SAMPLES, index=False)
+    samples.to_parquet(stage_dir / SAMPLES, index=False, row_group_size=SAMPLE_ROW_GROUP)
     np.save(stage_dir / PROBS, predictions.probs)
     write_label_matrix(stage_dir, dataset)
     if predictions.embeddings is not None:

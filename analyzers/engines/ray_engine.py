@@ -29,7 +29,8 @@ import numpy as np
 
 from ..errors import AnalyzerError, first_line
 
-# rows per part of the samples table: parts of about this many rows keep a 10M-row run at ~150 files
+# rows per part of the samples table: parts of about this many rows keep a 10M-row run at ~150 files (one row
+# group each, as samples.parquet's groups: runs.SAMPLE_ROW_GROUP)
 PART_ROWS = 1 << 16
 # bytes of inputs per block in the object store: large enough to amortise Ray's cost per call (about a millisecond),
 # small enough to stream (and to show progress) in many steps

@@ -33,6 +33,9 @@ SAMPLES = "samples.parquet"
 # A scaled-out run's samples table in parts (`samples/part-NNNNNN.parquet`, rows in name order), in place of SAMPLES
 SAMPLES_DIR = "samples"
 SAMPLE_PART = "part-{:06d}.parquet"
+# Rows per row group of samples.parquet: a gallery page reads the groups holding its rows (pyarrow's default of 1Mi
+# rows made a page of 20 rows of a 10M-row run read the file), the size of a Ray part
+SAMPLE_ROW_GROUP = 1 << 16
 PROBS = "probs.npy"
 LABELS = "labels.npy"  # a multi-label run's multi-hot labels (N, K); samples.parquet holds them as text
 

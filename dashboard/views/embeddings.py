@@ -141,7 +141,7 @@ if sel is not None and sel.kind == "ids":
             cols[2].metric("Mean loss", f"{samples['loss'].to_numpy()[rows].mean():.4g}")
             components.gallery(run, chosen, key="emb-gallery")
             st.stop()
-        sub = data.subset_metrics(run, tuple(int(r) for r in rows))
+        sub = data.subset_metrics(run, np.asarray(rows, dtype=np.int64))
         cols = st.columns(4)
         cols[0].metric("Accuracy", f"{sub['accuracy']:.3f}")
         cols[1].metric("Mean confidence", f"{sub['mean_confidence']:.3f}")
