@@ -64,6 +64,25 @@ def test_the_noise_floor_is_what_a_calibrated_model_shows():
     assert expected_calibration_error(labels, probs) == pytest.approx(floor, abs=0.03)
 
 
+def test_the_noise_floor_of_large_bins_is_the_normal_mean_deviation_of_their_draws():
+    """issue 15: bins of many samples take sqrt(2 var / pi) for the draws' mean absolute deviation; on 300k samples
+    it must equal drawing every sample (400 draws, by hand here) to within the draws' noise."""
+    from analyzers.evaluation.findings import NORMAL_BIN_VARIANCE
+    from analyzers.evaluation.metrics import DEFAULT_BINS, calibration_bins
+
+    rng = np.random.default_rng(5)
+    confidence = np.clip(rng.beta(8, 2, 300_000), 0.5, 1.0)
+    probs = np.column_stack([confidence, 1 - confidence])
+    edges = calibration_bins(np.zeros(1), np.zeros(1), n_bins=DEFAULT_BINS).edges
+    which = np.searchsorted(edges[1:-1], confidence)
+    variance = np.bincount(which, weights=confidence * (1 - confidence), minlength=DEFAULT_BINS)
+    assert (variance >= NORMAL_BIN_VARIANCE).sum() >= 3  # the normal path is taken for several bins
+    expected = np.bincount(which, weights=confidence, minlength=DEFAULT_BINS)
+    drawn = [np.abs(np.bincount(which, weights=rng.random(len(confidence)) < confidence, minlength=DEFAULT_BINS)
+                    - expected).sum() / len(confidence) for _ in range(400)]
+    assert calibration_noise_floor(probs) == pytest.approx(np.mean(drawn), rel=0.04)
+
+
 def test_confused_pairs_count_their_cell_as_scikit_learn_does():
     from sklearn.metrics import confusion_matrix
 

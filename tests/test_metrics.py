@@ -111,6 +111,12 @@ def test_confusion_matches_scikit_learn_with_cell_ids():
     d = c.to_dict()
     assert sum(cell["count"] for cell in d["cells"]) == 200
     json.dumps(d)
+    # issue 15: a cell lists its first ids (ascending) beside its full count; the file stays small at 10M rows
+    capped = c.to_dict(ids_per_cell=3)
+    assert capped["ids_per_cell"] == 3
+    for cell in capped["cells"]:
+        assert cell["count"] == c.counts[cell["true"], cell["pred"]]
+        assert cell["ids"] == c.ids(cell["true"], cell["pred"])[:3].tolist()
 
 
 @settings(max_examples=40, deadline=None)

@@ -4,8 +4,8 @@ Writes into the run directory:
 - `metrics.json`: accuracy, balanced_accuracy, log_loss, roc_auc_ovr (macro), top_k_accuracy {k: value}, ece (top label,
   equal-width bins), ece_quantile (equal-mass bins), classification_report (scikit-learn's dict: per class, "macro
   avg", "weighted avg"), calibration {uniform|quantile: {top_label, per_class: {name: bins}}};
-- `confusion.json`: counts, normalized {true, pred, all}, cells [{true, pred, count, ids}], most_confused (directed
-  cells) and most_confused_pairs (either way);
+- `confusion.json`: counts, normalized {true, pred, all}, cells [{true, pred, count, ids}] (at most
+  `metrics.CELL_IDS_LISTED` ids a cell), most_confused (directed cells) and most_confused_pairs (either way);
 - `slices.parquet`: see `analyzers.evaluation.slices.find_slices` (source, description, size, errors, error_rate, lift, score,
   ids, conditions, cluster, ece, ece_rest, merged), best first; `merged` (JSON, read it with `merged_slices`) lists the
   slices merged into each: near-copies, slices mostly inside it failing no more than its rest, and broader slices
