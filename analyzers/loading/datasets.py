@@ -19,6 +19,7 @@ import pandas as pd
 from ..arrays import empty_array
 from ..errors import AnalyzerError, first_line
 from .hashing import prefetch_sha256_file, sha256_bytes, sha256_file
+from .sample_table import ids_unique
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # A zip bomb is refused before it is inflated (declared size) and while it is read (actual size).
@@ -993,7 +994,7 @@ def _finish(x, y, ids, *, spec, digest, class_names, metadata, name, feature_nam
     ids = np.asarray(ids)
     if ids.dtype.kind == "O":
         ids = ids.astype(str)
-    if len(pd.unique(ids)) != len(ids):
+    if not ids_unique(ids):
         dupes = pd.Series(ids)[pd.Series(ids).duplicated()].astype(str).unique()[:5]
         raise AnalyzerError(f"ids in {name!r} are not unique ({', '.join(dupes)} repeat): give every sample its own id")
     return Dataset(x=x, y=y, ids=ids, spec=spec, sha256=digest, class_names=class_names,

@@ -198,10 +198,9 @@ def check_samples(samples: pd.DataFrame, *, num_samples: int, num_classes: int, 
 
 
 def _unique(ids: pd.Series) -> bool:
-    # ids default to positions: increasing integers are unique at a glance (10 ms at 10M rows, against 0.5 s hashed)
-    if pd.api.types.is_integer_dtype(ids) and len(ids) > 1 and (np.diff(ids.to_numpy()) > 0).all():
-        return True
-    return not ids.duplicated().any()
+    from .sample_table import ids_unique
+
+    return ids_unique(ids.to_numpy()) if pd.api.types.is_integer_dtype(ids) else not ids.duplicated().any()
 
 
 def _check_finite_numbers(samples: pd.DataFrame, columns, rel: str, where) -> None:

@@ -25,6 +25,14 @@ def _increasing(values: np.ndarray) -> bool:
     return len(values) < 2 or bool((values[1:] > values[:-1]).all())
 
 
+def ids_unique(ids: np.ndarray) -> bool:
+    """Whether no id repeats. Ids default to positions: increasing integers are unique at a glance (10 ms at 10M
+    rows, against 0.5 s to 2 s hashed)."""
+    if ids.dtype.kind in "iu" and _increasing(ids):
+        return True
+    return len(pd.unique(ids)) == len(ids)
+
+
 def positions_of(ids: np.ndarray, wanted, *, increasing: bool | None = None, index: pd.Index | None = None):
     """Row positions in the array `ids` of the ids in `wanted`, in the order of `wanted` (repeats kept), compared as
     text (a URL, a command line or a browser hands ids back as text or JSON numbers); unknown ids are left out.
