@@ -161,7 +161,8 @@ elif section == SECTIONS["slice"]:
             sel = state.selection()
         from analyzers.evaluation.stage import slices_csv
 
-        st.download_button("Download CSV", slices_csv(slices), file_name=f"{run.path.name}-slices.csv",
+        # written on the click, as the ranking's: a 10M-row run's slices list millions of ids
+        st.download_button("Download CSV", lambda: slices_csv(slices), file_name=f"{run.path.name}-slices.csv",
                            mime="text/csv", key="dl-slices")
         index = sel.value if sel is not None and sel.kind == "slice" and 0 <= sel.value < len(slices) else None
         if index is not None:
@@ -209,7 +210,7 @@ elif section == SECTIONS["suspects"]:
                                         "reason": st.column_config.TextColumn(width="large")})
             from analyzers.evaluation.stage import suspects_csv
 
-            st.download_button("Download CSV", suspects_csv(suspects, class_names=names),
+            st.download_button("Download CSV", lambda: suspects_csv(suspects, class_names=names),
                                file_name=f"{run.path.name}-label-suspects.csv", mime="text/csv", key="dl-suspects")
             ids = suspects["id"].tolist()[:48]
             state.set_gallery(ids)
