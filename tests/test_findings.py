@@ -81,6 +81,7 @@ def test_the_noise_floor_of_large_bins_is_the_normal_mean_deviation_of_their_dra
     drawn = [np.abs(np.bincount(which, weights=rng.random(len(confidence)) < confidence, minlength=DEFAULT_BINS)
                     - expected).sum() / len(confidence) for _ in range(400)]
     assert calibration_noise_floor(probs) == pytest.approx(np.mean(drawn), rel=0.04)
+    assert np.isnan(calibration_noise_floor(np.zeros((0, 3))))  # no samples: no floor, not a division by zero
 
 
 def test_confused_pairs_count_their_cell_as_scikit_learn_does():

@@ -15,7 +15,8 @@ import pytest
 
 from analyzers.evaluation.metrics import RANKINGS, confusion, rank_errors
 from analyzers.loading.run_checks import RunDamaged
-from analyzers.loading.sample_table import SampleTable
+from analyzers.evaluation.slices import slice_mask
+from analyzers.loading.sample_table import SampleTable, positions_of
 from dashboard.selection import id_positions
 
 
@@ -107,6 +108,25 @@ def test_confusion_cells_list_their_ids_in_order_whether_or_not_ids_increase():
         for a in range(4):
             for b in range(4):
                 assert conf.ids(a, b).tolist() == sorted(ids[(labels == a) & (pred == b)].tolist())
+
+
+def test_pandas_dtypes_float_ids_and_out_of_range_numbers_read_as_pandas_reads_them(tmp_path):
+    """Review of issue 15's change: nullable columns keep their dtype, a float id is found by its text as pandas
+    writes it, and a number no id type can hold names no sample rather than raising."""
+    table = pd.DataFrame({"id": [0.5, 1.0, 2.0], "count": pd.array([1, None, 3], dtype="Int64"),
+                          "flag": pd.array([True, None, False], dtype="boolean")})
+    path = tmp_path / "samples.parquet"
+    table.to_parquet(path, index=False)
+    parts = SampleTable([path])
+    pd.testing.assert_frame_equal(parts.to_frame(), pd.read_parquet(path))
+    pd.testing.assert_frame_equal(parts.rows([2, 0]), pd.read_parquet(path).iloc[[2, 0]])
+    assert parts.positions(["1.0", "0.5", "1"]).tolist() == [1, 0]
+    ints = np.arange(5, dtype=np.int64)
+    assert positions_of(ints, ["99999999999999999999", "-0", "3"]).tolist() == [3]
+    huge = np.array([2**63 + 5, 2**63 + 9], dtype=np.uint64)
+    assert positions_of(huge, [str(2**63 + 9), "-1"]).tolist() == [1]
+    wide = pd.DataFrame({"id": np.array([-(2**62), 2**62], dtype=np.int64)})
+    assert slice_mask(wide, [2**62]).tolist() == [False, True]
 
 
 def test_a_part_damaged_after_the_run_opened_is_one_line(tmp_path):

@@ -119,7 +119,7 @@ def _noise_floor(confidence: np.ndarray, *, draws: int, seed: int) -> float:
             hits = np.bincount(which, weights=rng.random(len(confidence)) < confidence, minlength=DEFAULT_BINS)
             values.append(np.abs(hits[drawn] - gap_base[drawn]).sum())
         floor += float(np.mean(values))
-    return floor / int(count.sum())
+    return floor / int(count.sum()) if count.sum() else float("nan")
 
 
 def calibration_finding(top_right: np.ndarray, confidence: np.ndarray) -> list:

@@ -24,7 +24,7 @@ from .tasks import check_probability_cut
 
 def _check(labels, probs, positive):
     labels = np.asarray(labels)
-    probs = probs if hasattr(probs, "ndim") else np.asarray(probs, dtype=np.float64)
+    probs = probs if isinstance(probs, np.ndarray) else np.asarray(probs, dtype=np.float64)  # memmaps stay mapped
     if probs.ndim != 2 or probs.shape[1] < 2 or len(labels) != len(probs) or labels.ndim != 1:
         raise AnalyzerError(f"thresholds need labels (N,) and class probabilities (N, K >= 2), got {labels.shape} "
                             f"and {probs.shape}")

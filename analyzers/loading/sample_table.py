@@ -18,7 +18,7 @@ import pandas as pd
 
 
 # the text of an integer id is its str(): "007" or "+7" names no integer id
-_INTEGER_TEXT = re.compile(r"-?(0|[1-9][0-9]*)")
+_INTEGER_TEXT = re.compile(r"0|-?[1-9][0-9]*")
 
 
 def _increasing(values: np.ndarray) -> bool:
@@ -42,7 +42,9 @@ def positions_of(ids: np.ndarray, wanted, *, increasing: bool | None = None, ind
     indexed as text."""
     wanted = [str(w) for w in wanted]
     if ids.dtype.kind in "iu":
-        numbers = np.array([int(w) for w in wanted if _INTEGER_TEXT.fullmatch(w)], dtype=np.int64)
+        bounds = np.iinfo(ids.dtype)  # a number outside the ids' type names none of them
+        numbers = np.array([n for n in (int(w) for w in wanted if _INTEGER_TEXT.fullmatch(w))
+                            if bounds.min <= n <= bounds.max], dtype=ids.dtype)
         if increasing is None:
             increasing = _increasing(ids)
         if increasing:
@@ -189,7 +191,8 @@ class SampleTable:
     def _schema_of(self, columns):
         import pyarrow as pa
 
-        return pa.schema([self._schema.field(name) for name in columns])
+        # pandas' metadata kept: a nullable Int64 or boolean column reads back as it was written
+        return pa.schema([self._schema.field(name) for name in columns], metadata=self._schema.metadata)
 
     def _read_columns(self, columns):
         import pyarrow as pa
@@ -206,17 +209,21 @@ class SampleTable:
 
         try:
             yield
-        except (KeyError, IndexError):
-            raise
-        except Exception as exc:  # a damaged file fails in many ways; each means the same to the person
+        except Exception as exc:
+            import pyarrow as pa
+
+            if isinstance(exc, (KeyError, IndexError)) and not isinstance(exc, pa.ArrowException):
+                raise  # a name or a position asked for wrongly, not a damaged file  # a damaged file fails in many ways; each means the same to the person
             raise damaged(self._relpath, self._where, first_line(exc, 120)) from exc
 
     def _ids_as_text(self):
-        import pyarrow.compute as pc
+        import pyarrow as pa
 
         with self._lock:
             if self._id_text is None:
                 with self._damaged_on_error():
                     ids = self._read_columns(["id"]).column("id").combine_chunks()
-                    self._id_text = ids if ids.type == "string" else pc.cast(ids, "string")
+                    # ids that are not text are compared as pandas writes them (a float id 1.0 is "1.0")
+                    self._id_text = ids if ids.type == "string" else \
+                        pa.array(self["id"].astype(str).to_numpy(dtype=object), type=pa.string())
             return self._id_text
