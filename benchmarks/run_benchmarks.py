@@ -1265,9 +1265,11 @@ def worker_health(spec: dict) -> dict:
     return result
 
 
-def make_digits_rows(n: int, prefix: Path, seed: int = 0) -> Path:
-    """`n` samples like the `digits` sample's (its test images, each with Gaussian noise of 0.1) as a `.npy` pair
-    `PREFIX.x.npy` / `PREFIX.y.npy`, written in chunks: what a large evaluation set on disk looks like."""
+def make_sample_rows(n: int, prefix: Path, sample: str, *, relative_noise: float | None = None,
+                     noise: float = 0.0, seed: int = 0) -> Path:
+    """`n` samples drawn from a sample's test rows, each with Gaussian noise (`noise`, or `relative_noise` times
+    each feature's spread), as a `.npy` pair `PREFIX.x.npy` / `PREFIX.y.npy` written in chunks: what a large
+    evaluation set on disk looks like."""
     import numpy as np
 
     from analyzers.loading.datasets import load_dataset
@@ -1276,19 +1278,31 @@ def make_digits_rows(n: int, prefix: Path, seed: int = 0) -> Path:
     if x_path.exists():
         return x_path
     rng = np.random.default_rng(seed)
-    digits = load_dataset("sample:digits")
-    x = np.lib.format.open_memmap(x_path.with_suffix(".tmp"), mode="w+", dtype=np.float32, shape=(n, 1, 8, 8))
+    base = load_dataset(f"sample:{sample}")
+    scale = np.float32(noise) if relative_noise is None else base.x.std(axis=0).astype(np.float32) * relative_noise
+    shape = base.x.shape[1:]
+    x = np.lib.format.open_memmap(x_path.with_suffix(".tmp"), mode="w+", dtype=np.float32, shape=(n,) + shape)
     y = np.empty(n, np.int64)
-    for start in range(0, n, 100_000):
-        m = min(100_000, n - start)
-        rows = rng.integers(0, len(digits), m)
-        x[start:start + m] = digits.x[rows] + rng.normal(scale=0.1, size=(m, 1, 8, 8)).astype(np.float32)
-        y[start:start + m] = digits.y[rows]
+    for start in range(0, n, 500_000):
+        m = min(500_000, n - start)
+        rows = rng.integers(0, len(base), m)
+        x[start:start + m] = base.x[rows] + rng.normal(size=(m,) + shape).astype(np.float32) * scale
+        y[start:start + m] = base.y[rows]
     x.flush()
     del x
     np.save(prefix.with_name(prefix.name + ".y.npy"), y)
     os.replace(x_path.with_suffix(".tmp"), x_path)
     return x_path
+
+
+def make_digits_rows(n: int, prefix: Path, seed: int = 0) -> Path:
+    """Rows like the `digits` sample's test images, each pixel with Gaussian noise of 0.1."""
+    return make_sample_rows(n, prefix, "digits", noise=0.1, seed=seed)
+
+
+def make_tabular_rows(n: int, prefix: Path, seed: int = 0) -> Path:
+    """Rows like the `tabular` sample's test rows, each feature with noise of a tenth of its spread."""
+    return make_sample_rows(n, prefix, "tabular", relative_noise=0.1, seed=seed)
 
 
 class _RssSampler(threading.Thread):
@@ -1314,33 +1328,6 @@ class _RssSampler(threading.Thread):
                     continue
             self.peak = max(self.peak, total)
             self.stop.wait(0.2)
-
-
-def make_tabular_rows(n: int, prefix: Path, seed: int = 0) -> Path:
-    """`n` rows like the `tabular` sample's test rows (each feature with Gaussian noise of a tenth of its spread) as
-    a `.npy` pair `PREFIX.x.npy` / `PREFIX.y.npy`, written in chunks."""
-    import numpy as np
-
-    from analyzers.loading.datasets import load_dataset
-
-    x_path = prefix.with_name(prefix.name + ".x.npy")
-    if x_path.exists():
-        return x_path
-    rng = np.random.default_rng(seed)
-    base = load_dataset("sample:tabular")
-    spread = base.x.std(axis=0).astype(np.float32)
-    x = np.lib.format.open_memmap(x_path.with_suffix(".tmp"), mode="w+", dtype=np.float32, shape=(n,) + base.x.shape[1:])
-    y = np.empty(n, np.int64)
-    for start in range(0, n, 500_000):
-        m = min(500_000, n - start)
-        rows = rng.integers(0, len(base), m)
-        x[start:start + m] = base.x[rows] + rng.normal(size=(m,) + base.x.shape[1:]).astype(np.float32) * spread / 10
-        y[start:start + m] = base.y[rows]
-    x.flush()
-    del x
-    np.save(prefix.with_name(prefix.name + ".y.npy"), y)
-    os.replace(x_path.with_suffix(".tmp"), x_path)
-    return x_path
 
 
 def worker_scale_run(spec: dict) -> dict:

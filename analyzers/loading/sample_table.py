@@ -80,6 +80,7 @@ class SampleTable:
         self._part_starts = np.concatenate([[0], np.cumsum(self._part_rows)])
         # a part is written as its rows come: a column all missing in one part is typed null there (read_table_parts)
         self._schema = pa.unify_schemas([m.schema.to_arrow_schema() for m in metadata], promote_options="permissive")
+        self._names = tuple(name for name in self._schema.names if name != "__index_level_0__")
         self._columns: dict[str, pd.Series] = {}
         self._id_text = None
         self._id_lookup = None  # integer ids: (values, whether they increase, their pd.Index once needed)
@@ -90,10 +91,10 @@ class SampleTable:
 
     @property
     def columns(self) -> list[str]:
-        return [name for name in self._schema.names if name != "__index_level_0__"]
+        return list(self._names)
 
     def __contains__(self, name) -> bool:
-        return name in self.columns
+        return name in self._names
 
     def __getitem__(self, name: str) -> pd.Series:
         if name not in self:
