@@ -301,8 +301,7 @@ def open_explanation(sample_id, gallery: list | None = None) -> None:
 
 def gallery(run: Run, ids, *, key: str, title: str | None = None) -> None:
     """The samples `ids` as the run's modality shows best, with their confidence; a click opens an explanation."""
-    ids = list(ids)
-    rows = id_positions(data.id_index(run), ids)
+    rows = id_positions(data.id_index(run), ids if isinstance(ids, np.ndarray) else list(ids))
     if title:
         st.subheader(title)
     if len(rows) == 0:
@@ -310,7 +309,7 @@ def gallery(run: Run, ids, *, key: str, title: str | None = None) -> None:
         return
     # the gallery pages through ids: its counts come from the kept columns, and only the page's rows are read
     samples = run.sample_table
-    ordered_ids = samples["id"].to_numpy()[rows].tolist()
+    ordered_ids = samples["id"].to_numpy()[rows]  # what previous / next walk through on the Explain page
     modality = run.info["dataset"]["modality"]
     size = TABLE_PAGE if modality == "tabular" else GALLERY_PAGE
     pages = max(1, math.ceil(len(rows) / size))
@@ -362,8 +361,8 @@ def gallery(run: Run, ids, *, key: str, title: str | None = None) -> None:
         if picked:
             open_explanation(full["id"].iloc[picked[0]], ordered_ids)
     with st.container(horizontal=True, vertical_alignment="bottom"):
-        choice = st.selectbox("Explain a sample of this selection", [str(i) for i in ordered_ids],
-                              key=f"{key}-pick")
+        # the page's ids: a selectbox of a 10M-row run's slice would send millions of options to the browser
+        choice = st.selectbox("Explain a sample of this page", [str(i) for i in shown["id"]], key=f"{key}-pick")
         if st.button("Open explanation", key=f"{key}-open", type="primary"):
             open_explanation(choice, ordered_ids)
 

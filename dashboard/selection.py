@@ -160,10 +160,28 @@ def region_mask(event, coords: np.ndarray) -> np.ndarray | None:
     return mask
 
 
-def neighbours(ids: list, current) -> tuple:
+def gallery_place(ids, current) -> int | None:
+    """Where `current` first stands in the gallery `ids` (compared as text, as ids come back from a URL), or None.
+    A gallery of integer ids is searched as numbers: a 10M-row run's slice holds millions."""
+    from analyzers.loading.sample_table import integer_ids
+
+    ids = np.asarray(ids)
+    if ids.dtype.kind in "iu":
+        number = integer_ids([current], ids.dtype)  # empty where the text names no integer of the ids' type
+        at = np.flatnonzero(ids == number[0]) if len(number) else []
+    else:
+        at = np.flatnonzero(np.asarray([str(i) for i in ids], dtype=object) == str(current))
+    return int(at[0]) if len(at) else None
+
+
+def neighbours(ids, current) -> tuple:
     """(previous id, next id) of `current` in the gallery `ids` (None at either end or when it is not there)."""
-    keys = [str(i) for i in ids]
-    if str(current) not in keys:
+    i = gallery_place(ids, current)
+    if i is None:
         return None, None
-    i = keys.index(str(current))
-    return (ids[i - 1] if i > 0 else None), (ids[i + 1] if i + 1 < len(ids) else None)
+    ids = np.asarray(ids)
+
+    def plain(value):  # a Python value, as a list of ids gave
+        return value.item() if isinstance(value, np.generic) else value
+
+    return (plain(ids[i - 1]) if i > 0 else None), (plain(ids[i + 1]) if i + 1 < len(ids) else None)

@@ -6,6 +6,7 @@ values: Streamlit drops query parameters when the page changes, so they are writ
 """
 from __future__ import annotations
 
+import numpy as np
 import streamlit as st
 
 from .selection import Selection, decode_selection
@@ -68,12 +69,15 @@ def set_selection(sel: Selection | None, ids: list | None = None) -> None:
     elif "sel" in st.query_params:
         del st.query_params["sel"]
     if ids is not None:
-        st.session_state["gallery_ids"] = list(ids)
+        set_gallery(ids)
 
 
-def gallery_ids() -> list:
-    return list(st.session_state.get("gallery_ids") or [])
+def gallery_ids() -> np.ndarray:
+    """The ids the Explain page's previous / next walk through: an array, empty when there is none."""
+    ids = st.session_state.get("gallery_ids")
+    return np.asarray([] if ids is None else ids)
 
 
-def set_gallery(ids: list) -> None:
-    st.session_state["gallery_ids"] = list(ids)
+def set_gallery(ids) -> None:
+    # kept as one array: a 10M-row run's slice has millions of ids, a list of them millions of objects
+    st.session_state["gallery_ids"] = np.asarray(ids)

@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dashboard.selection import (MAX_URL_IDS, Selection, customdata_values, decode_selection, id_positions,
-                                 ids_in_box, ids_in_lasso, neighbours, region_mask, selected_cell, selected_ids)
+from dashboard.selection import (MAX_URL_IDS, Selection, customdata_values, decode_selection, gallery_place,
+                                 id_positions, ids_in_box, ids_in_lasso, neighbours, region_mask, selected_cell,
+                                 selected_ids)
 
 
 def _event(points=(), box=(), lasso=()):
@@ -79,6 +80,12 @@ def test_neighbours_walk_the_gallery():
     assert neighbours(gallery, "9") == (5, 2)
     assert neighbours(gallery, 2) == (9, None)
     assert neighbours(gallery, 4) == (None, None)
+    # an array of integer ids (a 10M-row run's slice) is walked as numbers; text that names no integer finds none
+    big = np.arange(10**6)[::-1].copy()
+    assert neighbours(big, "999998") == (999999, 999997) and neighbours(big, 0) == (1, None)
+    assert neighbours(big, "007") == (None, None) and neighbours(big, "-0") == (None, None)
+    assert neighbours(np.array(["a", "b", "c"], dtype=object), "b") == ("a", "c")
+    assert gallery_place(big, 999999) == 0 and gallery_place(np.array([], dtype=np.int64), 1) is None
 
 
 @given(st.lists(st.integers(0, 1000), min_size=1, max_size=40, unique=True), st.data())

@@ -83,6 +83,20 @@ def test_ids_are_found_as_selection_finds_them_in_the_whole_column(tmp_path, kin
     assert parts.positions([]).tolist() == []
 
 
+@pytest.mark.parametrize("ids", [np.arange(50), np.arange(50) * 3, np.arange(50)[::-1].copy(),
+                                 np.arange(50, dtype=np.uint64), np.arange(50, dtype=np.int32)])
+def test_an_array_of_integer_ids_finds_what_their_texts_find(ids):
+    """The fast path for an array of integer ids (a slice's members at 10M rows) against the ids written as text:
+    the same rows in the same order, with repeats, and nothing for ids that name no row (negative, too large for
+    the ids' type, absent)."""
+    wanted = np.array([7, 3, 3, -1, 0, 49, 51, 60, 147, 2**40], dtype=np.int64)
+    as_text = positions_of(ids, [str(w) for w in wanted])
+    assert positions_of(ids, wanted).tolist() == as_text.tolist()
+    assert positions_of(ids, wanted[wanted >= 0].astype(np.uint64)).tolist() == as_text.tolist()
+    expected = [int(np.flatnonzero(ids == w)[0]) for w in wanted if (ids == w).any()]
+    assert as_text.tolist() == expected and len(expected) >= 4
+
+
 @pytest.mark.parametrize("by", [b for b in RANKINGS if RANKINGS[b][1] in ("confidence", "loss", "margin")])
 @pytest.mark.parametrize("limit", [1, 5, 40, 400])
 def test_a_ranking_read_from_its_candidates_equals_sorting_every_row(parted, by, limit):

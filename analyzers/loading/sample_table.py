@@ -33,6 +33,20 @@ def ids_unique(ids: np.ndarray) -> bool:
     return len(pd.unique(ids)) == len(ids)
 
 
+def integer_ids(wanted, dtype) -> np.ndarray:
+    """The ids in `wanted` that can name an integer id of `dtype`, as numbers of that type, in order. An integer
+    array is taken as it is (a slice's members, a confusion cell's ids: millions at 10M rows); anything else is
+    compared as text, so that "007", "+7" and "-0" name no id."""
+    bounds = np.iinfo(dtype)  # a number outside the ids' type names none of them
+    if isinstance(wanted, np.ndarray) and wanted.dtype.kind in "iu":
+        if np.can_cast(wanted.dtype, dtype):
+            return wanted.astype(dtype, copy=False)
+        return wanted[(wanted >= bounds.min) & (wanted <= bounds.max)].astype(dtype)
+    texts = (str(w) for w in wanted)
+    return np.array([n for n in (int(w) for w in texts if _INTEGER_TEXT.fullmatch(w))
+                     if bounds.min <= n <= bounds.max], dtype=dtype)
+
+
 def positions_of(ids: np.ndarray, wanted, *, increasing: bool | None = None, index: pd.Index | None = None):
     """Row positions in the array `ids` of the ids in `wanted`, in the order of `wanted` (repeats kept), compared as
     text (a URL, a command line or a browser hands ids back as text or JSON numbers); unknown ids are left out.
@@ -40,13 +54,15 @@ def positions_of(ids: np.ndarray, wanted, *, increasing: bool | None = None, ind
     Integer ids are compared as numbers, by binary search where they increase (positions, the default ids: 10M
     rows need no index), else through `index` (a pd.Index of them; built here when not given). Other ids are
     indexed as text."""
-    wanted = [str(w) for w in wanted]
     if ids.dtype.kind in "iu":
-        bounds = np.iinfo(ids.dtype)  # a number outside the ids' type names none of them
-        numbers = np.array([n for n in (int(w) for w in wanted if _INTEGER_TEXT.fullmatch(w))
-                            if bounds.min <= n <= bounds.max], dtype=ids.dtype)
+        numbers = integer_ids(wanted, ids.dtype)
         if increasing is None:
             increasing = _increasing(ids)
+        if increasing and len(ids) and ids[0] == 0 and ids[-1] == len(ids) - 1:
+            # increasing integers from 0 to N - 1 are the positions themselves (the default ids): a slice of 5M
+            # members of a 10M-row run is found without a search
+            return numbers[numbers < len(ids)].astype(np.int64) if numbers.dtype.kind == "u" else \
+                numbers[(numbers >= 0) & (numbers < len(ids))].astype(np.int64)
         if increasing:
             at = np.searchsorted(ids, numbers)
             inside = at < len(ids)
@@ -54,6 +70,7 @@ def positions_of(ids: np.ndarray, wanted, *, increasing: bool | None = None, ind
             return at[ids[at] == numbers].astype(np.int64)
         codes = (index if index is not None else pd.Index(ids)).get_indexer(numbers)
         return codes[codes >= 0].astype(np.int64)
+    wanted = [str(w) for w in wanted]
     index = index if index is not None else pd.Index(pd.Series(np.asarray(ids)).astype(str))
     codes = index.get_indexer(pd.Series(wanted, dtype=object))
     return codes[codes >= 0].astype(np.int64)

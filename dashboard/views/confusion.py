@@ -99,7 +99,7 @@ clicked = selected_cell(event)
 sel = state.selection()
 if components.fresh("confusion-click", clicked):
     sel = Selection("cell", clicked)
-    state.set_selection(sel, conf.ids(*clicked).tolist())
+    state.set_selection(sel, conf.ids(*clicked))
 
 with right:
     st.subheader("Most confused pairs")
@@ -116,12 +116,12 @@ with right:
         if components.fresh("confusion-pair", tuple(picked.selection.rows) or None):
             row = pairs.iloc[picked.selection.rows[0]]
             sel = Selection("cell", (int(row["true"]), int(row["pred"])))
-            state.set_selection(sel, conf.ids(*sel.value).tolist())
+            state.set_selection(sel, conf.ids(*sel.value))
         st.caption("Pick a row to see its samples.")
 
 if sel is not None and sel.kind == "cell" and all(0 <= v < len(names) for v in sel.value):
     true, pred = sel.value
-    ids = conf.ids(true, pred).tolist()
+    ids = conf.ids(true, pred)
     state.set_gallery(ids)
     verdict = "correct" if true == pred else "mistakes"
     components.gallery(run, ids, key="confusion-gallery",

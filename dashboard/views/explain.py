@@ -8,7 +8,7 @@ import streamlit as st
 from analyzers.errors import AnalyzerError
 from dashboard import components, data, figures, state
 from dashboard.text import md
-from dashboard.selection import id_positions, neighbours
+from dashboard.selection import gallery_place, id_positions, neighbours
 
 run = components.require_run(tasks=(*components.CLASS_TASKS, "regression", "multilabel"))
 components.header("Explain a sample", run)
@@ -22,7 +22,7 @@ current = state.get("sample")
 if current is None or len(id_positions(data.id_index(run), [current])) == 0:
     if current is not None:
         st.warning(f"This run has no sample with id {md(repr(current))}.")
-    current = str(gallery[0]) if gallery else data.first_sample_to_explain(run)
+    current = str(gallery[0]) if len(gallery) else data.first_sample_to_explain(run)
     state.put("sample", current)
 row = int(id_positions(data.id_index(run), [current])[0])
 sample = samples.rows([row]).iloc[0]
@@ -35,9 +35,8 @@ if nav[0].button("◀ Previous", disabled=prev_id is None, key="explain-prev", w
 if nav[1].button("Next ▶", disabled=next_id is None, key="explain-next", width="stretch"):
     state.put("sample", next_id)
     st.rerun()
-if gallery and str(current) in [str(i) for i in gallery]:
-    nav[2].caption(f"Sample {[str(i) for i in gallery].index(str(current)) + 1} of {len(gallery)} in the current "
-                   f"selection")
+if (place := gallery_place(gallery, current)) is not None:
+    nav[2].caption(f"Sample {place + 1:,} of {len(gallery):,} in the current selection")
 typed = nav[3].text_input("Go to sample id", value="", key="explain-goto", placeholder="id")
 if typed:
     if len(id_positions(data.id_index(run), [typed])):
