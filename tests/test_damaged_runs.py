@@ -60,6 +60,12 @@ DAMAGE = {
         next((p / "projections").glob("*-2d.parquet")), lambda t: t.iloc[:5]), "projections/"),
     "probabilities that do not sum to one": (lambda p: np.save(p / "probs.npy", np.load(p / "probs.npy") * 0.5),
                                              "probs.npy"),
+    # the dashboard's calibration and findings read `confidence` as the top probability (run_checks.check_probs)
+    "confidence that is not the top probability": (lambda p: _rewrite_parquet(
+        p / "samples.parquet", lambda t: t.assign(confidence=t["confidence"] * 0.9)), "probs.npy"),
+    "probabilities with a NaN": (lambda p: np.save(p / "probs.npy", np.where(
+        np.arange(np.load(p / "probs.npy").size).reshape(np.load(p / "probs.npy").shape) == 3, np.nan,
+        np.load(p / "probs.npy")).astype(np.load(p / "probs.npy").dtype)), "probs.npy"),
     "run.json model without a hash": (lambda p: (p / "run.json").write_text(json.dumps(
         {**json.loads((p / "run.json").read_text()), "model": {"spec": "x"}})), "run.json"),
 }
@@ -86,6 +92,29 @@ def test_open_run_refuses_each_damage_in_one_line_naming_the_file(kind, healthy,
     assert DAMAGE[kind][1] in message and "\n" not in message, message
     assert re.search(r"run (it )?again|--overwrite", message), message  # it says how to fix it
     open_run(healthy)  # the healthy original is untouched
+
+
+# the damage a table's footer cannot show: its values; each is refused when the table is read
+VALUE_DAMAGE = {"label-noise classes out of range": "label_noise.parquet"}
+
+
+@pytest.mark.parametrize("kind", [k for k in DAMAGE if DAMAGE[k][1] != "probs.npy"])
+def test_a_large_tables_footer_is_checked_at_open_and_its_values_when_read(kind, healthy, tmp_path, monkeypatch):
+    """A 10M-row run's derived tables are checked from their footers when it opens (FOOTER_CHECK_BYTES): made
+    0 here, every table is. Each damage is still refused in one line naming the file: at open, or, for a value
+    that only the rows show, when a page reads the table."""
+    import analyzers.loading.runs as runs
+
+    monkeypatch.setattr(runs, "FOOTER_CHECK_BYTES", 0)
+    run = _damaged_copy(healthy, tmp_path, kind)
+    if kind not in VALUE_DAMAGE:
+        with pytest.raises(RunDamaged, match=re.escape(DAMAGE[kind][1])):
+            open_run(run)
+        return
+    opened = open_run(run)
+    with pytest.raises(RunDamaged, match=re.escape(VALUE_DAMAGE[kind])) as info:
+        opened.read_parquet(VALUE_DAMAGE[kind])
+    assert "\n" not in str(info.value)
 
 
 def test_the_healthy_run_passes_every_check(healthy):

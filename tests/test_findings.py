@@ -161,3 +161,48 @@ def test_the_noise_floor_is_the_mean_ece_of_labels_drawn_from_the_probabilities(
     drawn = [(rng.random((len(probs), 1)) > cumulative).sum(axis=1).clip(0, probs.shape[1] - 1) for _ in range(1000)]
     reference = np.mean([expected_calibration_error(d, probs) for d in drawn])
     assert calibration_noise_floor(probs, draws=1000) == pytest.approx(reference, rel=0.04)
+
+
+def test_a_checked_runs_stored_columns_give_the_findings_of_its_probabilities():
+    """A run's `correct` and `confidence` (tied to probs.npy by its check) stand in for the probabilities: the
+    same findings, impacts and details, on a model with a rare class, a confused pair and over-confidence."""
+    rng = np.random.default_rng(3)
+    n, k = 3000, 4
+    labels = np.where(rng.random(n) < 0.05, 3, rng.integers(0, 3, n))
+    logits = rng.normal(size=(n, k)) * 2.0
+    logits[np.arange(n), labels] += 2.5
+    logits[labels == 1, 2] += 2.0  # class 1 is taken for class 2
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    samples = _samples(labels, probs).assign(confidence=probs.max(1).astype(np.float32))
+    from_probs = rank_findings(samples, probs)
+    from_columns = rank_findings(samples, num_classes=k)
+    assert {f.kind for f in from_probs} >= {"calibration", "confusion"}
+    assert [(f.kind, round(f.impact, 3)) for f in from_columns] == [(f.kind, round(f.impact, 3)) for f in from_probs]
+    for a, b in zip(from_columns, from_probs):
+        assert a.details.keys() == b.details.keys()
+        for key, value in a.details.items():
+            assert value == (pytest.approx(b.details[key], rel=1e-5) if isinstance(value, float) else
+                             b.details[key]), key
+    with pytest.raises(Exception, match="num_classes"):
+        rank_findings(samples)
+
+
+def test_the_dashboards_findings_and_reliability_of_a_run_equal_those_of_its_probabilities(sample_run_dir):
+    """The Overview page reads the stored `correct` and `confidence` (10M-row runs); on the digits run they give
+    what the probabilities give: metrics.top_label_bins for both bin strategies, and rank_findings."""
+    from analyzers.evaluation.metrics import top_label_bins
+    from analyzers.loading.runs import open_run
+    from dashboard import data
+
+    run = open_run(sample_run_dir("digits"))
+    labels = run.sample_table["label"].to_numpy()
+    for strategy in ("uniform", "quantile"):
+        shown, reference = data.reliability(run, strategy), top_label_bins(labels, run.probs, strategy=strategy)
+        assert shown["ece"] == pytest.approx(reference.ece, abs=1e-6)
+        np.testing.assert_allclose(np.asarray(shown["count"]), reference.count)
+        np.testing.assert_allclose(np.asarray(shown["observed"], dtype=float), reference.observed, atol=1e-6)
+    reference = rank_findings(run.samples, run.probs, slices=data.optional_table(run, "slices.parquet"),
+                              label_noise=data.optional_table(run, "label_noise.parquet"))
+    assert [(f.kind, round(f.impact, 2)) for f in data.findings(run)] == [(f.kind, round(f.impact, 2))
+                                                                          for f in reference]
+    assert reference

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..errors import AnalyzerError
 from .metrics import check_predictions
 
 STRONG_SUSPECT = 0.9  # the label is wrong with probability at least 0.9 (label_noise.label_issue_scores)
@@ -148,17 +149,32 @@ def label_noise_finding(noise: pd.DataFrame | None, errors: int) -> list:
                                                         "top_suggested": int(top["suggested_label"])})]
 
 
-def rank_findings(samples: pd.DataFrame, probs, *, slices: pd.DataFrame | None = None,
-                  label_noise: pd.DataFrame | None = None) -> list:
+def rank_findings(samples: pd.DataFrame, probs=None, *, num_classes: int | None = None,
+                  slices: pd.DataFrame | None = None, label_noise: pd.DataFrame | None = None) -> list:
     """Every finding of a run (samples.parquet's label, pred and correct; the probabilities; the run's slices and
-    label-noise tables where it has them), most samples accounted for first; those under MIN_IMPACT are left out."""
-    labels, probs = check_predictions(samples["label"].to_numpy(), probs)
-    pred = samples["pred"].to_numpy().astype(np.int64)
-    correct = pred == labels
-    k = probs.shape[1]
+    label-noise tables where it has them), most samples accounted for first; those under MIN_IMPACT are left out.
+
+    Without `probs`, the calibration reads the samples' `correct` and `confidence` as whether the top class is the
+    label and the top probability: what an opened run's check has tied them to (`run_checks.check_probs`), and
+    what spares reading a 10M-row run's probabilities (2.5 s of its first page). `num_classes` is then needed."""
+    if probs is None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+            raise AnalyzerError(f"findings without probabilities need num_classes, a number of 2 or more, got "
+                                f"{num_classes!r}")
+        labels = np.asarray(samples["label"].to_numpy(), dtype=np.int64)
+        pred = samples["pred"].to_numpy().astype(np.int64)
+        k = int(num_classes)
+        correct = samples["correct"].to_numpy(dtype=bool)
+        top_right, confidence = correct, samples["confidence"].to_numpy(dtype=np.float64)
+    else:
+        labels, probs = check_predictions(samples["label"].to_numpy(), probs)
+        pred = samples["pred"].to_numpy().astype(np.int64)
+        correct = pred == labels
+        k = probs.shape[1]
+        top_right, confidence = probs.argmax(axis=1) == labels, probs.max(axis=1)
     found = (slice_findings(slices, 1.0 - correct.mean()) + confusion_findings(labels, pred, k)
              + imbalance_finding(labels, correct, k)
-             + calibration_finding(probs.argmax(axis=1) == labels, probs.max(axis=1))
+             + calibration_finding(top_right, confidence)
              + label_noise_finding(label_noise, int((~correct).sum())))
     kept = [f for f in found if f.impact >= MIN_IMPACT]
     return sorted(kept, key=lambda f: -f.impact)

@@ -206,7 +206,12 @@ def _unique(ids: pd.Series) -> bool:
 def _check_finite_numbers(samples: pd.DataFrame, columns, rel: str, where) -> None:
     for column in columns:
         values = samples[column]
-        if not _is_number(values) or not np.isfinite(values.to_numpy(dtype=np.float64)).all():
+        if not _is_number(values):
+            raise damaged(rel, where, f"{column!r} is not a finite number for every sample")
+        # in the column's own type where numpy's: a float32 column is not copied to float64
+        array = values.to_numpy() if isinstance(values.dtype, np.dtype) else \
+            values.to_numpy(np.float64, na_value=np.nan)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise damaged(rel, where, f"{column!r} is not a finite number for every sample")
 
 
@@ -278,14 +283,21 @@ def check_probs(probs: np.ndarray, samples: pd.DataFrame, *, num_classes: int, w
             if not np.isfinite(chunk).all() or (chunk < 0).any() or (chunk > 1.0001).any():
                 raise damaged(rel, where, "it holds values that are not probabilities")
         return
-    pred = samples["pred"].to_numpy()
+    pred, confidence = samples["pred"].to_numpy(), samples["confidence"].to_numpy()
+    ones = np.ones(num_classes, dtype=np.float64)
+    # in the file's own type (a float32 run is not copied to float64), a few passes per chunk: 10M x 2 in 0.15 s
     for start in range(0, len(probs), ROWS_PER_CHECK):
-        chunk = np.asarray(probs[start:start + ROWS_PER_CHECK], dtype=np.float64)
-        if not np.isfinite(chunk).all() or (chunk < 0).any() or (chunk > 1.0001).any() or not np.allclose(
-                chunk.sum(axis=1), 1.0, atol=1e-3):
+        chunk = np.asarray(probs[start:start + ROWS_PER_CHECK])
+        stop = start + len(chunk)
+        # min and max are NaN where any value is, and infinite where any is: both fail the bounds
+        if not (chunk.min() >= 0 and chunk.max() <= 1.0001 and np.abs(chunk @ ones - 1.0).max() <= 1e-3):
             raise damaged(rel, where, "it holds values that are not probabilities")
-        if not np.array_equal(chunk.argmax(axis=1), pred[start:start + ROWS_PER_CHECK]):
+        if not np.array_equal(chunk.argmax(axis=1), pred[start:stop]):
             raise damaged(rel, where, "its most likely classes disagree with samples.parquet's pred")
+        # `confidence` is the top probability: what the dashboard's calibration and findings read in its place
+        top = np.take_along_axis(chunk, pred[start:stop, None].astype(np.intp), axis=1)[:, 0]
+        if not np.abs(top - confidence[start:stop]).max() <= 1e-6:
+            raise damaged(rel, where, "its top probabilities disagree with samples.parquet's confidence")
 
 
 def _is_number(values: pd.Series) -> bool:
@@ -364,7 +376,11 @@ def _rule(rules: dict, relpath: str):
     return None
 
 
-def check_table(relpath: str, table: pd.DataFrame, *, num_samples: int, num_classes: int, where) -> None:
+def check_table(relpath: str, table: pd.DataFrame, *, num_samples: int, num_classes: int, where,
+                rows: int | None = None) -> None:
+    """A run's table by its file's rule: its columns, their kinds and values, and one row per sample where the rule
+    says so. With `rows`, `table` is the file's schema only (no rows: `Run.check_every_file`'s footer check of a
+    large table) and `rows` its row count; its values are checked when it is read."""
     rule = _rule(_TABLES, relpath)
     if rule is None:
         return
@@ -381,8 +397,9 @@ def check_table(relpath: str, table: pd.DataFrame, *, num_samples: int, num_clas
             raise damaged(relpath, where, f"{column!r} holds values that are not strings")
         if kind == "list" and not values.map(lambda v: isinstance(v, (list, tuple, np.ndarray))).all():
             raise damaged(relpath, where, f"{column!r} holds values that are not lists of sample ids")
-    if per_sample and len(table) != num_samples:
-        raise damaged(relpath, where, f"it has {len(table)} rows for {num_samples} samples")
+    rows = len(table) if rows is None else rows
+    if per_sample and rows != num_samples:
+        raise damaged(relpath, where, f"it has {rows} rows for {num_samples} samples")
 
 
 # What each record of a JSON list holds, where a page reads its fields: multilabel.json's per-label rows
