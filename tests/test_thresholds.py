@@ -43,6 +43,24 @@ def test_counts_and_curves_equal_scikit_learn_at_every_threshold():
     assert curve.average_precision == pytest.approx(average_precision_score(labels, probs[:, 1]))
 
 
+def test_float32_scores_with_ties_give_the_curve_of_their_float64_values():
+    """A run's probs.npy is float32, sorted in its own type: the same thresholds and counts as its float64 copy,
+    each count that of scikit-learn's confusion matrix at that threshold (rounded scores: many ties)."""
+    from sklearn.metrics import confusion_matrix
+
+    labels, probs = _imbalanced()
+    probs32 = np.round(probs, 2).astype(np.float32)
+    curve, wide = threshold_curve(labels, probs32, positive=1), threshold_curve(labels, probs32.astype(np.float64))
+    assert curve.thresholds.dtype == np.float64 and len(curve.thresholds) < len(labels) // 4  # ties merged
+    np.testing.assert_array_equal(curve.thresholds, wide.thresholds)
+    np.testing.assert_array_equal(curve.tp, wide.tp)
+    np.testing.assert_array_equal(curve.fp, wide.fp)
+    for i in range(1, len(curve.thresholds), 7):
+        pred = (probs32[:, 1].astype(np.float64) >= curve.thresholds[i]).astype(int)
+        tn, fp, fn, tp = confusion_matrix(labels, pred, labels=[0, 1]).ravel()
+        assert (curve.tp[i], curve.fp[i]) == (tp, fp)
+
+
 def test_the_marked_thresholds_are_the_best_by_brute_force_and_beat_one_half():
     from sklearn.metrics import f1_score
 

@@ -136,24 +136,29 @@ def threshold_curve(labels, probs, *, positive: int = 1) -> ThresholdCurve:
     scikit-learn's (`roc_auc_score`, `average_precision_score`), computed from the curve's own counts: one sort,
     which at a million samples is most of the cost."""
     is_positive, score = _check(labels, probs, positive)
-    # any order among equal scores gives the same counts at each distinct score: no stable sort (3.4 s at 10M)
-    order = np.argsort(-score)
-    sorted_score, sorted_positive = score[order], is_positive[order]
-    # the last position of each distinct score: predicting ">= that score" takes every sample up to it
-    last = np.flatnonzero(np.r_[sorted_score[1:] != sorted_score[:-1], True])
-    tp = np.cumsum(sorted_positive)[last]
-    fp = (last + 1) - tp
-    positives = int(is_positive.sum())
+    column = np.asarray(probs[:, int(positive)])
+    if column.dtype == np.float32:  # sorted in its own type, which holds the same distinct values: 0.6 s, not 1 s
+        score = column
+    # Each class's scores sorted, not the samples argsorted (2.3 s at 10M rows, against 1.3 s): the samples of a
+    # class at or above a threshold are those past its binary search in that class's sorted scores.
+    positive_scores, negative_scores = np.sort(score[is_positive]), np.sort(score[~is_positive])
+    # the two sorted runs merged (timsort merges runs in one pass), then each distinct score once, highest first
+    merged = np.sort(np.concatenate([positive_scores, negative_scores]), kind="stable")
+    distinct = merged[np.r_[True, merged[1:] != merged[:-1]]][::-1]
+    tp = len(positive_scores) - np.searchsorted(positive_scores, distinct, side="left")
+    fp = len(negative_scores) - np.searchsorted(negative_scores, distinct, side="left")
+    positives = len(positive_scores)
     negatives = len(score) - positives
     both = 0 < positives < len(score)
     tp, fp = np.r_[0, tp].astype(np.int64), np.r_[0, fp].astype(np.int64)
+    sorted_score = distinct.astype(np.float64)
     roc_auc = average_precision = None
     if both:
         tpr, fpr = tp / positives, fp / negatives
         roc_auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))  # the trapezoids under the ROC points
         # the step sum of precision over each rise in recall (sklearn's average_precision_score)
         average_precision = float(np.sum(np.diff(tpr) * tp[1:] / (tp[1:] + fp[1:])))
-    return ThresholdCurve(positive=int(positive), thresholds=np.r_[np.inf, sorted_score[last]], tp=tp, fp=fp,
+    return ThresholdCurve(positive=int(positive), thresholds=np.r_[np.inf, sorted_score], tp=tp, fp=fp,
                           positives=positives, total=int(len(score)), roc_auc=roc_auc,
                           average_precision=average_precision)
 
