@@ -533,8 +533,15 @@ def _bin_indices(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]
     if low == high:
         low, high = low - 0.5, high + 0.5
     edges = np.linspace(low, high, bins + 1)
-    index = ((values - low) * (bins / (high - low))).astype(np.int64)
-    index = np.clip(index, 0, bins - 1)
+    scale = bins / (high - low)
+    # in float32 where the values are (a projection is: not copied to float64) and in place: 0.65 s to 0.3 s at 10M
+    if values.dtype != np.float32 or not scale < 1e30:
+        values = np.asarray(values, dtype=np.float64)
+    scaled = values - values.dtype.type(low)
+    scaled *= values.dtype.type(scale)
+    index = scaled.astype(np.int32)
+    del scaled
+    np.clip(index, 0, bins - 1, out=index)
     # the arithmetic can land one bin off at an edge: correct against the edges themselves, as numpy does
     index -= values < edges[index]
     index += (values >= edges[index + 1]) & (index != bins - 1)
@@ -545,11 +552,14 @@ def density_trace(x: np.ndarray, y: np.ndarray, *, bins: int = DENSITY_BINS) -> 
     """Every point counted in a `bins` x `bins` grid (as numpy's histogram2d counts), drawn on a log scale in greys, empty
     cells left clear; each cell's count is its customdata (the hover says it)."""
     finite = np.isfinite(x) & np.isfinite(y)
-    x, y = x[finite], y[finite]
+    if not finite.all():  # a projection is finite: no copy of 10M points for nothing
+        x, y = x[finite], y[finite]
     try:
         (ix, x_edges), (iy, y_edges) = _bin_indices(x, bins), _bin_indices(y, bins)
         # one bincount of the cells: histogram2d's general binning took 6.6 s at 10M points
-        counts = np.bincount(ix * bins + iy, minlength=bins * bins).reshape(bins, bins).astype(np.float64)
+        ix *= bins
+        ix += iy
+        counts = np.bincount(ix, minlength=bins * bins).reshape(bins, bins).astype(np.float64)
     except ZeroDivisionError:  # one value so large that +-0.5 leaves no width: histogram2d's own handling
         counts, x_edges, y_edges = np.histogram2d(x, y, bins=bins)
     z = np.where(counts > 0, np.log10(np.maximum(counts, 1)) + 1.0, np.nan).T  # rows of the heatmap are y
@@ -574,7 +584,7 @@ def embedding_figure(table: pd.DataFrame, *, colour: str, categorical: bool, tit
     fig = go.Figure()
     dense = len(rows) < len(table)
     if dense:  # every point counted, under the ones drawn: where the rest lie is never guessed from a sample
-        fig.add_trace(density_trace(table["x"].to_numpy(np.float64), table["y"].to_numpy(np.float64)))
+        fig.add_trace(density_trace(table["x"].to_numpy(), table["y"].to_numpy()))
     point_size, point_opacity = (4, 0.55) if dense else (6, 0.8)
     if categorical:
         values = shown[colour].astype(str)

@@ -128,6 +128,26 @@ def test_a_projection_too_large_to_draw_is_a_density_of_every_point():
     assert all(t.type == "scattergl" for t in whole.data)  # small enough: points only, no density
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_density_of_float32_points_on_the_bin_edges_counts_as_histogram2d(dtype):
+    """A run's projection is float32, binned in its own type: points on and beside every edge (where the arithmetic
+    lands a bin off) and a non-finite one (left out) are counted as numpy's histogram2d counts the finite ones
+    (as float64, as the embedding figure had passed them)."""
+    rng = np.random.default_rng(5)
+    low, high = -3.7, 11.2
+    edges = np.linspace(low, high, figures.DENSITY_BINS + 1).astype(dtype)
+    on_edges = np.r_[edges, np.nextafter(edges, np.inf, dtype=dtype), np.nextafter(edges, -np.inf, dtype=dtype)]
+    x = np.clip(np.r_[on_edges, rng.uniform(low, high, 20000).astype(dtype)], low, high).astype(dtype)
+    y = rng.permutation(x)
+    x[7] = np.nan
+    finite = np.isfinite(x) & np.isfinite(y)
+    density = figures.density_trace(x, y)
+    # the reference bins the points' float64 values (numpy would put float32 points on float32 edges)
+    counts, _, _ = np.histogram2d(x[finite].astype(np.float64), y[finite].astype(np.float64),
+                                  bins=figures.DENSITY_BINS)
+    np.testing.assert_array_equal(np.asarray(density.customdata), counts.T)
+
+
 def test_downsample_is_fixed_and_keeps_requested_rows():
     rows = figures.downsample_rows(1000, 100, keep=[999, 3])
     assert np.array_equal(rows, figures.downsample_rows(1000, 100, keep=[999, 3]))
