@@ -143,6 +143,18 @@ def test_pandas_dtypes_float_ids_and_out_of_range_numbers_read_as_pandas_reads_t
     assert slice_mask(wide, [2**62]).tolist() == [False, True]
 
 
+@pytest.mark.parametrize("ids", [np.arange(300), np.arange(300) + 1, np.arange(300)[::-1].copy(),
+                                 np.arange(300, dtype=np.uint32), np.r_[np.arange(150), np.arange(151, 301)]])
+def test_a_slices_members_mask_the_rows_that_isin_finds(ids):
+    """slice_mask's lookups (rows themselves for ids 0..N-1, a table, isin) against numpy's isin, with members
+    outside the ids, negative, repeated, as an array and as a list."""
+    members = np.array([0, 5, 5, 299, 300, -1, 1000, 42], dtype=np.int64)
+    expected = np.isin(ids.astype(np.int64), members)
+    frame = pd.DataFrame({"id": ids})
+    assert slice_mask(frame, members).tolist() == expected.tolist() == slice_mask(frame, list(members)).tolist()
+    assert 3 <= expected.sum() <= 5
+
+
 def test_a_part_damaged_after_the_run_opened_is_one_line(tmp_path):
     table = _samples(40)
     paths = _write_parts(table, tmp_path / "samples", [20, 20])
