@@ -143,8 +143,9 @@ def ids_in_lasso(coords: np.ndarray, lasso: dict) -> np.ndarray:
     return Path(polygon).contains_points(coords)
 
 
-def region_mask(event, coords: np.ndarray) -> np.ndarray | None:
-    """Rows of the full (N, 2) `coords` inside the event's boxes and lassos, or None if it has no region.
+def region_mask(event, coords) -> np.ndarray | None:
+    """Rows of the full (N, 2) `coords` inside the event's boxes and lassos, or None if it has no region. `coords`
+    may be a function that makes them, called only when there is a region (10M points are 80 MB per rerun).
 
     A big scatter is drawn downsampled, so its selected *points* miss the hidden ones; the region selects them all.
     """
@@ -152,6 +153,7 @@ def region_mask(event, coords: np.ndarray) -> np.ndarray | None:
     boxes, lassos = _get(selection, "box") or [], _get(selection, "lasso") or []
     if not boxes and not lassos:
         return None
+    coords = coords() if callable(coords) else coords
     mask = np.zeros(len(coords), dtype=bool)
     for box in boxes:
         mask |= ids_in_box(coords, box)

@@ -429,6 +429,26 @@ def test_embedding_selection_shows_its_samples_and_metrics(runs_dir, monkeypatch
     for colour in ("slice", "confidence", "correct"):
         at.selectbox(key="emb-colour").set_value(colour).run()
         _ok(at)
+    import base64
+
+    def _array(value):  # plotly 6 sends numeric arrays as {"dtype", "bdata"} (base64)
+        if isinstance(value, dict):
+            return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+        return np.asarray(value if value is not None else [])
+
+    # each category's points are the samples of that category (the page reads one stored column per colour)
+    names = open_run(runs_dir / run_name).class_names
+    by_id = samples.set_index(samples["id"].astype(str))
+    truth = {"label": lambda r: names[int(r["label"])], "prediction": lambda r: names[int(r["pred"])],
+             "correct": lambda r: "right" if r["correct"] else "wrong"}
+    for colour, of in truth.items():
+        at.selectbox(key="emb-colour").set_value(colour).run()
+        _ok(at)
+        chart = next(c for c in at.get("plotly_chart") if "scattergl" in c.proto.spec)
+        traces = [t for t in json.loads(chart.proto.spec)["data"] if t["type"] == "scattergl"]
+        assert sum(len(_array(t["customdata"])) for t in traces) >= 40
+        for trace in traces:
+            assert {of(by_id.loc[str(i)]) for i in _array(trace["customdata"])} == {trace["name"]}, colour
 
     # issue 18, item 5: t-SNE is computed in the background with its progress; once it is there, no "not in this
     # run yet" stays above it, and the selection made elsewhere is marked on it
@@ -447,14 +467,6 @@ def test_embedding_selection_shows_its_samples_and_metrics(runs_dir, monkeypatch
     assert any("t-SNE of" in text and "so far" in text for text in progress), progress
     _ok(at)
     assert "is not in this run yet" not in _text(at) and not at.get("progress")
-    import base64
-    import json
-
-    def _array(value):  # plotly 6 sends numeric arrays as {"dtype", "bdata"} (base64)
-        if isinstance(value, dict):
-            return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
-        return np.asarray(value if value is not None else [])
-
     spec = json.loads(at.get("plotly_chart")[0].proto.spec)
     marked = {str(_array(trace["customdata"])[i]) for trace in spec["data"]
               for i in _array(trace.get("selectedpoints")).astype(int)}

@@ -27,6 +27,7 @@ def test_no_selection_gives_nothing():
         assert selected_cell(event) is None
         assert selected_ids(event) == []
         assert region_mask(event, np.zeros((3, 2))) is None
+        assert region_mask(event, lambda: pytest.fail("no region: the points are not made")) is None
 
 
 def test_ids_from_points_keep_order_and_drop_repeats():
@@ -48,8 +49,9 @@ def test_box_and_lasso_select_by_region_on_every_point():
     triangle = {"x": [-1, 3, -1], "y": [-1, 3, 3]}  # the half-plane y > x, roughly
     inside = ids_in_lasso(coords + np.array([0, 0.1]), triangle)
     assert inside.tolist() == [True, True, True, False]
-    mask = region_mask(_event(box=[box], lasso=[{"x": [4, 6, 6, 4], "y": [0, 0, 1, 1]}]), coords)
-    assert mask.tolist() == [True, True, False, True]
+    event = _event(box=[box], lasso=[{"x": [4, 6, 6, 4], "y": [0, 0, 1, 1]}])
+    assert region_mask(event, coords).tolist() == region_mask(event, lambda: coords).tolist() == [True, True, False,
+                                                                                                 True]
 
 
 def test_selection_strings_round_trip():

@@ -83,27 +83,32 @@ if projection is None:
 def _colour_column(table: pd.DataFrame) -> tuple[pd.Series, bool, list | None]:
     ids, own = table["id"].to_numpy(), samples["id"].to_numpy()
     # a projection of every sample lists them in the samples' order: no lookup (1M ids as text took 0.6 s)
-    rows = np.arange(len(own)) if len(ids) == len(own) and np.array_equal(ids, own) else \
-        id_positions(data.id_index(run), ids)
-    # the columns a colour may read, not the table: a 10M-row run keeps a handful of columns
-    s = samples.frame([c for c in ("label", "pred", "correct", "prediction", colour) if c in samples]).iloc[rows]
+    rows = None if len(ids) == len(own) and np.array_equal(ids, own) else id_positions(data.id_index(run), ids)
+
+    def stored(name: str) -> pd.Series:
+        # one kept column in the projection's order, not a frame of several: at 10M rows each is 40-80 MB
+        values = samples[name]
+        return (values if rows is None else values.iloc[rows]).reset_index(drop=True)
+
     if colour in ("label", "prediction") and task.has_classes:
-        column = "label" if colour == "label" else "pred"
+        codes = stored("label" if colour == "label" else "pred").to_numpy()
         # categories, not a text per sample: pandas turned 10M texts into Arrow strings and back in 3.4 s
         if len(set(names)) == len(names):
-            return pd.Series(pd.Categorical.from_codes(s[column].to_numpy(), categories=list(names))), True, list(names)
-        return pd.Series(np.asarray(names, object)[s[column]]), True, list(names)
-    if colour == "prediction" and "prediction" not in s:  # a multi-label run's predicted label set
-        s = s.assign(prediction=s["pred"])
+            return pd.Series(pd.Categorical.from_codes(codes, categories=list(names))), True, list(names)
+        return pd.Series(np.asarray(names, object)[codes]), True, list(names)
     if colour == "correct":
-        codes = (~s["correct"].to_numpy(dtype=bool)).astype(np.int8)
+        codes = (~stored("correct").to_numpy(dtype=bool)).astype(np.int8)
         return pd.Series(pd.Categorical.from_codes(codes, categories=["right", "wrong"])), True, ["right", "wrong"]
     if colour == "slice":
         membership = data.slice_membership(run)
-        values = membership.iloc[rows].reset_index(drop=True)
+        values = membership if rows is None else membership.iloc[rows]
+        values = values.reset_index(drop=True)
         return values, True, sorted(values.unique(), key=lambda v: (v == "no slice", v))
-    values = s[colour].reset_index(drop=True)
-    categorical = not pd.api.types.is_numeric_dtype(values) or values.nunique() <= 12
+    # a multi-label run's predicted label set is its pred column
+    values = stored("pred" if colour == "prediction" and "prediction" not in samples else colour)
+    # a few values are categories; more than 12 among the first rows settle it without hashing all 10M
+    categorical = not pd.api.types.is_numeric_dtype(values) or (
+        values.iloc[:10_000].nunique() <= 12 and values.nunique() <= 12)
     return values, categorical, None
 
 
@@ -122,7 +127,7 @@ fig = figures.embedding_figure(table, colour=colour, categorical=categorical, ca
 event = st.plotly_chart(fig, on_select="rerun", selection_mode=("points", "box", "lasso"), key=f"emb-chart-{layer}-{method}",
                         config={"displayModeBar": True, "modeBarButtonsToRemove": ["toImage"]})
 
-mask = region_mask(event, table[["x", "y"]].to_numpy())
+mask = region_mask(event, lambda: table[["x", "y"]].to_numpy())
 ids = table["id"][mask].tolist() if mask is not None else selected_ids(event)
 if components.fresh(f"emb-sel-{layer}-{method}", tuple(map(str, ids)) or None):
     state.set_selection(Selection("ids", [str(i) for i in ids]), ids)
