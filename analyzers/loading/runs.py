@@ -24,7 +24,7 @@ import pandas as pd
 
 from ..errors import AnalyzerError, RunExists, first_line
 from .sample_table import SampleTable
-from .run_checks import (CORE_COLUMNS, TASK_COLUMNS, RunDamaged, check_array, check_info, check_json, check_probs,
+from .run_checks import (RunDamaged, check_array, check_info, check_json, check_probs,
                          check_samples, check_table, damaged)
 
 RUN_FORMAT_VERSION = 1
@@ -308,7 +308,6 @@ class Run:
             relpath = SAMPLES_DIR if self.sharded else SAMPLES
             table = self._read(relpath, lambda p: SampleTable(table_parts(p) if self.sharded else [p],
                                                               where=self.path, relpath=relpath))
-            table.keep(CORE_COLUMNS + TASK_COLUMNS.get(self.task, ()))  # the columns the check reads, in one pass
             check_samples(table, num_samples=self.num_samples, num_classes=len(self.class_names), where=self.path,
                           task=self.task)
             self._cache["sample_table"] = table

@@ -122,16 +122,6 @@ class SampleTable:
                     self._columns[name] = self._read_columns([name]).to_pandas()[name]
             return self._columns[name]
 
-    def keep(self, columns) -> None:
-        """Read the named columns not yet kept in one pass over the parts (pyarrow decodes them side by side): what
-        opening a run does for the columns its check reads."""
-        with self._lock:
-            unread = [name for name in dict.fromkeys(columns) if name in self and name not in self._columns]
-            if unread:
-                with self._damaged_on_error():
-                    frame = self._read_columns(unread).to_pandas()
-                self._columns.update({name: frame[name] for name in unread})
-
     def frame(self, columns) -> pd.DataFrame:
         """The named columns of every row (the ones an analysis reads), as a DataFrame sharing the kept columns."""
         return pd.DataFrame({name: self[name] for name in columns if name in self}, copy=False)
