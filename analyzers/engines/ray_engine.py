@@ -131,10 +131,14 @@ class ModelActor:
         from .inference import predict
 
         x, y, rows = batch["x"], batch["y"], batch["row"]
+        started = time.perf_counter()
         # a block starts at a multiple of the batch size, so these batches are the in-process run's
         predictions = predict(self.model, x, y, batch_size=self.batch_size, layer=self.layer, device=self.device)
+        # the block's model time, on its first row (the run reports the pool's sum beside the pipeline's wall time)
+        compute = np.zeros(len(rows), dtype=np.float64)
+        compute[:1] = time.perf_counter() - started
         out = {"row": rows, "probs": predictions.probs, "loss": predictions.loss,
-               "node": np.full(len(rows), self.node)}
+               "node": np.full(len(rows), self.node), "compute_s": compute}
         if predictions.embeddings is not None:
             out["embedding"] = predictions.embeddings
         return out
@@ -200,6 +204,7 @@ class RayInference:
         names = run_class_names(model, dataset)
         blocks, block_rows = _input_blocks(ray, dataset, batch_size=batch_size, min_blocks=4 * actors)
         payload = self._payload(ray, model)
+        blocks_s = time.perf_counter() - started
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # outputs in dataset order: each is written where it lands
         context.enable_progress_bars = False
@@ -217,6 +222,7 @@ class RayInference:
         loss = np.zeros(n, dtype=np.float32)
         total = None
         nodes = set()
+        compute_s, first_block_s = 0.0, None
         done = 0
         bar = _progress_bar(n) if progress else None
         try:
@@ -241,6 +247,9 @@ class RayInference:
                                             groups={c: values[start:stop] for c, values in groups.items()})
                 total = part if total is None else total.merge(part)
                 nodes.update(str(v) for v in np.unique(batch["node"]))
+                compute_s += float(np.sum(batch["compute_s"]))
+                if first_block_s is None:  # Ray's start of the pool: the actors' imports and model loads
+                    first_block_s = time.perf_counter() - started
                 done = stop
                 report("inference", done / n)
                 if bar is not None:
@@ -269,7 +278,10 @@ class RayInference:
         samples = _write_sample_parts(stage_dir / SAMPLES_DIR, dataset, predictions, task, names,
                                       part_name=SAMPLE_PART)
         return predictions, samples, {"name": "ray", "actors": actors, "nodes": len(nodes), "blocks": len(blocks),
-                                      "address": self.address, "inference_s": round(inference_s, 4)}
+                                      "address": self.address, "inference_s": round(inference_s, 4),
+                                      "actor_compute_s": round(compute_s, 4),
+                                      "first_block_s": round(first_block_s or 0.0, 4),
+                                      "blocks_s": round(blocks_s, 4)}
 
 
 def _input_blocks(ray, dataset, *, batch_size: int, min_blocks: int) -> list:
