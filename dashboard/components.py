@@ -362,7 +362,8 @@ def gallery(run: Run, ids, *, key: str, title: str | None = None) -> None:
             open_explanation(full["id"].iloc[picked[0]], ordered_ids)
     with st.container(horizontal=True, vertical_alignment="bottom"):
         # the page's ids: a selectbox of a 10M-row run's slice would send millions of options to the browser
-        choice = st.selectbox("Explain a sample of this page", [str(i) for i in shown["id"]], key=f"{key}-pick")
+        choice = st.selectbox("Explain a sample of this page", [str(i) for i in shown["id"]],
+                              key=f"{key}-pick-{page}")
         if st.button("Open explanation", key=f"{key}-open", type="primary"):
             open_explanation(choice, ordered_ids)
 

@@ -548,7 +548,7 @@ def projection(run: Run, layer: str, method: str) -> pd.DataFrame | None:
         if method != "pca":
             return None
         ensure_projection(run, layer, method, 2)
-    return _projection_table(str(run.file(relpath)), run.file(relpath).stat().st_mtime)
+    return _projection_table(run, relpath, run.file(relpath).stat().st_mtime)
 
 
 @st.cache_resource(show_spinner=False)
@@ -579,9 +579,11 @@ def start_projection(run: Run, layer: str, method: str):
     return job
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
-def _projection_table(path: str, mtime: float) -> pd.DataFrame:
-    return pd.read_parquet(path)
+@st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=32)
+def _projection_table(run: Run, relpath: str, mtime: float) -> pd.DataFrame:
+    # read by the run's rules: a large table is checked from its footer when the run opens, its rows here
+    # (`Run.check_every_file`), so damaged pages are the run's one RunDamaged line; `mtime` keys a new projection
+    return run.read_parquet(relpath)
 
 
 def collect_layer(run: Run, layer: str) -> None:

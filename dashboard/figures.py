@@ -534,8 +534,12 @@ def _bin_indices(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]
         low, high = low - 0.5, high + 0.5
     edges = np.linspace(low, high, bins + 1)
     scale = bins / (high - low)
-    # in float32 where the values are (a projection is: not copied to float64) and in place: 0.65 s to 0.3 s at 10M
-    if values.dtype != np.float32 or not scale < 1e30:
+    # in float32 where the values are (a projection is: not copied to float64) and in place: 0.65 s to 0.3 s at 10M;
+    # float64 where float32 cannot hold the range's ends (one large constant value widened by 0.5) or its width
+    # (compared as Python floats: numpy compares a float32 with a Python float in float32)
+    small = np.finfo(np.float32)
+    if values.dtype != np.float32 or float(np.float32(low)) != low or float(np.float32(high)) != high or \
+            not (high - low < small.max and scale < small.max):
         values = np.asarray(values, dtype=np.float64)
     scaled = values - values.dtype.type(low)
     scaled *= values.dtype.type(scale)

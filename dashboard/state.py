@@ -79,5 +79,10 @@ def gallery_ids() -> np.ndarray:
 
 
 def set_gallery(ids) -> None:
-    # kept as one array: a 10M-row run's slice has millions of ids, a list of them millions of objects
-    st.session_state["gallery_ids"] = np.asarray(ids)
+    # kept as one array: a 10M-row run's slice has millions of ids, a list of them millions of objects. A short
+    # list of ids of mixed types stays as it is given (numpy would make text of every id, or floats of big ones).
+    if not isinstance(ids, np.ndarray):
+        ids = list(ids)
+        plain = np.asarray(ids)
+        ids = plain if plain.dtype.kind in "iu" or all(isinstance(i, str) for i in ids) else np.array(ids, dtype=object)
+    st.session_state["gallery_ids"] = ids

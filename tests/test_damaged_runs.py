@@ -23,6 +23,17 @@ def _rewrite_parquet(path: Path, change) -> None:
     change(table).to_parquet(path, index=False)
 
 
+def _corrupt_pages(path: Path) -> None:
+    """Garbage over the data pages of a Parquet file, its footer (schema, row count) left whole."""
+    import pyarrow.parquet as pq
+
+    data = bytearray(path.read_bytes())
+    footer = pq.read_metadata(path).serialized_size + 8  # the footer, its length and the closing magic
+    data[4:len(data) - footer] = bytes(len(data) - footer - 4)
+    path.write_bytes(bytes(data))
+    pq.read_metadata(path)  # still reads
+
+
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
@@ -66,6 +77,9 @@ DAMAGE = {
     "probabilities with a NaN": (lambda p: np.save(p / "probs.npy", np.where(
         np.arange(np.load(p / "probs.npy").size).reshape(np.load(p / "probs.npy").shape) == 3, np.nan,
         np.load(p / "probs.npy")).astype(np.load(p / "probs.npy").dtype)), "probs.npy"),
+    # its footer intact and its pages not: only reading the rows shows it (a large table is footer-checked at open)
+    "projection with corrupt pages": (lambda p: _corrupt_pages(next((p / "projections").glob("*-2d.parquet"))),
+                                      "projections/"),
     "run.json model without a hash": (lambda p: (p / "run.json").write_text(json.dumps(
         {**json.loads((p / "run.json").read_text()), "model": {"spec": "x"}})), "run.json"),
 }
@@ -95,10 +109,11 @@ def test_open_run_refuses_each_damage_in_one_line_naming_the_file(kind, healthy,
 
 
 # the damage a table's footer cannot show: its values; each is refused when the table is read
-VALUE_DAMAGE = {"label-noise classes out of range": "label_noise.parquet"}
+VALUE_DAMAGE = {"label-noise classes out of range": "label_noise.parquet",
+                "projection with corrupt pages": "projections/*-2d.parquet"}
 
 
-@pytest.mark.parametrize("kind", [k for k in DAMAGE if DAMAGE[k][1] != "probs.npy"])
+@pytest.mark.parametrize("kind", [k for k in DAMAGE if ".parquet" in DAMAGE[k][1] or DAMAGE[k][1] == "projections/"])
 def test_a_large_tables_footer_is_checked_at_open_and_its_values_when_read(kind, healthy, tmp_path, monkeypatch):
     """A 10M-row run's derived tables are checked from their footers when it opens (FOOTER_CHECK_BYTES): made
     0 here, every table is. Each damage is still refused in one line naming the file: at open, or, for a value
@@ -112,9 +127,26 @@ def test_a_large_tables_footer_is_checked_at_open_and_its_values_when_read(kind,
             open_run(run)
         return
     opened = open_run(run)
-    with pytest.raises(RunDamaged, match=re.escape(VALUE_DAMAGE[kind])) as info:
-        opened.read_parquet(VALUE_DAMAGE[kind])
+    relpath = next(run.glob(VALUE_DAMAGE[kind])).relative_to(run).as_posix()  # the table the damage changed
+    with pytest.raises(RunDamaged, match=re.escape(relpath)) as info:
+        opened.read_parquet(relpath)
     assert "\n" not in str(info.value)
+
+
+def test_a_projection_damaged_past_its_footer_is_the_embeddings_pages_one_line(healthy, tmp_path, monkeypatch):
+    """With every table footer-checked at open, the Embeddings page reads the projection by the run's rules: its
+    corrupt pages are one error naming the file and the run, never a library's message."""
+    import analyzers.loading.runs as runs
+
+    monkeypatch.setattr(runs, "FOOTER_CHECK_BYTES", 0)
+    root = tmp_path / "runs"
+    root.mkdir()
+    broken = _damaged_copy(healthy, root, "projection with corrupt pages")
+    at = _app(monkeypatch, root, run="broken").run()
+    at.switch_page("views/embeddings.py").run()
+    _ok(at)
+    errors = [_plain(e.value) for e in at.error]
+    assert any("projections/" in e and str(broken) in e for e in errors), errors
 
 
 def test_the_healthy_run_passes_every_check(healthy):

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -188,7 +189,10 @@ def test_findings_lead_with_what_accounts_for_most_samples(runs_dir, tmp_path, m
     shutil.copytree(runs_dir / "sample-digits", runs / "timid", ignore=shutil.ignore_patterns("explanations"))
     probs = np.load(runs / "timid" / "probs.npy")
     timid = np.exp(np.log(np.clip(probs, 1e-12, None)) / 8)  # temperature 8: the same predictions, unsure of all
-    np.save(runs / "timid" / "probs.npy", (timid / timid.sum(1, keepdims=True)).astype(probs.dtype))
+    timid = (timid / timid.sum(1, keepdims=True)).astype(probs.dtype)
+    np.save(runs / "timid" / "probs.npy", timid)
+    samples = pd.read_parquet(runs / "timid" / "samples.parquet")  # its confidence is the top probability
+    samples.assign(confidence=timid.max(1)).to_parquet(runs / "timid" / "samples.parquet", index=False)
     at = _app(monkeypatch, runs, runs / "timid").run()
     _ok(at)
     findings = [m.value for m in at.markdown if m.value.startswith("**")]

@@ -142,6 +142,11 @@ def test_the_density_of_float32_points_on_the_bin_edges_counts_as_histogram2d(dt
     x[7] = np.nan
     finite = np.isfinite(x) & np.isfinite(y)
     density = figures.density_trace(x, y)
+    # a constant large value (the range widened by 0.5, which float32 cannot hold) is binned as histogram2d does
+    constant = np.full(50, 1e8, dtype=dtype)
+    flat = figures.density_trace(constant, y[:50].astype(dtype))
+    reference, _, _ = np.histogram2d(constant.astype(np.float64), y[:50].astype(np.float64), bins=figures.DENSITY_BINS)
+    np.testing.assert_array_equal(np.asarray(flat.customdata), reference.T)
     # the reference bins the points' float64 values (numpy would put float32 points on float32 edges)
     counts, _, _ = np.histogram2d(x[finite].astype(np.float64), y[finite].astype(np.float64),
                                   bins=figures.DENSITY_BINS)

@@ -97,3 +97,17 @@ def test_points_select_exactly_the_clicked_ids(ids, draw):
     assert selected_ids(event) == picked
     rows = id_positions(np.array(ids), [str(i) for i in selected_ids(event)])
     assert np.array(ids)[rows].tolist() == picked
+
+
+def test_a_gallery_is_kept_as_one_array_of_the_ids_given():
+    """Session state holds a gallery as one array (a 10M-row run's slice: millions of ids); a short list of mixed
+    or very large ids keeps its values, and previous / next walk it as given."""
+    from dashboard import state
+
+    state.set_gallery(np.arange(5) * 2)
+    assert state.gallery_ids().dtype.kind == "i" and neighbours(state.gallery_ids(), "4") == (2, 6)
+    state.set_gallery([5, "a", 2**63])
+    kept = state.gallery_ids()
+    assert kept.tolist() == [5, "a", 2**63] and neighbours(kept, "a") == (5, 2**63)
+    state.set_gallery(["x", "y"])
+    assert state.gallery_ids().tolist() == ["x", "y"]

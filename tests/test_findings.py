@@ -8,6 +8,7 @@ import pytest
 
 from analyzers.evaluation.findings import (MIN_ERRORS_FOR_NOISE, STRONG_SUSPECT, calibration_noise_floor,
                                            rank_findings)
+from analyzers.errors import AnalyzerError
 from analyzers.evaluation.metrics import expected_calibration_error
 
 
@@ -183,8 +184,12 @@ def test_a_checked_runs_stored_columns_give_the_findings_of_its_probabilities():
         for key, value in a.details.items():
             assert value == (pytest.approx(b.details[key], rel=1e-5) if isinstance(value, float) else
                              b.details[key]), key
-    with pytest.raises(Exception, match="num_classes"):
+    with pytest.raises(AnalyzerError, match="num_classes"):
         rank_findings(samples)
+    with pytest.raises(AnalyzerError, match="label must be class indices 0..2"):
+        rank_findings(samples, num_classes=3)  # a label 3 names no class of three
+    with pytest.raises(AnalyzerError, match="confidence"):
+        rank_findings(samples.assign(confidence=samples["confidence"] + 1), num_classes=k)
 
 
 def test_the_dashboards_findings_and_reliability_of_a_run_equal_those_of_its_probabilities(sample_run_dir):

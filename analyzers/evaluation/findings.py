@@ -149,23 +149,31 @@ def label_noise_finding(noise: pd.DataFrame | None, errors: int) -> list:
                                                         "top_suggested": int(top["suggested_label"])})]
 
 
+def _class_indices(values: np.ndarray, k: int, column: str) -> np.ndarray:
+    if values.dtype.kind not in "iu" or len(values) and (values.min() < 0 or values.max() >= k):
+        raise AnalyzerError(f"the samples' {column} must be class indices 0..{k - 1}")
+    return values.astype(np.int64, copy=False)
+
+
 def rank_findings(samples: pd.DataFrame, probs=None, *, num_classes: int | None = None,
                   slices: pd.DataFrame | None = None, label_noise: pd.DataFrame | None = None) -> list:
     """Every finding of a run (samples.parquet's label, pred and correct; the probabilities; the run's slices and
     label-noise tables where it has them), most samples accounted for first; those under MIN_IMPACT are left out.
 
-    Without `probs`, the calibration reads the samples' `correct` and `confidence` as whether the top class is the
-    label and the top probability: what an opened run's check has tied them to (`run_checks.check_probs`), and
+    Without `probs`, the calibration reads the samples' `pred` and `confidence` as the top class and the top
+    probability: what an opened run's check has tied them to (`run_checks.check_probs`), and
     what spares reading a 10M-row run's probabilities (2.5 s of its first page). `num_classes` is then needed."""
     if probs is None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
             raise AnalyzerError(f"findings without probabilities need num_classes, a number of 2 or more, got "
                                 f"{num_classes!r}")
-        labels = np.asarray(samples["label"].to_numpy(), dtype=np.int64)
-        pred = samples["pred"].to_numpy().astype(np.int64)
         k = int(num_classes)
-        correct = samples["correct"].to_numpy(dtype=bool)
+        labels = _class_indices(samples["label"].to_numpy(), k, "label")
+        pred = _class_indices(samples["pred"].to_numpy(), k, "pred")
+        correct = pred == labels  # a checked run's pred is the top class (`check_probs`)
         top_right, confidence = correct, samples["confidence"].to_numpy(dtype=np.float64)
+        if len(confidence) and not (confidence.min() >= 0 and confidence.max() <= 1 + 1e-6):
+            raise AnalyzerError("the samples' confidence must be probabilities in [0, 1]")
     else:
         labels, probs = check_predictions(samples["label"].to_numpy(), probs)
         pred = samples["pred"].to_numpy().astype(np.int64)

@@ -37,7 +37,8 @@ SAMPLE_PART = "part-{:06d}.parquet"
 # rows made a page of 20 rows of a 10M-row run read the file), the size of a Ray part
 SAMPLE_ROW_GROUP = 1 << 16
 # Opening a run checks a derived table larger than this from its footer, its values when a page reads it
-# (`Run.check_every_file`): a 10M-row run's projection table is 134 MB; the digits run's largest table is 60 KB
+# (`Run.check_every_file`): a 10M-row run's projection table is 134 MB; the digits run's largest table is 60 KB.
+# Damage in such a table's rows is then that page's one RunDamaged line, and the sidebar does not mark the run.
 FOOTER_CHECK_BYTES = 16 << 20
 PROBS = "probs.npy"
 LABELS = "labels.npy"  # a multi-label run's multi-hot labels (N, K); samples.parquet holds them as text

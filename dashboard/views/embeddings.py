@@ -135,7 +135,7 @@ sel = state.selection()
 if sel is not None and sel.kind == "ids":
     rows = id_positions(data.id_index(run), sel.value)
     if len(rows):
-        chosen = samples["id"].to_numpy()[rows].tolist()
+        chosen = samples["id"].to_numpy()[rows]  # a region of a 10M-row run holds millions: one array
         state.set_gallery(chosen)
         st.subheader(f"{len(rows):,} selected samples")
         st.caption("Marked on the chart above, whichever chart or page they were selected on; the others are "
