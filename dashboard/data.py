@@ -176,6 +176,15 @@ def threshold_curve(run: Run, positive: int):
     return curve_of(run.sample_table["label"].to_numpy(), run.probs, positive=positive)
 
 
+def default_threshold_class(run: Run) -> int:
+    """The class the Confusion page's threshold starts on: the stored choice, else class 1 of two, else the rarest."""
+    from analyzers.evaluation.thresholds import THRESHOLDS
+
+    stored = optional_json(run, THRESHOLDS) or {}
+    rarest = int(confusion(run).counts.sum(1).argmin())
+    return int(stored.get("positive", 1 if len(run.class_names) == 2 else rarest))
+
+
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)
 def multilabel_report(run: Run) -> dict:
     """A multi-label run's per-label report and co-missed labels at the run's thresholds: multilabel.json, else
@@ -434,10 +443,24 @@ def _warm_after_page(drawn: threading.Event, key: str, run: Run, warm_projector:
 
 def _warm(key: str, run: Run, warm_projector: bool) -> None:
     try:
+        _warm_pages(run)
         _warm_explanations(key, run)
     finally:
         if warm_projector:  # after the explanations: on two cores, the compile would slow the first click down
             _projector()[0].warm()  # umap-learn's compile, in the helper process, once per dashboard process
+
+
+def _warm_pages(run: Run) -> None:
+    """The pages' costliest tables of the run, each computed once for every session (cached; a page that asks while
+    one is computed waits for it, not for a second copy): the threshold curve the Confusion page opens on (1.7 s
+    of its 2.7 s at 10M rows) and the top slices' members."""
+    try:
+        task = run_task(run)
+        if task.has_classes and not task.per_label and len(run.class_names) >= 2:
+            threshold_curve(run, default_threshold_class(run))
+        slice_rows(run, 10)  # as the pages ask for it: the cache keys the arguments as given
+    except AnalyzerError as exc:  # a damaged table: the page that reads it says so in its one line
+        logging.getLogger(__name__).info("warm-up of %s's pages stopped: %s", run.path.name, first_line(exc))
 
 
 def _warm_explanations(key: str, run: Run) -> None:

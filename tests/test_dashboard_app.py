@@ -175,6 +175,18 @@ def test_a_run_that_opens_warms_up_the_first_explanation_in_the_background(tmp_p
     _ok(at)
     text = _text(at)
     assert "deletion AUC" in text and "Sanity check" in text and "probe samples" in text
+    # the pages' costliest tables came first: the Confusion page's threshold curve and the slices' members
+    import analyzers.evaluation.slices as slices
+    import analyzers.evaluation.thresholds as thresholds
+
+    def not_again(*args, **kwargs):
+        raise RuntimeError("computed again: the warm-up did not compute it")
+
+    monkeypatch.setattr(thresholds, "threshold_curve", not_again)
+    monkeypatch.setattr(slices, "slice_mask", not_again)
+    at.switch_page("views/confusion.py").run()
+    _ok(at)
+    assert "Decision threshold" in _text(at) and "computed again" not in _text(at)
 
 
 def test_findings_lead_with_what_accounts_for_most_samples(runs_dir, tmp_path, monkeypatch):

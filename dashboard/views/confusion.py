@@ -138,7 +138,7 @@ st.subheader("Decision threshold: one class against the rest")
 st.caption("The matrix above predicts the most probable class (for two classes, a threshold of 0.5). With rare "
            "classes another threshold is usually better: move it and see what it trades.")
 stored = data.optional_json(run, THRESHOLDS) or {}
-default_class = int(stored.get("positive", 1 if len(names) == 2 else int(conf.counts.sum(1).argmin())))
+default_class = data.default_threshold_class(run)
 cols = st.columns([2, 1, 1], vertical_alignment="bottom")
 positive = cols[0].selectbox("Class", list(range(len(names))), index=default_class, key="threshold-class",
                              format_func=lambda k: names[k])
