@@ -2136,8 +2136,10 @@ class Bench:
                      f"{r['run']['wall_s']:.1f}" for r in results["process"]) + " s); evaluation stage included; "
                      f"batch {SCALE_BATCH_SIZE}; Ray: {there['engine'].get('actors')} actor(s), "
                      f"{there['engine'].get('blocks')} blocks, inference {there['timings_s'].get('inference', 0):.1f} s "
-                     f"(of which the pipeline {there['engine'].get('inference_s', 0):.1f} s after Ray started: its first block "
-                     f"back after {there['engine'].get('first_block_s', 0):.1f} s, the actors' model time "
+                     f"(of which the pipeline {there['engine'].get('inference_s', 0):.1f} s after Ray started: the actor's "
+                     f"start from {there['engine'].get('actor_init_start_s', 0):.1f} s to "
+                     f"{there['engine'].get('actor_init_end_s', 0):.1f} s, its first block back after "
+                     f"{there['engine'].get('first_block_s', 0):.1f} s, the actors' model time "
                      f"{there['engine'].get('actor_compute_s', 0):.1f} s in all), "
                      f"in-process inference {here['timings_s'].get('inference', 0):.1f} s; driver CPU only")
         for engine, result in best.items():

@@ -58,6 +58,7 @@ def test_a_ray_run_stores_the_samples_probabilities_and_analyses_of_an_in_proces
     engine = there.info["engine"]  # where the pipeline's time went, for the benchmark's note
     assert 0 < engine["actor_compute_s"] <= engine["inference_s"] and 0 < engine["blocks_s"] < engine["first_block_s"]
     assert engine["first_block_s"] <= engine["inference_s"]
+    assert 0 < engine["actor_init_start_s"] <= engine["actor_init_end_s"] <= engine["first_block_s"]
     assert there.sharded and not (there.path / SAMPLES).exists() and (there.path / SAMPLES_DIR).is_dir()
     pd.testing.assert_frame_equal(there.samples, here.samples)
     np.testing.assert_array_equal(there.probs, here.probs)

@@ -110,6 +110,7 @@ class ModelActor:
 
     def __init__(self, payload: ModelPayload, *, task: str, layer: str | None, threads: int, batch_size: int,
                  device: str = "cpu"):
+        self.init_started = time.time()
         import torch
 
         from .pipeline import _read_for_task
@@ -126,6 +127,7 @@ class ModelActor:
         import ray
 
         self.node = ray.get_runtime_context().get_node_id()
+        self.init_ended = time.time()  # the actor's start (torch's import, the model's load), sent with its first block
 
     def __call__(self, batch: dict) -> dict:
         from .inference import predict
@@ -137,8 +139,10 @@ class ModelActor:
         # the block's model time, on its first row (the run reports the pool's sum beside the pipeline's wall time)
         compute = np.zeros(len(rows), dtype=np.float64)
         compute[:1] = time.perf_counter() - started
+        ready = np.zeros(len(rows), dtype=np.float64)  # wall-clock start and end of this actor's __init__
+        ready[:2] = (self.init_started, self.init_ended)[:len(ready)]
         out = {"row": rows, "probs": predictions.probs, "loss": predictions.loss,
-               "node": np.full(len(rows), self.node), "compute_s": compute}
+               "node": np.full(len(rows), self.node), "compute_s": compute, "actor_init": ready}
         if predictions.embeddings is not None:
             out["embedding"] = predictions.embeddings
         return out
@@ -189,7 +193,7 @@ class RayInference:
         from .pipeline import run_class_names, write_label_matrix
 
         ray = connect(self.address)
-        started = time.perf_counter()
+        started, started_wall = time.perf_counter(), time.time()
         batch_size = params["batch_size"]
         n = len(dataset)
         cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -222,7 +226,7 @@ class RayInference:
         loss = np.zeros(n, dtype=np.float32)
         total = None
         nodes = set()
-        compute_s, first_block_s = 0.0, None
+        compute_s, first_block_s, actor_init = 0.0, None, (0.0, 0.0)
         done = 0
         bar = _progress_bar(n) if progress else None
         try:
@@ -250,6 +254,9 @@ class RayInference:
                 compute_s += float(np.sum(batch["compute_s"]))
                 if first_block_s is None:  # Ray's start of the pool: the actors' imports and model loads
                     first_block_s = time.perf_counter() - started
+                    init = np.asarray(batch["actor_init"])[:2]
+                    actor_init = (float(init[0]) - started_wall, float(init[1]) - started_wall) if len(init) == 2 \
+                        else (0.0, 0.0)
                 done = stop
                 report("inference", done / n)
                 if bar is not None:
@@ -281,7 +288,9 @@ class RayInference:
                                       "address": self.address, "inference_s": round(inference_s, 4),
                                       "actor_compute_s": round(compute_s, 4),
                                       "first_block_s": round(first_block_s or 0.0, 4),
-                                      "blocks_s": round(blocks_s, 4)}
+                                      "blocks_s": round(blocks_s, 4),
+                                      "actor_init_start_s": round(actor_init[0], 4),
+                                      "actor_init_end_s": round(actor_init[1], 4)}
 
 
 def _input_blocks(ray, dataset, *, batch_size: int, min_blocks: int) -> list:
