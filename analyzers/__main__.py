@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--target", default="pred", help="pred, label, or a class index")
     explain.add_argument("--layer", help="Grad-CAM layer")
     explain.add_argument("--batch-size", type=int, default=64)
+    explain.add_argument("--engine", default="process", choices=("process", "ray"),
+                         help="where the maps and scores are computed: in this process, or in a Ray Data actor pool")
+    explain.add_argument("--ray-address", help="the Ray cluster to run on (default: start a local Ray)")
+    explain.add_argument("--ray-actors", type=int, help="actors in the pool, each holding the model once "
+                                                        "(default: one fewer than the cluster's CPUs)")
     return parser
 
 

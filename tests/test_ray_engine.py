@@ -251,3 +251,35 @@ def test_on_two_nodes_the_actors_share_the_work_and_give_the_same_run(local_ray,
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_explanations_of_chosen_ids_on_ray_are_the_in_process_ones(local_ray, digits_runs, tmp_path, monkeypatch):
+    """`explain --engine ray`: an actor pool computes the maps and scores of chosen samples in blocks (here five of
+    8 samples) and the run stores what an in-process explanation stores: the same maps, ids and targets, the same
+    faithfulness and sanity scores, for deterministic methods."""
+    from analyzers.explanations.explain_run import EXPLANATIONS, FAITHFULNESS, explain_run
+
+    here, _ = digits_runs
+    ids = [str(i) for i in here.samples["id"].iloc[3:43]]
+    methods = ["saliency", "integrated_gradients"]
+    runs = {}
+    for engine in ("process", "ray"):
+        runs[engine] = tmp_path / engine
+        shutil.copytree(here.path, runs[engine], ignore=shutil.ignore_patterns(EXPLANATIONS))
+        if engine == "ray":  # computed in the actors' processes, never in this one
+            import analyzers.explanations.explain_run as module
+
+            monkeypatch.setattr(module, "score_samples", lambda *a, **k: pytest.fail("computed in the driver"))
+        result = explain_run(runs[engine], ids, methods, batch_size=8, engine=engine,
+                             ray_actors=1 if engine == "ray" else None)
+        assert not result.skipped and len(result.scores) == len(ids) * len(methods)
+    for method in methods:
+        a, b = (np.load(runs[e] / EXPLANATIONS / method / "pred.npz") for e in ("process", "ray"))
+        assert list(a["ids"]) == list(b["ids"]) == ids
+        np.testing.assert_array_equal(a["targets"], b["targets"])
+        np.testing.assert_allclose(b["attributions"], a["attributions"], rtol=1e-5, atol=1e-7)
+    tables = {e: pd.read_parquet(runs[e] / FAITHFULNESS).drop(columns=["created"]) for e in runs}
+    pd.testing.assert_frame_equal(tables["ray"], tables["process"], check_exact=False, rtol=1e-4, atol=1e-6)
+    assert tables["ray"]["sanity_samples"].gt(0).all()  # the randomisation check ran in the actors
+    with pytest.raises(AnalyzerError, match="engine ray"):
+        explain_run(runs["process"], ids[:2], "saliency", ray_actors=2)

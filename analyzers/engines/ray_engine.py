@@ -105,22 +105,28 @@ class ModelPayload:
         return load_model(str(local), **(self.options or {}))
 
 
+def _actor_model(payload: ModelPayload, *, task: str, threads: int):
+    """An actor's model: loaded once from `payload` with the driver's options, checked to be the driver's by its
+    hash, read for the task, on `threads` torch threads."""
+    import torch
+
+    from .pipeline import _read_for_task
+
+    torch.set_num_threads(max(1, int(threads)))
+    model = payload.load()
+    if model.sha256 != payload.sha256:
+        raise AnalyzerError(f"the model an actor loaded has hash {model.sha256[:12]}, not the driver's "
+                            f"{payload.sha256[:12]}: the file changed while the run started")
+    return _read_for_task(model, task)
+
+
 class ModelActor:
     """One model per actor, loaded once: called on a batch of {"x", "y", "row"}, returns its rows' outputs."""
 
     def __init__(self, payload: ModelPayload, *, task: str, layer: str | None, threads: int, batch_size: int,
                  device: str = "cpu"):
         self.init_started = time.time()
-        import torch
-
-        from .pipeline import _read_for_task
-
-        torch.set_num_threads(max(1, int(threads)))
-        model = payload.load()
-        if model.sha256 != payload.sha256:
-            raise AnalyzerError(f"the model an actor loaded has hash {model.sha256[:12]}, not the driver's "
-                                f"{payload.sha256[:12]}: the file changed while the run started")
-        self.model = _read_for_task(model, task)
+        self.model = _actor_model(payload, task=task, threads=threads)
         self.layer = layer
         self.batch_size = batch_size
         self.device = device
@@ -291,6 +297,118 @@ class RayInference:
                                       "blocks_s": round(blocks_s, 4),
                                       "actor_init_start_s": round(actor_init[0], 4),
                                       "actor_init_end_s": round(actor_init[1], 4)}
+
+
+class ExplainActor:
+    """One model per actor, loaded once: called on a block of {"x", "target", "row"} (and "mask" where the dataset
+    plants its evidence), returns each method's maps and faithfulness scores for its rows
+    (`explain_run.score_samples`), as columns "<method>:attr" and "<method>:<score>"; a method that does not apply
+    to the model gives "<method>:skipped", its reason."""
+
+    def __init__(self, payload: ModelPayload, *, task: str, threads: int, methods: dict, background: np.ndarray,
+                 probe: np.ndarray, batch_size: int, sanity: bool, seed: int):
+        self.model = _actor_model(payload, task=task, threads=threads)
+        self.methods, self.background, self.probe = methods, background, probe
+        self.batch_size, self.sanity, self.seed = batch_size, sanity, seed
+        # the randomisation check's verdict on the probe set is cached here, once per method: never a driver's path
+        self.cache = Path(tempfile.mkdtemp(prefix="analyzers-explain-"))
+
+    def __call__(self, batch: dict) -> dict:
+        from ..errors import InvalidOption
+        from ..explanations.explain_run import score_samples
+
+        rows = np.asarray(batch["row"])
+        mask = np.asarray(batch["mask"]) if "mask" in batch else None
+        out = {"row": rows}
+        for method, options in self.methods.items():
+            try:
+                attr, table = score_samples(self.model, np.asarray(batch["x"]), np.asarray(batch["target"]), method,
+                                            options=options, background=self.background, mask=mask,
+                                            batch_size=self.batch_size, sanity=self.sanity, probe=self.probe,
+                                            cache_dir=self.cache, seed=self.seed)
+            except InvalidOption:
+                raise  # the caller's option to fix: the run stops, as in-process
+            except AnalyzerError as exc:  # the method does not apply to this model
+                out[f"{method}:skipped"] = np.full(len(rows), str(exc))
+                continue
+            out[f"{method}:attr"] = attr
+            for column in table.columns:
+                out[f"{method}:{column}"] = table[column].to_numpy()
+        return out
+
+
+def explain_on_ray(run, model, x: np.ndarray, targets: np.ndarray, mask, methods: dict, *, background, probe,
+                   batch_size: int, sanity: bool, seed: int, address: str | None = None, actors: int | None = None,
+                   allow_import: bool = False) -> dict:
+    """`explain_run`'s maps and scores for the samples `x` of the stored `run`, computed in a Ray Data actor pool:
+    {method: (attributions, faithfulness table)} or {method: the reason it does not apply}.
+
+    Each actor loads the run's model as `RayInference` does (the checked file's bytes, never a driver's path) and
+    explains whole blocks of `batch_size` samples. A deterministic method's maps and scores are an in-process
+    run's; SmoothGrad's, SHAP's and LIME's draws are seeded per block, as another batch size's would differ."""
+    import pandas as pd
+
+    info = run.info["model"]
+    params = run.info.get("parameters") or {}
+    layout = None
+    if info.get("inputs") and info.get("source") == "state_dict":
+        from ..loading.inputs import InputLayout
+
+        layout = InputLayout.from_json(info["inputs"])
+    names = params.get("class_names")
+    engine = RayInference.for_run(info["spec"], address=address, actors=actors, arch=info.get("arch"),
+                                  input_shape=info.get("input_shape"), class_names=names,
+                                  arch_kwargs=info.get("arch_kwargs"), inputs=layout, allow_import=allow_import)
+    ray = connect(address)
+    n = len(x)
+    cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    actors = actors or max(1, min(cluster_cpus - 1, math.ceil(n / batch_size)))
+    import pyarrow as pa
+    import torch
+    from ray.data.extensions import ArrowTensorArray
+
+    threads = max(1, torch.get_num_threads() // actors) if not address else 1
+    step = batch_size * max(1, math.ceil(n / (batch_size * 2 * actors)))  # whole batches, two blocks per actor
+    blocks = []
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        columns = {"x": ArrowTensorArray.from_numpy(np.ascontiguousarray(x[start:stop], dtype=np.float32)),
+                   "target": pa.array(np.asarray(targets[start:stop], dtype=np.int64)),
+                   "row": pa.array(np.arange(start, stop, dtype=np.int64))}
+        if mask is not None:
+            columns["mask"] = ArrowTensorArray.from_numpy(np.ascontiguousarray(mask[start:stop]))
+        blocks.append(ray.put(pa.table(columns)))
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+    outputs = ray.data.from_arrow_refs(blocks).map_batches(
+        ExplainActor, fn_constructor_kwargs=dict(payload=engine._payload(ray, model), task=run.task, threads=threads,
+                                                 methods=methods, background=np.asarray(background),
+                                                 probe=np.asarray(probe), batch_size=batch_size, sanity=sanity,
+                                                 seed=seed),
+        batch_size=step, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=actors), batch_format="numpy")
+    parts: list = []
+    try:
+        for batch in outputs.iter_batches(batch_size=None, batch_format="numpy"):
+            parts.append(batch)
+    except AnalyzerError:
+        raise
+    except Exception as exc:  # an actor's failure reaches here as a Ray error wrapping the analysis's own
+        raise AnalyzerError(f"explanations on Ray failed: {_cause(exc)}") from exc
+    rows = np.concatenate([np.asarray(p["row"]) for p in parts]) if parts else np.zeros(0, np.int64)
+    if not np.array_equal(rows, np.arange(n)):
+        raise AnalyzerError(f"internal error: Ray returned {len(rows)} rows of {n}, or out of order")
+    found = {}
+    for method in methods:
+        skipped = [str(p[f"{method}:skipped"][0]) for p in parts if f"{method}:skipped" in p]
+        if skipped:
+            found[method] = skipped[0]
+            continue
+        prefix = f"{method}:"
+        columns = [k[len(prefix):] for k in parts[0] if k.startswith(prefix) and k != f"{method}:attr"]
+        table = pd.DataFrame({c: np.concatenate([np.asarray(p[prefix + c]) for p in parts]) for c in columns})
+        found[method] = (np.concatenate([np.asarray(p[f"{method}:attr"]) for p in parts]), table)
+    return found
 
 
 def _input_blocks(ray, dataset, *, batch_size: int, min_blocks: int) -> list:

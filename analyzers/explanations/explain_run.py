@@ -292,16 +292,23 @@ class ExplainRunResult:
 
 def explain_run(run_dir, ids, methods, *, target="pred", layer=None, batch_size: int = 64, sanity: bool = True,
                 seed: int = 0, model=None, dataset=None, options: dict | None = None,
-                allow_import: bool = False) -> ExplainRunResult:
+                allow_import: bool = False, engine: str = "process", ray_address: str | None = None,
+                ray_actors: int | None = None) -> ExplainRunResult:
     """Explain samples `ids` of a stored run with each of `methods`, write the files into the run, and return the
     faithfulness rows written. `model`/`dataset` (already loaded) skip reloading them. `allow_import` (the command
-    line only) rebuilds a state dict's import-path architecture.
+    line only) rebuilds a state dict's import-path architecture. `engine="ray"` computes the maps and scores in a
+    Ray Data actor pool (`engines.ray_engine.explain_on_ray`: on the cluster at `ray_address`, or a local Ray),
+    and writes them here as an in-process run does.
 
     A method that does not apply (Grad-CAM without a convolution, a layer that runs twice) is reported in `skipped`
     and the others still run; only when none applies is that an error."""
     from ..engines.pipeline import load_run_inputs
     from ..loading.runs import open_run
 
+    if engine not in ("process", "ray"):
+        raise AnalyzerError(f"engine must be 'process' or 'ray', got {engine!r}")
+    if engine != "ray" and (ray_address is not None or ray_actors is not None):
+        raise AnalyzerError("--ray-address and --ray-actors go with --engine ray")
     run = open_run(run_dir)
     if model is None or dataset is None:
         model, dataset = load_run_inputs(run, allow_import=allow_import)
@@ -319,12 +326,31 @@ def explain_run(run_dir, ids, methods, *, target="pred", layer=None, batch_size:
     mask = ground_truth_mask(dataset, rows, targets)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     tables, skipped = [], {}
+    chosen = {}
     for method in methods:
         try:
-            opts = method_options(method, layer, (options or {}).get(method))
-            attr, table = score_samples(model, x, targets, method, options=opts, background=background, mask=mask,
-                                        batch_size=batch_size, sanity=sanity, probe=probe,
-                                        cache_dir=run.file(CACHE), seed=seed)
+            chosen[method] = method_options(method, layer, (options or {}).get(method))
+        except InvalidOption:
+            raise
+        except AnalyzerError as exc:  # an option this method does not take: as a method that does not apply
+            skipped[method] = str(exc)
+    distributed = None
+    if engine == "ray":
+        from ..engines.ray_engine import explain_on_ray
+
+        distributed = explain_on_ray(run, model, x, targets, mask, chosen, background=background, probe=probe,
+                                     batch_size=batch_size, sanity=sanity, seed=seed, address=ray_address,
+                                     actors=ray_actors, allow_import=allow_import)
+    for method, opts in chosen.items():
+        try:
+            if distributed is not None:
+                if isinstance(distributed[method], str):
+                    raise AnalyzerError(distributed[method])
+                attr, table = distributed[method]
+            else:
+                attr, table = score_samples(model, x, targets, method, options=opts, background=background,
+                                            mask=mask, batch_size=batch_size, sanity=sanity, probe=probe,
+                                            cache_dir=run.file(CACHE), seed=seed)
         except InvalidOption:
             raise  # a mistyped option (LIME's n_samples, ...) is the caller's to fix, not a method that does not apply
         except AnalyzerError as exc:
@@ -351,7 +377,8 @@ def explain_command(args) -> int:
     if args.batch_size < 1:
         raise AnalyzerError(f"--batch-size must be at least 1, got {args.batch_size}")
     result = explain_run(args.run_dir, args.ids, args.method, target=args.target, layer=args.layer,
-                         batch_size=args.batch_size, allow_import=True)
+                         batch_size=args.batch_size, allow_import=True, engine=args.engine,
+                         ray_address=args.ray_address, ray_actors=args.ray_actors)
     written = result.scores
     for method, reason in result.skipped.items():
         print(f"skipped {method}: {reason}", file=sys.stderr)
