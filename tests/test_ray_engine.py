@@ -283,3 +283,32 @@ def test_explanations_of_chosen_ids_on_ray_are_the_in_process_ones(local_ray, di
     assert tables["ray"]["sanity_samples"].gt(0).all()  # the randomisation check ran in the actors
     with pytest.raises(AnalyzerError, match="engine ray"):
         explain_run(runs["process"], ids[:2], "saliency", ray_actors=2)
+
+
+def test_projections_fitted_on_a_sample_are_placed_in_an_actor_pool_as_here(local_ray, monkeypatch):
+    """A Ray run's projections (RunContext.map_rows): fitted on a sample in the driver, the rows projected onto
+    PCA's axes and the points not fitted placed by their neighbours in an actor pool, in blocks. The coordinates
+    are those made in one process, on three blocks of PCA's 25k points and five of t-SNE's placed points."""
+    from functools import partial
+
+    from analyzers.engines.ray_engine import map_rows_on_ray
+    from analyzers.explanations.projections import PCA_FIT_SAMPLE, project
+
+    rng = np.random.default_rng(2)
+    centres = rng.normal(size=(4, 16)) * 4
+    x = (centres[rng.integers(0, 4, PCA_FIT_SAMPLE + 5000)] + rng.normal(size=(PCA_FIT_SAMPLE + 5000, 16)))
+    x = x.astype(np.float32)
+    on_ray = partial(map_rows_on_ray, actors=1, block_rows=10_000)
+    here, there = project(x, method="pca"), project(x, method="pca", map_rows=on_ray)
+    assert here.params["sampled"] and there.params["sampled"]
+    np.testing.assert_allclose(there.coords, here.coords, rtol=1e-5, atol=1e-5)
+    few = x[:1500]
+    on_ray = partial(map_rows_on_ray, actors=1, block_rows=300)
+    here = project(few, method="tsne", fit_sample=200, seed=3)
+    import analyzers.explanations.projections as projections
+
+    # placed in the actors' processes, never in this one
+    monkeypatch.setattr(projections.NeighbourPlacement, "__call__", lambda *a: pytest.fail("placed in the driver"))
+    there = project(few, method="tsne", fit_sample=200, seed=3, map_rows=on_ray)
+    assert int(here.fitted.sum()) == 200 and here.params["placement"] == "knn"
+    np.testing.assert_array_equal(there.coords, here.coords)

@@ -70,6 +70,9 @@ class RunContext:
     progress: bool = False
     report: Callable[[str, float], None] | None = None
     timings: dict = field(default_factory=dict)
+    # map_rows(transform, x): a row-wise transform of many rows, as the engine runs it (a Ray run's actor pool:
+    # `RayInference.map_rows`); None: transform(x) here
+    map_rows: Callable | None = None
 
     @property
     def class_names(self) -> list:
@@ -410,7 +413,8 @@ def write_run_files_with(write_outputs, model, dataset, stage_dir, *, params: di
     timings["inference"] = time.perf_counter() - started
     imports.join()  # before any stage: two threads never import the same module at once
     ctx = RunContext(model=model, dataset=dataset, predictions=predictions, samples=samples,
-                     stage_dir=stage_dir, params=params, progress=progress, report=report, timings=timings)
+                     stage_dir=stage_dir, params=params, progress=progress, report=report, timings=timings,
+                     map_rows=getattr(write_outputs, "map_rows", None))
     summaries = {}
     for name, target in stages:
         report(name, 0.0)

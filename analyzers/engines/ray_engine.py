@@ -35,6 +35,9 @@ PART_ROWS = 1 << 16
 # bytes of inputs per block in the object store: large enough to amortise Ray's cost per call (about a millisecond),
 # small enough to stream (and to show progress) in many steps
 BLOCK_BYTES = 8 << 20
+# rows from which a Ray run's stages transform in the actor pool (`RayInference.map_rows`): a pool's start takes
+# about 8 s here, a projection's transform of 1M rows about a second on one core
+TRANSFORM_ON_RAY_ROWS = 1 << 20
 
 
 def import_ray():
@@ -175,6 +178,13 @@ class RayInference:
                        isolation=isolation, arch_kwargs=arch_kwargs, inputs=inputs)
         return cls(model_source={"spec": model_spec, "given": given, "options": options},
                    address=address, actors=actors)
+
+    def map_rows(self, transform, x: np.ndarray) -> np.ndarray:
+        """A stage's row-wise transform of many rows (a projection's), in an actor pool on this run's Ray
+        (`map_rows_on_ray`); below TRANSFORM_ON_RAY_ROWS rows, here: the pool's start (seconds) would cost more."""
+        if len(x) < TRANSFORM_ON_RAY_ROWS:
+            return transform(x)
+        return map_rows_on_ray(transform, x, address=self.address, actors=self.actors)
 
     def _payload(self, ray, model) -> ModelPayload:
         source = self.model_source
@@ -409,6 +419,51 @@ def explain_on_ray(run, model, x: np.ndarray, targets: np.ndarray, mask, methods
         table = pd.DataFrame({c: np.concatenate([np.asarray(p[prefix + c]) for p in parts]) for c in columns})
         found[method] = (np.concatenate([np.asarray(p[f"{method}:attr"]) for p in parts]), table)
     return found
+
+
+class TransformActor:
+    """One fitted row-wise transform per actor (a projection's axes, its placement of new points), unpickled once:
+    called on a block of {"x", "row"}, returns the block's transformed rows."""
+
+    def __init__(self, transform, *, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))  # numpy's and sklearn's own threads are the machine's
+        self.transform = transform
+
+    def __call__(self, batch: dict) -> dict:
+        return {"row": np.asarray(batch["row"]), "out": np.asarray(self.transform(np.asarray(batch["x"])))}
+
+
+def map_rows_on_ray(transform, x: np.ndarray, *, address: str | None = None, actors: int | None = None,
+                    block_rows: int = PART_ROWS) -> np.ndarray:
+    """`transform(x)` computed in blocks of `block_rows` rows in a Ray Data actor pool, each actor holding the
+    transform once; the blocks' results joined in row order. For a row-wise transform (each row's result its
+    own), this is `transform(x)`."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    ray = connect(address)
+    n = len(x)
+    cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    actors = actors or max(1, min(cluster_cpus - 1, math.ceil(n / block_rows)))
+    blocks = [ray.put(pa.table({"x": ArrowTensorArray.from_numpy(np.ascontiguousarray(x[start:start + block_rows])),
+                                "row": pa.array(np.arange(start, min(start + block_rows, n), dtype=np.int64))}))
+              for start in range(0, n, block_rows)]
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+    outputs = ray.data.from_arrow_refs(blocks).map_batches(
+        TransformActor, fn_constructor_kwargs=dict(transform=transform, threads=1), batch_size=block_rows,
+        num_cpus=1, compute=ray.data.ActorPoolStrategy(size=actors), batch_format="numpy")
+    try:
+        parts = list(outputs.iter_batches(batch_size=None, batch_format="numpy"))
+    except Exception as exc:  # an actor's failure reaches here as a Ray error wrapping the analysis's own
+        raise AnalyzerError(f"a transform on Ray failed: {_cause(exc)}") from exc
+    rows = np.concatenate([np.asarray(p["row"]) for p in parts]) if parts else np.zeros(0, np.int64)
+    if not np.array_equal(rows, np.arange(n)):
+        raise AnalyzerError(f"internal error: Ray returned {len(rows)} rows of {n}, or out of order")
+    return np.concatenate([np.asarray(p["out"]) for p in parts])
 
 
 def _input_blocks(ray, dataset, *, batch_size: int, min_blocks: int) -> list:

@@ -60,13 +60,13 @@ def _as_matrix(embeddings) -> np.ndarray:
     return x
 
 
-def pca(x: np.ndarray, n_components: int, *, seed: int = 0,
-        fit_sample: int = PCA_FIT_SAMPLE) -> tuple[np.ndarray, dict]:
+def pca(x: np.ndarray, n_components: int, *, seed: int = 0, fit_sample: int = PCA_FIT_SAMPLE,
+        map_rows=None) -> tuple[np.ndarray, dict]:
     """Top principal components of `x` (float32) and what the fit found; sklearn picks the fast solver for the shape.
 
     Above `fit_sample` rows the axes are fitted on a seeded random sample of that many rows and every row is projected
     onto them: 100k x 2048 float32 took 3.9 s of CPU fitted on all rows; the axes from 20k rows differ by sampling
-    noise only.
+    noise only. `map_rows(transform, x)` projects them (a Ray run's actor pool); None: here.
     """
     from sklearn.decomposition import PCA
 
@@ -75,7 +75,7 @@ def pca(x: np.ndarray, n_components: int, *, seed: int = 0,
     if len(x) > fit_sample:
         rows = np.sort(np.random.default_rng(seed).choice(len(x), size=fit_sample, replace=False))
         estimator.fit(x[rows])
-        coords = estimator.transform(x)
+        coords = estimator.transform(x) if map_rows is None else map_rows(estimator.transform, x)
     else:
         coords = estimator.fit_transform(x)
     info = {"svd_solver": getattr(estimator, "_fit_svd_solver", "auto"),
@@ -98,7 +98,7 @@ def _configure_numba_cache() -> str:
 def project(embeddings, *, method: str = "pca", dims: int = 2, fit_sample: int | None = None, seed: int = 0,
             perplexity: float = 30.0, n_neighbors: int = 15, min_dist: float = 0.1, n_epochs: int | None = None,
             placement: str = "knn", n_jobs: int = 1,
-            pca_dims: int = PCA_DIMS_BEFORE_NEIGHBOURS, progress=None) -> Projection:
+            pca_dims: int = PCA_DIMS_BEFORE_NEIGHBOURS, progress=None, map_rows=None) -> Projection:
     """Project (N, D) activations to `dims` (2 or 3) coordinates with PCA, t-SNE or UMAP.
 
     PCA's axes are fitted on at most 20k points (`PCA_FIT_SAMPLE`) and every point is projected onto them. t-SNE and
@@ -111,6 +111,10 @@ def project(embeddings, *, method: str = "pca", dims: int = 2, fit_sample: int |
     `progress(fraction, stage)` is told how far the work is, from 0 to 1, with a few words on the step; it is called
     from inside the optimisation (openTSNE's callbacks, umap-learn's epoch loop), so an exception it raises (a
     person cancelled) stops the projection there.
+
+    `map_rows(transform, x)` computes the row-wise steps after the fit, the projection onto PCA's axes and the
+    placement of the points not fitted, as the run's engine runs them (`RunContext.map_rows`: a Ray run's actor
+    pool); each row's result is its own, so the coordinates are those made here.
     """
     report = progress or (lambda fraction, stage: None)
     if method not in METHODS:
@@ -139,7 +143,7 @@ def project(embeddings, *, method: str = "pca", dims: int = 2, fit_sample: int |
     params: dict = {"method": method, "dims": dims, "n_points": n, "n_features": d, "seed": seed}
 
     if method == "pca":
-        coords, info = _timed(timings, "pca", lambda: pca(x, dims, seed=seed))
+        coords, info = _timed(timings, "pca", lambda: pca(x, dims, seed=seed, map_rows=map_rows))
         rows = info.pop("fitted_rows")
         fitted = np.ones(n, bool)
         if rows is not None:
@@ -154,7 +158,7 @@ def project(embeddings, *, method: str = "pca", dims: int = 2, fit_sample: int |
 
     report(0.0, f"PCA to {pca_dims} dimensions" if d > pca_dims else "starting")
     if d > pca_dims:
-        reduced, info = _timed(timings, "pca_before", lambda: pca(x, pca_dims, seed=seed))
+        reduced, info = _timed(timings, "pca_before", lambda: pca(x, pca_dims, seed=seed, map_rows=map_rows))
         params["pca_before"] = {"n_components": pca_dims, "svd_solver": info["svd_solver"],
                                 "n_fitted": len(x) if info["fitted_rows"] is None else len(info["fitted_rows"]),
                                 "explained_variance": round(float(sum(info["explained_variance_ratio"])), 6)}
@@ -183,8 +187,9 @@ def project(embeddings, *, method: str = "pca", dims: int = 2, fit_sample: int |
     coords[fit_idx] = fit_coords
     if len(rest_idx) and placement == "knn":
         report(0.97, f"placing the other {len(rest_idx):,} points")
-        rest_coords = _timed(timings, "placement", lambda: place_by_neighbours(
-            reduced[fit_idx], fit_coords, reduced[rest_idx], k=KNN_PLACEMENT_K, n_jobs=n_jobs))
+        placement_of = NeighbourPlacement(reduced[fit_idx], fit_coords, k=KNN_PLACEMENT_K, n_jobs=n_jobs)
+        rest_coords = _timed(timings, "placement", lambda: placement_of(reduced[rest_idx]) if map_rows is None
+                             else map_rows(placement_of, reduced[rest_idx]))
         params["knn_placement_k"] = KNN_PLACEMENT_K
     if len(rest_idx):
         coords[rest_idx] = rest_coords
@@ -199,11 +204,25 @@ def place_by_neighbours(fit_x: np.ndarray, fit_coords: np.ndarray, new_x: np.nda
     The median (not the mean) keeps a point whose neighbours straddle two clusters inside one of them; openTSNE
     initialises new points the same way before optimising them.
     """
-    from sklearn.neighbors import NearestNeighbors
+    return NeighbourPlacement(fit_x, fit_coords, k=k, n_jobs=n_jobs)(new_x)
 
-    k = int(min(k, len(fit_x)))
-    _, neighbours = NearestNeighbors(n_neighbors=k, n_jobs=n_jobs).fit(fit_x).kneighbors(new_x)
-    return np.median(fit_coords[neighbours], axis=1).astype(np.float32)
+
+class NeighbourPlacement:
+    """`place_by_neighbours` with its fitted points held: called on blocks of new points (an actor of a Ray run
+    holds one), it searches them with one index, built at the first call."""
+
+    def __init__(self, fit_x: np.ndarray, fit_coords: np.ndarray, *, k: int = KNN_PLACEMENT_K, n_jobs: int = 1):
+        self.fit_x, self.fit_coords = fit_x, fit_coords
+        self.k, self.n_jobs = int(min(k, len(fit_x))), n_jobs
+        self._index = None
+
+    def __call__(self, new_x: np.ndarray) -> np.ndarray:
+        from sklearn.neighbors import NearestNeighbors
+
+        if self._index is None:
+            self._index = NearestNeighbors(n_neighbors=self.k, n_jobs=self.n_jobs).fit(self.fit_x)
+        _, neighbours = self._index.kneighbors(new_x)
+        return np.median(self.fit_coords[neighbours], axis=1).astype(np.float32)
 
 
 # The optimisation's share of the progress bar: the neighbours and the initialisation come before it
@@ -374,7 +393,7 @@ def projection_stage(ctx) -> dict:
             if x.shape[1] < dims or len(x) < 10:
                 written[key] = f"skipped: the embeddings have {x.shape[1]} feature(s) and {len(x)} samples"
                 continue
-            projection = project(x, method=method, dims=dims, seed=seed)
+            projection = project(x, method=method, dims=dims, seed=seed, map_rows=ctx.map_rows)
             relpath = projection_relpath(layer, method, dims)
             projection_table(ctx.samples["id"].to_numpy(), projection).to_parquet(ctx.path(relpath), index=False)
             write_json(ctx.path(relpath.replace(".parquet", ".json")), {**_record(projection),
