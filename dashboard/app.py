@@ -80,6 +80,7 @@ with st.sidebar:
     else:
         st.caption("No runs yet: create one on the Load page.")
 
+data.page_started()
 try:
     navigation.run()
 except Exception as exc:  # the last line of defence: one readable line, never Streamlit's redacted traceback page

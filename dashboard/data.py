@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -427,13 +428,44 @@ _PAGES_BEING_DRAWN: list = []
 WARM_UP_WAIT_S = 5.0  # ... at most this long, should the page never say it is drawn
 
 
+# The explanations' warm-up then waits for a quiet moment: no page drawn for WARM_UP_QUIET_S, in any session (a
+# table's inputs wait too: its galleries show the stored rows, other galleries need the inputs at once). Beside
+# pages opened one after another it had taken the GIL and the cores from them (a 1M-row run's Embeddings page:
+# 2.6 s beside it, 0.25 s after it); a person reading a page leaves it that moment.
+WARM_UP_QUIET_S = 1.0
+WARM_UP_QUIET_LIMIT_S = 30.0  # ... and starts anyway after this long
+_ACTIVITY = {"running": 0, "quiet_since": time.monotonic()}  # script runs being drawn, and when the last ended
+
+
+def page_started() -> None:
+    """A script run starts drawing its page (app.py; `page_drawn` when it ends)."""
+    with _BACKGROUND_LOCK:
+        _ACTIVITY["running"] += 1
+
+
 def page_drawn() -> None:
     """The page of this script run is drawn (or stopped): the warm-ups it asked for start now."""
     with _BACKGROUND_LOCK:
         waiting = list(_PAGES_BEING_DRAWN)
         _PAGES_BEING_DRAWN.clear()
+        _ACTIVITY["running"] = max(0, _ACTIVITY["running"] - 1)
+        _ACTIVITY["quiet_since"] = time.monotonic()
     for drawn in waiting:
         drawn.set()
+
+
+def wait_for_quiet(limit_s: float = WARM_UP_QUIET_LIMIT_S) -> bool:
+    """Wait until no page is being drawn and none has been for WARM_UP_QUIET_S; False if `limit_s` passed first."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        with _BACKGROUND_LOCK:
+            running, quiet = _ACTIVITY["running"], time.monotonic() - _ACTIVITY["quiet_since"]
+        if not running and quiet >= WARM_UP_QUIET_S:
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(left, 0.05 if running else max(0.05, WARM_UP_QUIET_S - quiet)))
 
 
 def _warm_after_page(drawn: threading.Event, key: str, run: Run, warm_projector: bool) -> None:
@@ -444,6 +476,9 @@ def _warm_after_page(drawn: threading.Event, key: str, run: Run, warm_projector:
 def _warm(key: str, run: Run, warm_projector: bool) -> None:
     try:
         _warm_pages(run)
+        if run.info["dataset"].get("modality") != "tabular":
+            _inputs(key, run)  # every gallery of images, sequences or tokens shows them: at once, not when quiet
+        wait_for_quiet()
         _warm_explanations(key, run)
     finally:
         if warm_projector:  # after the explanations: on two cores, the compile would slow the first click down

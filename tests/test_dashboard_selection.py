@@ -111,3 +111,27 @@ def test_a_gallery_is_kept_as_one_array_of_the_ids_given():
     assert kept.tolist() == [5, "a", 2**63] and neighbours(kept, "a") == (5, 2**63)
     state.set_gallery(["x", "y"])
     assert state.gallery_ids().tolist() == ["x", "y"]
+
+
+def test_the_warm_up_waits_for_a_quiet_moment_between_pages():
+    """The explanations' warm-up starts once no page is being drawn and none has been for WARM_UP_QUIET_S (pages
+    opened one after another had waited on it), and after WARM_UP_QUIET_LIMIT_S at the latest."""
+    import threading
+    import time
+
+    from dashboard import data
+
+    data.page_started()
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: data.wait_for_quiet(5.0) and done.set())
+    waiter.start()
+    time.sleep(0.4)
+    assert not done.is_set()  # a page is being drawn
+    drawn_at = time.monotonic()
+    data.page_drawn()
+    waiter.join(3.0)
+    assert done.is_set() and time.monotonic() - drawn_at >= data.WARM_UP_QUIET_S * 0.95
+    data.page_started()  # a page that never ends: the limit lets the warm-up start
+    started = time.monotonic()
+    assert data.wait_for_quiet(0.3) is False and time.monotonic() - started < 1.0
+    data.page_drawn()
