@@ -496,6 +496,8 @@ def _warm_pages(run: Run) -> None:
         slice_rows(run, 10)  # as the pages ask for it: the cache keys the arguments as given
     except AnalyzerError as exc:  # a damaged table: the page that reads it says so in its one line
         logging.getLogger(__name__).info("warm-up of %s's pages stopped: %s", run.path.name, first_line(exc))
+    except Exception:  # noqa: BLE001 - logged whole; the page that needs the table computes it and shows its error
+        logging.getLogger(__name__).exception("warm-up of %s's pages failed", run.path.name)
 
 
 def _warm_explanations(key: str, run: Run) -> None:

@@ -125,13 +125,17 @@ def test_the_warm_up_waits_for_a_quiet_moment_between_pages():
     done = threading.Event()
     waiter = threading.Thread(target=lambda: data.wait_for_quiet(5.0) and done.set())
     waiter.start()
-    time.sleep(0.4)
-    assert not done.is_set()  # a page is being drawn
-    drawn_at = time.monotonic()
-    data.page_drawn()
+    try:
+        time.sleep(0.4)
+        assert not done.is_set()  # a page is being drawn
+    finally:  # the count is the process's: a failed assert must not leave a page drawing forever
+        drawn_at = time.monotonic()
+        data.page_drawn()
     waiter.join(3.0)
     assert done.is_set() and time.monotonic() - drawn_at >= data.WARM_UP_QUIET_S * 0.95
     data.page_started()  # a page that never ends: the limit lets the warm-up start
-    started = time.monotonic()
-    assert data.wait_for_quiet(0.3) is False and time.monotonic() - started < 1.0
-    data.page_drawn()
+    try:
+        started = time.monotonic()
+        assert data.wait_for_quiet(0.3) is False and time.monotonic() - started < 1.0
+    finally:
+        data.page_drawn()

@@ -254,9 +254,9 @@ def test_on_two_nodes_the_actors_share_the_work_and_give_the_same_run(local_ray,
 
 
 def test_explanations_of_chosen_ids_on_ray_are_the_in_process_ones(local_ray, digits_runs, tmp_path, monkeypatch):
-    """`explain --engine ray`: an actor pool computes the maps and scores of chosen samples in blocks (here five of
-    8 samples) and the run stores what an in-process explanation stores: the same maps, ids and targets, the same
-    faithfulness and sanity scores, for deterministic methods."""
+    """`explain --engine ray`: an actor pool computes the maps and scores of chosen samples in blocks (here two of
+    24 samples, in batches of 8) and the run stores what an in-process explanation stores: the same maps, ids and
+    targets, the same faithfulness and sanity scores, for deterministic methods."""
     from analyzers.explanations.explain_run import EXPLANATIONS, FAITHFULNESS, explain_run
 
     here, _ = digits_runs
@@ -312,3 +312,19 @@ def test_projections_fitted_on_a_sample_are_placed_in_an_actor_pool_as_here(loca
     there = project(few, method="tsne", fit_sample=200, seed=3, map_rows=on_ray)
     assert int(here.fitted.sum()) == 200 and here.params["placement"] == "knn"
     np.testing.assert_array_equal(there.coords, here.coords)
+
+
+def test_explanations_on_ray_of_a_model_file_of_another_task_are_refused_in_one_line():
+    """A model file loads in a sandboxed worker of each actor, which meets the run's task only through the run's
+    data: explanations of a regression or multi-label model file on Ray are refused before Ray starts."""
+    from types import SimpleNamespace
+
+    from analyzers.engines.ray_engine import explain_on_ray
+
+    for task in ("regression", "multilabel"):
+        run = SimpleNamespace(info={"model": {"spec": "/models/net.pt2", "source": "file"}, "parameters": {}},
+                              task=task)
+        with pytest.raises(AnalyzerError, match=f"explanations on Ray of a {task} model file") as caught:
+            explain_on_ray(run, None, np.zeros((2, 3)), np.zeros(2), None, {"saliency": {}}, background=None,
+                           probe=None, batch_size=2, sanity=False, seed=0)
+        assert "\n" not in str(caught.value) and "without --engine ray" in str(caught.value)

@@ -37,7 +37,7 @@ PART_ROWS = 1 << 16
 BLOCK_BYTES = 8 << 20
 # rows from which a Ray run's stages transform in the actor pool (`RayInference.map_rows`): a pool's start takes
 # about 8 s here, a projection's transform of 1M rows about a second on one core
-TRANSFORM_ON_RAY_ROWS = 1 << 20
+TRANSFORM_ON_RAY_ROWS = 1_000_000
 
 
 def import_ray():
@@ -349,7 +349,7 @@ class ExplainActor:
 
 def explain_on_ray(run, model, x: np.ndarray, targets: np.ndarray, mask, methods: dict, *, background, probe,
                    batch_size: int, sanity: bool, seed: int, address: str | None = None, actors: int | None = None,
-                   allow_import: bool = False) -> dict:
+                   allow_import: bool = False, given=None) -> dict:
     """`explain_run`'s maps and scores for the samples `x` of the stored `run`, computed in a Ray Data actor pool:
     {method: (attributions, faithfulness table)} or {method: the reason it does not apply}.
 
@@ -360,13 +360,20 @@ def explain_on_ray(run, model, x: np.ndarray, targets: np.ndarray, mask, methods
 
     info = run.info["model"]
     params = run.info.get("parameters") or {}
+    if given is None and info.get("source") == "module":
+        given = model  # a module handed over in memory: no file holds it, the actors get it as it is
+    if given is None and run.task != "classification" and not str(info["spec"]).startswith("sample:"):
+        # a model file loads in a sandboxed worker, which the run's task reaches only through the run's data: not
+        # checked on Ray for other tasks yet
+        raise AnalyzerError(f"explanations on Ray of a {run.task} model file are not supported yet: run explain "
+                            f"without --engine ray")
     layout = None
     if info.get("inputs") and info.get("source") == "state_dict":
         from ..loading.inputs import InputLayout
 
         layout = InputLayout.from_json(info["inputs"])
     names = params.get("class_names")
-    engine = RayInference.for_run(info["spec"], address=address, actors=actors, arch=info.get("arch"),
+    engine = RayInference.for_run(info["spec"], given=given, address=address, actors=actors, arch=info.get("arch"),
                                   input_shape=info.get("input_shape"), class_names=names,
                                   arch_kwargs=info.get("arch_kwargs"), inputs=layout, allow_import=allow_import)
     ray = connect(address)
@@ -426,13 +433,14 @@ class TransformActor:
     called on a block of {"x", "row"}, returns the block's transformed rows."""
 
     def __init__(self, transform, *, threads: int):
-        import torch
-
-        torch.set_num_threads(max(1, int(threads)))  # numpy's and sklearn's own threads are the machine's
-        self.transform = transform
+        self.transform, self.threads = transform, max(1, int(threads))
 
     def __call__(self, batch: dict) -> dict:
-        return {"row": np.asarray(batch["row"]), "out": np.asarray(self.transform(np.asarray(batch["x"])))}
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(self.threads):  # BLAS's and OpenMP's threads: one actor per CPU
+            out = np.asarray(self.transform(np.asarray(batch["x"])))
+        return {"row": np.asarray(batch["row"]), "out": out}
 
 
 def map_rows_on_ray(transform, x: np.ndarray, *, address: str | None = None, actors: int | None = None,

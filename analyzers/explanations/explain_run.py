@@ -310,6 +310,7 @@ def explain_run(run_dir, ids, methods, *, target="pred", layer=None, batch_size:
     if engine != "ray" and (ray_address is not None or ray_actors is not None):
         raise AnalyzerError("--ray-address and --ray-actors go with --engine ray")
     run = open_run(run_dir)
+    given = model  # a model the caller handed over (a module no file holds) goes to the Ray actors as it is
     if model is None or dataset is None:
         model, dataset = load_run_inputs(run, allow_import=allow_import)
     methods = [methods] if isinstance(methods, str) else list(methods)
@@ -335,12 +336,12 @@ def explain_run(run_dir, ids, methods, *, target="pred", layer=None, batch_size:
         except AnalyzerError as exc:  # an option this method does not take: as a method that does not apply
             skipped[method] = str(exc)
     distributed = None
-    if engine == "ray":
+    if engine == "ray" and chosen:
         from ..engines.ray_engine import explain_on_ray
 
         distributed = explain_on_ray(run, model, x, targets, mask, chosen, background=background, probe=probe,
                                      batch_size=batch_size, sanity=sanity, seed=seed, address=ray_address,
-                                     actors=ray_actors, allow_import=allow_import)
+                                     actors=ray_actors, allow_import=allow_import, given=given)
     for method, opts in chosen.items():
         try:
             if distributed is not None:
