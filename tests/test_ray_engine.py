@@ -328,3 +328,19 @@ def test_explanations_on_ray_of_a_model_file_of_another_task_are_refused_in_one_
             explain_on_ray(run, None, np.zeros((2, 3)), np.zeros(2), None, {"saliency": {}}, background=None,
                            probe=None, batch_size=2, sanity=False, seed=0)
         assert "\n" not in str(caught.value) and "without --engine ray" in str(caught.value)
+
+
+def test_a_regression_model_file_on_ray_gives_the_in_process_run(local_ray, tmp_path):
+    """A model file runs in each actor's sandboxed worker, which loads no dataset: it is read for the run's task
+    there (a regression's output is its value). The Ray run's predictions and losses are the in-process run's."""
+    from conftest import export_model
+    from test_regression_runs import _planted_regression, _Planted
+
+    x, y = _planted_regression()
+    np.savez(tmp_path / "prices.npz", x=x, y=y)
+    export_model(_Planted().eval(), torch.zeros(2, 4), tmp_path / "prices.pt2")
+    runs = [open_run(run_analysis(str(tmp_path / "prices.pt2"), str(tmp_path / "prices.npz"), tmp_path / engine,
+                                  analyses=EVAL, engine=engine)) for engine in ("process", "ray")]
+    assert runs[1].task == "regression"
+    np.testing.assert_allclose(runs[1].samples["prediction"], runs[0].samples["prediction"], rtol=1e-6)
+    np.testing.assert_allclose(runs[1].samples["loss"], runs[0].samples["loss"], rtol=1e-5)

@@ -120,6 +120,10 @@ def _actor_model(payload: ModelPayload, *, task: str, threads: int):
     if model.sha256 != payload.sha256:
         raise AnalyzerError(f"the model an actor loaded has hash {model.sha256[:12]}, not the driver's "
                             f"{payload.sha256[:12]}: the file changed while the run started")
+    if getattr(model, "worker", None) is not None:
+        # a file's model runs in this actor's sandboxed worker, which loads no dataset: the worker's own copy is
+        # read for the task there (a regression's output is its value, not a class score), as here below
+        model.worker.request({"op": "read_for_task", "task": task})
     return _read_for_task(model, task)
 
 
@@ -539,6 +543,8 @@ def _progress_bar(total: int):
 def _cause(exc: BaseException) -> str:
     """The line of the error an actor raised (Ray wraps it in its task errors), else this error's own."""
     seen = exc
-    while getattr(seen, "cause", None) is not None:  # ray.exceptions.RayTaskError(...).cause: what the task raised
-        seen = seen.cause
+    # ray.exceptions.RayTaskError(...).cause is what the task raised; Ray Data's UserCodeException ("UDF failed to
+    # process a data block") chains the analysis's own error as its __cause__
+    while (getattr(seen, "cause", None) or seen.__cause__) is not None:
+        seen = getattr(seen, "cause", None) or seen.__cause__
     return first_line(seen)

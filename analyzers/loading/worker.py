@@ -114,6 +114,14 @@ def _handle(request, state: dict, replies: int):
         check_dataset(dataset, state["model"])
         state["dataset"] = dataset
         return describe_dataset(dataset)
+    if op == "read_for_task":  # a model loaded without its dataset (a Ray actor's): read for the run's task here,
+        # as load_dataset reads it for the dataset's
+        from ..evaluation.tasks import TASK_NAMES, model_for_task, output_width, task_named
+
+        if state.get("model") is None or request.get("task") not in TASK_NAMES:
+            raise AnalyzerError("internal error: read_for_task needs a loaded model and a task name")
+        state["model"] = model_for_task(state["model"], task_named(str(request["task"]), output_width(state["model"])))
+        return {"output_kind": state["model"].output_kind, "num_classes": state["model"].num_classes}
     if op == "dataset":  # hand the loaded dataset to the parent (sandbox.worker_dataset) and drop it here
         from .datasets import MAX_DATASET_BYTES, dataset_fields
 
