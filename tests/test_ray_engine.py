@@ -315,8 +315,8 @@ def test_projections_fitted_on_a_sample_are_placed_in_an_actor_pool_as_here(loca
 
 
 def test_explanations_on_ray_of_a_model_file_of_another_task_are_refused_in_one_line():
-    """A model file loads in a sandboxed worker of each actor, which meets the run's task only through the run's
-    data: explanations of a regression or multi-label model file on Ray are refused before Ray starts."""
+    """Explanations of a regression or multi-label model file on Ray (each actor's sandboxed worker) have no test of
+    their maps and scores yet: they are refused before Ray starts."""
     from types import SimpleNamespace
 
     from analyzers.engines.ray_engine import explain_on_ray

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import AnalyzerError, InvalidOption, RunExists, first_line
+from ..evaluation.tasks import read_for_task
 from ..loading.datasets import Dataset, check_dataset, describe_dataset, load_dataset
 from ..loading.runs import (LABELS, PROBS, RUN_FORMAT_VERSION, RUN_INFO, SAMPLE_ROW_GROUP, SAMPLES,
                             carry_derived_files, check_run_files, open_run, refuse_non_run, staged_run, write_json)
@@ -275,7 +276,7 @@ def _run_here(model_spec, data_spec, out: Path, *, model, data_options, param_op
     """A run whose analyses run in this process (on `model`, which may be a sandboxed worker's), its inference by
     `write_outputs` (`write_run_files_with`)."""
     dataset = load_dataset(data_spec, model=model, **data_options)
-    model = _read_for_task(model, dataset.task)
+    model = read_for_task(model, dataset.task)
     check_dataset(dataset, model)
     params = run_parameters(model, **param_options)
     if _reuse_or_refuse(out, model.sha256, dataset.sha256, params, overwrite):
@@ -305,13 +306,6 @@ def run_parameters(model, *, stages, batch_size, layer, seed, arch, stage_option
             "analyses": [name for name, _ in stages], "stage_options": stage_options or {},
             **({"task": task} if task is not None else {}),
             **({"split_column": split_column} if split_column is not None else {})}
-
-
-def _read_for_task(model, task_name: str):
-    """The model read for its dataset's task (`tasks.model_for_task`)."""
-    from ..evaluation.tasks import model_for_task, output_width, task_named
-
-    return model_for_task(model, task_named(task_name, output_width(model)))
 
 
 def _reuse_or_refuse(out: Path, model_sha: str, dataset_sha: str, params: dict, overwrite: bool) -> bool:
@@ -615,7 +609,7 @@ def load_run_inputs(run, *, allow_import: bool = False) -> tuple[LoadedModel, Da
     # mapped, not read: a page that shows a few samples of a 100k-image run reads their pages, not 1.2 GB
     dataset = load_dataset(data_spec, model=model, memory_map=True, **data_options)
     _check_unchanged(info, "dataset", dataset.sha256)
-    return _read_for_task(model, dataset.task), dataset
+    return read_for_task(model, dataset.task), dataset
 
 
 def _check_unchanged(info: dict, kind: str, sha256: str) -> None:

@@ -113,7 +113,7 @@ def _actor_model(payload: ModelPayload, *, task: str, threads: int):
     hash, read for the task, on `threads` torch threads."""
     import torch
 
-    from .pipeline import _read_for_task
+    from ..evaluation.tasks import read_for_task
 
     torch.set_num_threads(max(1, int(threads)))
     model = payload.load()
@@ -124,7 +124,7 @@ def _actor_model(payload: ModelPayload, *, task: str, threads: int):
         # a file's model runs in this actor's sandboxed worker, which loads no dataset: the worker's own copy is
         # read for the task there (a regression's output is its value, not a class score), as here below
         model.worker.request({"op": "read_for_task", "task": task})
-    return _read_for_task(model, task)
+    return read_for_task(model, task)
 
 
 class ModelActor:
@@ -216,9 +216,7 @@ class RayInference:
         started, started_wall = time.perf_counter(), time.time()
         batch_size = params["batch_size"]
         n = len(dataset)
-        cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        # fewer actors than cores: the driver decodes and writes while the actors run the model
-        actors = self.actors or max(1, min(cluster_cpus - 1, math.ceil(n / batch_size)))
+        actors = _pool_size(ray, self.actors, math.ceil(n / batch_size))
         import torch
 
         # on a local Ray the actors together take the threads this process would take for an in-process run
@@ -229,17 +227,12 @@ class RayInference:
         blocks, block_rows = _input_blocks(ray, dataset, batch_size=batch_size, min_blocks=4 * actors)
         payload = self._payload(ray, model)
         blocks_s = time.perf_counter() - started
-        context = ray.data.DataContext.get_current()
-        context.execution_options.preserve_order = True  # outputs in dataset order: each is written where it lands
-        context.enable_progress_bars = False
-        outputs = ray.data.from_arrow_refs(blocks).map_batches(
-            ModelActor, fn_constructor_kwargs=dict(payload=payload, task=dataset.task, layer=params["layer"],
-                                                   threads=threads, batch_size=batch_size, device=device),
-            # one call per block (a whole number of batches): Ray's cost per call is paid per block, not per batch
-            batch_size=block_rows, num_cpus=1,
-            # two blocks per actor at a time: one running, one arriving; the rest go to whichever actor is free
-            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
-            batch_format="numpy")
+        # one call per block (a whole number of batches): Ray's cost per call is paid per block, not per batch; two
+        # blocks per actor at a time: one running, one arriving; the rest go to whichever actor is free
+        outputs = _map_in_order(ray, blocks, ModelActor,
+                                dict(payload=payload, task=dataset.task, layer=params["layer"], threads=threads,
+                                     batch_size=batch_size, device=device),
+                                rows_per_call=block_rows, actors=actors, max_tasks_in_flight_per_actor=2)
         # each column's values once: a block takes its rows of them
         groups = {column: dataset.metadata[column].to_numpy() for column in group_columns(dataset.metadata)}
         probs = emb = None
@@ -367,8 +360,8 @@ def explain_on_ray(run, model, x: np.ndarray, targets: np.ndarray, mask, methods
     if given is None and info.get("source") == "module":
         given = model  # a module handed over in memory: no file holds it, the actors get it as it is
     if given is None and run.task != "classification" and not str(info["spec"]).startswith("sample:"):
-        # a model file loads in a sandboxed worker, which the run's task reaches only through the run's data: not
-        # checked on Ray for other tasks yet
+        # a model file's explanations on Ray are checked for classification only: the other tasks' maps and scores
+        # in an actor's sandboxed worker have no test yet
         raise AnalyzerError(f"explanations on Ray of a {run.task} model file are not supported yet: run explain "
                             f"without --engine ray")
     layout = None
@@ -382,8 +375,7 @@ def explain_on_ray(run, model, x: np.ndarray, targets: np.ndarray, mask, methods
                                   arch_kwargs=info.get("arch_kwargs"), inputs=layout, allow_import=allow_import)
     ray = connect(address)
     n = len(x)
-    cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    actors = actors or max(1, min(cluster_cpus - 1, math.ceil(n / batch_size)))
+    actors = _pool_size(ray, actors, math.ceil(n / batch_size))
     import pyarrow as pa
     import torch
     from ray.data.extensions import ArrowTensorArray
@@ -399,26 +391,12 @@ def explain_on_ray(run, model, x: np.ndarray, targets: np.ndarray, mask, methods
         if mask is not None:
             columns["mask"] = ArrowTensorArray.from_numpy(np.ascontiguousarray(mask[start:stop]))
         blocks.append(ray.put(pa.table(columns)))
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True
-    context.enable_progress_bars = False
-    outputs = ray.data.from_arrow_refs(blocks).map_batches(
-        ExplainActor, fn_constructor_kwargs=dict(payload=engine._payload(ray, model), task=run.task, threads=threads,
-                                                 methods=methods, background=np.asarray(background),
-                                                 probe=np.asarray(probe), batch_size=batch_size, sanity=sanity,
-                                                 seed=seed),
-        batch_size=step, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=actors), batch_format="numpy")
-    parts: list = []
-    try:
-        for batch in outputs.iter_batches(batch_size=None, batch_format="numpy"):
-            parts.append(batch)
-    except AnalyzerError:
-        raise
-    except Exception as exc:  # an actor's failure reaches here as a Ray error wrapping the analysis's own
-        raise AnalyzerError(f"explanations on Ray failed: {_cause(exc)}") from exc
-    rows = np.concatenate([np.asarray(p["row"]) for p in parts]) if parts else np.zeros(0, np.int64)
-    if not np.array_equal(rows, np.arange(n)):
-        raise AnalyzerError(f"internal error: Ray returned {len(rows)} rows of {n}, or out of order")
+    outputs = _map_in_order(ray, blocks, ExplainActor,
+                            dict(payload=engine._payload(ray, model), task=run.task, threads=threads,
+                                 methods=methods, background=np.asarray(background), probe=np.asarray(probe),
+                                 batch_size=batch_size, sanity=sanity, seed=seed),
+                            rows_per_call=step, actors=actors)
+    parts = _collected(outputs, n, what="explanations")
     found = {}
     for method in methods:
         skipped = [str(p[f"{method}:skipped"][0]) for p in parts if f"{method}:skipped" in p]
@@ -457,25 +435,47 @@ def map_rows_on_ray(transform, x: np.ndarray, *, address: str | None = None, act
 
     ray = connect(address)
     n = len(x)
-    cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    actors = actors or max(1, min(cluster_cpus - 1, math.ceil(n / block_rows)))
+    actors = _pool_size(ray, actors, math.ceil(n / block_rows))
     blocks = [ray.put(pa.table({"x": ArrowTensorArray.from_numpy(np.ascontiguousarray(x[start:start + block_rows])),
                                 "row": pa.array(np.arange(start, min(start + block_rows, n), dtype=np.int64))}))
               for start in range(0, n, block_rows)]
+    outputs = _map_in_order(ray, blocks, TransformActor, dict(transform=transform, threads=1),
+                            rows_per_call=block_rows, actors=actors)
+    return np.concatenate([np.asarray(p["out"]) for p in _collected(outputs, n, what="a transform")])
+
+
+def _pool_size(ray, actors: int | None, calls: int) -> int:
+    """The actors of a pool: as asked, else one fewer than the cluster's CPUs (the driver decodes and writes while
+    the actors run), and no more than the calls there are to make."""
+    cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return actors or max(1, min(cluster_cpus - 1, calls))
+
+
+def _map_in_order(ray, blocks: list, actor, constructor_kwargs: dict, *, rows_per_call: int, actors: int,
+                  **strategy):
+    """The blocks through a pool of `actors` stateful `actor`s (`map_batches` with an ActorPoolStrategy), one call
+    per `rows_per_call` rows, the outputs in the blocks' order (each is written where it lands)."""
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
-    outputs = ray.data.from_arrow_refs(blocks).map_batches(
-        TransformActor, fn_constructor_kwargs=dict(transform=transform, threads=1), batch_size=block_rows,
-        num_cpus=1, compute=ray.data.ActorPoolStrategy(size=actors), batch_format="numpy")
+    return ray.data.from_arrow_refs(blocks).map_batches(
+        actor, fn_constructor_kwargs=constructor_kwargs, batch_size=rows_per_call, num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=actors, **strategy), batch_format="numpy")
+
+
+def _collected(outputs, n: int, *, what: str) -> list:
+    """Every output batch of a pool whose calls return their "row"s, checked to be rows 0..n-1 in order; an actor's
+    failure is one line naming `what` failed."""
     try:
         parts = list(outputs.iter_batches(batch_size=None, batch_format="numpy"))
+    except AnalyzerError:
+        raise
     except Exception as exc:  # an actor's failure reaches here as a Ray error wrapping the analysis's own
-        raise AnalyzerError(f"a transform on Ray failed: {_cause(exc)}") from exc
+        raise AnalyzerError(f"{what} on Ray failed: {_cause(exc)}") from exc
     rows = np.concatenate([np.asarray(p["row"]) for p in parts]) if parts else np.zeros(0, np.int64)
     if not np.array_equal(rows, np.arange(n)):
         raise AnalyzerError(f"internal error: Ray returned {len(rows)} rows of {n}, or out of order")
-    return np.concatenate([np.asarray(p["out"]) for p in parts])
+    return parts
 
 
 def _input_blocks(ray, dataset, *, batch_size: int, min_blocks: int) -> list:

@@ -604,10 +604,12 @@ def slice_mask(samples: pd.DataFrame, ids) -> np.ndarray:
     values = samples["id"].to_numpy()
     members = ids if isinstance(ids, np.ndarray) else np.asarray(list(ids))  # a stored slice's ids are an array
     if values.dtype.kind in "iu" and members.dtype.kind in "iu" and len(values) and len(members):
-        if values[0] == 0 and values[-1] == len(values) - 1 and bool((values[1:] > values[:-1]).all()):
+        from ..loading.sample_table import are_positions, positions_of
+
+        if are_positions(values):
             # ids 0..N-1 in order (the default) are their rows: 5 ms at 10M rows against 0.14 s for isin
             mask = np.zeros(len(values), dtype=bool)
-            mask[members[(members >= 0) & (members < len(values))]] = True
+            mask[positions_of(values, members, increasing=True)] = True
             return mask
         # integer ids over a range not much wider than the rows: a lookup table, 0.07 s at 10M rows against 0.3 s
         span = int(max(values.max(), members.max())) - int(min(values.min(), members.min()))  # no wrap-around

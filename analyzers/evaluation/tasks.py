@@ -588,3 +588,9 @@ def model_for_task(model, task: Task):
                                 f"{model.output_kind.replace('_', ' ')}: remove its final softmax or sigmoid")
         return dataclasses.replace(model, output_kind=MULTILABEL_OUTPUT)
     return model
+
+
+def read_for_task(model, task_name: str):
+    """`model` read for the task named `task_name`, with as many outputs as the model has (`model_for_task`): how
+    a model is read for its dataset's task, its sample's, or a run's."""
+    return model_for_task(model, task_named(task_name, output_width(model)))

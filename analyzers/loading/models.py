@@ -200,10 +200,10 @@ def _load_sample(spec: str) -> LoadedModel:
                        class_names=sample.class_names or None,
                        # a token sample (text) takes packed rows of its ids and mask, which its module splits itself
                        input_layout=getattr(sample.module, "INPUT_LAYOUT", None))
-    from ..evaluation.tasks import model_for_task, output_width, task_named
+    from ..evaluation.tasks import read_for_task
 
     # a sample states its task: a regression sample's one output is its value, not a binary logit
-    return model_for_task(loaded, task_named(sample.task, output_width(loaded)))
+    return read_for_task(loaded, sample.task)
 
 
 def check_arch_kwargs(arch: str | None, kwargs) -> None:

@@ -33,6 +33,13 @@ def ids_unique(ids: np.ndarray) -> bool:
     return len(pd.unique(ids)) == len(ids)
 
 
+def are_positions(ids: np.ndarray, *, increasing: bool | None = None) -> bool:
+    """Whether the ids are 0..N-1 in order, each its own row (the default ids). `increasing`, when known, spares
+    the pass over them."""
+    return ids.dtype.kind in "iu" and len(ids) > 0 and ids[0] == 0 and ids[-1] == len(ids) - 1 and (
+        _increasing(ids) if increasing is None else increasing)
+
+
 def integer_ids(wanted, dtype) -> np.ndarray:
     """The ids in `wanted` that can name an integer id of `dtype`, as numbers of that type, in order. An integer
     array is taken as it is (a slice's members, a confusion cell's ids: millions at 10M rows); anything else is
@@ -58,7 +65,7 @@ def positions_of(ids: np.ndarray, wanted, *, increasing: bool | None = None, ind
         numbers = integer_ids(wanted, ids.dtype)
         if increasing is None:
             increasing = _increasing(ids)
-        if increasing and len(ids) and ids[0] == 0 and ids[-1] == len(ids) - 1:
+        if increasing and are_positions(ids):
             # increasing integers from 0 to N - 1 are the positions themselves (the default ids): a slice of 5M
             # members of a 10M-row run is found without a search
             return numbers[numbers < len(ids)].astype(np.int64) if numbers.dtype.kind == "u" else \

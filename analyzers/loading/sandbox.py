@@ -534,13 +534,13 @@ def open_sandboxed(model_path: str | Path, *, name: str | None = None, spec: str
         model = SandboxedModel(worker=worker, sandbox=worker.support.as_dict(), **_model_fields(description))
         dataset = None
         if data_path is not None:
-            from ..evaluation.tasks import TASK_NAMES, model_for_task, output_width, task_named
+            from ..evaluation.tasks import TASK_NAMES, read_for_task
 
             dataset = worker.request({"op": "load_dataset", "parts": parts, "options": dict(data_options or {})})
             if not isinstance(dataset, dict) or dataset.get("task") not in TASK_NAMES:
                 raise WorkerError("the worker described the dataset in an unexpected form")
             # as the worker did: the model is read for the dataset's task
-            model = model_for_task(model, task_named(dataset["task"], output_width(model)))
+            model = read_for_task(model, dataset["task"])
         return model, dataset
     except BaseException:
         worker.close()

@@ -106,21 +106,21 @@ def _handle(request, state: dict, replies: int):
             from .splits import combine_splits
 
             dataset = combine_splits(parts)
-        from ..evaluation.tasks import model_for_task, output_width, task_named
+        from ..evaluation.tasks import read_for_task
         from .datasets import check_dataset
 
         # the model is read for the dataset's task (a regression model's output is its value), here as in the parent
-        state["model"] = model_for_task(state["model"], task_named(dataset.task, output_width(state["model"])))
+        state["model"] = read_for_task(state["model"], dataset.task)
         check_dataset(dataset, state["model"])
         state["dataset"] = dataset
         return describe_dataset(dataset)
     if op == "read_for_task":  # a model loaded without its dataset (a Ray actor's): read for the run's task here,
         # as load_dataset reads it for the dataset's
-        from ..evaluation.tasks import TASK_NAMES, model_for_task, output_width, task_named
+        from ..evaluation.tasks import TASK_NAMES, read_for_task
 
         if state.get("model") is None or request.get("task") not in TASK_NAMES:
             raise AnalyzerError("internal error: read_for_task needs a loaded model and a task name")
-        state["model"] = model_for_task(state["model"], task_named(str(request["task"]), output_width(state["model"])))
+        state["model"] = read_for_task(state["model"], str(request["task"]))
         return {"output_kind": state["model"].output_kind, "num_classes": state["model"].num_classes}
     if op == "dataset":  # hand the loaded dataset to the parent (sandbox.worker_dataset) and drop it here
         from .datasets import MAX_DATASET_BYTES, dataset_fields
