@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--ray-address", help="the Ray cluster to run on (default: start a local Ray)")
     explain.add_argument("--ray-actors", type=int, help="actors in the pool, each holding the model once "
                                                         "(default: one fewer than the cluster's CPUs)")
+
+    report = sub.add_parser("report", help="write a run's findings as one self-contained HTML file")
+    report.add_argument("run_dir")
+    report.add_argument("--out", required=True, help="the HTML file to write, e.g. report.html")
+    report.add_argument("--compare", metavar="RUN_B", help="a second run on the same dataset: adds the deltas")
+    report.add_argument("--max-thumbnails", type=int, default=200, help="sample images in the report (default 200)")
     return parser
 
 
@@ -116,6 +122,10 @@ def main(argv=None) -> int:
             from .evaluation.comparison import compare_command
 
             return compare_command(args)
+        if args.command == "report":
+            from dashboard.report import report_command  # the dashboard's figure builders, without Streamlit
+
+            return report_command(args)
         if args.command == "explain":
             from .explanations.explain_run import explain_command
 

@@ -14,12 +14,14 @@ from analyzers.errors import AnalyzerError
 from analyzers.loading.runs import Run
 
 from . import data, figures, state
+from . import sample_display
+from .sample_display import sequence_letters, token_texts, token_vocabulary  # noqa: F401 (also components.*)
+from .summaries import class_name, percent  # noqa: F401 (the pages call them as components.*)
 from .text import md
 from .selection import id_positions
 
 PAGES: dict = {}  # name -> st.Page, filled by app.py on every rerun
 BASE_COLOURS = {"A": "#009E73", "C": "#0072B2", "G": "#E69F00", "T": "#D55E00"}  # Okabe-Ito
-ALPHABETS = {4: "ACGT", 20: "ACDEFGHIKLMNPQRSTVWY"}
 GALLERY_PAGE = 24
 TABLE_PAGE = 500  # rows of a tabular gallery per page: a slice of 500k rows is never one table sent to the browser
 
@@ -147,12 +149,6 @@ def short(value) -> str:
     return str(value)
 
 
-def percent(fraction: float) -> str:
-    """The one way a share is written on every page: one decimal ("5.1%", "4.0%"), so a column never mixes "5.13%"
-    with "4%"."""
-    return f"{float(fraction):.1%}"
-
-
 def percent_column(label: str | None = None):
     """A table column of shares (0..1) written as `percent` writes them: Streamlit's own "percent" format dropped
     trailing zeros, so one column read "5.13%" beside "4%". The column's values are shares times 100."""
@@ -163,14 +159,6 @@ def duration(seconds: float) -> str:
     """A wait as a person says it: "4 s", "1 min 05 s"."""
     seconds = max(0, int(round(seconds)))
     return f"{seconds} s" if seconds < 60 else f"{seconds // 60} min {seconds % 60:02d} s"
-
-
-def class_name(run: Run, index) -> str:
-    names = run.class_names
-    try:
-        return str(names[int(index)])
-    except (IndexError, ValueError, TypeError):
-        return str(index)
 
 
 def readable_samples(run: Run, table: pd.DataFrame) -> pd.DataFrame:
@@ -194,43 +182,6 @@ SAMPLE_COLUMNS = {
 
 
 # ---------------------------------------------------------------------------------------------------- input previews
-
-def sequence_letters(x: np.ndarray) -> str:
-    """A (C, L) one-hot-like sequence as letters (ACGT for 4 channels, amino acids for 20), else channel numbers."""
-    alphabet = ALPHABETS.get(x.shape[0])
-    codes = np.asarray(x).argmax(0)
-    if alphabet:
-        return "".join(alphabet[i] for i in codes)
-    return " ".join(str(i) for i in codes)
-
-
-def token_vocabulary(run: Run) -> list | None:
-    """The words of a token model's ids, in id order, when the run's dataset carries them (the text sample's
-    `preprocessing["vocabulary"]`); None otherwise."""
-    vocabulary = (run.info.get("preprocessing") or {}).get("vocabulary")
-    return [str(w) for w in vocabulary] if isinstance(vocabulary, list) and vocabulary else None
-
-
-def token_texts(run: Run, x: np.ndarray) -> list:
-    """A token model's sample as its words (when the run carries a vocabulary) or its token ids, in order; a
-    position its attention mask leaves out reads "·"."""
-    from analyzers.loading.inputs import InputLayout
-
-    vocabulary = token_vocabulary(run)
-
-    def word(t) -> str:
-        return vocabulary[int(t)] if vocabulary and 0 <= int(t) < len(vocabulary) else str(int(t))
-
-    described = (run.info.get("preprocessing") or {}).get("inputs") or run.info["model"].get("inputs")
-    if not described:
-        return [word(v) for v in np.asarray(x).round().astype(np.int64)]
-    layout = InputLayout.from_json(described)
-    parts = layout.parts(np.asarray(x)[None])
-    ids = parts[layout.inputs[0].name][0]
-    mask = parts.get("attention_mask")
-    mask = mask[0] if mask is not None and mask.shape[1:] == ids.shape else np.ones_like(ids)
-    return [word(t) if keep else "·" for t, keep in zip(ids, mask)]
-
 
 def token_html(tokens: list, *, words: bool = False) -> str:
     """`tokens` as chips, headed "tokens" when they are words (`words`), else "token ids"."""
@@ -277,18 +228,16 @@ def band_choice(run: Run, channels: int) -> None:
 
 
 def display_image(run: Run, x: np.ndarray) -> np.ndarray:
-    pre = run.info.get("preprocessing") or {}
-    bands = st.session_state.get(BANDS_KEY)  # one band, or three as red, green and blue
+    """`sample_display.display_image` with the bands picked on this session's pages (one, or three as red, green
+    and blue)."""
+    bands = st.session_state.get(BANDS_KEY)
     if bands is not None and not all(0 <= int(b) < np.asarray(x).shape[0] for b in np.atleast_1d(bands)):
         bands = None  # chosen on another run with more bands
-    return figures.to_display_image(x, mean=pre.get("mean"), std=pre.get("std"), bands=bands)
+    return sample_display.display_image(run, x, bands=bands)
 
 
 def thumbnail(run: Run, x: np.ndarray, size: int = 96) -> np.ndarray:
-    """An image sample enlarged without smoothing, so an 8x8 digit stays readable."""
-    image = display_image(run, x)
-    scale = max(1, size // max(image.shape[:2]))
-    return np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
+    return sample_display.enlarged(display_image(run, x), size)
 
 
 # ----------------------------------------------------------------------------------------------------------- gallery

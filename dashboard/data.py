@@ -22,7 +22,7 @@ import streamlit as st
 from analyzers.errors import AnalyzerError, first_line
 from analyzers.loading.runs import RUN_INFO, Run, list_runs, open_run
 
-from . import access
+from . import access, summaries
 from .settings import Settings, parse_settings
 
 TRAINING_LOG = "training/log.jsonl"
@@ -133,24 +133,8 @@ def available_stages() -> list[str]:
 
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)
 def metrics(run: Run) -> dict:
-    """Headline metrics and the per-class report: metrics.json if the run has it, else analyzers.evaluation.metrics on the run."""
-    from analyzers.evaluation import metrics as m
-
-    task = run_task(run)
-    if not task.has_classes:  # a regression's or a multi-label run's own metrics (tasks.Task.metrics)
-        # metrics.json is taken at the task's default threshold: stored per-label thresholds are computed afresh
-        at_default = task == task_named_for(run)
-        return run.read_json("metrics.json") if run.has("metrics.json") and at_default else task.metrics(
-            run.labels, run.probs, names=run.class_names)
-    if run.has("metrics.json"):
-        stored = run.read_json("metrics.json")
-        if "classification_report" in stored or "per_class" in stored:
-            stored.setdefault("classification_report", stored.get("per_class"))
-            return stored
-    labels = run.sample_table["label"].to_numpy()
-    result = m.classification_metrics(labels, run.probs, class_names=run.class_names)
-    result["ece"] = m.expected_calibration_error(labels, run.probs)
-    return result
+    """`summaries.metrics` at the run's stored thresholds."""
+    return summaries.metrics(run, run_task(run))
 
 
 def id_index(run: Run):
@@ -188,17 +172,8 @@ def default_threshold_class(run: Run) -> int:
 
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)
 def multilabel_report(run: Run) -> dict:
-    """A multi-label run's per-label report and co-missed labels at the run's thresholds: multilabel.json, else
-    computed on the run (`analyzers.evaluation.multilabel.multilabel_report`)."""
-    from analyzers.evaluation.multilabel import MULTILABEL, multilabel_report as report_of
-
-    task = run_task(run)
-    stored = optional_json(run, MULTILABEL)
-    # multilabel.json is taken at the analysis's threshold; a person's per-label thresholds since then are computed
-    if stored is not None and np.allclose(np.broadcast_to(np.asarray(stored["threshold"], dtype=np.float64),
-                                                          task.thresholds.shape), task.thresholds):
-        return stored
-    return report_of(run.labels, run.probs, names=run.class_names, threshold=task.threshold)
+    """`summaries.multilabel_report` at the run's thresholds."""
+    return summaries.multilabel_report(run, run_task(run))
 
 
 @st.cache_resource(hash_funcs=HASH, show_spinner=False, max_entries=32)
@@ -212,13 +187,7 @@ def label_curve(run: Run, label: int):
 
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)
 def reliability(run: Run, strategy: str = "uniform", n_bins: int = 10) -> dict:
-    from analyzers.evaluation import metrics as m
-
-    run.probs  # checked: `correct` and `confidence` are its top class against the label and its top probability
-    # (what `metrics.top_label_bins` reads from the probabilities: 0.6 s of the first page at 10M rows)
-    return m.calibration_bins(run.sample_table["correct"].to_numpy(dtype=bool),
-                              run.sample_table["confidence"].to_numpy(dtype=np.float64), n_bins=n_bins,
-                              strategy=strategy).to_dict()
+    return summaries.reliability(run, strategy, n_bins)
 
 
 def decided_samples(run: Run):
@@ -250,13 +219,8 @@ def ranking(run: Run, by: str, limit: int = 200) -> pd.DataFrame:
 
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=16)
 def findings(run: Run) -> list:
-    """analyzers.evaluation.findings.rank_findings on the run, with its slices and label-noise tables."""
-    from analyzers.evaluation.findings import rank_findings
-
-    run.probs  # checked: its top probabilities are the samples' confidence, which the findings read instead
-    return rank_findings(run.sample_table, num_classes=len(run.class_names),
-                         slices=optional_table(run, "slices.parquet"),
-                         label_noise=optional_table(run, "label_noise.parquet"))
+    """`summaries.findings`: the run's findings, ranked."""
+    return summaries.findings(run)
 
 
 @st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=64)
@@ -366,20 +330,30 @@ def explain_methods(run: Run) -> tuple[list, list, list]:
     return available, defaults, conv_layers
 
 
+@st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=4)
+def report_html(run: Run) -> bytes:
+    """The run's self-contained HTML report (`dashboard.report`), its thumbnails from the run's loaded inputs
+    (none when they cannot be loaded: the report says why)."""
+    from .report import build_report
+
+    try:
+        _, dataset = run_inputs(run)
+    except AnalyzerError:
+        dataset = None
+    return build_report(run, dataset=dataset, load_inputs=False).to_html().encode("utf-8")
+
+
 def task_named_for(run: Run):
     """The run's task as run.json names it, at its default threshold."""
-    from analyzers.evaluation.tasks import task_named
-
-    return task_named(run.task, len(run.class_names))
+    return summaries.task_named_for(run)
 
 
 def run_task(run: Run):
     """The run's task (`analyzers.evaluation.tasks`): what its outputs mean and how it ranks its errors, at the
     run's stored per-label thresholds where a multi-label run has them (thresholds.json)."""
-    from analyzers.evaluation.thresholds import THRESHOLDS, task_at
+    from analyzers.evaluation.thresholds import THRESHOLDS
 
-    task = task_named_for(run)
-    return task_at(task, optional_json(run, THRESHOLDS)) if task.per_label else task
+    return summaries.run_task(run, optional_json(run, THRESHOLDS))
 
 
 def first_sample_to_explain(run: Run) -> str:

@@ -152,3 +152,38 @@ def test_query_values_in_a_link_are_text(query, hostile_runs, monkeypatch):
         _ok(at)
         for source in _sources(at):
             _rendered_is_text(source)
+
+
+def test_the_html_report_of_a_hostile_run_holds_its_values_as_text(hostile_runs):
+    """The report (dashboard/report.py) of the hostile run and its comparison with the second: outside plotly.js,
+    every tag in the file is one the report writes itself, every image a PNG data URI, and no value of the run
+    becomes a link or an element; inside each figure's script, no value can close the script."""
+    from plotly.offline import get_plotlyjs
+
+    from dashboard.report import build_report
+
+    text = build_report(hostile_runs / "hostile", compare=hostile_runs / "hostile_b").to_html()
+    ours = text.replace(get_plotlyjs(), "")
+    scripts = re.findall(r"<script[^>]*>(.*?)</script>", ours, flags=re.S)
+    assert scripts and all("<" not in body.replace("<\\/", "") for body in scripts[1:])  # figures' JSON escapes "<"
+    markup = re.sub(r"<script[^>]*>.*?</script>", "", ours, flags=re.S)
+    from html.parser import HTMLParser
+
+    seen = []
+
+    class Tags(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            seen.append((tag, dict(attrs)))
+
+    Tags().feed(markup)
+    assert {tag for tag, _ in seen} <= {
+        "html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "h4", "section", "p", "table", "thead",
+        "tbody", "tr", "th", "td", "div", "figure", "img", "figcaption", "ul", "ol", "li", "small", "strong", "em",
+        "b", "br", "span"}, {tag for tag, _ in seen}
+    # no attribute that can fetch, link or run anything; an image's source is a PNG inside the file
+    assert {name for _, attrs in seen for name in attrs} <= {"id", "class", "style", "src", "alt", "lang", "charset",
+                                                            "http-equiv", "content"}
+    assert all(attrs["src"].startswith("data:image/png;base64,") for tag, attrs in seen if "src" in attrs)
+    assert all(tag == "img" for tag, attrs in seen if "src" in attrs)
+    # each hostile class name is there, as the text it is
+    assert html_module.escape(HOSTILE[2] + " 2") in markup

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from analyzers.errors import AnalyzerError
-from dashboard import components, data, figures, state
+from dashboard import components, data, figures, sample_display, state
 from dashboard.text import md
 from dashboard.selection import gallery_place, id_positions, neighbours
 
@@ -79,8 +79,7 @@ multispectral = channels > 3  # more bands than a picture shows: one, or three i
 band_names = figures.band_labels(channels, run.info["dataset"].get("feature_names")) if multispectral else ()
 shown_bands = None
 # a spectrogram input (an audio dataset says so in its preprocessing): drawn with time and frequency axes, and played
-spectrogram = (run.info.get("preprocessing") or {}).get("spectrogram") if modality == "image" and channels == 1 \
-    else None
+spectrogram = sample_display.spectrogram_of(run, x)
 
 
 def _picture(values) -> np.ndarray:
@@ -92,10 +91,7 @@ def _picture(values) -> np.ndarray:
 
 
 def _spectrogram(values, **overlay):
-    """A spectrogram input (bins, frames) on its time and frequency axes, a map over it when `overlay` has one."""
-    return figures.spectrogram_figure(values, sample_rate=spectrogram["sample_rate"],
-                                      hop_length=spectrogram["hop_length"],
-                                      frequencies=spectrogram.get("mel_frequencies_hz"), height=300, **overlay)
+    return sample_display.spectrogram_figure(spectrogram, values, **overlay)
 
 
 left, right = st.columns([3, 2], gap="large")
@@ -331,24 +327,13 @@ def _controls_caption() -> None:
 
 def _draw(explanation, method: str, title: str, key: str) -> None:
     signed = METHODS[method].signed
-    if spectrogram is not None:
-        fig = _spectrogram(x[0], attribution=explanation.display, signed=signed, title=title)
-    elif modality == "image":
-        fig = figures.image_attribution_figure(_picture(x), explanation.display, signed=signed,
-                                               title=title, truth=truth)
-    elif modality == "sequence":
-        fig = figures.sequence_attribution_figure(components.sequence_letters(x), explanation.display, signed=signed,
-                                                  title=title, truth=truth)
-    elif modality == "tokens":
-        fig = figures.sequence_attribution_figure(components.token_texts(run, x), explanation.display, signed=signed,
-                                                  title=title, width=24, truth=truth)
-    else:
-        names = run.info["dataset"].get("feature_names") or [f"feature {i}" for i in range(len(x))]
-        values = explanation.display
-        if per_std and METHODS[method].per_input_unit:
-            values = per_standard_deviation(values[None], dataset.x)[0]
-            title = f"{title} (per standard deviation)"
-        fig = figures.feature_attribution_figure(names, values, title=title)
+    values = None
+    if modality == "tabular" and per_std and METHODS[method].per_input_unit:
+        values = per_standard_deviation(explanation.display[None], dataset.x)[0]
+        title = f"{title} (per standard deviation)"
+    fig = sample_display.attribution_figure(run, x, explanation.display, signed=signed, title=title, truth=truth,
+                                            picture=_picture(x) if modality == "image" else None,
+                                            feature_values=values)
     st.plotly_chart(fig, key=key, config={"displayModeBar": False})
     attribution = np.asarray(explanation.attribution)
     if multispectral and np.isfinite(attribution).all():  # which bands the map rests on

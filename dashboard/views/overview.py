@@ -5,12 +5,17 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard import components, data, figures, health, state
+from dashboard import components, data, figures, health, state, summaries
 from dashboard.selection import Selection, selected_cell
 from dashboard.text import md
 
 run = components.require_run(tasks=(*components.CLASS_TASKS, "regression", "multilabel"))
 components.header("Overview", run)
+st.download_button("Download report", data=lambda: data.report_html(run), file_name=f"{run.path.name}-report.html",
+                   mime="text/html", icon=":material/download:", key="overview-report",
+                   help="One HTML file that opens offline: the metrics, findings, confusion matrix, slices with "
+                        "their worst samples, label-noise suspects, calibration, stored explanations, gradient "
+                        "health, training curves and the run's provenance.")
 sandbox = run.info.get("sandbox") or {}
 if sandbox.get("level") == "reduced":
     st.warning("This run's model ran in a reduced sandbox: " + md(sandbox.get("reason", "")), icon="⚠️")
@@ -224,48 +229,12 @@ cols[4].metric("Calibration error (ECE)", f"{m['ece']:.3f}",
 # ------------------------------------------------------------------------------------------------------ findings
 def _finding(finding) -> None:
     """One finding in plain words, with what it accounts for (the ranking's one scale) and a link to its samples."""
-    d = finding.details
-    if finding.kind == "slice":
-        st.markdown(f"**Errors concentrate in a group:** {md(d['description'])} — {d['size']:,} samples, error rate "
-                    f"{components.percent(d['error_rate'])} ({d['lift']:.1f}× the overall rate).")
-        link = ("errors", "See this group", f"slice:{d['index']}")
-        accounts = f"{finding.impact:.0f} errors more than the overall rate would give"
-    elif finding.kind == "confusion":
-        true, pred = components.class_name(run, d["true"]), components.class_name(run, d["pred"])
-        st.markdown(f"**Most confused:** true **{md(true)}** predicted as **{md(pred)}** {d['count']:,} times "
-                    f"({components.percent(d['share_of_true'])} of {md(true)}).")
-        link = ("confusion", "See these samples", f"cell:{d['true']}-{d['pred']}")
-        accounts = f"{d['count']:,} errors"
-    elif finding.kind == "imbalance":
-        rare = ", ".join(f"{md(components.class_name(run, c))} ({d['support'][c]:,} samples, recall "
-                         f"{components.percent(d['recall'][c])})" for c in d["rare"])
-        st.markdown(f"**Class imbalance:** the largest class has {d['ratio']:.0f}× the samples of the smallest, and "
-                    f"the rare classes are recognised less often: {rare}, against "
-                    f"{components.percent(d['overall_recall'])} overall.")
-        link = ("confusion", "See the confusion matrix", None)
-        accounts = f"{finding.impact:.0f} errors of the rare classes beyond the overall rate"
-    elif finding.kind == "calibration":
-        way = "under-confident" if d["direction"] == "under" else "over-confident"
-        st.markdown(f"**The model is {way}:** its mean confidence is {d['mean_confidence']:.2f} and its accuracy "
-                    f"{d['accuracy']:.2f} (calibration error {d['ece']:.3f}); its probabilities cannot be read as "
-                    f"chances. The reliability chart below shows where.")
-        link = None
-        accounts = (f"its confidence misstates the number of right answers by about {finding.impact:.0f} samples, "
-                    f"beyond the {d['noise_floor']:.3f} a calibrated model of this size would show")
-    else:  # label_noise
-        from analyzers.evaluation.findings import STRONG_SUSPECT
-
-        st.markdown(f"**Label-noise suspects:** {d['count']:,} samples whose label is probably wrong (estimated "
-                    f"probability at least {STRONG_SUSPECT:g}); the strongest, id {md(d['top_id'])}, is labelled "
-                    f"{md(components.class_name(run, d['top_label']))} but looks like "
-                    f"{md(components.class_name(run, d['top_suggested']))}. The other "
-                    f"{d['errors'] - d['count']:,} errors are ordinary mistakes.")
-        link = ("errors", "Review the suspects", "suspects:top")
-        accounts = f"{d['count']:,} samples to relabel or check"
+    text, accounts, link = summaries.finding_text(run, finding)
+    st.markdown(text)
     st.caption(f"Accounts for: {accounts}.")
     if link is not None:
-        page, text, sel = link
-        components.page_link(page, text, **({"sel": sel} if sel else {}))
+        page, words, sel = link
+        components.page_link(page, words, **({"sel": sel} if sel else {}))
 
 
 st.subheader("Top findings")
@@ -283,18 +252,11 @@ with st.container(border=True):
                 _finding(finding)
     flags = data.optional_json(run, "gradients/flags.json")
     if flags:  # training health: not errors, so not on the ranking's scale
-        problems = [f"{md(layer)} (vanishing)" for layer in flags.get("vanishing", [])]
-        problems += [f"{md(layer)} (exploding)" for layer in flags.get("exploding", [])]
-        dead = {k: v for k, v in (flags.get("dead_relu_layers") or {}).items() if v >= 0.25}
-        if problems:
-            st.markdown(f"**Gradients:** {', '.join(problems)}.")
-        if dead:
-            st.markdown("**Dead units:** " + ", ".join(f"{md(k)} has {components.percent(v)} of its units never "
-                                                         f"active" for k, v in dead.items()) + ".")
-        if problems or dead:
+        lines, flagged = summaries.gradient_flags_text(flags)
+        for line in lines:
+            st.markdown(line)
+        if flagged:
             components.page_link("training", "See the gradient traces")
-        else:
-            st.markdown("**Gradients:** no vanishing or exploding layer on the loaded data.")
 
 # ---------------------------------------------------------------------------------------------------------- tables
 left, right = st.columns(2, gap="large")
