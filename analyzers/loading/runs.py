@@ -159,13 +159,15 @@ def staged_run(out: str | Path, *, replace: bool):
 
     The block runs under `out`'s writer lock. With `replace`, an existing run at `out` is swapped out only after the
     new one is complete, in two renames; a crash between any two steps is undone or finished by
-    `recover_interrupted` (at the next write of `out`, and whenever runs are listed). A directory at `out` that is
+    `recover_interrupted` (at the next write of `out`, whenever runs are listed, and at the start of a later run
+    beside it: `_sweep_abandoned_neighbours`). A directory at `out` that is
     not a run is never replaced.
     """
     out = Path(out)
     with writer_lock(out, wait=replace):
         _recover_name(out.parent, out.name)
         refuse_non_run(out)
+        _sweep_abandoned_neighbours(out.parent)
         stage = _temp_sibling(out, "tmp")
         try:
             # while the stage is written, whatever is at `out` is untouched
@@ -208,20 +210,33 @@ def _mtime(path: Path) -> float:
     return path.stat().st_mtime
 
 
-def recover_interrupted(root: str | Path, entries: list | None = None) -> list[str]:
+def _changed_since(path: Path, when: float) -> bool:
+    """Whether `path` last changed at or after `when`; one that vanished meanwhile has not."""
+    try:
+        return path.lstat().st_mtime >= when
+    except FileNotFoundError:
+        return False
+
+
+def recover_interrupted(root: str | Path, entries: list | None = None, *,
+                        changed_before: float | None = None) -> list[str]:
     """Finish or undo every replacement or deletion under `root` that a crash interrupted; returns what was done.
 
     A name whose writer is still running (its lock is held) is left alone. For each name: with no run at `NAME`, a
     complete staged run (it has run.json, written last) is moved in (the crash came between the two renames of a
     replacement, or just before the rename of a new run), else the run that was being replaced is moved back. Then
     whatever is left over is removed: incomplete stages, replaced runs, runs being deleted. `entries`: the paths
-    under `root`, when the caller has listed them already."""
+    under `root`, when the caller has listed them already. With `changed_before` (a time, as `st_mtime`), a name
+    with a leftover changed at or after it is left alone too."""
     root = Path(root)
     try:
         entries = list(root.iterdir()) if entries is None else entries
     except OSError:
         return []
-    names = {m["name"] for m in (_SIBLING.match(p.name) for p in entries) if m}
+    matches = [(p, m["name"]) for p, m in ((p, _SIBLING.match(p.name)) for p in entries) if m]
+    names = {name for _, name in matches}
+    if changed_before is not None:
+        names -= {name for path, name in matches if _changed_since(path, changed_before)}
     done = []
     for name in sorted(names):
         try:
@@ -230,6 +245,23 @@ def recover_interrupted(root: str | Path, entries: list | None = None) -> list[s
         except AnalyzerError:
             continue  # being written right now, or not writable: nothing to recover from here
     return done
+
+
+def _sweep_abandoned_neighbours(root: Path) -> None:
+    """At the start of a run, finish or remove what killed writers of other names left in `root` (their hidden
+    stages would otherwise stay until the dashboard lists `root`, which a CLI-only user never does).
+
+    Warier than a listing's sweep: a name is touched only when its writer lock is free and every leftover of it last
+    changed before the newest complete run here was finished, so a writer that has only just started, one whose lock
+    this host cannot see on a network file system included, is left to a later run. It never fails the run: a
+    leftover that cannot be removed now is tried again next time."""
+    try:
+        finished = [(p / RUN_INFO).stat().st_mtime for p in root.iterdir()
+                    if not p.name.startswith(".") and (p / RUN_INFO).is_file()]
+        if finished:
+            recover_interrupted(root, changed_before=max(finished))
+    except OSError:
+        pass
 
 
 def _recover_name(root: Path, name: str) -> list[str]:
