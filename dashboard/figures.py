@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
 from .text import plotly_text
@@ -18,6 +19,13 @@ OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "
 SAFE = ("#88CCEE", "#CC6677", "#DDCC77", "#117733", "#332288", "#AA4499", "#44AA99", "#999933", "#882255",
         "#661100", "#6699CC", "#888888")
 SEQUENTIAL = "Cividis"
+# Magnitudes drawn as small points on white (the Embeddings page): Cividis up to 0.75 of its range. Its last quarter
+# fades to a pale yellow (#fee838, 1.25:1 against white) that left the most confident points near-white on white.
+POINTS_SEQUENTIAL = [[k / 8, colour] for k, colour in
+                     enumerate(sample_colorscale(SEQUENTIAL, [0.75 * k / 8 for k in range(9)]))]
+# The density of points under those drawn: empty cells are left clear (NaN); a cell of one point is already a light
+# grey (1.6:1 against white), the densest a dark one, so a sparse region never vanishes into the background.
+DENSITY = [[0.0, "#cccccc"], [1.0, "#404040"]]
 # Confusion cells: white for none, then single-hue blues (ColorBrewer), any non-empty cell visibly tinted.
 CELLS = [[0.0, "#ffffff"], [1e-9, "#deebf7"], [0.25, "#9ecae1"], [0.5, "#4292c6"], [1.0, "#08306b"]]
 DIVERGING = "RdBu_r"
@@ -34,8 +42,6 @@ def palette(n: int) -> list:
         return list(OKABE_ITO[:n])
     if n <= len(SAFE):
         return list(SAFE[:n])
-    from plotly.colors import sample_colorscale
-
     return sample_colorscale("Turbo", [i / (n - 1) for i in range(n)])
 
 
@@ -553,8 +559,8 @@ def _bin_indices(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def density_trace(x: np.ndarray, y: np.ndarray, *, bins: int = DENSITY_BINS) -> go.Heatmap:
-    """Every point counted in a `bins` x `bins` grid (as numpy's histogram2d counts), drawn on a log scale in greys, empty
-    cells left clear; each cell's count is its customdata (the hover says it)."""
+    """Every point counted in a `bins` x `bins` grid (as numpy's histogram2d counts), drawn on a log scale in greys
+    (`DENSITY`), empty cells left clear; each cell's count is its customdata (the hover says it)."""
     finite = np.isfinite(x) & np.isfinite(y)
     if not finite.all():  # a projection is finite: no copy of 10M points for nothing
         x, y = x[finite], y[finite]
@@ -568,7 +574,7 @@ def density_trace(x: np.ndarray, y: np.ndarray, *, bins: int = DENSITY_BINS) -> 
         counts, x_edges, y_edges = np.histogram2d(x, y, bins=bins)
     z = np.where(counts > 0, np.log10(np.maximum(counts, 1)) + 1.0, np.nan).T  # rows of the heatmap are y
     return go.Heatmap(x=(x_edges[:-1] + x_edges[1:]) / 2, y=(y_edges[:-1] + y_edges[1:]) / 2, z=z,
-                      customdata=counts.T.astype(np.int64), colorscale="Greys", zmin=0.0, showscale=False,
+                      customdata=counts.T.astype(np.int64), colorscale=DENSITY, zmin=0.0, showscale=False,
                       hovertemplate="%{customdata:,} samples here<extra>density</extra>", name="density",
                       zsmooth=False, hoverongaps=False)
 
@@ -577,9 +583,9 @@ def embedding_figure(table: pd.DataFrame, *, colour: str, categorical: bool, tit
                      max_points: int | None = None, category_order=None, selected=None) -> go.Figure:
     """A WebGL scatter of a projection table (columns x, y, id and `colour`), each point's id in customdata.
 
-    Categories get one trace each; a number is drawn on the Cividis scale. A table larger than `max_points` is drawn
-    (default MAX_SCATTER_POINTS) as the density of every point (`density_trace`, first) under a fixed random sample
-    of them (the title says so);
+    Categories get one trace each; a number is drawn on `POINTS_SEQUENTIAL` (Cividis short of its palest end). A
+    table larger than `max_points` (default MAX_SCATTER_POINTS) is drawn as the density of every point
+    (`density_trace`, first) under a fixed random sample of them (the title says so);
     a box or lasso selection still selects by region on every point.
     `selected` ids (a selection made elsewhere: another projection, another page) are drawn bold, the rest faded.
     """
@@ -606,8 +612,8 @@ def embedding_figure(table: pd.DataFrame, *, colour: str, categorical: bool, tit
     else:
         values = pd.to_numeric(shown[colour], errors="coerce")
         fig.add_trace(go.Scattergl(x=shown["x"], y=shown["y"], mode="markers", name=plotly_text(colour),
-                                   marker=dict(size=point_size, color=values, colorscale=SEQUENTIAL, showscale=True,
-                                               colorbar=dict(title=plotly_text(colour), thickness=12),
+                                   marker=dict(size=point_size, color=values, colorscale=POINTS_SEQUENTIAL,
+                                               showscale=True, colorbar=dict(title=plotly_text(colour), thickness=12),
                                                opacity=min(0.85, point_opacity + 0.05)),
                                    customdata=shown["id"], text=shown["id"].astype(str).map(plotly_text),
                                    hovertemplate="id %{text}<br>" + plotly_text(colour)

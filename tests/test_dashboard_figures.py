@@ -209,3 +209,63 @@ def test_a_threshold_curve_of_many_scores_is_drawn_through_a_bounded_number_of_i
     assert (pr.x[0], pr.x[-1]) == (recall[0], recall[-1]) and (roc.x[0], roc.x[-1]) == (fpr[0], fpr[-1])
     drawn = {(x, y) for x, y in zip(recall, precision)}
     assert all((x, y) in drawn for x, y in zip(pr.x, pr.y))  # points of the curve, none made up
+
+
+# Contrast against the white page (WCAG 2.1 relative luminance). WCAG asks 3:1 of graphics one needs to read content
+# (1.4.11), which a sequential scale running light to dark cannot keep at its light end without giving up half its
+# range; half that ratio, 1.5:1, keeps three quarters of Cividis and rules out what issue 17 saw: Cividis's pale
+# yellow top, drawn at the points' opacity, is 1.2:1, the "near-white on white" of the most confident points.
+LIGHT_END_CONTRAST = 1.5
+
+
+def _contrast_with_white(colour: str, opacity: float = 1.0) -> float:
+    from plotly.colors import hex_to_rgb, unlabel_rgb
+
+    rgb = hex_to_rgb(colour) if colour.startswith("#") else unlabel_rgb(colour)
+    drawn = [opacity * c + (1 - opacity) * 255 for c in rgb]  # a translucent mark over the white page
+
+    def linear(c):
+        c /= 255
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    luminance = 0.2126 * linear(drawn[0]) + 0.7152 * linear(drawn[1]) + 0.0722 * linear(drawn[2])
+    return 1.05 / (luminance + 0.05)
+
+
+def _scale_colours(colorscale, at) -> list:
+    from plotly.colors import sample_colorscale
+
+    return sample_colorscale([[float(p), c] for p, c in colorscale], list(at))
+
+
+def test_points_coloured_by_a_number_stay_visible_on_white_at_both_ends():
+    """issue 17: coloured by confidence, most points (confident ones, at the top of the scale) were near-white."""
+    from plotly.colors import get_colorscale
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    table = pd.DataFrame({"id": np.arange(n), "x": rng.normal(size=n), "y": rng.normal(size=n),
+                          "confidence": rng.beta(8, 1, n)})
+    for max_points in (None, 500):  # all points drawn, and a sample over the density
+        fig = figures.embedding_figure(table, colour="confidence", categorical=False, max_points=max_points)
+        (points,) = _scatter(fig)
+        colours = _scale_colours(points.marker.colorscale, np.linspace(0, 1, 41))
+        contrasts = [_contrast_with_white(c, points.marker.opacity) for c in colours]
+        assert min(contrasts) >= LIGHT_END_CONTRAST, (max_points, colours[int(np.argmin(contrasts))])
+        assert _contrast_with_white(colours[0]) > 10 > 3 > _contrast_with_white(colours[-1])  # dark to light still
+        old = [_contrast_with_white(c, points.marker.opacity)
+               for c in _scale_colours(get_colorscale("Cividis"), np.linspace(0, 1, 41))]
+        assert min(old) < LIGHT_END_CONTRAST  # the scale issue 17 saw fails this check
+
+
+def test_the_density_leaves_empty_cells_clear_and_tints_a_cell_of_one_point():
+    # a crowd of 100,000 points in one cell and one point far out: the log scale puts the lone point low on it
+    x = y = np.r_[np.zeros(100_000), [9.0]]
+    density = figures.density_trace(x, y)
+    z, counts = np.asarray(density.z, dtype=float), np.asarray(density.customdata)
+    assert np.isnan(z[counts == 0]).all() and density.hoverongaps is False  # empty cells: nothing drawn
+    fraction = (z[counts > 0] - density.zmin) / (np.nanmax(z) - density.zmin)  # where each cell sits on the scale
+    lightest = _scale_colours(density.colorscale, [fraction.min()])[0]
+    assert fraction.min() < 0.3 and _contrast_with_white(lightest) >= LIGHT_END_CONTRAST
+    greys = _scale_colours([[0, "rgb(255,255,255)"], [1, "rgb(0,0,0)"]], [fraction.min()])[0]
+    assert _contrast_with_white(greys) < LIGHT_END_CONTRAST  # the white-based greys it had: a lone point vanished
