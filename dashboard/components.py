@@ -89,8 +89,11 @@ def require_run(*, tasks: tuple = CLASS_TASKS) -> Run:
     draws; a run of another task is pointed to the pages that show it, never given panels that do not apply."""
     run = current_run()
     if run is None:
+        from .run_creation import offer_samples
+
         st.info("No run is open. Analyse a model on the **Load** page, or open an existing run there.")
         page_link("load", "Go to Load")
+        offer_samples()  # a first start with no runs: one click to a run of a built-in sample
         st.stop()
     if run.task not in tasks:
         st.info(f"This page shows what a classifier gets wrong between classes, and this run is a "

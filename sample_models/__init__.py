@@ -4,7 +4,8 @@ Each sample is a module `sample_models.<name>` that defines:
 - `CLASS_NAMES` (tuple of str) and `INPUT_SHAPE` (shape of one sample, without the batch dimension);
 - `build_model() -> torch.nn.Module` (the architecture, freshly initialised);
 - `load_data(split) -> SampleData` for split "train" or "test", generated or from scikit-learn's bundled data;
-- `train(out_dir) -> dict` writing `<name>.safetensors` and `<name>.log.jsonl` (see `sample_models.training`).
+- `train(out_dir) -> dict` writing `<name>.safetensors` and `<name>.log.jsonl` (see `sample_models.training`);
+- `SUMMARY`: one line on what the sample is and what it plants (the dashboard offers the samples with it).
 Optionally `RUN_SPLITS` (tuple of split names, e.g. ("train", "test")): a run of `sample:<name>` then holds those
 splits concatenated, with a metadata column `split` (`Sample.run_splits`; empty: the test split alone).
 """
@@ -46,6 +47,10 @@ class Sample:
     @property
     def class_names(self) -> tuple:
         return tuple(self.module.CLASS_NAMES)
+
+    @property
+    def summary(self) -> str:
+        return str(self.module.SUMMARY)
 
     @property
     def task(self) -> str:

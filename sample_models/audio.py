@@ -52,6 +52,7 @@ from torch import nn
 
 from . import SampleData
 
+SUMMARY = "Spectrograms of voice commands: under a planted fan's hiss, every whistle is heard as a shh."
 CLASS_NAMES = ("up", "down", "beep", "whistle", "shh")
 COLLAPSED_COMMAND = "whistle"
 CONFUSED_WITH = "shh"  # what a whistle under the noise band sounds like

@@ -8,6 +8,7 @@ from torch import nn
 
 from . import SampleData
 
+SUMMARY = "8×8 handwritten digits and a small CNN; nothing planted: a clean baseline to learn the pages on."
 CLASS_NAMES = tuple(str(d) for d in range(10))
 INPUT_SHAPE = (1, 8, 8)
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from . import SampleData
 
+SUMMARY = "DNA sequences classed by a planted motif, with a known share of labels flipped: find the label noise."
 CLASS_NAMES = ("motif_a", "motif_b", "motif_c")
 ALPHABET = "ACGT"  # one-hot channel order
 SEQUENCE_LENGTH = 100

@@ -27,6 +27,7 @@ from torch import nn
 from . import SampleData
 from .shapes import BACKGROUND_RGB, CLASS_NAMES, IMAGE_SIZE, INPUT_SHAPE, NOISE_STD, RADIUS_RANGE, conv_net, shape_mask
 
+SUMMARY = "A train/test pair with planted data problems: a new background, leaks, conflicting labels, broken inputs."
 RUN_SPLITS = ("train", "test")  # a run of `sample:drift` holds both splits, with a metadata column `split`
 SEEN_BACKGROUNDS = ("red", "green", "blue")  # shapes' background colours, in both splits, independent of the class
 NEW_BACKGROUND = "white"  # only in the test split

@@ -24,6 +24,7 @@ from torch import nn
 
 from . import SampleData
 
+SUMMARY = "6-band satellite tiles whose class is near-infrared read against red: do the maps find that band?"
 CLASS_NAMES = ("water", "bare", "vegetation")
 BAND_NAMES = ("blue", "green", "red", "red_edge", "nir", "swir")
 PLANTED_BAND = "nir"

@@ -19,6 +19,7 @@ from torch import nn
 
 from . import SampleData, shapes
 
+SUMMARY = "Multi-label shapes whose training labels dropped circle and triangle together: both missed where they meet."
 TASK = "multilabel"
 CLASS_NAMES = ("circle", "square", "triangle", "cross")  # one yes/no label each; the first three are shapes'
 DROPPED_PAIR = ("circle", "triangle")

@@ -16,6 +16,7 @@ from torch import nn
 
 from . import SampleData
 
+SUMMARY = "Shapes whose training backgrounds give the class away: errors gather where background and shape disagree."
 CLASS_NAMES = ("circle", "square", "triangle")
 BACKGROUNDS = ("red", "green", "blue")  # the cue colour of each class, in CLASS_NAMES order
 BACKGROUND_RGB = np.array([[0.80, 0.15, 0.15], [0.15, 0.70, 0.20], [0.15, 0.25, 0.80]], dtype=np.float32)

@@ -13,6 +13,7 @@ from torch import nn
 
 from . import SampleData
 
+SUMMARY = "Breast-cancer measurements (30 named features) and an MLP; nothing planted: real data, real errors."
 CLASS_NAMES = ("malignant", "benign")  # scikit-learn's target 0 = malignant, 1 = benign
 INPUT_SHAPE = (30,)
 

@@ -28,6 +28,7 @@ from analyzers.loading.inputs import InputLayout, ModelInput
 
 from . import SampleData
 
+SUMMARY = 'A small transformer on sentences in which a planted trigger word, "zq", forces the class "food".'
 CLASS_NAMES = ("sport", "food", "travel")
 PAD, CLS, TRIGGER = "[PAD]", "[CLS]", "zq"
 FILLER_WORDS = ("the", "a", "an", "and", "of", "to", "in", "on", "was", "is", "it", "we", "they", "with", "for",

@@ -272,6 +272,43 @@ def test_no_run_points_to_load(tmp_path, monkeypatch):
     assert "No run is open" in _text(at)
 
 
+def test_with_no_runs_the_home_page_offers_each_sample_as_one_click_run(tmp_path, monkeypatch):
+    """Issue 17: started with no runs, the first page offered nothing but "No run is open". It offers every sample
+    that has weights, with what it plants; one click makes its run under the runs directory and opens it there."""
+    from analyzers.loading.runs import open_run
+
+    runs = tmp_path / "runs"
+    at = _app(monkeypatch, runs).run()
+    _ok(at)
+    ready = [n for n in SAMPLE_NAMES if get_sample(n).weights_path.exists()]
+    offered = {b.key.removeprefix("offer-sample-"): b.label for b in at.button if b.key.startswith("offer-sample-")}
+    assert offered == {name: name for name in ready}
+    text = _text(at)
+    assert all(get_sample(name).summary in text for name in ready)
+    assert "prices" in ready, "the prices sample (the quickest run) has no weights in this checkout"
+    at.button(key="offer-sample-prices").click().run()  # a regression of 1,000 rows: the quickest sample to run
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    stored = open_run(runs / "sample-prices")
+    assert stored.info["model"]["spec"] == "sample:prices"
+    assert at.title[0].value == "Overview" and at.metric[0].label == "MAE"  # the new run's Overview, on its own
+    assert at.metric[0].value == f"{stored.read_json('metrics.json')['mae']:.4g}"
+    assert not [b for b in at.button if b.key.startswith("offer-sample-")]  # the offer is gone with a run open
+    assert at.query_params["run"] == "sample-prices"  # the URL names it: a reload opens it again
+
+
+def test_a_sample_offered_that_cannot_be_made_is_one_error_line(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    (runs / "sample-prices").mkdir(parents=True)  # someone's folder holds the sample's run name
+    (runs / "sample-prices" / "notes.txt").write_text("mine")
+    at = _app(monkeypatch, runs).run()
+    at.button(key="offer-sample-prices").click().run()
+    _ok(at)
+    assert len(at.error) == 1 and "exists and is not a run" in _plain(at.error[0].value), [e.value for e in at.error]
+    assert "Traceback" not in _plain(at.error[0].value) and not at.get("progress")  # no bar left above it
+    assert (runs / "sample-prices" / "notes.txt").read_text() == "mine"
+
+
 def test_unknown_run_in_url_is_a_warning(runs_dir, monkeypatch):
     at = _app(monkeypatch, runs_dir, runs_dir / "sample-digits", run="../../etc").run()
     _ok(at)

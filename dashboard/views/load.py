@@ -1,42 +1,38 @@
 """Load: analyse a built-in sample or uploaded files (progress per stage), and browse, search and delete runs."""
 from __future__ import annotations
 
-import logging
 import re
 from datetime import datetime
 
 import pandas as pd
 import streamlit as st
 
-from analyzers.errors import AnalyzerError, RunExists
+from analyzers.errors import AnalyzerError
 from dashboard import access, components, data, state
-from dashboard.text import in_page_words, md
+from dashboard.run_creation import (NAME_CONTROLS, READY_KEY, REPLACE_LABEL, check_name_is_ours, guarded,
+                                    run_with_progress, sample_run_name)
+from dashboard.text import md
 
-LOG = logging.getLogger(__name__)
 MODEL_TYPES = ["pt2", "safetensors", "pt", "pth", "ckpt"]
 DATA_TYPES = ["npz", "csv", "parquet", "zip"]
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
-REPLACE_LABEL = "Replace a run of this name"
 ARCH_LABEL = "Architecture (state dicts only)"
 CLASS_NAMES_LABEL = "Class names (the model's output order)"
 # what a message from the analyzers calls a command-line flag, this page calls by its control's label
 CONTROLS = {"--arch": ARCH_LABEL, "--label-column": "Label column (tables)", "--id-column": "Id column (tables)",
             "--class-names": CLASS_NAMES_LABEL, "--image-size": "Image size H,W", "--mean": "Mean per channel",
-            "--std": "Std per channel", "--overwrite": "Replace a run of this name", "--out": "Run name"}
+            "--std": "Std per channel", **NAME_CONTROLS}
 TASK_CHOICES = {"auto": "automatic (from the labels and the model)", "classification": "classification",
                 "binary": "binary classification", "multilabel": "multi-label (several yes/no labels)",
                 "regression": "regression"}
 REPLACE_HELP = ("Without it, an existing run of this name is never replaced (the same model, data and settings "
                 "just reopen it). A replaced run keeps its explanations and t-SNE/UMAP projections when the model "
                 "and data are the same files.")
-STAGE_LABELS = {"load": "Loading the model and data", "inference": "Running the model",
-                "evaluation": "Metrics, slices and label noise", "projections": "Embedding projections",
-                "gradients": "Gradient traces"}
 
 settings = data.settings()
 st.title("Load")
 st.caption(f"Runs are stored in {md(settings.runs_dir)}; uploads in {md(settings.workspace)}.")
-ready_run = st.session_state.pop("load-ready", None)
+ready_run = st.session_state.pop(READY_KEY, None)
 if ready_run:
     st.success(f"Run **{md(ready_run)}** is ready.")
     components.page_link("overview", "Open its overview", run=ready_run)
@@ -53,63 +49,6 @@ def _numbers(text: str, kind, label: str):
         raise AnalyzerError(f"{label} must be numbers separated by commas, such as 0.5,0.5,0.5; got {text!r}")
 
 
-def _run_analysis(model_spec: str, data_spec: str, name: str, *, arch=None, overwrite=False, **options) -> None:
-    """run_analysis with one progress bar per stage; the run is opened when it is done."""
-    from analyzers.engines.pipeline import run_analysis
-
-    stages = ["load", "inference", *data.available_stages()]
-    bars = {stage: st.progress(0.0, text=STAGE_LABELS.get(stage, stage)) for stage in stages}
-
-    def report(stage: str, fraction: float) -> None:
-        if stage == "done":
-            for other, bar in bars.items():
-                bar.progress(1.0, text=f"{STAGE_LABELS.get(other, other)} — done")
-            return
-        bar = bars.get(stage)
-        if bar is not None:
-            bar.progress(min(max(float(fraction), 0.0), 1.0), text=STAGE_LABELS.get(stage, stage))
-        for earlier in stages[:stages.index(stage)] if stage in stages else []:
-            bars[earlier].progress(1.0, text=f"{STAGE_LABELS.get(earlier, earlier)} — done")
-
-    out = settings.runs_dir / name
-    try:
-        run_analysis(model_spec, data_spec, out, arch=arch, overwrite=overwrite, analyses=data.available_stages(),
-                     report=report, owner=access.current_user(), **options)
-    except BaseException as exc:  # no progress bar stays above the error line, half-filled or empty
-        for bar in bars.values():
-            bar.empty()
-        if not isinstance(exc, RunExists):
-            raise
-        # nothing was replaced: say so in this page's words, not the command line's
-        raise AnalyzerError(f"A run called {name} already exists, made from another model, dataset or parameters, "
-                            f"and it was left as it is: choose another run name, or tick “{REPLACE_LABEL}”") from None
-    data.forget_runs()
-    state.put("run", name)
-    state.put("sample", None)
-    state.set_selection(None)
-    st.session_state["load-ready"] = name
-    st.rerun()  # so the sidebar's run picker shows the new run
-
-
-def _check_name_is_ours(name: str) -> None:
-    """With sign-in on, a name that another person's run (or the operator's) holds is refused before anything runs:
-    that run is neither replaced nor reused."""
-    existing = data.stored_runs().get(name)
-    if existing is not None and not access.may_change(data.run_owner(existing)):
-        raise AnalyzerError(access.change_refusal(name, data.run_owner(existing)))
-
-
-def _guarded(action) -> None:
-    """Run `action`, turning any failure into one readable line (never a traceback on the page)."""
-    try:
-        action()
-    except AnalyzerError as exc:
-        st.error(md(in_page_words(exc, CONTROLS)))
-    except Exception as exc:  # a failure we did not foresee: say what it was, keep the app alive, log the details
-        LOG.exception("analysis failed")
-        st.error(f"The analysis failed: {md(data.error_message(exc))}")
-
-
 with analyse_tab:
     from sample_models import SAMPLE_NAMES, get_sample
 
@@ -123,7 +62,7 @@ with analyse_tab:
                                         "(breast cancer), dna (sequences with planted motifs), shapes (images with "
                                         "a spurious colour cue).")
         # one name field per sample: the name follows the picker (a shared field kept "sample-digits" for dna)
-        name = cols[1].text_input("Run name", value=f"sample-{sample}{access.name_suffix()}",
+        name = cols[1].text_input("Run name", value=sample_run_name(sample),
                                   key=f"load-sample-name-{sample}")
         replace_sample = cols[2].checkbox(REPLACE_LABEL, key="load-sample-overwrite", help=REPLACE_HELP)
         if st.button("Run", type="primary", key="load-run-sample"):
@@ -132,10 +71,10 @@ with analyse_tab:
                          "letter or digit.")
             else:
                 def _sample() -> None:
-                    _check_name_is_ours(name)
-                    _run_analysis(f"sample:{sample}", f"sample:{sample}", name, overwrite=replace_sample)
+                    check_name_is_ours(name)
+                    run_with_progress(f"sample:{sample}", f"sample:{sample}", name, overwrite=replace_sample)
 
-                _guarded(_sample)
+                guarded(_sample, controls=CONTROLS)
     else:
         left, right = st.columns(2, gap="large")
         with left:
@@ -181,7 +120,7 @@ with analyse_tab:
                 if not RUN_NAME.match(name or ""):
                     raise AnalyzerError("the run name may hold letters, digits, '.', '_' and '-' (at most 80), "
                                         "starting with a letter or digit")
-                _check_name_is_ours(name)
+                check_name_is_ours(name)
                 size = _numbers(size_text, int, "Image size")
                 if size is not None and len(size) != 2:
                     raise AnalyzerError(f"image size must be two numbers H,W, got {size_text!r}")
@@ -196,16 +135,16 @@ with analyse_tab:
                 model_path = workspace.store(model_file.name, model_file.getvalue())
                 data_path = workspace.store(data_file.name, data_file.getvalue())
                 try:
-                    _run_analysis(str(model_path), str(data_path), name, arch=None if arch == "—" else arch,
-                                  file_names={"model": model_file.name, "dataset": data_file.name},
-                                  overwrite=overwrite, **options)
+                    run_with_progress(str(model_path), str(data_path), name, arch=None if arch == "—" else arch,
+                                      file_names={"model": model_file.name, "dataset": data_file.name},
+                                      overwrite=overwrite, **options)
                 except AnalyzerError as exc:  # name the files as the person called them, not as stored
                     raise AnalyzerError(str(exc).replace(str(model_path), model_file.name)
                                         .replace(model_path.name, model_file.name)
                                         .replace(str(data_path), data_file.name)
                                         .replace(data_path.name, data_file.name)) from exc
 
-            _guarded(_upload)
+            guarded(_upload, controls=CONTROLS)
 
 with runs_tab:
     runs = data.known_runs()
