@@ -3,7 +3,8 @@
 Modules are grouped by the question they answer: `loading` (models, datasets, runs, the workspace and the sandbox),
 `evaluation` (metrics, slices, label noise, comparison), `explanations` (attributions, faithfulness, projections),
 `training` (gradients, the recorder) and `engines` (the run pipeline, batched inference). `errors` and `guard` are
-shared by all of them.
+shared by all of them. `show` and `serve` (`notebook`) are the notebook entry point: a run's report inline, and the
+dashboard in the background.
 
 Heavy dependencies (captum, shap, umap, scikit-learn's estimators) are imported only by the functions that need them,
 so `import analyzers` stays cheap.
@@ -31,6 +32,7 @@ _EXPORTS = {
     "project": "explanations.projections", "ensure_projection": "explanations.projections",
     "gradient_norm_traces": "training.gradients", "overfit_one_batch": "training.gradients",
     "TrainingRecorder": "training.recorder", "read_training_log": "training.recorder",
+    "show": "notebook", "serve": "notebook",
 }
 
 __all__ = ["AnalyzerError", *_EXPORTS]

@@ -87,6 +87,7 @@ class Report:
     panels: tuple
     thumbnails: int = 0
     notes: tuple = field(default_factory=tuple)
+    run_dir: Path | None = None  # the run reported (what `analyzers.serve` opens)
 
     def panel(self, key: str) -> Panel:
         for panel in self.panels:
@@ -585,7 +586,7 @@ def build_report(run, *, compare=None, dataset=None, load_inputs: bool = True, a
             panels.append(Panel(key, key.replace("_", " ").capitalize(), skipped=f"Left out: {first_line(exc)}"))
     notes = (inputs.problem,) if inputs.problem else ()
     title = f"Model report: {Path(run.path).name} ({run.info.get('num_samples', 0):,} samples, {run.task})"
-    return Report(title, tuple(panels), thumbnails=inputs.drawn, notes=notes)
+    return Report(title, tuple(panels), thumbnails=inputs.drawn, notes=notes, run_dir=Path(run.path))
 
 
 def report_command(args) -> int:
