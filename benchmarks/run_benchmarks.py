@@ -50,9 +50,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SECTIONS = ("run", "explain_all", "interactive", "sandbox", "projections", "peer", "tabular", "evaluation", "startup",
-            "dashboard", "upload", "waits", "trust", "health", "scale", "tables")
+            "dashboard", "upload", "waits", "trust", "health", "scale", "tables", "report")
 # the sections that need the generated images or the image model (prepare() makes them only for these)
-IMAGE_SECTIONS = ("run", "explain_all", "interactive", "sandbox", "projections", "peer", "dashboard", "health")
+IMAGE_SECTIONS = ("run", "explain_all", "interactive", "sandbox", "projections", "peer", "dashboard", "health",
+                  "report")
+REPORT_TARGET_MB = 15.0  # a 100k-sample run's HTML report (issue 17); Evidently's grew past 600 MB
 DEFAULT_SIZES = (10_000, 100_000)
 QUICK_SIZES = (300, 600)
 TABULAR_ROWS = 100_000
@@ -1372,7 +1374,28 @@ def worker_scale_run(spec: dict) -> dict:
 WORKERS = {"run": worker_run, "explain_all": worker_explain_all, "interactive": worker_interactive,
            "sandbox": worker_sandbox, "projections": worker_projections, "peer": worker_peer,
            "dashboard": worker_dashboard, "upload": worker_upload, "waits": worker_waits,
-           "evaluation": worker_evaluation, "health": worker_health, "scale_run": worker_scale_run}
+           "evaluation": worker_evaluation, "health": worker_health, "scale_run": worker_scale_run,
+           "report": None}
+
+
+def worker_report(spec: dict) -> dict:
+    """The HTML report of the run at `spec["run"]` (made first when it is not there): its build time, its size and
+    its thumbnails (dashboard/report.py, what `python -m analyzers report` writes)."""
+    import analyzers
+    from dashboard.report import build_report
+
+    run_dir = Path(spec["run"])
+    if not (run_dir / "run.json").exists():
+        analyzers.run_analysis(spec["model"], spec["data"], run_dir, arch=spec.get("arch"),
+                               batch_size=spec["batch_size"], analyses=spec["analyses"])
+    with Clock() as built:
+        report = build_report(run_dir)
+        out = report.write(Path(spec["out"]))
+    return {"ok": True, "seconds": built.wall, "bytes": out.stat().st_size, "thumbnails": report.thumbnails,
+            "skipped": [p.key for p in report.panels if p.skipped is not None]}
+
+
+WORKERS["report"] = worker_report
 
 
 def _explain_methods() -> tuple:
@@ -2225,6 +2248,22 @@ class Bench:
         os.replace(md_tmp, md_path)
         return json_path
 
+    def report_section(self) -> None:
+        """The HTML report of each size's image run (the run section's, else made here): bounded in size."""
+        for n in self.args.sizes:
+            self.log(f"report: the HTML report of the {n}-image run")
+            spec = {"run": str(self.runs_dir / f"shapes-{n}"), "model": self.model["spec"], "arch": self.model["arch"],
+                    "data": str(self.data[n]), "batch_size": self.args.batch_size, "analyses": self.stages,
+                    "out": str(self.workdir / f"report-{n}.html")}
+            result = self.worker("report", spec, label=f"report-{n}")
+            if result is None:
+                continue
+            self.details[f"report-{n}"] = result
+            self.add("report", f"HTML report of the run: size ({result['thumbnails']} thumbnails; built in "
+                               f"{result['seconds']:.1f} s)", n, None, value=round(result["bytes"] / 1e6, 2),
+                     unit="MB", target=REPORT_TARGET_MB if n >= 100_000 else None, target_kind="MB",
+                     note="not in this run: " + ", ".join(result["skipped"]) if result["skipped"] else "")
+
     def run(self) -> int:
         self.prepare()
         steps = [("run", self.run_section), ("explain_all", self.explain_all_section),
@@ -2235,7 +2274,7 @@ class Bench:
                  ("startup", self.startup_section),
                  ("dashboard", self.dashboard_section), ("upload", self.upload_section),
                  ("waits", self.waits_section), ("trust", self.trust_section), ("health", self.health_section),
-                 ("scale", self.scale_section), ("tables", self.tables_section)]
+                 ("scale", self.scale_section), ("tables", self.tables_section), ("report", self.report_section)]
         for name, step in steps:
             if self.wanted(name):
                 t0 = time.perf_counter()
