@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--arch", help="architecture for a state dict: a sample name or package.module:callable")
     run.add_argument("--arch-kwargs", type=_json_object, metavar="JSON",
                      help="keyword arguments for an import-path --arch, e.g. '{\"num_classes\": 10}' (kept in run.json)")
-    run.add_argument("--input-shape", type=_shape, help="shape of one sample, e.g. 3,32,32 (import-path archs)")
+    run.add_argument("--input-shape", type=_shape,
+                     help="shape of one sample, e.g. 3,32,32 (import-path archs; default: the dataset's)")
     run.add_argument("--inputs", metavar="NAME:DTYPE:SHAPE,...",
                      help="an import-path arch's inputs when it takes token ids or several, e.g. "
                           "input_ids:int64:12,attention_mask:int64:12 (a .pt2 records its own)")

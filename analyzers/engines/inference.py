@@ -150,7 +150,9 @@ def predict(model, x, y=None, *, batch_size: int = 256, layer: str | None = None
     output_kind = getattr(model, "output_kind", "logits")
     task = task_of(model)  # what the outputs mean: what is stored and which loss
     n = len(x)
-    labels = None if y is None else torch.as_tensor(np.asarray(y, dtype=task.label_dtype))
+    # a copy (labels are small): a read-only y (a reloaded run's, a worker's) would otherwise be shared with a
+    # tensor, which torch warns about on every run
+    labels = None if y is None else torch.from_numpy(np.array(y, dtype=task.label_dtype))
     # filled batch by batch, allocated at the first batch (when the widths are known): no list of batches and no
     # concatenated copy beside it, which doubled a million-row run's embeddings
     probs_out = loss_out = emb_out = None

@@ -166,6 +166,8 @@ def run_analysis(model_spec, data_spec: str | dict, out: str | Path, *, arch: st
     `load_model`); its files are checked and copied into the run directory here, and `run.json` is written here.
     `class_names` names the model's outputs in order, for a model that knows them only by index: text labels and
     class folders are then matched by name (recorded in the run's parameters).
+    `input_shape` (one sample's) is needed only by an import-path architecture, which cannot say it: without it,
+    and without `inputs`, it is the dataset's sample shape.
     `inputs` (`NAME:DTYPE:SHAPE,...`) declares the inputs of an import-path architecture that takes token ids or
     several inputs (a `.pt2` records its own); they are recorded in run.json so the model can be rebuilt.
     `owner` (`{"id": ..., "name": ...}`, the signed-in person on a dashboard with sign-in) is recorded in run.json:
@@ -230,6 +232,9 @@ def run_analysis(model_spec, data_spec: str | dict, out: str | Path, *, arch: st
     report("load", 0.0)
     data_options = dict(label_column=label_column, id_column=id_column, features=features, image_size=image_size,
                         mean=mean, std=std, task=task, split_column=split_column)
+    if given is None and input_shape is None and layout is None and arch and ":" in arch:
+        # an import-path architecture does not say its input shape: the dataset's samples do
+        input_shape = dataset_sample_shape(data_spec, data_options)
     param_options = dict(stages=stages, batch_size=batch_size, layer=layer, seed=seed, arch=arch,
                          arch_kwargs=arch_kwargs, class_names=class_names,
                          stage_options=stage_options, label_column=label_column, id_column=id_column,
@@ -261,6 +266,18 @@ def run_analysis(model_spec, data_spec: str | dict, out: str | Path, *, arch: st
     return _run_here(model_spec, data_spec, out, model=model, data_options=data_options, param_options=param_options,
                      stages=stages, arch=arch, device=device, overwrite=overwrite, progress=progress, report=report,
                      owner=owner, file_names=file_names, write_outputs=write_predictions)
+
+
+def dataset_sample_shape(data_spec, data_options: dict) -> tuple:
+    """One sample's shape as the dataset holds it, for a model whose architecture does not say its own. The dataset
+    is read here without the model (an uncompressed .npz memory-mapped, not read) and read again with it for the
+    run, since the model's class names decide how text labels are read."""
+    try:
+        return load_dataset(data_spec, model=None, memory_map=True, **data_options).sample_shape
+    except AnalyzerError as exc:
+        raise AnalyzerError(f"the model's input shape is unknown: its architecture does not say it, and the dataset "
+                            f"could not be read without the model to tell it ({first_line(exc)}): pass "
+                            f"--input-shape C,H,W (or F for tabular)") from exc
 
 
 def load_model_for(model_spec: str, *, arch, input_shape, allow_import, isolation, arch_kwargs, inputs, class_names):

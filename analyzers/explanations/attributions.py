@@ -14,6 +14,7 @@ to a difference of class scores, and `explain` raises n_steps / nsamples until t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
 import warnings
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from ..arrays import empty_array
-from ..errors import AnalyzerError, InvalidOption, first_line
+from ..errors import AnalyzerError, InvalidOption, first_line, whole_number
 from ..guard import analysis_mode, unwrap
 from ..engines.inference import ClassLogits, module_device, resolve_layer
 from ..loading.inputs import PAD_ID, layout_of
@@ -128,6 +129,7 @@ METHODS = {
         {}, modalities=("tokens", "image"), signed=False),
 }
 COMPLETE_METHODS = ("integrated_gradients", "shap")  # additive: a map sums to a difference of class scores
+BACKGROUND_SIZE = 64  # rows of a SHAP background (and of the 'mean' baseline) drawn from a dataset or the inputs
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,8 @@ class ExplainResult:
     SmoothGrad noise std in input units, the baseline's name, ...); `n_steps` and `nsamples` the Integrated
     Gradients steps and SHAP draws each sample ended with (-1 for the other methods); `completeness_gap` the
     relative gap |sum(map) - difference| / |difference| (NaN where not checked, not additive, or skipped because
-    the difference is below `min_difference`)."""
+    the difference is below `min_difference`). `notes` says, in words, what the call chose that the caller did
+    not ask for (SHAP's background drawn from the inputs)."""
 
     attributions: np.ndarray
     settings: dict
@@ -146,6 +149,11 @@ class ExplainResult:
     n_steps: np.ndarray  # (N,) int64
     nsamples: np.ndarray  # (N,) int64
     difference: np.ndarray  # (N,) what the map should sum to (f(x) - f(baseline) or - E[f(background)]), or NaN
+    notes: tuple = ()
+
+    def __post_init__(self):
+        # text only, as a tuple: a worker's result arrives with its notes as a list (`wire`)
+        object.__setattr__(self, "notes", tuple(str(note) for note in self.notes))
 
     def row_settings(self, i: int) -> dict:
         """Sample `i`'s settings: the call's, with the steps (or draws) this sample ended with."""
@@ -163,6 +171,14 @@ def per_standard_deviation(attributions, x_all) -> np.ndarray:
     own units (Integrated Gradients, input x gradient, occlusion, SHAP) the scale is already comparable."""
     spread = np.asarray(x_all, dtype=np.float64).std(axis=0)
     return (np.asarray(attributions, dtype=np.float64) * spread).astype(np.float32)
+
+
+def seeded_sample(x, seed: int, size: int = BACKGROUND_SIZE) -> np.ndarray:
+    """Up to `size` rows of `x`, drawn without replacement by numpy's `default_rng(seed)`, in their order in `x`:
+    a fixed sample of a dataset or of a batch (a SHAP background, the 'mean' baseline)."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(x), size=min(size, len(x)), replace=False))
+    return x[rows]
 
 
 def list_methods(modality: str | None = None) -> list[MethodInfo]:
@@ -907,7 +923,8 @@ def explain(model, inputs, target=None, method: str = "saliency", *, batch_size:
     or an array (integrated_gradients, occlusion); `n_steps`, `internal_batch_size` (integrated_gradients);
     `nt_samples` and `stdevs` (smoothgrad, smoothgrad_abs; noise std as a fraction of the value range of
     `background`, else of the inputs); `window`, `stride` (occlusion, in input units per spatial dimension);
-    `nsamples` and `background` (shap: samples of the dataset); `n_samples` (perturbed copies per sample),
+    `nsamples` and `background` (shap: samples of the dataset; without it, `seeded_sample(inputs, seed)`, up to
+    `BACKGROUND_SIZE` of the inputs, which `ExplainResult.notes` says); `n_samples` (perturbed copies per sample),
     `kernel_width` (a fraction of sqrt(interpretable features)), `window` (an image's superpixel side or a sequence's
     window, in positions; default about 8 x 8 patches or 32 windows) and `baseline` (lime). `seed` fixes the random
     draws of smoothgrad, shap and lime.
@@ -955,14 +972,15 @@ def explain(model, inputs, target=None, method: str = "saliency", *, batch_size:
                                 f"{background.shape}")
     if method == "guided_backprop" and (reason := guided_backprop_skip_reason(model)) is not None:
         raise AnalyzerError(reason[0].upper() + reason[1:])
+    notes = ()
     if info.needs_background and background is None:
-        raise AnalyzerError(f"{info.label} needs background=: pass a sample of the dataset (e.g. 50-200 rows)")
+        background, notes = _background_from_inputs(info, x, seed)
     if check_completeness and method in COMPLETE_METHODS:
         result = _explain_complete(model, x, target, method, batch_size=batch_size, baseline=baseline,
                                    n_steps=int(n_steps), internal_batch_size=internal_batch_size,
                                    nsamples=int(nsamples), background=background, seed=seed)
         if details:
-            return result
+            return dataclasses.replace(result, notes=notes)
         return result.attributions[0] if single else result.attributions
     opts = {"n_steps": int(n_steps), "layer": layer}
     scores = _scores_module(model)
@@ -1047,13 +1065,25 @@ def explain(model, inputs, target=None, method: str = "saliency", *, batch_size:
                                                  background=background),
             completeness_gap=np.full(len(x), np.nan), difference=np.full(len(x), np.nan),
             n_steps=np.full(len(x), int(n_steps)) if method == "integrated_gradients" else unset,
-            nsamples=np.full(len(x), int(nsamples)) if method == "shap" else unset)
+            nsamples=np.full(len(x), int(nsamples)) if method == "shap" else unset, notes=notes)
     if single:
         out = out[0]
     if return_raw:
         raw = np.concatenate(raws)
         return out, (raw[0] if single else raw)
     return out
+
+
+def _background_from_inputs(info: MethodInfo, x: np.ndarray, seed) -> tuple[np.ndarray, tuple]:
+    """A method's background when none is given: a seeded sample of the inputs themselves, and the note that says
+    so. One input is its own background, against which every map is zero: refused."""
+    seed = whole_number(seed, "seed", 0, "the seed of numpy's default_rng, which draws the background")
+    if len(x) < 2:
+        raise AnalyzerError(f"{info.label} without background= draws it from the inputs, and one input is no "
+                            f"background: pass background= (a sample of the dataset, e.g. 50-200 rows)")
+    background = seeded_sample(x, seed)
+    return background, (f"background: {len(background)} of the {len(x)} inputs, drawn with seed {seed} (no "
+                        f"background= given); pass a sample of the dataset for values against the data",)
 
 
 def _baseline_name(baseline) -> str:

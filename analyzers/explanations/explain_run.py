@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import AnalyzerError, InvalidOption
-from .attributions import METHODS, ExplainResult, explain, reduce_for_display
+from .attributions import BACKGROUND_SIZE, METHODS, ExplainResult, explain, reduce_for_display, seeded_sample
 from .faithfulness import CONTROLS, SANITY_SAMPLES, degenerate_maps, ground_truth_scores, interval_mask, randomised_correlation
 from .perturbation import deletion_insertion, perturbation_columns, road, road_skip_reason
 from ..evaluation.tasks import VALUE_OUTPUT
@@ -39,7 +39,6 @@ from ..loading.sandbox import runs_in_worker
 EXPLANATIONS = "explanations"
 FAITHFULNESS = f"{EXPLANATIONS}/faithfulness.parquet"
 CACHE = f"{EXPLANATIONS}/cache"
-BACKGROUND_SIZE = 64
 PROBE_SIZE = SANITY_SAMPLES  # samples on which the randomisation check's verdict is taken, once per model, method and options
 KEY_COLUMNS = ("id", "method", "target")
 
@@ -117,9 +116,7 @@ def ground_truth_mask(dataset, rows: np.ndarray, targets=None) -> np.ndarray | N
 
 def background_sample(dataset, seed: int = 0, size: int = BACKGROUND_SIZE) -> np.ndarray:
     """A fixed random sample of the dataset: shap's background and the 'mean' baseline."""
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(len(dataset), size=min(size, len(dataset)), replace=False))
-    return dataset.x[rows]
+    return seeded_sample(dataset.x, seed, size)
 
 
 def method_options(method: str, layer=None, options: dict | None = None) -> dict:

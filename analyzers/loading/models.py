@@ -16,6 +16,7 @@ import pickle
 import re
 import threading
 import types
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -404,7 +405,12 @@ def _load_export(data: bytes, name: str) -> tuple[nn.Module, InputLayout]:
     program = load_export_program(data, name)
     layout = _export_layout(program, name)
     try:
-        module = torch.export.unflatten(program)
+        with warnings.catch_warnings():
+            # torch's unflatten deep-copies the program's call graph, whose specs are its own deprecated LeafSpec:
+            # torch warns about itself on every .pt2 loaded, which says nothing to the person about their model
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
+            module = torch.export.unflatten(program)
     except Exception as exc:
         raise AnalyzerError(f"{name!r} could not be unflattened into modules ({first_line(exc)}): "
                             f"export it again with torch.export.export(..., strict=False)") from exc
