@@ -69,6 +69,24 @@ def show(run_or_model, data=None, *, out: str | Path | None = None, compare=None
     return build_report(out, compare=compare, max_thumbnails=max_thumbnails, allow_import=allow_import)
 
 
+def wait_until_answering(base_url: str, process: subprocess.Popen, timeout_s: float, *,
+                         host: str | None = None) -> bool:
+    """Poll a dashboard's health endpoint (`base_url`/_stcore/health, with `host` as the Host header: a launcher
+    told its name refuses any other) until it answers 200 (True), or until `process` exits or `timeout_s` passes
+    (False). The launcher's tests and benchmarks wait for it the same way."""
+    request = urllib.request.Request(f"{base_url}/_stcore/health", headers={"Host": host} if host else {})
+    deadline = time.monotonic() + timeout_s
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,19 +151,10 @@ def serve(run, *, port: int | None = None, timeout_s: float = START_TIMEOUT_S, q
                                    start_new_session=True)  # its own group: stop() ends its workers too
     dashboard = Dashboard(process, f"http://127.0.0.1:{port}/overview?run={path.name}", log)
     atexit.register(dashboard.stop)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            dashboard.stop()
-            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise AnalyzerError(f"the dashboard did not start within {timeout_s:.0f} s ({tail[0][:200]}): see {log}")
-        time.sleep(0.3)
+    if not wait_until_answering(f"http://127.0.0.1:{port}", process, timeout_s):
+        dashboard.stop()
+        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise AnalyzerError(f"the dashboard did not start within {timeout_s:.0f} s ({tail[0][:200]}): see {log}")
     if not quiet:
         print(f"The dashboard is at {dashboard.url} (stop it with .stop())")
     return dashboard

@@ -916,20 +916,11 @@ def worker_sandbox(spec: dict) -> dict:
 
 
 def _wait_for_health(url: str, server, timeout_s: float = 90) -> None:
-    import urllib.request
+    from analyzers.notebook import wait_until_answering
 
-    deadline = time.time() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if server.poll() is not None or time.time() > deadline:
-            raise RuntimeError(f"the dashboard did not start (exit code {server.poll()}): see its log beside the "
-                               f"uploaded files (--keep keeps it)")
-        time.sleep(0.5)
+    if not wait_until_answering(url, server, timeout_s):
+        raise RuntimeError(f"the dashboard did not start (exit code {server.poll()}): see its log beside the "
+                           f"uploaded files (--keep keeps it)")
 
 
 def _wait_until_idle(page, timeout_ms: int = 60_000) -> None:

@@ -13,8 +13,7 @@ import streamlit as st
 from analyzers.errors import AnalyzerError
 from analyzers.loading.runs import Run
 
-from . import data, figures, state
-from . import sample_display
+from . import data, figures, sample_display, state, summaries
 from .sample_display import sequence_letters, token_texts, token_vocabulary  # noqa: F401 (also components.*)
 from .summaries import class_name, percent  # noqa: F401 (the pages call them as components.*)
 from .text import md
@@ -165,16 +164,8 @@ def duration(seconds: float) -> str:
 
 
 def readable_samples(run: Run, table: pd.DataFrame) -> pd.DataFrame:
-    """The core columns with class names instead of indices, for tables a person reads (a regression's targets
-    and predictions, and a multi-label run's label sets, as they are)."""
-    label, pred = table["label"].to_numpy(), table["pred"].to_numpy()
-    if data.run_task(run).has_classes:
-        names = np.asarray(run.class_names, dtype=object)
-        label, pred = names[label], names[pred]
-    out = pd.DataFrame({"id": table["id"].astype(str).to_numpy(), "label": label, "predicted": pred,
-                        "confidence": table["confidence"].to_numpy(), "loss": table["loss"].to_numpy(),
-                        "correct": table["correct"].to_numpy()})
-    return out
+    """`summaries.readable_samples` at the run's task."""
+    return summaries.readable_samples(run, table, data.run_task(run))
 
 
 SAMPLE_COLUMNS = {

@@ -145,12 +145,8 @@ def id_index(run: Run):
 
 @st.cache_resource(hash_funcs=HASH, show_spinner=False, max_entries=16)
 def confusion(run: Run):
-    """analyzers.evaluation.metrics.Confusion of the run (read-only; shared)."""
-    from analyzers.evaluation import metrics as m
-
-    samples = run.sample_table
-    return m.confusion(samples["label"].to_numpy(), samples["pred"].to_numpy(), num_classes=len(run.class_names),
-                       ids=samples["id"].to_numpy(), class_names=run.class_names)
+    """`summaries.confusion` of the run (read-only; shared)."""
+    return summaries.confusion(run)
 
 
 @st.cache_resource(hash_funcs=HASH, show_spinner=False, max_entries=32)

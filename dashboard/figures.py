@@ -692,6 +692,18 @@ def bar_figure(labels, values, *, x_title: str, y_title: str, highlight=None, pe
     return _layout(fig, title=title, height=320)
 
 
+def recall_delta_figure(per_class: pd.DataFrame, unit: str = "class") -> go.Figure:
+    """A comparison's recall of run (b) minus run (a) per class or label (`Comparison.per_class`), drops marked."""
+    return bar_figure(per_class["name"], per_class["recall_delta"], x_title=unit, y_title="recall (b) − recall (a)",
+                      highlight=per_class["recall_delta"].to_numpy() < 0)
+
+
+def dead_units_figure(dead: pd.DataFrame) -> go.Figure:
+    """Each ReLU layer's share of units never active (gradients/dead_units.parquet), a quarter or more marked."""
+    return bar_figure(dead["layer"], dead["dead_fraction"], x_title="layer", y_title="dead units", percent=True,
+                      highlight=dead["dead_fraction"].to_numpy() >= 0.25)
+
+
 def feature_map_grid_figure(maps, channels, strength, *, columns: int = 6) -> go.Figure:
     """A grid of one sample's feature maps: `maps` (C, H, W) or (C, L) channels first, drawn for `channels` in that
     order (strongest first), each titled with its channel number and response. A line map (C, L) is a 1 × L strip.

@@ -85,7 +85,8 @@ class Report:
 
     title: str
     panels: tuple
-    thumbnails: int = 0
+    thumbnails: int = 0  # sample images in the galleries
+    explanation_maps: int = 0  # stored maps drawn over their image inputs (the same image budget)
     notes: tuple = field(default_factory=tuple)
     run_dir: Path | None = None  # the run reported (what `analyzers.serve` opens)
 
@@ -203,12 +204,14 @@ def png_data_uri(image: np.ndarray) -> str:
 class _Inputs:
     """The run's model inputs for the report's thumbnails, loaded once when first needed (`dataset`, else the run's
     own files through `load_run_inputs`, the sandboxed worker for a model file); a run whose inputs cannot be
-    loaded gets its galleries as text, with the reason in the report's notes. Counts the images drawn."""
+    loaded gets its galleries as text, with the reason in the report's notes. Counts the images drawn: gallery
+    thumbnails and explanation maps over image inputs share the one budget `limit`."""
 
     def __init__(self, run: Run, dataset, *, load: bool, allow_import: bool, limit: int):
         self.run, self._dataset, self._load, self._allow_import = run, dataset, load, allow_import
-        self.limit, self.drawn, self.problem = limit, 0, None if load or dataset is not None else \
-            "the samples' inputs were not loaded for this report: galleries list the samples"
+        self.limit, self.thumbnails, self.maps, self.problem = limit, 0, 0, None
+        if dataset is None and not load:
+            self.problem = "the samples' inputs were not loaded for this report: galleries list the samples"
 
     def x(self, rows: np.ndarray):
         if self._dataset is None and self._load and self.problem is None:
@@ -226,7 +229,7 @@ class _Inputs:
         return self._dataset.x[np.asarray(rows, dtype=np.int64)]
 
     def image_room(self) -> int:
-        return max(0, self.limit - self.drawn)
+        return max(0, self.limit - self.thumbnails - self.maps)
 
 
 def _sample_caption(run: Run, task, row) -> str:
@@ -244,9 +247,10 @@ def _gallery(run: Run, task, rows: pd.DataFrame, inputs: _Inputs) -> Html:
     if rows.empty:
         return Html("<p>No samples here.</p>")
     modality = run.info["dataset"]["modality"]
-    if modality == "tabular":
-        table = summaries_table(run, task, rows)
-        return _table(table)
+    if modality == "tabular":  # the gallery's table: the core columns, class names for indices, then the rest
+        extra = rows[[c for c in rows.columns if c not in ("id", "label", "pred", "confidence", "loss", "correct")]]
+        return _table(pd.concat([summaries.readable_samples(run, rows, task).reset_index(drop=True),
+                                 extra.reset_index(drop=True)], axis=1))
     shown = rows.iloc[:inputs.image_room()] if modality == "image" else rows
     x = inputs.x(shown.index.to_numpy()) if len(shown) else None
     cards = []
@@ -255,7 +259,7 @@ def _gallery(run: Run, task, rows: pd.DataFrame, inputs: _Inputs) -> Html:
         wrong = " class=\"wrong\"" if "correct" in row and not bool(row["correct"]) else ""
         if x is not None and i < len(shown) and modality == "image":
             uri = png_data_uri(sample_display.enlarged(sample_display.display_image(run, x[i]), THUMBNAIL_PX))
-            inputs.drawn += 1
+            inputs.thumbnails += 1
             cards.append(f"<figure><img alt=\"sample {_e(row['id'])}\" src=\"{uri}\">"
                          f"<figcaption{wrong}>{caption}</figcaption></figure>")
         elif x is not None and i < len(shown) and modality in ("sequence", "tokens"):
@@ -267,15 +271,6 @@ def _gallery(run: Run, task, rows: pd.DataFrame, inputs: _Inputs) -> Html:
     if modality == "image":
         return Html(f"<div class=\"gallery\">{''.join(cards)}</div>")
     return Html("".join(cards))
-
-
-def summaries_table(run: Run, task, rows: pd.DataFrame) -> pd.DataFrame:
-    """A tabular gallery's rows with class names in place of indices."""
-    table = rows.copy()
-    if task.has_classes:
-        table["label"] = [summaries.class_name(run, v) for v in table["label"]]
-        table["pred"] = [summaries.class_name(run, v) for v in table["pred"]]
-    return table.drop(columns=[c for c in ("correct",) if c in table])
 
 
 # ------------------------------------------------------------------------------------------------------- sections
@@ -356,11 +351,8 @@ def _confusion(run: Run, task) -> Panel:
             figures.predicted_vs_true_figure(samples["target"], samples["prediction"], samples["id"],
                                              wrong=~samples["correct"]),
             figures.error_histogram_figure(samples["abs_error"])))
-    from analyzers.evaluation import metrics as m
-
-    conf = m.confusion(samples["label"].to_numpy(), samples["pred"].to_numpy(), num_classes=len(run.class_names),
-                       class_names=run.class_names)
-    return Panel("confusion", "Confusion matrix", (figures.confusion_figure(conf.counts, run.class_names),))
+    return Panel("confusion", "Confusion matrix",
+                 (figures.confusion_figure(summaries.confusion(run).counts, run.class_names),))
 
 
 def _slices(run: Run, task, inputs: _Inputs) -> Panel:
@@ -438,15 +430,13 @@ def _explanations(run: Run, inputs: _Inputs) -> Panel:
     for path in stored:
         entry = read_cache_entry(path)
         if entry is None or "ids" not in entry or "attributions" not in entry:
-            parts.append(Html(f"<p class=\"skipped\">{_e(path.parent.name)}/{_e(path.name)} is damaged: "
-                              "left out.</p>"))
+            parts.append(_left_out(path, "is damaged"))
             continue
         method = path.parent.name
         ids = [str(v) for v in entry["ids"]]
         positions = run.sample_table.positions(entry["ids"])
         if len(positions) != len(ids) or len(entry["attributions"]) != len(ids):
-            parts.append(Html(f"<p class=\"skipped\">{_e(path.parent.name)}/{_e(path.name)} names samples this "
-                              "run does not hold: left out.</p>"))
+            parts.append(_left_out(path, "names samples this run does not hold"))
             continue
         room = min(len(ids), EXPLANATIONS_SHOWN - drawn,
                    inputs.image_room() if modality == "image" else EXPLANATIONS_SHOWN)
@@ -463,11 +453,15 @@ def _explanations(run: Run, inputs: _Inputs) -> Panel:
                 title=f"id {ids[i]}" + _scores_words(scores, ids[i], method, path.stem)))
             drawn += 1
             if modality == "image":
-                inputs.drawn += 1
+                inputs.maps += 1
         parts.append(Html(f"<h4>{_e(method)}, explaining the {_e(path.stem)} class (del: deletion AUC, ins: "
                           f"insertion AUC)</h4>"))
         parts.append(Row(tuple(maps), width=340 if modality == "image" else 1100))
     return Panel("explanations", title, tuple(parts))
+
+
+def _left_out(path: Path, why: str) -> Html:
+    return Html(f"<p class=\"skipped\">{_e(path.parent.name)}/{_e(path.name)} {_e(why)}: left out.</p>")
 
 
 def _scores_words(scores, sample_id: str, method: str, target: str) -> str:
@@ -492,18 +486,13 @@ def _gradients(run: Run) -> Panel:
     if flags:
         lines, _ = summaries.gradient_flags_text(flags)
         parts.append(Html("".join(f"<p>{_markdown(line)}</p>" for line in lines)))
-    if traces is not None and len(traces):
-        layer_flags = {**{layer: "vanishing" for layer in (flags or {}).get("vanishing", [])},
-                       **{layer: "exploding" for layer in (flags or {}).get("exploding", [])}}
-        part = traces[traces["kind"] == "parameters"]
-        if len(part):
-            wide = part.pivot_table(index="batch", columns="layer", values="grad_norm", sort=False).reset_index()
-            parts.append(figures.grad_norm_figure(wide, x="batch", flags=layer_flags,
-                                                  title="Gradient norm of the parameters per layer, batch by batch"))
+    wide = summaries.gradient_traces(traces, "parameters") if traces is not None else pd.DataFrame()
+    if not wide.empty:
+        parts.append(figures.grad_norm_figure(wide, x="batch", flags=summaries.layer_flags(flags or {}),
+                                              title="Gradient norm of the parameters per layer, batch by batch"))
     dead = summaries.optional_table(run, "gradients/dead_units.parquet")
     if dead is not None and len(dead) and (dead["dead_fraction"] > 0).any():
-        parts.append(figures.bar_figure(dead["layer"], dead["dead_fraction"], x_title="layer",
-                                        y_title="units never active", percent=True))
+        parts.append(figures.dead_units_figure(dead))
     return Panel("gradients", "Gradient health", tuple(parts))
 
 
@@ -542,9 +531,7 @@ def _comparison(run: Run, compare: Run | None) -> Panel:
                   f"</b>, the same on <b>{s['same_error']:,}</b>; {_e(s['paired_test'])} p = "
                   f"{s['paired_p']:.3g}.</p>")]
     if not c.per_class.empty:
-        parts.append(figures.bar_figure(c.per_class["name"], c.per_class["recall_delta"], x_title="class",
-                                        y_title="recall (b) − recall (a)",
-                                        highlight=c.per_class["recall_delta"].to_numpy() < 0))
+        parts.append(figures.recall_delta_figure(c.per_class, "class" if run.task != "multilabel" else "label"))
     if not c.per_slice.empty:
         shown = c.per_slice[["description", "size", "error_a", "error_b", "error_delta"]].head(10)
         parts.append(Html("<h4>Slices, largest change first</h4>"))
@@ -586,7 +573,8 @@ def build_report(run, *, compare=None, dataset=None, load_inputs: bool = True, a
             panels.append(Panel(key, key.replace("_", " ").capitalize(), skipped=f"Left out: {first_line(exc)}"))
     notes = (inputs.problem,) if inputs.problem else ()
     title = f"Model report: {Path(run.path).name} ({run.info.get('num_samples', 0):,} samples, {run.task})"
-    return Report(title, tuple(panels), thumbnails=inputs.drawn, notes=notes, run_dir=Path(run.path))
+    return Report(title, tuple(panels), thumbnails=inputs.thumbnails,
+                  explanation_maps=inputs.maps, notes=notes, run_dir=Path(run.path))
 
 
 def report_command(args) -> int:
@@ -597,5 +585,6 @@ def report_command(args) -> int:
     size = out.stat().st_size
     skipped = [p.key for p in report.panels if p.skipped is not None]
     print(f"report written to {out} ({size / 1e6:.1f} MB, {report.thumbnails} thumbnails"
+          + (f", {report.explanation_maps} explanation maps" if report.explanation_maps else "")
           + (f"; not in this run: {', '.join(skipped)}" if skipped else "") + ")")
     return 0

@@ -61,6 +61,44 @@ def metrics(run: Run, task=None) -> dict:
     return result
 
 
+def confusion(run: Run):
+    """analyzers.evaluation.metrics.Confusion of a classifier's stored labels and predictions."""
+    from analyzers.evaluation import metrics as m
+
+    samples = run.sample_table
+    return m.confusion(samples["label"].to_numpy(), samples["pred"].to_numpy(), num_classes=len(run.class_names),
+                       ids=samples["id"].to_numpy(), class_names=run.class_names)
+
+
+def layer_flags(flags: dict) -> dict:
+    """gradients/flags.json's flagged layers as {layer: "vanishing" | "exploding"} (what `grad_norm_figure` draws)."""
+    return {**{layer: "vanishing" for layer in flags.get("vanishing", [])},
+            **{layer: "exploding" for layer in flags.get("exploding", [])}}
+
+
+def gradient_traces(traces, kind: str):
+    """gradients/traces.parquet's gradient norms of `kind` (parameters or activations), one column per layer and
+    a row per batch (empty when none was traced)."""
+    part = traces[traces["kind"] == kind]
+    if part.empty:
+        return part
+    return part.pivot_table(index="batch", columns="layer", values="grad_norm", sort=False).reset_index()
+
+
+def readable_samples(run: Run, table, task):
+    """The core columns with class names instead of indices, for tables a person reads (a regression's targets
+    and predictions, and a multi-label run's label sets, as they are)."""
+    import pandas as pd
+
+    label, pred = table["label"].to_numpy(), table["pred"].to_numpy()
+    if task.has_classes:
+        names = np.asarray(run.class_names, dtype=object)
+        label, pred = names[label], names[pred]
+    return pd.DataFrame({"id": table["id"].astype(str).to_numpy(), "label": label, "predicted": pred,
+                         "confidence": table["confidence"].to_numpy(), "loss": table["loss"].to_numpy(),
+                         "correct": table["correct"].to_numpy()})
+
+
 def multilabel_report(run: Run, task) -> dict:
     """A multi-label run's per-label report and co-missed labels at `task`'s thresholds: multilabel.json, else
     computed on the run (`analyzers.evaluation.multilabel.multilabel_report`)."""

@@ -6,8 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +85,25 @@ def sample_run_dir(tmp_path_factory):
     return _get
 
 
+def perturbed_digits_run(root: Path, *, scale: float) -> Path:
+    """A run of the digits sample's model with its last layer perturbed (noise of std `scale`, seed 0) on the
+    digits data, evaluation only: a second run to compare with the sample's."""
+    from safetensors.torch import load_file, save_file
+
+    from analyzers.engines.pipeline import run_analysis
+    from sample_models import get_sample
+
+    sample = get_sample("digits")
+    model = sample.build_model()
+    model.load_state_dict(load_file(str(sample.weights_path)))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.fc2.weight.add_(torch.randn_like(model.fc2.weight) * scale)
+    weights = Path(root) / "perturbed.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    return run_analysis(str(weights), "sample:digits", Path(root) / "b", arch="digits", analyses=["evaluation"])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,17 +125,10 @@ def launched_dashboard(args: list[str], *, cwd: Path, timeout_s: float = 90, por
         server = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                                   env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
     try:
-        deadline = time.time() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                pytest.fail(f"the dashboard did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+        from analyzers.notebook import wait_until_answering
+
+        if not wait_until_answering(f"http://127.0.0.1:{port}", server, timeout_s):
+            pytest.fail(f"the dashboard did not start:\n{log.read_text()[-3000:]}")
         yield (port, server) if with_process else port
     finally:
         server.terminate()

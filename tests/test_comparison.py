@@ -112,21 +112,9 @@ def test_a_multilabel_comparison_is_per_label_and_by_hamming_error():
 @pytest.fixture(scope="module")
 def two_digit_runs(tmp_path_factory, sample_run_dir):
     """The digits sample's run, and a run of the same model with its last layer perturbed."""
-    from analyzers.engines.pipeline import run_analysis
-    from sample_models import get_sample
+    from conftest import perturbed_digits_run
 
-    root = tmp_path_factory.mktemp("compare")
-    sample = get_sample("digits")
-    model = sample.build_model()
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(sample.weights_path)))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        model.fc2.weight.add_(torch.randn_like(model.fc2.weight) * 0.3)
-    weights = root / "perturbed.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    run_b = run_analysis(str(weights), "sample:digits", root / "b", arch="digits", analyses=["evaluation"])
+    run_b = perturbed_digits_run(tmp_path_factory.mktemp("compare"), scale=0.3)
     return sample_run_dir("digits"), run_b
 
 

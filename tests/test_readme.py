@@ -10,8 +10,6 @@ import re
 import shlex
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -58,14 +56,6 @@ def test_the_synopsis_names_only_options_the_command_line_has():
         assert missing == [], (command, missing)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _digit_shards(folder: Path) -> None:
     """What the Ray example reads: the digits sample as two .npz shards."""
     from analyzers.loading.datasets import load_dataset
@@ -81,23 +71,18 @@ def _serve(argv: list, scratch: Path, env: dict) -> None:
     """A launcher command: started on a free port (the README's may be taken), answered, stopped. A runs
     directory the README names on a server (/srv/runs) is one in the scratch directory."""
     argv = list(argv)
-    argv[argv.index("--port") + 1] = str(port := _free_port())
+    from conftest import free_port
+
+    argv[argv.index("--port") + 1] = str(port := free_port())
     if "--runs-dir" in argv and argv[argv.index("--runs-dir") + 1].startswith("/srv/"):
         argv[argv.index("--runs-dir") + 1] = str(scratch / "srv-runs")
+    from analyzers.notebook import wait_until_answering
+
     # the Host the browser would send: a server told its name refuses any other (DNS rebinding)
-    host = argv[argv.index("--allowed-host") + 1] if "--allowed-host" in argv else "127.0.0.1"
-    health = urllib.request.Request(f"http://127.0.0.1:{port}/_stcore/health", headers={"Host": host})
+    host = argv[argv.index("--allowed-host") + 1] if "--allowed-host" in argv else None
     server = subprocess.Popen(argv, cwd=scratch, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(health, timeout=2) as answer:
-                    assert answer.status == 200
-                    return
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, f"{argv} did not start"
-                time.sleep(0.5)
+        assert wait_until_answering(f"http://127.0.0.1:{port}", server, 120, host=host), f"{argv} did not start"
     finally:
         server.terminate()
         server.wait(timeout=20)

@@ -63,6 +63,19 @@ def test_the_report_holds_every_section_and_opens_offline(explained_digits):
     assert len(titles) == len(ids) and all("del " in t and "ins " in t for t in titles)
 
 
+def test_thumbnails_and_explanation_maps_share_one_image_budget(explained_digits):
+    run_dir, ids = explained_digits
+    full = build_report(run_dir)
+    # counted apart: the <img> thumbnails of the galleries, the maps as plotly figures over the input
+    assert len(IMAGE.findall(full.to_html())) == full.thumbnails > 0 and full.explanation_maps == len(ids)
+    for budget in (0, 2, full.thumbnails + 1):
+        report = build_report(run_dir, max_thumbnails=budget)
+        assert len(IMAGE.findall(report.to_html())) == report.thumbnails
+        assert report.thumbnails + report.explanation_maps <= budget
+    # the galleries come first and take the budget; the maps get what is left
+    assert build_report(run_dir, max_thumbnails=full.thumbnails + 1).explanation_maps == 1
+
+
 def test_provenance_names_the_files_hashes_and_versions(explained_digits):
     run_dir, _ = explained_digits
     info = open_run(run_dir).info
@@ -129,21 +142,9 @@ def test_a_regression_report_draws_its_targets_and_skips_what_is_a_classifiers(s
 
 def test_a_comparison_report_gives_the_deltas(tmp_path, sample_run_dir):
     """Two runs of the digits data: the sample model, and the same with its last layer perturbed."""
-    import torch
-    from safetensors.torch import load_file, save_file
+    from conftest import perturbed_digits_run
 
-    from analyzers.engines.pipeline import run_analysis
-    from sample_models import get_sample
-
-    sample = get_sample("digits")
-    model = sample.build_model()
-    model.load_state_dict(load_file(str(sample.weights_path)))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        model.fc2.weight.add_(torch.randn_like(model.fc2.weight) * 0.5)
-    weights = tmp_path / "perturbed.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    run_b = run_analysis(str(weights), "sample:digits", tmp_path / "b", arch="digits", analyses=["evaluation"])
+    run_b = perturbed_digits_run(tmp_path, scale=0.5)
     a, b = open_run(sample_run_dir("digits")), open_run(run_b)
     panel = build_report(a, compare=b, load_inputs=False).panel("comparison")
     assert panel.skipped is None

@@ -38,6 +38,10 @@ BLOCK_BYTES = 8 << 20
 # rows from which a Ray run's stages transform in the actor pool (`RayInference.map_rows`): a pool's start takes
 # about 8 s here, a projection's transform of 1M rows about a second on one core
 TRANSFORM_ON_RAY_ROWS = 1_000_000
+# A pool's blocks are handed out once all its actors have started (imported torch, loaded the model): otherwise
+# the first actor up takes the blocks while the others are still starting, and a node's actor may get none. A
+# cluster that cannot place them all in this time (too few CPUs for --ray-actors) fails with Ray's own message.
+ACTORS_START_S = 600
 
 
 def import_ray():
@@ -458,6 +462,7 @@ def _map_in_order(ray, blocks: list, actor, constructor_kwargs: dict, *, rows_pe
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
+    context.wait_for_min_actors_s = ACTORS_START_S
     return ray.data.from_arrow_refs(blocks).map_batches(
         actor, fn_constructor_kwargs=constructor_kwargs, batch_size=rows_per_call, num_cpus=1,
         compute=ray.data.ActorPoolStrategy(size=actors, **strategy), batch_format="numpy")

@@ -70,9 +70,7 @@ with left:
     else:
         unit = "class" if task.has_classes else "label"
         st.subheader(f"Per {unit}")
-        st.plotly_chart(figures.bar_figure(per_class["name"], per_class["recall_delta"], x_title=unit,
-                                           y_title="recall (b) − recall (a)",
-                                           highlight=per_class["recall_delta"].to_numpy() < 0),
+        st.plotly_chart(figures.recall_delta_figure(per_class, unit),
                         key="compare-per-class", config={"displayModeBar": False})
         with st.expander("Precision, recall and F1 of both runs"):
             st.dataframe(per_class.drop(columns=["class"]), hide_index=True, column_config={

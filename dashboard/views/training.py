@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from analyzers.errors import AnalyzerError
-from dashboard import components, data, figures
+from dashboard import components, data, figures, summaries
 from dashboard.text import md
 
 run = components.require_run(tasks=(*components.CLASS_TASKS, "regression"))  # gradients read the loss
@@ -61,14 +61,13 @@ else:
                    + (f"; computed in {seconds:.1f} s" if isinstance(seconds, (int, float)) else "")
                    + (f"; a last batch of only {partial} samples was left out, its gradients being of another "
                       f"scale." if partial else "."))
-    layer_flags = {**{layer: "vanishing" for layer in vanishing}, **{layer: "exploding" for layer in exploding}}
+    layer_flags = summaries.layer_flags(flags)
     kind = st.segmented_control("Gradients of", ["parameters", "activations"], default="parameters",
                                 key="grad-kind") or "parameters"
-    part = traces[traces["kind"] == kind]
-    if part.empty:
+    wide = summaries.gradient_traces(traces, kind)
+    if wide.empty:
         st.info(f"No {kind} gradients were traced.")
     else:
-        wide = part.pivot_table(index="batch", columns="layer", values="grad_norm", sort=False).reset_index()
         st.plotly_chart(figures.grad_norm_figure(wide, x="batch", flags=layer_flags,
                                                  title=f"Gradient norm of the {kind} per layer, batch by batch"),
                         key="grad-traces", config={"displayModeBar": False})
@@ -88,9 +87,7 @@ else:
     elif dead is not None:
         st.subheader("Dead units")
         st.caption("Share of each ReLU layer's units that are never active on the loaded data.")
-        st.plotly_chart(figures.bar_figure(dead["layer"], dead["dead_fraction"], x_title="layer",
-                                           y_title="dead units", percent=True,
-                                           highlight=dead["dead_fraction"].to_numpy() >= 0.25),
+        st.plotly_chart(figures.dead_units_figure(dead),
                         key="dead-units", config={"displayModeBar": False})
 
 # ------------------------------------------------------------------------------------------- overfit one batch
