@@ -371,6 +371,8 @@ def test_hostile_markup_in_a_run_makes_no_request_beyond_the_server(hostile_app,
     full of markup (and with markup in ?run= and ?sample=) goes to the dashboard itself; the markup shows as text."""
     from urllib.parse import quote, urlsplit
 
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     origin = urlsplit(hostile_app)
     requested, outside = [], []
 
@@ -417,6 +419,11 @@ def test_hostile_markup_in_a_run_makes_no_request_beyond_the_server(hostile_app,
 
     visit("confusion?run=hostile", "Confusion matrix")
     page.locator(".js-plotly-plot .xtick").nth(2).wait_for(state="attached", timeout=30_000)
+    try:  # the axes' labels, once plotly has drawn them all (under load a rerun can redraw the figure after this)
+        page.wait_for_function("names => names.every(n => document.body.innerText.replaceAll('\u2060', '')"
+                               ".includes(n))", arg=list(HOSTILE), timeout=30_000)
+    except PlaywrightTimeout:
+        pass  # the assertion below says what is missing
     text = shown()
     assert all(name in text for name in HOSTILE), text[:3000]  # the class names on the axes
 

@@ -213,13 +213,15 @@ def test_the_model_is_handed_back_untouched():
     np.testing.assert_array_equal(first, explain(model, x, 1, "lime", n_samples=40, batch_size=16))
 
 
-def test_explain_run_writes_lime_maps_and_their_scores(sample_run_dir):
+def test_explain_run_writes_lime_maps_and_their_scores(sample_run_dir, tmp_path):
     import json
+    import shutil
 
     from analyzers.explanations.explain_run import explain_run
     from analyzers.loading.runs import open_run
 
-    path = sample_run_dir("digits")
+    path = tmp_path / "digits"  # a copy: the session's sample run is shared by other tests
+    shutil.copytree(sample_run_dir("digits"), path)
     run = open_run(path)
     ids = [str(i) for i in run.samples["id"][:2]]
     result = explain_run(path, ids, ["lime"], sanity=False, options={"lime": {"n_samples": 100}})

@@ -30,6 +30,8 @@ def explained_digits(sample_run_dir, tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("report") / "digits"
     shutil.copytree(sample_run_dir("digits"), run_dir)
+    # only this fixture's maps: the shared run may hold those of other tests (the live dashboard's Explain page)
+    shutil.rmtree(run_dir / "explanations", ignore_errors=True)
     ids = open_run(run_dir).sample_table["id"].to_numpy()[:3].tolist()
     explain_run(run_dir, ids, ["saliency"], sanity=False)
     return run_dir, ids
