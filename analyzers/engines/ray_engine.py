@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AnalyzerError, first_line
+from ..loading.scratch import process_scratch
 
 # rows per part of the samples table: parts of about this many rows keep a 10M-row run at ~150 files (one row
 # group each, as samples.parquet's groups: runs.SAMPLE_ROW_GROUP)
@@ -106,7 +106,7 @@ class ModelPayload:
         import ray
 
         data = ray.get(self.file_bytes)
-        scratch = Path(tempfile.mkdtemp(prefix="analyzers-actor-"))
+        scratch = process_scratch("analyzers-actor-")  # Ray kills its actors: a later one sweeps it
         local = scratch / Path(self.file_name).name
         local.write_bytes(data)  # the actor's own copy: it never reads a path of the driver's
         return load_model(str(local), **(self.options or {}))
@@ -322,7 +322,7 @@ class ExplainActor:
         self.methods, self.background, self.probe = methods, background, probe
         self.batch_size, self.sanity, self.seed = batch_size, sanity, seed
         # the randomisation check's verdict on the probe set is cached here, once per method: never a driver's path
-        self.cache = Path(tempfile.mkdtemp(prefix="analyzers-explain-"))
+        self.cache = process_scratch("analyzers-explain-")
 
     def __call__(self, batch: dict) -> dict:
         from ..errors import InvalidOption

@@ -46,6 +46,7 @@ from pathlib import Path
 from ..errors import AnalyzerError, first_line
 from . import wire
 from .layers import LayerGroups
+from .scratch import process_scratch
 
 LOG = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
@@ -256,7 +257,7 @@ class Worker:
         self._process = None
         # A private (0700) directory per worker: `scratch/` is bound into the sandbox, `worker.log` (its stderr) is
         # not, so the worker cannot rewrite what the operator reads.
-        self._home = Path(tempfile.mkdtemp(prefix="analyzers-worker-"))
+        self._home = process_scratch("analyzers-worker-")  # swept by a later process should this one be killed
         self._scratch = self._home / "scratch"
         self._scratch.mkdir(mode=0o700)
         self._log = self._home / "worker.log"
