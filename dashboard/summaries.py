@@ -124,9 +124,12 @@ def reliability(run: Run, strategy: str = "uniform", n_bins: int = 10) -> dict:
 
 
 def findings(run: Run) -> list:
-    """analyzers.evaluation.findings.rank_findings on the run, with its slices and label-noise tables."""
-    from analyzers.evaluation.findings import rank_findings
+    """The run's ranked findings: as its evaluation stage stored them, else (a run from before they were stored)
+    analyzers.evaluation.findings.rank_findings on the run, with its slices and label-noise tables."""
+    from analyzers.evaluation.findings import FINDINGS, findings_from_json, rank_findings
 
+    if run.has(FINDINGS):
+        return findings_from_json(run.read_json(FINDINGS))
     run.probs  # checked: its top probabilities are the samples' confidence, which the findings read instead
     return rank_findings(run.sample_table, num_classes=len(run.class_names),
                          slices=optional_table(run, "slices.parquet"),

@@ -34,6 +34,10 @@ def _corrupt_pages(path: Path) -> None:
     pq.read_metadata(path)  # still reads
 
 
+def _findings(run: Path, record: dict) -> None:
+    (run / "findings.json").write_text(json.dumps({"findings": [record]}))
+
+
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
@@ -52,6 +56,16 @@ DAMAGE = {
                                                        lambda t: t.assign(label=t["label"] + 40)),
                             "samples.parquet"),
     "garbage metrics.json": (lambda p: (p / "metrics.json").write_text("[1, 2, "), "metrics.json"),
+    # the stored findings (the Overview and the report word them and link by their class indices)
+    "findings.json of an unknown kind": (lambda p: _findings(p, {"kind": "exploit", "impact": 1.0, "details": {}}),
+                                         "findings.json"),
+    "findings.json naming a class out of range": (lambda p: _findings(p, {"kind": "confusion", "impact": 3.0, "details": {
+        "true": 0, "pred": 99, "count": 3, "share_of_true": 0.1}}), "findings.json"),
+    "findings.json missing a detail": (lambda p: _findings(p, {"kind": "confusion", "impact": 3.0, "details": {
+        "true": 0, "pred": 1, "share_of_true": 0.1}}), "findings.json"),
+    "findings.json recall keyed by text": (lambda p: _findings(p, {"kind": "imbalance", "impact": 2.0, "details": {
+        "rare": [1], "recall": {"one": 0.5}, "support": {"1": 3}, "ratio": 4.0, "overall_recall": 0.9}}),
+                                           "findings.json"),
     "garbage slices.parquet": (lambda p: (p / "slices.parquet").write_bytes(b"\x00" * 64), "slices.parquet"),
     "garbage embeddings": (lambda p: np.save(next((p / "embeddings").glob("*.npy")), np.zeros((3, 2))),
                            "embeddings/"),

@@ -211,3 +211,51 @@ def test_the_dashboards_findings_and_reliability_of_a_run_equal_those_of_its_pro
     assert [(f.kind, round(f.impact, 2)) for f in data.findings(run)] == [(f.kind, round(f.impact, 2))
                                                                           for f in reference]
     assert reference
+
+
+@pytest.mark.parametrize("name", ["digits", "shapes", "fraud"])
+def test_the_stored_findings_are_those_ranked_from_the_runs_tables(name, sample_run_dir):
+    """findings.json, written by the evaluation stage, holds what rank_findings gives on the stored run's tables
+    and probabilities, every field equal, and the dashboard reads it instead of ranking again."""
+    from analyzers.evaluation import findings as findings_module
+    from analyzers.evaluation.findings import FINDINGS
+    from analyzers.loading.runs import open_run
+    from dashboard import summaries
+
+    run = open_run(sample_run_dir(name))
+    assert run.has(FINDINGS)
+    reference = rank_findings(run.samples, run.probs, slices=summaries.optional_table(run, "slices.parquet"),
+                              label_noise=summaries.optional_table(run, "label_noise.parquet"))
+    assert reference
+    stored = summaries.findings(run)
+    assert [f.kind for f in stored] == [f.kind for f in reference]
+    for a, b in zip(stored, reference):
+        assert a.impact == pytest.approx(b.impact, rel=1e-9, abs=1e-9)
+        assert a.details.keys() == b.details.keys()
+        for key in a.details:
+            if isinstance(b.details[key], float):
+                assert a.details[key] == pytest.approx(b.details[key], rel=1e-9, nan_ok=True), key
+            else:
+                assert a.details[key] == b.details[key], key
+    # read, not ranked: the page gets the same with the ranking made to fail
+    original = findings_module.rank_findings
+    try:
+        findings_module.rank_findings = lambda *a, **k: pytest.fail("the stored findings were ranked again")
+        assert summaries.findings(run) == stored
+    finally:
+        findings_module.rank_findings = original
+
+
+def test_a_run_without_stored_findings_has_them_ranked(sample_run_dir, tmp_path):
+    """A run from before findings.json: the page ranks them from the tables, as the stage would have stored."""
+    import shutil
+
+    from analyzers.evaluation.findings import FINDINGS
+    from analyzers.loading.runs import open_run
+    from dashboard import summaries
+
+    copy = tmp_path / "digits"
+    shutil.copytree(sample_run_dir("digits"), copy)
+    stored = summaries.findings(open_run(copy))
+    (copy / FINDINGS).unlink()
+    assert summaries.findings(open_run(copy)) == stored

@@ -16,7 +16,9 @@ slice can be compared at all:
   MIN_ERRORS_FOR_NOISE errors. Otherwise they are the error list under another name (where a wrong label and a
   confident mistake cannot be told apart; digits, with 6 errors, has no suspects at all).
 
-`rank_findings` returns them best first; the dashboard leads with the top three and words them.
+`rank_findings` returns them best first; the dashboard leads with the top three and words them. The evaluation
+stage stores them in the run (`FINDINGS`, `findings_to_json`), so that a page never ranks 10M rows again (1.2 s of
+a 10M-row run's first page); a run from before they were stored has them ranked when first shown.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ CALIBRATION_DRAWS = 20
 NORMAL_BIN_VARIANCE = 400.0  # a confidence bin whose hits vary this much is taken as normal (_noise_floor)
 PAIRS = 3
 SLICES = 5
+FINDINGS = "findings.json"  # {"findings": [{"kind", "impact", "details"}, ...]}, best first (run_checks checks it)
 
 
 @dataclass(frozen=True)
@@ -186,3 +189,21 @@ def rank_findings(samples: pd.DataFrame, probs=None, *, num_classes: int | None 
              + label_noise_finding(label_noise, int((~correct).sum())))
     kept = [f for f in found if f.impact >= MIN_IMPACT]
     return sorted(kept, key=lambda f: -f.impact)
+
+
+def findings_to_json(found: list) -> dict:
+    """`rank_findings`'s list as the run stores it (`FINDINGS`)."""
+    return {"findings": [{"kind": f.kind, "impact": float(f.impact), "details": f.details} for f in found]}
+
+
+def findings_from_json(stored: dict) -> list:
+    """The findings of a stored `findings_to_json` (checked by `run_checks` when read), as `rank_findings` gave
+    them: JSON's object keys are text, an imbalance finding's are class indices."""
+    out = []
+    for record in stored["findings"]:
+        details = dict(record["details"])
+        if record["kind"] == "imbalance":
+            details["recall"] = {int(c): float(v) for c, v in details["recall"].items()}
+            details["support"] = {int(c): int(v) for c, v in details["support"].items()}
+        out.append(Finding(record["kind"], float(record["impact"]), details))
+    return out

@@ -10,7 +10,8 @@ Writes into the run directory:
   ids, conditions, cluster, ece, ece_rest, merged), best first; `merged` (JSON, read it with `merged_slices`) lists the
   slices merged into each: near-copies, slices mostly inside it failing no more than its rest, and broader slices
   holding most of it whose other samples fail no more than the data outside both;
-- `label_noise.parquet`: see `analyzers.evaluation.label_noise.find_label_issues` (id, label, suggested_label, score, ...).
+- `label_noise.parquet`: see `analyzers.evaluation.label_noise.find_label_issues` (id, label, suggested_label, score, ...);
+- `findings.json` (a classifier's): `analyzers.evaluation.findings.rank_findings` on the tables above, best first.
 Error rankings are views of `samples.parquet`: `analyzers.evaluation.metrics.rank_errors(samples, probs, by=...)`.
 """
 from __future__ import annotations
@@ -95,7 +96,8 @@ def evaluate(samples: pd.DataFrame, probs, *, class_names=None, embeddings=None,
 
 
 def evaluation_stage(ctx) -> dict:
-    """Pipeline stage: writes metrics.json, confusion.json, slices.parquet and label_noise.parquet into the run."""
+    """Pipeline stage: writes metrics.json, confusion.json, slices.parquet, label_noise.parquet and a classifier's
+    ranked findings (findings.json) into the run."""
     options = dict((ctx.params.get("stage_options") or {}).get("evaluation") or {})
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -122,6 +124,12 @@ def evaluation_stage(ctx) -> dict:
         from .multilabel import MULTILABEL
 
         write_json(ctx.path(MULTILABEL), result["multilabel"])
+    if task.has_classes and not task.per_label and len(ctx.class_names) >= 2:  # where the Overview ranks them
+        from .findings import FINDINGS, findings_to_json, rank_findings
+
+        noise = result["label_noise"].table if result["label_noise"] is not None else None
+        write_json(ctx.path(FINDINGS), findings_to_json(rank_findings(
+            ctx.samples, num_classes=len(ctx.class_names), slices=result["slices"], label_noise=noise)))
     slices = result["slices"]
     summary = {**task.headline(result["metrics"]),
                "num_slices": int(len(slices)),

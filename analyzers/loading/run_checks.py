@@ -109,7 +109,7 @@ def _check_fields(obj: dict, fields, relpath: str, where, prefix: str = "") -> N
 _KIND_WORDS = {"text": "a string", "int": "an integer", "number": "a number", "mapping": "an object",
                "texts": "a list of strings", "ints": "a list of integers", "records": "a list of objects", "list": "a list",
                "numbers": "a list of numbers", "matrix": "a matrix of numbers",
-               "number|numbers": "a number or a list of numbers"}
+               "number|numbers": "a number or a list of numbers", "text|int|number": "an id (a string or a number)"}
 
 
 def check_info(info, where) -> None:
@@ -364,6 +364,21 @@ _JSON = {
     "outliers.json": (("method", "text", True), ("regions", "records", True)),
     "inputs.json": (("grid_ids", "mapping", True), ("corrupted_ids", "records", True), ("flags", "records", True)),
     "data_health.json": (("problems", "records", True), ("skipped", "mapping", False)),
+    "findings.json": (("findings", "records", True),),
+}
+# What each kind of finding holds (analyzers.evaluation.findings): the Overview and the report word them from these
+# and link to their samples by the class indices and slice numbers (checked in range: _check_findings).
+_FINDING_DETAILS = {
+    "slice": (("index", "int", True), ("description", "text", True), ("size", "int", True), ("errors", "int", True),
+              ("error_rate", "number", True), ("lift", "number", True), ("source", "text", True)),
+    "confusion": (("true", "int", True), ("pred", "int", True), ("count", "int", True),
+                  ("share_of_true", "number", True)),
+    "imbalance": (("rare", "ints", True), ("recall", "mapping", True), ("support", "mapping", True),
+                  ("ratio", "number", True), ("overall_recall", "number", True)),
+    "calibration": (("ece", "number", True), ("noise_floor", "number", True), ("mean_confidence", "number", True),
+                    ("accuracy", "number", True), ("direction", "text", True)),
+    "label_noise": (("count", "int", True), ("errors", "int", True), ("top_id", "text|int|number", True),
+                    ("top_label", "int", True), ("top_suggested", "int", True)),
 }
 # Arrays with one row per sample.
 _ARRAYS = ("embeddings/*.npy",)
@@ -455,6 +470,37 @@ def check_json(relpath: str, obj, *, where, task: str = "classification", num_cl
             _check_fields(record, record_fields, relpath, where, prefix=f"{key}[{i}].")
     if task == "multilabel" and num_classes is not None:
         _check_per_label_lengths(relpath, obj, where, num_classes)
+    if relpath == "findings.json":
+        _check_findings(obj["findings"], where, num_classes)
+
+
+def _check_findings(records: list, where, num_classes: int | None) -> None:
+    relpath = "findings.json"
+    for i, record in enumerate(records):
+        prefix = f"findings[{i}]."
+        _check_fields(record, (("kind", "text", True), ("impact", "number", True), ("details", "mapping", True)),
+                      relpath, where, prefix)
+        fields = _FINDING_DETAILS.get(record["kind"])
+        if fields is None:
+            raise damaged(relpath, where, f"{prefix}kind {record['kind']!r} is not a kind of finding")
+        details = record["details"]
+        _check_fields(details, fields, relpath, where, prefix + "details.")
+        classes = [details[k] for k in ("true", "pred", "top_label", "top_suggested") if k in details]
+        if record["kind"] == "imbalance":
+            for key in ("recall", "support"):
+                if not all(k.lstrip("-").isdigit() and _kind_ok(v, "number" if key == "recall" else "int")
+                           for k, v in details[key].items()):
+                    raise damaged(relpath, where, f"{prefix}details.{key!r} is not class indices to "
+                                  f"{'numbers' if key == 'recall' else 'integers'}")
+            if any(str(c) not in details["recall"] or str(c) not in details["support"] for c in details["rare"]):
+                raise damaged(relpath, where, f"{prefix}details names a rare class without its recall and support")
+            classes += details["rare"] + [int(k) for k in details["recall"]] + [int(k) for k in details["support"]]
+        if num_classes is not None and any(not 0 <= c < num_classes for c in classes):
+            raise damaged(relpath, where, f"{prefix}details names a class outside 0..{num_classes - 1}")
+        if record["kind"] == "slice" and details["index"] < 0:
+            raise damaged(relpath, where, f"{prefix}details.'index' is negative")
+        if record["kind"] == "calibration" and details["direction"] not in ("under", "over"):
+            raise damaged(relpath, where, f"{prefix}details.'direction' is neither 'under' nor 'over'")
 
 
 def check_array(relpath: str, array: np.ndarray, *, num_samples: int, where) -> None:
