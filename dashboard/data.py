@@ -609,8 +609,10 @@ def start_projection(run: Run, layer: str, method: str):
     return job
 
 
-@st.cache_data(hash_funcs=HASH, show_spinner=False, max_entries=32)
+@st.cache_resource(hash_funcs=HASH, show_spinner=False, max_entries=8)
 def _projection_table(run: Run, relpath: str, mtime: float) -> pd.DataFrame:
+    """(read-only; shared) Not `cache_data`, which keeps the table pickled and hands each call a copy: at 10M rows
+    160 MB kept twice and copied on every rerun of the Embeddings page."""
     # read by the run's rules: a large table is checked from its footer when the run opens, its rows here
     # (`Run.check_every_file`), so damaged pages are the run's one RunDamaged line; `mtime` keys a new projection
     return run.read_parquet(relpath)

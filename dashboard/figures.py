@@ -529,6 +529,7 @@ def downsample_rows(n: int, max_points: int = MAX_SCATTER_POINTS, *, keep=None, 
 
 
 DENSITY_BINS = 160  # bins per axis of the density under a projection too large to draw point by point
+BIN_BLOCK = 1 << 20  # points binned at a time
 
 
 def _bin_indices(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -547,14 +548,18 @@ def _bin_indices(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]
     if values.dtype != np.float32 or float(np.float32(low)) != low or float(np.float32(high)) != high or \
             not (high - low < small.max and scale < small.max):
         values = np.asarray(values, dtype=np.float64)
-    scaled = values - values.dtype.type(low)
-    scaled *= values.dtype.type(scale)
-    index = scaled.astype(np.int32)
-    del scaled
-    np.clip(index, 0, bins - 1, out=index)
-    # the arithmetic can land one bin off at an edge: correct against the edges themselves, as numpy does
-    index -= values < edges[index]
-    index += (values >= edges[index + 1]) & (index != bins - 1)
+    index = np.empty(len(values), dtype=np.int32)
+    # a block at a time: the temporaries of 10M points at once (the edges looked up, in float64) had added 200 MB
+    # to the Embeddings page's peak
+    for start in range(0, len(values), BIN_BLOCK):
+        part, block = index[start:start + BIN_BLOCK], values[start:start + BIN_BLOCK]
+        scaled = block - values.dtype.type(low)
+        scaled *= values.dtype.type(scale)
+        part[:] = scaled
+        np.clip(part, 0, bins - 1, out=part)
+        # the arithmetic can land one bin off at an edge: correct against the edges themselves, as numpy does
+        part -= block < edges[part]
+        part += (block >= edges[part + 1]) & (part != bins - 1)
     return index, edges
 
 
@@ -569,7 +574,11 @@ def density_trace(x: np.ndarray, y: np.ndarray, *, bins: int = DENSITY_BINS) -> 
         # one bincount of the cells: histogram2d's general binning took 6.6 s at 10M points
         ix *= bins
         ix += iy
-        counts = np.bincount(ix, minlength=bins * bins).reshape(bins, bins).astype(np.float64)
+        del iy
+        counts = np.zeros(bins * bins, dtype=np.int64)
+        for start in range(0, len(ix), BIN_BLOCK):  # bincount widens to int64: a block at a time
+            counts += np.bincount(ix[start:start + BIN_BLOCK], minlength=bins * bins)
+        counts = counts.reshape(bins, bins).astype(np.float64)
     except ZeroDivisionError:  # one value so large that +-0.5 leaves no width: histogram2d's own handling
         counts, x_edges, y_edges = np.histogram2d(x, y, bins=bins)
     z = np.where(counts > 0, np.log10(np.maximum(counts, 1)) + 1.0, np.nan).T  # rows of the heatmap are y

@@ -128,11 +128,13 @@ def test_a_projection_too_large_to_draw_is_a_density_of_every_point():
     assert all(t.type == "scattergl" for t in whole.data)  # small enough: points only, no density
 
 
+@pytest.mark.parametrize("block", [figures.BIN_BLOCK, 997])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_the_density_of_float32_points_on_the_bin_edges_counts_as_histogram2d(dtype):
+def test_the_density_of_float32_points_on_the_bin_edges_counts_as_histogram2d(dtype, block, monkeypatch):
     """A run's projection is float32, binned in its own type: points on and beside every edge (where the arithmetic
     lands a bin off) and a non-finite one (left out) are counted as numpy's histogram2d counts the finite ones
-    (as float64, as the embedding figure had passed them)."""
+    (as float64, as the embedding figure had passed them), in one block or in many (997 points each)."""
+    monkeypatch.setattr(figures, "BIN_BLOCK", block)
     rng = np.random.default_rng(5)
     low, high = -3.7, 11.2
     edges = np.linspace(low, high, figures.DENSITY_BINS + 1).astype(dtype)

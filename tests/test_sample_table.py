@@ -189,3 +189,17 @@ def test_the_dashboard_pages_never_read_the_whole_samples_table(sample_run_dir, 
         at.switch_page(f"views/{page}.py").run()
         assert not at.exception, (page, [e.value for e in at.exception])
         assert not at.error, (page, [e.value for e in at.error])
+
+
+@pytest.mark.parametrize("name", ["digits", "tabular"])
+def test_a_large_table_read_a_column_at_a_time_is_pandas_whole_read(name, sample_run_dir, monkeypatch):
+    """Run.read_parquet reads a table over LEAN_READ_BYTES a column at a time; every table of a run (lists of ids,
+    JSON text, categories, nullable columns) reads back as pandas reads the whole file."""
+    from analyzers.loading import runs
+
+    monkeypatch.setattr(runs, "LEAN_READ_BYTES", 0)
+    path = Path(sample_run_dir(name))
+    tables = sorted(p for p in path.rglob("*.parquet") if "samples" not in p.name)
+    assert len(tables) >= 3
+    for table in tables:
+        pd.testing.assert_frame_equal(runs.read_parquet_lean(table), pd.read_parquet(table), obj=table.name)

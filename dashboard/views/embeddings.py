@@ -113,7 +113,9 @@ def _colour_column(table: pd.DataFrame) -> tuple[pd.Series, bool, list | None]:
 
 
 values, categorical, order = _colour_column(projection)
-table = projection[["id", "x", "y"]].reset_index(drop=True).assign(**{colour: values.array})
+# the shared projection's own arrays, not a copy of them (the table is read-only: data._projection_table)
+table = pd.DataFrame({"id": projection["id"].to_numpy(), "x": projection["x"].to_numpy(),
+                      "y": projection["y"].to_numpy(), colour: values.array}, copy=False)
 standing = state.selection()
 standing_ids = standing.value if standing is not None and standing.kind == "ids" else None
 title = f"{METHOD_LABELS[method]} of {layer}"
