@@ -28,3 +28,69 @@ def empty_array(shape, dtype=np.float32) -> np.ndarray:
         return np.empty(shape, dtype=dtype)
     return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
+
+
+def row_blocks(array: np.ndarray, rows: int):
+    """Yield `(start, stop, array[start:stop])` over the rows of `array`, `rows` at a time.
+
+    When `array` reads a file through a read-only memory map (`np.load(path, mmap_mode="r")`, or a view of one), the
+    pages of each block are handed back once the loop has moved past it: pages a map has read count in the process's
+    RSS until it is unmapped, so one pass over a 640 MB embedding file had held all 640 MB. They are read again from
+    the file (the page cache) if touched again; nothing is lost, because the map cannot be written."""
+    if rows < 1:
+        raise ValueError(f"rows must be at least 1, got {rows}")
+    release = _page_release(array)
+    for start in range(0, len(array), rows):
+        stop = min(start + rows, len(array))
+        block = array[start:stop]
+        try:
+            yield start, stop, block
+        finally:
+            release(block)
+
+
+def take_rows(array: np.ndarray, rows: np.ndarray, *, block_rows: int) -> np.ndarray:
+    """`array[rows]` for sorted row indices, gathered `block_rows` at a time so that a read-only file map holds one
+    block's pages at once (`row_blocks`): the kernel maps 64 KiB around every page fault, so 20k random rows of a
+    640 MB map had mapped nearly all of it."""
+    rows = np.asarray(rows)
+    if _read_only_map(array) is None:
+        return array[rows]
+    out = np.empty((len(rows),) + array.shape[1:], array.dtype)
+    done = 0
+    for start, stop, block in row_blocks(array, block_rows):
+        upto = done + int(np.searchsorted(rows[done:], stop))
+        out[done:upto] = block[rows[done:upto] - start]
+        done = upto
+    return out
+
+
+def _page_release(array: np.ndarray):
+    """A function dropping a C-contiguous view's pages from `array`'s read-only file map; a no-op for other arrays
+    (memory the process wrote must never be dropped: MADV_DONTNEED would zero a private or anonymous map)."""
+    mapped = _read_only_map(array)
+    dontneed = getattr(mmap, "MADV_DONTNEED", None)
+    if mapped is None or dontneed is None:
+        return lambda view: None
+    base = np.frombuffer(mapped, np.uint8).ctypes.data
+    size = len(mapped)
+
+    def release(view: np.ndarray) -> None:
+        if view.size == 0 or not view.flags.c_contiguous:
+            return
+        start = view.ctypes.data - base
+        first = start - start % mmap.PAGESIZE
+        stop = min(size, start + view.nbytes)
+        if 0 <= first < stop:
+            mapped.madvise(dontneed, first, stop - first)
+
+    return release
+
+
+def _read_only_map(array):
+    """The mmap.mmap under `array` when it is (a view of) a read-only np.memmap of a file, else None."""
+    while isinstance(array, np.ndarray):
+        if isinstance(array, np.memmap) and array.mode == "r" and isinstance(array.base, mmap.mmap):
+            return array.base
+        array = array.base
+    return None

@@ -257,7 +257,7 @@ def gallery(run: Run, ids, *, key: str, title: str | None = None) -> None:
     size = TABLE_PAGE if modality == "tabular" else GALLERY_PAGE
     pages = max(1, math.ceil(len(rows) / size))
     top = st.columns([3, 1])
-    confidence = samples["confidence"].to_numpy(np.float64)[rows].mean()  # a regression has none
+    confidence = samples["confidence"].to_numpy()[rows].astype(np.float64).mean()  # a regression has none
     top[0].caption(f"{len(rows):,} samples · {percent(samples['correct'].to_numpy()[rows].mean())} correct" +
                    (f" · mean confidence {confidence:.3f}" if confidence == confidence else ""))
     page = 1

@@ -253,21 +253,33 @@ def subset_metrics(run: Run, rows: np.ndarray) -> dict:
     the full classification report took 0.9 s of a 50k-sample slice's click at 100k and is shown nowhere). `rows`
     is an array, which the cache keys by its bytes: a tuple of a 10M-row run's slice took seconds to hash."""
     from analyzers.evaluation import metrics as m
+    from analyzers.loading.sample_table import strictly_increasing
 
     rows = np.asarray(rows, dtype=np.int64)
-    correct = run.sample_table["correct"].to_numpy(dtype=bool)
-    confidence = run.sample_table["confidence"].to_numpy(dtype=np.float64)
-    member = np.zeros(len(correct), dtype=bool)
-    member[rows] = True
-    inside = m.calibration_bins(correct[member], confidence[member]) if member.any() else None
-    outside = m.calibration_bins(correct[~member], confidence[~member]) if (~member).any() else None
+    if not strictly_increasing(rows):  # a slice's members are; a sample is inside once
+        rows = np.unique(rows)
+    correct = run.sample_table["correct"].to_numpy()[rows].astype(bool)
+    confidence = run.sample_table["confidence"].to_numpy()[rows].astype(np.float64)
+    inside = m.calibration_bins(correct, confidence) if len(rows) else None
+    everyone = _calibration(run)
+    outside = (everyone if inside is None else everyone.without(inside)) if len(rows) < run.num_samples else None
     nan = float("nan")
-    return {"accuracy": float(correct[rows].mean()) if len(rows) else nan,
-            "mean_confidence": float(confidence[rows].mean()) if len(rows) else nan,
+    return {"accuracy": float(correct.mean()) if len(rows) else nan,
+            "mean_confidence": float(confidence.mean()) if len(rows) else nan,
             "ece_inside": inside.ece if inside is not None else nan,
             "ece_outside": outside.ece if outside is not None else nan,
             "bins_inside": inside.to_dict() if inside is not None else None,
             "bins_outside": outside.to_dict() if outside is not None else None}
+
+
+@st.cache_resource(hash_funcs=HASH, show_spinner=False, max_entries=8)
+def _calibration(run: Run):
+    """(read-only; shared) The top-label reliability bins of every sample, from the stored `correct` and `confidence`
+    columns: `subset_metrics` takes a selection's from them."""
+    from analyzers.evaluation.metrics import calibration_bins
+
+    samples = run.sample_table
+    return calibration_bins(samples["correct"].to_numpy(), samples["confidence"].to_numpy())
 
 
 # ------------------------------------------------------------------------------------------- model and input data
@@ -449,6 +461,7 @@ def _warm(key: str, run: Run, warm_projector: bool) -> None:
         if run.info["dataset"].get("modality") != "tabular":
             _inputs(key, run)  # every gallery of images, sequences or tokens shows them: at once, not when quiet
         wait_for_quiet()
+        _warm_projection(run)
         _warm_explanations(key, run)
     finally:
         if warm_projector:  # after the explanations: on two cores, the compile would slow the first click down
@@ -464,10 +477,25 @@ def _warm_pages(run: Run) -> None:
         if task.has_classes and not task.per_label and len(run.class_names) >= 2:
             threshold_curve(run, default_threshold_class(run))
         slice_rows(run, 10)  # as the pages ask for it: the cache keys the arguments as given
+        if task.has_classes and not task.per_label:
+            _calibration(run)  # what each slice's "rest" is taken from
+        if _missing_pca(run):
+            importlib.import_module("sklearn.decomposition")  # the Embeddings page's PCA: 0.5 s of its first draw
     except AnalyzerError as exc:  # a damaged table: the page that reads it says so in its one line
         logging.getLogger(__name__).info("warm-up of %s's pages stopped: %s", run.path.name, first_line(exc))
     except Exception:  # noqa: BLE001 - logged whole; the page that needs the table computes it and shows its error
         logging.getLogger(__name__).exception("warm-up of %s's pages failed", run.path.name)
+
+
+def _warm_projection(run: Run) -> None:
+    """The 2-D PCA the Embeddings page opens on, when the run has none (1.2 s at 10M rows): only its file, since a
+    person may never open that page (which reads it in 0.2 s)."""
+    try:
+        layer = _missing_pca(run)
+        if layer:
+            _make_pca(run, layer)
+    except AnalyzerError as exc:  # NaN activations, say: the page says so in its one line
+        logging.getLogger(__name__).info("warm-up of %s's projection stopped: %s", run.path.name, first_line(exc))
 
 
 def _warm_explanations(key: str, run: Run) -> None:
@@ -571,14 +599,31 @@ def embedding_layers(run: Run) -> list[str]:
 def projection(run: Run, layer: str, method: str) -> pd.DataFrame | None:
     """The stored 2-D projection table (id, x, y); PCA is made when missing (seconds), t-SNE and UMAP only by
     `start_projection`, in the background."""
-    from analyzers.explanations.projections import ensure_projection, projection_relpath
+    from analyzers.explanations.projections import projection_relpath
 
     relpath = projection_relpath(layer, method, 2)
     if not run.has(relpath):
         if method != "pca":
             return None
-        ensure_projection(run, layer, method, 2)
+        _make_pca(run, layer)
     return _projection_table(run, relpath, run.file(relpath).stat().st_mtime)
+
+
+def _missing_pca(run: Run) -> str | None:
+    """The layer the Embeddings page opens on when the run lacks its 2-D PCA (made by the page), else None."""
+    from analyzers.explanations.projections import projection_relpath
+
+    layers = embedding_layers(run)
+    return layers[0] if layers and not run.has(projection_relpath(layers[0], "pca", 2)) else None
+
+
+@st.cache_resource(hash_funcs=HASH, show_spinner=False, max_entries=8)
+def _make_pca(run: Run, layer: str) -> None:
+    """Store the run's missing 2-D PCA of `layer`, once: a page asking while the warm-up makes it waits for that one
+    (1.2 s at 10M rows), not for a second."""
+    from analyzers.explanations.projections import ensure_projection
+
+    ensure_projection(run, layer, "pca", 2)
 
 
 @st.cache_resource(show_spinner=False)

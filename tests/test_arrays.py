@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import mmap
+import os
 
 import numpy as np
 import pytest
@@ -51,3 +52,72 @@ def test_a_refused_mapping_falls_back_to_np_empty(monkeypatch):
     assert not _mapped(out)
     out[:] = 3.0
     assert (out == 3.0).all()
+
+
+# ------------------------------------------------------------------------------------- passes over a file's map
+
+def _mapped_rss_kib(path) -> int:
+    """The resident KiB of this process's maps of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if len(head) >= 5 and "-" in head[0] and ":" in head[3]:  # a mapping's first line
+            inside = line.rstrip("\n").endswith(str(path))
+        elif inside and head and head[0] == "Rss:":
+            total += int(head[1])
+    return total
+
+
+@pytest.fixture
+def mapped_rows(tmp_path):
+    """A 32 MiB (N, 16) float32 array saved as .npy, and its read-only map."""
+    values = np.random.default_rng(0).normal(size=(POPULATE_BYTES // 2 // 64, 16)).astype(np.float32)
+    path = tmp_path / "rows.npy"
+    np.save(path, values)
+    return values, path, np.load(path, mmap_mode="r")
+
+
+@pytest.mark.parametrize("rows", [1, 7, 1000, 10**9])
+def test_row_blocks_cover_every_row_once_in_order(mapped_rows, rows):
+    values, _, mapped = mapped_rows
+    for source in (values[:5003], mapped[:5003]):
+        seen = list(arrays.row_blocks(source, rows))
+        assert [s for s, _, _ in seen] == list(range(0, 5003, rows))
+        assert all(stop - start == len(block) <= rows for start, stop, block in seen)
+        np.testing.assert_array_equal(np.concatenate([block for _, _, block in seen]), values[:5003])
+    with pytest.raises(ValueError, match="at least 1"):
+        next(arrays.row_blocks(values, 0))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_a_pass_over_a_file_map_holds_one_block_of_its_pages(mapped_rows):
+    values, path, mapped = mapped_rows
+    block_rows = 4096  # 256 KiB
+    total = sum(float(block.sum(dtype=np.float64)) for _, _, block in arrays.row_blocks(mapped, block_rows))
+    assert total == pytest.approx(float(values.sum(dtype=np.float64)), rel=1e-6)
+    assert _mapped_rss_kib(path) <= 4 * block_rows * 64 // 1024  # a block or two, with the kernel's read-around
+    float(np.asarray(mapped).sum())  # the control: a plain read holds every page
+    assert _mapped_rss_kib(path) >= 0.9 * values.nbytes // 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_take_rows_equals_indexing_and_holds_one_block_of_a_map(mapped_rows):
+    values, path, mapped = mapped_rows
+    rng = np.random.default_rng(1)
+    for rows in (np.sort(rng.choice(len(values), 5000, replace=False)), np.array([0, 4095, 4096, len(values) - 1]),
+                 np.arange(0), np.arange(len(values))):
+        for source in (values, mapped):
+            np.testing.assert_array_equal(arrays.take_rows(source, rows, block_rows=4096), values[rows])
+    arrays.take_rows(mapped, np.sort(rng.choice(len(values), 5000, replace=False)), block_rows=4096)
+    assert _mapped_rss_kib(path) <= 4 * 4096 * 64 // 1024  # plain indexing mapped nearly all of it
+
+
+def test_pages_a_process_wrote_are_never_dropped(tmp_path):
+    path = tmp_path / "rows.npy"
+    np.save(path, np.zeros((50_000, 16), np.float32))
+    for mode in ("c", "r+"):  # copy-on-write: dropping its pages would lose the writes; r+: they are the file's
+        mapped = np.load(path, mmap_mode=mode)
+        mapped[::3] = 5.0
+        for _, _, block in arrays.row_blocks(mapped, 1000):
+            block.sum()
+        assert (mapped[::3] == 5.0).all() and (mapped[1::3] == 0.0).all()

@@ -259,3 +259,35 @@ def test_a_run_without_stored_findings_has_them_ranked(sample_run_dir, tmp_path)
     stored = summaries.findings(open_run(copy))
     (copy / FINDINGS).unlink()
     assert summaries.findings(open_run(copy)) == stored
+
+
+def test_a_selections_metrics_equal_those_computed_on_its_rows_and_the_rest(sample_run_dir):
+    """`data.subset_metrics` takes the rest's bins from the run's (CalibrationBins.without): on the digits run they
+    equal metrics.calibration_bins of the other rows, for a slice's sorted members and for unsorted repeated ids."""
+    from analyzers.evaluation.metrics import calibration_bins
+    from analyzers.loading.runs import open_run
+    from dashboard import data
+
+    run = open_run(sample_run_dir("digits"))
+    correct = run.sample_table["correct"].to_numpy()
+    confidence = run.sample_table["confidence"].to_numpy().astype(np.float64)
+    n = len(correct)
+    rng = np.random.default_rng(0)
+    chosen = np.sort(rng.choice(n, n // 3, replace=False))
+    for rows in (chosen, np.concatenate([chosen[::-1], chosen[:5]]), np.arange(n), np.arange(1)):
+        got = data.subset_metrics(run, rows)
+        member = np.zeros(n, bool)
+        member[rows] = True
+        assert got["accuracy"] == pytest.approx(correct[member].mean())
+        assert got["mean_confidence"] == pytest.approx(confidence[member].mean())
+        inside = calibration_bins(correct[member], confidence[member])
+        assert got["ece_inside"] == pytest.approx(inside.ece, abs=1e-9)
+        assert got["bins_inside"]["count"] == inside.count.tolist()
+        if member.all():
+            assert got["bins_outside"] is None and got["ece_outside"] != got["ece_outside"]
+            continue
+        outside = calibration_bins(correct[~member], confidence[~member])
+        assert got["bins_outside"]["count"] == outside.count.tolist()
+        assert got["ece_outside"] == pytest.approx(outside.ece, abs=1e-9)
+        np.testing.assert_allclose(np.asarray(got["bins_outside"]["observed"], dtype=float), outside.observed,
+                                   atol=1e-9)

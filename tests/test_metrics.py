@@ -224,3 +224,24 @@ def test_bad_inputs_are_refused_with_a_message():
         expected_calibration_error(labels, probs, n_bins=0)
     with pytest.raises(AnalyzerError, match="no samples"):
         classification_metrics(labels[:0], probs[:0])
+
+
+def test_bins_without_a_part_are_the_bins_of_the_rest():
+    """`CalibrationBins.without`: the whole's bins less a part's equal the bins computed on the other rows."""
+    labels, probs = _probs(3000, 4, seed=5, signal=0.7)
+    correct, confidence = probs.argmax(1) == labels, probs.max(1)
+    whole = calibration_bins(correct, confidence, n_bins=12)
+    rng = np.random.default_rng(6)
+    for member in (rng.random(3000) < 0.2, confidence > 0.8, np.zeros(3000, bool), np.ones(3000, bool)):
+        part = calibration_bins(correct[member], confidence[member], n_bins=12)
+        rest, reference = whole.without(part), calibration_bins(correct[~member], confidence[~member], n_bins=12)
+        np.testing.assert_array_equal(rest.count, reference.count)
+        np.testing.assert_allclose(rest.mean_predicted, reference.mean_predicted, rtol=1e-9)  # NaN where empty
+        np.testing.assert_allclose(rest.observed, reference.observed, rtol=1e-9, atol=1e-12)
+        assert rest.ece == pytest.approx(reference.ece, rel=1e-9, abs=1e-12) or (rest.ece != rest.ece)
+    with pytest.raises(AnalyzerError, match="not among"):
+        calibration_bins(correct[:10], confidence[:10], n_bins=12).without(whole)  # the whole is not among 10 rows
+    with pytest.raises(AnalyzerError, match="same uniform edges"):
+        whole.without(calibration_bins(correct, confidence, n_bins=5))
+    with pytest.raises(AnalyzerError, match="same uniform edges"):
+        calibration_bins(correct, confidence, strategy="quantile").without(whole)

@@ -55,6 +55,23 @@ def test_pca_of_many_points_is_fitted_on_a_sample_and_says_so():
     assert np.abs(got.coords * signs - want).max(axis=0).max() < 0.05 * want.std(axis=0).min()
 
 
+def test_pca_in_blocks_equals_pca_in_one_and_counts_bad_rows_in_any_block(monkeypatch, tmp_path):
+    """The checks and the projection onto the axes go BLOCK_BYTES at a time (a 640 MB embedding file had been held
+    whole, and centred in a copy): in blocks of 997 rows, from a file's map, the coordinates are those of one block."""
+    from analyzers.explanations import projections
+
+    x = (np.random.default_rng(2).normal(size=(24_000, 8)) * np.arange(8, 0, -1)).astype(np.float32)
+    whole = project(x, method="pca", dims=2)
+    np.save(tmp_path / "x.npy", x)
+    monkeypatch.setattr(projections, "BLOCK_BYTES", 997 * x[:1].nbytes)
+    blocked = project(np.load(tmp_path / "x.npy", mmap_mode="r"), method="pca", dims=2)
+    np.testing.assert_allclose(blocked.coords, whole.coords, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(blocked.fitted, whole.fitted)
+    x[[5, 10_000, 23_999], [0, 3, 7]] = [np.nan, np.inf, -np.inf]
+    with pytest.raises(AnalyzerError, match="^3 embedding rows hold NaN or inf"):
+        project(x, method="pca", dims=2)
+
+
 def test_pca_of_many_wide_embeddings_uses_a_fast_solver():
     x = np.random.default_rng(0).normal(size=(5000, 600)).astype(np.float32)
     got = project(x, method="pca", dims=2)
@@ -198,6 +215,29 @@ def test_ensure_projection_computes_once_and_caches(digits_run):
     again = ensure_projection(digits_run, "fc2", "tsne", 2, fit_sample=300, n_jobs=1)
     assert path.stat().st_mtime_ns == stamp
     pd.testing.assert_frame_equal(again, table)
+
+
+def test_a_run_without_its_pca_has_it_made_once_by_the_dashboards_warm_up(digits_run, tmp_path):
+    """A run whose stages made no projection (the 10M-row benchmark's): the warm-up stores the 2-D PCA the
+    Embeddings page opens on, equal to `project` of the stored embeddings, and the page reads that file."""
+    import shutil
+
+    from analyzers.loading.runs import open_run
+    from dashboard import data
+
+    copy = tmp_path / "run"
+    shutil.copytree(digits_run, copy, ignore=shutil.ignore_patterns("projections"))
+    run = open_run(copy)
+    relpath = projection_relpath("fc2", "pca", 2)
+    assert data._missing_pca(run) == "fc2" and not run.has(relpath)
+    data._warm_projection(run)
+    assert run.has(relpath) and data._missing_pca(run) is None
+    stamp = run.file(relpath).stat().st_mtime_ns
+    shown = data.projection(run, "fc2", "pca")
+    assert run.file(relpath).stat().st_mtime_ns == stamp  # made once
+    reference = project(np.load(copy / "embeddings" / "fc2.npy"), method="pca", dims=2, seed=0)
+    np.testing.assert_allclose(shown[["x", "y"]].to_numpy(), reference.coords, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(shown["id"].to_numpy(), run.sample_table["id"].to_numpy())
 
 
 def test_collect_embeddings_of_another_layer_is_cached_in_the_run(digits_run):

@@ -154,6 +154,25 @@ class CalibrationBins:
         gaps = np.abs(self.observed[filled] - self.mean_predicted[filled])
         return float((self.count[filled] * gaps).sum() / total)
 
+    def without(self, part: "CalibrationBins") -> "CalibrationBins":
+        """The bins of this one's rows less `part`'s, whose rows must be among them (the same edges): counts and sums
+        subtract, so the bins outside a slice cost the slice's rows, not the run's (0.3 s a click at 10M rows)."""
+        if self.strategy != "uniform" or not np.array_equal(self.edges, part.edges):
+            raise AnalyzerError("only bins with the same uniform edges subtract: the quantile edges depend on the rows")
+        count = self.count - part.count
+        if (count < 0).any():
+            raise AnalyzerError("the part has more samples in a bin than the whole: its rows are not among the whole's")
+
+        def sums(bins, means):
+            return np.where(bins.count > 0, means * bins.count, 0.0)
+
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_predicted = np.where(count > 0, (sums(self, self.mean_predicted) - sums(part, part.mean_predicted))
+                                      / count, np.nan)
+            observed = np.where(count > 0, (sums(self, self.observed) - sums(part, part.observed)) / count, np.nan)
+        return CalibrationBins(strategy=self.strategy, edges=self.edges, count=count, mean_predicted=mean_predicted,
+                               observed=observed)
+
     def to_dict(self) -> dict:
         def _list(a):
             return [None if not np.isfinite(v) else float(v) for v in a]

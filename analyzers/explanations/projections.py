@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..arrays import row_blocks, take_rows
 from ..errors import AnalyzerError, InvalidOption
 
 METHODS = ("pca", "tsne", "umap")
@@ -33,6 +34,7 @@ NUMBA_CACHE_DIR = Path(__file__).resolve().parents[1] / ".numba_cache"
 AXES = ("x", "y", "z")
 KNN_PLACEMENT_K = 10
 PCA_FIT_SAMPLE = 20_000
+BLOCK_BYTES = 32 << 20  # row-wise steps over all the embeddings (checks, PCA's projection) go this much at a time
 
 
 @dataclass(frozen=True)
@@ -53,11 +55,19 @@ def _as_matrix(embeddings) -> np.ndarray:
     if not np.issubdtype(x.dtype, np.number):
         raise AnalyzerError(f"embeddings must be numeric, got {x.dtype}")
     x = x.astype(np.float32, copy=False)
-    if not np.isfinite(x).all():
-        bad = int((~np.isfinite(x).all(axis=1)).sum())
+    # a block at a time: np.isfinite of 10M x 16 activations is a 160 MB mask, and a file map's pages are handed back.
+    # Rows are counted only in a block that has a bad value: all(axis=1) took 0.24 s over those 10M rows, all() 0.04 s
+    bad = sum(int((~np.isfinite(block).all(axis=1)).sum()) for _, _, block in row_blocks(x, _block_rows(x))
+              if not np.isfinite(block).all())
+    if bad:
         raise AnalyzerError(f"{bad} embedding rows hold NaN or inf: the layer's activations overflowed; "
                             f"check the model")
     return x
+
+
+def _block_rows(x: np.ndarray) -> int:
+    """Rows of `x` in BLOCK_BYTES."""
+    return max(1, BLOCK_BYTES // max(1, x[:1].nbytes))
 
 
 def pca(x: np.ndarray, n_components: int, *, seed: int = 0, fit_sample: int = PCA_FIT_SAMPLE,
@@ -74,8 +84,14 @@ def pca(x: np.ndarray, n_components: int, *, seed: int = 0, fit_sample: int = PC
     rows = None
     if len(x) > fit_sample:
         rows = np.sort(np.random.default_rng(seed).choice(len(x), size=fit_sample, replace=False))
-        estimator.fit(x[rows])
-        coords = estimator.transform(x) if map_rows is None else map_rows(estimator.transform, x)
+        estimator.fit(take_rows(x, rows, block_rows=_block_rows(x)))
+        if map_rows is None:
+            # a block at a time: transform() centres a copy of its input, 640 MB for 10M x 16 activations
+            coords = np.empty((len(x), n_components), np.float32)
+            for start, stop, block in row_blocks(x, _block_rows(x)):
+                coords[start:stop] = estimator.transform(block)
+        else:
+            coords = map_rows(estimator.transform, x)
     else:
         coords = estimator.fit_transform(x)
     info = {"svd_solver": getattr(estimator, "_fit_svd_solver", "auto"),
@@ -336,12 +352,17 @@ def _rounded(timings: dict) -> dict:
 
 def projection_table(ids, projection: Projection) -> pd.DataFrame:
     """The stored form: a row per sample id, coordinates x, y[, z]; `fitted` when the method was fitted on a sample."""
-    table = pd.DataFrame({"id": np.asarray(ids)})
+    columns = {"id": np.asarray(ids)}
     for axis in range(projection.dims):
-        table[AXES[axis]] = projection.coords[:, axis]
+        columns[AXES[axis]] = np.ascontiguousarray(projection.coords[:, axis])
     if projection.method != "pca":
-        table["fitted"] = projection.fitted
-    return table
+        columns["fitted"] = projection.fitted
+    return pd.DataFrame(columns, copy=False)  # one copy of each column at 10M rows is 40-80 MB
+
+
+# Parquet's dictionary encoding only pays for repeated values: sample ids are unique and coordinates nearly so. A
+# 10M-row table took 0.65 s to write and 0.67 s to read with it, 0.40 s and 0.27 s without, in 10% less space.
+PROJECTION_PARQUET = {"use_dictionary": False}
 
 
 def projection_relpath(layer: str, method: str, dims: int) -> str:
@@ -395,7 +416,8 @@ def projection_stage(ctx) -> dict:
                 continue
             projection = project(x, method=method, dims=dims, seed=seed, map_rows=ctx.map_rows)
             relpath = projection_relpath(layer, method, dims)
-            projection_table(ctx.samples["id"].to_numpy(), projection).to_parquet(ctx.path(relpath), index=False)
+            projection_table(ctx.samples["id"].to_numpy(), projection).to_parquet(ctx.path(relpath), index=False,
+                                                                                  **PROJECTION_PARQUET)
             write_json(ctx.path(relpath.replace(".parquet", ".json")), {**_record(projection),
                                                                          "options": {"seed": seed}})
             written[key] = {"file": relpath, "seconds": round(sum(projection.timings.values()), 4)}
@@ -475,6 +497,6 @@ def ensure_projection(run, layer: str | None = None, method: str = "pca", dims: 
                             f"analyzers.explanations.projections.collect_embeddings(model, x, {layer!r}, run=run)")
     projection = project(run.read_npy(emb_path), method=method, dims=dims, progress=progress, **options)
     table = projection_table(run.sample_table["id"].to_numpy(), projection)
-    write_parquet(run.file(relpath), table)
+    write_parquet(run.file(relpath), table, **PROJECTION_PARQUET)
     write_json(run.file(record_path), {**_record(projection), "options": options})
     return table

@@ -89,8 +89,9 @@ def read_parquet_lean(path: str | Path) -> pd.DataFrame:
     return pd.DataFrame(columns, copy=False)
 
 
-def write_parquet(path: str | Path, table: pd.DataFrame) -> Path:
-    return write_atomic(path, lambda tmp: table.to_parquet(tmp, index=False))
+def write_parquet(path: str | Path, table: pd.DataFrame, **options) -> Path:
+    """`table` written atomically, without its index; `options` go to pyarrow's writer (`use_dictionary`, ...)."""
+    return write_atomic(path, lambda tmp: table.to_parquet(tmp, index=False, **options))
 
 
 def write_npy(path: str | Path, array: np.ndarray) -> Path:

@@ -21,14 +21,15 @@ import pandas as pd
 _INTEGER_TEXT = re.compile(r"0|-?[1-9][0-9]*")
 
 
-def _increasing(values: np.ndarray) -> bool:
+def strictly_increasing(values: np.ndarray) -> bool:
+    """Whether each value is above the one before (so none repeats); one pass, no sort."""
     return len(values) < 2 or bool((values[1:] > values[:-1]).all())
 
 
 def ids_unique(ids: np.ndarray) -> bool:
     """Whether no id repeats. Ids default to positions: increasing integers are unique at a glance (10 ms at 10M
     rows, against 0.5 s to 2 s hashed)."""
-    if ids.dtype.kind in "iu" and _increasing(ids):
+    if ids.dtype.kind in "iu" and strictly_increasing(ids):
         return True
     return len(pd.unique(ids)) == len(ids)
 
@@ -37,7 +38,7 @@ def are_positions(ids: np.ndarray, *, increasing: bool | None = None) -> bool:
     """Whether the ids are 0..N-1 in order, each its own row (the default ids). `increasing`, when known, spares
     the pass over them."""
     return ids.dtype.kind in "iu" and len(ids) > 0 and ids[0] == 0 and ids[-1] == len(ids) - 1 and (
-        _increasing(ids) if increasing is None else increasing)
+        strictly_increasing(ids) if increasing is None else increasing)
 
 
 def integer_ids(wanted, dtype) -> np.ndarray:
@@ -64,8 +65,8 @@ def positions_of(ids: np.ndarray, wanted, *, increasing: bool | None = None, ind
     if ids.dtype.kind in "iu":
         numbers = integer_ids(wanted, ids.dtype)
         if increasing is None:
-            increasing = _increasing(ids)
-        if increasing and are_positions(ids):
+            increasing = strictly_increasing(ids)
+        if increasing and are_positions(ids, increasing=increasing):
             # increasing integers from 0 to N - 1 are the positions themselves (the default ids): a slice of 5M
             # members of a 10M-row run is found without a search
             return numbers[numbers < len(ids)].astype(np.int64) if numbers.dtype.kind == "u" else \
@@ -194,7 +195,7 @@ class SampleTable:
             with self._lock:
                 if self._id_lookup is None:
                     values = self["id"].to_numpy()
-                    self._id_lookup = values, _increasing(values), None
+                    self._id_lookup = values, strictly_increasing(values), None
                 values, increasing, index = self._id_lookup
                 if not increasing and index is None:  # built once per table: 0.5 s at 10M rows
                     self._id_lookup = values, increasing, (index := pd.Index(values))
