@@ -9,6 +9,7 @@ import pytest
 
 from analyzers import arrays
 from analyzers.arrays import POPULATE_BYTES, empty_array
+from conftest import mapped_rss_kib
 
 
 def _mapped(array) -> bool:
@@ -56,18 +57,6 @@ def test_a_refused_mapping_falls_back_to_np_empty(monkeypatch):
 
 # ------------------------------------------------------------------------------------- passes over a file's map
 
-def _mapped_rss_kib(path) -> int:
-    """The resident KiB of this process's maps of `path` (/proc/self/smaps)."""
-    total, inside = 0, False
-    for line in open("/proc/self/smaps"):
-        head = line.split()
-        if len(head) >= 5 and "-" in head[0] and ":" in head[3]:  # a mapping's first line
-            inside = line.rstrip("\n").endswith(str(path))
-        elif inside and head and head[0] == "Rss:":
-            total += int(head[1])
-    return total
-
-
 @pytest.fixture
 def mapped_rows(tmp_path):
     """A 32 MiB (N, 16) float32 array saved as .npy, and its read-only map."""
@@ -95,9 +84,9 @@ def test_a_pass_over_a_file_map_holds_one_block_of_its_pages(mapped_rows):
     block_rows = 4096  # 256 KiB
     total = sum(float(block.sum(dtype=np.float64)) for _, _, block in arrays.row_blocks(mapped, block_rows))
     assert total == pytest.approx(float(values.sum(dtype=np.float64)), rel=1e-6)
-    assert _mapped_rss_kib(path) <= 4 * block_rows * 64 // 1024  # a block or two, with the kernel's read-around
+    assert mapped_rss_kib(path) <= 4 * block_rows * 64 // 1024  # a block or two, with the kernel's read-around
     float(np.asarray(mapped).sum())  # the control: a plain read holds every page
-    assert _mapped_rss_kib(path) >= 0.9 * values.nbytes // 1024
+    assert mapped_rss_kib(path) >= 0.9 * values.nbytes // 1024
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
@@ -109,7 +98,7 @@ def test_take_rows_equals_indexing_and_holds_one_block_of_a_map(mapped_rows):
         for source in (values, mapped):
             np.testing.assert_array_equal(arrays.take_rows(source, rows, block_rows=4096), values[rows])
     arrays.take_rows(mapped, np.sort(rng.choice(len(values), 5000, replace=False)), block_rows=4096)
-    assert _mapped_rss_kib(path) <= 4 * 4096 * 64 // 1024  # plain indexing mapped nearly all of it
+    assert mapped_rss_kib(path) <= 4 * 4096 * 64 // 1024  # plain indexing mapped nearly all of it
 
 
 def test_pages_a_process_wrote_are_never_dropped(tmp_path):

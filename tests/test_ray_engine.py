@@ -36,10 +36,10 @@ EVAL = ["evaluation"]
 
 @pytest.fixture(scope="module")
 def local_ray():
-    from analyzers.engines.ray_engine import init_options
+    from analyzers.engines.ray_engine import local_options
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, **init_options())
+        ray.init(**local_options(2))
     yield ray
     ray.shutdown()
 
@@ -170,6 +170,27 @@ def test_a_npy_pair_is_read_memory_mapped_and_shard_ids_must_not_repeat(tmp_path
         load_dataset(str(shards))
     with pytest.raises(AnalyzerError, match="matches no dataset files"):
         load_dataset(str(tmp_path / "nothing-*.npz"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_input_blocks_are_the_rows_of_a_mapped_npy_and_the_driver_keeps_none_of_its_pages(local_ray, tmp_path):
+    """The driver puts a memory-mapped .npy's rows into the object store a block at a time and hands each block's
+    pages back: at 1M rows it had held the whole 256 MB file beside the store's copy."""
+    from analyzers.engines.ray_engine import _input_blocks
+    from conftest import mapped_rss_kib
+
+    x = np.random.default_rng(0).normal(size=(65_536, 64)).astype(np.float32)  # 16 MiB
+    np.save(tmp_path / "big.x.npy", x)
+    np.save(tmp_path / "big.y.npy", np.arange(len(x)) % 3)
+    dataset = load_dataset(str(tmp_path / "big.x.npy"))
+    blocks, step = _input_blocks(local_ray, dataset, batch_size=1024, min_blocks=4)
+    assert step % 1024 == 0 and len(blocks) == -(-len(x) // step) >= 4
+    assert mapped_rss_kib(tmp_path / "big.x.npy") <= 2 * step * x[:1].nbytes // 1024
+    tables = local_ray.get(blocks)
+    np.testing.assert_array_equal(np.concatenate([t.column("x").combine_chunks().to_numpy_ndarray()
+                                                  for t in tables]), x)
+    np.testing.assert_array_equal(np.concatenate([t.column("row").to_numpy() for t in tables]), np.arange(len(x)))
+    np.testing.assert_array_equal(np.concatenate([t.column("y").to_numpy() for t in tables]), np.arange(len(x)) % 3)
 
 
 def test_a_regression_run_whose_rows_depend_on_each_other_is_the_same_on_ray(local_ray, tmp_path):
