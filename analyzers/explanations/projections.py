@@ -29,6 +29,7 @@ DEFAULT_FIT_SAMPLE = 10_000
 # 3-D t-SNE has no FFT gradient: Barnes-Hut on 10k points took 67 s of CPU (2-D FFT: 15 s), so it fits on fewer
 TSNE_3D_FIT_SAMPLE = 5_000
 PCA_DIMS_BEFORE_NEIGHBOURS = 50  # t-SNE and UMAP see the top principal components, not the raw activations
+TSNE_EXACT_NEIGHBOURS = 20_000  # t-SNE's neighbours are found exactly up to this many fitted points (see _fit_tsne)
 FFT_INTERPOLATION_POINTS = 2  # t-SNE's FFT gradient: interpolation points per interval (see _fit_tsne)
 NUMBA_CACHE_DIR = Path(__file__).resolve().parents[1] / ".numba_cache"
 AXES = ("x", "y", "z")
@@ -270,11 +271,16 @@ def _fit_tsne(fit_x, rest_x, *, dims, seed, n_jobs, params, timings, perplexity,
     # more KL for the time saved (250 late iterations instead of 500: +4.8% for 2.6x less).
     interpolation = {"n_interpolation_points": FFT_INTERPOLATION_POINTS} if gradient == "fft" else {}
     extra = {} if n_epochs is None else {"n_iter": int(n_epochs)}
+    # exact neighbours up to TSNE_EXACT_NEIGHBOURS points (openTSNE's "auto" takes Annoy's approximate ones from 1k):
+    # 10k shapes embeddings, one thread, found in about 1 s instead of 4.2 s, the whole fit 13.2 s against 15.1 s,
+    # at the same KL divergence (1.5598 against 1.5603); the exact search grows with the square of the points
+    neighbours = "exact" if len(fit_x) <= TSNE_EXACT_NEIGHBOURS else "auto"
     every = 50  # each call makes openTSNE evaluate its error (KL divergence): every 10 iterations made 2 s into 27
     probe = TSNE(n_iter=int(n_epochs)) if n_epochs is not None else TSNE()
     advance = _optimisation_progress(report, probe.early_exaggeration_iter + probe.n_iter, "t-SNE")
     estimator = TSNE(n_components=dims, perplexity=used_perplexity, metric="euclidean", initialization="pca",
-                     negative_gradient_method=gradient, n_jobs=n_jobs, random_state=seed, verbose=False,
+                     negative_gradient_method=gradient, neighbors=neighbours, n_jobs=n_jobs, random_state=seed,
+                     verbose=False,
                      callbacks=lambda iteration, error, embedding: advance(every), callbacks_every_iters=every,
                      **interpolation, **extra)
     report(OPTIMISATION_SPAN[0] / 2, f"t-SNE: affinities of {len(fit_x):,} points")
