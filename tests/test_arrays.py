@@ -110,3 +110,16 @@ def test_pages_a_process_wrote_are_never_dropped(tmp_path):
         for _, _, block in arrays.row_blocks(mapped, 1000):
             block.sum()
         assert (mapped[::3] == 5.0).all() and (mapped[1::3] == 0.0).all()
+
+
+def test_all_finite_is_numpys_answer_in_any_block(monkeypatch, mapped_rows):
+    values, _, mapped = mapped_rows
+    monkeypatch.setattr(arrays, "FINITE_BLOCK_BYTES", 997 * values[:1].nbytes)  # many blocks, the last one short
+    assert arrays.all_finite(values) and arrays.all_finite(mapped) and arrays.all_finite(np.arange(5))
+    for row in (0, 996, 997, len(values) - 1):
+        for bad in (np.nan, np.inf, -np.inf):
+            spoiled = values.copy()
+            spoiled[row, 3] = bad
+            assert not arrays.all_finite(spoiled) and not np.isfinite(spoiled).all()
+    assert not arrays.all_finite(np.float32(np.nan)) and arrays.all_finite(np.zeros((0, 4), np.float32))
+    assert not arrays.all_finite(np.array([[1 + 1j, complex(np.inf, 0)]]))

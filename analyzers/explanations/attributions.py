@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..arrays import empty_array
+from ..arrays import all_finite, empty_array
 from ..errors import AnalyzerError, InvalidOption, first_line, whole_number
 from ..guard import analysis_mode, unwrap
 from ..engines.inference import ClassLogits, module_device, resolve_layer
@@ -279,7 +279,7 @@ def _as_batch(model, inputs) -> tuple[np.ndarray, bool]:
     modality_of(x)
     if len(x) == 0:
         raise AnalyzerError("no inputs to explain: pass at least one sample")
-    if not np.isfinite(x).all():
+    if not all_finite(x):
         raise AnalyzerError("the inputs hold NaN or inf: clean them before explaining")
     return x, single
 

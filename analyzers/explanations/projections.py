@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..arrays import row_blocks, take_rows
+from ..arrays import all_finite, row_blocks, take_rows
 from ..errors import AnalyzerError, InvalidOption
 
 METHODS = ("pca", "tsne", "umap")
@@ -56,11 +56,10 @@ def _as_matrix(embeddings) -> np.ndarray:
     if not np.issubdtype(x.dtype, np.number):
         raise AnalyzerError(f"embeddings must be numeric, got {x.dtype}")
     x = x.astype(np.float32, copy=False)
-    # a block at a time: np.isfinite of 10M x 16 activations is a 160 MB mask, and a file map's pages are handed back.
-    # Rows are counted only in a block that has a bad value: all(axis=1) took 0.24 s over those 10M rows, all() 0.04 s
-    bad = sum(int((~np.isfinite(block).all(axis=1)).sum()) for _, _, block in row_blocks(x, _block_rows(x))
-              if not np.isfinite(block).all())
-    if bad:
+    # checked a block at a time (np.isfinite of 10M x 16 activations is a 160 MB mask), rows counted only when a value
+    # is bad: all(axis=1) took 0.24 s over those 10M rows, all() 0.04 s
+    if not all_finite(x):
+        bad = sum(int((~np.isfinite(block).all(axis=1)).sum()) for _, _, block in row_blocks(x, _block_rows(x)))
         raise AnalyzerError(f"{bad} embedding rows hold NaN or inf: the layer's activations overflowed; "
                             f"check the model")
     return x
