@@ -67,8 +67,10 @@ def take_rows(array: np.ndarray, rows: np.ndarray, *, block_rows: int) -> np.nda
     block's pages at once (`row_blocks`): the kernel maps 64 KiB around every page fault, so 20k random rows of a
     640 MB map had mapped nearly all of it."""
     rows = np.asarray(rows)
-    if _read_only_map(array) is None:
-        return array[rows]
+    increasing = len(rows) < 2 or bool((rows[1:] >= rows[:-1]).all())
+    in_range = len(rows) == 0 or (rows.dtype.kind in "iu" and 0 <= rows[0] and rows[-1] < len(array))
+    if _read_only_map(array) is None or not (increasing and in_range):
+        return array[rows]  # numpy's own indexing: its errors, its negative rows
     out = np.empty((len(rows),) + array.shape[1:], array.dtype)
     done = 0
     for start, stop, block in row_blocks(array, block_rows):
@@ -95,7 +97,10 @@ def _page_release(array: np.ndarray):
         first = start - start % mmap.PAGESIZE
         stop = min(size, start + view.nbytes)
         if 0 <= first < stop:
-            mapped.madvise(dontneed, first, stop - first)
+            try:
+                mapped.madvise(dontneed, first, stop - first)
+            except OSError:  # a map the kernel will not advise (hugetlbfs): its pages stay, nothing is lost
+                pass
 
     return release
 

@@ -2169,7 +2169,8 @@ class Bench:
     def tables_section(self) -> None:
         """Issue 15: the dashboard on TABLE_ROWS rows of run tables. The rows are generated like the `tabular`
         sample's test rows and predicted by its small model (in-process; the evaluation stage only), so that every
-        page has real predictions, slices, a confusion matrix and a projection to read."""
+        page has real predictions, slices and a confusion matrix to read; the run stores embeddings but no
+        projection, so the dashboard makes the PCA its Embeddings page opens on (its warm-up, or the page)."""
         n = TABLE_ROWS[1 if self.args.quick else 0]
         self.log(f"tables: {n} generated tabular rows, their run, then the dashboard on it")
         data = make_tabular_rows(n, self.workdir / f"tabular-rows-{n}")

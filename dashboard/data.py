@@ -279,7 +279,7 @@ def _calibration(run: Run):
     from analyzers.evaluation.metrics import calibration_bins
 
     samples = run.sample_table
-    return calibration_bins(samples["correct"].to_numpy(), samples["confidence"].to_numpy())
+    return calibration_bins(samples["correct"].to_numpy().astype(bool), samples["confidence"].to_numpy())
 
 
 # ------------------------------------------------------------------------------------------- model and input data
@@ -492,10 +492,12 @@ def _warm_projection(run: Run) -> None:
     person may never open that page (which reads it in 0.2 s)."""
     try:
         layer = _missing_pca(run)
-        if layer:
+        if layer and os.access(run.path, os.W_OK):  # a run folder this process may not write: the page says why
             _make_pca(run, layer)
     except AnalyzerError as exc:  # NaN activations, say: the page says so in its one line
         logging.getLogger(__name__).info("warm-up of %s's projection stopped: %s", run.path.name, first_line(exc))
+    except Exception:  # noqa: BLE001 - logged whole (a full disk, say); the page computes it and shows its error
+        logging.getLogger(__name__).exception("warm-up of %s's projection failed", run.path.name)
 
 
 def _warm_explanations(key: str, run: Run) -> None:
@@ -606,6 +608,9 @@ def projection(run: Run, layer: str, method: str) -> pd.DataFrame | None:
         if method != "pca":
             return None
         _make_pca(run, layer)
+        if not run.has(relpath):  # made earlier in this process, and deleted since
+            _make_pca.clear()
+            _make_pca(run, layer)
     return _projection_table(run, relpath, run.file(relpath).stat().st_mtime)
 
 

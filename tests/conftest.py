@@ -107,12 +107,13 @@ def perturbed_digits_run(root: Path, *, scale: float) -> Path:
 def mapped_rss_kib(path) -> int:
     """The resident KiB of this process's memory maps of the file `path` (Linux's /proc/self/smaps)."""
     total, inside = 0, False
-    for line in open("/proc/self/smaps"):
-        head = line.split()
-        if len(head) >= 5 and "-" in head[0] and ":" in head[3]:  # a mapping's first line
-            inside = line.rstrip("\n").endswith(str(path))
-        elif inside and head and head[0] == "Rss:":
-            total += int(head[1])
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()
+            if len(head) >= 5 and "-" in head[0] and ":" in head[3]:  # a mapping's first line
+                inside = line.rstrip("\n").endswith(str(path))
+            elif inside and head and head[0] == "Rss:":
+                total += int(head[1])
     return total
 
 

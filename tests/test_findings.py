@@ -274,6 +274,9 @@ def test_a_selections_metrics_equal_those_computed_on_its_rows_and_the_rest(samp
     n = len(correct)
     rng = np.random.default_rng(0)
     chosen = np.sort(rng.choice(n, n // 3, replace=False))
+    empty = data.subset_metrics(run, np.arange(0))
+    assert empty["bins_inside"] is None and empty["accuracy"] != empty["accuracy"]
+    assert empty["bins_outside"]["count"] == calibration_bins(correct, confidence).count.tolist()
     for rows in (chosen, np.concatenate([chosen[::-1], chosen[:5]]), np.arange(n), np.arange(1)):
         got = data.subset_metrics(run, rows)
         member = np.zeros(n, bool)

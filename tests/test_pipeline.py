@@ -169,6 +169,7 @@ def test_the_stages_imports_run_while_the_data_loads_and_end_before_inference(tm
     load, predict = datasets.load_dataset, pipeline.write_predictions
 
     def loading(*args, **kwargs):
+        time.sleep(0.3)  # a dataset that takes a moment to read: the thread has begun by its end
         dataset = load(*args, **kwargs)
         seen.setdefault("loaded", time.monotonic())
         return dataset

@@ -234,11 +234,15 @@ def test_ensure_projection_computes_once_and_caches(digits_run):
     pd.testing.assert_frame_equal(again, table)
 
 
-def test_a_run_without_its_pca_has_it_made_once_by_the_dashboards_warm_up(digits_run, tmp_path):
+def test_a_run_without_its_pca_has_it_made_once_by_the_dashboards_warm_up(digits_run, tmp_path, monkeypatch):
     """A run whose stages made no projection (the 10M-row benchmark's): the warm-up stores the 2-D PCA the
-    Embeddings page opens on, equal to `project` of the stored embeddings, and the page reads that file."""
+    Embeddings page opens on, equal to `project` of the stored embeddings, and a page asking while it is made
+    waits for that one rather than making a second."""
     import shutil
+    import threading
+    import time
 
+    from analyzers.explanations import projections
     from analyzers.loading.runs import open_run
     from dashboard import data
 
@@ -247,11 +251,20 @@ def test_a_run_without_its_pca_has_it_made_once_by_the_dashboards_warm_up(digits
     run = open_run(copy)
     relpath = projection_relpath("fc2", "pca", 2)
     assert data._missing_pca(run) == "fc2" and not run.has(relpath)
-    data._warm_projection(run)
-    assert run.has(relpath) and data._missing_pca(run) is None
-    stamp = run.file(relpath).stat().st_mtime_ns
+    made, slow = [], projections.ensure_projection
+
+    def counted(*args, **kwargs):
+        made.append(threading.current_thread().name)
+        time.sleep(0.5)  # a 10M-row run's PCA: the page asks meanwhile
+        return slow(*args, **kwargs)
+
+    monkeypatch.setattr(projections, "ensure_projection", counted)
+    warming = threading.Thread(target=data._warm_projection, args=(run,), name="warm-up")
+    warming.start()
+    time.sleep(0.1)
     shown = data.projection(run, "fc2", "pca")
-    assert run.file(relpath).stat().st_mtime_ns == stamp  # made once
+    warming.join()
+    assert made == ["warm-up"] and run.has(relpath) and data._missing_pca(run) is None
     reference = project(np.load(copy / "embeddings" / "fc2.npy"), method="pca", dims=2, seed=0)
     np.testing.assert_allclose(shown[["x", "y"]].to_numpy(), reference.coords, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(shown["id"].to_numpy(), run.sample_table["id"].to_numpy())

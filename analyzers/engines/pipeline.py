@@ -295,11 +295,17 @@ def _run_here(model_spec, data_spec, out: Path, *, model, data_options, param_op
     # the stages' imports (0.8 s of scikit-learn) run while the data is read and hashed, which wait on the disk and
     # release the GIL; they are joined before inference (`write_run_files_with`)
     imports = _import_in_background(stages)
-    dataset = load_dataset(data_spec, model=model, **data_options)
-    model = read_for_task(model, dataset.task)
-    check_dataset(dataset, model)
-    params = run_parameters(model, **param_options)
-    if _reuse_or_refuse(out, model.sha256, dataset.sha256, params, overwrite):
+    try:
+        dataset = load_dataset(data_spec, model=model, **data_options)
+        model = read_for_task(model, dataset.task)
+        check_dataset(dataset, model)
+        params = run_parameters(model, **param_options)
+        reused = _reuse_or_refuse(out, model.sha256, dataset.sha256, params, overwrite)
+    except BaseException:
+        imports.join()  # nothing goes on importing beside the caller once the run has ended
+        raise
+    if reused:
+        imports.join()
         report("done", 1.0)
         return out
     with staged_run(out, replace=overwrite) as stage_dir:

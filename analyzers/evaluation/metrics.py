@@ -157,7 +157,7 @@ class CalibrationBins:
     def without(self, part: "CalibrationBins") -> "CalibrationBins":
         """The bins of this one's rows less `part`'s, whose rows must be among them (the same edges): counts and sums
         subtract, so the bins outside a slice cost the slice's rows, not the run's (0.3 s a click at 10M rows)."""
-        if self.strategy != "uniform" or not np.array_equal(self.edges, part.edges):
+        if self.strategy != "uniform" or part.strategy != "uniform" or not np.array_equal(self.edges, part.edges):
             raise AnalyzerError("only bins with the same uniform edges subtract: the quantile edges depend on the rows")
         count = self.count - part.count
         if (count < 0).any():
@@ -166,10 +166,12 @@ class CalibrationBins:
         def sums(bins, means):
             return np.where(bins.count > 0, means * bins.count, 0.0)
 
+        # sums rebuilt from means differ from the rows' own in the last bits: a mean stays in [0, 1] all the same
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean_predicted = np.where(count > 0, (sums(self, self.mean_predicted) - sums(part, part.mean_predicted))
-                                      / count, np.nan)
-            observed = np.where(count > 0, (sums(self, self.observed) - sums(part, part.observed)) / count, np.nan)
+            mean_predicted = np.where(count > 0, np.clip((sums(self, self.mean_predicted)
+                                                          - sums(part, part.mean_predicted)) / count, 0.0, 1.0), np.nan)
+            observed = np.where(count > 0, np.clip((sums(self, self.observed) - sums(part, part.observed)) / count,
+                                                   0.0, 1.0), np.nan)
         return CalibrationBins(strategy=self.strategy, edges=self.edges, count=count, mean_predicted=mean_predicted,
                                observed=observed)
 

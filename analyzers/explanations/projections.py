@@ -273,7 +273,8 @@ def _fit_tsne(fit_x, rest_x, *, dims, seed, n_jobs, params, timings, perplexity,
     # exact neighbours up to TSNE_EXACT_NEIGHBOURS points (openTSNE's "auto" takes Annoy's approximate ones from 1k):
     # 10k shapes embeddings, one thread, found in about 1 s instead of 4.2 s, the whole fit 13.2 s against 15.1 s,
     # at the same KL divergence (1.5598 against 1.5603); the exact search grows with the square of the points
-    neighbours = "exact" if len(fit_x) <= TSNE_EXACT_NEIGHBOURS else "auto"
+    # (only for a fit alone: openTSNE's transform of the other points queries the same index, brute force if exact)
+    neighbours = "exact" if len(fit_x) <= TSNE_EXACT_NEIGHBOURS and rest_x is None else "auto"
     every = 50  # each call makes openTSNE evaluate its error (KL divergence): every 10 iterations made 2 s into 27
     probe = TSNE(n_iter=int(n_epochs)) if n_epochs is not None else TSNE()
     advance = _optimisation_progress(report, probe.early_exaggeration_iter + probe.n_iter, "t-SNE")
@@ -357,7 +358,7 @@ def _rounded(timings: dict) -> dict:
 
 def projection_table(ids, projection: Projection) -> pd.DataFrame:
     """The stored form: a row per sample id, coordinates x, y[, z]; `fitted` when the method was fitted on a sample."""
-    columns = {"id": np.asarray(ids)}
+    columns = {"id": np.array(ids)}  # a copy: the table is handed out, and the ids may be a run's own column
     for axis in range(projection.dims):
         columns[AXES[axis]] = np.ascontiguousarray(projection.coords[:, axis])
     if projection.method != "pca":
