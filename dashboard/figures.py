@@ -185,16 +185,15 @@ def threshold_curves_figure(curve, *, chosen: float, marks: dict) -> go.Figure:
     fig = make_subplots(rows=1, cols=2, subplot_titles=(
         f"Precision and recall (AP {curve.average_precision:.3f})" if curve.average_precision is not None
         else "Precision and recall", f"ROC (AUC {curve.roc_auc:.3f})" if curve.roc_auc is not None else "ROC"))
-    finite = np.flatnonzero(np.isfinite(curve.thresholds))
-    if len(finite) > MAX_CURVE_POINTS:  # a million distinct scores draw the same line through 2,000 of them
-        finite = finite[np.unique(np.linspace(0, len(finite) - 1, MAX_CURVE_POINTS).round().astype(int))]
-    text = [f"threshold {t:.3f}" for t in curve.thresholds[finite]]
-    fig.add_trace(go.Scatter(x=curve.recall[finite], y=curve.precision[finite], mode="lines", name="precision",
+    line = curve.thinned(MAX_CURVE_POINTS)  # its rates over MAX_CURVE_POINTS thresholds, not 10M
+    finite = np.flatnonzero(np.isfinite(line.thresholds))
+    text = [f"threshold {t:.3f}" for t in line.thresholds[finite]]
+    fig.add_trace(go.Scatter(x=line.recall[finite], y=line.precision[finite], mode="lines", name="precision",
                              line=dict(color=OKABE_ITO[0]), text=text, showlegend=False,
                              hovertemplate="%{text}<br>recall %{x:.3f}<br>precision %{y:.3f}<extra></extra>"),
                   row=1, col=1)
     fig.add_hline(y=curve.prevalence, line=dict(color="#888888", dash="dot"), row=1, col=1)
-    fig.add_trace(go.Scatter(x=curve.fpr[finite], y=curve.recall[finite], mode="lines", name="ROC",
+    fig.add_trace(go.Scatter(x=line.fpr[finite], y=line.recall[finite], mode="lines", name="ROC",
                              line=dict(color=OKABE_ITO[0]), text=text, showlegend=False,
                              hovertemplate="%{text}<br>false-positive rate %{x:.3f}<br>recall %{y:.3f}"
                                            "<extra></extra>"), row=1, col=2)

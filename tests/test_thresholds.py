@@ -78,6 +78,32 @@ def test_the_marked_thresholds_are_the_best_by_brute_force_and_beat_one_half():
     assert cheapest <= best  # missing a positive costs more: the cut moves down
 
 
+def test_the_best_thresholds_are_remembered_per_cost_and_a_thinned_curve_keeps_its_points():
+    """The page asks for the best thresholds on every rerun (a pass over up to 10M thresholds each): the curve
+    computes each once per cost, the same as a fresh curve's; the chart draws a thinned curve whose rates are the
+    full curve's at the thresholds it keeps."""
+    labels, probs = _imbalanced(5000, seed=3)
+    curve, fresh = threshold_curve(labels, probs, positive=1), threshold_curve(labels, probs, positive=1)
+    assert curve.best_f1() == fresh.best_f1() and curve.best_cost(1, 20) == fresh.best_cost(1, 20)
+    assert curve.best_cost(1, 1) == fresh.best_cost(1, 1) != curve.best_cost(1, 20)  # each cost its own
+    calls = []
+    original = type(curve).cost
+    type(curve).cost = lambda self, *a: calls.append(a) or original(self, *a)
+    try:
+        curve.best_cost(1, 20), curve.best_cost(1, 20), curve.best_f1()
+    finally:
+        type(curve).cost = original
+    assert calls == []  # remembered
+    thin = curve.thinned(50)
+    assert len(thin.thresholds) <= 51 and np.isinf(thin.thresholds[0])
+    assert thin.thresholds[1] == curve.thresholds[1] and thin.thresholds[-1] == curve.thresholds[-1]
+    kept = np.searchsorted(-curve.thresholds, -thin.thresholds)
+    np.testing.assert_array_equal(curve.thresholds[kept], thin.thresholds)
+    for rate in ("precision", "recall", "fpr", "f1"):
+        np.testing.assert_allclose(getattr(thin, rate), getattr(curve, rate)[kept])
+    assert curve.thinned(len(curve.thresholds)) is curve
+
+
 def test_one_class_against_the_rest_and_refusals():
     rng = np.random.default_rng(3)
     probs = rng.dirichlet(np.ones(3), 300)

@@ -131,7 +131,7 @@ else:
 
 # ------------------------------------------------------------------------------------------------------ threshold
 from analyzers.errors import AnalyzerError  # noqa: E402
-from analyzers.evaluation.thresholds import THRESHOLDS, save_threshold, slice_metrics_at  # noqa: E402
+from analyzers.evaluation.thresholds import THRESHOLDS, save_threshold  # noqa: E402
 from dashboard import access  # noqa: E402
 
 st.subheader("Decision threshold: one class against the rest")
@@ -153,9 +153,7 @@ components.threshold_view(curve, threshold, cost_fp=cost_fp, cost_fn=cost_fn, po
 slices = data.optional_table(run, "slices.parquet")
 if slices is not None and len(slices):
     st.markdown("**Inside each error slice, at this threshold**")
-    table = pd.DataFrame(slice_metrics_at(run.sample_table["label"].to_numpy(), run.probs, slices.head(10),
-                                          run.sample_table, positive=int(positive), threshold=threshold,
-                                          rows=data.slice_rows(run, 10)))
+    table = pd.DataFrame(data.slice_metrics_at(run, int(positive), float(threshold)))
     bar = st.column_config.NumberColumn(format="%.3f")
     st.dataframe(table, hide_index=True, column_config={"precision": bar, "recall": bar, "f1": bar,
                                                         "prevalence": bar})
