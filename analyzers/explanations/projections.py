@@ -367,8 +367,9 @@ def projection_table(ids, projection: Projection) -> pd.DataFrame:
 
 
 # Parquet's dictionary encoding only pays for repeated values: sample ids are unique and coordinates nearly so. A
-# 10M-row table took 0.65 s to write and 0.67 s to read with it, 0.40 s and 0.27 s without, in 10% less space.
-PROJECTION_PARQUET = {"use_dictionary": False}
+# 10M-row table took 0.65 s to write and 0.67 s to read with it, 0.40 s and 0.27 s without, in 10% less space; LZ4
+# instead of snappy then 0.37 s and 0.12 s, in the same space (uncompressed: 0.31 s, 0.07 s, 33% more).
+PROJECTION_PARQUET = {"use_dictionary": False, "compression": "lz4"}
 
 
 def projection_relpath(layer: str, method: str, dims: int) -> str:
