@@ -49,6 +49,11 @@ def row_blocks(array: np.ndarray, rows: int):
             release(block)
 
 
+def rows_per_block(array: np.ndarray, nbytes: int) -> int:
+    """How many of `array`'s rows fit in `nbytes` (at least one): the block size of a pass with `row_blocks`."""
+    return max(1, int(nbytes) // max(1, array[:1].nbytes))
+
+
 FINITE_BLOCK_BYTES = 32 << 20
 
 
@@ -58,8 +63,8 @@ def all_finite(array: np.ndarray) -> bool:
     are handed back as it goes."""
     if array.ndim == 0 or array.dtype.kind not in "fc":
         return bool(np.isfinite(array).all())
-    rows = max(1, FINITE_BLOCK_BYTES // max(1, array[:1].nbytes))
-    return all(bool(np.isfinite(block).all()) for _, _, block in row_blocks(array, rows))
+    return all(bool(np.isfinite(block).all())
+               for _, _, block in row_blocks(array, rows_per_block(array, FINITE_BLOCK_BYTES)))
 
 
 def take_rows(array: np.ndarray, rows: np.ndarray, *, block_rows: int) -> np.ndarray:

@@ -293,24 +293,21 @@ def _run_here(model_spec, data_spec, out: Path, *, model, data_options, param_op
     """A run whose analyses run in this process (on `model`, which may be a sandboxed worker's), its inference by
     `write_outputs` (`write_run_files_with`)."""
     # the stages' imports (0.8 s of scikit-learn) run while the data is read and hashed, which wait on the disk and
-    # release the GIL; they are joined before inference (`write_run_files_with`)
+    # release the GIL; joined once it is read, whatever happens, so that none goes on beside inference or the caller
     imports = _import_in_background(stages)
     try:
         dataset = load_dataset(data_spec, model=model, **data_options)
         model = read_for_task(model, dataset.task)
         check_dataset(dataset, model)
         params = run_parameters(model, **param_options)
-        reused = _reuse_or_refuse(out, model.sha256, dataset.sha256, params, overwrite)
-    except BaseException:
-        imports.join()  # nothing goes on importing beside the caller once the run has ended
-        raise
-    if reused:
+    finally:
         imports.join()
+    if _reuse_or_refuse(out, model.sha256, dataset.sha256, params, overwrite):
         report("done", 1.0)
         return out
     with staged_run(out, replace=overwrite) as stage_dir:
         summary = write_run_files_with(write_outputs, model, dataset, stage_dir, params=params, stages=stages,
-                                       device=device, progress=progress, report=report, imports=imports)
+                                       device=device, progress=progress, report=report)
         carry_derived_files(out, stage_dir, model_sha=model.sha256, dataset_sha=dataset.sha256)
         checked = check_run_files(stage_dir, num_samples=len(dataset), num_classes=model.num_classes,
                                   task=dataset.task)
@@ -413,12 +410,11 @@ def write_label_matrix(stage_dir: Path, dataset: Dataset) -> None:
 
 
 def write_run_files_with(write_outputs, model, dataset, stage_dir, *, params: dict, stages, device: str = "cpu",
-                         progress: bool = False, report: Callable[[str, float], None] | None = None,
-                         imports: threading.Thread | None = None) -> dict:
+                         progress: bool = False, report: Callable[[str, float], None] | None = None) -> dict:
     """`write_run_files` with the inference of `write_outputs` (`write_predictions`, or another engine's).
-    `imports` is the caller's `_import_in_background` of the stages, started while it loaded the data; else
-    they are imported here. Either way they are done before inference starts: a thread importing beside the
-    forward pass takes the GIL from it between operations (100k images: inference 6.8 s beside it, 6.3 s after)."""
+    The stages' modules are imported before inference starts (`_run_here` imports them while it reads the data;
+    a sandboxed worker here): a thread importing beside the forward pass takes the GIL from it between
+    operations (100k images: inference 6.8 s beside it, 6.3 s after)."""
     import torch
 
     report = report or (lambda stage, fraction: None)
@@ -429,7 +425,7 @@ def write_run_files_with(write_outputs, model, dataset, stage_dir, *, params: di
     torch.manual_seed(seed)
     np.random.seed(seed)
     timings = {}
-    (imports or _import_in_background(stages)).join()
+    _import_stage_modules(stages)  # at once where `_run_here` imported them already
     started = time.perf_counter()
     report("inference", 0.0)
     predictions, samples, engine = write_outputs(model, dataset, stage_dir, params=params, device=device,
@@ -453,19 +449,20 @@ def write_run_files_with(write_outputs, model, dataset, stage_dir, *, params: di
 def _import_in_background(stages) -> threading.Thread:
     """A started thread importing the modules of `stages` and what they use (`STAGE_IMPORTS`). A module that
     fails to import is left for its stage, which then says why it was skipped."""
-    names = [target.partition(":")[0] for _, target in stages]
-    names += [module for name, _ in stages for module in STAGE_IMPORTS.get(name, ())]
-
-    def run():
-        for module in dict.fromkeys(names):
-            try:
-                importlib.import_module(module)
-            except Exception:  # noqa: BLE001 - the stage imports it again and reports the failure as its reason
-                LOG.debug("background import of %s failed", module, exc_info=True)
-
-    thread = threading.Thread(target=run, name="stage imports", daemon=True)
+    thread = threading.Thread(target=_import_stage_modules, args=(stages,), name="stage imports", daemon=True)
     thread.start()
     return thread
+
+
+def _import_stage_modules(stages) -> None:
+    """Import the modules of `stages` and what they use (`STAGE_IMPORTS`); one that fails is left for its stage."""
+    names = [target.partition(":")[0] for _, target in stages]
+    names += [module for name, _ in stages for module in STAGE_IMPORTS.get(name, ())]
+    for module in dict.fromkeys(names):
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - the stage imports it again and reports the failure as its reason
+            LOG.debug("import of %s for its stage failed", module, exc_info=True)
 
 
 def attention_layers(model, x) -> list | None:

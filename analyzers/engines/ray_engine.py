@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import AnalyzerError, first_line
 from ..arrays import row_blocks
+from ..errors import AnalyzerError, first_line
 from ..loading.scratch import process_scratch
 
 # rows per part of the samples table: parts of about this many rows keep a 10M-row run at ~150 files (one row

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..arrays import all_finite, row_blocks, take_rows
+from ..arrays import all_finite, row_blocks, rows_per_block, take_rows
 from ..errors import AnalyzerError, InvalidOption
 
 METHODS = ("pca", "tsne", "umap")
@@ -59,15 +59,10 @@ def _as_matrix(embeddings) -> np.ndarray:
     # checked a block at a time (np.isfinite of 10M x 16 activations is a 160 MB mask), rows counted only when a value
     # is bad: all(axis=1) took 0.24 s over those 10M rows, all() 0.04 s
     if not all_finite(x):
-        bad = sum(int((~np.isfinite(block).all(axis=1)).sum()) for _, _, block in row_blocks(x, _block_rows(x)))
+        bad = sum(int((~np.isfinite(block).all(axis=1)).sum()) for _, _, block in row_blocks(x, rows_per_block(x, BLOCK_BYTES)))
         raise AnalyzerError(f"{bad} embedding rows hold NaN or inf: the layer's activations overflowed; "
                             f"check the model")
     return x
-
-
-def _block_rows(x: np.ndarray) -> int:
-    """Rows of `x` in BLOCK_BYTES."""
-    return max(1, BLOCK_BYTES // max(1, x[:1].nbytes))
 
 
 def pca(x: np.ndarray, n_components: int, *, seed: int = 0, fit_sample: int = PCA_FIT_SAMPLE,
@@ -84,11 +79,11 @@ def pca(x: np.ndarray, n_components: int, *, seed: int = 0, fit_sample: int = PC
     rows = None
     if len(x) > fit_sample:
         rows = np.sort(np.random.default_rng(seed).choice(len(x), size=fit_sample, replace=False))
-        estimator.fit(take_rows(x, rows, block_rows=_block_rows(x)))
+        estimator.fit(take_rows(x, rows, block_rows=rows_per_block(x, BLOCK_BYTES)))
         if map_rows is None:
             # a block at a time: transform() centres a copy of its input, 640 MB for 10M x 16 activations
             coords = np.empty((len(x), n_components), np.float32)
-            for start, stop, block in row_blocks(x, _block_rows(x)):
+            for start, stop, block in row_blocks(x, rows_per_block(x, BLOCK_BYTES)):
                 coords[start:stop] = estimator.transform(block)
         else:
             coords = map_rows(estimator.transform, x)
