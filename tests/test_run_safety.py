@@ -250,3 +250,26 @@ def test_a_run_is_replaced_only_when_asked_and_keeps_what_was_derived_from_the_s
     np.savez(tmp_path / "part.npz", x=digits.x[data], y=digits.y[data])
     run_analysis("sample:digits", str(tmp_path / "part.npz"), out, analyses=["evaluation"], overwrite=True)
     assert not (out / "explanations").exists() and not on_demand.exists()  # another dataset: nothing carried
+
+
+def test_a_link_planted_in_a_run_takes_no_write_out_of_it(tmp_path, sample_run_dir):
+    """A run folder whose `projections/` links elsewhere: storing a projection there (the dashboard's warm-up does as
+    soon as the run opens) is refused in one line naming the file, and nothing is written where the link leads."""
+    import shutil
+
+    from analyzers.explanations.projections import ensure_projection
+    from analyzers.loading.run_checks import RunDamaged
+    from analyzers.loading.runs import open_run
+    from dashboard import data
+
+    run_dir, outside = tmp_path / "run", tmp_path / "outside"
+    shutil.copytree(sample_run_dir("digits"), run_dir, ignore=shutil.ignore_patterns("projections"))
+    outside.mkdir()
+    (run_dir / "projections").symlink_to(outside, target_is_directory=True)
+    run = open_run(run_dir)
+    with pytest.raises(RunDamaged, match=r"^projections/fc2-pca-2d.parquet in the run at .* is damaged \(a link "
+                                         r"in the run leads it out of the run folder\)"):
+        ensure_projection(run, "fc2", "pca", 2)
+    data._warm_projection(run)
+    assert list(outside.iterdir()) == []
+    assert run.file("embeddings/fc2.npy") == run_dir / "embeddings" / "fc2.npy"  # the run's own files as before

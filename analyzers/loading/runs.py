@@ -417,7 +417,13 @@ class Run:
         return array
 
     def file(self, relpath: str) -> Path:
-        return self.path / relpath
+        """Where `relpath` of the run is, for reading or writing; a path that a link inside the run (a planted
+        `projections -> /elsewhere`) leads out of the run folder is refused, so that no write follows it there (the
+        dashboard's warm-up stores a missing PCA as soon as a run opens)."""
+        path = self.path / relpath
+        if not path.resolve().is_relative_to(self.path.resolve()):
+            raise damaged(relpath, self.path, "a link in the run leads it out of the run folder")
+        return path
 
     def check_every_file(self, *, footer_above: int | None = None) -> None:
         """Read every file a page or an analysis may read, by its rules; raise RunDamaged for the first broken one.
