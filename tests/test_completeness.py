@@ -49,9 +49,12 @@ def _relative_gap(attr: np.ndarray, difference: np.ndarray) -> np.ndarray:
 # --- SHAP ----------------------------------------------------------------------------------------------------------
 
 def test_shap_values_are_those_of_shaps_gradient_explainer():
-    """The expected gradients computed here use shap's draws: the very values of shap.GradientExplainer, for
-    several classes, a background whose size is no power of two and gradients taken a few draws at a time."""
+    """The expected gradients computed here use shap's draws: each sample's values are shap.GradientExplainer's on
+    that sample alone, with the sample's own seed as rseed, for several classes, a background whose size is no
+    power of two and gradients taken a few draws at a time across samples."""
     import shap
+
+    from analyzers.explanations.attributions import sample_seeds
 
     torch.manual_seed(0)
     model = TinyCNN().eval()
@@ -60,12 +63,13 @@ def test_shap_values_are_those_of_shaps_gradient_explainer():
     targets = np.array([0, 2, 1, 0, 2])
     ours = explain(model, x, targets, "shap", background=background, nsamples=40, seed=3, batch_size=16,
                    check_completeness=False)
+    seeds = sample_seeds(x, 3)
+    assert len(set(seeds.tolist())) == len(x)  # five samples, five streams of draws
     expected = np.zeros_like(x)
-    for cls in np.unique(targets):
-        rows = np.flatnonzero(targets == cls)
+    for i, cls in enumerate(targets):
         explainer = shap.GradientExplainer(_TargetScore(model, int(cls)), torch.as_tensor(background), batch_size=16)
-        values = explainer.shap_values(torch.as_tensor(x[rows]), nsamples=40, rseed=3)
-        expected[rows] = np.asarray(values).reshape(len(rows), 1, 8, 8)
+        values = explainer.shap_values(torch.as_tensor(x[i:i + 1]), nsamples=40, rseed=int(seeds[i]))
+        expected[i] = np.asarray(values).reshape(1, 8, 8)
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-8)
 
 
@@ -159,9 +163,12 @@ def test_integrated_gradients_through_explain_double_their_steps_and_agree_with_
 # --- SmoothGrad, both variants ---------------------------------------------------------------------------------------
 
 def test_smoothgrad_is_smilkovs_mean_gradient_and_smoothgrad_abs_the_mean_of_its_magnitude():
-    """Against autograd on the same noise draws (Captum's NoiseTunnel draws torch.normal(0, std) for every
-    noisy copy, each input repeated nt_samples times), on a ReLU net near its kinks, where the gradient's signs
-    flip under the noise: |mean ∇| there is much smaller than mean |∇|, so swapping the variants fails."""
+    """Against autograd on the same noise draws (each sample's nt_samples noisy copies drawn as Captum's
+    NoiseTunnel draws them for that sample alone after torch.manual_seed(its own seed): torch.normal(0, std)), on a
+    ReLU net near its kinks, where the gradient's signs flip under the noise: |mean ∇| there is much smaller than
+    mean |∇|, so swapping the variants fails."""
+    from analyzers.explanations.attributions import sample_seeds
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
     with torch.no_grad():
@@ -171,8 +178,11 @@ def test_smoothgrad_is_smilkovs_mean_gradient_and_smoothgrad_abs_the_mean_of_its
     results = {m: explain(model, x, 1, m, nt_samples=k, stdevs=stdevs, seed=seed, details=True)
                for m in ("smoothgrad", "smoothgrad_abs")}
     std = stdevs * float(x.max() - x.min())  # noise std: a fraction of the inputs' value range
-    torch.manual_seed(seed)
-    noisy = torch.as_tensor(x).repeat_interleave(k, 0) + torch.normal(0, torch.full((len(x) * k, 5), std))
+    noise = []
+    for sample_seed in sample_seeds(x, seed):
+        torch.manual_seed(int(sample_seed))
+        noise.append(torch.normal(0, torch.full((k, 5), std)))
+    noisy = torch.as_tensor(x).repeat_interleave(k, 0) + torch.cat(noise)
     noisy.requires_grad_()
     grads, = torch.autograd.grad(model(noisy)[:, 1].sum(), noisy)
     grads = grads.reshape(len(x), k, 5).numpy()
@@ -185,6 +195,56 @@ def test_smoothgrad_is_smilkovs_mean_gradient_and_smoothgrad_abs_the_mean_of_its
                                               "noise_range_of": "inputs", "seed": seed}
     assert {"smoothgrad", "smoothgrad_abs"} <= set(RANDOM_METHODS)
     assert "Smilkov" in METHODS["smoothgrad"].description and "mean |∇|" in METHODS["smoothgrad_abs"].label
+
+
+def test_smoothgrad_of_each_sample_is_captums_noise_tunnel_on_that_sample_alone():
+    """Captum's NoiseTunnel(Saliency) on one sample after torch.manual_seed(the sample's seed) gives that sample's
+    map, for both variants, with the copies run a few at a time (nt_samples_batch_size) on a small CNN."""
+    import captum.attr as ca
+
+    from analyzers.explanations.attributions import sample_seeds
+
+    torch.manual_seed(1)
+    model = TinyCNN().eval()
+    rng = np.random.default_rng(4)
+    x, background = rng.random((3, 1, 8, 8), dtype=np.float32), rng.random((9, 1, 8, 8), dtype=np.float32)
+    targets = np.array([2, 0, 1])
+    std = 0.2 * float(background.max() - background.min())
+    for method, magnitude in (("smoothgrad", False), ("smoothgrad_abs", True)):
+        ours = explain(model, x, targets, method, nt_samples=10, stdevs=0.2, background=background, seed=5,
+                       batch_size=1)
+        for i, sample_seed in enumerate(sample_seeds(x, 5)):
+            torch.manual_seed(int(sample_seed))
+            theirs = ca.NoiseTunnel(ca.Saliency(model)).attribute(
+                torch.as_tensor(x[i:i + 1]), nt_type="smoothgrad", nt_samples=10, stdevs=std,
+                nt_samples_batch_size=10, target=int(targets[i]), abs=magnitude).detach().numpy()[0]
+            np.testing.assert_allclose(ours[i], theirs if magnitude else np.abs(theirs), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["smoothgrad", "smoothgrad_abs", "shap", "lime"])
+def test_a_random_methods_map_of_a_sample_does_not_depend_on_its_batch(method):
+    """A sample's draws come from the seed and the sample itself: its map is the same explained alone, in batches
+    of 2 or of all, and with the samples in reverse order; another seed gives another map, and an identical
+    sample (rows 0 and 4) the same one."""
+    torch.manual_seed(2)
+    model = TinyCNN().eval()
+    rng = np.random.default_rng(5)
+    x, background = rng.random((5, 1, 8, 8), dtype=np.float32), rng.random((7, 1, 8, 8), dtype=np.float32)
+    x[4] = x[0]
+    targets = np.array([1, 0, 2, 2, 1])
+    options = {"background": background, "seed": 11, "check_completeness": False}
+    # LIME's fit of 64 patches on 150 draws is well posed: on fewer draws than features the unregularised fit blows
+    # up the float differences of a forward at another batch size (1e-7) into its weights
+    options.update({"shap": {"nsamples": 20}, "lime": {"n_samples": 150}}.get(method, {"nt_samples": 6}))
+    together = explain(model, x, targets, method, batch_size=len(x), **options)
+    for batch_size in (1, 2):
+        np.testing.assert_allclose(explain(model, x, targets, method, batch_size=batch_size, **options), together,
+                                   rtol=1e-5, atol=1e-7)
+    reverse = explain(model, x[::-1].copy(), targets[::-1].copy(), method, batch_size=3, **options)
+    np.testing.assert_allclose(reverse[::-1], together, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(together[4], together[0])
+    other = explain(model, x, targets, method, batch_size=len(x), **{**options, "seed": 12})
+    assert np.abs(other - together).max() > 1e-3 * np.abs(together).max()
 
 
 # --- the settings of every map of a run --------------------------------------------------------------------------------

@@ -371,8 +371,8 @@ def explain_on_ray(run, model, x: np.ndarray, targets: np.ndarray, mask, methods
     {method: (attributions, faithfulness table)} or {method: the reason it does not apply}.
 
     Each actor loads the run's model as `RayInference` does (the checked file's bytes, never a driver's path) and
-    explains whole blocks of `batch_size` samples. A deterministic method's maps and scores are an in-process
-    run's; SmoothGrad's, SHAP's and LIME's draws are seeded per block, as another batch size's would differ."""
+    explains whole blocks of `batch_size` samples. Every method's maps and scores are an in-process run's: the random
+    methods' draws are each sample's own (`attributions.sample_seeds`), whatever block it is in."""
     import pandas as pd
 
     info = run.info["model"]

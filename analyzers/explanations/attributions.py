@@ -18,6 +18,7 @@ import dataclasses
 import math
 import threading
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,6 +172,27 @@ def per_standard_deviation(attributions, x_all) -> np.ndarray:
     own units (Integrated Gradients, input x gradient, occlusion, SHAP) the scale is already comparable."""
     spread = np.asarray(x_all, dtype=np.float64).std(axis=0)
     return (np.asarray(attributions, dtype=np.float64) * spread).astype(np.float32)
+
+
+# A random method's draws for a sample come from `seed` and the sample's own bytes, never from its batch or its place
+# in one: a sample's map is the same alone (a dashboard click), among others (the explain command), at any batch size
+# and in any block of a Ray actor pool. Two identical samples get the same draws, and so the same map.
+
+def _sample_entropy(x, seed: int) -> list:
+    return [[int(seed), zlib.crc32(np.ascontiguousarray(row).tobytes())] for row in np.asarray(x)]
+
+
+def sample_rngs(x, seed: int) -> list:
+    """One numpy Generator per sample (row of `x`), seeded by `seed` and the sample's bytes."""
+    return [np.random.default_rng(entropy) for entropy in _sample_entropy(x, seed)]
+
+
+def sample_seeds(x, seed: int) -> np.ndarray:
+    """One integer seed per sample (uint32, what `np.random.seed`, `RandomState` and `torch.manual_seed` take), from
+    `seed` and the sample's bytes: for the libraries that draw from a seeded legacy or torch generator (shap's
+    `rseed`, Captum's noise and perturbations)."""
+    return np.asarray([np.random.SeedSequence(entropy).generate_state(1)[0]
+                       for entropy in _sample_entropy(x, seed)], dtype=np.uint32)
 
 
 def seeded_sample(x, seed: int, size: int = BACKGROUND_SIZE) -> np.ndarray:
@@ -571,8 +593,9 @@ def _token_gradcam(fn, layer: nn.Module, x: torch.Tensor, target: torch.Tensor, 
 
 
 def _token_attribute(method: str, fn, module: nn.Module, embedding: str, x: torch.Tensor, target: torch.Tensor,
-                     layout, *, opts: dict, base: torch.Tensor | None) -> torch.Tensor:
-    """One batch of a token model: per-token scores (N, L), summed over the embedding's width."""
+                     layout, *, opts: dict, base: torch.Tensor | None, seeds: np.ndarray | None) -> torch.Tensor:
+    """One batch of a token model: per-token scores (N, L), summed over the embedding's width. `seeds`: each
+    sample's own (`sample_seeds`), for LIME."""
     import captum.attr as ca
 
     length = layout.token_length
@@ -581,7 +604,7 @@ def _token_attribute(method: str, fn, module: nn.Module, embedding: str, x: torc
     if method == "gradcam":
         return _token_gradcam(fn, resolve_layer(module, opts["layer"]), x, target, tokens=length)[0]
     if method == "lime":  # on the ids themselves, as occlusion: a removed token becomes the pad id
-        return _lime_tokens(fn, x, target, base, length, opts=opts)
+        return _lime_tokens(fn, x, target, base, length, opts=opts, seeds=seeds)
     layer = resolve_layer(module, embedding)
     if method in ("saliency", "input_x_gradient"):
         attr = ca.LayerGradientXActivation(fn, layer, multiply_by_inputs=method == "input_x_gradient").attribute(
@@ -644,7 +667,8 @@ def _occlusion_shapes(sample_shape: tuple, window, stride) -> tuple[tuple, tuple
 # by Captum's exponential kernel exp(-D^2 / (2 w^2)) on the Euclidean distance D of z from the all-kept vector
 # (sqrt of the number of features removed), with w = kernel_width * sqrt(d). The distance is taken in the
 # interpretable space, not between inputs, so w means the same for pixels, raw table units and token ids. Each
-# sample is fitted on its own, its draws seeded with `seed` afresh, so its map does not depend on the batch.
+# sample is fitted on its own, its draws seeded with its own seed (`sample_seeds`), so its map does not depend on
+# the batch.
 
 def _lime_window(sample_shape: tuple, modality: str, window) -> tuple | None:
     """LIME's superpixel (an image's patch height and width) or window (a sequence's positions), in input units;
@@ -710,35 +734,37 @@ def _one_blas_thread():
     return threadpool_limits(1, user_api="blas")
 
 
-def _lime_one(fn, x: torch.Tensor, base: torch.Tensor, target: int, mask: torch.Tensor, *, opts: dict
+def _lime_one(fn, x: torch.Tensor, base: torch.Tensor, target: int, mask: torch.Tensor, *, opts: dict, seed: int
               ) -> torch.Tensor:
-    """One sample (1, ...) through Captum's Lime: the linear model's weights, one per interpretable feature (d,)."""
+    """One sample (1, ...) through Captum's Lime: the linear model's weights, one per interpretable feature (d,).
+    `seed`: the sample's own (`sample_seeds`)."""
     import captum.attr as ca
     from captum._utils.models.linear_model import SkLearnLinearRegression
 
     features = int(mask.max()) + 1
     lime = ca.Lime(fn, interpretable_model=SkLearnLinearRegression(),
                    similarity_func=_lime_similarity(features, opts["kernel_width"]))
-    torch.manual_seed(opts["seed"])  # inside `_private_rng`: Captum draws z from torch's global generator
+    torch.manual_seed(int(seed))  # inside `_private_rng`: Captum draws z from torch's global generator
     with torch.no_grad():
         coefs = lime.attribute(x, baselines=base, target=target, feature_mask=mask, n_samples=opts["n_samples"],
                                perturbations_per_eval=opts["per_eval"], return_input_shape=False)
     return coefs.reshape(-1).float().to(x.device)
 
 
-def _lime_attribute(fn, x: torch.Tensor, target: torch.Tensor, base: torch.Tensor, *, opts: dict) -> torch.Tensor:
+def _lime_attribute(fn, x: torch.Tensor, target: torch.Tensor, base: torch.Tensor, *, opts: dict,
+                    seeds: np.ndarray) -> torch.Tensor:
     """A batch of images, sequences or rows: each sample's LIME weights spread over their features' positions."""
     mask = torch.as_tensor(opts["mask"], device=x.device)
     out = torch.zeros_like(x)
     with _one_blas_thread():
         for i in range(len(x)):
-            coefs = _lime_one(fn, x[i:i + 1], base[i:i + 1], int(target[i]), mask[None], opts=opts)
+            coefs = _lime_one(fn, x[i:i + 1], base[i:i + 1], int(target[i]), mask[None], opts=opts, seed=seeds[i])
             out[i] = coefs[mask]
     return out
 
 
-def _lime_tokens(fn, x: torch.Tensor, target: torch.Tensor, base: torch.Tensor, length: int, *, opts: dict
-                 ) -> torch.Tensor:
+def _lime_tokens(fn, x: torch.Tensor, target: torch.Tensor, base: torch.Tensor, length: int, *, opts: dict,
+                 seeds: np.ndarray) -> torch.Tensor:
     """A batch of packed token rows: one interpretable feature per token that is not already the pad id (removing
     it makes it the pad id, its attention mask kept, as occlusion does); pad positions get 0. LIME perturbs only
     those token ids, and the function it explains writes them back into the sample's packed row."""
@@ -756,7 +782,8 @@ def _lime_tokens(fn, x: torch.Tensor, target: torch.Tensor, base: torch.Tensor, 
                 return fn(full)
 
             mask = torch.arange(len(live), device=x.device)[None]
-            out[i, live] = _lime_one(forward, row[:, live], base[i:i + 1, live], int(target[i]), mask, opts=opts)
+            out[i, live] = _lime_one(forward, row[:, live], base[i:i + 1, live], int(target[i]), mask, opts=opts,
+                                     seed=seeds[i])
     return out
 
 
@@ -791,8 +818,9 @@ def _rollout_image(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _attribute(method: str, scores: nn.Module, module: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
-               opts: dict, base: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One batch through Captum/shap: (attributions shaped like x, Grad-CAM's raw map or None)."""
+               opts: dict, base: torch.Tensor | None, seeds: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One batch through Captum/shap: (attributions shaped like x, Grad-CAM's raw map or None). `seeds`: each
+    sample's own (`sample_seeds`), for the random methods."""
     import captum.attr as ca
 
     fn = _callable_scores(scores)
@@ -807,12 +835,7 @@ def _attribute(method: str, scores: nn.Module, module: nn.Module, x: torch.Tenso
                                                     internal_batch_size=opts["internal_batch_size"])
         return attr, None
     if method in ("smoothgrad", "smoothgrad_abs"):
-        # NoiseTunnel's "smoothgrad" is the mean of the inner attributions over the noisy copies: of the raw
-        # gradients (Saliency abs=False) for Smilkov et al.'s |mean ∇|, of their magnitudes for mean |∇|
-        tunnel = ca.NoiseTunnel(ca.Saliency(fn))
-        attr = tunnel.attribute(x, nt_type="smoothgrad", nt_samples=opts["nt_samples"], stdevs=opts["noise_std"],
-                                nt_samples_batch_size=opts["nt_batch"], target=target,
-                                abs=method == "smoothgrad_abs")
+        attr = _smoothgrad(fn, x, target, opts=opts, seeds=seeds, magnitude=method == "smoothgrad_abs")
         return (attr.abs() if method == "smoothgrad" else attr), None
     if method == "guided_backprop":
         with warnings.catch_warnings():  # its note that it sets (and removes) backward hooks on the ReLUs
@@ -831,8 +854,35 @@ def _attribute(method: str, scores: nn.Module, module: nn.Module, x: torch.Tenso
         up = ca.LayerAttribution.interpolate(raw, tuple(x.shape[2:]), interpolate_mode=_interpolate_mode(x.ndim))
         return up.expand(-1, x.shape[1], *([-1] * (x.ndim - 2))).contiguous(), raw
     if method == "lime":
-        return _lime_attribute(fn, x, target, base, opts=opts), None
+        return _lime_attribute(fn, x, target, base, opts=opts, seeds=seeds), None
     raise AnalyzerError(f"unknown method {method!r}")  # guarded by explain(); kept for direct callers
+
+
+def _smoothgrad(fn, x: torch.Tensor, target: torch.Tensor, *, opts: dict, seeds: np.ndarray, magnitude: bool
+                ) -> torch.Tensor:
+    """Captum's NoiseTunnel(Saliency) with nt_type "smoothgrad": the mean of the inner attributions over noisy
+    copies, of the raw gradients (Saliency abs=False) for Smilkov et al.'s |mean ∇| (taken by the caller), of their
+    magnitudes for mean |∇|. Each sample's noise is what NoiseTunnel draws for that sample alone after
+    `torch.manual_seed(its seed)` (torch.normal(0, std) of its copies), where NoiseTunnel on a batch draws one
+    stream for the whole batch; the copies of the batch are then run together, `nt_batch` copies a sample at a
+    time, as NoiseTunnel runs them."""
+    import captum.attr as ca
+
+    copies, std = opts["nt_samples"], opts["noise_std"]
+    shape = tuple(x.shape[1:])
+    with torch.no_grad():
+        noise = torch.empty((len(x), copies, *shape), dtype=x.dtype)
+        for i, seed in enumerate(seeds):
+            noise[i] = torch.normal(0, torch.full((copies, *shape), std, dtype=x.dtype),
+                                    generator=torch.Generator().manual_seed(int(seed)))
+        noisy = (x.detach()[:, None] + noise.to(x.device)).reshape(-1, *shape)
+    targets = target.repeat_interleave(copies)
+    saliency = ca.Saliency(fn)
+    step = len(x) * opts["nt_batch"]
+    # each part a leaf that asks for its gradient (Saliency warns of one that does not), sharing noisy's memory
+    grads = torch.cat([saliency.attribute(part.detach().requires_grad_(), target=aims, abs=magnitude)
+                       for part, aims in zip(torch.split(noisy, step), torch.split(targets, step))])
+    return grads.reshape(len(x), copies, *shape).sum(1) / copies
 
 
 def _shap_draws(rng: np.random.RandomState, background_size: int, rows: int, nsamples: int):
@@ -847,20 +897,22 @@ def _shap_draws(rng: np.random.RandomState, background_size: int, rows: int, nsa
 
 
 def _shap_attribute(scores: nn.Module, x: np.ndarray, targets: np.ndarray, background: np.ndarray, *,
-                    nsamples: int, batch_size: int, seed: int, device) -> np.ndarray:
+                    nsamples: int, batch_size: int, seeds: np.ndarray, device) -> np.ndarray:
     """Expected gradients as shap's GradientExplainer computes them for PyTorch (one input, one output per class,
     no local smoothing): for each sample x, `nsamples` draws of a background row b and of t ~ U(0, 1) from numpy's
-    legacy generator seeded with `seed` for each class explained, in shap's order, and the mean over the draws of
-    grad f(t x + (1 - t) b) * (x - b) in float64. The values of `GradientExplainer(...).shap_values(x, nsamples,
-    rseed=seed)` without its Python loop of tensor copies per draw (a third of a millisecond each, which made
-    doubling nsamples cost seconds per sample): the gradients are taken `batch_size` draws at a time."""
+    legacy generator seeded with the sample's own seed (`seeds`, from `sample_seeds`), in shap's order, and the mean
+    over the draws of grad f(t x + (1 - t) b) * (x - b) in float64. Each sample's values are those of
+    `GradientExplainer(...).shap_values(x[i:i + 1], nsamples, rseed=seeds[i])`, without its Python loop of tensor
+    copies per draw (a third of a millisecond each, which made doubling nsamples cost seconds per sample): the
+    gradients are taken `batch_size` draws at a time, across samples."""
     out = np.zeros(x.shape, dtype=np.float64)
     bg = torch.as_tensor(background, device=device)
     spread = (-1,) + (1,) * (x.ndim - 1)
     for cls in np.unique(targets):
         rows = np.flatnonzero(targets == cls)
         score = _TargetScore(scores, int(cls))
-        rind, t = _shap_draws(np.random.RandomState(seed), len(background), len(rows), nsamples)
+        draws = [_shap_draws(np.random.RandomState(seeds[row]), len(background), 1, nsamples) for row in rows]
+        rind, t = np.concatenate([d[0] for d in draws]), np.concatenate([d[1] for d in draws])
         owner = torch.as_tensor(np.repeat(np.arange(len(rows)), nsamples), device=device)
         picked = torch.as_tensor(rind, device=device)
         inputs = torch.as_tensor(x[rows], device=device)
@@ -927,7 +979,8 @@ def explain(model, inputs, target=None, method: str = "saliency", *, batch_size:
     `BACKGROUND_SIZE` of the inputs, which `ExplainResult.notes` says); `n_samples` (perturbed copies per sample),
     `kernel_width` (a fraction of sqrt(interpretable features)), `window` (an image's superpixel side or a sequence's
     window, in positions; default about 8 x 8 patches or 32 windows) and `baseline` (lime). `seed` fixes the random
-    draws of smoothgrad, shap and lime.
+    draws of smoothgrad, shap and lime: each sample's come from `seed` and its own values (`sample_seeds`), so its
+    map is the same at any batch size, alone or among others.
     `check_completeness` (default on): Integrated Gradients doubles `n_steps` (up to `IG_MAX_STEPS`) and SHAP
     `nsamples` (up to `SHAP_MAX_NSAMPLES`) for each sample whose map misses its score difference by more than the
     tolerance (`completeness.ig_completeness`, `completeness.shap_completeness`); False computes the maps at the
@@ -1027,10 +1080,11 @@ def explain(model, inputs, target=None, method: str = "saliency", *, batch_size:
         out = empty_array((len(x), layout.token_length) if modality == "tokens" else x.shape, dtype=np.float32)
         raws = []
         try:
+            seeds = sample_seeds(x, seed) if method in RANDOM_METHODS else None
             with _private_rng(seed, needed=method in RANDOM_METHODS):
                 if method == "shap":
                     out = _shap_attribute(scores, x, targets, background, nsamples=int(nsamples),
-                                          batch_size=batch_size, seed=seed, device=device)
+                                          batch_size=batch_size, seeds=seeds, device=device)
                 else:
                     for start in range(0, len(x), batch_size):
                         stop = min(start + batch_size, len(x))
@@ -1038,12 +1092,13 @@ def explain(model, inputs, target=None, method: str = "saliency", *, batch_size:
                             method not in ("occlusion", "lime", "attention_rollout"))
                         tb = torch.as_tensor(targets[start:stop], device=device)
                         bb = None if base is None else torch.as_tensor(base[start:stop], device=device)
+                        sb = None if seeds is None else seeds[start:stop]
                         if modality == "tokens":  # no gradient reaches integer ids: they are explained through
                             xb = xb.detach()      # their embedding layer
                             attr, raw = _token_attribute(method, _callable_scores(scores), module, embedding, xb, tb,
-                                                         layout, opts=opts, base=bb), None
+                                                         layout, opts=opts, base=bb, seeds=sb), None
                         else:
-                            attr, raw = _attribute(method, scores, module, xb, tb, opts=opts, base=bb)
+                            attr, raw = _attribute(method, scores, module, xb, tb, opts=opts, base=bb, seeds=sb)
                         block = torch.from_numpy(out[start:stop])
                         block.copy_(attr.detach())  # torch's copy, on its threads, straight into the result
                         if not bool(torch.isfinite(block).all()):  # checked while in cache, not in a pass after

@@ -484,9 +484,9 @@ def sample_map(run, sample_id, method: str, *, target="pred", model=None, datase
     sample id, target class)."""
     run, model, dataset, rows, opts = _sample_setup(run, sample_id, method, model, dataset, options)
     targets = resolve_targets(run, dataset, rows, target, model.num_classes)
-    # "map": 2 since SHAP is checked, settings are stored and smoothgrad is Smilkov's (issue 16): older entries,
-    # which hold mean-|gradient| maps under "smoothgrad", are recomputed
-    key = {"map": 2, "model": model.sha256, "method": method, "options": opts, "id": str(sample_id),
+    # "map": 3 since SmoothGrad's, SHAP's and LIME's draws are each sample's own (`sample_seeds`); 2 since SHAP is
+    # checked, settings are stored and smoothgrad is Smilkov's (issue 16): older entries are recomputed
+    key = {"map": 3, "model": model.sha256, "method": method, "options": opts, "id": str(sample_id),
            "target": int(targets[0]), "seed": seed}
     path = _cache_file(run, "map", key)
     cached = _read_cached(path, shape=dataset.attribution_shape, settings=True)
@@ -514,10 +514,10 @@ def sample_scores(run, explanation: SampleExplanation, *, model=None, dataset=No
     # the map's own target class: resolving "pred" again would read every sample's prediction on every click
     run, model, dataset, rows, opts = _sample_setup(run, sample_id, method, model, dataset, options)
     targets = np.asarray([explanation.target_class], dtype=np.int64)
-    # "scores": 6 since the verdict is over three randomised models; 5 since smoothgrad is Smilkov's and the maps'
-    # own cache moved to "map": 2 (issue 16); 4 when the verdict got its interval, sMPRT and eMPRT: entries from
-    # before are recomputed
-    key = {"scores": 6, "model": model.sha256, "method": method, "options": opts, "id": str(sample_id),
+    # "scores": 7 since the random methods' draws are each sample's own; 6 since the verdict is over three
+    # randomised models; 5 since smoothgrad is Smilkov's and the maps' own cache moved to "map": 2 (issue 16); 4
+    # when the verdict got its interval, sMPRT and eMPRT: entries from before are recomputed
+    key = {"scores": 7, "model": model.sha256, "method": method, "options": opts, "id": str(sample_id),
            "target": int(targets[0]), "sanity": sanity, "seed": seed}
     path = _cache_file(run, "scores", key)
     cached = _read_cached(path, shape=dataset.attribution_shape)

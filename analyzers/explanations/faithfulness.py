@@ -464,7 +464,8 @@ def randomised_correlation(model, inputs, method: str = "saliency", target=None,
     smooth_samples = 0 if layout_of(model).packed else smooth_samples
     key = path = None
     if cache_dir is not None:
-        key = {"check": "randomised", "version": 3, "model": model_fingerprint(model), "method": method,
+        # version 4: the random methods' draws are each sample's own (`attributions.sample_seeds`)
+        key = {"check": "randomised", "version": 4, "model": model_fingerprint(model), "method": method,
                "options": options, "seed": seed, "inputs": np.asarray(x), "targets": targets.tolist(),
                "smooth": [smooth_samples, smooth_noise], "randomisations": int(randomisations)}
         path = _cache_path(cache_dir, key)
@@ -537,7 +538,8 @@ def randomisation_check(model, inputs, method: str | Callable = "saliency", targ
     name = method if isinstance(method, str) else getattr(method, "__name__", "custom")
     key = None
     if cache_dir is not None and sample_ids is not None and isinstance(method, str):
-        key = {"model": model_fingerprint(model), "method": name, "options": options, "seed": seed, "version": 2,
+        # version 3: the random methods' draws are each sample's own (`attributions.sample_seeds`)
+        key = {"model": model_fingerprint(model), "method": name, "options": options, "seed": seed, "version": 3,
                "ids": [str(i) for i in sample_ids], "targets": targets.tolist(), "max_layers": max_layers}
         from ..loading.runs import read_cache_entry
 

@@ -24,14 +24,13 @@ model uses drives the normalised curve from 1 to 0 fastest whichever side of the
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..errors import AnalyzerError, InvalidOption
-from .attributions import _as_batch, _scores_module, _targets, baseline_for
+from .attributions import _as_batch, _scores_module, _targets, baseline_for, sample_rngs
 from ..guard import analysis_mode, unwrap
 from ..engines.inference import class_log_probs, module_device
 from ..loading.inputs import layout_of
@@ -172,12 +171,6 @@ def _importance(attr: np.ndarray) -> np.ndarray:
     return attr.reshape(len(attr), -1) if attr.ndim == 2 else attr.sum(axis=1).reshape(len(attr), -1)
 
 
-def _sample_rngs(x: np.ndarray, seed: int) -> list:
-    """One generator per sample, seeded by `seed` and the sample's own bytes: a sample gets the same random order
-    and noise alone (a dashboard click) as among others (the explain command), wherever it sits in the batch."""
-    return [np.random.default_rng([seed, zlib.crc32(np.ascontiguousarray(row).tobytes())]) for row in x]
-
-
 def _ranks(order: np.ndarray) -> np.ndarray:
     """ranks[i, p]: where position p comes in sample i's order (0 first)."""
     ranks = np.empty_like(order)
@@ -288,7 +281,7 @@ def deletion_insertion(model, inputs, attributions, target=None, *, steps: int =
         rankings = [_ranks(order)]
         if random_order:
             # a random permutation read as ranks is a uniformly random order of removal
-            rankings.append(np.stack([rng.permutation(positions) for rng in _sample_rngs(x, seed)]))
+            rankings.append(np.stack([rng.permutation(positions) for rng in sample_rngs(x, seed)]))
         curves = np.zeros((2 * len(rankings), len(x), steps + 1), np.float32)
         per_chunk = max(1, batch_size // (2 * len(rankings) * (steps + 1)))
         for start in range(0, len(x), per_chunk):
@@ -475,7 +468,7 @@ def noisy_linear_imputation(inputs, removed, *, noise: float = ROAD_NOISE, seed:
     out = _linear_imputation(x, mask)
     if noise > 0:
         scale = noise * _spread(x)
-        for i, rng in enumerate(_sample_rngs(np.asarray(inputs, dtype=np.float32), seed)):
+        for i, rng in enumerate(sample_rngs(np.asarray(inputs, dtype=np.float32), seed)):
             out[i] += np.where(mask[i][None], rng.standard_normal(x.shape[1:]) * scale[i], 0.0)
     return out.astype(np.float32)
 
@@ -510,7 +503,7 @@ def road(model, inputs, attributions, target=None, *, fractions=ROAD_FRACTIONS, 
     grid = x.shape[2:]
     importance = _importance(attr)
     positions = importance.shape[1]
-    rngs = _sample_rngs(x, seed)
+    rngs = sample_rngs(x, seed)
     tiebreak = np.stack([rng.random(positions) for rng in rngs])
     counts = np.minimum(np.floor(f * positions + 1e-9).astype(int), positions - 1)
     masks = 2 * len(f)
