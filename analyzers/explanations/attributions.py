@@ -872,9 +872,8 @@ def _smoothgrad(fn, x: torch.Tensor, target: torch.Tensor, *, opts: dict, seeds:
     shape = tuple(x.shape[1:])
     with torch.no_grad():
         noise = torch.empty((len(x), copies, *shape), dtype=x.dtype)
-        for i, seed in enumerate(seeds):
-            noise[i] = torch.normal(0, torch.full((copies, *shape), std, dtype=x.dtype),
-                                    generator=torch.Generator().manual_seed(int(seed)))
+        for i, seed in enumerate(seeds):  # in place: the values of torch.normal(0, a tensor of std), no such tensor
+            noise[i].normal_(0, std, generator=torch.Generator().manual_seed(int(seed)))
         noisy = (x.detach()[:, None] + noise.to(x.device)).reshape(-1, *shape)
     targets = target.repeat_interleave(copies)
     saliency = ca.Saliency(fn)
