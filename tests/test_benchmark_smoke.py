@@ -58,6 +58,9 @@ def test_run_rows_are_ratios_to_the_forward_floor_of_each_size(quick_result):
         assert row["floor"] == "forward" and row["floor_seconds"] == pytest.approx(floor, abs=1e-3)
         assert row["ratio"] == pytest.approx(row["seconds"] / row["floor_seconds"], rel=1e-2)
         assert row["met"] == (row["ratio"] <= 1.5)
+    # the stages' imports, start-up cost measured apart in each size's fresh worker (it has no target of its own)
+    imports = [r for r in _rows(document, "run") if r["what"].startswith("start-up: the stages' imports")]
+    assert [r["n"] for r in imports] == [200, 400] and all(r["seconds"] > 0 and r["target"] is None for r in imports)
     memory = [r for r in _rows(document, "memory") if r["unit"] == "MiB" and r["target"] is not None]
     assert [r["n"] for r in memory] == [200, 400]
     assert all(math.isfinite(r["value"]) and r["met"] == (r["value"] <= 1536) for r in memory)
