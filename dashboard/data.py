@@ -285,12 +285,9 @@ def subset_metrics(run: Run, rows: np.ndarray) -> dict:
 
 @st.cache_resource(hash_funcs=HASH, show_spinner=False, max_entries=8)
 def _calibration(run: Run):
-    """(read-only; shared) The top-label reliability bins of every sample, from the stored `correct` and `confidence`
-    columns: `subset_metrics` takes a selection's from them."""
-    from analyzers.evaluation.metrics import calibration_bins
-
-    samples = run.sample_table
-    return calibration_bins(samples["correct"].to_numpy().astype(bool), samples["confidence"].to_numpy())
+    """(read-only; shared) The top-label reliability bins of every sample (`summaries.top_label_calibration`):
+    `subset_metrics` takes a selection's from them."""
+    return summaries.top_label_calibration(run)
 
 
 # ------------------------------------------------------------------------------------------- model and input data

@@ -294,3 +294,73 @@ def test_a_selections_metrics_equal_those_computed_on_its_rows_and_the_rest(samp
         assert got["ece_outside"] == pytest.approx(outside.ece, abs=1e-9)
         np.testing.assert_allclose(np.asarray(got["bins_outside"]["observed"], dtype=float), outside.observed,
                                    atol=1e-9)
+
+
+def test_the_reliability_bins_are_the_stages_stored_ones_and_computed_where_those_do_not_fit(sample_run_dir,
+                                                                                          tmp_path, monkeypatch):
+    """The Overview's reliability bins are the evaluation stage's (metrics.json: nothing is read of 10M rows) for its
+    bins, equal to those computed from the samples; other bins, and stored bins damaged in any field, are computed
+    from the samples' columns, with the same result as metrics.calibration_bins on them."""
+    import json
+    import shutil
+
+    from analyzers.evaluation import metrics
+    from analyzers.loading.runs import open_run
+    from dashboard import summaries
+
+    copy = tmp_path / "digits"
+    shutil.copytree(sample_run_dir("digits"), copy)
+    run = open_run(copy)
+    correct = run.sample_table["correct"].to_numpy(dtype=bool)
+    confidence = run.sample_table["confidence"].to_numpy(dtype=np.float64)
+
+    def computed(strategy, n_bins=10):
+        return metrics.calibration_bins(correct, confidence, n_bins=n_bins, strategy=strategy)
+
+    references = {strategy: computed(strategy) for strategy in ("uniform", "quantile")}
+    odd = computed("uniform", 7)
+    with monkeypatch.context() as patched:  # the stored bins: nothing computed
+        patched.setattr(metrics, "calibration_bins", lambda *a, **k: pytest.fail("computed, not read"))
+        for strategy, reference in references.items():
+            shown = summaries.top_label_calibration(open_run(copy), strategy)
+            np.testing.assert_array_equal(shown.count, reference.count)
+            np.testing.assert_array_equal(shown.edges, reference.edges)
+            np.testing.assert_allclose(shown.observed, reference.observed, rtol=1e-12, equal_nan=True)
+            np.testing.assert_allclose(shown.mean_predicted, reference.mean_predicted, rtol=1e-12, equal_nan=True)
+    np.testing.assert_array_equal(summaries.top_label_calibration(run, "uniform", 7).count, odd.count)
+    stored = json.loads((copy / "metrics.json").read_text())
+    damages = {"a count of the wrong length": ("count", lambda v: v[:-1]),
+               "a text count": ("count", lambda v: ["x"] * len(v)),
+               "a negative count": ("count", lambda v: [-1] + v[1:]),
+               "an edge above 1": ("edges", lambda v: v[:-1] + [2.0]),
+               "a mean above 1": ("observed", lambda v: [1.5 if x is not None else None for x in v]),
+               "counts of fewer samples": ("count", lambda v: [c // 2 for c in v])}
+    for what, (field, damage) in damages.items():
+        broken = json.loads(json.dumps(stored))
+        entry = broken["calibration"]["uniform"]["top_label"]
+        entry[field] = damage(entry[field])
+        (copy / "metrics.json").write_text(json.dumps(broken))
+        shown = summaries.top_label_calibration(open_run(copy), "uniform")
+        np.testing.assert_array_equal(shown.count, references["uniform"].count, err_msg=what)
+        np.testing.assert_allclose(shown.observed, references["uniform"].observed, equal_nan=True, err_msg=what)
+
+
+def test_stored_calibration_bins_read_back_as_written_and_bad_ones_are_refused_in_one_line():
+    from analyzers.errors import AnalyzerError
+    from analyzers.evaluation.metrics import CalibrationBins, calibration_bins
+
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0.3, 1.0, 500)
+    for strategy in ("uniform", "quantile"):
+        bins = calibration_bins(rng.random(500) < confidence, confidence, strategy=strategy)
+        back = CalibrationBins.from_dict(bins.to_dict())
+        assert back.strategy == strategy and back.ece == pytest.approx(bins.ece, rel=1e-12)
+        np.testing.assert_array_equal(back.count, bins.count)
+        np.testing.assert_allclose(back.observed, bins.observed, equal_nan=True, rtol=1e-15)
+    good = calibration_bins(np.ones(3, bool), np.array([0.2, 0.5, 0.9])).to_dict()
+    for broken in ({**good, "strategy": "magic"}, {**good, "count": good["count"][:3]},
+                   {**good, "count": [0.5] * 10}, {**good, "edges": list(reversed(good["edges"]))},
+                   {**good, "observed": [0.5] * 10}, {k: v for k, v in good.items() if k != "edges"}, "bins"):
+        with pytest.raises(AnalyzerError, match="stored calibration bins") as caught:
+            CalibrationBins.from_dict(broken)
+        assert "\n" not in str(caught.value)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..errors import AnalyzerError
+from ..errors import AnalyzerError, first_line
 
 STRATEGIES = ("uniform", "quantile")
 RANKINGS = {
@@ -174,6 +174,35 @@ class CalibrationBins:
                                                    0.0, 1.0), np.nan)
         return CalibrationBins(strategy=self.strategy, edges=self.edges, count=count, mean_predicted=mean_predicted,
                                observed=observed)
+
+    @classmethod
+    def from_dict(cls, stored) -> "CalibrationBins":
+        """The bins `to_dict` wrote (a run's metrics.json), checked: one line naming what is wrong with them
+        (AnalyzerError), never bins that would draw or subtract wrongly."""
+        def bad(what):
+            return AnalyzerError(f"stored calibration bins {what}")
+
+        if not isinstance(stored, dict) or stored.get("strategy") not in STRATEGIES:
+            raise bad("have no known strategy")
+        try:
+            edges = np.asarray(stored["edges"], dtype=np.float64)
+            count = np.asarray(stored["count"])
+            means = [np.asarray([np.nan if v is None else v for v in stored[k]], dtype=np.float64)
+                     for k in ("mean_predicted", "observed")]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise bad(f"are not lists of numbers ({first_line(exc)})") from exc
+        n = len(count)
+        if count.ndim != 1 or n < 1 or edges.shape != (n + 1,) or any(m.shape != (n,) for m in means):
+            raise bad("do not have one count and two means per bin and one edge more")
+        if count.dtype.kind not in "iu" or (count < 0).any():
+            raise bad("have counts that are not whole numbers of 0 or more")
+        if not np.isfinite(edges).all() or edges[0] < 0 or edges[-1] > 1 + 1e-6 or (np.diff(edges) < 0).any():
+            raise bad("have edges outside [0, 1] or out of order")
+        for m in means:
+            if (np.isnan(m) != (count == 0)).any() or (m[count > 0] < 0).any() or (m[count > 0] > 1 + 1e-6).any():
+                raise bad("have means outside [0, 1], or a mean for an empty bin")
+        return cls(strategy=stored["strategy"], edges=edges, count=count.astype(np.int64), mean_predicted=means[0],
+                   observed=means[1])
 
     def to_dict(self) -> dict:
         def _list(a):
