@@ -258,3 +258,24 @@ def test_bad_input_and_options_are_refused_with_their_fix():
     with pytest.raises(InvalidOption, match="near_threshold"):
         find_duplicates(x, near_threshold=-1.0)
     assert dup.find_duplicates(x[:1]).counts == dict.fromkeys(KINDS, 0)  # one row: nothing to pair
+
+
+def test_row_digests_are_sha256_of_each_rows_bytes_on_one_thread_or_two():
+    """Rows of more than 2047 bytes are hashed on two threads, half a batch each, read in place; shorter ones,
+    scalars and empty rows on one: every digest is hashlib's SHA-256 of the row's `tobytes()` (floats with -0.0 as
+    0.0), in row order, at any batch size."""
+    import hashlib
+
+    from analyzers.data_health.duplicates import row_hashes
+
+    rng = np.random.default_rng(0)
+    negative_zero = rng.random((6, 700))
+    negative_zero[2, 5] = -0.0
+    arrays = [rng.random((37, 3, 32, 32), dtype=np.float32), rng.random((50, 4)), np.array(["ab", "cd", "ab"]),
+              rng.integers(0, 5, (9, 3000)).astype(np.int8), np.zeros((4, 0)), rng.random((1, 3000)),
+              rng.random((7, 1000)) > 0.5, np.array([["ab", "c"], ["x", "yy"]]), rng.random(5), negative_zero]
+    for x in arrays:
+        expected = [hashlib.sha256((row + row.dtype.type(0) if row.dtype.kind == "f" else row).tobytes()).digest()
+                    for row in x]
+        for batch_size in (1, 5, 1024):
+            assert row_hashes(x, batch_size=batch_size) == expected, (x.dtype, x.shape, batch_size)
