@@ -142,6 +142,18 @@ class _ChannelSums:
         self.low = np.minimum(self.low, np.where(finite, values, np.inf).min(1))
         self.high = np.maximum(self.high, np.where(finite, values, -np.inf).max(1))
 
+    def add_sums(self, row_sums: np.ndarray, row_squares: np.ndarray, per_row: int, chunk=None) -> None:
+        """Rows already summed per channel (float64, (rows, channels) each, `per_row` finite values per row and
+        channel), and, from `chunk` (those rows), the channels' extremes: what `add` adds, without a second copy of
+        the rows."""
+        self.count += len(row_sums) * per_row
+        self.total += row_sums.sum(0)
+        self.squares += row_squares.sum(0)
+        if chunk is not None and len(chunk):
+            axes = (0, *range(2, chunk.ndim))
+            self.low = np.minimum(self.low, chunk.min(axis=axes))
+            self.high = np.maximum(self.high, chunk.max(axis=axes))
+
     def table(self):
         import pandas as pd
 
@@ -222,31 +234,46 @@ def input_stats(x, *, labels=None, class_names=None, reference=None, expected_me
     lows, highs, stds, rough = (np.empty(n) for _ in range(4))
     finite = np.empty(n, dtype=bool)
     integral, total_values = 0, 0
+    # the finite chunks' whole numbers are counted only where the 0-255 check reads them: most inputs are not in
+    # [0, 255] above 1.5 (a round and a comparison of every value, per chunk)
+    finite_chunks = []
     for start in range(0, n, batch_size):
         chunk = np.asarray(arr[start:start + batch_size])
+        span = slice(start, start + len(chunk))
+        flat = chunk.reshape(len(chunk), -1)
+        inside = reference[span] if reference is not None else None
+        if np.isfinite(flat).all():  # the usual chunk: each statistic in one pass, float64 where it sums
+            finite[span] = True
+            lows[span], highs[span] = flat.min(1), flat.max(1)
+            # one float64 copy of the rows serves the channels' sums (per row and channel, then added up) and the
+            # rows' spread: a second copy per channel took a fifth of the stage's input statistics
+            wide = flat.astype(np.float64)
+            per_channel = wide.reshape(len(chunk), channel_count, -1)
+            row_sums, row_squares = per_channel.sum(2), np.einsum("bcp,bcp->bc", per_channel, per_channel)
+            sums.add_sums(row_sums, row_squares, per_channel.shape[2], chunk)
+            if inside is not None:
+                ref_sums.add_sums(row_sums[inside], row_squares[inside], per_channel.shape[2])
+                others.add_sums(row_sums[~inside], row_squares[~inside], per_channel.shape[2])
+            elif expected_mean is not None:
+                others.add_sums(row_sums, row_squares, per_channel.shape[2])
+            wide -= (row_sums.sum(1) / flat.shape[1])[:, None]  # centred in place: two passes, as numpy's std
+            stds[span] = np.sqrt(np.einsum("ij,ij->i", wide, wide) / flat.shape[1])
+            del wide, per_channel
+            if spatial:
+                steps = np.diff(chunk, axis=-1)
+                np.abs(steps, out=steps)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    rough[span] = steps.reshape(len(chunk), -1).mean(1, dtype=np.float64) / (MEAN_ABS_DIFF *
+                                                                                           stds[span])
+            total_values += int(flat.size)
+            finite_chunks.append(start)
+            continue
         sums.add(chunk)
-        if reference is not None:
-            inside = reference[start:start + len(chunk)]
+        if inside is not None:
             ref_sums.add(chunk[inside])
             others.add(chunk[~inside])
         elif expected_mean is not None:
             others.add(chunk)
-        span = slice(start, start + len(chunk))
-        flat = chunk.reshape(len(chunk), -1)
-        if np.isfinite(flat).all():  # the usual chunk: each statistic in one pass, float64 where it sums
-            finite[span] = True
-            lows[span], highs[span] = flat.min(1), flat.max(1)
-            wide = flat.astype(np.float64)
-            centred = wide - wide.mean(1, keepdims=True)  # two passes, as numpy's std: no cancellation
-            stds[span] = np.sqrt(np.einsum("ij,ij->i", centred, centred) / flat.shape[1])
-            del wide, centred
-            if spatial:
-                steps = np.abs(np.diff(chunk, axis=-1)).reshape(len(chunk), -1)
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    rough[span] = steps.mean(1, dtype=np.float64) / (MEAN_ABS_DIFF * stds[span])
-            integral += int(np.count_nonzero(flat == np.round(flat)))
-            total_values += int(flat.size)
-            continue
         rows = flat.astype(np.float64)
         ok = np.isfinite(rows)
         finite[span] = ok.all(1)
@@ -297,6 +324,10 @@ def input_stats(x, *, labels=None, class_names=None, reference=None, expected_me
             if reasons[name].sum() > n / 2:  # the data's nature, not a corruption
                 reasons[name][:] = False
         if 0 <= low and high <= 255:
+            if high > UNIT_RANGE_LIMIT:
+                for start in finite_chunks:
+                    flat = np.asarray(arr[start:start + batch_size]).reshape(-1)
+                    integral += int(np.count_nonzero(flat == np.round(flat)))
             if high > UNIT_RANGE_LIMIT and total_values and integral / total_values >= INTEGRAL_SHARE:
                 flags.append({"code": "range-0-255", "channel": None,
                               "message": f"the inputs range over [{low:.3g}, {high:.3g}] in whole numbers: 8-bit "
