@@ -470,7 +470,10 @@ def _warm(key: str, run: Run, warm_projector: bool) -> None:
         # run's Errors page, opened 2 s after the dashboard started, took 2.35 s with the tables first, 0.2-0.55 s
         # with the inputs first (its Confusion page 0.2 -> 0.65 s and Embeddings 0.4 -> 1.15 s, computing theirs)
         if run.info["dataset"].get("modality") != "tabular":
-            _inputs(key, run)
+            try:
+                _inputs(key, run)  # its AnalyzerError is kept for the page that asks; anything else is logged here
+            except Exception:  # noqa: BLE001 - the pages' tables are warmed all the same
+                logging.getLogger(__name__).exception("warm-up of %s's inputs failed", run.path.name)
         _warm_pages(run)
         wait_for_quiet()
         _warm_projection(run)

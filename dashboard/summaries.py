@@ -131,8 +131,10 @@ def top_label_calibration(run: Run, strategy: str = "uniform", n_bins: int = 10)
         bins = m.CalibrationBins.from_dict(stored) if stored is not None else None
     except (AnalyzerError, KeyError, TypeError):
         bins = None
+    # uniform bins must be the equal-width ones a selection's are subtracted from (`CalibrationBins.without`)
     if bins is not None and bins.strategy == strategy and len(bins.count) == n_bins and \
-            int(bins.count.sum()) == run.num_samples:
+            int(bins.count.sum()) == run.num_samples and \
+            (strategy != "uniform" or np.array_equal(bins.edges, np.linspace(0.0, 1.0, n_bins + 1))):
         return bins
     run.probs  # checked: `correct` and `confidence` are its top class against the label and its top probability
     return m.calibration_bins(run.sample_table["correct"].to_numpy(dtype=bool),

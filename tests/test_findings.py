@@ -334,7 +334,11 @@ def test_the_reliability_bins_are_the_stages_stored_ones_and_computed_where_thos
                "a negative count": ("count", lambda v: [-1] + v[1:]),
                "an edge above 1": ("edges", lambda v: v[:-1] + [2.0]),
                "a mean above 1": ("observed", lambda v: [1.5 if x is not None else None for x in v]),
-               "counts of fewer samples": ("count", lambda v: [c // 2 for c in v])}
+               "counts of fewer samples": ("count", lambda v: [c // 2 for c in v]),
+               "other equal-width edges": ("edges", lambda v: [e * 0.9 for e in v]),
+               "an edge past a float": ("edges", lambda v: v[:-1] + [10 ** 400]),
+               "counts past int64": ("count", lambda v: [2 ** 63, 2 ** 63 + 2] + v[2:]),
+               "a count that is a number": ("count", lambda v: 5)}
     for what, (field, damage) in damages.items():
         broken = json.loads(json.dumps(stored))
         entry = broken["calibration"]["uniform"]["top_label"]
@@ -342,6 +346,7 @@ def test_the_reliability_bins_are_the_stages_stored_ones_and_computed_where_thos
         (copy / "metrics.json").write_text(json.dumps(broken))
         shown = summaries.top_label_calibration(open_run(copy), "uniform")
         np.testing.assert_array_equal(shown.count, references["uniform"].count, err_msg=what)
+        np.testing.assert_array_equal(shown.edges, references["uniform"].edges, err_msg=what)
         np.testing.assert_allclose(shown.observed, references["uniform"].observed, equal_nan=True, err_msg=what)
 
 
@@ -360,7 +365,9 @@ def test_stored_calibration_bins_read_back_as_written_and_bad_ones_are_refused_i
     good = calibration_bins(np.ones(3, bool), np.array([0.2, 0.5, 0.9])).to_dict()
     for broken in ({**good, "strategy": "magic"}, {**good, "count": good["count"][:3]},
                    {**good, "count": [0.5] * 10}, {**good, "edges": list(reversed(good["edges"]))},
-                   {**good, "observed": [0.5] * 10}, {k: v for k, v in good.items() if k != "edges"}, "bins"):
+                   {**good, "observed": [0.5] * 10}, {k: v for k, v in good.items() if k != "edges"}, "bins",
+                   {**good, "edges": good["edges"][:-1] + [10 ** 400]}, {**good, "count": 5},
+                   {**good, "count": [2 ** 63] + good["count"][1:]}, {**good, "count": [2 ** 70] + good["count"][1:]}):
         with pytest.raises(AnalyzerError, match="stored calibration bins") as caught:
             CalibrationBins.from_dict(broken)
         assert "\n" not in str(caught.value)

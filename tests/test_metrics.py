@@ -245,3 +245,28 @@ def test_bins_without_a_part_are_the_bins_of_the_rest():
         whole.without(calibration_bins(correct, confidence, n_bins=5))
     with pytest.raises(AnalyzerError, match="same uniform edges"):
         calibration_bins(correct, confidence, strategy="quantile").without(whole)
+
+
+def test_a_confusion_matrix_groups_its_cells_once_and_then_holds_only_them():
+    """The counts come at once; the cells' ids are grouped on the first ask, once however many threads ask together
+    (a dashboard's sessions share one matrix), equal to grouping by hand, and the per-sample codes are let go."""
+    import threading
+
+    rng = np.random.default_rng(3)
+    labels, pred = rng.integers(0, 4, 5000), rng.integers(0, 4, 5000)
+    ids = rng.permutation(5000)  # not increasing: the lexsort path
+    for given in (None, ids):
+        c = confusion(labels, pred, num_classes=4, ids=given)
+        np.testing.assert_array_equal(c.counts, pd.crosstab(labels, pred).to_numpy())
+        assert c.codes is not None
+        seen = []
+        threads = [threading.Thread(target=lambda: seen.append(c.cell_ids)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert all(cells is seen[0] for cells in seen) and c.codes is None and c.sample_ids is None
+        names = np.arange(5000) if given is None else given
+        assert len(seen[0]) == 16
+        for (t, p), cell in seen[0].items():  # each cell's ids in ascending order
+            np.testing.assert_array_equal(cell, np.sort(names[(labels == t) & (pred == p)]))

@@ -5,8 +5,8 @@ it on any selected subset. Values are scikit-learn's where scikit-learn defines 
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -187,23 +187,29 @@ class CalibrationBins:
             raise bad("have no known strategy")
         try:
             edges = np.asarray(stored["edges"], dtype=np.float64)
-            count = np.asarray(stored["count"])
+            raw = np.asarray(stored["count"])
+            # whole numbers only (a text, a fraction, a number past int64 are refused, never truncated or wrapped)
+            if raw.ndim != 1 or raw.dtype.kind not in "iu" or (raw.dtype.kind == "u" and len(raw) and
+                                                                raw.max() > np.iinfo(np.int64).max):
+                raise bad("have counts that are not a list of whole numbers")
+            count = raw.astype(np.int64)
             means = [np.asarray([np.nan if v is None else v for v in stored[k]], dtype=np.float64)
                      for k in ("mean_predicted", "observed")]
-        except (KeyError, TypeError, ValueError) as exc:
+        except AnalyzerError:
+            raise
+        except (KeyError, TypeError, ValueError, ArithmeticError) as exc:  # ArithmeticError: 1e400 as an integer
             raise bad(f"are not lists of numbers ({first_line(exc)})") from exc
         n = len(count)
-        if count.ndim != 1 or n < 1 or edges.shape != (n + 1,) or any(m.shape != (n,) for m in means):
+        if n < 1 or edges.shape != (n + 1,) or any(m.shape != (n,) for m in means):
             raise bad("do not have one count and two means per bin and one edge more")
-        if count.dtype.kind not in "iu" or (count < 0).any():
+        if (count < 0).any():
             raise bad("have counts that are not whole numbers of 0 or more")
         if not np.isfinite(edges).all() or edges[0] < 0 or edges[-1] > 1 + 1e-6 or (np.diff(edges) < 0).any():
             raise bad("have edges outside [0, 1] or out of order")
         for m in means:
             if (np.isnan(m) != (count == 0)).any() or (m[count > 0] < 0).any() or (m[count > 0] > 1 + 1e-6).any():
                 raise bad("have means outside [0, 1], or a mean for an empty bin")
-        return cls(strategy=stored["strategy"], edges=edges, count=count.astype(np.int64), mean_predicted=means[0],
-                   observed=means[1])
+        return cls(strategy=stored["strategy"], edges=edges, count=count, mean_predicted=means[0], observed=means[1])
 
     def to_dict(self) -> dict:
         def _list(a):
@@ -304,12 +310,28 @@ class Confusion:
 
     counts: np.ndarray  # (K, K) int64
     class_names: tuple
-    codes: np.ndarray = field(repr=False)  # (N,) each sample's cell, true * K + pred (uint16 where K * K fits)
-    sample_ids: np.ndarray = field(repr=False)  # (N,) each sample's id
+    codes: np.ndarray | None = field(repr=False)  # (N,) each sample's cell, true * K + pred (uint16 where K * K
+    # fits); None once the cells are grouped
+    sample_ids: np.ndarray | None = field(repr=False)  # (N,) each sample's id; None once the cells are grouped
 
-    @cached_property
+    def __post_init__(self):
+        # its own lock: a matrix shared by a dashboard's sessions is grouped once, and grouping one run's matrix
+        # keeps no other run's waiting (functools.cached_property in Python 3.11 locks every instance at once)
+        object.__setattr__(self, "_cells", None)
+        object.__setattr__(self, "_grouping", threading.Lock())
+
+    @property
     def cell_ids(self) -> dict:
         """(true, pred) -> the ids of the samples in that cell, in ascending order of position; non-empty cells."""
+        if self._cells is None:
+            with self._grouping:
+                if self._cells is None:
+                    object.__setattr__(self, "_cells", self._grouped())
+                    object.__setattr__(self, "codes", None)  # not kept beside the cells
+                    object.__setattr__(self, "sample_ids", None)
+        return self._cells
+
+    def _grouped(self) -> dict:
         k, code, ids = len(self.counts), self.codes, self.sample_ids
         # Sort by (cell, id) once and cut at cell boundaries: no per-sample Python loop. Ids that increase already
         # (positions, the default) need only a stable sort by cell, a radix sort on 16-bit cells: 0.1 s at 10M rows,

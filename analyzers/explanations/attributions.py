@@ -862,26 +862,32 @@ def _smoothgrad(fn, x: torch.Tensor, target: torch.Tensor, *, opts: dict, seeds:
                 ) -> torch.Tensor:
     """Captum's NoiseTunnel(Saliency) with nt_type "smoothgrad": the mean of the inner attributions over noisy
     copies, of the raw gradients (Saliency abs=False) for Smilkov et al.'s |mean ∇| (taken by the caller), of their
-    magnitudes for mean |∇|. Each sample's noise is what NoiseTunnel draws for that sample alone after
-    `torch.manual_seed(its seed)` (torch.normal(0, std) of its copies), where NoiseTunnel on a batch draws one
-    stream for the whole batch; the copies of the batch are then run together, `nt_batch` copies a sample at a
-    time, as NoiseTunnel runs them."""
+    magnitudes for mean |∇|. Each sample's noise is what NoiseTunnel draws for that sample alone, with
+    nt_samples_batch_size = nt_samples, after `torch.manual_seed(its seed)` (torch.normal(0, std) of its copies),
+    drawn on the CPU whatever the device; NoiseTunnel on a batch draws one stream for the whole batch. The copies
+    of whole samples are run together, about `nt_batch` copies per sample of the batch at a time (a sample's own
+    copies at least), and only those are held."""
     import captum.attr as ca
 
     copies, std = opts["nt_samples"], opts["noise_std"]
     shape = tuple(x.shape[1:])
-    with torch.no_grad():
-        noise = torch.empty((len(x), copies, *shape), dtype=x.dtype)
-        for i, seed in enumerate(seeds):  # in place: the values of torch.normal(0, a tensor of std), no such tensor
-            noise[i].normal_(0, std, generator=torch.Generator().manual_seed(int(seed)))
-        noisy = (x.detach()[:, None] + noise.to(x.device)).reshape(-1, *shape)
-    targets = target.repeat_interleave(copies)
+    per_pass = max(1, len(x) * opts["nt_batch"] // copies)  # samples whose copies are run together
     saliency = ca.Saliency(fn)
-    step = len(x) * opts["nt_batch"]
-    # each part a leaf that asks for its gradient (Saliency warns of one that does not), sharing noisy's memory
-    grads = torch.cat([saliency.attribute(part.detach().requires_grad_(), target=aims, abs=magnitude)
-                       for part, aims in zip(torch.split(noisy, step), torch.split(targets, step))])
-    return grads.reshape(len(x), copies, *shape).sum(1) / copies
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    for start in range(0, len(x), per_pass):
+        part = x[start:start + per_pass].detach()
+        with torch.no_grad():
+            noisy = torch.empty((len(part), copies, *shape), dtype=x.dtype)
+            for i, seed in enumerate(seeds[start:start + len(part)]):  # in place: torch.normal(0, std)'s values
+                noisy[i].normal_(0, std, generator=torch.Generator().manual_seed(int(seed)))
+            noisy = noisy.to(x.device)
+            noisy += part[:, None]  # x + noise, as NoiseTunnel adds them
+        # a leaf that asks for its gradient (Saliency warns of one that does not), sharing noisy's memory
+        rows = noisy.reshape(-1, *shape).detach().requires_grad_()
+        grads = saliency.attribute(rows, target=target[start:start + len(part)].repeat_interleave(copies),
+                                   abs=magnitude)
+        out[start:start + len(part)] = grads.reshape(len(part), copies, *shape).sum(1) / copies
+    return out
 
 
 def _shap_draws(rng: np.random.RandomState, background_size: int, rows: int, nsamples: int):
