@@ -8,6 +8,7 @@ In CI (CI=true) a missing Chromium is a failure, not a skip: `make browser` inst
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 from pathlib import Path
 
@@ -96,18 +97,25 @@ def _settled(page) -> str:
     transient one ("Scores: computing…") may show while the script runs, but never stays."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-    _wait_until_idle(page)
-    try:
-        # up to 3 minutes: the Explain page's scores (with the randomisation check) took over 60 s with the suite's
-        # two processes and other work on 2 cores (the fresh-clone suite of fc37f7c)
-        page.wait_for_function("(stale) => !stale.some(s => document.body.innerText.includes(s))", arg=list(STALE),
-                               timeout=180_000)
-    except PlaywrightTimeout:
-        pass  # reported below, with the text
-    _wait_until_idle(page)
-    _no_exception(page)
-    text = page.locator("body").inner_text()
-    stale = [s for s in STALE if s in text]
+    # up to 3 minutes: the Explain page's scores (with the randomisation check) took over 60 s with the suite's
+    # two processes and other work on 2 cores (the fresh-clone suite of fc37f7c). Idle and free of stale messages
+    # at once: between a script run stopped by a rerun and the next one, the status widget is briefly gone while
+    # the stopped run's "Scores: computing…" still shows (the fresh-clone suite of 81dbb16)
+    deadline = time.monotonic() + 180
+    while True:
+        _wait_until_idle(page)
+        try:
+            page.wait_for_function("(stale) => !stale.some(s => document.body.innerText.includes(s))",
+                                   arg=list(STALE), timeout=max(1, int((deadline - time.monotonic()) * 1000)))
+        except PlaywrightTimeout:
+            pass  # reported below, with the text
+        _wait_until_idle(page)
+        _no_exception(page)
+        text = page.locator("body").inner_text()
+        stale = [s for s in STALE if s in text]
+        if not stale or time.monotonic() > deadline:
+            break
+        page.wait_for_timeout(500)
     assert not stale, (stale, text[-1500:])
     return text
 
