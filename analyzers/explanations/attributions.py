@@ -818,7 +818,8 @@ def _rollout_image(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _attribute(method: str, scores: nn.Module, module: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
-               opts: dict, base: torch.Tensor | None, seeds: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               opts: dict, base: torch.Tensor | None, seeds: np.ndarray | None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One batch through Captum/shap: (attributions shaped like x, Grad-CAM's raw map or None). `seeds`: each
     sample's own (`sample_seeds`), for the random methods."""
     import captum.attr as ca
