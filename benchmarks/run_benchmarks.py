@@ -448,6 +448,7 @@ def worker_run(spec: dict) -> dict:
 
     import analyzers
     from analyzers.engines.pipeline import STAGES, _import_stage_modules
+    from analyzers.loading.hashing import forget_digests
 
     model = analyzers.load_model(spec["model"], arch=spec.get("arch"))
     x = _load_inputs(spec)
@@ -472,6 +473,9 @@ def worker_run(spec: dict) -> dict:
     gc.collect()
     # a run identical to one already at `out` would be reused, not made: always start from nothing
     shutil.rmtree(spec["out"], ignore_errors=True)
+    # the load above hashed the file, and this process would not hash it again: the run pays its hashing, as
+    # a run of a new file does
+    forget_digests()
     baseline = rss_bytes()
     peak_reset = reset_peak_rss()
     stage_peaks: dict = {}

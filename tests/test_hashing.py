@@ -63,3 +63,65 @@ def test_a_missing_file_raises_and_is_not_remembered(tmp_path):
         sha256_file(tmp_path / "missing.bin")
     (tmp_path / "missing.bin").write_bytes(b"now")
     assert sha256_file(tmp_path / "missing.bin") == hashlib.sha256(b"now").hexdigest()
+
+
+def test_digest_file_gives_hashlibs_digest_and_zlibs_crcs_of_its_ranges_in_one_read(tmp_path, monkeypatch):
+    """Ranges that start and end inside chunks, span several, touch the file's ends, and are empty; the digest is
+    then remembered, so sha256_file does not read the file again."""
+    import random
+    import zlib
+
+    from analyzers.loading.hashing import digest_file
+
+    calls = _reads(monkeypatch)
+    data = os.urandom(1_000_003)
+    path = tmp_path / "data.bin"
+    path.write_bytes(data)
+    rng = random.Random(0)
+    ranges = [(0, len(data)), (0, 1), (len(data) - 5, 5), (4095, 2), (12_345, 0), (99_999, 500_000)]
+    ranges += [(a, rng.randrange(0, len(data) - a)) for a in (rng.randrange(len(data)) for _ in range(20))]
+    for chunk in (4096, 65_536, 1 << 22):
+        digest, crcs = digest_file(path, crc_ranges=ranges, chunk_bytes=chunk)
+        assert digest == hashlib.sha256(data).hexdigest()
+        assert list(crcs) == [zlib.crc32(data[a:a + n]) for a, n in ranges]
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest() and calls == []
+
+
+def test_digest_file_reads_nothing_while_its_gate_is_closed(tmp_path):
+    """A run closes the gate during inference: the hash waits, and ends once it is opened again."""
+    from analyzers.loading.hashing import digest_file
+
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    gate, results = threading.Event(), []
+    thread = threading.Thread(target=lambda: results.append(digest_file(path, gate=gate, chunk_bytes=4096)))
+    thread.start()
+    thread.join(0.3)
+    assert thread.is_alive() and results == []
+    gate.set()
+    thread.join(30)
+    assert results and results[0][0] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_digest_file_refuses_a_file_changed_while_it_was_read(tmp_path):
+    from analyzers.loading.hashing import digest_file
+
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(1 << 16))
+    gate = threading.Event()
+    failures = []
+
+    def read():
+        try:
+            digest_file(path, gate=gate, chunk_bytes=4096)
+        except OSError as exc:
+            failures.append(str(exc))
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    with open(path, "r+b") as fh:  # in place, while the read waits at its gate
+        fh.write(b"x" * 10)
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    gate.set()
+    thread.join(30)
+    assert failures == ["data.bin changed while it was hashed"]

@@ -5,6 +5,7 @@ end in a MemoryError traceback instead of the one-line refusal."""
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import shutil
 import struct
@@ -18,8 +19,8 @@ import numpy.lib.format as npy_format
 import pytest
 
 from analyzers.errors import AnalyzerError
-from analyzers.loading.datasets import load_dataset, read_npz_bounded
-from conftest import ROOT
+from analyzers.loading.datasets import load_dataset, open_dataset, read_npz_bounded
+from conftest import ROOT, TinyCNN
 
 ADDRESS_SPACE_LIMIT = 6 << 30  # far below the 8 GiB and 4 TiB the bombs declare, above what a run needs
 
@@ -189,6 +190,83 @@ def test_a_damaged_byte_in_an_uncompressed_member_fails_its_checksum(tmp_path):
         load_dataset(str(path))
     with pytest.raises(AnalyzerError, match="damaged"):
         read_npz_bounded(io.BytesIO(bytes(data)), "stored.npz")
+
+
+def _mapped(array) -> bool:
+    """Whether `array` is (a view of) a memory map."""
+    while array is not None:
+        if isinstance(array, np.memmap):
+            return True
+        array = getattr(array, "base", None)
+    return False
+
+
+def test_a_new_run_maps_its_npz_and_checks_hash_and_checksum_beside_its_work(tmp_path):
+    """open_dataset, as a new run reads its data: an uncompressed member is mapped (not read), its arrays equal
+    np.load's, and the hash is load_dataset's once checked(). A flipped bit in the inputs is found by the CRC
+    left running in the background: checked() raises what load_dataset raises, and so does the run, after its
+    inference and before anything is stored, so that a run already at `out` stays as it was. A file written again
+    after it was opened (same size, the mapped pages may hold its new bytes) is refused too."""
+    import analyzers
+
+    rng = np.random.default_rng(3)
+    x, y = rng.random((64, 1, 8, 8), dtype=np.float32), np.arange(64) % 3
+    path = tmp_path / "stored.npz"
+    np.savez(path, x=x, y=y, wide=np.asfortranarray(rng.random((64, 5))))
+    pending = open_dataset(str(path))
+    assert _mapped(pending.dataset.x) and pending.dataset.sha256 == ""
+    loaded = load_dataset(str(path))
+    assert pending.checked().sha256 == loaded.sha256 and not _mapped(loaded.x)
+    for key in ("x", "y"):
+        np.testing.assert_array_equal(getattr(pending.checked(), key), getattr(loaded, key))
+    np.testing.assert_array_equal(pending.checked().extras["wide"], np.load(path)["wide"])
+
+    model = analyzers.wrap_module(TinyCNN(), (1, 8, 8))
+    out = tmp_path / "run"
+    analyzers.run_analysis(model, str(path), out, analyses=["evaluation"])
+    stored = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    data = bytearray(path.read_bytes())
+    data[data.index(x.tobytes()[:64]) + 1000] ^= 0x01
+    path.write_bytes(bytes(data))
+    damaged = r"'x.npy' in 'stored.npz' fails its checksum: the file is damaged"
+    with pytest.raises(AnalyzerError, match=damaged):
+        load_dataset(str(path))
+    pending = open_dataset(str(path))  # headers and sizes are sound: the damage is in the data
+    with pytest.raises(AnalyzerError, match=damaged):
+        pending.checked()
+    with pytest.raises(AnalyzerError, match=damaged):
+        analyzers.run_analysis(model, str(path), out, analyses=["evaluation"], overwrite=True)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == stored
+
+    np.savez(path, x=x, y=y, wide=np.asfortranarray(rng.random((64, 5))))
+    pending = open_dataset(str(path))
+    data = bytearray(path.read_bytes())
+    data[data.index(x.tobytes()[:64]) + 1000] ^= 0x01
+    with open(path, "r+b") as fh:  # in place: the same inode and size
+        fh.write(bytes(data))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # past the clock's grain
+    with pytest.raises(AnalyzerError, match=r"'stored.npz' changed while the run read it: nothing was stored"):
+        pending.checked()
+
+
+def test_a_new_run_hashes_a_npy_pair_beside_its_work(tmp_path):
+    """open_dataset on a .npy pair: the inputs mapped, the hash (over every member) load_dataset's once checked;
+    a label file written again after it was opened is refused."""
+    rng = np.random.default_rng(4)
+    x, y = rng.random((30, 6), dtype=np.float32), np.arange(30) % 2
+    np.save(tmp_path / "part.x.npy", x)
+    np.save(tmp_path / "part.y.npy", y)
+    spec = str(tmp_path / "part.x.npy")
+    pending = open_dataset(spec)
+    assert _mapped(pending.dataset.x) and pending.dataset.sha256 == ""
+    assert pending.checked().sha256 == load_dataset(spec).sha256
+    np.testing.assert_array_equal(pending.checked().x, x)
+    pending = open_dataset(spec)
+    np.save(tmp_path / "part.y.npy", 1 - y)
+    labels = tmp_path / "part.y.npy"
+    os.utime(labels, ns=(labels.stat().st_atime_ns, labels.stat().st_mtime_ns + 10**9))  # past the clock's grain
+    with pytest.raises(AnalyzerError, match=r"'part.y.npy' changed while the run read it"):
+        pending.checked()
 
 
 def test_a_memory_mapped_npz_reads_as_numpy_and_writes_never_reach_the_file(tmp_path):

@@ -153,6 +153,52 @@ def test_sigkill_mid_run_leaves_earlier_runs_intact_and_no_complete_looking_half
     assert [p.name for p in list_runs(tmp_path)] == ["earlier"]
 
 
+def test_the_datasets_hash_and_checksums_wait_while_inference_runs_and_end_before_the_run_is_stored(
+        tmp_path, monkeypatch):
+    """On 2 cores a hash beside the forward pass slowed it by twice the hash's own time: a new run's file is
+    hashed and its CRCs computed (open_dataset) around inference, never during it, and the run.json written
+    records the file's true SHA-256. Here the hash is held back until inference has begun (a hash that would
+    still be going then), and inference takes a moment."""
+    import hashlib
+    import threading
+
+    import analyzers.engines.pipeline as pipeline
+    import analyzers.loading.datasets as datasets
+    from analyzers.loading.hashing import digest_file
+
+    x = np.random.default_rng(0).random((200, 1, 8, 8), dtype=np.float32)
+    path = tmp_path / "data.npz"
+    np.savez(path, x=x, y=np.arange(200) % 3)
+    reads, inference, begun = [], {}, threading.Event()
+
+    class Gate:  # the run's gate, each chunk's read recorded as it passes
+        def __init__(self, gate: threading.Event):
+            self.gate = gate
+
+        def wait(self):
+            begun.wait(60)
+            self.gate.wait()
+            reads.append(time.monotonic())
+
+    monkeypatch.setattr(datasets, "digest_file", lambda p, *, crc_ranges, gate: digest_file(
+        p, crc_ranges=crc_ranges, gate=Gate(gate), chunk_bytes=512))
+    predict = pipeline.write_predictions
+
+    def inferring(*args, **kwargs):
+        inference["start"] = time.monotonic()
+        begun.set()
+        time.sleep(0.3)
+        try:
+            return predict(*args, **kwargs)
+        finally:
+            inference["end"] = time.monotonic()
+
+    monkeypatch.setattr(pipeline, "write_predictions", inferring)
+    run_analysis(TinyCNN(), str(path), tmp_path / "run", input_shape=(1, 8, 8), analyses=["evaluation"])
+    assert len(reads) > 100 and min(reads) > inference["end"]  # every chunk read, none during inference
+    assert open_run(tmp_path / "run").info["dataset"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_the_stages_imports_run_while_the_data_loads_and_end_before_inference(tmp_path, monkeypatch):
     """A thread importing beside the forward pass took the GIL from it (100k images: inference 6.8 s beside it,
     6.3 s after): the stages' modules are imported from the start of the run, while the data is read, and the
@@ -166,20 +212,20 @@ def test_the_stages_imports_run_while_the_data_loads_and_end_before_inference(tm
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "slow_stage_module", raising=False)
     monkeypatch.setitem(pipeline.STAGE_IMPORTS, "evaluation", ("slow_stage_module",))
-    load, predict = datasets.load_dataset, pipeline.write_predictions
+    load, predict = datasets.open_dataset, pipeline.write_predictions
 
     def loading(*args, **kwargs):
         time.sleep(0.3)  # a dataset that takes a moment to read: the thread has begun by its end
-        dataset = load(*args, **kwargs)
+        pending = load(*args, **kwargs)
         seen.setdefault("loaded", time.monotonic())
-        return dataset
+        return pending
 
     def inferring(*args, **kwargs):
         seen["inference"] = time.monotonic()
         seen["imported"] = "slow_stage_module" in sys.modules and hasattr(sys.modules["slow_stage_module"], "DONE")
         return predict(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "load_dataset", loading)
+    monkeypatch.setattr(pipeline, "open_dataset", loading)
     monkeypatch.setattr(pipeline, "write_predictions", inferring)
     run_analysis("sample:digits", "sample:digits", tmp_path / "run", analyses=["evaluation"])
     module = sys.modules["slow_stage_module"]

@@ -1,12 +1,14 @@
 """Loading datasets (`sample:NAME`, `.npz`, `.csv`, `.parquet`, image-folder `.zip`) and checking them against a model."""
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import io
 import math
 import os
 import posixpath
+import threading
 import tokenize
 import zipfile
 import zlib
@@ -18,7 +20,7 @@ import pandas as pd
 
 from ..arrays import empty_array
 from ..errors import AnalyzerError, first_line
-from .hashing import prefetch_sha256_file, sha256_bytes, sha256_file
+from .hashing import digest_file, file_fingerprint, prefetch_sha256_file, sha256_bytes, sha256_file
 from .sample_table import ids_unique
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -84,30 +86,121 @@ def load_dataset(spec, *, model=None, label_column: str = "label", id_column: st
     each row's split (`splits.with_split_column`; a column called `split` is read as one unasked).
     `memory_map` maps the arrays of an uncompressed `.npz` on disk copy-on-write instead of reading them (a
     reload whose file hash is then checked against the run's, as `load_run_inputs` does: the member's CRC is not
-    read); other files are read as ever."""
-    options = dict(model=model, label_column=label_column, id_column=id_column, features=features,
-                   image_size=image_size, mean=mean, std=std, task=task, split_column=split_column,
-                   memory_map=memory_map)
+    read); other files are read as ever. A new run reads its dataset with `open_dataset`."""
+    return _opened(spec, dict(model=model, label_column=label_column, id_column=id_column, features=features,
+                              image_size=image_size, mean=mean, std=std, task=task, split_column=split_column),
+                   memory_map=memory_map, defer=False).checked()
+
+
+def open_dataset(spec, *, model=None, label_column: str = "label", id_column: str | None = None,
+                 features: list | None = None, image_size: tuple | None = None, mean: list | None = None,
+                 std: list | None = None, task: str | None = None, split_column: str | None = None) -> PendingDataset:
+    """`load_dataset` for a new run, which can start computing before the file's slowest checks end. The arrays of
+    an uncompressed `.npz` are memory-mapped copy-on-write (1.2 GB had taken 0.78 s to read), and the file's
+    SHA-256 and those members' CRCs are computed in one read in a background thread (`hashing.digest_file`);
+    a `.npy` pair's hashes too. The run pauses that thread while its inference runs (`PendingDataset.paused`)
+    and calls `checked()` before it stores anything. Every other check (headers, sizes, labels, ids) has run
+    when this returns. Other specs are read as `load_dataset` reads them."""
+    return _opened(spec, dict(model=model, label_column=label_column, id_column=id_column, features=features,
+                              image_size=image_size, mean=mean, std=std, task=task, split_column=split_column),
+                   memory_map=True, defer=True)
+
+
+class PendingDataset:
+    """A dataset read by `open_dataset`: `dataset` can be computed on at once, its `sha256` empty until
+    `checked()`. A background thread, started here, hashes each of `files` ({path: its `file_fingerprint` before
+    its first byte was read}) and computes the CRCs of `crc_ranges` ({path: [(start, length, CRC, member)]});
+    `digest(digests by path)` gives the dataset's sha256. `checked()` waits for it, refuses a damaged file or one
+    changed since it was opened in one line, and returns the dataset with its hash."""
+
+    def __init__(self, dataset: Dataset, *, files: dict | None = None, crc_ranges: dict | None = None,
+                 digest=None):
+        self.dataset = dataset
+        self._files = dict(files or {})
+        self._result: Dataset | None = None if self._files else dataset
+        self._gate = threading.Event()  # open: the thread may read; `paused` closes it
+        self._gate.set()
+        self._done = concurrent.futures.Future()
+        if self._files:
+            threading.Thread(target=self._check, args=(dict(crc_ranges or {}), digest), name="dataset checks",
+                             daemon=True).start()
+
+    def _check(self, crc_ranges: dict, digest) -> None:
+        try:
+            digests = {}
+            for path in self._files:
+                ranges = crc_ranges.get(path, [])
+                digests[path], crcs = digest_file(path, gate=self._gate,
+                                                  crc_ranges=[(start, length) for start, length, _, _ in ranges])
+                for (_, _, expected, member), crc in zip(ranges, crcs):
+                    if crc != expected:
+                        raise AnalyzerError(f"{member!r} in {path.name!r} fails its checksum: the file is damaged; "
+                                            f"{NPZ_HINT}")
+            self._done.set_result(digest(digests))
+        except BaseException as exc:  # noqa: BLE001 - raised again by checked(), in the caller's thread
+            self._done.set_exception(exc)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """The checks wait while this is entered (a run's inference, which uses every core), and go on after."""
+        self._gate.clear()
+        try:
+            yield
+        finally:
+            self._gate.set()
+
+    def checked(self) -> Dataset:
+        if self._result is not None:
+            return self._result
+        self._gate.set()
+        try:
+            failure, sha256 = None, self._done.result()
+        except AnalyzerError as exc:
+            failure = exc
+        except OSError as exc:  # digest_file: the file went away, or changed while it was hashed
+            failure = AnalyzerError(f"{self.dataset.spec!r} could not be hashed ({first_line(exc)}): leave the "
+                                    f"file as it is while a run reads it, and run it again")
+        # after the checks, so that a file written again meanwhile is named as that, not as damaged: a mapped
+        # file's pages are read as the run goes, and may hold its new bytes
+        for path, before in self._files.items():
+            try:
+                unchanged = file_fingerprint(path) == before
+            except OSError:
+                unchanged = False
+            if not unchanged:
+                raise AnalyzerError(f"{path.name!r} changed while the run read it: nothing was stored; leave the "
+                                    f"file as it is while a run reads it, and run it again") from failure
+        if failure is not None:
+            raise failure
+        self._result = replace(self.dataset, sha256=sha256)
+        return self._result
+
+
+def _opened(spec, options: dict, *, memory_map: bool, defer: bool) -> PendingDataset:
+    """The dataset at `spec` read with `options` (`load_dataset`'s), its slow checks left running where `defer`."""
     if isinstance(spec, dict):
         from .splits import check_split_specs, combine_splits
 
-        if split_column is not None:
+        if options["split_column"] is not None:
             raise AnalyzerError("--split-column reads the splits of one file; with a file per split leave it out")
-        return combine_splits({name: load_dataset(part, **options) for name, part in check_split_specs(spec).items()})
+        return PendingDataset(combine_splits({name: load_dataset(part, memory_map=memory_map, **options)
+                                              for name, part in check_split_specs(spec).items()}))
     if not isinstance(spec, str) or not spec:
         raise AnalyzerError("no dataset given: pass sample:NAME, a .npz, .csv, .parquet or image-folder .zip "
                             "file, a NAME.x.npy beside NAME.y.npy, or a directory or glob of such files")
     if spec.startswith("sample:"):
         from .splits import with_split_column
 
-        return with_split_column(_load_sample(spec, task=task), split_column)
+        return PendingDataset(with_split_column(_load_sample(spec, task=options["task"]), options["split_column"]))
     from .shards import is_sharded, load_shards
 
     if is_sharded(spec):  # a directory or glob of files, read one by one and joined in name order
-        return load_shards(spec, load=lambda part: load_dataset(part, **options))
+        return PendingDataset(load_shards(spec, load=lambda part: load_dataset(part, memory_map=memory_map,
+                                                                               **options)))
     path = Path(spec)
     if spec.endswith(NPY_PAIR_SUFFIX):
-        return _load_npy_pair(path, spec=spec, model=model, task=task, split_column=split_column)
+        return _load_npy_pair(path, spec=spec, model=options["model"], task=options["task"],
+                              split_column=options["split_column"], defer=defer)
     if not path.is_file():
         raise AnalyzerError(f"dataset file {spec!r} does not exist: check the path")
     if path.stat().st_size == 0:
@@ -115,11 +208,16 @@ def load_dataset(spec, *, model=None, label_column: str = "label", id_column: st
     # Read from the file itself (hashed as a stream), so a large dataset is never held twice in memory. The hash
     # runs in a thread beside the reading (hashlib and the file reads release the GIL): 1.2 GB took 0.8 s to hash
     # and as long again to read, one after the other. sha256_file then waits for that hash.
+    if defer and path.suffix.lower() == ".npz":  # mapped, its hash and CRCs left to PendingDataset's thread
+        opened = file_fingerprint(path)
+        crc_ranges = []
+        dataset = _load_source(path, name=path.name, spec=spec, digest="", memory_map=True, crc_ranges=crc_ranges,
+                               **options)
+        return PendingDataset(dataset, files={path: opened}, crc_ranges={path: crc_ranges},
+                              digest=lambda digests: digests[path])
     prefetch_sha256_file(path)
-    dataset = _load_source(path, name=path.name, spec=spec, digest="", model=model, label_column=label_column,
-                           id_column=id_column, features=features, image_size=image_size, mean=mean, std=std,
-                           task=task, split_column=split_column, memory_map=memory_map)
-    return replace(dataset, sha256=sha256_file(path))
+    dataset = _load_source(path, name=path.name, spec=spec, digest="", memory_map=memory_map, **options)
+    return PendingDataset(replace(dataset, sha256=sha256_file(path)))
 
 
 # `NAME.x.npy` beside `NAME.y.npy` (and `NAME.ids.npy`, optional): inputs read memory-mapped, never copied whole
@@ -135,9 +233,10 @@ def npy_pair_members(path: Path) -> dict:
     return members
 
 
-def _load_npy_pair(path: Path, *, spec: str, model, task, split_column) -> Dataset:
+def _load_npy_pair(path: Path, *, spec: str, model, task, split_column, defer: bool = False) -> PendingDataset:
     """A `.npy` pair: x memory-mapped (a float32 C-order file is used in place; rows are copied batch by batch
-    by inference), y and ids read whole. The hash covers every member, in a fixed order."""
+    by inference), y and ids read whole. The hash covers every member, in a fixed order; with `defer` it is left
+    running beside the run (`open_dataset`)."""
     if not path.is_file():
         raise AnalyzerError(f"dataset file {spec!r} does not exist: check the path")
     members = npy_pair_members(path)
@@ -145,10 +244,14 @@ def _load_npy_pair(path: Path, *, spec: str, model, task, split_column) -> Datas
         if not member.is_file():
             raise AnalyzerError(f"{path.name!r} has no {member.name!r} beside it: save the labels with "
                                 f"np.save({member.name!r}, y) next to the inputs")
-    digest = hashlib.sha256()
+    opened = {member: file_fingerprint(member) for member in members.values()}
+
+    def digest(digests: dict) -> str:
+        return hashlib.sha256("".join(f"{key}:{digests[member]};" for key, member in members.items())
+                              .encode()).hexdigest()
+
     arrays = {}
     for key, member in members.items():
-        digest.update(f"{key}:{sha256_file(member)};".encode())
         try:
             arrays[key] = np.load(member, mmap_mode="r" if key == "x" else None, allow_pickle=False)
         except Exception as exc:  # numpy raises ValueError for a pickle and many types for a damaged header
@@ -165,8 +268,11 @@ def _load_npy_pair(path: Path, *, spec: str, model, task, split_column) -> Datas
         raise AnalyzerError(f"{members['ids'].name!r} has shape {ids.shape}; expected one id per sample ({len(x)})")
     from .splits import with_split_column
 
-    return with_split_column(_finish(x, y, ids, spec=spec, digest=digest.hexdigest(), class_names=None,
-                                     metadata=pd.DataFrame(), name=path.name, task=task), split_column)
+    dataset = with_split_column(_finish(x, y, ids, spec=spec, digest="", class_names=None, metadata=pd.DataFrame(),
+                                        name=path.name, task=task), split_column)
+    if defer:
+        return PendingDataset(dataset, files=opened, digest=digest)
+    return PendingDataset(replace(dataset, sha256=digest({member: sha256_file(member) for member in members.values()})))
 
 
 def load_dataset_bytes(data: bytes, *, name: str, spec: str | None = None, model=None, label_column: str = "label",
@@ -286,26 +392,30 @@ def dataset_from_fields(fields) -> Dataset:
 
 
 def _load_source(source, *, name: str, spec: str, digest: str, model, label_column: str, id_column, features,
-                 image_size, mean, std, task=None, split_column=None, memory_map: bool = False) -> Dataset:
+                 image_size, mean, std, task=None, split_column=None, memory_map: bool = False,
+                 crc_ranges: list | None = None) -> Dataset:
     """Load from `source`, a path or a binary file object, by the suffix of `name`, its splits read from
-    `split_column` (`splits.with_split_column`)."""
+    `split_column` (`splits.with_split_column`). `crc_ranges`: see `read_npz_bounded`."""
     from .splits import with_split_column
 
     return with_split_column(_read_source(source, name=name, spec=spec, digest=digest, model=model,
                                           label_column=label_column, id_column=id_column, features=features,
                                           image_size=image_size, mean=mean, std=std, task=task,
-                                          split_column=split_column, memory_map=memory_map), split_column)
+                                          split_column=split_column, memory_map=memory_map,
+                                          crc_ranges=crc_ranges), split_column)
 
 
 def _read_source(source, *, name: str, spec: str, digest: str, model, label_column: str, id_column, features,
-                 image_size, mean, std, task=None, split_column=None, memory_map: bool = False) -> Dataset:
+                 image_size, mean, std, task=None, split_column=None, memory_map: bool = False,
+                 crc_ranges: list | None = None) -> Dataset:
     from ..evaluation.tasks import TASK_NAMES
 
     if task is not None and task not in TASK_NAMES:
         raise AnalyzerError(f"unknown task {task!r}: choose one of {', '.join(TASK_NAMES)}")
     suffix = Path(name).suffix.lower()
     if suffix == ".npz":
-        return _load_npz(source, name, spec, digest, model=model, task=task, memory_map=memory_map)
+        return _load_npz(source, name, spec, digest, model=model, task=task, memory_map=memory_map,
+                         crc_ranges=crc_ranges)
     if suffix in (".csv", ".parquet"):
         table = _read_table(source, name, suffix)
         return _from_table(table, name, spec, digest, model=model, label_column=label_column, id_column=id_column,
@@ -366,10 +476,10 @@ def _sample_split(sample, spec: str, split: str, *, task: str | None) -> Dataset
 
 
 def _load_npz(source, name: str, spec: str, digest: str, *, model=None, task=None,
-              memory_map: bool = False) -> Dataset:
+              memory_map: bool = False, crc_ranges: list | None = None) -> Dataset:
     from .inputs import layout_of
 
-    arrays = read_npz_bounded(source, name, memory_map=memory_map)
+    arrays = read_npz_bounded(source, name, memory_map=memory_map, crc_ranges=crc_ranges)
     layout = layout_of(model) if model is not None else None
     preprocessing = {}
     if layout is not None and layout.packed:  # token ids and the model's other inputs, each under its own name
@@ -410,7 +520,8 @@ def _load_npz(source, name: str, spec: str, digest: str, *, model=None, task=Non
                    extras=extras, name=name, preprocessing=preprocessing, task=task)
 
 
-def read_npz_bounded(source, name: str, *, budget: int = MAX_UNCOMPRESSED_BYTES, memory_map: bool = False) -> dict:
+def read_npz_bounded(source, name: str, *, budget: int = MAX_UNCOMPRESSED_BYTES, memory_map: bool = False,
+                     crc_ranges: list | None = None) -> dict:
     """Every array of an `.npz`, read without trusting any size in it and without unpickling.
 
     `np.load` allocates what a member's `.npy` header declares and inflates as much as the stream holds: an 8 MB
@@ -418,7 +529,8 @@ def read_npz_bounded(source, name: str, *, budget: int = MAX_UNCOMPRESSED_BYTES,
     first; the arrays' declared bytes, all together, must fit `budget` and each member's size in the zip directory
     before anything is allocated; then exactly the declared bytes are inflated into each array (a longer stream is
     never read, a shorter one is refused). With `memory_map`, an uncompressed member of a file on disk is mapped
-    copy-on-write (its pages read when used; writes stay in this process), its CRC not read.
+    copy-on-write (its pages read when used; writes stay in this process), its CRC not read; or, given a list
+    `crc_ranges`, left to whoever reads that list: (start, length, CRC, member name) of the bytes the CRC covers.
     """
     try:
         archive = zipfile.ZipFile(source)
@@ -452,7 +564,7 @@ def read_npz_bounded(source, name: str, *, budget: int = MAX_UNCOMPRESSED_BYTES,
         arrays = {}
         for key, (info, shape, fortran, dtype, offset, nbytes) in headers.items():  # second pass: the data
             stored = _read_stored_member(archive, info, shape, fortran, dtype, offset, nbytes, name,
-                                         memory_map=memory_map)
+                                         memory_map=memory_map, crc_ranges=crc_ranges)
             if stored is not None:
                 arrays[key] = stored
                 continue
@@ -463,7 +575,8 @@ def read_npz_bounded(source, name: str, *, budget: int = MAX_UNCOMPRESSED_BYTES,
 
 
 def _read_stored_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, shape, fortran, dtype, offset: int,
-                        nbytes: int, name: str, *, memory_map: bool = False) -> np.ndarray | None:
+                        nbytes: int, name: str, *, memory_map: bool = False,
+                        crc_ranges: list | None = None) -> np.ndarray | None:
     """An uncompressed member (`np.savez`, not `savez_compressed`) of an archive on disk, read straight into its
     array from the file, its CRC checked as zipfile would; None for a compressed or in-memory member, which
     zipfile reads. zipfile's reader copies a member several times over: 1.2 GB of images took 8.8 s through it
@@ -491,8 +604,11 @@ def _read_stored_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, shape, 
         raise AnalyzerError(f"{info.filename!r} in {name!r} ends after {held:,} of its {nbytes:,} bytes: the file is "
                             f"truncated; write it again")
     if memory_map and nbytes and isinstance(archive.filename, str) and not dtype.hasobject:
-        return np.memmap(archive.filename, dtype=dtype, mode="c", offset=start + offset, shape=shape,
-                         order="F" if fortran else "C")
+        mapped = np.memmap(archive.filename, dtype=dtype, mode="c", offset=start + offset, shape=shape,
+                           order="F" if fortran else "C")
+        if crc_ranges is not None and info.file_size == offset + nbytes:  # the CRC covers header and array
+            crc_ranges.append((start, info.file_size, info.CRC, info.filename))
+        return mapped
     handle.seek(start)
     header = handle.read(offset)
     flat = _filled(handle, shape, dtype, nbytes, info.filename, name, allocate=empty_array)

@@ -5,6 +5,7 @@ import concurrent.futures
 import hashlib
 import os
 import threading
+import zlib
 from pathlib import Path
 
 # Digests of files hashed in this process, by what stat says of the file (device, inode, size, modification time
@@ -20,7 +21,8 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _fingerprint(path: str | Path) -> tuple:
+def file_fingerprint(path: str | Path) -> tuple:
+    """What says a file is unchanged: its resolved path, device, inode, size and modification time (ns)."""
     info = os.stat(path)
     return (str(Path(path).resolve()), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
@@ -33,21 +35,26 @@ def _hash_stream(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _keep_few_locked() -> None:
+    """Drop the oldest digests beyond `_DIGESTS_KEPT` (dicts keep insertion order); the caller holds the lock."""
+    while len(_DIGESTS) > _DIGESTS_KEPT:
+        _DIGESTS.pop(next(iter(_DIGESTS)))
+
+
 def sha256_file(path: str | Path) -> str:
     """The file's SHA-256 (hex), read once per process while the file stays as stat last saw it."""
-    key = _fingerprint(path)
+    key = file_fingerprint(path)
     with _DIGESTS_LOCK:
         pending = _DIGESTS.get(key)
         mine = pending is None
         if mine:
             pending = _DIGESTS[key] = concurrent.futures.Future()
-            while len(_DIGESTS) > _DIGESTS_KEPT:  # the oldest first (dicts keep insertion order)
-                _DIGESTS.pop(next(iter(_DIGESTS)))
+            _keep_few_locked()
     if not mine:
         return pending.result()
     try:
         digest = _hash_stream(path)
-        if _fingerprint(path) != key:  # written while it was read: this digest names no stable content
+        if file_fingerprint(path) != key:  # written while it was read: this digest names no stable content
             raise OSError(f"{Path(path).name} changed while it was hashed")
     except BaseException as exc:
         with _DIGESTS_LOCK:
@@ -56,6 +63,48 @@ def sha256_file(path: str | Path) -> str:
         raise
     pending.set_result(digest)
     return digest
+
+
+def digest_file(path: str | Path, *, crc_ranges=(), gate: threading.Event | None = None,
+                chunk_bytes: int = 4 << 20) -> tuple[str, tuple]:
+    """The SHA-256 (hex) of the file at `path` and the CRC-32 of each `(start, length)` byte range of it, in one
+    read. `gate` is waited on before each chunk: a run closes it while its inference uses every core, so that
+    the hash goes on only beside the rest (on 2 cores a hash beside the forward pass slowed it by twice the hash's
+    own time). The digest is then remembered as `sha256_file`'s is; a file that changed while it was read raises
+    OSError, as there."""
+    key = file_fingerprint(path)
+    digest = hashlib.sha256()
+    crcs = [0] * len(crc_ranges)
+    at = 0
+    with open(path, "rb") as fh:
+        while True:
+            if gate is not None:
+                gate.wait()
+            chunk = fh.read(chunk_bytes)
+            if not chunk:
+                break
+            digest.update(chunk)
+            view = memoryview(chunk)
+            for i, (start, length) in enumerate(crc_ranges):
+                lo, hi = max(start, at), min(start + length, at + len(chunk))
+                if lo < hi:
+                    crcs[i] = zlib.crc32(view[lo - at:hi - at], crcs[i])
+            at += len(chunk)
+    if file_fingerprint(path) != key:
+        raise OSError(f"{Path(path).name} changed while it was hashed")
+    done = concurrent.futures.Future()
+    done.set_result(digest.hexdigest())
+    with _DIGESTS_LOCK:
+        _DIGESTS.setdefault(key, done)
+        _keep_few_locked()
+    return digest.hexdigest(), tuple(crcs)
+
+
+def forget_digests() -> None:
+    """Forget every digest computed so far (the next `sha256_file` of a file reads it again): what a benchmark
+    calls to count a run's hashing, as a fresh process would pay it."""
+    with _DIGESTS_LOCK:
+        _DIGESTS.clear()
 
 
 def prefetch_sha256_file(path: str | Path) -> None:
