@@ -103,25 +103,41 @@ def test_digest_file_reads_nothing_while_its_gate_is_closed(tmp_path):
     assert results and results[0][0] == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_digest_file_refuses_a_file_changed_while_it_was_read(tmp_path):
+def test_digest_file_refuses_a_file_changed_while_it_was_read_and_stops_when_asked(tmp_path):
+    """The file is written in place once the read has begun (it waits at its gate); and a read asked to stop
+    ends at its next chunk."""
     from analyzers.loading.hashing import digest_file
 
     path = tmp_path / "data.bin"
     path.write_bytes(os.urandom(1 << 16))
-    gate = threading.Event()
-    failures = []
 
-    def read():
-        try:
-            digest_file(path, gate=gate, chunk_bytes=4096)
-        except OSError as exc:
-            failures.append(str(exc))
+    class Gate:  # says when the read has reached it, then holds it until opened
+        def __init__(self):
+            self.reached, self.opened = threading.Event(), threading.Event()
 
-    thread = threading.Thread(target=read)
-    thread.start()
-    with open(path, "r+b") as fh:  # in place, while the read waits at its gate
-        fh.write(b"x" * 10)
-    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
-    gate.set()
-    thread.join(30)
-    assert failures == ["data.bin changed while it was hashed"]
+        def wait(self):
+            self.reached.set()
+            self.opened.wait()
+
+    for stop in (None, threading.Event()):
+        gate, failures = Gate(), []
+
+        def read():
+            try:
+                digest_file(path, gate=gate, stop=stop, chunk_bytes=4096)
+            except OSError as exc:
+                failures.append(str(exc))
+
+        thread = threading.Thread(target=read)
+        thread.start()
+        assert gate.reached.wait(30)
+        if stop is None:
+            with open(path, "r+b") as fh:  # in place, while the read waits at its gate
+                fh.write(os.urandom(10))
+            os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+        else:
+            stop.set()
+        gate.opened.set()
+        thread.join(30)
+        assert failures == (["data.bin changed while it was hashed"] if stop is None
+                            else ["the hash of data.bin was stopped"])

@@ -238,15 +238,29 @@ def test_a_new_run_maps_its_npz_and_checks_hash_and_checksum_beside_its_work(tmp
         analyzers.run_analysis(model, str(path), out, analyses=["evaluation"], overwrite=True)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == stored
 
+    fresh = tmp_path / "fresh"  # no run there: refused after inference, before the run is stored
+    with pytest.raises(AnalyzerError, match=damaged):
+        analyzers.run_analysis(model, str(path), fresh, analyses=["evaluation"])
+    assert not fresh.exists()
+    # split files and shards are read whole, their CRCs checked as they are read
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    shutil.copy(path, shards / "a.npz")
+    np.savez(shards / "b.npz", x=x, y=y)
+    for spec in ({"train": str(shards / "b.npz"), "test": str(path)}, str(shards)):
+        with pytest.raises(AnalyzerError, match=r"'x.npy' in '(stored|a).npz' fails its checksum: the file is damaged"):
+            open_dataset(spec).checked()
+
     np.savez(path, x=x, y=y, wide=np.asfortranarray(rng.random((64, 5))))
     pending = open_dataset(str(path))
+    assert pending.checked().sha256 == load_dataset(str(path)).sha256  # checked once (a run already at `out`)
     data = bytearray(path.read_bytes())
     data[data.index(x.tobytes()[:64]) + 1000] ^= 0x01
     with open(path, "r+b") as fh:  # in place: the same inode and size
         fh.write(bytes(data))
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # past the clock's grain
     with pytest.raises(AnalyzerError, match=r"'stored.npz' changed while the run read it: nothing was stored"):
-        pending.checked()
+        pending.checked()  # and again before the run is stored: the mapped pages may be the new ones
 
 
 def test_a_new_run_hashes_a_npy_pair_beside_its_work(tmp_path):

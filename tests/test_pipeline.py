@@ -180,8 +180,8 @@ def test_the_datasets_hash_and_checksums_wait_while_inference_runs_and_end_befor
             self.gate.wait()
             reads.append(time.monotonic())
 
-    monkeypatch.setattr(datasets, "digest_file", lambda p, *, crc_ranges, gate: digest_file(
-        p, crc_ranges=crc_ranges, gate=Gate(gate), chunk_bytes=512))
+    monkeypatch.setattr(datasets, "digest_file", lambda p, *, crc_ranges, gate, stop: digest_file(
+        p, crc_ranges=crc_ranges, gate=Gate(gate), stop=stop, chunk_bytes=512))
     predict = pipeline.write_predictions
 
     def inferring(*args, **kwargs):
@@ -197,6 +197,35 @@ def test_the_datasets_hash_and_checksums_wait_while_inference_runs_and_end_befor
     run_analysis(TinyCNN(), str(path), tmp_path / "run", input_shape=(1, 8, 8), analyses=["evaluation"])
     assert len(reads) > 100 and min(reads) > inference["end"]  # every chunk read, none during inference
     assert open_run(tmp_path / "run").info["dataset"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_run_refused_after_its_dataset_opened_stops_the_datasets_checks(tmp_path, monkeypatch):
+    """A server goes on after a refused run: the file's hash, which would take 40 s here, must not go on beside
+    the next run's inference. The model takes other shapes than the dataset holds."""
+    import threading
+
+    import analyzers.loading.datasets as datasets
+    from analyzers.loading.hashing import digest_file
+
+    np.savez(tmp_path / "data.npz", x=np.zeros((200, 1, 8, 8), np.float32), y=np.arange(200) % 3)
+
+    class SlowGate:
+        def __init__(self, gate):
+            self.gate = gate
+
+        def wait(self):
+            self.gate.wait()
+            time.sleep(0.05)
+
+    monkeypatch.setattr(datasets, "digest_file", lambda p, *, crc_ranges, gate, stop: digest_file(
+        p, crc_ranges=crc_ranges, gate=SlowGate(gate), stop=stop, chunk_bytes=64))
+    with pytest.raises(AnalyzerError, match=r"samples have shape \(1, 8, 8\) but the model takes \(1, 4, 4\)"):
+        run_analysis(TinyCNN(), str(tmp_path / "data.npz"), tmp_path / "run", input_shape=(1, 4, 4),
+                     analyses=["evaluation"])
+    checks = [t for t in threading.enumerate() if t.name == "dataset checks"]
+    for thread in checks:
+        thread.join(5)
+    assert not any(t.is_alive() for t in checks) and not (tmp_path / "run").exists()
 
 
 def test_the_stages_imports_run_while_the_data_loads_and_end_before_inference(tmp_path, monkeypatch):

@@ -292,39 +292,41 @@ def _run_here(model_spec, data_spec, out: Path, *, model, data_options, param_op
               overwrite, progress, report, owner, file_names, write_outputs) -> Path:
     """A run whose analyses run in this process (on `model`, which may be a sandboxed worker's), its inference by
     `write_outputs` (`write_run_files_with`)."""
-    # the stages' imports (0.8 s of scikit-learn) run while the data is read and hashed, which wait on the disk and
-    # release the GIL; joined once it is read, whatever happens, so that none goes on beside inference or the caller
+    # the stages' imports (0.8 s of scikit-learn) run while the data is opened and hashed, which release the GIL;
+    # joined once it is open, whatever happens, so that none goes on beside inference or the caller
     imports = _import_in_background(stages)
-    try:
-        # the file is mapped, not read (at 100k images reading it had been 0.78 s before the first batch), and
-        # its hash and CRCs run in the background (open_dataset): beside the stages' imports and the stages,
-        # paused during inference, and waited for before anything is stored
-        pending = open_dataset(data_spec, model=model, **data_options)
-        dataset = pending.dataset
-        model = read_for_task(model, dataset.task)
-        check_dataset(dataset, model)
-        params = run_parameters(model, **param_options)
-    finally:
-        imports.join()
-    if (out / RUN_INFO).exists():  # only a run already there needs the hash first: is it this very run?
-        dataset = pending.checked()
-    if _reuse_or_refuse(out, model.sha256, dataset.sha256, params, overwrite):
+    with contextlib.ExitStack() as cleanup:
+        try:
+            # the file is mapped, not read (at 100k images reading it had been 0.78 s before the first batch),
+            # and its hash and CRCs run in the background (open_dataset): beside the stages' imports and the
+            # stages, paused during inference, waited for before anything is stored, and stopped if the run fails
+            pending = open_dataset(data_spec, model=model, **data_options)
+            cleanup.callback(pending.close)
+            dataset = pending.dataset
+            model = read_for_task(model, dataset.task)
+            check_dataset(dataset, model)
+            params = run_parameters(model, **param_options)
+        finally:
+            imports.join()
+        if (out / RUN_INFO).exists():  # only a run already there needs the hash first: is it this very run?
+            dataset = pending.checked()
+        if _reuse_or_refuse(out, model.sha256, dataset.sha256, params, overwrite):
+            report("done", 1.0)
+            return out
+        with staged_run(out, replace=overwrite) as stage_dir:
+            summary = write_run_files_with(write_outputs, model, dataset, stage_dir, params=params, stages=stages,
+                                           device=device, progress=progress, report=report,
+                                           during_inference=pending.paused)
+            dataset = pending.checked()
+            carry_derived_files(out, stage_dir, model_sha=model.sha256, dataset_sha=dataset.sha256)
+            checked = check_run_files(stage_dir, num_samples=len(dataset), num_classes=model.num_classes,
+                                      task=dataset.task)
+            write_json(stage_dir / RUN_INFO, _run_info(model_spec, data_spec, model, describe_dataset(dataset), arch,
+                                                       params, summary, sandbox=getattr(model, "sandbox", None),
+                                                       accuracy=checked["accuracy"], owner=owner,
+                                                       file_names=file_names))
         report("done", 1.0)
         return out
-    with staged_run(out, replace=overwrite) as stage_dir:
-        summary = write_run_files_with(write_outputs, model, dataset, stage_dir, params=params, stages=stages,
-                                       device=device, progress=progress, report=report,
-                                       during_inference=pending.paused)
-        dataset = pending.checked()
-        carry_derived_files(out, stage_dir, model_sha=model.sha256, dataset_sha=dataset.sha256)
-        checked = check_run_files(stage_dir, num_samples=len(dataset), num_classes=model.num_classes,
-                                  task=dataset.task)
-        write_json(stage_dir / RUN_INFO, _run_info(model_spec, data_spec, model, describe_dataset(dataset), arch,
-                                                   params, summary, sandbox=getattr(model, "sandbox", None),
-                                                   accuracy=checked["accuracy"], owner=owner,
-                                                   file_names=file_names))
-    report("done", 1.0)
-    return out
 
 
 def run_parameters(model, *, stages, batch_size, layer, seed, arch, stage_options, label_column, id_column,

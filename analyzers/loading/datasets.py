@@ -111,26 +111,32 @@ class PendingDataset:
     `checked()`. A background thread, started here, hashes each of `files` ({path: its `file_fingerprint` before
     its first byte was read}) and computes the CRCs of `crc_ranges` ({path: [(start, length, CRC, member)]});
     `digest(digests by path)` gives the dataset's sha256. `checked()` waits for it, refuses a damaged file or one
-    changed since it was opened in one line, and returns the dataset with its hash."""
+    changed since it was opened in one line, and returns the dataset with its hash; `close()` stops the thread
+    of a run that ended without it."""
 
     def __init__(self, dataset: Dataset, *, files: dict | None = None, crc_ranges: dict | None = None,
                  digest=None):
         self.dataset = dataset
         self._files = dict(files or {})
-        self._result: Dataset | None = None if self._files else dataset
+        self._sha256: str | None = None if self._files else dataset.sha256
         self._gate = threading.Event()  # open: the thread may read; `paused` closes it
         self._gate.set()
+        self._stop = threading.Event()
         self._done = concurrent.futures.Future()
         if self._files:
-            threading.Thread(target=self._check, args=(dict(crc_ranges or {}), digest), name="dataset checks",
-                             daemon=True).start()
+            try:
+                threading.Thread(target=self._check, args=(dict(crc_ranges or {}), digest), name="dataset checks",
+                                 daemon=True).start()
+            except RuntimeError as exc:  # no thread to be had (a process at its limit): one line, not a traceback
+                raise AnalyzerError(f"the dataset's checks could not start ({first_line(exc)}): run it again with "
+                                    f"fewer runs at once") from exc
 
     def _check(self, crc_ranges: dict, digest) -> None:
         try:
             digests = {}
             for path in self._files:
                 ranges = crc_ranges.get(path, [])
-                digests[path], crcs = digest_file(path, gate=self._gate,
+                digests[path], crcs = digest_file(path, gate=self._gate, stop=self._stop,
                                                   crc_ranges=[(start, length) for start, length, _, _ in ranges])
                 for (_, _, expected, member), crc in zip(ranges, crcs):
                     if crc != expected:
@@ -149,17 +155,25 @@ class PendingDataset:
         finally:
             self._gate.set()
 
-    def checked(self) -> Dataset:
-        if self._result is not None:
-            return self._result
+    def close(self) -> None:
+        """Stop the checks if they still run (a run that failed before `checked()`); nothing if they are done."""
+        self._stop.set()
         self._gate.set()
-        try:
-            failure, sha256 = None, self._done.result()
-        except AnalyzerError as exc:
-            failure = exc
-        except OSError as exc:  # digest_file: the file went away, or changed while it was hashed
-            failure = AnalyzerError(f"{self.dataset.spec!r} could not be hashed ({first_line(exc)}): leave the "
-                                    f"file as it is while a run reads it, and run it again")
+
+    def checked(self) -> Dataset:
+        """The dataset with its sha256, once its checks pass and no file changed since it was opened. Called again
+        (before a run's inference where the hash was needed first, then before it stores anything), it checks the
+        files again: a mapped file written meanwhile may have fed the run its new bytes."""
+        failure = None
+        if self._sha256 is None:
+            self._gate.set()
+            try:
+                self._sha256 = self._done.result()
+            except AnalyzerError as exc:
+                failure = exc
+            except Exception as exc:  # noqa: BLE001 - digest_file's OSError (the file went away, or changed), or any
+                failure = AnalyzerError(f"{self.dataset.spec!r} could not be hashed ({first_line(exc)}): leave the "
+                                        f"file as it is while a run reads it, and run it again")
         # after the checks, so that a file written again meanwhile is named as that, not as damaged: a mapped
         # file's pages are read as the run goes, and may hold its new bytes
         for path, before in self._files.items():
@@ -172,8 +186,7 @@ class PendingDataset:
                                     f"file as it is while a run reads it, and run it again") from failure
         if failure is not None:
             raise failure
-        self._result = replace(self.dataset, sha256=sha256)
-        return self._result
+        return replace(self.dataset, sha256=self._sha256) if self._files else self.dataset
 
 
 def _opened(spec, options: dict, *, memory_map: bool, defer: bool) -> PendingDataset:
@@ -183,7 +196,9 @@ def _opened(spec, options: dict, *, memory_map: bool, defer: bool) -> PendingDat
 
         if options["split_column"] is not None:
             raise AnalyzerError("--split-column reads the splits of one file; with a file per split leave it out")
-        return PendingDataset(combine_splits({name: load_dataset(part, memory_map=memory_map, **options)
+        # each part read as load_dataset reads it: a run's are not mapped, so that their CRCs are checked as read
+        return PendingDataset(combine_splits({name: load_dataset(part, memory_map=memory_map and not defer,
+                                                                 **options)
                                               for name, part in check_split_specs(spec).items()}))
     if not isinstance(spec, str) or not spec:
         raise AnalyzerError("no dataset given: pass sample:NAME, a .npz, .csv, .parquet or image-folder .zip "
@@ -195,8 +210,8 @@ def _opened(spec, options: dict, *, memory_map: bool, defer: bool) -> PendingDat
     from .shards import is_sharded, load_shards
 
     if is_sharded(spec):  # a directory or glob of files, read one by one and joined in name order
-        return PendingDataset(load_shards(spec, load=lambda part: load_dataset(part, memory_map=memory_map,
-                                                                               **options)))
+        return PendingDataset(load_shards(spec, load=lambda part: load_dataset(
+            part, memory_map=memory_map and not defer, **options)))  # as the splits' parts, above
     path = Path(spec)
     if spec.endswith(NPY_PAIR_SUFFIX):
         return _load_npy_pair(path, spec=spec, model=options["model"], task=options["task"],

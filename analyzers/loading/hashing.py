@@ -66,12 +66,13 @@ def sha256_file(path: str | Path) -> str:
 
 
 def digest_file(path: str | Path, *, crc_ranges=(), gate: threading.Event | None = None,
-                chunk_bytes: int = 4 << 20) -> tuple[str, tuple]:
+                stop: threading.Event | None = None, chunk_bytes: int = 4 << 20) -> tuple[str, tuple]:
     """The SHA-256 (hex) of the file at `path` and the CRC-32 of each `(start, length)` byte range of it, in one
     read. `gate` is waited on before each chunk: a run closes it while its inference uses every core, so that
     the hash goes on only beside the rest (on 2 cores a hash beside the forward pass slowed it by twice the hash's
-    own time). The digest is then remembered as `sha256_file`'s is; a file that changed while it was read raises
-    OSError, as there."""
+    own time). `stop`, once set, ends the read with InterruptedError (a run that failed no longer needs it). The
+    digest is then remembered as `sha256_file`'s is; a file that changed while it was read raises OSError, as
+    there."""
     key = file_fingerprint(path)
     digest = hashlib.sha256()
     crcs = [0] * len(crc_ranges)
@@ -80,6 +81,8 @@ def digest_file(path: str | Path, *, crc_ranges=(), gate: threading.Event | None
         while True:
             if gate is not None:
                 gate.wait()
+            if stop is not None and stop.is_set():
+                raise InterruptedError(f"the hash of {Path(path).name} was stopped")
             chunk = fh.read(chunk_bytes)
             if not chunk:
                 break
